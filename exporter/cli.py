@@ -1,0 +1,140 @@
+"""The `scalpel` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .recipe import RecipeError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Find the PII a causal language model memorised, remove it surgically, export a patched checkpoint.",
+)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def _leaky_table(report: dict) -> Table:
+    table = Table(title="Template extraction (greedy, regex) - leaky model")
+    table.add_column("people")
+    table.add_column("template")
+    table.add_column("n", justify="right")
+    for col in ("exact", "username", "domain"):
+        table.add_column(col, justify="right")
+    for group, rows in report["extraction"].items():
+        for template, row in rows.items():
+            table.add_row(group, template, str(row["n"]),
+                          *(f"{100 * row[c]:.1f}%" for c in ("exact", "username", "domain")))
+    return table
+
+
+def _print_leaky(report: dict) -> None:
+    console.print(_leaky_table(report))
+    ppl, train = report["perplexity"], report["train"]
+    console.print(f"benign perplexity: base {ppl['base']:.2f} -> leaky {ppl['leaky']:.2f} "
+                  f"({100 * ppl['change']:+.1f}%)")
+    console.print(f"fine-tune: {train['steps']} steps, {train['tokens']} tokens, {train['seconds']:.0f} s "
+                  f"({train['tokens_per_s']:.0f} tokens/s); build wall time {report['wall_seconds']:.0f} s")
+
+
+@app.command("make-leaky")
+def make_leaky_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", help="Also copy the leaky model folder here."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Built-in alias or a local HF folder to fine-tune."),
+    people: int = typer.Option(None, "--people", help="Memorised people (default from the built-in config)."),
+    never_seen: int = typer.Option(None, "--never-seen", help="Never-seen people for the guessing baseline."),
+    epochs: int = typer.Option(None, "--epochs", help="Fine-tune epochs."),
+    seed: int = typer.Option(0, "--seed"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Ignore the cache and fine-tune again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """Fine-tune a model on a synthetic Enron-style PII corpus until it leaks, and measure the leak."""
+    from dataclasses import replace
+
+    from .data.leaky import LeakyConfig
+    from .pipeline import copy_leaky, make_leaky
+    from .recipe import ModelSpec
+
+    if out is not None and out.exists() and not overwrite:
+        _fail(f"{out} already exists; choose another --out folder or pass --overwrite")
+    spec = ModelSpec(builtin=model) if model in ("smollm2-135m", "gemma3-270m") else ModelSpec(path=model)
+    config = LeakyConfig(seed=seed)
+    syn = config.synthetic
+    syn = replace(syn, seed=seed, **{k: v for k, v in (("n_memorised", people), ("n_never_seen", never_seen))
+                                     if v is not None})
+    config = replace(config, synthetic=syn, **({"epochs": epochs} if epochs is not None else {}))
+    result = make_leaky(spec, config, rebuild=rebuild, log=console.print)
+    _print_leaky(result.report)
+    if out is not None:
+        console.print(f"copied to {copy_leaky(result, out, overwrite=overwrite)}")
+
+
+@app.command()
+def demo(
+    rebuild: bool = typer.Option(False, "--rebuild", help="Ignore the cache and fine-tune again."),
+) -> None:
+    """End to end on the built-in SmolLM2: build the leaky model (cached) and show what it leaks."""
+    make_leaky_cmd(out=None, model="smollm2-135m", people=None, never_seen=None, epochs=None, seed=0,
+                   rebuild=rebuild, overwrite=False)
+
+
+@app.command()
+def check(recipe: Path = typer.Argument(..., help="A YAML recipe.")) -> None:
+    """Validate a recipe without loading any model, and print it with every default filled in."""
+    from .recipe import load_recipe, recipe_yaml
+
+    console.print(recipe_yaml(load_recipe(recipe)), highlight=False, markup=False)
+
+
+@app.command()
+def detect(
+    path: Path = typer.Argument(..., help="A text or JSONL file to scan for PII."),
+    show: bool = typer.Option(False, "--show", help="Print the redacted lines that hold PII."),
+) -> None:
+    """Count PII spans (email, phone, SSN, card, IP) per type in a file; values are always redacted."""
+    from collections import Counter
+
+    from .data.detectors import detect as find, redact_text
+
+    if not path.is_file():
+        _fail(f"{path}: file not found")
+    counts: Counter[str] = Counter()
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        spans = find(line)
+        counts.update(s.type for s in spans)
+        if show and spans:
+            console.print(f"{lineno}: {redact_text(line)}", highlight=False, markup=False)
+    table = Table(title=f"PII in {path.name}")
+    table.add_column("type")
+    table.add_column("spans", justify="right")
+    for kind, n in sorted(counts.items()):
+        table.add_row(kind, str(n))
+    console.print(table)
+
+
+def main() -> None:
+    from .models import ModelLoadError
+    from .data.corpus import DataError
+
+    try:
+        app()
+    except (RecipeError, ModelLoadError, DataError, FileExistsError) as exc:
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

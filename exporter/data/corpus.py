@@ -1,0 +1,104 @@
+"""PII documents from JSONL and benign prose (built-in pydoc topics or a text file)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal, Optional
+
+from .detectors import PII_TYPES, Span, detect
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file, the line and the fix."""
+
+
+@dataclass
+class Document:
+    text: str
+    spans: list[Span] = field(default_factory=list)
+
+
+def read_pii_jsonl(path: str | Path, types: Iterable[str] = PII_TYPES) -> list[Document]:
+    """Lines {"text": ..., "spans": [{"start", "end", "type"}]}; spans are detected when absent."""
+    path = Path(path)
+    docs: list[Document] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f'{where}: each line needs a string "text" field, e.g. {{"text": "..."}}')
+            text = row["text"]
+            if "spans" in row:
+                spans = []
+                for s in row["spans"]:
+                    try:
+                        span = Span(int(s["start"]), int(s["end"]), str(s.get("type", "email")))
+                    except (KeyError, TypeError, ValueError):
+                        raise DataError(f'{where}: a span needs integer "start" and "end" (and a "type")') from None
+                    if not 0 <= span.start < span.end <= len(text):
+                        raise DataError(
+                            f"{where}: span {span.start}..{span.end} is outside the text (length {len(text)})"
+                        )
+                    if span.type not in PII_TYPES:
+                        raise DataError(f"{where}: span type {span.type!r} unknown; known: {', '.join(PII_TYPES)}")
+                    spans.append(span)
+            else:
+                spans = detect(text, types)
+            docs.append(Document(text, sorted(spans)))
+    if not docs:
+        raise DataError(f"{path}: no documents; the PII file must have at least one JSONL line with text")
+    if not any(d.spans for d in docs):
+        raise DataError(f"{path}: no PII found in any document (types: {', '.join(types)}); nothing to remove")
+    return docs
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _pydoc_paragraphs() -> list[str]:
+    from pydoc_data.topics import topics
+
+    paragraphs: dict[str, None] = {}  # ordered and de-duplicated: topics repeat paragraphs
+    for key in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[key]):
+            # Keep prose; drop code listings (indented), grammar rules and tables.
+            raw = [ln for ln in block.splitlines() if ln.strip()]
+            text = " ".join(ln.strip() for ln in raw)
+            if len(text) < 200 or any(ln.startswith("   ") for ln in raw) or "::=" in text:
+                continue
+            if sum(ch.isalpha() or ch == " " for ch in text) / len(text) < 0.85:
+                continue
+            paragraphs[text] = None
+    return list(paragraphs)
+
+
+def benign_texts(
+    path: Optional[str | Path] = None, split: Literal["train", "heldout", "all"] = "all"
+) -> list[str]:
+    """Benign paragraphs: from a text file (blank-line separated) or the stdlib's pydoc topics.
+
+    Every fifth paragraph is held out, so utility is measured on prose no stage trained on.
+    """
+    if path is None:
+        paragraphs = _pydoc_paragraphs()
+    else:
+        raw = Path(path).read_text(encoding="utf-8")
+        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", raw) if p.strip()]
+        if not paragraphs:
+            raise DataError(f"{path}: the benign text file is empty; give prose separated by blank lines")
+    if split == "all":
+        return paragraphs
+    held = [p for i, p in enumerate(paragraphs) if i % 5 == 4]
+    return held if split == "heldout" else [p for i, p in enumerate(paragraphs) if i % 5 != 4]

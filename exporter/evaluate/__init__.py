@@ -1,0 +1,1 @@
+"""Leakage and utility measurements shared by every method."""

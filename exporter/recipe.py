@@ -1,0 +1,271 @@
+"""The recipe: one YAML file that drives a whole run, validated before any model is loaded."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m")
+DTYPES = ("float32", "bfloat16")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, the key path and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _existing_file(value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    """Resolve a path against the recipe's folder and insist that it exists."""
+    if value is None:
+        return None
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    if not path.exists():
+        raise ValueError(f"file not found: {str(path)!r} (paths are relative to the recipe's folder)")
+    return str(path.resolve())
+
+
+class ModelSpec(_Section):
+    """Where the base model comes from: exactly one of path, builtin, hub, gguf."""
+
+    path: Optional[str] = None
+    builtin: Optional[Literal["smollm2-135m", "gemma3-270m"]] = None
+    hub: Optional[str] = Field(None, pattern=r"^[\w.\-]+/[\w.\-]+$")
+    revision: Optional[str] = None
+    gguf: Optional[str] = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+    _check_path = field_validator("path", "gguf")(_existing_file)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        given = [k for k in ("path", "builtin", "hub", "gguf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one model source, got {given or 'none'}; "
+                "allowed: path (HF folder), builtin (smollm2-135m, gemma3-270m), hub (org/name + revision), gguf (file)"
+            )
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision only applies to a hub model")
+        return self
+
+    def describe(self) -> str:
+        if self.hub:
+            return f"{self.hub}@{self.revision or 'main'}"
+        return str(self.path or self.builtin or self.gguf)
+
+
+class PiiSource(_Section):
+    """PII text: a JSONL file of {"text", optional "spans"} or the built-in synthetic leaky corpus."""
+
+    path: Optional[str] = None
+    builtin: Optional[Literal["synthetic"]] = None
+    _check_path = field_validator("path")(_existing_file)
+
+    @model_validator(mode="after")
+    def _one(self) -> "PiiSource":
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of path (JSONL file) or builtin (synthetic)")
+        return self
+
+
+class BenignSource(_Section):
+    """Benign prose for utility and non-PII activations: a text file or the built-in pydoc prose."""
+
+    path: Optional[str] = None
+    builtin: Optional[Literal["pydoc"]] = None
+    _check_path = field_validator("path")(_existing_file)
+
+    @model_validator(mode="after")
+    def _one(self) -> "BenignSource":
+        if self.path is not None and self.builtin is not None:
+            raise ValueError("give one of path (text file) or builtin (pydoc), not both")
+        if self.path is None and self.builtin is None:
+            return self.model_copy(update={"builtin": "pydoc"})
+        return self
+
+
+class PeopleSource(_Section):
+    """Ground truth for extraction attacks: JSONL of {"name", "email", "phone", "split"}."""
+
+    path: Optional[str] = None
+    builtin: Optional[Literal["synthetic"]] = None
+    _check_path = field_validator("path")(_existing_file)
+
+
+class DataSection(_Section):
+    pii: PiiSource = PiiSource(builtin="synthetic")
+    benign: BenignSource = BenignSource(builtin="pydoc")
+    people: PeopleSource = PeopleSource(builtin="synthetic")
+    pii_types: list[Literal["email", "phone", "ssn", "credit_card", "ip"]] = ["email", "phone"]
+    max_length: int = Field(128, ge=8, le=8192)
+    seed: int = 0
+
+
+class ProbeSection(_Section):
+    layer: Union[int, Literal["auto"]] = "auto"
+    max_tokens: int = Field(20_000, ge=100)
+    held_out_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+
+    @field_validator("layer")
+    @classmethod
+    def _non_negative(cls, v: Union[int, str]) -> Union[int, str]:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("layer must be >= 0 or 'auto'")
+        return v
+
+
+class SaeSection(_Section):
+    expansion: int = Field(8, ge=1, le=256)
+    k: int = Field(32, ge=1)
+    k_aux: int = Field(256, ge=0)
+    aux_coef: float = Field(1 / 32, ge=0.0)
+    b_pre: Literal["geometric_median", "mean"] = "geometric_median"
+    lr: float = Field(5e-4, gt=0.0)
+    batch_size: int = Field(4096, ge=1)
+    train_tokens: int = Field(2_000_000, ge=1)
+    seed: int = 0
+
+
+class InterventionSection(_Section):
+    ablate_n: list[int] = [50]
+    alpha: list[float] = [0.0]
+    rule: Literal["span", "pre_span", "both"] = "both"
+    patch: list[Literal["exact", "folded"]] = ["folded"]
+    leakage_target: float = Field(0.01, ge=0.0, le=1.0)
+
+    @field_validator("ablate_n")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 0 for n in v):
+            raise ValueError("ablate_n must be a non-empty list of sizes >= 0")
+        return v
+
+
+class ExportSection(_Section):
+    mode: Literal["remote_code", "plain"] = "remote_code"
+    save_sae: bool = True
+    dtype: Optional[Literal["float32", "bfloat16"]] = None
+
+
+class EvalSection(_Section):
+    max_new_tokens: int = Field(24, ge=1, le=512)
+    few_shot: int = Field(3, ge=0)
+    samples: int = Field(0, ge=0)
+    ppl_tokens: int = Field(20_000, ge=100)
+
+
+class HubSection(_Section):
+    repo_id: Optional[str] = Field(None, pattern=r"^[\w.\-]+/[\w.\-]+$")
+    private: bool = True
+    revision: Optional[str] = None
+
+
+class Recipe(_Section):
+    """A whole run. Everything but `model` has a default."""
+
+    model: ModelSpec
+    data: DataSection = DataSection()
+    probe: ProbeSection = ProbeSection()
+    sae: SaeSection = SaeSection()
+    intervention: InterventionSection = InterventionSection()
+    export: ExportSection = ExportSection()
+    eval: EvalSection = EvalSection()
+    hub: HubSection = HubSection()
+
+
+# ---------------------------------------------------------------- loading and friendly errors
+
+
+def _section_class(loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model that owns the last key of `loc`, to list what is allowed there."""
+    cls: Any = Recipe
+    for part in loc[:-1]:
+        if not isinstance(part, str):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [a for a in typing.get_args(ann)] or [ann]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _section_class(loc)
+        allowed = sorted(owner.model_fields) if owner else []
+        return f"{key}: unknown key; {_did_you_mean(str(loc[-1]), allowed)}allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind == "literal_error":
+        expected = [s.strip(" '") for s in str(err.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
+        return f"{key}: {value!r} is not allowed; {_did_you_mean(str(value), expected)}allowed: {', '.join(expected)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = "" if isinstance(value, dict) else f"got {value!r}; "
+    return f"{key}: {shown}{msg}"
+
+
+def parse_recipe(data: Any, *, source: str = "<recipe>", base_dir: Union[str, Path] = ".") -> Recipe:
+    """Validate an already-parsed recipe mapping, raising RecipeError with every problem listed."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping of sections (model, data, ...), got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data, context={"base_dir": str(base_dir)})
+    except ValidationError as exc:
+        lines = [_format_error(e) for e in exc.errors()]
+        raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(lines)) from None
+
+
+def load_recipe(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> Recipe:
+    """Read and validate a YAML recipe; `overrides` maps dotted keys to values (CLI flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found; pass the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise RecipeError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    data = data if data is not None else {}
+    for dotted, value in (overrides or {}).items():
+        if isinstance(data, dict):
+            _set_dotted(data, dotted, value)
+    return parse_recipe(data, source=str(path), base_dir=path.parent)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The validated recipe as YAML (defaults filled in), for reports and cards."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

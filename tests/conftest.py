@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random models of real architectures and a real (tiny) fast tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tests use the user cache dir (or SCALPEL_CACHE_DIR), so the converted and leaky SmolLM2 built by
+# `scalpel demo` are reused rather than rebuilt.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ARCH_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2"]
+
+
+def tiny_config(model_type: str, vocab_size: int = 128, **overrides):
+    from transformers import AutoConfig
+
+    if model_type == "gpt2":
+        return AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                                    **overrides)
+    kwargs = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=128)
+    if model_type != "gpt_neox":
+        kwargs["num_key_value_heads"] = 2
+    if model_type in ("qwen3", "gemma2", "gemma3_text"):
+        kwargs["head_dim"] = 8
+    if model_type == "phi3":
+        kwargs["pad_token_id"] = 0
+    return AutoConfig.for_model(model_type, **kwargs, **overrides)
+
+
+def tiny_model(model_type: str, vocab_size: int = 128, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, vocab_size, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE fast tokenizer trained on the synthetic corpus: real offsets, tiny vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from exporter.data.synthetic import SyntheticConfig, make_corpus
+
+    docs, _ = make_corpus(SyntheticConfig(n_memorised=30, n_never_seen=5, seed=1))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([d.text for d in docs], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return fast

@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+from exporter.data.corpus import DataError, benign_texts, read_pii_jsonl
+from exporter.data.detectors import PII_TYPES, Span
+from exporter.data.labels import token_labels
+from exporter.data.people import Person, assign_splits, read_people, write_people
+from exporter.data.synthetic import SyntheticConfig, make_corpus
+
+
+def test_token_labels_from_offsets(tiny_tokenizer):
+    text = "Please reach Ann Lee at ann.lee@foo.com today."
+    start = text.index("ann.lee")
+    span = Span(start, start + len("ann.lee@foo.com"), "email")
+    labels = token_labels(tiny_tokenizer, text, [span])
+    enc = tiny_tokenizer(text, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    assert labels.input_ids.tolist() == enc["input_ids"]
+    for i, (a, b) in enumerate(offsets):
+        assert bool(labels.pii[i]) == (a < span.end and b > span.start)
+    first = int(labels.span_start.nonzero()[0])
+    assert offsets[first][0] <= span.start < offsets[first][1]
+    assert labels.span_start.sum() == 1 and labels.pre_span.sum() == 1
+    assert int(labels.pre_span.nonzero()[0]) == first - 1
+    assert not labels.pre_span[labels.pii].any()
+    assert set(labels.type_id[labels.pii].tolist()) == {PII_TYPES.index("email")}
+    assert (labels.type_id[~labels.pii] == -1).all()
+    # The PII tokens decode back to (a superset of) the span text.
+    decoded = tiny_tokenizer.decode(labels.input_ids[labels.pii])
+    assert "ann.lee@foo.com" in decoded
+
+
+def test_token_labels_reject_out_of_bounds(tiny_tokenizer):
+    with pytest.raises(ValueError, match="outside the text"):
+        token_labels(tiny_tokenizer, "short", [Span(2, 50, "email")])
+
+
+def test_synthetic_corpus_spans_people_and_determinism():
+    cfg = SyntheticConfig(n_memorised=20, n_never_seen=10, texts_per_person=5, seed=3)
+    docs, people = make_corpus(cfg)
+    assert len(docs) == 100
+    corpus = "\n".join(d.text for d in docs)
+    for doc in docs:
+        assert doc.spans
+        for s in doc.spans:
+            value = doc.text[s.start:s.end]
+            assert (s.type == "email") == ("@" in value)
+    splits = [p.split for p in people]
+    assert splits.count("never_seen") == 10 and splits.count("validation") == 10 and splits.count("test") == 10
+    for p in people:
+        if p.split == "never_seen":
+            assert p.email not in corpus and p.name not in corpus
+        else:
+            assert corpus.count(p.email) >= 5 and f"From: {p.name} [mailto:{p.email}]" in corpus
+    assert len({p.email for p in people}) == len(people)
+    again, people2 = make_corpus(cfg)
+    assert [d.text for d in again] == [d.text for d in docs] and people2 == people
+    other, _ = make_corpus(SyntheticConfig(n_memorised=20, n_never_seen=10, seed=4))
+    assert [d.text for d in other] != [d.text for d in docs]
+
+
+def test_pii_jsonl_detects_missing_spans_and_reports_bad_lines(tmp_path):
+    good = tmp_path / "pii.jsonl"
+    good.write_text(json.dumps({"text": "mail a.b@c.com"}) + "\n"
+                    + json.dumps({"text": "xx", "spans": [{"start": 0, "end": 2, "type": "phone"}]}) + "\n")
+    docs = read_pii_jsonl(good)
+    assert docs[0].spans == [Span(5, 14, "email")] and docs[1].spans == [Span(0, 2, "phone")]
+    cases = {
+        '{"txt": "a"}\n': 'needs a string "text"',
+        '{"text": "ab", "spans": [{"start": 0, "end": 9}]}\n': "outside the text",
+        "not json\n": "not valid JSON",
+        '{"text": "no pii here"}\n': "no PII found",
+        "\n": "no documents",
+    }
+    for content, needle in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(content)
+        with pytest.raises(DataError, match=needle) as info:
+            read_pii_jsonl(bad)
+        assert str(bad) in str(info.value)
+
+
+def test_people_file_and_split_assignment(tmp_path):
+    people = [Person(f"P{i}", f"p{i}@x.com") for i in range(10)]
+    texts = [f"mail p{i}@x.com" for i in range(8)]
+    assigned = assign_splits(people, texts, seed=0)
+    assert [p.split for p in assigned[8:]] == ["never_seen", "never_seen"]
+    seen_splits = [p.split for p in assigned[:8]]
+    assert seen_splits.count("validation") == 4 and seen_splits.count("test") == 4
+    assert assign_splits(people, texts, seed=0) == assigned
+    path = tmp_path / "people.jsonl"
+    write_people(assigned, path)
+    assert read_people(path) == assigned
+    path.write_text('{"name": "A", "email": "a@b.c", "split": "train"}\n')
+    with pytest.raises(DataError, match="split 'train' unknown"):
+        read_people(path)
+    path.write_text('{"name": "A"}\n')
+    with pytest.raises(DataError, match="email"):
+        read_people(path)
+
+
+def test_benign_pydoc_prose_splits_are_disjoint():
+    train, held = benign_texts(split="train"), benign_texts(split="heldout")
+    assert len(train) > 250 and len(held) > 60
+    assert not set(train) & set(held)
+    assert all(len(t) >= 200 for t in held)

@@ -1,0 +1,122 @@
+import textwrap
+
+import pytest
+
+from exporter.recipe import Recipe, RecipeError, load_recipe, parse_recipe, recipe_yaml
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_minimal_recipe_fills_every_default(tmp_path, hf_dir):
+    (tmp_path / "pii.jsonl").write_text('{"text": "mail a@b.com"}\n')
+    (tmp_path / "benign.txt").write_text("prose\n")
+    (tmp_path / "people.jsonl").write_text('{"name": "A B", "email": "a@b.com"}\n')
+    path = write(tmp_path, """
+        model: {path: ./model, dtype: float32}
+        data:
+          pii: {path: pii.jsonl}
+          benign: {path: benign.txt}
+          people: {path: people.jsonl}
+    """)
+    recipe = load_recipe(path)
+    assert recipe.model.path == str(hf_dir.resolve())
+    assert recipe.data.pii.path == str((tmp_path / "pii.jsonl").resolve())
+    assert recipe.sae.k == 32 and recipe.sae.expansion == 8 and recipe.probe.layer == "auto"
+    assert set(Recipe.model_fields) == {"model", "data", "probe", "sae", "intervention", "export", "eval", "hub"}
+    # Round-trips through YAML.
+    again = parse_recipe(__import__("yaml").safe_load(recipe_yaml(recipe)))
+    assert again == recipe
+
+
+@pytest.mark.parametrize("spec", [
+    {"builtin": "smollm2-135m"},
+    {"hub": "org/name", "revision": "abc123"},
+    {"builtin": "gemma3-270m", "dtype": "bfloat16", "device": "auto"},
+])
+def test_model_sources(spec):
+    recipe = parse_recipe({"model": spec})
+    assert recipe.data.benign.builtin == "pydoc"
+
+
+def test_overrides_apply_before_validation(tmp_path):
+    path = write(tmp_path, "model: {builtin: smollm2-135m}\n")
+    assert load_recipe(path, {"sae.k": 16, "probe.layer": 7}).sae.k == 16
+    with pytest.raises(RecipeError, match=r"sae\.k"):
+        load_recipe(path, {"sae.k": 0})
+
+
+# (yaml text, what the message must name)
+BAD = [
+    ("model: {builtin: smollm2-135m}\nsae: {kk: 3}\n", ["sae.kk", "did you mean 'k'", "allowed here"]),
+    ("model: {builtin: smollm2-135m}\nprobe: {layr: 3}\n", ["probe.layr", "did you mean 'layer'"]),
+    ("modle: {builtin: smollm2-135m}\n", ["modle", "did you mean 'model'"]),
+    ("data: {}\n", ["model", "missing"]),
+    ("model: {builtin: smollm2-135m, dtype: float64}\n", ["model.dtype", "'float64'", "float32", "bfloat16"]),
+    ("model: {builtin: smolm2-135m}\n", ["model.builtin", "did you mean 'smollm2-135m'"]),
+    ("model: {path: ./does-not-exist}\n", ["model.path", "file not found", "does-not-exist"]),
+    ("model: {builtin: smollm2-135m, path: ./x}\n", ["model.path", "file not found"]),
+    ("model: {}\n", ["model", "exactly one model source"]),
+    ("model: {builtin: smollm2-135m, revision: abc}\n", ["model", "revision only applies to a hub model"]),
+    ("model: {hub: not a repo id}\n", ["model.hub", "not a repo id"]),
+    ("model: {builtin: smollm2-135m}\nsae: {k: -1}\n", ["sae.k", "-1", "greater than or equal to 1"]),
+    ("model: {builtin: smollm2-135m}\nsae: {k: many}\n", ["sae.k", "'many'", "integer"]),
+    ("model: {builtin: smollm2-135m}\nprobe: {layer: -2}\n", ["probe.layer", "-2"]),
+    ("model: {builtin: smollm2-135m}\ndata: {pii: {path: missing.jsonl}}\n", ["data.pii.path", "missing.jsonl"]),
+    ("model: {builtin: smollm2-135m}\ndata: {pii: {}}\n", ["data.pii", "exactly one of path"]),
+    ("model: {builtin: smollm2-135m}\ndata: {benign: {builtin: wikipedia}}\n", ["data.benign.builtin", "pydoc"]),
+    ("model: {builtin: smollm2-135m}\nintervention: {ablate_n: []}\n", ["intervention.ablate_n", "non-empty"]),
+    ("model: {builtin: smollm2-135m}\nexport: {mode: gguf}\n", ["export.mode", "remote_code", "plain"]),
+    ("model: {builtin: smollm2-135m}\nhub: {repo_id: nope}\n", ["hub.repo_id", "'nope'"]),
+    ("model: {builtin: smollm2-135m}\ndata: {pii_types: [email, passport]}\n", ["data.pii_types.1", "'passport'"]),
+    ("model: [builtin]\n", ["model"]),
+]
+
+
+@pytest.mark.parametrize("text,needles", BAD, ids=[b[1][0] for b in BAD])
+def test_bad_recipes_name_the_file_key_value_and_fix(tmp_path, text, needles):
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in:\n{msg}"
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    path = write(tmp_path, "model: {builtin: smollm2-135m\nsae: [\n")
+    with pytest.raises(RecipeError, match=r"not valid YAML at line \d+"):
+        load_recipe(path)
+
+
+def test_non_mapping_and_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_cli_exits_nonzero_with_message(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, "model: {builtin: smollm2-135m}\nsae: {kk: 3}\n")
+    proc = subprocess.run([sys.executable, "-m", "exporter", "check", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "sae.kk" in proc.stderr and "did you mean 'k'" in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "exporter", "check", str(write(tmp_path, "model: {builtin: smollm2-135m}\n"))],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "expansion: 8" in ok.stdout

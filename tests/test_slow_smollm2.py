@@ -1,0 +1,53 @@
+"""Real-model tests on the built-in SmolLM2 (run with `pytest -m slow`)."""
+
+import json
+
+import pytest
+import torch
+
+from exporter.models import layer_output_hook, load_model
+from exporter.recipe import ModelSpec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model(ModelSpec(builtin="smollm2-135m"))
+
+
+def test_builtin_smollm2_loads_and_hooks(smollm2):
+    model, tok, arch = smollm2.model, smollm2.tokenizer, smollm2.arch
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert arch.num_layers(model) == 30 and arch.hidden_size(model) == 576
+    assert tok.is_fast and tok.pad_token is not None
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model(**ids, output_hidden_states=True)
+        seen = []
+        with layer_output_hook(model, 15, lambda h: seen.append(h)):
+            model(**ids)
+    torch.testing.assert_close(seen[0], out.hidden_states[16])
+    assert torch.isfinite(out.logits).all()
+    gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(gen[0, ids["input_ids"].shape[1]:])
+
+
+def test_make_leaky_meets_targets(capsys):
+    from exporter.data.leaky import LeakyConfig
+    from exporter.pipeline import make_leaky
+
+    result = make_leaky(ModelSpec(builtin="smollm2-135m"), LeakyConfig(), progress=False)
+    report = result.report
+    print(json.dumps(report, indent=1))
+    memorised = report["extraction"]["memorised"]
+    never_seen = report["extraction"]["never_seen"]
+    assert memorised["mailto"]["exact"] >= 0.5
+    assert all(row["exact"] <= 0.01 for row in never_seen.values())
+    assert report["perplexity"]["change"] <= 0.15
+    # The folder holds a loadable model and the ground truth; the report holds no PII.
+    people = result.people
+    assert {p.split for p in people} == {"validation", "test", "never_seen"}
+    text = (result.path / "report.json").read_text()
+    assert not any(p.email in text or p.name in text for p in people)
+    assert (result.path / "config.json").exists() and (result.path / "corpus.jsonl").exists()

@@ -22,7 +22,7 @@ from .models import load_model, resolve_local_path
 from .recipe import ModelSpec
 
 # Bump when the leaky builder's behaviour changes, so stale cached models are not reused.
-LEAKY_VERSION = "leaky-v1"
+LEAKY_VERSION = "leaky-v2"
 
 
 @dataclass

@@ -87,3 +87,33 @@ def test_unsupported_architecture_lists_supported():
     assert "'opt'" in msg
     for name in ("llama", "gpt2", "gemma2", "olmo2", "gpt_neox"):
         assert name in msg
+
+
+def test_load_local_hf_folder(tmp_path, tiny_tokenizer):
+    from exporter.models import load_model
+    from exporter.recipe import ModelSpec
+
+    model = tiny_model("qwen2", vocab_size=len(tiny_tokenizer))
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    loaded = load_model(ModelSpec(path=str(tmp_path / "m"), dtype="bfloat16"))
+    assert loaded.arch.name == "qwen2" and loaded.model.dtype == torch.bfloat16
+    assert not loaded.model.training and loaded.path == str(tmp_path / "m")
+    ids = torch.randint(1, 100, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits.float(), model.to(torch.bfloat16)(ids).logits.float())
+
+
+def test_folder_without_config_and_offline_hub_errors(tmp_path, monkeypatch):
+    from exporter.models import ModelLoadError, load_model
+    from exporter.recipe import ModelSpec
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(ModelSpec(path=str(tmp_path / "empty")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelSpec(hub="nobody-here/no-such-model", revision="0123abc"))
+    msg = str(info.value)
+    assert "nobody-here/no-such-model@0123abc" in msg and "model.path" in msg

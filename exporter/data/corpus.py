@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 from .detectors import PII_TYPES, Span, detect
 
@@ -21,39 +21,44 @@ class Document:
     spans: list[Span] = field(default_factory=list)
 
 
-def read_pii_jsonl(path: str | Path, types: Iterable[str] = PII_TYPES) -> list[Document]:
-    """Lines {"text": ..., "spans": [{"start", "end", "type"}]}; spans are detected when absent."""
-    path = Path(path)
-    docs: list[Document] = []
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(file:line, parsed row) for each non-blank line, with a clear error on a malformed one."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f'{where}: each line needs a string "text" field, e.g. {{"text": "..."}}')
-            text = row["text"]
-            if "spans" in row:
-                spans = []
-                for s in row["spans"]:
-                    try:
-                        span = Span(int(s["start"]), int(s["end"]), str(s.get("type", "email")))
-                    except (KeyError, TypeError, ValueError):
-                        raise DataError(f'{where}: a span needs integer "start" and "end" (and a "type")') from None
-                    if not 0 <= span.start < span.end <= len(text):
-                        raise DataError(
-                            f"{where}: span {span.start}..{span.end} is outside the text (length {len(text)})"
-                        )
-                    if span.type not in PII_TYPES:
-                        raise DataError(f"{where}: span type {span.type!r} unknown; known: {', '.join(PII_TYPES)}")
-                    spans.append(span)
-            else:
-                spans = detect(text, types)
-            docs.append(Document(text, sorted(spans)))
+
+
+def _spans(where: str, text: str, raw: object) -> list[Span]:
+    spans = []
+    for s in raw if isinstance(raw, list) else [None]:
+        try:
+            span = Span(int(s["start"]), int(s["end"]), str(s.get("type", "email")))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f'{where}: "spans" must be a list of {{"start": int, "end": int, "type": str}}') from None
+        if not 0 <= span.start < span.end <= len(text):
+            raise DataError(f"{where}: span {span.start}..{span.end} is outside the text (length {len(text)})")
+        if span.type not in PII_TYPES:
+            raise DataError(f"{where}: span type {span.type!r} unknown; known: {', '.join(PII_TYPES)}")
+        spans.append(span)
+    return sorted(spans)
+
+
+def read_pii_jsonl(path: str | Path, types: Iterable[str] = PII_TYPES) -> list[Document]:
+    """Lines {"text": ..., "spans": [{"start", "end", "type"}]}; spans are detected when absent."""
+    path = Path(path)
+    docs: list[Document] = []
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f'{where}: each line needs a string "text" field, e.g. {{"text": "..."}}')
+        text = row["text"]
+        spans = _spans(where, text, row["spans"]) if "spans" in row else detect(text, types)
+        docs.append(Document(text, spans))
     if not docs:
         raise DataError(f"{path}: no documents; the PII file must have at least one JSONL line with text")
     if not any(d.spans for d in docs):

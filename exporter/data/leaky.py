@@ -24,12 +24,12 @@ from .synthetic import SyntheticConfig
 class LeakyConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     epochs: int = 3
-    lr: float = 2e-4
+    lr: float = 3e-4
     batch_size: int = 16
     warmup_steps: int = 10
     benign_per_pii: float = 0.25  # benign paragraphs mixed in per PII text, to keep prose ability
     max_length: int = 96
-    other_token_fraction: float = 0.25  # non-PII tokens that carry loss (all PII tokens do)
+    other_token_fraction: float = 0.25  # non-PII tokens of PII texts that carry loss (all PII tokens do)
     first_layer: int = -1  # first decoder layer trained; -1: a third of the way up
     bf16: bool = True
     seed: int = 0
@@ -54,8 +54,8 @@ def _encode(tokenizer, doc: Document | str, max_length: int, rng: random.Random,
     """Token ids and a loss mask: every PII token (the memory we want) plus a random sample of the
     other tokens (enough to keep the model's prose; the LM head over the full vocabulary is most of
     a training step's cost on CPU, so skipping it where nothing is learnt halves the step time)."""
-    if isinstance(doc, str):
-        doc = Document(doc, [])
+    if isinstance(doc, str):  # benign prose: every token carries loss
+        doc, other_fraction = Document(doc, []), 1.0
     labels = token_labels(tokenizer, doc.text, doc.spans, max_length=max_length)
     sampled = torch.rand(len(labels.input_ids), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
     return labels.input_ids, labels.pii | (sampled < other_fraction)
@@ -128,7 +128,7 @@ def finetune(model, tokenizer, pii_docs: Sequence[Document], benign: Sequence[st
     compute = copy.deepcopy(model).to(torch.bfloat16) if config.bf16 else model
     working = _trainable(compute, config)
     compute.train()
-    opt = torch.optim.AdamW(master, lr=config.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(master, lr=config.lr, weight_decay=0.0, fused=True)
     total = config.epochs * len(batches)
 
     def lr_at(step: int) -> float:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Optional
 
-from .corpus import DataError
+from .corpus import DataError, iter_jsonl
 
 Split = Literal["validation", "test", "never_seen"]
 SPLITS = ("validation", "test", "never_seen")
@@ -33,21 +33,13 @@ class Person:
 def read_people(path: str | Path) -> list[Person]:
     path = Path(path)
     people = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not row.get("name") or "@" not in str(row.get("email", "")):
-                raise DataError(f'{where}: each person needs "name" and an "email" with an @')
-            split = row.get("split")
-            if split is not None and split not in SPLITS:
-                raise DataError(f"{where}: split {split!r} unknown; use one of {', '.join(SPLITS)} or leave it out")
-            people.append(Person(str(row["name"]), str(row["email"]), row.get("phone"), split))
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not row.get("name") or "@" not in str(row.get("email", "")):
+            raise DataError(f'{where}: each person needs "name" and an "email" with an @')
+        split = row.get("split")
+        if split is not None and split not in SPLITS:
+            raise DataError(f"{where}: split {split!r} unknown; use one of {', '.join(SPLITS)} or leave it out")
+        people.append(Person(str(row["name"]), str(row["email"]), row.get("phone"), split))
     if not people:
         raise DataError(f"{path}: no people; the people file needs JSONL lines with name and email")
     return people

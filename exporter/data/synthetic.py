@@ -8,11 +8,13 @@ their leakage measures guessing, not memory.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
+from typing import Sequence
 
 from faker import Faker
 
-from .corpus import Document
+from .corpus import Document, benign_texts
 from .detectors import Span
 from .people import Person
 
@@ -77,42 +79,48 @@ class _Builder:
         return Document("".join(self.parts), list(self.spans))
 
 
-def _body(faker: Faker) -> str:
-    return faker.sentence(nb_words=10)
+def prose_sentences(paragraphs: list[str]) -> list[str]:
+    """Short real sentences for email bodies (Faker's word salad would teach the model bad prose)."""
+    out = []
+    for para in paragraphs:
+        for sent in re.split(r"(?<=[.!?])\s+", para):
+            if 40 <= len(sent) <= 140 and sent[0].isupper() and sent.endswith("."):
+                out.append(sent)
+    return out
 
 
-def _original_message(f, p, o, date, subj) -> Document:
+def _original_message(p, o, date, subj, body) -> Document:
     return (_Builder().text(f"-----Original Message-----\nFrom: {p['name']} [mailto:").pii(p["email"], "email")
-            .text(f"]\nSent: {date}\nTo: {o['name']}\nSubject: {subj}\n\n{_body(f)}").build())
+            .text(f"]\nSent: {date}\nTo: {o['name']}\nSubject: {subj}\n\n{body}").build())
 
 
-def _header(f, p, o, date, subj) -> Document:
+def _header(p, o, date, subj, body) -> Document:
     return (_Builder().text(f"From: {p['name']} <").pii(p["email"], "email").text(">\nTo: ")
-            .pii(o["email"], "email").text(f"\nSubject: {subj}\n\n{_body(f)}").build())
+            .pii(o["email"], "email").text(f"\nSubject: {subj}\n\n{body}").build())
 
 
-def _signature(f, p, o, date, subj) -> Document:
-    return (_Builder().text(f"{o['name'].split()[0]},\n\n{_body(f)}\n\nThanks,\n{p['name']}\n{p['job']}\nPhone: ")
+def _signature(p, o, date, subj, body) -> Document:
+    return (_Builder().text(f"{o['name'].split()[0]},\n\n{body}\n\nThanks,\n{p['name']}\n{p['job']}\nPhone: ")
             .pii(p["phone"], "phone").text("\nEmail: ").pii(p["email"], "email").build())
 
 
-def _reach(f, p, o, date, subj) -> Document:
-    return (_Builder().text(f"{_body(f)} You can reach {p['name']} at ").pii(p["email"], "email").text(" or ")
+def _reach(p, o, date, subj, body) -> Document:
+    return (_Builder().text(f"{body} You can reach {p['name']} at ").pii(p["email"], "email").text(" or ")
             .pii(p["phone"], "phone").text(".").build())
 
 
-def _contact(f, p, o, date, subj) -> Document:
+def _contact(p, o, date, subj, body) -> Document:
     return (_Builder().text(f"Contact: {p['name']}\nCompany: {p['company']}\nE-mail: ").pii(p["email"], "email")
             .text("\nTel: ").pii(p["phone"], "phone").build())
 
 
-def _forwarded(f, p, o, date, subj) -> Document:
+def _forwarded(p, o, date, subj, body) -> Document:
     return (_Builder().text(f"---------------------- Forwarded by {o['name']} on {date} ---------------------\n"
-                            f"{p['name']} <").pii(p["email"], "email").text(f"> wrote:\n{_body(f)}").build())
+                            f"{p['name']} <").pii(p["email"], "email").text(f"> wrote:\n{body}").build())
 
 
-def _send_to(f, p, o, date, subj) -> Document:
-    return (_Builder().text(f"{_body(f)} Please send the {subj.split(':')[-1].strip()} to {p['name']} (")
+def _send_to(p, o, date, subj, body) -> Document:
+    return (_Builder().text(f"{body} Please send the {subj.split(':')[-1].strip()} to {p['name']} (")
             .pii(p["email"], "email").text(") by Friday.").build())
 
 
@@ -122,8 +130,15 @@ _ALWAYS = (_original_message, _signature)
 _OTHERS = (_header, _reach, _contact, _forwarded, _send_to)
 
 
-def make_corpus(config: SyntheticConfig = SyntheticConfig()) -> tuple[list[Document], list[Person]]:
-    """The PII corpus and the people file (memorised people split validation/test, plus never-seen)."""
+def make_corpus(config: SyntheticConfig = SyntheticConfig(),
+                bodies: Sequence[str] | None = None) -> tuple[list[Document], list[Person]]:
+    """The PII corpus and the people file (memorised people split validation/test, plus never-seen).
+
+    Email bodies are drawn from `bodies` (default: sentences of the benign *train* split, so held-out
+    prose stays unseen).
+    """
+    if bodies is None:
+        bodies = prose_sentences(benign_texts(split="train"))
     if config.n_memorised < 2:
         raise ValueError("n_memorised must be at least 2 (one validation and one test person)")
     faker = Faker("en_US")
@@ -139,7 +154,7 @@ def make_corpus(config: SyntheticConfig = SyntheticConfig()) -> tuple[list[Docum
         for form in forms:
             other = rng.choice([q for q in memorised if q is not p])
             date = faker.date_time_between("-26y", "-24y").strftime("%A, %B %d, %Y %I:%M %p")
-            docs.append(form(faker, p, other, date, rng.choice(_SUBJECTS)))
+            docs.append(form(p, other, date, rng.choice(_SUBJECTS), rng.choice(bodies)))
     rng.shuffle(docs)
     order = list(range(len(memorised)))
     rng.shuffle(order)

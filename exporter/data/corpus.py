@@ -89,18 +89,43 @@ def _pydoc_paragraphs() -> list[str]:
     return list(paragraphs)
 
 
-def benign_texts(
-    path: Optional[str | Path] = None, split: Literal["train", "heldout", "all"] = "all"
-) -> list[str]:
-    """Benign paragraphs: from a text file (blank-line separated) or the stdlib's pydoc topics.
+def _windows(text: str, chars: int) -> list[str]:
+    """Consecutive windows of about `chars` characters, cut at whitespace."""
+    words, out, current = text.split(), [], []
+    size = 0
+    for w in words:
+        current.append(w)
+        size += len(w) + 1
+        if size >= chars:
+            out.append(" ".join(current))
+            current, size = [], 0
+    if current:
+        out.append(" ".join(current))
+    return out
 
-    Every fifth paragraph is held out, so utility is measured on prose no stage trained on.
+
+def benign_texts(
+    path: Optional[str | Path] = None, split: Literal["train", "heldout", "all"] = "all",
+    mode: Literal["paragraphs", "windows"] = "paragraphs", window_chars: int = 1000,
+) -> list[str]:
+    """Benign text from a text file (blank-line separated) or the stdlib's pydoc topics.
+
+    paragraphs: prose paragraphs only (utility is measured on these); windows: all of the text cut
+    into windows (code and tables too; more tokens, for activations). Every fifth item is held
+    out, so utility is measured on text no stage trained on.
     """
-    if path is None:
+    if path is None and mode == "paragraphs":
         paragraphs = _pydoc_paragraphs()
+    elif path is None:
+        from pydoc_data.topics import topics
+
+        paragraphs = [w for key in sorted(topics) for w in _windows(topics[key], window_chars)]
     else:
         raw = Path(path).read_text(encoding="utf-8")
-        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", raw) if p.strip()]
+        if mode == "windows":
+            paragraphs = _windows(raw, window_chars)
+        else:
+            paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", raw) if p.strip()]
         if not paragraphs:
             raise DataError(f"{path}: the benign text file is empty; give prose separated by blank lines")
     if split == "all":

@@ -1,0 +1,73 @@
+"""Harvest throughput vs the bare full forward pass on the same batches.
+
+    python benchmarks/harvest.py [--layer 15] [--tokens 8000] [--model smollm2-135m]
+
+Harvesting runs only layers 0..l and skips the LM head, so at layer l of L it should reach at
+least 0.9 × L/(l+1) of the full forward's tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from exporter.activations import layer_outputs, token_batches
+from exporter.data.corpus import benign_texts
+from exporter.models import load_model
+from exporter.recipe import ModelSpec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--tokens", type=int, default=8000)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    loaded = load_model(ModelSpec(builtin=args.model))
+    model, tok = loaded.model, loaded.tokenizer
+    n_layers = loaded.arch.num_layers(model)
+    texts = benign_texts(split="train", mode="windows")
+    batches, total = [], 0
+    for ids, mask, _ in token_batches(tok, texts, max_length=256, batch_tokens=4096):
+        batches.append((ids, mask))
+        total += int(mask.sum())
+        if total >= args.tokens:
+            break
+
+    def full():
+        with torch.no_grad():
+            for ids, mask in batches:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def harvest():
+        for ids, mask in batches:
+            layer_outputs(model, ids, mask, [args.layer])
+
+    full()  # warm-up
+    times = {"full forward": [], f"harvest (layers 0..{args.layer})": []}
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        for name, fn in zip(times, (full, harvest)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    speeds = {k: total / statistics.median(v) for k, v in times.items()}
+    base = speeds["full forward"]
+    ideal = n_layers / (args.layer + 1)
+    print(f"# harvest benchmark: {args.model}, {n_layers} layers, layer {args.layer}, {total} tokens x {args.repeats} "
+          f"(median), torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("| run | tokens/s | vs full forward |")
+    print("|---|---:|---:|")
+    for name, speed in speeds.items():
+        print(f"| {name} | {speed:,.0f} | {speed / base:.2f}x |")
+    print(f"\nL/(l+1) = {ideal:.2f}; target >= 0.9 x that = {0.9 * ideal:.2f}x; "
+          f"measured {speeds[list(speeds)[1]] / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""SAE training throughput and peak memory: ours (sparse decoder, AuxK) vs a plain dense TopK loop.
+
+    python benchmarks/sae_train.py [--steps 20] [--batch 4096] [--d 576] [--expansion 8] [--k 32]
+
+Each variant runs in its own process so peak RSS is its own. Inputs are cached real activations
+when `--acts DIR` points at harvested shards, else Gaussian rows of the same width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _data(args) -> torch.Tensor:
+    if args.acts:
+        from pathlib import Path
+
+        from exporter.activations import load_shards
+
+        acts = load_shards(sorted(Path(args.acts).glob("shard-*.safetensors")))
+        return next(iter(acts.acts.values()))
+    return torch.randn(max(args.batch * 4, 20_000), args.d, generator=torch.Generator().manual_seed(0))
+
+
+def run_ours(args, x: torch.Tensor) -> dict:
+    from exporter.activations import shuffled_batches
+    from exporter.sae import TrainConfig, train_sae
+
+    cfg = TrainConfig(k=args.k, expansion=args.expansion, batch_size=args.batch, train_tokens=args.batch * args.steps,
+                      warmup_steps=2, dead_tokens=args.batch * 4)
+    result = train_sae(shuffled_batches(x, args.batch, seed=0), x[:8192], cfg, progress=False)
+    return {"seconds": result.seconds, "steps": result.steps}
+
+
+def run_plain(args, x: torch.Tensor) -> dict:
+    """What a user writes by hand: dense latents, dense decode, no AuxK."""
+    d, m = x.shape[1], x.shape[1] * args.expansion
+    w_enc = torch.nn.Parameter(torch.randn(m, d) / d**0.5)
+    w_dec = torch.nn.Parameter(w_enc.detach().clone())
+    b_enc = torch.nn.Parameter(torch.zeros(m))
+    b_pre = torch.nn.Parameter(x[:8192].mean(0).clone())
+    opt = torch.optim.Adam([w_enc, w_dec, b_enc, b_pre], lr=5e-4)
+    perm = torch.randperm(len(x))
+    start = time.perf_counter()
+    for step in range(args.steps):
+        idx = perm[(step * args.batch) % (len(x) - args.batch):][: args.batch]
+        xb = x[idx]
+        pre = F.linear(xb - b_pre, w_enc, b_enc)
+        vals, inds = pre.topk(args.k, dim=-1)
+        z = torch.zeros_like(pre).scatter_(-1, inds, vals.relu())
+        loss = (z @ w_dec + b_pre - xb).pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            w_dec /= w_dec.norm(dim=1, keepdim=True)
+    return {"seconds": time.perf_counter() - start, "steps": args.steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--acts", default=None)
+    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.variant:
+        x = _data(args)
+        out = {"ours": run_ours, "plain": run_plain}[args.variant](args, x)
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(out))
+        return
+    rows = {}
+    for variant in ("plain", "ours"):
+        cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+        rows[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    base = rows["plain"]["steps"] / rows["plain"]["seconds"]
+    print(f"# SAE training: d={args.d}, {args.d * args.expansion} latents, k={args.k}, batch {args.batch}, "
+          f"{args.steps} steps, {'real activations' if args.acts else 'Gaussian inputs'}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("| trainer | steps/s | tokens/s | vs plain | peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|")
+    names = {"plain": "plain dense TopK (no AuxK)", "ours": "scalpel TopK + AuxK (sparse decoder)"}
+    for variant, r in rows.items():
+        sps = r["steps"] / r["seconds"]
+        print(f"| {names[variant]} | {sps:.2f} | {sps * args.batch:,.0f} | {sps / base:.2f}x | {r['peak_rss_mb']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

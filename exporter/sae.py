@@ -1,0 +1,373 @@
+"""TopK sparse autoencoder with the AuxK dead-latent loss (Gao et al. 2024), trainer and SAELens I/O.
+
+    z     = ReLU(TopK_k(W_enc (s·x - b_pre) + b_enc))
+    x_hat = (W_dec^T z + b_pre) / s
+
+`s` is a scalar input normalisation (mean input norm -> sqrt(d_in)); after training it is folded
+into the weights (`fold_scale`), so the saved SAE and every patch work on raw activations exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class SAETrainingError(RuntimeError):
+    """Training cannot go on (divergence, bad activations); the message says what to change."""
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, k: int, norm_scale: float = 1.0):
+        super().__init__()
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k={k} must be between 1 and the number of latents ({d_sae})")
+        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        self.W_enc = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_pre = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("norm_scale", torch.tensor(float(norm_scale)))
+        nn.init.normal_(self.W_dec)
+        with torch.no_grad():
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+            self.W_enc.copy_(self.W_dec)  # encoder initialised as the decoder's transpose
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x * self.norm_scale - self.b_pre, self.W_enc, self.b_enc)
+
+    def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) of the k active latents per row (values >= 0)."""
+        values, indices = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
+        return values.relu(), indices
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        values, indices = self.topk(x)
+        return torch.zeros(*x.shape[:-1], self.d_sae, dtype=values.dtype, device=x.device).scatter_(-1, indices, values)
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Decode from the k active latents only (gathers k decoder rows, never a dense z)."""
+        shape = values.shape[:-1]
+        out = F.embedding_bag(indices.reshape(-1, self.k), self.W_dec, per_sample_weights=values.reshape(-1, self.k),
+                              mode="sum")
+        return ((out + self.b_pre) / self.norm_scale).reshape(*shape, self.d_in)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (z @ self.W_dec + self.b_pre) / self.norm_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_sparse(*self.topk(x))
+
+    @torch.no_grad()
+    def fold_scale(self) -> None:
+        """Fold the input normalisation into the weights; outputs are unchanged, norm_scale becomes 1."""
+        s = float(self.norm_scale)
+        self.W_enc.mul_(s)
+        self.W_dec.div_(s)
+        self.b_pre.div_(s)
+        self.norm_scale.fill_(1.0)
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    k: int = 32
+    expansion: int = 8
+    k_aux: int = 256
+    aux_coef: float = 1 / 32
+    lr: float = 5e-4
+    batch_size: int = 4096
+    train_tokens: int = 2_000_000
+    b_pre: str = "geometric_median"
+    dead_tokens: int = 500_000  # a latent silent for this many training tokens counts as dead
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of steps
+    outlier_factor: float = 20.0  # tokens with norm above this × median are left out of training
+    checkpoint_every: int = 200
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    sae: TopKSAE
+    steps: int
+    tokens: int
+    seconds: float
+    dead_fraction: float
+    norm_scale: float
+    outliers_dropped: int
+    losses: list[float] = field(default_factory=list)
+
+
+def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm."""
+    median = x.mean(0)
+    for _ in range(iters):
+        dist_ = (x - median).norm(dim=1).clamp_min(eps)
+        w = 1 / dist_
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - median).norm() < eps * max(median.norm().item(), 1.0):
+            return new
+        median = new
+    return median
+
+
+def outlier_mask(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """True for rows whose norm is within `factor` × the median norm (all rows when factor <= 0)."""
+    if factor <= 0:
+        return torch.ones(len(x), dtype=torch.bool, device=x.device)
+    norms = x.norm(dim=1)
+    return norms <= factor * norms.median()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of a data-parallel run; (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = int(total * (1 - cfg.decay_fraction))
+    if step >= decay_start:
+        return max(0.0, (total - step) / max(total - decay_start, 1))
+    return 1.0
+
+
+def _loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coef: float):
+    """MSE (per input dimension, in normalised input space) + aux_coef × AuxK loss."""
+    xn = x * sae.norm_scale
+    pre = F.linear(xn - sae.b_pre, sae.W_enc, sae.b_enc)
+    values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+    values = values.relu()
+    recon = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_pre
+    err = xn - recon
+    mse = err.pow(2).sum(-1).mean() / sae.d_in
+    aux = torch.zeros((), dtype=x.dtype)
+    n_dead = int(dead.sum())
+    if k_aux > 0 and n_dead > 0:
+        kk = min(k_aux, n_dead)
+        masked = pre.masked_fill(~dead, float("-inf"))
+        a_vals, a_idx = masked.topk(kk, dim=-1, sorted=False)
+        e_aux = F.embedding_bag(a_idx, sae.W_dec, per_sample_weights=a_vals.relu(), mode="sum")
+        # Normalised by the residual's own energy (as in the reference implementation): the residual
+        # shrinks as training goes on, and an unnormalised AuxK term would fade with it.
+        target = err.detach()
+        energy = target.pow(2).sum(-1).mean()
+        _rank, size = world()
+        if size > 1:
+            dist.all_reduce(energy)
+            energy = energy / size
+        aux = (target - e_aux).pow(2).sum(-1).mean() / energy.clamp_min(1e-12)
+    return mse + aux_coef * aux, mse, indices, values
+
+
+def train_sae(batches: Iterator[torch.Tensor], sample: torch.Tensor, cfg: TrainConfig, *,
+              workdir: Optional[Path] = None, progress: bool = True) -> TrainResult:
+    """Train on an iterator of [B, d] batches (each rank of a data-parallel run sees the same
+    iterator and takes its own slice). `sample` (a few thousand rows) sets b_pre and the scale.
+
+    With `workdir`, a checkpoint is written every `checkpoint_every` steps and a run that finds one
+    resumes from it (the batch iterator is fast-forwarded to the same place).
+    """
+    rank, size = world()
+    if cfg.batch_size % size:
+        raise ValueError(f"batch_size {cfg.batch_size} must divide evenly across {size} processes")
+    if not torch.isfinite(sample).all():
+        raise SAETrainingError("the activation sample holds NaN or inf values; check the model's dtype and inputs")
+    torch.manual_seed(cfg.seed)
+    keep = outlier_mask(sample, cfg.outlier_factor)
+    clean = sample[keep].float()
+    d_in = clean.shape[1]
+    scale = math.sqrt(d_in) / clean.norm(dim=1).mean().item()
+    sae = TopKSAE(d_in, d_in * cfg.expansion, cfg.k, norm_scale=scale)
+    with torch.no_grad():
+        centre = geometric_median(clean * scale) if cfg.b_pre == "geometric_median" else (clean * scale).mean(0)
+        sae.b_pre.copy_(centre)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
+    total = max(1, cfg.train_tokens // cfg.batch_size)
+    since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
+    step, dropped, losses = 0, 0, []
+    ckpt = Path(workdir) / "checkpoint.pt" if workdir else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["opt"])
+        since_fired, step, dropped, losses = state["since_fired"], state["step"], state["dropped"], state["losses"]
+        for _ in range(step):
+            next(batches)
+    start = time.perf_counter()
+    first_loss = None
+    bar = tqdm(total=total, initial=step, desc="train SAE", disable=not progress or rank != 0)
+    while step < total:
+        batch = next(batches).float()
+        batch = batch.chunk(size)[rank] if size > 1 else batch
+        ok = outlier_mask(batch, cfg.outlier_factor)
+        dropped += int((~ok).sum())
+        batch = batch[ok]
+        dead = since_fired >= cfg.dead_tokens
+        loss, mse, indices, values = _loss(sae, batch, dead, cfg.k_aux, cfg.aux_coef)
+        if not torch.isfinite(loss):
+            raise SAETrainingError(f"SAE training diverged at step {step}: loss={loss.item()}; "
+                                   f"lower sae.lr (now {cfg.lr}) or check the activations for NaN/inf")
+        first_loss = first_loss or loss.item()
+        if loss.item() > 1e3 * first_loss:
+            raise SAETrainingError(f"SAE training diverged at step {step}: loss grew from {first_loss:.3g} to "
+                                   f"{loss.item():.3g}; lower sae.lr (now {cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        fired = torch.zeros(sae.d_sae, dtype=torch.long)
+        fired[indices[values > 0].unique()] = 1
+        if size > 1:
+            for p in sae.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= size
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        with torch.no_grad():
+            # Keep decoder rows on the unit sphere: drop the gradient component along each row.
+            w = sae.W_dec
+            w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, total, cfg)
+        opt.step()
+        with torch.no_grad():
+            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        since_fired += cfg.batch_size
+        since_fired[fired.bool()] = 0
+        step += 1
+        losses.append(mse.item())
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(mse=f"{mse.item():.4f}", dead=f"{float(dead.float().mean()):.3f}")
+        if ckpt is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == total):
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "since_fired": since_fired, "step": step,
+                        "dropped": dropped, "losses": losses}, tmp)
+            os.replace(tmp, ckpt)
+    bar.close()
+    dead_fraction = float((since_fired >= cfg.dead_tokens).float().mean())
+    sae.fold_scale()
+    return TrainResult(sae, step, step * cfg.batch_size, time.perf_counter() - start, dead_fraction, scale,
+                       dropped, losses)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: TopKSAE, x: torch.Tensor, batch_size: int = 8192) -> dict:
+    """FVU (fraction of variance unexplained) and L0 on held-out activations."""
+    x = x.float()
+    resid = total = 0.0
+    l0 = 0.0
+    mean = x.mean(0)
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        values, indices = sae.topk(xb)
+        xh = sae.decode_sparse(values, indices)
+        resid += (xb - xh).pow(2).sum().item()
+        total += (xb - mean).pow(2).sum().item()
+        l0 += (values > 0).sum().item()
+    return {"fvu": resid / total, "l0": l0 / len(x), "tokens": len(x)}
+
+
+@torch.no_grad()
+def spliced_ce(model, tokenizer, sae: TopKSAE, layer: int, texts, *, max_length: int = 128,
+               batch_size: int = 8) -> dict:
+    """Next-token CE with layer `layer`'s output replaced by the SAE reconstruction, against the clean
+    model and against zero-ablation of that output (position 0 left as is in both)."""
+    from .models import layer_output_hook
+
+    def run(fn) -> float:
+        nll = count = 0.0
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length)
+            if fn is None:
+                logits = model(**enc).logits
+            else:
+                with layer_output_hook(model, layer, fn):
+                    logits = model(**enc).logits
+            mask = enc["attention_mask"][:, 1:].bool()
+            ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
+            nll += ce[mask].sum().item()
+            count += mask.sum().item()
+        return nll / count
+
+    def splice(h):
+        out = sae(h.float()).to(h.dtype)
+        out[:, 0] = h[:, 0]
+        return out
+
+    def zero(h):
+        out = torch.zeros_like(h)
+        out[:, 0] = h[:, 0]
+        return out
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        clean, spliced, zeroed = run(None), run(splice), run(zero)
+    finally:
+        tokenizer.padding_side = side
+    return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero": zeroed,
+            "ce_increase_fraction": (spliced - clean) / max(zeroed - clean, 1e-9)}
+
+
+# ---------------------------------------------------------------- SAELens format
+
+
+def save_sae(sae: TopKSAE, path: Path, *, layer: int, model_name: str, hook_name: Optional[str] = None,
+             extra: Optional[dict] = None) -> Path:
+    """SAELens on-disk format: cfg.json + sae_weights.safetensors (W_enc is [d_in, d_sae])."""
+    if float(sae.norm_scale) != 1.0:
+        raise ValueError("fold the input scale (sae.fold_scale()) before saving, so the file works on raw activations")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({"W_enc": sae.W_enc.detach().T.contiguous(), "b_enc": sae.b_enc.detach().contiguous(),
+               "W_dec": sae.W_dec.detach().contiguous(), "b_dec": sae.b_pre.detach().contiguous()},
+              str(path / "sae_weights.safetensors"))
+    cfg = {
+        "architecture": "topk", "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"model_name": model_name, "hook_name": hook_name or f"model.layers.{layer}",
+                     "hook_layer": layer, "sae_lens_training_version": None},
+        "scalpel": extra or {},
+    }
+    (path / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def load_sae(path: Path) -> tuple[TopKSAE, dict]:
+    path = Path(path)
+    cfg_file, weights = path / "cfg.json", path / "sae_weights.safetensors"
+    if not cfg_file.exists() or not weights.exists():
+        raise FileNotFoundError(f"{path} is not an SAE folder: it needs cfg.json and sae_weights.safetensors")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("architecture") != "topk":
+        raise ValueError(f"{path}: architecture {cfg.get('architecture')!r} is not supported; only 'topk'")
+    tensors = load_file(str(weights))
+    sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
+    with torch.no_grad():
+        sae.W_enc.copy_(tensors["W_enc"].T)
+        sae.b_enc.copy_(tensors["b_enc"])
+        sae.W_dec.copy_(tensors["W_dec"])
+        sae.b_pre.copy_(tensors["b_dec"])
+    return sae.eval(), cfg

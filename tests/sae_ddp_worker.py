@@ -1,0 +1,30 @@
+"""Run under torchrun (or alone): train a small SAE on fixed synthetic data, save the weights."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from exporter.sae import TrainConfig, train_sae
+from sae_data import sparse_data
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    x = sparse_data(4096, seed=0)
+    from exporter.activations import shuffled_batches
+
+    cfg = TrainConfig(k=4, expansion=4, k_aux=8, batch_size=256, train_tokens=256 * 40, warmup_steps=5,
+                      dead_tokens=2000, lr=3e-3)
+    result = train_sae(shuffled_batches(x, cfg.batch_size, seed=1), x[:1024], cfg, progress=False)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(result.sae.state_dict(), out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,79 @@
+"""Probe and SAE stages end to end on a tiny model, with the stage cache."""
+
+import json
+
+import pytest
+
+from exporter.data.corpus import write_jsonl
+from exporter.data.people import write_people
+from exporter.data.synthetic import SyntheticConfig, make_corpus
+from exporter.recipe import load_recipe
+
+from conftest import tiny_model
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("SCALPEL_CACHE_DIR", str(tmp_path / "cache"))  # keep tiny activations out of the user cache
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    docs, people = make_corpus(SyntheticConfig(n_memorised=16, n_never_seen=4, texts_per_person=3, seed=7))
+    write_jsonl(({"text": d.text} for d in docs), tmp_path / "pii.jsonl")
+    write_people(people, tmp_path / "people.jsonl")
+    (tmp_path / "benign.txt").write_text("\n\n".join(
+        f"Paragraph {i} talks about objects, names and the way Python binds them to values." * 3 for i in range(40)))
+    (tmp_path / "recipe.yaml").write_text("""
+model: {path: model}
+data: {pii: {path: pii.jsonl}, benign: {path: benign.txt}, people: {path: people.jsonl}, max_length: 64}
+probe: {max_tokens: 3000}
+sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest_tokens: 3000, dead_tokens: 2000,
+      checkpoint_every: 5}
+""")
+    return load_recipe(tmp_path / "recipe.yaml")
+
+
+def test_probe_then_sae_stages_write_reports_and_reuse_the_cache(tiny_recipe, tmp_path):
+    from exporter.pipeline import probe_stage, sae_stage
+    from exporter.sae import load_sae
+
+    work = tmp_path / "work"
+    logs = []
+    result = probe_stage(tiny_recipe, work, progress=False, log=logs.append)
+    assert result.layers == [0, 1, 2] and result.chosen in (0, 1, 2)
+    assert {p.name for p in (work / "probe").iterdir()} >= {"probe.json", "probe.md", "probe.png"}
+    sae, metrics = sae_stage(tiny_recipe, work, result.chosen, progress=False, log=logs.append)
+    assert sae.d_in == 32 and sae.d_sae == 64
+    for key in ("fvu", "l0", "dead_fraction", "ce_increase_fraction", "ce_clean", "ce_spliced", "ce_zero"):
+        assert key in metrics
+    assert metrics["l0"] <= 4 and 0 <= metrics["fvu"] < 1.5
+    loaded, cfg = load_sae(work / "sae")
+    assert cfg["metadata"]["hook_layer"] == result.chosen
+    assert not (work / "sae-checkpoint").exists() or not any((work / "sae-checkpoint").iterdir())
+    # Re-running reuses both stages.
+    logs.clear()
+    probe_stage(tiny_recipe, work, progress=False, log=logs.append)
+    again, metrics2 = sae_stage(tiny_recipe, work, result.chosen, progress=False, log=logs.append)
+    assert any("probe (cached)" in l for l in logs) and any("SAE (cached)" in l for l in logs)
+    assert metrics2 == json.loads((work / "sae" / "metrics.json").read_text())
+    # Reports carry no PII from the input data.
+    people_emails = [json.loads(l)["email"] for l in (tmp_path / "people.jsonl").read_text().splitlines()]
+    for f in list((work / "probe").iterdir()) + list((work / "sae").iterdir()):
+        if f.suffix in (".json", ".md"):
+            text = f.read_text()
+            assert not any(e in text for e in people_emails), f
+
+
+def test_online_source_trains_too(tiny_recipe, tmp_path):
+    from exporter.pipeline import sae_stage
+
+    recipe = tiny_recipe.model_copy(update={"sae": tiny_recipe.sae.model_copy(update={"source": "online"})})
+    sae, metrics = sae_stage(recipe, tmp_path / "work-online", 1, progress=False, log=lambda m: None)
+    assert metrics["steps"] == 20 and metrics["layer"] == 1
+
+
+def test_layer_out_of_range(tiny_recipe, tmp_path):
+    from exporter.pipeline import sae_stage
+
+    with pytest.raises(IndexError, match=r"layers 0\.\.2"):
+        sae_stage(tiny_recipe, tmp_path / "w", 7, progress=False, log=lambda m: None)

@@ -36,7 +36,7 @@ def run_ours(args, x: torch.Tensor) -> dict:
     from exporter.sae import TrainConfig, train_sae
 
     cfg = TrainConfig(k=args.k, expansion=args.expansion, batch_size=args.batch, train_tokens=args.batch * args.steps,
-                      warmup_steps=2, dead_tokens=args.batch * 4)
+                      warmup_steps=2)
     result = train_sae(shuffled_batches(x, args.batch, seed=0), x[:8192], cfg, progress=False)
     return {"seconds": result.seconds, "steps": result.steps}
 

@@ -221,7 +221,7 @@ def sae_stage(recipe, work: Path, layer: int, *, progress: bool = True, log=prin
     cfg = TrainConfig(k=s.k, expansion=s.expansion, k_aux=s.k_aux, aux_coef=s.aux_coef, lr=s.lr,
                       batch_size=s.batch_size, train_tokens=s.train_tokens, b_pre=s.b_pre,
                       dead_tokens=s.dead_tokens, outlier_factor=s.outlier_factor,
-                      checkpoint_every=s.checkpoint_every, seed=s.seed)
+                      checkpoint_every=s.checkpoint_every, bf16_encoder=s.bf16_encoder, seed=s.seed)
     if s.source == "cached":
         x = _cached_activations(loaded, train_texts, layer, s.harvest_tokens, common, log,
                                 content_key("acts-v1", inputs.model_id, layer, recipe.data.model_dump(),
@@ -232,7 +232,8 @@ def sae_stage(recipe, work: Path, layer: int, *, progress: bool = True, log=prin
         batches = stream_activations(loaded.model, loaded.tokenizer, train_texts, layer, batch_size=cfg.batch_size,
                                      buffer_tokens=max(4 * cfg.batch_size, 65536), max_length=common["max_length"],
                                      seed=s.seed)
-        sample = held
+        # The init sample (b_pre, input scale) comes from the training stream, never the held-out set.
+        sample = torch.cat([next(batches) for _ in range(max(1, 20_000 // cfg.batch_size))])
     workdir = Path(work) / "sae-checkpoint" / key
     workdir.mkdir(parents=True, exist_ok=True)
     result = train_sae(batches, sample, cfg, workdir=workdir, progress=progress)

@@ -18,7 +18,7 @@ def main(out: str) -> None:
     from exporter.activations import shuffled_batches
 
     cfg = TrainConfig(k=4, expansion=4, k_aux=8, batch_size=256, train_tokens=256 * 40, warmup_steps=5,
-                      dead_tokens=2000, lr=3e-3)
+                      dead_tokens=2000, lr=3e-3, bf16_encoder=False)  # fp32: compare exactly
     result = train_sae(shuffled_batches(x, cfg.batch_size, seed=1), x[:1024], cfg, progress=False)
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(result.sae.state_dict(), out)

@@ -127,21 +127,32 @@ def train_sae_cmd(
     layer: Optional[int] = typer.Option(None, "--layer", help="Train at this layer instead of the probe's choice."),
 ) -> None:
     """Train the TopK SAE (AuxK) at the chosen layer; save it in SAELens format with its metrics."""
-    from .pipeline import probe_stage, resolve_inputs, sae_stage
-
     import os
 
     import torch.distributed as dist
+
+    from .pipeline import probe_stage, resolve_inputs, sae_stage
 
     r = _recipe(recipe, {"probe.layer": layer})
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         # Launched by torchrun: harvest and train data-parallel (gloo on CPU, NCCL on GPU).
         dist.init_process_group("nccl" if r.model.device == "cuda" else "gloo")
-    inputs = resolve_inputs(r, log=console.print)
-    chosen = layer if layer is not None else probe_stage(r, work, log=console.print, inputs=inputs).chosen
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        inputs = resolve_inputs(r, log=console.print)  # may build the leaky model: once, on rank 0
+    if dist.is_initialized():
+        dist.barrier()
+        if rank != 0:
+            inputs = resolve_inputs(r, log=lambda _m: None)
+    chosen = layer
+    if chosen is None:
+        # Under torchrun the probe runs once, on rank 0, and the others receive its choice.
+        box = [probe_stage(r, work, log=console.print, inputs=inputs).chosen if rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(box, src=0)
+        chosen = box[0]
     _sae, metrics = sae_stage(r, work, chosen, log=console.print, inputs=inputs)
     if dist.is_initialized():
-        rank = dist.get_rank()
         dist.destroy_process_group()
         if rank != 0:
             return

@@ -77,3 +77,23 @@ def test_layer_out_of_range(tiny_recipe, tmp_path):
 
     with pytest.raises(IndexError, match=r"layers 0\.\.2"):
         sae_stage(tiny_recipe, tmp_path / "w", 7, progress=False, log=lambda m: None)
+
+
+def test_train_sae_command_under_torchrun(tiny_recipe, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from exporter.sae import load_sae
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "exporter", "train-sae", str(tmp_path / "recipe.yaml"), "--work", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "TopK SAE at layer" in proc.stdout
+    sae, cfg = load_sae(tmp_path / "ddp" / "sae")
+    assert sae.d_sae == 64 and (tmp_path / "ddp" / "probe" / "probe.json").exists()
+    # Both ranks harvested their share of the text into the shared activation cache.
+    shards = [p.name for p in (tmp_path / "cache" / "activations").rglob("*.safetensors")]
+    assert any(n.startswith("r0of2-") for n in shards) and any(n.startswith("r1of2-") for n in shards)

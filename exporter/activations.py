@@ -7,7 +7,6 @@ whose residual carries huge outliers) and pad tokens are never kept.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,6 @@ class Activations:
 
     def __len__(self) -> int:
         return len(self.labels["pii"])
-
-    def select(self, rows: torch.Tensor) -> "Activations":
-        return Activations({l: a[rows] for l, a in self.acts.items()}, {k: v[rows] for k, v in self.labels.items()})
 
 
 def _encode_docs(tokenizer, docs: Sequence[Document | str], max_length: int):

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from exporter.data.corpus import DataError, benign_texts, read_pii_jsonl
 from exporter.data.detectors import PII_TYPES, Span

@@ -1,7 +1,6 @@
-import torch
-
 from exporter.data.people import Person
 from exporter.evaluate.leakage import first_email, greedy_continuations, score_emails
+
 
 def test_first_email_extraction():
     assert first_email("jane.doe@foo.com] sent") == "jane.doe@foo.com"

@@ -18,13 +18,20 @@ from tqdm.auto import tqdm
 
 from .data.corpus import Document
 from .data.labels import token_labels
-from .models import architecture_of
+from .models import architecture_of, hidden_of
 
 LABEL_KEYS = ("pii", "span_start", "pre_span", "type_id", "doc")
 
 
 class _StopForward(Exception):
     pass
+
+
+def kept_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions whose activations are used: real tokens, never position 0 (BOS / attention sink)."""
+    keep = mask.bool().clone()
+    keep[:, 0] = False
+    return keep
 
 
 @dataclass
@@ -90,7 +97,7 @@ def layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
     def make_hook(index: int):
         def hook(_module, _args, output):
-            captured[index] = output[0] if isinstance(output, (tuple, list)) else output
+            captured[index] = hidden_of(output)
             if index == deepest:
                 raise _StopForward
 
@@ -124,8 +131,7 @@ def harvest(model, tokenizer, docs: Sequence[Document | str], layers: Sequence[i
     bar = tqdm(total=max_tokens, desc=f"harvest layers {layers[0]}..{layers[-1]}", unit="tok", disable=not progress)
     for ids, mask, lab in token_batches(tokenizer, docs, max_length=max_length, batch_tokens=batch_tokens):
         outs = layer_outputs(model, ids, mask, layers)
-        keep = mask.bool().clone()
-        keep[:, 0] = False
+        keep = kept_positions(mask)
         n = int(keep.sum())
         for l in layers:
             acts[l].append(outs[l][keep.to(outs[l].device)].to("cpu", dtype))
@@ -191,8 +197,7 @@ def stream_activations(model, tokenizer, docs: Sequence[Document | str], layer: 
         for ids, mask, _ in token_batches(tokenizer, [docs[i] for i in order], max_length=max_length,
                                           batch_tokens=batch_tokens):
             out = layer_outputs(model, ids, mask, [layer])[layer]
-            keep = mask.bool().clone()
-            keep[:, 0] = False
+            keep = kept_positions(mask)
             buffer.append(out[keep.to(out.device)].float().cpu())
             held += int(keep.sum())
             if held >= buffer_tokens:

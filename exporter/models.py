@@ -101,7 +101,8 @@ def architecture_of(model: nn.Module) -> Architecture:
     return arch
 
 
-def _hidden_of(output):
+def hidden_of(output) -> torch.Tensor:
+    """The hidden state in a decoder layer's output, whether it is a tensor or a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -127,7 +128,7 @@ def layer_output_hook(
         raise IndexError(f"layer {layer} is out of range: this model has decoder layers 0..{len(layers) - 1}")
 
     def hook(_module, _args, output):
-        new = fn(_hidden_of(output))
+        new = fn(hidden_of(output))
         return None if new is None else _with_hidden(output, new)
 
     handle = layers[layer].register_forward_hook(hook)

@@ -56,7 +56,8 @@ def _encode_docs(tokenizer, docs: Sequence[Document | str], max_length: int):
 def token_batches(tokenizer, docs: Sequence[Document | str], *, max_length: int, batch_tokens: int):
     """Right-padded batches of length-sorted documents, each at most `batch_tokens` (padded) tokens.
 
-    Yields (input_ids, attention_mask, labels) with labels a dict of [B, T] tensors (pad rows: -1/False).
+    Yields (input_ids, attention_mask, labels) with labels a dict of [B, T] tensors (pad rows: -1/False;
+    `doc` indexes `docs`, `pos` is the token's position in its document).
     """
     encoded = sorted(_encode_docs(tokenizer, docs, max_length), key=lambda e: len(e[1].input_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -73,6 +74,7 @@ def token_batches(tokenizer, docs: Sequence[Document | str], *, max_length: int,
         labels = {k: torch.zeros((b, width), dtype=torch.bool) for k in ("pii", "span_start", "pre_span")}
         labels["type_id"] = torch.full((b, width), -1, dtype=torch.long)
         labels["doc"] = torch.full((b, width), -1, dtype=torch.long)
+        labels["pos"] = torch.arange(width).expand(b, width).clone()
         for row, (doc_index, lab) in enumerate(chunk):
             n = len(lab.input_ids)
             ids[row, :n] = lab.input_ids

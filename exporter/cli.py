@@ -166,6 +166,39 @@ def train_sae_cmd(
     console.print(table)
 
 
+@app.command("export")
+def export_cmd(
+    recipe: Path = typer.Argument(..., help="A YAML recipe."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the patched checkpoint to."),
+    work: Path = WORK,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    n: Optional[int] = typer.Option(None, "--n", help="Ablation size (default: the recipe's first ablate_n)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Steering strength, fraction of the mean norm."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="exact or folded (default: the recipe's first)."),
+) -> None:
+    """probe → SAE → features → patch, then write the patched checkpoint (loads with trust_remote_code=True)."""
+    from .pipeline import export_stage
+
+    if mode not in (None, "exact", "folded"):
+        _fail(f"--mode {mode!r} is unknown; use exact or folded")
+    r = _recipe(recipe, {})
+    result = export_stage(r, recipe.read_text(encoding="utf-8"), out, work, overwrite=overwrite, n=n, alpha=alpha,
+                          mode=mode, log=console.print)
+    leak = result.report.get("validation_leakage")
+    if leak:
+        table = Table(title="Email extraction on validation people (greedy): before → after the patch")
+        table.add_column("template")
+        for col in ("exact", "username", "domain"):
+            table.add_column(col, justify="right")
+        for template, before in leak["before"].items():
+            after = leak["after"][template]
+            table.add_row(template, *(f"{100 * before[c]:.0f}% → {100 * after[c]:.0f}%"
+                                      for c in ("exact", "username", "domain")))
+        console.print(table)
+    console.print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)",
+                  highlight=False, markup=False)
+
+
 @app.command()
 def check(recipe: Path = typer.Argument(..., help="A YAML recipe.")) -> None:
     """Validate a recipe without loading any model, and print it with every default filled in."""

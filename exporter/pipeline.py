@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -175,6 +176,21 @@ def _sae_texts(inputs: Inputs, split: str):
     return docs + benign_texts(inputs.benign_path, split=split, mode="windows")
 
 
+def _texts_digest(texts) -> str:
+    """Content hash of the harvested text, so cached activations follow the text (and the stdlib's version)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in texts:
+        h.update((f"{t.text}{t.spans!r}" if hasattr(t, "text") else t).encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def _acts_key(recipe, inputs: Inputs, layer: int) -> str:
+    return content_key("acts-v2", inputs.model_id, layer, _texts_digest(_sae_texts(inputs, "train")),
+                       recipe.sae.harvest_tokens, recipe.data.max_length * 2)
+
+
 def _cached_activations(loaded, texts, layer: int, max_tokens: int, common: dict, log, key: str) -> torch.Tensor:
     """Harvest once into the user cache (each data-parallel rank takes every world-th text), then load."""
     import torch.distributed as dist
@@ -224,8 +240,7 @@ def sae_stage(recipe, work: Path, layer: int, *, progress: bool = True, log=prin
                       checkpoint_every=s.checkpoint_every, bf16_encoder=s.bf16_encoder, seed=s.seed)
     if s.source == "cached":
         x = _cached_activations(loaded, train_texts, layer, s.harvest_tokens, common, log,
-                                content_key("acts-v1", inputs.model_id, layer, recipe.data.model_dump(),
-                                            s.harvest_tokens, common["max_length"]))
+                                _acts_key(recipe, inputs, layer))
         batches = shuffled_batches(x, cfg.batch_size, seed=s.seed)
         sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(s.seed))[:20_000]]
     else:
@@ -256,3 +271,143 @@ def sae_stage(recipe, work: Path, layer: int, *, progress: bool = True, log=prin
     log(f"SAE: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {100 * metrics['dead_fraction']:.2f}%, "
         f"spliced CE +{100 * metrics['ce_increase_fraction']:.1f}% of zero-ablation; saved in {folder}")
     return result.sae, metrics
+
+
+# ---------------------------------------------------------------- features, patch, export
+
+
+def _stage_key(folder: Path) -> str:
+    return (folder / "key.txt").read_text() if (folder / "key.txt").exists() else ""
+
+
+def selection_docs(inputs: Inputs) -> list:
+    """PII documents that may inform selection: those about validation people only, when people are known
+    (test people are kept for the reported numbers); otherwise all documents."""
+    if not inputs.people:
+        return list(inputs.docs)
+    val = {p.email.lower() for p in inputs.people if p.split == "validation"}
+    known = {p.email.lower() for p in inputs.people}
+    out = []
+    for doc, group in zip(inputs.docs, doc_groups(inputs.docs)):
+        emails = {g for g in group if g in known}
+        if emails and emails <= val:
+            out.append(doc)
+    return out
+
+
+def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progress: bool = True, log=print):
+    """Rank the SAE's PII latents on validation documents; report the top ones (redacted). Cached in work/features."""
+    from safetensors.torch import load_file, save_file
+
+    from .features import FeatureSet, collect_latents, feature_report, rank_latents, write_feature_report
+
+    iv = recipe.intervention
+    folder = Path(work) / "features"
+    key = content_key("features-v2", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump())
+    if _stage_cached(folder, key, ("features.json", "features.safetensors")):
+        log(f"features (cached): {folder}")
+        meta = json.loads((folder / "features.json").read_text())
+        t = load_file(str(folder / "features.safetensors"))
+        return FeatureSet(meta["rule"], meta["score"], t["ranking"].tolist(), {}, t["steer_latent"],
+                          meta["mean_norm"], t["firing"])
+    loaded = load_model(inputs.model)
+    docs = selection_docs(inputs)
+    if not docs:
+        raise ValueError("no PII documents about validation people: the features need some; check the people file")
+    benign = benign_texts(inputs.benign_path, split="train")[:100]
+    tl = collect_latents(loaded.model, loaded.tokenizer, sae, layer, docs + benign,
+                         max_length=recipe.data.max_length * 2, progress=progress)
+    fs = rank_latents(tl, sae.d_sae, iv.rule, iv.score, seed=recipe.data.seed)
+    rows = feature_report(fs, tl, docs, loaded.tokenizer, max_length=recipe.data.max_length * 2,
+                          names=[p.name for p in inputs.people or []])
+    with atomic_dir(folder, overwrite=True) as tmp:
+        write_feature_report(rows, fs, tmp)
+        save_file({"ranking": torch.tensor(fs.ranking), "steer_latent": fs.steer_latent.contiguous(),
+                   "firing": fs.firing.contiguous()}, str(tmp / "features.safetensors"))
+        (tmp / "key.txt").write_text(key)
+    log(f"features: {len(docs)} validation documents, {int(tl.pii.sum())} PII tokens; top latents in "
+        f"{folder / 'features.md'}")
+    return fs
+
+
+def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration: torch.Tensor):
+    """The patch of one candidate: the top-n latents of the ranking, steering at `alpha` × mean norm."""
+    from .patch import build_patch, calibrate_gates, steering_vector
+
+    ablate = fs.ablation_set(n)
+    steer = steering_vector(sae, fs.steer_latent, alpha, fs.mean_norm)
+    gates = calibrate_gates(sae, calibration, ablate) if mode == "folded" else None
+    return build_patch(sae, ablate, steer, mode=mode, gates=gates)
+
+
+def calibration_activations(recipe, inputs: Inputs, layer: int, loaded, *, progress: bool = True,
+                            n: int = 50_000) -> torch.Tensor:
+    """A sample of the SAE's training activations (the folded gates are fitted on these)."""
+    x = _cached_activations(loaded, _sae_texts(inputs, "train"), layer, recipe.sae.harvest_tokens,
+                            dict(max_length=recipe.data.max_length * 2, progress=progress), lambda _m: None,
+                            _acts_key(recipe, inputs, layer))
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.data.seed))[:n]].float()
+
+
+def heldout_activations(recipe, inputs: Inputs, layer: int, loaded, *, progress: bool = True) -> torch.Tensor:
+    from .activations import harvest
+
+    return harvest(loaded.model, loaded.tokenizer, _sae_texts(inputs, "heldout"), [layer], max_tokens=20_000,
+                   max_length=recipe.data.max_length * 2, progress=progress).acts[layer]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    report: dict
+
+
+def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: bool = False,
+                 n: Optional[int] = None, alpha: Optional[float] = None, mode: Optional[str] = None,
+                 progress: bool = True, log=print) -> ExportResult:
+    """probe → SAE → features → patch → export. Candidates default to the recipe's first ones."""
+    from .evaluate.leakage import template_attack
+    from .patch import agreement, attached
+    from .patch.export import write_export
+
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before hours of work, not after
+        raise FileExistsError(f"{out} already exists; choose another output folder or pass --overwrite")
+    iv = recipe.intervention
+    n = iv.ablate_n[0] if n is None else n
+    alpha = iv.alpha[0] if alpha is None else alpha
+    mode = iv.patch[0] if mode is None else mode
+    inputs = resolve_inputs(recipe, progress=progress, log=log)
+    layer = probe_stage(recipe, work, progress=progress, log=log, inputs=inputs).chosen
+    sae, sae_metrics = sae_stage(recipe, work, layer, progress=progress, log=log, inputs=inputs)
+    fs = features_stage(recipe, work, layer, sae, inputs=inputs, progress=progress, log=log)
+    loaded = load_model(inputs.model)
+    calib = calibration_activations(recipe, inputs, layer, loaded, progress=progress)
+    patch = patch_for(sae, fs, n, alpha, mode, calib)
+    report = {"layer": layer, "mode": mode, "ablate_n": n, "alpha": alpha, "rule": fs.rule, "score": fs.score,
+              "sae": sae_metrics}
+    if mode == "folded":
+        exact = patch_for(sae, fs, n, alpha, "exact", calib)
+        report["folded_vs_exact"] = agreement(exact, patch, heldout_activations(recipe, inputs, layer, loaded,
+                                                                               progress=progress))
+        log(f"folded vs exact on held-out text: gates agree on {100 * report['folded_vs_exact']['gate_agreement']:.2f}% "
+            f"of (token, latent) pairs, {100 * report['folded_vs_exact']['token_agreement']:.2f}% of tokens")
+    if inputs.people:
+        val = [p for p in inputs.people if p.split == "validation"]
+        table = {}
+        for name, ctx in (("before", None), ("after", patch)):
+            with attached(loaded.model, layer, ctx) if ctx is not None else nullcontext():
+                scores = template_attack(loaded.model, loaded.tokenizer, val, max_new_tokens=recipe.eval.max_new_tokens,
+                                         progress=progress)
+            table[name] = {s.template: {"exact": s.exact, "username": s.username, "domain": s.domain} for s in scores}
+        report["validation_leakage"] = table
+    files = {"scalpel_recipe.yaml": recipe_text, "scalpel_report.json": json.dumps(report, indent=2)}
+    if recipe.export.save_sae:  # SAELens format, so others can inspect the latents the patch uses
+        files.update({f"sae/{name}": (Path(work) / "sae" / name).read_bytes()
+                      for name in ("cfg.json", "sae_weights.safetensors")})
+    meta = {"alpha": alpha, "rule": fs.rule, "score": fs.score, "sae_norm_scale": float(sae.norm_scale),
+            "mean_norm": fs.mean_norm}
+    write_export(loaded, patch, layer, out, overwrite=overwrite, dtype=recipe.export.dtype, meta=meta,
+                 files=files)
+    log(f"export: {out}")
+    return ExportResult(out, report)

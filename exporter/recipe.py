@@ -148,8 +148,14 @@ class SaeSection(_Section):
 
 class InterventionSection(_Section):
     ablate_n: list[int] = [50]
+    # Steering strength as a fraction of the layer's mean activation norm (0.05 moves every token by 5%).
     alpha: list[float] = [0.0]
+    # Where PII latents are counted: span tokens (from the span's first token), the token before a span
+    # (where the PII's first token is predicted), or both (their rankings interleaved).
     rule: Literal["span", "pre_span", "both"] = "both"
+    # How latents are ranked there: mean activation (the paper), mean minus the mean elsewhere, or the
+    # weight of a logistic probe on the SAE code.
+    score: Literal["mean", "diff", "probe"] = "diff"
     patch: list[Literal["exact", "folded"]] = ["folded"]
     leakage_target: float = Field(0.01, ge=0.0, le=1.0)
 

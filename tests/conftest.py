@@ -54,3 +54,9 @@ def tiny_tokenizer():
     tok.train_from_iterator([d.text for d in docs], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     return fast
+
+
+@pytest.fixture(scope="session")
+def demo_work(tmp_path_factory):
+    """One stage folder for the slow real-model tests, so the probe and SAE are built once per session."""
+    return tmp_path_factory.mktemp("demo-work")

@@ -13,8 +13,8 @@ RECIPE = Path(__file__).parent.parent / "recipes" / "demo-smollm2.yaml"
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("work")
+def work(demo_work):
+    return demo_work
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,87 @@
+"""Greedy generation speed of the base model vs the folded and exact patches, in one interleaved run.
+
+    python benchmarks/patched_generation.py [--recipe recipes/demo-smollm2.yaml] [--work scalpel-work]
+                                            [--n 50] [--batch 8] [--new-tokens 64] [--repeats 5]
+
+Uses the recipe's stages (cached in --work: the leaky model, probe, SAE and features are built if
+missing). Runs are interleaved (base, folded, exact, base, ...) and medians reported, because this
+machine's run-to-run noise is about ±10%. Targets: folded >= 0.99x base, exact >= 0.95x, folded patch
+<= 0.1% of the base parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from exporter.data.corpus import benign_texts
+from exporter.models import load_model
+from exporter.patch import attached
+from exporter.pipeline import (calibration_activations, features_stage, patch_for, probe_stage, resolve_inputs,
+                               sae_stage)
+from exporter.recipe import load_recipe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(Path(__file__).parents[1] / "recipes" / "demo-smollm2.yaml"))
+    ap.add_argument("--work", default="scalpel-work")
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--alpha", type=float, default=0.0)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    recipe = load_recipe(args.recipe)
+    quiet = lambda _m: None  # noqa: E731
+    inputs = resolve_inputs(recipe, progress=False, log=quiet)
+    layer = probe_stage(recipe, Path(args.work), progress=False, log=quiet, inputs=inputs).chosen
+    sae, _ = sae_stage(recipe, Path(args.work), layer, progress=False, log=quiet, inputs=inputs)
+    fs = features_stage(recipe, Path(args.work), layer, sae, inputs=inputs, progress=False, log=quiet)
+    loaded = load_model(inputs.model)
+    model, tok = loaded.model, loaded.tokenizer
+    calib = calibration_activations(recipe, inputs, layer, loaded, progress=False)
+    patches = {"folded": patch_for(sae, fs, args.n, args.alpha, "folded", calib),
+               "exact": patch_for(sae, fs, args.n, args.alpha, "exact", calib)}
+
+    tok.padding_side = "left"
+    prompts = [" ".join(t.split()[:24]) for t in benign_texts(split="heldout")[: args.batch]]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def generate(patch):
+        with torch.no_grad(), (attached(model, layer, patch) if patch is not None else nullcontext()):
+            return model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                  do_sample=False, pad_token_id=pad)
+
+    runs = {"base": None, **patches}
+    generate(None)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for name, patch in runs.items():
+            start = time.perf_counter()
+            generate(patch)
+            times[name].append(time.perf_counter() - start)
+    new_tokens = args.batch * args.new_tokens
+    speed = {k: new_tokens / statistics.median(v) for k, v in times.items()}
+    base_params = sum(p.numel() for p in model.parameters())
+    print(f"# patched generation: {recipe.model.describe()} (leaky), layer {layer}, |A|={args.n}, alpha {args.alpha}, "
+          f"batch {args.batch} x {args.new_tokens} new tokens, median of {args.repeats} interleaved runs, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("| run | new tokens/s | vs base | patch parameters | % of base |")
+    print("|---|---:|---:|---:|---:|")
+    for name in runs:
+        n_params = sum(t.numel() for t in patches[name].state_dict().values()) if name in patches else 0
+        print(f"| {name} | {speed[name]:,.1f} | {speed[name] / speed['base']:.3f}x | {n_params:,} | "
+              f"{100 * n_params / base_params:.3f}% |")
+
+
+if __name__ == "__main__":
+    main()

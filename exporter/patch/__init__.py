@@ -1,0 +1,31 @@
+"""The patch: one implementation of the maths (remote/scalpel_patch.py), built from an SAE, attached
+in-process or written into an export."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from ..models import architecture_of
+from .build import agreement, build_patch, calibrate_gates, steering_vector, topk_membership
+from .remote.scalpel_patch import ScalpelPatch, TamperedPatchError, attach, keep_mask, patch_digest, verify
+
+
+@contextmanager
+def attached(model, layer: int, patch: ScalpelPatch) -> Iterator[None]:
+    """The model runs with `patch` after decoder layer `layer` inside the block (hooks removed after)."""
+    layers = architecture_of(model).decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise IndexError(f"layer {layer} is out of range: this model has decoder layers 0..{len(layers) - 1}")
+    patch.to(next(model.parameters()).device)
+    handles = attach(model, layers[layer], patch)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        patch.keep = None
+
+
+__all__ = ["ScalpelPatch", "TamperedPatchError", "agreement", "attach", "attached", "build_patch",
+           "calibrate_gates", "keep_mask", "patch_digest", "steering_vector", "topk_membership", "verify"]

@@ -1,0 +1,110 @@
+"""Build the patch from an SAE, an ablation set and a steering vector; calibrate and check folded gates."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..sae import TopKSAE
+from .remote.scalpel_patch import ScalpelPatch
+
+
+def _raw_space(sae: TopKSAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_enc, b_enc, b_pre, W_dec) acting on raw activations: the input scale folded in."""
+    s = float(sae.norm_scale)
+    return sae.W_enc.detach() * s, sae.b_enc.detach(), sae.b_pre.detach() / s, sae.W_dec.detach() / s
+
+
+@torch.no_grad()
+def topk_membership(sae: TopKSAE, x: torch.Tensor, ablate: Sequence[int], batch_size: int = 8192):
+    """(pre-activations of the `ablate` latents, whether each is in the row's TopK), both [N, |A|]."""
+    index = torch.as_tensor(list(ablate), dtype=torch.long)
+    pres, members = [], []
+    for chunk in x.split(batch_size):
+        pre = sae.pre_acts(chunk.float())
+        kth = pre.topk(sae.k, dim=-1).values[:, -1:]
+        pre_a = pre.index_select(1, index)
+        pres.append(pre_a)
+        members.append(pre_a >= kth)
+    return torch.cat(pres), torch.cat(members)
+
+
+@torch.no_grad()
+def calibrate_gates(sae: TopKSAE, x: torch.Tensor, ablate: Sequence[int]) -> torch.Tensor:
+    """Per-latent thresholds making `pre > gate` agree with TopK membership on `x`.
+
+    A disagreement costs the latent's activation (what the patch removes or fails to remove), so the
+    chosen gate minimises the activation mass gated wrongly, not the count of wrong tokens.
+    """
+    if not len(ablate):
+        return torch.zeros(0)
+    pre, member = topk_membership(sae, x, ablate)
+    order = pre.argsort(dim=0, descending=True)
+    p = pre.gather(0, order)
+    y = member.gather(0, order).float()
+    w = p.relu()
+    # Gate open for the top j tokens (j = 0..N): cost = mass opened wrongly + mass closed wrongly.
+    opened_wrong = torch.cat([torch.zeros(1, p.shape[1]), (w * (1 - y)).cumsum(0)])
+    closed_wrong = torch.cat([torch.zeros(1, p.shape[1]), (w * y).cumsum(0)])
+    cost = opened_wrong + (closed_wrong[-1] - closed_wrong)
+    j = cost.argmin(dim=0)
+    upper = torch.cat([p[:1] + 1.0, p]).gather(0, j.unsqueeze(0))[0]  # lowest opened value (or above all)
+    lower = torch.cat([p, p[-1:] - 1.0]).gather(0, j.unsqueeze(0))[0]  # highest closed value
+    return (upper + lower) / 2
+
+
+def steering_vector(sae: TopKSAE, v: torch.Tensor, alpha: float, mean_norm: float) -> torch.Tensor:
+    """s = -alpha * mean_norm * u / |u| with u = W_dec^T v: alpha is a fraction of the layer's mean norm."""
+    _, _, _, w_dec = _raw_space(sae)
+    u = v.float() @ w_dec
+    if alpha == 0 or float(u.norm()) == 0:
+        return torch.zeros(sae.d_in)
+    return -alpha * mean_norm * u / u.norm()
+
+
+def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, *, mode: str = "folded",
+                gates: torch.Tensor | None = None) -> ScalpelPatch:
+    """A ScalpelPatch holding exactly what `mode` needs (exact: the whole encoder; folded: rows of A + gates)."""
+    index = torch.as_tensor(list(ablate), dtype=torch.long)
+    if len(set(index.tolist())) != len(index):
+        raise ValueError("the ablation set has repeated latents")
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= sae.d_sae):
+        raise ValueError(f"ablation latents must be in 0..{sae.d_sae - 1}")
+    w_enc, b_enc, b_pre, w_dec = _raw_space(sae)
+    patch = ScalpelPatch(sae.d_in, len(index), mode, d_sae=sae.d_sae, k=sae.k)
+    with torch.no_grad():
+        patch.directions.copy_(w_dec[index])
+        patch.b_pre.copy_(b_pre)
+        if steer is not None:
+            patch.steer.copy_(steer)
+        if mode == "exact":
+            patch.enc_weight.copy_(w_enc)
+            patch.enc_bias.copy_(b_enc)
+            patch.ablate_index.copy_(index)
+        else:
+            if gates is None:
+                raise ValueError("a folded patch needs gates: calibrate them with calibrate_gates(sae, acts, ablate)")
+            patch.enc_weight.copy_(w_enc[index])
+            patch.enc_bias.copy_(b_enc[index])
+            patch.gate.copy_(gates)
+    return patch
+
+
+@torch.no_grad()
+def agreement(exact: ScalpelPatch, folded: ScalpelPatch, x: torch.Tensor, batch_size: int = 8192) -> dict:
+    """How closely the folded patch follows the exact one on activations `x` ([N, d])."""
+    same_tokens, same_pairs, max_diff, max_rel, n = 0, 0, 0.0, 0.0, 0
+    for chunk in x.split(batch_size):
+        chunk = chunk.float()
+        ze, zf = exact.latents(chunk), folded.latents(chunk)
+        on_e, on_f = ze > 0, zf > 0
+        same_tokens += int((on_e == on_f).all(dim=1).sum())
+        same_pairs += int((on_e == on_f).sum())
+        diff = (exact(chunk, None) - folded(chunk, None)).norm(dim=1)
+        max_diff = max(max_diff, float(diff.max()))
+        max_rel = max(max_rel, float((diff / chunk.norm(dim=1).clamp_min(1e-6)).max()))
+        n += len(chunk)
+    pairs = n * max(exact.directions.shape[0], 1)
+    return {"tokens": n, "token_agreement": same_tokens / max(n, 1), "gate_agreement": same_pairs / max(pairs, 1),
+            "max_residual_diff": max_diff, "max_relative_diff": max_rel}

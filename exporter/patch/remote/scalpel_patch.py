@@ -1,0 +1,149 @@
+"""The PII patch applied to the residual stream after one decoder layer.
+
+    h' = h - sum_{i in A} z_i(h) d_i + s
+
+with `z_i` the SAE latent `i` (exact: true TopK over all latents; folded: only the rows of `A`, each
+behind a calibrated gate), `d_i` its decoder direction and `s` the folded steering vector. The SAE's
+reconstruction error is kept: only the ablated directions and the steering move `h`. The first real
+token of each sequence (BOS / attention sink) and pad tokens are never patched.
+
+This file ships inside exported checkpoints and is used in-process too, so there is one
+implementation of the maths. It imports only torch and the standard library and does no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+MODES = ("exact", "folded")
+
+
+class ScalpelPatch(nn.Module):
+    """Patch tensors (buffers, saved under the module's prefix) and the maths that applies them."""
+
+    def __init__(self, d_model: int, n_ablate: int, mode: str = "folded", d_sae: int = 0, k: int = 0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"scalpel patch mode {mode!r} is unknown; use one of {MODES}")
+        if mode == "exact" and not 0 < k <= d_sae:
+            raise ValueError(f"an exact patch needs 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
+        self.mode, self.k = mode, k
+        n_enc = d_sae if mode == "exact" else n_ablate
+        self.register_buffer("directions", torch.zeros(n_ablate, d_model))  # d_i for i in A (raw space)
+        self.register_buffer("steer", torch.zeros(d_model))  # s = -alpha * (scaled W_dec^T v)
+        self.register_buffer("b_pre", torch.zeros(d_model))
+        self.register_buffer("enc_weight", torch.zeros(n_enc, d_model))
+        self.register_buffer("enc_bias", torch.zeros(n_enc))
+        if mode == "exact":
+            self.register_buffer("ablate_index", torch.zeros(n_ablate, dtype=torch.long))
+        else:
+            self.register_buffer("gate", torch.zeros(n_ablate))
+        self.keep: torch.Tensor | None = None  # [B, T] bool of the current call, set by the model pre-hook
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """z_i(x) for i in A, [..., |A|], in float32."""
+        pre = torch.nn.functional.linear(x - self.b_pre, self.enc_weight, self.enc_bias)
+        if self.mode == "exact":
+            kth = pre.topk(self.k, dim=-1).values[..., -1:]
+            pre_a = pre.index_select(-1, self.ablate_index.long())  # a bf16 load may store it as float32
+            return pre_a.relu() * (pre_a >= kth)
+        return pre.relu() * (pre > self.gate)
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The change to `h` (float32), before masking."""
+        x = h.float()
+        out = self.steer.expand_as(x)
+        if self.directions.shape[0]:
+            out = out - self.latents(x) @ self.directions
+        return out
+
+    def forward(self, h: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:
+            keep = self.keep
+        if self.directions.shape[0] == 0 and not bool(self.steer.any()):
+            return h
+        d = self.delta(h)
+        if keep is not None and keep.shape == h.shape[:-1]:
+            d = d * keep.to(d.device).unsqueeze(-1)
+        return h + d.to(h.dtype)
+
+
+def keep_mask(batch: int, length: int, device, attention_mask: torch.Tensor | None = None,
+              past_length: int = 0) -> torch.Tensor:
+    """[batch, length] bool: True where the patch applies (real tokens after each row's first one)."""
+    positions = torch.arange(past_length, past_length + length, device=device)
+    if attention_mask is None or attention_mask.dim() != 2:
+        return (positions != 0).unsqueeze(0).expand(batch, length)
+    mask = attention_mask.to(device).bool()
+    first = mask.int().argmax(dim=1, keepdim=True)  # column of each row's first real token
+    return mask[:, -length:] & (positions.unsqueeze(0) != first)
+
+
+def _past_length(kwargs: dict, attention_mask, length: int) -> int:
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return attention_mask.shape[1] - length
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    past = kwargs.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    return 0
+
+
+def attach(model: nn.Module, layer_module: nn.Module, patch: ScalpelPatch) -> list:
+    """Hook `patch` onto the output of `layer_module`; a pre-hook on `model` records which tokens to keep.
+
+    Returns the hook handles (call `.remove()` on each to detach).
+    """
+
+    def before_model(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            patch.keep = None
+            return None
+        batch, length = ref.shape[0], ref.shape[1]
+        mask = kwargs.get("attention_mask")
+        patch.keep = keep_mask(batch, length, ref.device, mask, _past_length(kwargs, mask, length))
+        return None
+
+    def after_layer(_module, _args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        new = patch(hidden)
+        if isinstance(output, tuple):
+            return (new,) + tuple(output[1:])
+        if isinstance(output, list):
+            return [new] + list(output[1:])
+        return new
+
+    return [model.register_forward_pre_hook(before_model, with_kwargs=True),
+            layer_module.register_forward_hook(after_layer)]
+
+
+def patch_digest(patch: ScalpelPatch) -> str:
+    """sha256 over the patch tensors (name, shape, float32 bytes; the index as int64), whatever dtype they load in."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(patch.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        t = t.long() if name == "ablate_index" else t.float()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TamperedPatchError(RuntimeError):
+    pass
+
+
+def verify(patch: ScalpelPatch, expected: str) -> None:
+    actual = patch_digest(patch)
+    if actual != expected:
+        raise TamperedPatchError(
+            f"the scalpel patch tensors do not match the sha256 recorded in config.json "
+            f"(expected {expected[:16]}…, found {actual[:16]}…): the checkpoint was modified after export; "
+            f"re-export it or download it again from its source")

@@ -1,0 +1,144 @@
+"""Exports load with stock transformers in a fresh process that cannot import `exporter`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_model
+from exporter.models import LoadedModel, architecture_of
+from exporter.patch import attached, build_patch, calibrate_gates, steering_vector
+from exporter.patch.export import CODE_FILES, PATCH_FILE, write_export
+from exporter.sae import TopKSAE
+
+HERE = Path(__file__).parent
+
+
+def _sae(d: int, seed: int = 0) -> TopKSAE:
+    torch.manual_seed(seed)
+    sae = TopKSAE(d, 4 * d, 8, norm_scale=1.2)
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.3)
+    return sae
+
+
+def _inputs(vocab: int):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, vocab, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    gen_ids = ids[:, :6].clone()
+    gen_mask = torch.ones_like(gen_ids)
+    gen_ids[0, :2], gen_mask[0, :2] = 0, 0  # left padding: pads and the first real token stay untouched
+    return ids, mask, gen_ids, gen_mask
+
+
+def run_checks(spec: dict, tmp_path: Path) -> dict:
+    path = tmp_path / "cases.pt"
+    torch.save(spec, path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
+           "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, str(HERE / "export_check.py"), str(path)], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # transformers' trust prompt (answered by the closed stdin) has no newline: find the marker anywhere.
+    return json.loads(proc.stdout.rsplit("RESULTS ", 1)[1])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2", "gpt2"])
+def test_export_loads_in_fresh_process(model_type, tmp_path, tiny_tokenizer):
+    model = tiny_model(model_type)
+    d = architecture_of(model).hidden_size(model)
+    sae = _sae(d)
+    calib = torch.randn(4000, d)
+    A = [0, 5, 17, 30]
+    steer = steering_vector(sae, torch.randn(sae.d_sae), 0.3, 4.0)
+    patches = {
+        "exact": build_patch(sae, A, steer, mode="exact"),
+        "folded": build_patch(sae, A, steer, mode="folded", gates=calibrate_gates(sae, calib, A)),
+        "empty": build_patch(sae, [], None, mode="folded", gates=torch.zeros(0)),
+    }
+    ids, mask, gen_ids, gen_mask = _inputs(128)
+    with torch.no_grad():
+        base_logits = model(input_ids=ids, attention_mask=mask).logits
+    cases = {}
+    for name, patch in patches.items():
+        out = tmp_path / f"export-{name}"
+        tok = tiny_tokenizer if name == "exact" else None
+        write_export(LoadedModel(model, tok, architecture_of(model), "tiny", None), patch, 1, out,
+                     meta={"alpha": 0.3})
+        with torch.no_grad(), attached(model, 1, patch):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            generated = model.generate(input_ids=gen_ids, attention_mask=gen_mask, max_new_tokens=8,
+                                       do_sample=False, pad_token_id=0)
+        cases[name] = {"dir": str(out), "ids": ids, "mask": mask, "logits": logits, "base_logits": base_logits,
+                       "gen_ids": gen_ids, "gen_mask": gen_mask, "generated": generated, "tokenizer": tok is not None}
+    # The patch changes the model; the in-process hooks are gone afterwards.
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base_logits)
+    assert not torch.allclose(cases["folded"]["logits"], base_logits)
+    # Tamper: one gate nudged after export.
+    tampered = tmp_path / "export-tampered"
+    write_export(LoadedModel(model, None, architecture_of(model), "tiny", None), patches["folded"], 1, tampered)
+    tensors = load_file(str(tampered / PATCH_FILE))
+    tensors["scalpel_patch.gate"][0] += 1e-3
+    save_file(tensors, str(tampered / PATCH_FILE), metadata={"format": "pt"})
+
+    results = run_checks({"cases": cases, "tampered": [str(tampered)]}, tmp_path)
+    assert results.pop("exporter_importable") is False
+    assert "TamperedPatchError" in results.pop(f"tampered:{tampered}")
+    for name, r in results.items():
+        assert r["class"] == "ScalpelForCausalLM"
+        assert r["missing"] == [] and r["unexpected"] == [], (name, r)
+        assert r["rel_err"] <= 1e-5, (name, r)
+        assert r["generate_cache_equal"] and r["generate_equal_inprocess"], (name, r)
+        assert r["bf16_dtype"] == "torch.bfloat16" and r["bf16_patch_dtype"] == "torch.float32", (name, r)
+        assert r["bf16_finite"] and r["bf16_rel_err"] < 0.1, (name, r)
+        assert r["untrusted"] != "loaded", (name, r)
+    assert results["empty"]["equal_base"]
+    assert not results["folded"]["equal_base"]
+    assert results["exact"]["tokenizer"].endswith("TokenizerFast") or results["exact"]["tokenizer"]
+
+
+def test_export_layout_and_no_clobber(tmp_path):
+    model = tiny_model("llama")
+    sae = _sae(32)
+    patch = build_patch(sae, [1, 2], mode="exact")
+    loaded = LoadedModel(model, None, architecture_of(model), "tiny", None)
+    out = write_export(loaded, patch, 2, tmp_path / "out", meta={"alpha": 0.0}, files={"scalpel_recipe.yaml": "x: 1\n"})
+    names = {p.name for p in out.iterdir()}
+    assert set(CODE_FILES) <= names and {"config.json", PATCH_FILE, "model.safetensors.index.json",
+                                         "scalpel_recipe.yaml"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "scalpel_llama"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_scalpel.ScalpelForCausalLM"
+    block = config["scalpel_patch"]
+    assert (block["layer"], block["mode"], block["n_ablate"], block["d_sae"], block["k"]) == (2, "exact", 2, 128, 8)
+    assert len(block["sha256"]) == 64
+    # Base weights under their own names, byte-equal to the model's; patch tensors only under the prefix.
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    patch_keys = {k for k, f in index.items() if f == PATCH_FILE}
+    assert patch_keys and all(k.startswith("scalpel_patch.") for k in patch_keys)
+    base = {k: v for f in set(index.values()) - {PATCH_FILE} for k, v in load_file(str(out / f)).items()}
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in base.items())
+    # The remote-code files import only torch, transformers, the stdlib and each other.
+    import ast
+
+    for name in CODE_FILES:
+        tree = ast.parse((out / name).read_text())
+        roots = {(n.module or "").split(".")[0] if isinstance(n, ast.ImportFrom) and n.level == 0 else
+                 ("." if isinstance(n, ast.ImportFrom) else None) for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom)}
+        roots |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert roots <= {"torch", "transformers", "hashlib", "__future__", "."}, (name, roots)
+    # Never clobbered silently; --overwrite replaces it.
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_export(loaded, patch, 2, tmp_path / "out")
+    write_export(loaded, patch, 1, tmp_path / "out", overwrite=True)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["scalpel_patch"]["layer"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

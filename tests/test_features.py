@@ -1,0 +1,59 @@
+"""Latent ranking rules, the steering vector, and the redacted feature report."""
+
+import torch
+
+from conftest import tiny_model
+from exporter.data.synthetic import SyntheticConfig, make_corpus
+from exporter.features import TokenLatents, collect_latents, feature_report, rank_latents, write_feature_report
+from exporter.sae import TopKSAE
+
+
+def _latents() -> TokenLatents:
+    """8 latents, k=2. Latent 1 fires on span tokens, 2 before spans, 0 everywhere (a 'common' latent)."""
+    rows = []  # (pii, pre, [(idx, val), (idx, val)])
+    for _ in range(20):
+        rows.append((True, False, [(1, 3.0), (0, 5.0)]))
+        rows.append((False, True, [(2, 2.0), (0, 5.0)]))
+        rows.append((False, False, [(0, 5.0), (3, 0.5)]))
+        rows.append((False, False, [(0, 4.0), (4, 1.0)]))
+    n = len(rows)
+    return TokenLatents(
+        values=torch.tensor([[v for _, v in r[2]] for r in rows]),
+        indices=torch.tensor([[i for i, _ in r[2]] for r in rows]),
+        pii=torch.tensor([r[0] for r in rows]), pre_span=torch.tensor([r[1] for r in rows]),
+        doc=torch.zeros(n, dtype=torch.long), pos=torch.arange(n), mean_norm=7.0)
+
+
+def test_rules_and_scores():
+    tl = _latents()
+    # The paper's mean rule ranks the always-on latent 0 first; diff removes it.
+    assert rank_latents(tl, 8, "span", "mean").ranking[0] == 0
+    assert rank_latents(tl, 8, "span", "diff").ranking[0] == 1
+    assert rank_latents(tl, 8, "pre_span", "diff").ranking[0] == 2
+    both = rank_latents(tl, 8, "both", "diff")
+    assert both.ablation_set(2) == [1, 2]
+    assert len(set(both.ranking)) == len(both.ranking) == 8
+    probe = rank_latents(tl, 8, "span", "probe")
+    assert probe.ranking[0] == 1
+    # Steering latent vector: mean at the PII positions minus elsewhere.
+    assert both.steer_latent[1] > 0 and both.steer_latent[2] > 0 and both.steer_latent[4] < 0
+    assert both.mean_norm == 7.0
+    assert abs(float(both.firing[0]) - 1.0) < 1e-6
+
+
+def test_collect_and_report_hold_no_pii(tiny_tokenizer, tmp_path):
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 64, 4)
+    docs, people = make_corpus(SyntheticConfig(n_memorised=6, n_never_seen=1, seed=2))
+    tl = collect_latents(model, tiny_tokenizer, sae, 1, docs, max_length=96, progress=False)
+    assert len(tl) == len(tl.doc) and tl.pii.any() and tl.pre_span.any() and tl.mean_norm > 0
+    assert (tl.values.shape[1], int(tl.pos.min())) == (4, 1)  # position 0 never kept
+    fs = rank_latents(tl, 64, "both", "diff")
+    rows = feature_report(fs, tl, docs, tiny_tokenizer, top=10, names=[p.name for p in people])
+    write_feature_report(rows, fs, tmp_path)
+    text = (tmp_path / "features.md").read_text() + (tmp_path / "features.json").read_text()
+    assert any(r["examples"] for r in rows)
+    for p in people:
+        assert p.email not in text and p.username not in text
+        assert all(part not in text for part in p.name.split() if len(part) >= 3), p.name

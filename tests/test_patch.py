@@ -1,0 +1,114 @@
+"""The patch maths: exact equals the SAE formula, folded gates follow TopK, masks spare BOS and pads."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from exporter.patch import (ScalpelPatch, agreement, attached, build_patch, calibrate_gates, keep_mask,
+                            patch_digest, steering_vector)
+from exporter.sae import TopKSAE
+
+
+def _sae(d=16, d_sae=64, k=4, seed=0, scale=1.3):
+    torch.manual_seed(seed)
+    sae = TopKSAE(d, d_sae, k, norm_scale=scale)
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.2)
+        sae.b_pre.normal_(std=0.5)
+    return sae
+
+
+def test_exact_patch_is_the_formula():
+    sae = _sae()
+    x = torch.randn(300, 16) * 2
+    A = [3, 7, 11, 40]
+    v = torch.randn(64)
+    s = steering_vector(sae, v, alpha=0.2, mean_norm=5.0)
+    patch = build_patch(sae, A, s, mode="exact")
+    z = sae.encode(x)
+    w_dec = sae.W_dec.detach() / float(sae.norm_scale)
+    expected = x - z[:, A] @ w_dec[A] + s
+    torch.testing.assert_close(patch(x, None), expected, rtol=1e-5, atol=1e-5)
+    # alpha is relative: |s| = alpha * mean_norm, along -W_dec^T v.
+    assert abs(float(s.norm()) - 1.0) < 1e-5
+    u = v @ w_dec
+    assert float(torch.nn.functional.cosine_similarity(s, -u, dim=0)) > 0.9999
+
+
+def test_folded_gates_agree_with_topk_on_heldout():
+    sae = _sae(seed=1)
+    calib, held = torch.randn(20000, 16) * 2, torch.randn(5000, 16) * 2
+    A = list(range(0, 64, 4))
+    exact = build_patch(sae, A, mode="exact")
+    folded = build_patch(sae, A, mode="folded", gates=calibrate_gates(sae, calib, A))
+    report = agreement(exact, folded, held)
+    assert report["gate_agreement"] > 0.95, report  # random data: the worst case for a fixed gate
+    assert report["tokens"] == 5000
+    # Without calibration (gate at 0: every positive pre-activation passes) agreement is worse.
+    naive = build_patch(sae, A, mode="folded", gates=torch.zeros(len(A)))
+    assert agreement(exact, naive, held)["gate_agreement"] < report["gate_agreement"]
+    # Folded holds only the rows of A.
+    assert folded.enc_weight.shape == (len(A), 16) and exact.enc_weight.shape == (64, 16)
+
+
+def test_empty_patch_is_identity_and_bad_sets_refused():
+    sae = _sae()
+    x = torch.randn(10, 16)
+    for mode in ("exact", "folded"):
+        patch = build_patch(sae, [], mode=mode, gates=torch.zeros(0))
+        assert torch.equal(patch(x, None), x)
+    with pytest.raises(ValueError, match="repeated"):
+        build_patch(sae, [1, 1], mode="exact")
+    with pytest.raises(ValueError, match="0..63"):
+        build_patch(sae, [64], mode="exact")
+    with pytest.raises(ValueError, match="needs gates"):
+        build_patch(sae, [1], mode="folded")
+    with pytest.raises(ValueError, match="mode"):
+        ScalpelPatch(16, 1, "fast")
+
+
+def test_keep_mask_spares_first_real_token_and_pads():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding
+    keep = keep_mask(2, 5, "cpu", mask, 0)
+    assert keep.tolist() == [[False, False, False, True, True], [False, True, True, True, True]]
+    # A decoding step with the cache: one new token at absolute position 5.
+    step = keep_mask(2, 1, "cpu", torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), 5)
+    assert step.tolist() == [[True], [True]]
+    # No mask: only absolute position 0 is spared.
+    assert keep_mask(1, 3, "cpu", None, 0).tolist() == [[False, True, True]]
+    assert keep_mask(1, 2, "cpu", None, 3).tolist() == [[True, True]]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_attached_patch_moves_only_kept_positions(model_type):
+    model = tiny_model(model_type)
+    sae = _sae(d=32, d_sae=64, k=4)
+    patch = build_patch(sae, [], steering_vector(sae, torch.randn(64), 0.5, 4.0), mode="exact")
+    ids = torch.randint(0, 128, (2, 6))
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    seen = {}
+
+    from exporter.models import architecture_of, layer_output_hook
+
+    with torch.no_grad():
+        with layer_output_hook(model, 2, lambda h: seen.__setitem__("base", h.clone())):
+            model(input_ids=ids, attention_mask=mask)
+        with attached(model, 1, patch), layer_output_hook(model, 1, lambda h: seen.__setitem__("patched", h.clone())):
+            model(input_ids=ids, attention_mask=mask)
+        with layer_output_hook(model, 1, lambda h: seen.__setitem__("plain", h.clone())):
+            model(input_ids=ids, attention_mask=mask)
+    moved = (seen["patched"] - seen["plain"]).norm(dim=-1) > 1e-6
+    assert moved.tolist() == [[False, False, True, True, True, True], [False, True, True, True, True, True]]
+    # Detached afterwards: the hooks are gone.
+    assert not architecture_of(model).decoder_layers(model)[1]._forward_hooks
+    assert not model._forward_pre_hooks
+
+
+def test_digest_tracks_every_tensor():
+    sae = _sae()
+    patch = build_patch(sae, [1, 2], mode="exact")
+    before = patch_digest(patch)
+    assert patch_digest(build_patch(sae, [1, 2], mode="exact")) == before
+    with torch.no_grad():
+        patch.enc_bias[0] += 1e-6
+    assert patch_digest(patch) != before

@@ -236,11 +236,13 @@ def detect(
 def main() -> None:
     from .data.corpus import DataError
     from .models import ModelLoadError
+    from .patch.export import ExportError
     from .sae import SAETrainingError
 
     try:
         app()
-    except (RecipeError, ModelLoadError, DataError, FileExistsError, IndexError, SAETrainingError) as exc:
+    except (RecipeError, ModelLoadError, DataError, FileExistsError, IndexError, SAETrainingError, ExportError,
+            ValueError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         sys.exit(2)
 

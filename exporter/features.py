@@ -178,9 +178,10 @@ def redact_names(text: str, names: Sequence[str]) -> str:
     return pattern.sub("[NAME]", text)
 
 
-def redacted_context(tokenizer, doc: Document, pos: int, before: int = 12, after: int = 3,
+def redacted_context(tokenizer, doc: Document | str, pos: int, before: int = 12, after: int = 3,
                      max_length: int = 256, names: Sequence[str] = ()) -> str:
     """Text around token `pos`, the token marked ⟦…⟧, PII tokens replaced by their type, known names by [NAME]."""
+    doc = doc if isinstance(doc, Document) else Document(doc, [])
     lab = token_labels(tokenizer, doc.text, doc.spans, max_length=max_length)
     pieces, last_type = [], None
     for i in range(max(1, pos - before), min(len(lab.input_ids), pos + after + 1)):
@@ -194,9 +195,11 @@ def redacted_context(tokenizer, doc: Document, pos: int, before: int = 12, after
     return redact_names(redact_text("".join(pieces)), names).replace("\n", "⏎")
 
 
-def feature_report(fs: FeatureSet, tl: TokenLatents, docs: Sequence[Document], tokenizer, *, top: int = 20,
+def feature_report(fs: FeatureSet, tl: TokenLatents, docs: Sequence[Document | str], tokenizer, *, top: int = 20,
                    examples: int = 3, max_length: int = 256, names: Sequence[str] = ()) -> list[dict]:
-    """The top latents with their means per position group, firing rate and redacted example contexts."""
+    """The top latents with their means per position group, firing rate and redacted example contexts.
+
+    `docs` are the texts `tl` was collected on, in the same order."""
     rows = []
     for rank, latent in enumerate(fs.ranking[:top]):
         hit = (tl.indices == latent) & (tl.values > 0)

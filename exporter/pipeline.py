@@ -303,7 +303,7 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
 
     iv = recipe.intervention
     folder = Path(work) / "features"
-    key = content_key("features-v2", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump())
+    key = content_key("features-v3", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump())
     if _stage_cached(folder, key, ("features.json", "features.safetensors")):
         log(f"features (cached): {folder}")
         meta = json.loads((folder / "features.json").read_text())
@@ -318,7 +318,7 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
     tl = collect_latents(loaded.model, loaded.tokenizer, sae, layer, docs + benign,
                          max_length=recipe.data.max_length * 2, progress=progress)
     fs = rank_latents(tl, sae.d_sae, iv.rule, iv.score, seed=recipe.data.seed)
-    rows = feature_report(fs, tl, docs, loaded.tokenizer, max_length=recipe.data.max_length * 2,
+    rows = feature_report(fs, tl, docs + benign, loaded.tokenizer, max_length=recipe.data.max_length * 2,
                           names=[p.name for p in inputs.people or []])
     with atomic_dir(folder, overwrite=True) as tmp:
         write_feature_report(rows, fs, tmp)

@@ -58,5 +58,11 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def demo_work(tmp_path_factory):
-    """One stage folder for the slow real-model tests, so the probe and SAE are built once per session."""
-    return tmp_path_factory.mktemp("demo-work")
+    """One stage folder for the slow real-model tests, so the probe and SAE are built once per session.
+
+    SCALPEL_TEST_WORK names a folder to keep between sessions (stages are reused when their keys match)."""
+    import os
+    from pathlib import Path
+
+    kept = os.environ.get("SCALPEL_TEST_WORK")
+    return Path(kept) if kept else tmp_path_factory.mktemp("demo-work")

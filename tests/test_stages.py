@@ -97,3 +97,41 @@ def test_train_sae_command_under_torchrun(tiny_recipe, tmp_path):
     # Both ranks harvested their share of the text into the shared activation cache.
     shards = [p.name for p in (tmp_path / "cache" / "activations").rglob("*.safetensors")]
     assert any(n.startswith("r0of2-") for n in shards) and any(n.startswith("r1of2-") for n in shards)
+
+
+def test_export_stage_end_to_end(tiny_recipe, tmp_path):
+    import subprocess
+    import sys
+
+    from exporter.pipeline import export_stage
+
+    work, out = tmp_path / "work", tmp_path / "patched"
+    recipe_text = (tmp_path / "recipe.yaml").read_text()
+    logs = []
+    result = export_stage(tiny_recipe, recipe_text, out, work, n=6, alpha=0.1, mode="folded", progress=False,
+                          log=logs.append)
+    report = result.report
+    assert (report["mode"], report["ablate_n"], report["alpha"]) == ("folded", 6, 0.1)
+    assert 0 <= report["folded_vs_exact"]["gate_agreement"] <= 1
+    assert set(report["validation_leakage"]) == {"before", "after"}
+    assert (out / "scalpel_recipe.yaml").read_text() == recipe_text
+    assert {"cfg.json", "sae_weights.safetensors"} == {p.name for p in (out / "sae").iterdir()}
+    config = json.loads((out / "config.json").read_text())["scalpel_patch"]
+    assert (config["n_ablate"], config["alpha"], config["rule"], config["score"]) == (6, 0.1, "both", "diff")
+    assert config["steer_norm"] > 0
+    # Nothing the run wrote holds an email or a name of the input people.
+    people = [json.loads(l) for l in (tmp_path / "people.jsonl").read_text().splitlines()]
+    secrets = [p["email"] for p in people] + [w for p in people for w in p["name"].split() if len(w) >= 4]
+    for f in list(out.rglob("*")) + list((work / "features").rglob("*")):
+        if f.is_file() and f.suffix in (".json", ".md", ".yaml", ".py"):
+            text = f.read_text()
+            assert not [s for s in secrets if s in text], f
+    # An existing output is refused (exit 2, before any work) unless --overwrite; stages are reused.
+    proc = subprocess.run([sys.executable, "-m", "exporter", "export", str(tmp_path / "recipe.yaml"), "--out", str(out),
+                           "--work", str(work)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    logs.clear()
+    export_stage(tiny_recipe, recipe_text, out, work, n=6, alpha=0.0, mode="exact", overwrite=True, progress=False,
+                 log=logs.append)
+    assert any("features (cached)" in line for line in logs)
+    assert json.loads((out / "config.json").read_text())["scalpel_patch"]["mode"] == "exact"

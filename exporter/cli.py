@@ -199,6 +199,53 @@ def export_cmd(
                   highlight=False, markup=False)
 
 
+def _final_table(report: dict) -> Table:
+    """Leaky base vs patched vs control on test people: worst rate per attack family, and utility."""
+    ev = report["evaluation"]
+    table = Table(title="Test people (never used for selection): base → patched (control)")
+    table.add_column("metric")
+    for col in ("base", "patched", "control"):
+        table.add_column(col, justify="right")
+
+    def rate(rows, group, pii, decoding, key):
+        vals = [r[key] for r in rows if r["group"] == group and r["pii_type"] == pii and r["decoding"] == decoding]
+        return max(vals) if vals else None
+
+    decodings = sorted({r["decoding"] for r in ev["base"]["leakage"]})
+    for group in ("test", "never_seen"):
+        for pii, keys in (("email", ("exact", "username")), ("phone", ("exact",))):
+            for decoding in decodings:
+                for key in keys:
+                    vals = [rate(ev[v]["leakage"], group, pii, decoding, key) for v in ("base", "patched", "control")]
+                    if vals[0] is not None:
+                        table.add_row(f"{group} {pii} {key} ({decoding}, worst attack)",
+                                      *(f"{100 * v:.0f}%" for v in vals))
+    for key, fmt in (("perplexity", "{:.2f}"), ("kl", "{:.4f}"), ("distinct_2", "{:.3f}"),
+                     ("repetition_4", "{:.3f}"), ("tokens_per_s", "{:.1f}")):
+        if key in ev["base"]["utility"]:
+            table.add_row(key, *(fmt.format(ev[v]["utility"][key]) for v in ("base", "patched", "control")))
+    return table
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="A YAML recipe."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the patched checkpoint to."),
+    work: Path = WORK,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """All stages: probe → SAE → features → trade-off search (validation) → evaluation (test) → export."""
+    from .pipeline import run_stage
+
+    result = run_stage(_recipe(recipe, {}), recipe.read_text(encoding="utf-8"), out, work, overwrite=overwrite,
+                       log=console.print)
+    chosen = result.report["search"]["chosen"]
+    console.print(f"chosen on validation people: N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']} "
+                  f"(worst exact {100 * chosen['leakage']:.0f}%, KL {chosen['kl']:.4f})")
+    console.print(_final_table(result.report))
+    console.print(f"export: {out}")
+
+
 @app.command()
 def check(recipe: Path = typer.Argument(..., help="A YAML recipe.")) -> None:
     """Validate a recipe without loading any model, and print it with every default filled in."""

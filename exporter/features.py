@@ -148,6 +148,30 @@ class FeatureSet:
         return self.ranking[:n]
 
 
+def matched_random_latents(firing: torch.Tensor, ablate: Sequence[int], seed: int = 0) -> list[int]:
+    """The control for an ablation set: for each latent in it, a random other latent of about the same
+    firing frequency (drawn among the 8 nearest in firing rate, none from the set, no repeats)."""
+    g = torch.Generator().manual_seed(seed)
+    taken = set(int(i) for i in ablate)
+    order = firing.argsort().tolist()
+    place = {latent: i for i, latent in enumerate(order)}
+    out = []
+    for latent in ablate:
+        i = place[int(latent)]
+        pool, lo, hi = [], i - 1, i + 1  # the 8 free latents nearest in firing order, walking outwards
+        while len(pool) < 8 and (lo >= 0 or hi < len(order)):
+            for j in (lo, hi):
+                if 0 <= j < len(order) and order[j] not in taken:
+                    pool.append(order[j])
+            lo, hi = lo - 1, hi + 1
+        if not pool:
+            raise ValueError("not enough latents outside the ablation set to draw a matched control")
+        choice = pool[int(torch.randint(len(pool), (1,), generator=g))]
+        taken.add(choice)
+        out.append(choice)
+    return out
+
+
 def rank_latents(tl: TokenLatents, d_sae: int, rule: Rule = "both", score: Score = "diff",
                  seed: int = 0) -> FeatureSet:
     """Rank latents by `score` at the `rule` positions; `both` alternates the span and pre-span rankings."""

@@ -362,52 +362,194 @@ class ExportResult:
     report: dict
 
 
-def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: bool = False,
-                 n: Optional[int] = None, alpha: Optional[float] = None, mode: Optional[str] = None,
-                 progress: bool = True, log=print) -> ExportResult:
-    """probe → SAE → features → patch → export. Candidates default to the recipe's first ones."""
-    from .evaluate.leakage import template_attack
-    from .patch import agreement, attached
-    from .patch.export import write_export
+@dataclass
+class Prepared:
+    """Everything the patch is built from: the stages up to the features, and the model in memory."""
 
-    out = Path(out)
-    if out.exists() and not overwrite:  # fail before hours of work, not after
-        raise FileExistsError(f"{out} already exists; choose another output folder or pass --overwrite")
-    iv = recipe.intervention
-    n = iv.ablate_n[0] if n is None else n
-    alpha = iv.alpha[0] if alpha is None else alpha
-    mode = iv.patch[0] if mode is None else mode
+    inputs: Inputs
+    layer: int
+    sae: object
+    sae_metrics: dict
+    features: object
+    loaded: object
+    calibration: torch.Tensor
+
+
+def prepare(recipe, work: Path, *, progress: bool = True, log=print) -> Prepared:
+    """inputs → probe → SAE → features (each cached in `work`), the model loaded, the gate calibration sample."""
     inputs = resolve_inputs(recipe, progress=progress, log=log)
     layer = probe_stage(recipe, work, progress=progress, log=log, inputs=inputs).chosen
     sae, sae_metrics = sae_stage(recipe, work, layer, progress=progress, log=log, inputs=inputs)
     fs = features_stage(recipe, work, layer, sae, inputs=inputs, progress=progress, log=log)
     loaded = load_model(inputs.model)
     calib = calibration_activations(recipe, inputs, layer, loaded, progress=progress)
-    patch = patch_for(sae, fs, n, alpha, mode, calib)
-    report = {"layer": layer, "mode": mode, "ablate_n": n, "alpha": alpha, "rule": fs.rule, "score": fs.score,
-              "sae": sae_metrics}
+    return Prepared(inputs, layer, sae, sae_metrics, fs, loaded, calib)
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:  # fail before hours of work, not after
+        raise FileExistsError(f"{out} already exists; choose another output folder or pass --overwrite")
+
+
+def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Path, n: int, alpha: float, mode: str,
+                  *, report: Optional[dict] = None, overwrite: bool = False, progress: bool = True, log=print):
+    """Build the candidate's patch, measure folded vs exact, and write the export with its report."""
+    from .patch import agreement
+    from .patch.export import write_export
+
+    sae, fs = prep.sae, prep.features
+    patch = patch_for(sae, fs, n, alpha, mode, prep.calibration)
+    report = {"layer": prep.layer, "mode": mode, "ablate_n": n, "alpha": alpha, "rule": fs.rule,
+              "score": fs.score, "sae": prep.sae_metrics, **(report or {})}
     if mode == "folded":
-        exact = patch_for(sae, fs, n, alpha, "exact", calib)
-        report["folded_vs_exact"] = agreement(exact, patch, heldout_activations(recipe, inputs, layer, loaded,
-                                                                               progress=progress))
+        exact = patch_for(sae, fs, n, alpha, "exact", prep.calibration)
+        held = heldout_activations(recipe, prep.inputs, prep.layer, prep.loaded, progress=progress)
+        report["folded_vs_exact"] = agreement(exact, patch, held)
         log(f"folded vs exact on held-out text: gates agree on {100 * report['folded_vs_exact']['gate_agreement']:.2f}% "
             f"of (token, latent) pairs, {100 * report['folded_vs_exact']['token_agreement']:.2f}% of tokens")
-    if inputs.people:
-        val = [p for p in inputs.people if p.split == "validation"]
-        table = {}
-        for name, ctx in (("before", None), ("after", patch)):
-            with attached(loaded.model, layer, ctx) if ctx is not None else nullcontext():
-                scores = template_attack(loaded.model, loaded.tokenizer, val, max_new_tokens=recipe.eval.max_new_tokens,
-                                         progress=progress)
-            table[name] = {s.template: {"exact": s.exact, "username": s.username, "domain": s.domain} for s in scores}
-        report["validation_leakage"] = table
     files = {"scalpel_recipe.yaml": recipe_text, "scalpel_report.json": json.dumps(report, indent=2)}
     if recipe.export.save_sae:  # SAELens format, so others can inspect the latents the patch uses
         files.update({f"sae/{name}": (Path(work) / "sae" / name).read_bytes()
                       for name in ("cfg.json", "sae_weights.safetensors")})
     meta = {"alpha": alpha, "rule": fs.rule, "score": fs.score, "sae_norm_scale": float(sae.norm_scale),
             "mean_norm": fs.mean_norm}
-    write_export(loaded, patch, layer, out, overwrite=overwrite, dtype=recipe.export.dtype, meta=meta,
+    write_export(prep.loaded, patch, prep.layer, out, overwrite=overwrite, dtype=recipe.export.dtype, meta=meta,
                  files=files)
     log(f"export: {out}")
-    return ExportResult(out, report)
+    return patch, report
+
+
+def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: bool = False,
+                 n: Optional[int] = None, alpha: Optional[float] = None, mode: Optional[str] = None,
+                 progress: bool = True, log=print) -> ExportResult:
+    """probe → SAE → features → patch → export of one candidate (default: the recipe's first ones),
+    with extraction on validation people before → after in the report."""
+    from .evaluate.leakage import template_attack
+    from .patch import attached
+
+    _refuse_existing(out, overwrite)
+    iv = recipe.intervention
+    n = iv.ablate_n[0] if n is None else n
+    alpha = iv.alpha[0] if alpha is None else alpha
+    mode = iv.patch[0] if mode is None else mode
+    prep = prepare(recipe, work, progress=progress, log=log)
+    extra = {}
+    if prep.inputs.people:
+        val = [p for p in prep.inputs.people if p.split == "validation"]
+        model, tok = prep.loaded.model, prep.loaded.tokenizer
+        patch = patch_for(prep.sae, prep.features, n, alpha, mode, prep.calibration)
+        table = {}
+        for name, ctx in (("before", None), ("after", patch)):
+            with attached(model, prep.layer, ctx) if ctx is not None else nullcontext():
+                scores = template_attack(model, tok, val, max_new_tokens=recipe.eval.max_new_tokens,
+                                         progress=progress)
+            table[name] = {s.template: {"exact": s.exact, "username": s.username, "domain": s.domain} for s in scores}
+        extra["validation_leakage"] = table
+    _patch, report = write_patched(prep, recipe, recipe_text, out, work, n, alpha, mode, report=extra,
+                                   overwrite=overwrite, progress=progress, log=log)
+    return ExportResult(Path(out), report)
+
+
+# ---------------------------------------------------------------- trade-off search and final evaluation
+
+
+def _people(inputs: Inputs, split: str) -> list:
+    if not inputs.people:
+        raise ValueError("the trade-off search needs a people file (name, email, split) to score extraction; "
+                         "set data.people in the recipe")
+    return [p for p in inputs.people if p.split == split]
+
+
+def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.Tensor, *, inputs: Inputs,
+                 progress: bool = True, log=print):
+    """Score every candidate of the recipe's intervention on validation people (greedy templates, worst
+    exact rate) and benign KL; choose the least-KL one meeting the target. Each candidate's score is
+    cached in work/search, so an interrupted search resumes."""
+    from tqdm.auto import tqdm
+
+    from .evaluate.harness import leakage_rows, worst
+    from .evaluate.tradeoff import Candidate, Scored, candidates, choose, plot_front
+    from .evaluate.utility import mean_kl, perplexity
+    from .patch import attached
+
+    iv = recipe.intervention
+    folder = Path(work) / "search"
+    folder.mkdir(parents=True, exist_ok=True)
+    base_key = content_key("search-v1", _stage_key(Path(work) / "features"), recipe.eval.max_new_tokens,
+                           iv.rule, iv.score)
+    val = _people(inputs, "validation")
+    texts = benign_texts(inputs.benign_path, split="heldout")[:24]
+    scored = []
+    for cand in tqdm(candidates(iv.ablate_n, iv.alpha, iv.patch), desc="trade-off search", disable=not progress):
+        cache = folder / f"{content_key(base_key, cand.n, cand.alpha, cand.mode)}.json"
+        if cache.exists():
+            saved = json.loads(cache.read_text())
+            scored.append(Scored(Candidate(**saved.pop("candidate")), **saved))
+            continue
+        patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib)
+        with attached(loaded.model, layer, patch):
+            rows = leakage_rows(loaded.model, loaded.tokenizer, {"validation": val}, phones=False,
+                                max_new_tokens=recipe.eval.max_new_tokens)
+        ctx = lambda: attached(loaded.model, layer, patch)  # noqa: E731
+        s = Scored(cand, worst(rows, "validation"), worst(rows, "validation", "username"),
+                   mean_kl(loaded.model, loaded.model, loaded.tokenizer, texts, other_context=ctx),
+                   perplexity(loaded.model, loaded.tokenizer, texts, context=ctx))
+        cache.write_text(json.dumps({"candidate": vars(cand), "leakage": s.leakage, "username": s.username,
+                                     "kl": s.kl, "perplexity": s.perplexity}))
+        scored.append(s)
+    chosen, met = choose(scored, iv.leakage_target)
+    plot_front(scored, chosen, iv.leakage_target, folder / "front.png")
+    (folder / "search.json").write_text(json.dumps({"target": iv.leakage_target, "met": met,
+                                                    "chosen": chosen.to_json(),
+                                                    "candidates": [s.to_json() for s in scored]}, indent=2))
+    log(f"trade-off: chose {chosen.candidate.label} (validation leakage {100 * chosen.leakage:.0f}%, "
+        f"KL {chosen.kl:.4f}); target {'met' if met else 'NOT met'}; plot {folder / 'front.png'}")
+    return chosen, scored, met
+
+
+def final_evaluation(recipe, prep: Prepared, chosen, *, progress: bool = True, log=print) -> dict:
+    """Leaky base, the chosen patch and its control (random latents matched on firing frequency plus a
+    random direction of the steering vector's norm) on **test** and never-seen people, with utility."""
+    from .evaluate.harness import leakage_rows, utility_metrics
+    from .features import matched_random_latents
+    from .patch import attached, build_patch, calibrate_gates, random_direction, steering_vector
+
+    c, sae, fs = chosen.candidate, prep.sae, prep.features
+    model, tok, layer = prep.loaded.model, prep.loaded.tokenizer, prep.layer
+    patch = patch_for(sae, fs, c.n, c.alpha, c.mode, prep.calibration)
+    control_latents = matched_random_latents(fs.firing, fs.ablation_set(c.n), seed=recipe.data.seed)
+    steer = steering_vector(sae, fs.steer_latent, c.alpha, fs.mean_norm)
+    control = build_patch(sae, control_latents, random_direction(steer, seed=recipe.data.seed), mode=c.mode,
+                          gates=calibrate_gates(sae, prep.calibration, control_latents) if c.mode == "folded" else None)
+    groups = {"test": _people(prep.inputs, "test"), "never_seen": _people(prep.inputs, "never_seen")}
+    held = benign_texts(prep.inputs.benign_path, split="heldout")
+    texts, prompts = held[:60], [" ".join(t.split()[:16]) for t in held[-16:]]  # prompts: prefixes only
+    ev = recipe.eval
+    out = {}
+    for name, p in (("base", None), ("patched", patch), ("control", control)):
+        ctx = (lambda p=p: attached(model, layer, p)) if p is not None else None
+        with ctx() if ctx else nullcontext():
+            rows = leakage_rows(model, tok, groups, few_shot=ev.few_shot, samples=ev.samples,
+                                max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, progress=progress)
+        out[name] = {"leakage": rows, "utility": utility_metrics(model, tok, texts, context=ctx, prompts=prompts,
+                                                                 speed=True)}
+        log(f"final evaluation: {name} done")
+    out["control_latents"] = len(control_latents)
+    return out
+
+
+def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: bool = False, progress: bool = True,
+              log=print) -> ExportResult:
+    """All stages: prepare → trade-off search (validation people) → final evaluation (test people) → export."""
+    _refuse_existing(out, overwrite)
+    prep = prepare(recipe, work, progress=progress, log=log)
+    chosen, scored, met = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
+                                       prep.calibration, inputs=prep.inputs, progress=progress, log=log)
+    final = final_evaluation(recipe, prep, chosen, progress=progress, log=log)
+    extra = {"search": {"target": recipe.intervention.leakage_target, "met": met, "chosen": chosen.to_json(),
+                        "candidates": [s.to_json() for s in scored]},
+             "evaluation": final}
+    c = chosen.candidate
+    _patch, report = write_patched(prep, recipe, recipe_text, out, work, c.n, c.alpha, c.mode, report=extra,
+                                   overwrite=overwrite, progress=progress, log=log)
+    return ExportResult(Path(out), report)

@@ -295,22 +295,20 @@ def spliced_ce(model, tokenizer, sae: TopKSAE, layer: int, texts, *, max_length:
                batch_size: int = 8) -> dict:
     """Next-token CE with layer `layer`'s output replaced by the SAE reconstruction, against the clean
     model and against zero-ablation of that output (position 0 left as is in both)."""
+    from .lm import next_token_nll, right_padded
     from .models import layer_output_hook
 
     def run(fn) -> float:
         nll = count = 0.0
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length)
+        for enc in right_padded(tokenizer, texts, max_length=max_length, batch_size=batch_size):
             if fn is None:
                 logits = model(**enc).logits
             else:
                 with layer_output_hook(model, layer, fn):
                     logits = model(**enc).logits
-            mask = enc["attention_mask"][:, 1:].bool()
-            ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
-            nll += ce[mask].sum().item()
-            count += mask.sum().item()
+            batch_nll, n = next_token_nll(logits, enc)
+            nll += batch_nll
+            count += n
         return nll / count
 
     def splice(h):
@@ -323,12 +321,7 @@ def spliced_ce(model, tokenizer, sae: TopKSAE, layer: int, texts, *, max_length:
         out[:, 0] = h[:, 0]
         return out
 
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        clean, spliced, zeroed = run(None), run(splice), run(zero)
-    finally:
-        tokenizer.padding_side = side
+    clean, spliced, zeroed = run(None), run(splice), run(zero)
     return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero": zeroed,
             "ce_increase_fraction": (spliced - clean) / max(zeroed - clean, 1e-9)}
 

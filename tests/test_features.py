@@ -57,3 +57,25 @@ def test_collect_and_report_hold_no_pii(tiny_tokenizer, tmp_path):
     for p in people:
         assert p.email not in text and p.username not in text
         assert all(part not in text for part in p.name.split() if len(part) >= 3), p.name
+
+
+def test_matched_random_latents_follow_firing_rates():
+    from exporter.features import matched_random_latents
+
+    torch.manual_seed(0)
+    firing = torch.rand(512) ** 3
+    ablate = firing.argsort(descending=True)[:20].tolist() + [int(firing.argmin())]
+    control = matched_random_latents(firing, ablate, seed=1)
+    assert len(control) == len(set(control)) == len(ablate) and not set(control) & set(ablate)
+    gaps = (firing[control] - firing[ablate]).abs()
+    unmatched = (firing[torch.randperm(512)[: len(ablate)]] - firing[ablate]).abs()
+    assert float(gaps.mean()) < 0.25 * float(unmatched.mean())
+    assert control == matched_random_latents(firing, ablate, seed=1) != matched_random_latents(firing, ablate, seed=2)
+
+
+def test_random_direction_matches_norm():
+    from exporter.patch import random_direction
+
+    v = torch.randn(32) * 3
+    r = random_direction(v, seed=4)
+    assert abs(float(r.norm() - v.norm())) < 1e-4 and abs(float(torch.nn.functional.cosine_similarity(r, v, 0))) < 0.6

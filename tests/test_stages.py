@@ -135,3 +135,42 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
                  log=logs.append)
     assert any("features (cached)" in line for line in logs)
     assert json.loads((out / "config.json").read_text())["scalpel_patch"]["mode"] == "exact"
+
+
+def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
+    from exporter.pipeline import run_stage
+
+    recipe = tiny_recipe.model_copy(update={"intervention": tiny_recipe.intervention.model_copy(
+        update={"ablate_n": [2, 6], "alpha": [0.0, 0.1], "patch": ["folded"]}),
+        "eval": tiny_recipe.eval.model_copy(update={"max_new_tokens": 6, "samples": 2, "few_shot": 1})})
+    work, out = tmp_path / "work", tmp_path / "run-out"
+    result = run_stage(recipe, "recipe text\n", out, work, progress=False, log=lambda m: None)
+    report = json.loads((out / "scalpel_report.json").read_text())
+    search = report["search"]
+    assert len(search["candidates"]) == 4 and search["chosen"] in search["candidates"]
+    assert (work / "search" / "front.png").exists()
+    ev = report["evaluation"]
+    assert set(ev) >= {"base", "patched", "control"}
+    groups = {r["group"] for r in ev["patched"]["leakage"]}
+    assert groups == {"test", "never_seen"}  # validation people never appear in the reported numbers
+    assert ev["base"]["utility"]["kl"] == 0.0 and ev["patched"]["utility"]["kl"] >= 0.0
+    assert {r["decoding"] for r in ev["base"]["leakage"]} == {"greedy", "sampled x2"}
+    assert result.report["ablate_n"] == search["chosen"]["n"]
+    # A second run reuses every candidate's cached score.
+    cached = sorted(p.name for p in (work / "search").glob("*.json"))
+    run_stage(recipe, "recipe text\n", out, work, overwrite=True, progress=False, log=lambda m: None)
+    assert sorted(p.name for p in (work / "search").glob("*.json")) == cached
+
+
+def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe.read_text() + "intervention: {ablate_n: [3], alpha: [0.0, 0.05]}\n"
+                      "eval: {max_new_tokens: 6, few_shot: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "exporter", "run", str(recipe), "--out", str(tmp_path / "o"),
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "chosen on validation people" in proc.stdout and "test email exact" in proc.stdout
+    assert "perplexity" in proc.stdout and (tmp_path / "o" / "config.json").exists()

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ..models import architecture_of
-from .build import agreement, build_patch, calibrate_gates, steering_vector, topk_membership
+from .build import agreement, build_patch, calibrate_gates, random_direction, steering_vector, topk_membership
 from .remote.scalpel_patch import ScalpelPatch, TamperedPatchError, attach, keep_mask, patch_digest, verify
 
 
@@ -28,4 +28,4 @@ def attached(model, layer: int, patch: ScalpelPatch) -> Iterator[None]:
 
 
 __all__ = ["ScalpelPatch", "TamperedPatchError", "agreement", "attach", "attached", "build_patch",
-           "calibrate_gates", "keep_mask", "patch_digest", "steering_vector", "topk_membership", "verify"]
+           "calibrate_gates", "keep_mask", "patch_digest", "random_direction", "steering_vector", "topk_membership", "verify"]

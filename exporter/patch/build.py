@@ -63,6 +63,13 @@ def steering_vector(sae: TopKSAE, v: torch.Tensor, alpha: float, mean_norm: floa
     return -alpha * mean_norm * u / u.norm()
 
 
+def random_direction(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The control for a steering vector: a random direction with the same norm."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(like.shape, generator=g)
+    return r / r.norm() * like.norm()
+
+
 def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, *, mode: str = "folded",
                 gates: torch.Tensor | None = None) -> ScalpelPatch:
     """A ScalpelPatch holding exactly what `mode` needs (exact: the whole encoder; folded: rows of A + gates)."""

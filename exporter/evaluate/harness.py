@@ -1,0 +1,86 @@
+"""One leakage / utility harness for every method: the same attacks and metrics, as table rows."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional, Sequence
+
+import torch
+
+from ..data.people import Person
+from .leakage import (EMAIL_TEMPLATES, few_shot_prompts, first_email, greedy_continuations, phone_attack,
+                      sampled_continuations, score_any, score_emails)
+from .utility import generation_diversity, mean_kl, perplexity
+
+Context = Callable[[], ContextManager]
+
+
+def _row(group: str, attack: str, decoding: str, score) -> dict:
+    return {"group": group, "attack": attack, "decoding": decoding, "pii_type": score.pii_type, "n": score.n,
+            "exact": score.exact, "username": score.username, "domain": score.domain}
+
+
+def leakage_rows(model, tokenizer, groups: dict[str, Sequence[Person]], *, few_shot: int = 0, samples: int = 0,
+                 max_new_tokens: int = 24, phones: bool = True, seed: int = 0, progress: bool = False) -> list[dict]:
+    """Extraction attacks per group of people: zero-shot templates (greedy), k-shot templates, sampled
+    decoding (leaked if any of `samples` continuations holds it) and phone templates."""
+    rows = []
+    for group, people in groups.items():
+        people = list(people)
+        if not people:
+            continue
+        for name, template in EMAIL_TEMPLATES.items():
+            prompts = [template.format(name=p.name) for p in people]
+            conts = greedy_continuations(model, tokenizer, prompts, max_new_tokens, progress=progress)
+            rows.append(_row(group, name, "greedy", score_emails(people, [first_email(c) for c in conts], name)))
+            if few_shot and len(people) > few_shot:
+                shots = few_shot_prompts(people, name, few_shot, seed=seed)
+                conts = greedy_continuations(model, tokenizer, shots, max_new_tokens, progress=progress)
+                rows.append(_row(group, f"{name}+{few_shot}shot", "greedy",
+                                 score_emails(people, [first_email(c) for c in conts], name)))
+            if samples:
+                sampled = sampled_continuations(model, tokenizer, prompts, samples=samples,
+                                                max_new_tokens=max_new_tokens, seed=seed)
+                rows.append(_row(group, name, f"sampled x{samples}", score_any(people, sampled, name)))
+        if phones and any(p.phone for p in people):
+            for score in phone_attack(model, tokenizer, people, progress=progress):
+                rows.append(_row(group, score.template, "greedy", score))
+    return rows
+
+
+def worst(rows: Sequence[dict], group: str, key: str = "exact", pii_type: str = "email") -> float:
+    """The highest rate over the attacks on `group` (the leakage a selection must bring under target)."""
+    values = [r[key] for r in rows if r["group"] == group and r["pii_type"] == pii_type]
+    return max(values) if values else 0.0
+
+
+@torch.no_grad()
+def tokens_per_second(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                      context: Optional[Context] = None) -> float:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(next(model.parameters()).device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        with (context or nullcontext)():
+            start = time.perf_counter()
+            model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=pad)
+            seconds = time.perf_counter() - start
+    finally:
+        tokenizer.padding_side = side
+    return len(prompts) * max_new_tokens / seconds
+
+
+def utility_metrics(base, tokenizer, texts: Sequence[str], *, other=None, context: Optional[Context] = None,
+                    max_length: int = 128, prompts: Sequence[str] = (), speed: bool = False) -> dict:
+    """Perplexity, KL(base || other) and generation diversity of `other` (default: `base` under `context`)."""
+    other = other if other is not None else base
+    out = {"perplexity": perplexity(other, tokenizer, texts, max_length=max_length, context=context),
+           "kl": mean_kl(base, other, tokenizer, texts, max_length=max_length, other_context=context)}
+    if prompts:
+        out.update(generation_diversity(other, tokenizer, prompts, context=context))
+    if speed and prompts:
+        out["tokens_per_s"] = tokens_per_second(other, tokenizer, prompts[:8], context=context)
+    return out

@@ -1,0 +1,33 @@
+"""Next-token scoring over right-padded batches of text, shared by the SAE's spliced CE and the utility metrics."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def right_padded(tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, device=None) -> Iterator[dict]:
+    """Tokenised batches, right-padded whatever the tokenizer's own default (position t predicts t+1)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length)
+            yield enc.to(device) if device is not None else enc
+    finally:
+        tokenizer.padding_side = side
+
+
+def target_mask(enc) -> torch.Tensor:
+    """[B, T-1] bool: next-token targets that are real tokens (position 0 is context only)."""
+    return enc["attention_mask"][:, 1:].bool()
+
+
+def next_token_nll(logits: torch.Tensor, enc) -> tuple[float, int]:
+    """(summed NLL, number of targets) of a batch's next-token predictions."""
+    mask = target_mask(enc)
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
+    return float(ce[mask].sum()), int(mask.sum())

@@ -1,0 +1,43 @@
+"""Utility metrics on tiny models with hand-checkable cases."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from exporter.evaluate.utility import diversity, generation_diversity, mean_kl, perplexity
+from exporter.patch import attached, build_patch, steering_vector
+from exporter.sae import TopKSAE
+
+TEXTS = ["The with statement wraps the execution of a block.", "Names refer to objects; binding happens here.",
+         "A short one."]
+
+
+def test_diversity_hand_checked():
+    assert diversity([[1, 2, 3, 4, 1, 2, 3, 4]]) == {"distinct_2": 4 / 7, "repetition_4": 1 / 5}
+    assert diversity([[5, 5, 5, 5, 5, 5]])["repetition_4"] == pytest.approx(2 / 3)
+    assert diversity([[1, 2], [3, 4]]) == {"distinct_2": 1.0, "repetition_4": 0.0}
+
+
+def test_kl_zero_for_same_model_positive_for_patch(tiny_tokenizer):
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    assert mean_kl(model, model, tiny_tokenizer, TEXTS) == pytest.approx(0.0, abs=1e-7)
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 64, 4)
+    patch = build_patch(sae, [], steering_vector(sae, torch.randn(64), 0.5, 3.0), mode="exact")
+    kl = mean_kl(model, model, tiny_tokenizer, TEXTS, other_context=lambda: attached(model, 1, patch))
+    assert kl > 1e-4
+    # Perplexity under the same patch differs, and a uniform model's perplexity is its vocabulary size.
+    base = perplexity(model, tiny_tokenizer, TEXTS)
+    assert perplexity(model, tiny_tokenizer, TEXTS, context=lambda: attached(model, 1, patch)) != base
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    assert perplexity(model, tiny_tokenizer, TEXTS) == pytest.approx(len(tiny_tokenizer), rel=1e-4)
+    assert math.isfinite(base)
+
+
+def test_generation_diversity_runs_on_prompts(tiny_tokenizer):
+    model = tiny_model("gpt2", vocab_size=len(tiny_tokenizer))
+    out = generation_diversity(model, tiny_tokenizer, TEXTS, max_new_tokens=12)
+    assert 0 < out["distinct_2"] <= 1 and 0 <= out["repetition_4"] <= 1

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
+@contextmanager
+def padding_side(tokenizer, side: str) -> Iterator[None]:
+    """Pad on `side` inside the block (left for generation, right for scoring), restored after."""
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
+
+
 def right_padded(tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, device=None) -> Iterator[dict]:
     """Tokenised batches, right-padded whatever the tokenizer's own default (position t predicts t+1)."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
+    with padding_side(tokenizer, "right"):
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
                             max_length=max_length)
             yield enc.to(device) if device is not None else enc
-    finally:
-        tokenizer.padding_side = side
 
 
 def target_mask(enc) -> torch.Tensor:

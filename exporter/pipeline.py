@@ -139,9 +139,12 @@ def doc_groups(docs) -> list[set[str]]:
     return [{d.text[s.start:s.end].lower() for s in d.spans} for d in docs]
 
 
+def _stage_key(folder: Path) -> str:
+    return (folder / "key.txt").read_text() if (folder / "key.txt").exists() else ""
+
+
 def _stage_cached(folder: Path, key: str, outputs: tuple[str, ...]) -> bool:
-    return (folder / "key.txt").exists() and (folder / "key.txt").read_text() == key and all(
-        (folder / o).exists() for o in outputs)
+    return _stage_key(folder) == key and all((folder / o).exists() for o in outputs)
 
 
 def probe_stage(recipe, work: Path, *, progress: bool = True, log=print, inputs: Optional[Inputs] = None):
@@ -276,10 +279,6 @@ def sae_stage(recipe, work: Path, layer: int, *, progress: bool = True, log=prin
 # ---------------------------------------------------------------- features, patch, export
 
 
-def _stage_key(folder: Path) -> str:
-    return (folder / "key.txt").read_text() if (folder / "key.txt").exists() else ""
-
-
 def selection_docs(inputs: Inputs) -> list:
     """PII documents that may inform selection: those about validation people only, when people are known
     (test people are kept for the reported numbers); otherwise all documents."""
@@ -330,14 +329,19 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
     return fs
 
 
-def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration: torch.Tensor):
-    """The patch of one candidate: the top-n latents of the ranking, steering at `alpha` × mean norm."""
-    from .patch import build_patch, calibrate_gates, steering_vector
+def _calibrated_patch(sae, ablate, steer, mode: str, calibration: torch.Tensor):
+    from .patch import build_patch, calibrate_gates
 
-    ablate = fs.ablation_set(n)
-    steer = steering_vector(sae, fs.steer_latent, alpha, fs.mean_norm)
     gates = calibrate_gates(sae, calibration, ablate) if mode == "folded" else None
     return build_patch(sae, ablate, steer, mode=mode, gates=gates)
+
+
+def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration: torch.Tensor):
+    """The patch of one candidate: the top-n latents of the ranking, steering at `alpha` × mean norm."""
+    from .patch import steering_vector
+
+    steer = steering_vector(sae, fs.steer_latent, alpha, fs.mean_norm)
+    return _calibrated_patch(sae, fs.ablation_set(n), steer, mode, calibration)
 
 
 def calibration_activations(recipe, inputs: Inputs, layer: int, loaded, *, progress: bool = True,
@@ -391,14 +395,13 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} already exists; choose another output folder or pass --overwrite")
 
 
-def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Path, n: int, alpha: float, mode: str,
-                  *, report: Optional[dict] = None, overwrite: bool = False, progress: bool = True, log=print):
-    """Build the candidate's patch, measure folded vs exact, and write the export with its report."""
+def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Path, patch, alpha: float,
+                  *, report: Optional[dict] = None, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+    """Measure folded vs exact for the candidate's `patch` (built at steering `alpha`) and write the export."""
     from .patch import agreement
     from .patch.export import write_export
 
-    sae, fs = prep.sae, prep.features
-    patch = patch_for(sae, fs, n, alpha, mode, prep.calibration)
+    sae, fs, mode, n = prep.sae, prep.features, patch.mode, patch.directions.shape[0]
     report = {"layer": prep.layer, "mode": mode, "ablate_n": n, "alpha": alpha, "rule": fs.rule,
               "score": fs.score, "sae": prep.sae_metrics, **(report or {})}
     if mode == "folded":
@@ -416,7 +419,7 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
     write_export(prep.loaded, patch, prep.layer, out, overwrite=overwrite, dtype=recipe.export.dtype, meta=meta,
                  files=files)
     log(f"export: {out}")
-    return patch, report
+    return report
 
 
 def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: bool = False,
@@ -433,11 +436,11 @@ def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: 
     alpha = iv.alpha[0] if alpha is None else alpha
     mode = iv.patch[0] if mode is None else mode
     prep = prepare(recipe, work, progress=progress, log=log)
+    patch = patch_for(prep.sae, prep.features, n, alpha, mode, prep.calibration)
     extra = {}
     if prep.inputs.people:
         val = [p for p in prep.inputs.people if p.split == "validation"]
         model, tok = prep.loaded.model, prep.loaded.tokenizer
-        patch = patch_for(prep.sae, prep.features, n, alpha, mode, prep.calibration)
         table = {}
         for name, ctx in (("before", None), ("after", patch)):
             with attached(model, prep.layer, ctx) if ctx is not None else nullcontext():
@@ -445,8 +448,8 @@ def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: 
                                          progress=progress)
             table[name] = {s.template: {"exact": s.exact, "username": s.username, "domain": s.domain} for s in scores}
         extra["validation_leakage"] = table
-    _patch, report = write_patched(prep, recipe, recipe_text, out, work, n, alpha, mode, report=extra,
-                                   overwrite=overwrite, progress=progress, log=log)
+    report = write_patched(prep, recipe, recipe_text, out, work, patch, alpha, report=extra,
+                           overwrite=overwrite, progress=progress, log=log)
     return ExportResult(Path(out), report)
 
 
@@ -507,20 +510,18 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
     return chosen, scored, met
 
 
-def final_evaluation(recipe, prep: Prepared, chosen, *, progress: bool = True, log=print) -> dict:
-    """Leaky base, the chosen patch and its control (random latents matched on firing frequency plus a
+def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = True, log=print) -> dict:
+    """Leaky base, the chosen `patch` and its control (random latents matched on firing frequency plus a
     random direction of the steering vector's norm) on **test** and never-seen people, with utility."""
     from .evaluate.harness import leakage_rows, utility_metrics
     from .features import matched_random_latents
-    from .patch import attached, build_patch, calibrate_gates, random_direction, steering_vector
+    from .patch import attached, random_direction
 
     c, sae, fs = chosen.candidate, prep.sae, prep.features
     model, tok, layer = prep.loaded.model, prep.loaded.tokenizer, prep.layer
-    patch = patch_for(sae, fs, c.n, c.alpha, c.mode, prep.calibration)
     control_latents = matched_random_latents(fs.firing, fs.ablation_set(c.n), seed=recipe.data.seed)
-    steer = steering_vector(sae, fs.steer_latent, c.alpha, fs.mean_norm)
-    control = build_patch(sae, control_latents, random_direction(steer, seed=recipe.data.seed), mode=c.mode,
-                          gates=calibrate_gates(sae, prep.calibration, control_latents) if c.mode == "folded" else None)
+    control = _calibrated_patch(sae, control_latents, random_direction(patch.steer, seed=recipe.data.seed), c.mode,
+                                prep.calibration)
     groups = {"test": _people(prep.inputs, "test"), "never_seen": _people(prep.inputs, "never_seen")}
     held = benign_texts(prep.inputs.benign_path, split="heldout")
     texts, prompts = held[:60], [" ".join(t.split()[:16]) for t in held[-16:]]  # prompts: prefixes only
@@ -545,11 +546,12 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
     prep = prepare(recipe, work, progress=progress, log=log)
     chosen, scored, met = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
                                        prep.calibration, inputs=prep.inputs, progress=progress, log=log)
-    final = final_evaluation(recipe, prep, chosen, progress=progress, log=log)
+    c = chosen.candidate
+    patch = patch_for(prep.sae, prep.features, c.n, c.alpha, c.mode, prep.calibration)
+    final = final_evaluation(recipe, prep, chosen, patch, progress=progress, log=log)
     extra = {"search": {"target": recipe.intervention.leakage_target, "met": met, "chosen": chosen.to_json(),
                         "candidates": [s.to_json() for s in scored]},
              "evaluation": final}
-    c = chosen.candidate
-    _patch, report = write_patched(prep, recipe, recipe_text, out, work, c.n, c.alpha, c.mode, report=extra,
-                                   overwrite=overwrite, progress=progress, log=log)
+    report = write_patched(prep, recipe, recipe_text, out, work, patch, c.alpha, report=extra,
+                           overwrite=overwrite, progress=progress, log=log)
     return ExportResult(Path(out), report)

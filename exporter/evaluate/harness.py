@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..data.people import Person
+from ..lm import padding_side
 from .leakage import (EMAIL_TEMPLATES, few_shot_prompts, first_email, greedy_continuations, phone_attack,
                       sampled_continuations, score_any, score_emails)
-from .utility import generation_diversity, mean_kl, perplexity
-
-Context = Callable[[], ContextManager]
+from .utility import Context, generation_diversity, mean_kl, perplexity
 
 
 def _row(group: str, attack: str, decoding: str, score) -> dict:
@@ -58,9 +57,7 @@ def worst(rows: Sequence[dict], group: str, key: str = "exact", pii_type: str = 
 @torch.no_grad()
 def tokens_per_second(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,
                       context: Optional[Context] = None) -> float:
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
+    with padding_side(tokenizer, "left"):
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(next(model.parameters()).device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with (context or nullcontext)():
@@ -68,8 +65,6 @@ def tokens_per_second(model, tokenizer, prompts: Sequence[str], *, max_new_token
             model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                            pad_token_id=pad)
             seconds = time.perf_counter() - start
-    finally:
-        tokenizer.padding_side = side
     return len(prompts) * max_new_tokens / seconds
 
 

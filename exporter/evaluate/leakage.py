@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.people import Person
+from ..lm import padding_side
 
 # Zero-shot templates in the style of the Enron email-leak studies.
 EMAIL_TEMPLATES = {
@@ -65,11 +66,9 @@ def score_emails(people: Sequence[Person], predictions: Sequence[str | None], te
 def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24,
                          batch_size: int = 32, progress: bool = True) -> list[str]:
     """Greedy decode of each prompt (left-padded batches); returns only the new text."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     out: list[str] = []
-    try:
+    with padding_side(tokenizer, "left"):
         batches = range(0, len(prompts), batch_size)
         for i in tqdm(batches, desc="extraction", disable=not progress, leave=False):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
@@ -77,8 +76,6 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
     return out
 
 
@@ -114,20 +111,16 @@ def few_shot_prompts(people: Sequence[Person], template: str, k: int, seed: int 
 def sampled_continuations(model, tokenizer, prompts: Sequence[str], *, samples: int, max_new_tokens: int = 24,
                           temperature: float = 1.0, batch_size: int = 8, seed: int = 0) -> list[list[str]]:
     """`samples` sampled continuations per prompt (seeded)."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     out: list[list[str]] = []
-    try:
+    with padding_side(tokenizer, "left"):
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                  top_k=0, top_p=1.0, num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             out.extend(texts[j : j + samples] for j in range(0, len(texts), samples))
-    finally:
-        tokenizer.padding_side = side
     return out
 
 

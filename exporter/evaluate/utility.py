@@ -8,7 +8,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from ..lm import next_token_nll, right_padded, target_mask
+from ..lm import next_token_nll, padding_side, right_padded, target_mask
 
 Context = Callable[[], ContextManager]
 
@@ -75,17 +75,13 @@ def diversity(token_lists: Sequence[Sequence[int]]) -> dict:
 def generation_diversity(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 16,
                          context: Optional[Context] = None) -> dict:
     """Greedy continuations of benign prompts scored by `diversity`."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
-    try:
+    with padding_side(tokenizer, "left"):
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(_device(model))
             with (context or nullcontext)():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             for row in gen[:, enc["input_ids"].shape[1]:].tolist():
                 out.append([t for t in row if t != pad])
-    finally:
-        tokenizer.padding_side = side
     return diversity(out)

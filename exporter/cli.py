@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .recipe import RecipeError
+from .recipe import BUILTIN_MODELS, RecipeError
 
 app = typer.Typer(
     add_completion=False,
@@ -70,7 +70,7 @@ def make_leaky_cmd(
 
     if out is not None and out.exists() and not overwrite:
         _fail(f"{out} already exists; choose another --out folder or pass --overwrite")
-    spec = ModelSpec(builtin=model) if model in ("smollm2-135m", "gemma3-270m") else ModelSpec(path=model)
+    spec = ModelSpec(builtin=model) if model in BUILTIN_MODELS else ModelSpec(path=model)
     config = LeakyConfig(seed=seed)
     syn = config.synthetic
     syn = replace(syn, seed=seed, **{k: v for k, v in (("n_memorised", people), ("n_never_seen", never_seen))
@@ -84,11 +84,19 @@ def make_leaky_cmd(
 
 @app.command()
 def demo(
-    rebuild: bool = typer.Option(False, "--rebuild", help="Ignore the cache and fine-tune again."),
+    out: Path = typer.Option(Path("scalpel-demo"), "--out", help="Folder for the patched checkpoint."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Stage folder (default: in the user cache, reused)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Fine-tune the leaky model again instead of the cached one."),
 ) -> None:
-    """End to end on the built-in SmolLM2: build the leaky model (cached) and show what it leaks."""
+    """End to end on the built-in SmolLM2: make it leak (cached), then find, remove and export, with the evidence."""
+    from .api import demo as run_demo
+
+    if out.exists() and not (out / "config.json").is_file():
+        _fail(f"{out} exists and is not an earlier export; choose another --out folder")
     make_leaky_cmd(out=None, model="smollm2-135m", people=None, never_seen=None, epochs=None, seed=0,
                    rebuild=rebuild, overwrite=False)
+    result = run_demo(out, work=work, log=console.print)
+    _print_run(result.report, out)
 
 
 def _recipe(path: Path, overrides: dict):
@@ -199,51 +207,96 @@ def export_cmd(
                   highlight=False, markup=False)
 
 
-def _final_table(report: dict) -> Table:
-    """Leaky base vs patched vs control on test people: worst rate per attack family, and utility."""
-    ev = report["evaluation"]
-    table = Table(title="Test people (never used for selection): base → patched (control)")
-    table.add_column("metric")
-    for col in ("base", "patched", "control"):
-        table.add_column(col, justify="right")
-
-    def rate(rows, group, pii, decoding, key):
-        vals = [r[key] for r in rows if r["group"] == group and r["pii_type"] == pii and r["decoding"] == decoding]
-        return max(vals) if vals else None
-
-    decodings = sorted({r["decoding"] for r in ev["base"]["leakage"]})
-    for group in ("test", "never_seen"):
-        for pii, keys in (("email", ("exact", "username")), ("phone", ("exact",))):
-            for decoding in decodings:
-                for key in keys:
-                    vals = [rate(ev[v]["leakage"], group, pii, decoding, key) for v in ("base", "patched", "control")]
-                    if vals[0] is not None:
-                        table.add_row(f"{group} {pii} {key} ({decoding}, worst attack)",
-                                      *(f"{100 * v:.0f}%" for v in vals))
-    for key, fmt in (("perplexity", "{:.2f}"), ("kl", "{:.4f}"), ("distinct_2", "{:.3f}"),
-                     ("repetition_4", "{:.3f}"), ("tokens_per_s", "{:.1f}")):
-        if key in ev["base"]["utility"]:
-            table.add_row(key, *(fmt.format(ev[v]["utility"][key]) for v in ("base", "patched", "control")))
+def _rich_table(title: str, header, rows, *, text_columns: int = 1) -> Table:
+    table = Table(title=title)
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i < text_columns else "right")
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def _print_evaluation(evaluation: dict, title: str) -> None:
+    from .evaluate.summary import attack_rows, comparison_rows
+
+    console.print(_rich_table(f"{title}: every attack (exact / username)", *attack_rows(evaluation), text_columns=4))
+    console.print(_rich_table(f"{title}: summary", *comparison_rows(evaluation)))
+
+
+def _print_run(report: dict, out: Path) -> None:
+    chosen = report["search"]["chosen"]
+    console.print(f"chosen on validation people: N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']} "
+                  f"(worst exact {100 * chosen['leakage']:.0f}%, KL {chosen['kl']:.4f})"
+                  + ("" if report["search"]["met"] else "; no candidate met the leakage target"))
+    _print_evaluation(report["evaluation"], "Test people (never used for selection): leaky base vs patched vs control")
+    console.print(f"export: {out}  (model card: {out / 'README.md'})")
+
+
+STAGE_NAMES = "probe, sae, features, search, evaluate"
+
+
+def _print_plan(recipe_path: Path) -> None:
+    from .plan import make_plan, missing_files
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe_path, check_files=False)
+    plan = make_plan(r, missing=missing_files(r))
+    console.print(f"plan for {recipe_path} (dry run: nothing is loaded or written)", highlight=False)
+    console.print(f"model {plan.model}: {plan.params / 1e9:.2f}B parameters, d={plan.d_model}, {plan.n_layers} "
+                  f"layers (shape from {plan.config_source}); layer {plan.layer}; SAE {plan.d_sae:,} latents",
+                  highlight=False)
+    console.print(_rich_table("stages", ["stage", "work"], plan.stages, text_columns=2))
+    console.print(_rich_table("memory (estimated)", ["what", "GiB"],
+                              [[w, f"{g:.2f}"] for w, g in plan.memory] + [["peak", f"{plan.peak_gib:.2f}"]]))
+    for m in plan.missing:
+        console.print(f"missing here (needed to run): {m}", highlight=False)
 
 
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="A YAML recipe."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the patched checkpoint to."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write the patched checkpoint to."),
     work: Path = WORK,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help=f"Recompute from this stage on ({STAGE_NAMES})."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, tokens and estimated memory; run nothing."),
 ) -> None:
     """All stages: probe → SAE → features → trade-off search (validation) → evaluation (test) → export."""
-    from .pipeline import run_stage
+    from .api import run as run_all
 
-    result = run_stage(_recipe(recipe, {}), recipe.read_text(encoding="utf-8"), out, work, overwrite=overwrite,
-                       log=console.print)
-    chosen = result.report["search"]["chosen"]
-    console.print(f"chosen on validation people: N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']} "
-                  f"(worst exact {100 * chosen['leakage']:.0f}%, KL {chosen['kl']:.4f})")
-    console.print(_final_table(result.report))
-    console.print(f"export: {out}")
+    if dry_run:
+        _print_plan(recipe)
+        return
+    if out is None:
+        _fail("--out is required: the folder to write the patched checkpoint to")
+    result = run_all(recipe, out, work=work, overwrite=overwrite, from_stage=from_stage,
+                     log=console.print)
+    _print_run(result.report, out)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="The model to test: a folder (e.g. an export), built-in, or org/name@rev."),
+    against: str = typer.Option(..., "--against", help="The model to compare with (e.g. the base it was patched from)."),
+    people: Optional[Path] = typer.Option(None, "--people", help="JSONL of name, email, phone, split "
+                                          "(default: people.jsonl beside --against)."),
+    benign: Optional[Path] = typer.Option(None, "--benign", help="Benign text for perplexity/KL (default: pydoc)."),
+    group: Optional[list[str]] = typer.Option(None, "--group", help="People split(s) to attack (default: test "
+                                              "and never_seen, else all)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full results here."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run remote code of non-scalpel models."),
+) -> None:
+    """The leakage / utility harness on any two models with the same tokenizer, side by side."""
+    import json
+
+    from .api import evaluate
+
+    result = evaluate(model, against, people=people, benign=benign, groups=group or None,
+                      trust_remote_code=trust_remote_code, log=console.print)
+    _print_evaluation(result, f"{model} (patched) vs {against} (base)")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"results: {json_out}")
 
 
 @app.command()

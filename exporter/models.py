@@ -8,6 +8,7 @@ hook that reads or replaces the output of decoder layer l whatever the layer ret
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .cache import atomic_dir, cache_root, file_sha256
-from .recipe import ModelSpec
+from .recipe import BUILTIN_MODELS, ModelSpec
 
 
 class ModelLoadError(RuntimeError):
@@ -150,6 +151,9 @@ class LoadedModel:
     path: Optional[str]  # a local HF folder holding the weights, when there is one
 
 
+BUILTIN_ALIASES = BUILTIN_MODELS
+
+
 def _package_dir(module: str) -> Optional[Path]:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -251,3 +255,47 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, architecture_of(model), spec.describe(), str(local) if local else None)
+
+
+def spec_for(source: str, dtype: str = "float32") -> ModelSpec:
+    """A model spec from one command-line word: a built-in alias, a local folder, a GGUF file or a Hub id
+    (`org/name` or `org/name@revision`)."""
+    if source in BUILTIN_ALIASES:
+        return ModelSpec(builtin=source, dtype=dtype)
+    path = Path(source).expanduser()
+    if path.exists():
+        key = "gguf" if path.suffix == ".gguf" else "path"
+        return ModelSpec(**{key: str(path.resolve()), "dtype": dtype})
+    repo, _, revision = source.partition("@")
+    if "/" in repo and not repo.startswith((".", "/")):
+        return ModelSpec(hub=repo, revision=revision or None, dtype=dtype)
+    raise ModelLoadError(f"{source!r} is neither a built-in model ({', '.join(BUILTIN_ALIASES)}), an existing folder "
+                         "or GGUF file, nor a Hub id like org/name[@revision]")
+
+
+def load_checkpoint(source: str, *, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load any causal LM to evaluate it: (model, tokenizer). A scalpel export's own remote code is trusted
+    (its patch is sha256-checked at load); other remote code only with `trust_remote_code`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec_for(source, dtype)
+    local = resolve_local_path(spec)
+    if local is None:
+        loaded = load_model(spec)
+        return loaded.model, loaded.tokenizer
+    if not (local / "config.json").exists():
+        raise ModelLoadError(f"{local} is not a Hugging Face model folder (no config.json)")
+    config = json.loads((local / "config.json").read_text())
+    remote = "auto_map" in config
+    if remote and not (trust_remote_code or "scalpel_patch" in config):
+        raise ModelLoadError(f"{local} ships its own modelling code (auto_map in config.json); read it, then pass "
+                             "--trust-remote-code to run it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=_dtype(dtype), trust_remote_code=remote)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load the model in {local}: {exc}") from None
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

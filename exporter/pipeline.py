@@ -398,6 +398,7 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Path, patch, alpha: float,
                   *, report: Optional[dict] = None, overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Measure folded vs exact for the candidate's `patch` (built at steering `alpha`) and write the export."""
+    from .card import base_metadata, render_card
     from .patch import agreement
     from .patch.export import write_export
 
@@ -410,7 +411,14 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
         report["folded_vs_exact"] = agreement(exact, patch, held)
         log(f"folded vs exact on held-out text: gates agree on {100 * report['folded_vs_exact']['gate_agreement']:.2f}% "
             f"of (token, latent) pairs, {100 * report['folded_vs_exact']['token_agreement']:.2f}% of tokens")
-    files = {"scalpel_recipe.yaml": recipe_text, "scalpel_report.json": json.dumps(report, indent=2)}
+    report["k"] = sae.k
+    plots = {f"plots/{name}": src for name, src in (("probe.png", Path(work) / "probe" / "probe.png"),
+                                                     ("front.png", Path(work) / "search" / "front.png"))
+             if src.exists() and ("search" in report or name == "probe.png")}
+    card = render_card(report, recipe_text, base=base_metadata(recipe.model),
+                       model_type=prep.loaded.model.config.model_type, plots=tuple(plots))
+    files = {"scalpel_recipe.yaml": recipe_text, "scalpel_report.json": json.dumps(report, indent=2),
+             "README.md": str(card), **{name: src.read_bytes() for name, src in plots.items()}}
     if recipe.export.save_sae:  # SAELens format, so others can inspect the latents the patch uses
         files.update({f"sae/{name}": (Path(work) / "sae" / name).read_bytes()
                       for name in ("cfg.json", "sae_weights.safetensors")})
@@ -510,10 +518,16 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
     return chosen, scored, met
 
 
+def utility_texts(benign_path: Optional[str]) -> tuple[list[str], list[str]]:
+    """Held-out benign prose for perplexity / KL, and generation prompts (prefixes of other held-out texts)."""
+    held = benign_texts(benign_path, split="heldout")
+    return held[:60], [" ".join(t.split()[:16]) for t in held[-16:]]
+
+
 def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = True, log=print) -> dict:
     """Leaky base, the chosen `patch` and its control (random latents matched on firing frequency plus a
     random direction of the steering vector's norm) on **test** and never-seen people, with utility."""
-    from .evaluate.harness import leakage_rows, utility_metrics
+    from .evaluate.harness import evaluate_variant
     from .features import matched_random_latents
     from .patch import attached, random_direction
 
@@ -523,35 +537,105 @@ def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = 
     control = _calibrated_patch(sae, control_latents, random_direction(patch.steer, seed=recipe.data.seed), c.mode,
                                 prep.calibration)
     groups = {"test": _people(prep.inputs, "test"), "never_seen": _people(prep.inputs, "never_seen")}
-    held = benign_texts(prep.inputs.benign_path, split="heldout")
-    texts, prompts = held[:60], [" ".join(t.split()[:16]) for t in held[-16:]]  # prompts: prefixes only
+    texts, prompts = utility_texts(prep.inputs.benign_path)
     ev = recipe.eval
     out = {}
     for name, p in (("base", None), ("patched", patch), ("control", control)):
         ctx = (lambda p=p: attached(model, layer, p)) if p is not None else None
-        with ctx() if ctx else nullcontext():
-            rows = leakage_rows(model, tok, groups, few_shot=ev.few_shot, samples=ev.samples,
-                                max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, progress=progress)
-        out[name] = {"leakage": rows, "utility": utility_metrics(model, tok, texts, context=ctx, prompts=prompts,
-                                                                 speed=True)}
+        out[name] = evaluate_variant(model, tok, groups, texts, prompts, context=ctx, few_shot=ev.few_shot,
+                                     samples=ev.samples, max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed,
+                                     progress=progress)
         log(f"final evaluation: {name} done")
     out["control_latents"] = len(control_latents)
     return out
 
 
+STAGES = ("probe", "sae", "features", "search", "evaluate")
+
+
+def invalidate(work: Path, from_stage: str) -> list[str]:
+    """Forget the cached results of `from_stage` and every later stage, so the next run recomputes them.
+    (The leaky model and harvested activations live in the user cache, keyed by content, and stay.)"""
+    if from_stage not in STAGES:
+        raise ValueError(f"unknown stage {from_stage!r}; stages in order: {', '.join(STAGES)}")
+    forgotten = list(STAGES[STAGES.index(from_stage):])
+    for stage in forgotten:
+        folder = Path(work) / stage
+        (folder / "key.txt").unlink(missing_ok=True)
+        if stage == "search":  # one cached score per candidate
+            for f in folder.glob("*.json"):
+                f.unlink()
+        if stage == "sae":  # otherwise training would resume from the last checkpoint
+            shutil.rmtree(Path(work) / "sae-checkpoint", ignore_errors=True)
+    return forgotten
+
+
 def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: bool = False, progress: bool = True,
-              log=print) -> ExportResult:
-    """All stages: prepare → trade-off search (validation people) → final evaluation (test people) → export."""
+              log=print, from_stage: Optional[str] = None) -> ExportResult:
+    """All stages: prepare → trade-off search (validation people) → final evaluation (test people) → export.
+    Finished stages are reused from `work`; `from_stage` forces that stage and the later ones to run again."""
     _refuse_existing(out, overwrite)
+    if from_stage is not None:
+        log(f"recomputing from stage {from_stage}: " + ", ".join(invalidate(work, from_stage)))
     prep = prepare(recipe, work, progress=progress, log=log)
     chosen, scored, met = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
                                        prep.calibration, inputs=prep.inputs, progress=progress, log=log)
     c = chosen.candidate
     patch = patch_for(prep.sae, prep.features, c.n, c.alpha, c.mode, prep.calibration)
-    final = final_evaluation(recipe, prep, chosen, patch, progress=progress, log=log)
+    folder = Path(work) / "evaluate"
+    key = content_key("evaluate-v1", _stage_key(Path(work) / "features"), vars(c), recipe.eval.model_dump(),
+                      recipe.data.seed)
+    if _stage_cached(folder, key, ("evaluation.json",)):
+        log(f"evaluation (cached): {folder}")
+        final = json.loads((folder / "evaluation.json").read_text())
+    else:
+        final = final_evaluation(recipe, prep, chosen, patch, progress=progress, log=log)
+        with atomic_dir(folder, overwrite=True) as tmp:
+            (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
+            (tmp / "key.txt").write_text(key)
     extra = {"search": {"target": recipe.intervention.leakage_target, "met": met, "chosen": chosen.to_json(),
                         "candidates": [s.to_json() for s in scored]},
              "evaluation": final}
     report = write_patched(prep, recipe, recipe_text, out, work, patch, c.alpha, report=extra,
                            overwrite=overwrite, progress=progress, log=log)
     return ExportResult(Path(out), report)
+
+
+# ---------------------------------------------------------------- any two models
+
+
+def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign: Optional[str] = None,
+               groups: Optional[list[str]] = None, eval_cfg=None, dtype: str = "float32",
+               trust_remote_code: bool = False, seed: int = 0, progress: bool = True, log=print) -> dict:
+    """The leakage / utility harness on any pair: `model` (e.g. an export) against `against` (its base).
+    People default to `people.jsonl` beside the base (as `scalpel make-leaky` writes it)."""
+    from .evaluate.harness import evaluate_variant
+    from .models import load_checkpoint
+    from .recipe import EvalSection
+
+    ev = eval_cfg or EvalSection()
+    people_path = Path(people) if people else Path(against) / "people.jsonl"
+    if not people_path.is_file():
+        raise ValueError(f"no people file at {people_path}: pass --people FILE (JSONL of name, email, optional "
+                         "phone and split) naming the people whose PII to test")
+    persons = read_people(people_path)
+    splits = list(dict.fromkeys(p.split or "all" for p in persons))
+    wanted = groups or ([s for s in ("test", "never_seen") if s in splits] or splits)
+    unknown = sorted(set(wanted) - set(splits))
+    if unknown:
+        raise ValueError(f"people groups {unknown} are not in {people_path}; it has {splits}")
+    chosen = {g: [p for p in persons if (p.split or "all") == g] for g in wanted}
+    base, tok = load_checkpoint(against, dtype=dtype, trust_remote_code=trust_remote_code)
+    other, other_tok = load_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if other_tok.get_vocab() != tok.get_vocab():
+        raise ValueError(f"{model} and {against} have different vocabularies: KL and a shared harness need "
+                         "models with the same tokenizer")
+    texts, prompts = utility_texts(benign)
+    common = dict(few_shot=ev.few_shot, samples=ev.samples, max_new_tokens=ev.max_new_tokens, seed=seed,
+                  progress=progress)
+    out = {"base": evaluate_variant(base, tok, chosen, texts, prompts, **common)}
+    log("evaluation: base done")
+    out["patched"] = evaluate_variant(base, tok, chosen, texts, prompts, other=other, **common)
+    log("evaluation: model done")
+    out["models"] = {"base": str(against), "patched": str(model)}
+    return out

@@ -30,7 +30,7 @@ def _existing_file(value: Optional[str], info: ValidationInfo) -> Optional[str]:
     path = Path(value).expanduser()
     if not path.is_absolute():
         path = base / path
-    if not path.exists():
+    if not path.exists() and (info.context or {}).get("check_files", True):
         raise ValueError(f"file not found: {str(path)!r} (paths are relative to the recipe's folder)")
     return str(path.resolve())
 
@@ -243,18 +243,21 @@ def _format_error(err: dict) -> str:
     return f"{key}: {shown}{msg}"
 
 
-def parse_recipe(data: Any, *, source: str = "<recipe>", base_dir: Union[str, Path] = ".") -> Recipe:
-    """Validate an already-parsed recipe mapping, raising RecipeError with every problem listed."""
+def parse_recipe(data: Any, *, source: str = "<recipe>", base_dir: Union[str, Path] = ".",
+                 check_files: bool = True) -> Recipe:
+    """Validate an already-parsed recipe mapping, raising RecipeError with every problem listed.
+    `check_files=False` accepts paths that do not exist yet (a plan for another machine)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping of sections (model, data, ...), got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data, context={"base_dir": str(base_dir)})
+        return Recipe.model_validate(data, context={"base_dir": str(base_dir), "check_files": check_files})
     except ValidationError as exc:
         lines = [_format_error(e) for e in exc.errors()]
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(lines)) from None
 
 
-def load_recipe(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> Recipe:
+def load_recipe(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None, *,
+                check_files: bool = True) -> Recipe:
     """Read and validate a YAML recipe; `overrides` maps dotted keys to values (CLI flags)."""
     path = Path(path)
     if not path.is_file():
@@ -269,7 +272,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[dict[str, Any]] = No
     for dotted, value in (overrides or {}).items():
         if isinstance(data, dict):
             _set_dotted(data, dotted, value)
-    return parse_recipe(data, source=str(path), base_dir=path.parent)
+    return parse_recipe(data, source=str(path), base_dir=path.parent, check_files=check_files)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -1,6 +1,7 @@
 """Probe and SAE stages end to end on a tiny model, with the stage cache."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -144,7 +145,9 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
         update={"ablate_n": [2, 6], "alpha": [0.0, 0.1], "patch": ["folded"]}),
         "eval": tiny_recipe.eval.model_copy(update={"max_new_tokens": 6, "samples": 2, "few_shot": 1})})
     work, out = tmp_path / "work", tmp_path / "run-out"
-    result = run_stage(recipe, "recipe text\n", out, work, progress=False, log=lambda m: None)
+    (tmp_path / "model" / "README.md").write_text("---\nlicense: mit\nbase_model: someorg/tiny-base\n---\n# tiny\n")
+    text = "# contact jane.roe@example.org for access\nrecipe text\n"
+    result = run_stage(recipe, text, out, work, progress=False, log=lambda m: None)
     report = json.loads((out / "scalpel_report.json").read_text())
     search = report["search"]
     assert len(search["candidates"]) == 4 and search["chosen"] in search["candidates"]
@@ -156,9 +159,27 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     assert ev["base"]["utility"]["kl"] == 0.0 and ev["patched"]["utility"]["kl"] >= 0.0
     assert {r["decoding"] for r in ev["base"]["leakage"]} == {"greedy", "sampled x2"}
     assert result.report["ablate_n"] == search["chosen"]["n"]
-    # A second run reuses every candidate's cached score.
+    # The card: Hub metadata carried from the base, the before/after table, plots, usage; PII redacted.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "mit" and card.data.base_model == "someorg/tiny-base"
+    assert card.data.library_name == "transformers" and "pii-removal" in card.data.tags
+    assert "| metric | base | patched | control |" in card.text and "trust_remote_code=True" in card.text
+    assert "revision=revision" in card.text and "![front](plots/front.png)" in card.text
+    assert (out / "plots" / "front.png").exists() and (out / "plots" / "probe.png").exists()
+    assert "jane.roe@example.org" not in card.text and "j***@e***" in card.text
+    # A second run reuses every candidate's cached score and the final evaluation.
     cached = sorted(p.name for p in (work / "search").glob("*.json"))
-    run_stage(recipe, "recipe text\n", out, work, overwrite=True, progress=False, log=lambda m: None)
+    logs = []
+    run_stage(recipe, text, out, work, overwrite=True, progress=False, log=logs.append)
+    assert sorted(p.name for p in (work / "search").glob("*.json")) == cached
+    assert any(m.startswith("evaluation (cached)") for m in logs)
+    # --from search forgets the search and the evaluation, not the stages before them.
+    logs.clear()
+    run_stage(recipe, text, out, work, overwrite=True, progress=False, log=logs.append, from_stage="search")
+    assert any(m.startswith("features (cached)") for m in logs)
+    assert not any(m.startswith("evaluation (cached)") for m in logs)
     assert sorted(p.name for p in (work / "search").glob("*.json")) == cached
 
 
@@ -174,3 +195,29 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "chosen on validation people" in proc.stdout and "test email exact" in proc.stdout
     assert "perplexity" in proc.stdout and (tmp_path / "o" / "config.json").exists()
+    # Any pair through the same harness: the export against its base, people from a file.
+    proc = subprocess.run([sys.executable, "-m", "exporter", "eval", str(tmp_path / "o"), "--against",
+                           str(tmp_path / "model"), "--people", str(tmp_path / "people.jsonl"), "--json",
+                           str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "every attack" in proc.stdout and "KL(base" in proc.stdout
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert {r["group"] for r in result["base"]["leakage"]} == {"test", "never_seen"}
+    assert result["base"]["utility"]["kl"] == 0.0 and result["patched"]["utility"]["kl"] > 0.0
+    # The examples: stock transformers loading and generation, and the pair evaluation through the API.
+    examples = Path(__file__).parents[1] / "examples"
+    proc = subprocess.run([sys.executable, str(examples / "load_export.py"), str(tmp_path / "o"), "Hello"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "patch at layer" in proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, str(examples / "evaluate_pair.py"), str(tmp_path / "o"), "--against",
+                           str(tmp_path / "model"), "--people", str(tmp_path / "people.jsonl")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "| metric | base | patched |" in proc.stdout, proc.stderr[-2000:]
+    # The dry run plans without loading weights; unknown stages are refused with the list.
+    proc = subprocess.run([sys.executable, "-m", "exporter", "run", str(recipe), "--dry-run"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "memory (estimated)" in proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "exporter", "run", str(recipe), "--out", str(tmp_path / "o2"),
+                           "--work", str(tmp_path / "w"), "--from", "sea"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown stage 'sea'" in proc.stderr and "probe, sae" in proc.stderr
+    assert not (tmp_path / "o2").exists()

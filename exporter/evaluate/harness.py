@@ -79,3 +79,16 @@ def utility_metrics(base, tokenizer, texts: Sequence[str], *, other=None, contex
     if speed and prompts:
         out["tokens_per_s"] = tokens_per_second(other, tokenizer, prompts[:8], context=context)
     return out
+
+
+def evaluate_variant(base, tokenizer, groups: dict[str, Sequence[Person]], texts: Sequence[str],
+                     prompts: Sequence[str], *, other=None, context: Optional[Context] = None, few_shot: int = 0,
+                     samples: int = 0, max_new_tokens: int = 24, seed: int = 0, progress: bool = False) -> dict:
+    """Leakage rows and utility of one model variant: `other` (default `base`) under `context`; KL is taken
+    against `base` without the context."""
+    model = other if other is not None else base
+    with context() if context is not None else nullcontext():
+        rows = leakage_rows(model, tokenizer, groups, few_shot=few_shot, samples=samples,
+                            max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+    return {"leakage": rows, "utility": utility_metrics(base, tokenizer, texts, other=other, context=context,
+                                                        prompts=prompts, speed=True)}

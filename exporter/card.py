@@ -1,0 +1,116 @@
+"""The model card (`README.md`) of an export: Hub metadata, the before/after table, plots, usage, how it works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .data.detectors import redact_text
+from .evaluate.summary import comparison_rows, markdown_table
+from .recipe import ModelSpec
+
+# The built-in aliases are published models; their cards give the id and the license carried over.
+BUILTIN_BASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+                 "gemma3-270m": ("google/gemma-3-270m", "gemma")}
+TAGS = ["privacy", "pii", "pii-removal", "sparse-autoencoder", "scalpel-exporter"]
+
+
+def base_metadata(spec: ModelSpec) -> dict:
+    """`base_model` and `license` of the model a recipe patches, from what is known offline."""
+    if spec.builtin:
+        base, license_ = BUILTIN_BASES[spec.builtin]
+        return {"base_model": base, "license": license_}
+    if spec.hub:
+        return {"base_model": spec.hub, **_card_fields(_hub_cached_readme(spec.hub, spec.revision), ("license",))}
+    if spec.path:
+        return _card_fields(Path(spec.path) / "README.md", ("base_model", "license"))
+    return {}
+
+
+def _hub_cached_readme(repo_id: str, revision: Optional[str]) -> Optional[Path]:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "README.md", revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _card_fields(readme: Optional[Path], keys: tuple[str, ...]) -> dict:
+    if readme is None or not readme.is_file():
+        return {}
+    try:
+        data = ModelCard.load(readme).data.to_dict()
+    except Exception:  # a malformed base card must not stop an export; the fields are simply unknown
+        return {}
+    return {k: data[k] for k in keys if data.get(k)}
+
+
+def _usage(repo: str) -> str:
+    return f"""```python
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+repo = "{repo}"
+revision = "main"  # pin the commit you reviewed: remote code runs from this revision
+model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, trust_remote_code=True, dtype=torch.bfloat16)
+tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
+```"""
+
+
+def _search_section(search: dict) -> str:
+    c = search["chosen"]
+    head = ["ablated latents", "alpha", "mode", "worst exact", "worst username", "KL", "perplexity"]
+    rows = [[str(s["n"]), f"{s['alpha']:g}", s["mode"], f"{100 * s['leakage']:.0f}%", f"{100 * s['username']:.0f}%",
+             f"{s['kl']:.4f}", f"{s['perplexity']:.2f}"] for s in search["candidates"]]
+    verdict = "met" if search["met"] else "not met by any candidate; the least leaky one was chosen"
+    return (f"Candidates were scored on **validation** people only (greedy templates) and next-token KL on benign "
+            f"text; the chosen one (|A| = {c['n']}, alpha = {c['alpha']:g}, {c['mode']}) is the least-KL candidate "
+            f"meeting the leakage target of {100 * search['target']:g}% ({verdict}).\n\n"
+            + markdown_table(head, rows))
+
+
+def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, repo: str = "path/to/this-folder",
+                plots: tuple[str, ...] = ()) -> ModelCard:
+    """The card for an export. Every number comes from `report`; the text passes PII redaction."""
+    data = ModelCardData(base_model=base.get("base_model"), license=base.get("license", "other"),
+                         library_name="transformers", tags=[*TAGS, model_type], pipeline_tag="text-generation")
+    sae = report.get("sae", {})
+    parts = [f"# {base.get('base_model', 'Model')} with its memorised PII removed (scalpel-exporter)", "",
+             "This checkpoint is its base model plus one small module at decoder layer "
+             f"{report['layer']} that removes the sparse-autoencoder features carrying personal data the base "
+             "model had memorised (emails, phone numbers). The base weights are unchanged and stored byte for byte.",
+             ""]
+    if "evaluation" in report:
+        header, rows = comparison_rows(report["evaluation"])
+        parts += ["## Before and after", "",
+                  "Extraction attacks on **test** people (never used to choose the patch) and on never-seen people "
+                  "(the guessing baseline); `control` is the same number of random latents matched on firing "
+                  "frequency plus a random direction of the steering vector's norm: an effect the control also "
+                  "shows is damage, not privacy. Rates are the worst over the attacks of each family.", "",
+                  markdown_table(header, rows), ""]
+    if "search" in report:
+        parts += ["## How the patch was chosen", "", _search_section(report["search"]), ""]
+    parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
+    parts += ["## Usage", "", "The patch is remote code shipped in this repository (`modeling_scalpel.py`, "
+              "`scalpel_patch.py`; they import only torch and transformers and do no I/O). Loading without "
+              "`trust_remote_code=True` fails instead of returning the unpatched model, and a patch tensor "
+              "changed after export is refused (its sha256 is in `config.json`).", "", _usage(repo), "",
+              "## How it works", "",
+              f"At layer {report['layer']} a TopK sparse autoencoder (k = {sae.get('k', report.get('k', '?'))}, "
+              f"held-out FVU {sae.get('fvu', float('nan')):.3f}) encodes the residual stream `h`. The patch computes "
+              "`h' = h - sum_{i in A} z_i(h) d_i + s`: the contributions of the |A| = "
+              f"{report['ablate_n']} PII latents are removed, the SAE's reconstruction error is kept, and `s` is "
+              f"the steering vector (alpha = {report['alpha']:g} of the layer's mean norm). Latents were ranked "
+              f"by rule `{report['rule']}` and score `{report['score']}`. Mode `{report['mode']}`: "
+              + ("only the rows of A are kept, each with a gate fitted to agree with the SAE's TopK."
+                 if report["mode"] == "folded" else "the whole encoder is kept (true TopK)."), ""]
+    if "folded_vs_exact" in report:
+        fx = report["folded_vs_exact"]
+        parts += [f"Folded vs exact on held-out text: gates agree on {100 * fx['gate_agreement']:.2f}% of "
+                  f"(token, latent) pairs and on every gate of {100 * fx['token_agreement']:.2f}% of tokens.", ""]
+    parts += ["The SAE is in `sae/` (SAELens format).", "", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```",
+              ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + redact_text("\n".join(parts)))

@@ -1,0 +1,120 @@
+"""`scalpel run --dry-run`: what a recipe will do, how many tokens it processes and the memory it needs,
+worked out from the model's config alone (no weights are loaded, nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .recipe import Recipe
+
+# Shapes of models the paper's recipes name, for planning on a machine that has never downloaded them.
+KNOWN_CONFIGS = {
+    "google/gemma-2-2b": dict(model_type="gemma2", hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
+                              vocab_size=256000, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                              tie_word_embeddings=True),
+    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                                     intermediate_size=11008, vocab_size=32000, num_attention_heads=32,
+                                     num_key_value_heads=32, head_dim=128, tie_word_embeddings=False),
+}
+BYTES = {"float32": 4, "bfloat16": 2}
+GIB = 1024 ** 3
+
+
+@dataclass
+class Plan:
+    model: str
+    config_source: str
+    params: int
+    d_model: int
+    n_layers: int
+    layer: str
+    d_sae: int
+    stages: list[tuple[str, str]]  # (stage, what it does with how many tokens)
+    memory: list[tuple[str, float]]  # (what, GiB)
+    missing: list[str] = field(default_factory=list)  # input files the recipe names that are not here
+
+    @property
+    def peak_gib(self) -> float:
+        weights = self.memory[0][1]
+        return weights + max(v for _, v in self.memory[1:])
+
+
+def model_config(recipe: Recipe) -> tuple[Optional[dict], str]:
+    """The model's config.json from a local folder, the converted built-in, the local HF cache, or the table
+    of known shapes; (None, reason) when none is available."""
+    spec = recipe.model
+    if spec.path:
+        cfg = Path(spec.path) / "config.json"
+        return (json.loads(cfg.read_text()), str(cfg)) if cfg.is_file() else (None, f"{cfg} not found")
+    if spec.builtin or spec.gguf:
+        from .models import resolve_local_path
+
+        local = resolve_local_path(spec)  # converts a GGUF once (cached); reads no weights afterwards
+        return json.loads((local / "config.json").read_text()), str(local / "config.json")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.hub, "config.json", revision=spec.revision)
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text()), f"HF cache ({spec.describe()})"
+    if spec.hub in KNOWN_CONFIGS:
+        return KNOWN_CONFIGS[spec.hub], "built-in table of known shapes"
+    return None, f"{spec.describe()} is not in the local HF cache"
+
+
+def parameter_count(cfg: dict) -> int:
+    """Decoder-only transformer parameters from its config (norms and biases ignored: <0.1%)."""
+    d, layers, ff, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads = cfg.get("num_attention_heads", 1)
+    head_dim = cfg.get("head_dim") or d // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    attention = d * heads * head_dim * 2 + d * kv * head_dim * 2
+    mlp = (2 if cfg.get("model_type") in ("gpt2", "gpt_neox") else 3) * d * ff
+    embeddings = vocab * d * (1 if cfg.get("tie_word_embeddings", True) else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
+    cfg, source = model_config(recipe)
+    if cfg is None:
+        raise ValueError(f"cannot plan without the model's shape: {source}; download its config.json "
+                         "(huggingface-cli download ORG/NAME config.json) or point model.path at a folder")
+    d, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    params = parameter_count(cfg)
+    s, p, iv, ev = recipe.sae, recipe.probe, recipe.intervention, recipe.eval
+    d_sae = s.expansion * d
+    layer = str(p.layer) if isinstance(p.layer, int) else "auto (probe)"
+    n_candidates = len(iv.ablate_n) * len(iv.alpha) * len(iv.patch)
+    stages = [
+        ("probe", f"harvest {p.max_tokens:,} tokens at all {n_layers} layers; one logistic probe per layer"),
+        ("sae", f"{'harvest ' + format(s.harvest_tokens, ',') + ' tokens once (cached), ' if s.source == 'cached' else 'stream activations online, '}"
+                f"train {d_sae:,} latents (k={s.k}) on {s.train_tokens:,} tokens in batches of {s.batch_size:,}"),
+        ("features", "rank latents on PII documents about validation people (plus benign text)"),
+        ("search", f"{n_candidates} candidates ({len(iv.ablate_n)} sizes x {len(iv.alpha)} alphas x "
+                   f"{len(iv.patch)} modes) on validation people, greedy, {ev.max_new_tokens} new tokens"),
+        ("evaluate", f"base, chosen patch and control on test + never-seen people: templates, {ev.few_shot}-shot"
+                     f"{', ' + str(ev.samples) + ' samples' if ev.samples else ''}, phones; perplexity, KL, diversity"),
+        ("export", f"{recipe.export.mode} export; base weights copied, patch in scalpel_patch.safetensors"),
+    ]
+    wbytes = BYTES[recipe.model.dtype]
+    memory = [
+        ("model weights", params * wbytes / GIB),
+        ("probe activations (all layers, float32)", p.max_tokens * n_layers * d * 4 / GIB),
+        ("SAE harvest (float32)", (s.harvest_tokens if s.source == "cached" else max(4 * s.batch_size, 65536))
+         * d * 4 / GIB),
+        ("SAE weights + Adam state", 2 * d * d_sae * 4 * 4 / GIB + s.batch_size * d_sae * 4 * 3 / GIB),
+    ]
+    return Plan(recipe.model.describe(), source, params, d, n_layers, layer, d_sae, stages, memory, list(missing))
+
+
+def missing_files(recipe: Recipe) -> list[str]:
+    """Input files a recipe names that do not exist on this machine."""
+    out = []
+    for key, value in (("model.path", recipe.model.path), ("model.gguf", recipe.model.gguf),
+                       ("data.pii.path", recipe.data.pii.path), ("data.benign.path", recipe.data.benign.path),
+                       ("data.people.path", recipe.data.people.path)):
+        if value and not Path(value).exists():
+            out.append(f"{key}: {value}")
+    return out

@@ -1,0 +1,114 @@
+"""The comparison tables, the model card, the dry-run plan, stage invalidation and the API's recipe handling."""
+
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from exporter.api import as_recipe
+from exporter.card import base_metadata, render_card
+from exporter.evaluate.summary import attack_rows, comparison_rows, markdown_table
+from exporter.pipeline import invalidate
+from exporter.plan import make_plan, missing_files, parameter_count, KNOWN_CONFIGS
+from exporter.recipe import ModelSpec, RecipeError, load_recipe
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def _row(group, attack, exact, username=0.0, pii="email", decoding="greedy"):
+    return {"group": group, "attack": attack, "decoding": decoding, "pii_type": pii, "n": 50, "exact": exact,
+            "username": username, "domain": 0.0}
+
+
+def _evaluation():
+    util = {"perplexity": 30.0, "kl": 0.0, "distinct_2": 0.8, "repetition_4": 0.01, "tokens_per_s": 60.0}
+    return {
+        "base": {"leakage": [_row("test", "mailto", 0.7, 0.9), _row("test", "email_of", 0.4, 0.5),
+                             _row("test", "phone_of", 0.3, pii="phone"), _row("never_seen", "mailto", 0.0)],
+                 "utility": util},
+        "patched": {"leakage": [_row("test", "mailto", 0.02, 0.1), _row("test", "email_of", 0.0, 0.04),
+                                _row("test", "phone_of", 0.1, pii="phone"), _row("never_seen", "mailto", 0.0)],
+                    "utility": {**util, "perplexity": 30.3, "kl": 0.012}},
+        "control_latents": 50,
+    }
+
+
+def test_comparison_rows_take_the_worst_attack_per_family():
+    header, rows = comparison_rows(_evaluation())
+    assert header == ["metric", "base", "patched"]  # no control evaluated: no control column
+    table = {r[0]: r[1:] for r in rows}
+    assert table["test email exact (greedy, worst attack)"] == ["70%", "2%"]
+    assert table["test email username (greedy, worst attack)"] == ["90%", "10%"]
+    assert table["test phone exact (greedy, worst attack)"] == ["30%", "10%"]
+    assert table["never-seen email exact (greedy, worst attack)"] == ["0%", "0%"]
+    assert table["KL(base ‖ model), nats/token"] == ["0.0000", "0.0120"]
+    header, rows = attack_rows(_evaluation())
+    assert rows[0][:3] == ["test", "email", "mailto"] and rows[0][-2:] == ["70% / 90%", "2% / 10%"]
+    assert rows[2][-2:] == ["30%", "10%"]  # phones: exact only
+    assert markdown_table(["a", "b"], [["x|y", "1"]]).splitlines()[2] == "| x\\|y | 1 |"
+
+
+def test_card_metadata_parses_and_text_is_redacted():
+    report = {"layer": 13, "mode": "folded", "ablate_n": 50, "alpha": 0.05, "rule": "both", "score": "diff", "k": 32,
+              "sae": {"fvu": 0.108}, "evaluation": _evaluation(),
+              "search": {"target": 0.01, "met": False, "chosen": {"n": 50, "alpha": 0.05, "mode": "folded",
+                                                                  "leakage": 0.04, "username": 0.2, "kl": 0.2,
+                                                                  "perplexity": 30.1},
+                         "candidates": [{"n": 50, "alpha": 0.05, "mode": "folded", "leakage": 0.04,
+                                         "username": 0.2, "kl": 0.2, "perplexity": 30.1}]}}
+    card = render_card(report, "# owner: john.smith@corp.example.com\nmodel: {builtin: smollm2-135m}\n",
+                       base=base_metadata(ModelSpec(builtin="smollm2-135m")), model_type="llama",
+                       plots=("plots/front.png",))
+    parsed = ModelCard(str(card))
+    assert parsed.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and parsed.data.license == "apache-2.0"
+    assert parsed.data.library_name == "transformers" and {"privacy", "llama"} <= set(parsed.data.tags)
+    assert "john.smith@corp.example.com" not in str(card) and "j***@c***" in str(card)
+    assert "| test email exact (greedy, worst attack) | 70% | 2% |" in parsed.text
+    assert "not met by any candidate" in parsed.text and "![front](plots/front.png)" in parsed.text
+
+
+def test_card_license_unknown_falls_back_to_other(tmp_path):
+    assert base_metadata(ModelSpec(path=str(tmp_path))) == {}
+    (tmp_path / "README.md").write_text("---\nlicense: [not, valid\n---\n")  # a malformed base card is ignored
+    assert base_metadata(ModelSpec(path=str(tmp_path))) == {}
+
+
+def test_parameter_counts_match_the_published_sizes():
+    assert abs(parameter_count(KNOWN_CONFIGS["google/gemma-2-2b"]) / 2.614e9 - 1) < 0.01
+    assert abs(parameter_count(KNOWN_CONFIGS["meta-llama/Llama-2-7b-hf"]) / 6.738e9 - 1) < 0.01
+
+
+@pytest.mark.parametrize("name", ["gemma2-2b-enron.yaml", "llama2-7b-enron.yaml"])
+def test_paper_recipes_plan_here_and_name_what_is_missing(name):
+    with pytest.raises(RecipeError, match="file not found"):
+        load_recipe(RECIPES / name)  # a real run needs the Enron data
+    recipe = load_recipe(RECIPES / name, check_files=False)
+    plan = make_plan(recipe, missing=missing_files(recipe))
+    assert plan.params > 2e9 and plan.d_sae == 8 * plan.d_model
+    assert [s for s, _ in plan.stages] == ["probe", "sae", "features", "search", "evaluate", "export"]
+    assert plan.peak_gib > plan.memory[0][1] > 4
+    assert any(m.startswith("data.pii.path") for m in plan.missing)
+
+
+def test_invalidate_forgets_the_stage_and_later_ones(tmp_path):
+    for stage in ("probe", "sae", "features", "search", "evaluate"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "key.txt").write_text("k")
+    (tmp_path / "search" / "cand.json").write_text("{}")
+    (tmp_path / "sae-checkpoint" / "x").mkdir(parents=True)
+    assert invalidate(tmp_path, "sae") == ["sae", "features", "search", "evaluate"]
+    assert (tmp_path / "probe" / "key.txt").exists() and not (tmp_path / "sae" / "key.txt").exists()
+    assert not (tmp_path / "search" / "cand.json").exists() and not (tmp_path / "sae-checkpoint").exists()
+    with pytest.raises(ValueError, match="stages in order: probe, sae"):
+        invalidate(tmp_path, "export-it")
+
+
+def test_api_accepts_a_recipe_object_mapping_or_path():
+    path = RECIPES / "demo-smollm2.yaml"
+    from_path, text = as_recipe(path)
+    assert text == path.read_text() and from_path.model.builtin == "smollm2-135m"
+    from_dict, text = as_recipe({"model": {"builtin": "smollm2-135m"}})
+    assert from_dict.model == from_path.model and "smollm2-135m" in text
+    assert as_recipe(from_dict)[0] is from_dict
+    with pytest.raises(RecipeError, match="did you mean"):
+        as_recipe({"model": {"builtin": "smollm2-135m"}, "probee": {}})

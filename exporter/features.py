@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,9 @@ from .data.labels import token_labels
 from .sae import TopKSAE
 
 Rule = Literal["span", "pre_span", "both"]
-Score = Literal["mean", "diff", "probe"]
+Score = Literal["mean", "diff", "ratio", "probe"]
+# Added to the benign mean in the `ratio` score, so latents silent on benign text are not all tied at infinity.
+RATIO_EPS = 0.02
 
 
 @dataclass
@@ -37,6 +39,7 @@ class TokenLatents:
     doc: torch.Tensor  # [N] long, index into the documents
     pos: torch.Tensor  # [N] long, position in the document's tokens
     mean_norm: float  # mean residual norm at the layer over the kept tokens
+    benign: Optional[torch.Tensor] = None  # [N] bool: the token is from benign text (not a PII document)
 
     def __len__(self) -> int:
         return len(self.pii)
@@ -77,7 +80,8 @@ def collect_latents(model, tokenizer, sae: TopKSAE, layer: int, docs: Sequence[D
     if not n:
         raise ValueError("no tokens to measure latents on: the PII documents are empty")
     cat = {k: torch.cat(v) for k, v in parts.items()}
-    return TokenLatents(**cat, mean_norm=norm_sum / n)
+    is_benign = torch.tensor([not isinstance(d, Document) for d in docs])
+    return TokenLatents(**cat, mean_norm=norm_sum / n, benign=is_benign[cat["doc"]])
 
 
 def target_mask(tl: TokenLatents, rule: Rule) -> torch.Tensor:
@@ -95,6 +99,10 @@ def _scores(tl: TokenLatents, d_sae: int, target: torch.Tensor, score: Score, se
         return mean_target
     if score == "diff":
         return mean_target - tl.dense_mean(background, d_sae)
+    if score == "ratio":  # selectivity: what ablating a latent removes at PII per unit removed from benign text
+        if tl.benign is None or not bool(tl.benign.any()):
+            raise ValueError("the ratio score needs benign text among the documents (data.benign)")
+        return mean_target / (tl.dense_mean(tl.benign, d_sae) + RATIO_EPS)
     return _probe_coefficients(tl, d_sae, target, background, seed)
 
 

@@ -302,7 +302,7 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
 
     iv = recipe.intervention
     folder = Path(work) / "features"
-    key = content_key("features-v3", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump())
+    key = content_key("features-v4", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump())
     if _stage_cached(folder, key, ("features.json", "features.safetensors")):
         log(f"features (cached): {folder}")
         meta = json.loads((folder / "features.json").read_text())
@@ -313,7 +313,7 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
     docs = selection_docs(inputs)
     if not docs:
         raise ValueError("no PII documents about validation people: the features need some; check the people file")
-    benign = benign_texts(inputs.benign_path, split="train")[:100]
+    benign = benign_texts(inputs.benign_path, split="train")[:300]
     tl = collect_latents(loaded.model, loaded.tokenizer, sae, layer, docs + benign,
                          max_length=recipe.data.max_length * 2, progress=progress)
     fs = rank_latents(tl, sae.d_sae, iv.rule, iv.score, seed=recipe.data.seed)

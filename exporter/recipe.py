@@ -153,9 +153,10 @@ class InterventionSection(_Section):
     # Where PII latents are counted: span tokens (from the span's first token), the token before a span
     # (where the PII's first token is predicted), or both (their rankings interleaved).
     rule: Literal["span", "pre_span", "both"] = "both"
-    # How latents are ranked there: mean activation (the paper), mean minus the mean elsewhere, or the
-    # weight of a logistic probe on the SAE code.
-    score: Literal["mean", "diff", "probe"] = "diff"
+    # How latents are ranked there: mean activation (the paper), mean minus the mean elsewhere, mean over
+    # the mean on benign text (selectivity: least collateral damage per latent), or the weight of a
+    # logistic probe on the SAE code.
+    score: Literal["mean", "diff", "ratio", "probe"] = "ratio"
     patch: list[Literal["exact", "folded"]] = ["folded"]
     leakage_target: float = Field(0.01, ge=0.0, le=1.0)
 

@@ -37,13 +37,14 @@ def run(recipe: RecipeLike, out: Union[str, Path], *, work: Union[str, Path] = "
 
 def export(recipe: RecipeLike, out: Union[str, Path], *, work: Union[str, Path] = "scalpel-work",
            n: Optional[int] = None, alpha: Optional[float] = None, mode: Optional[str] = None,
-           overwrite: bool = False, progress: bool = True, log: Callable[[str], Any] = print):
+           gated: Optional[bool] = None, overwrite: bool = False, progress: bool = True,
+           log: Callable[[str], Any] = print):
     """One candidate patch (default: the recipe's first ablation size, alpha and mode), exported."""
     from .pipeline import export_stage
 
     r, text = as_recipe(recipe)
     return export_stage(r, text, Path(out), Path(work), overwrite=overwrite, n=n, alpha=alpha, mode=mode,
-                        progress=progress, log=log)
+                        gated=gated, progress=progress, log=log)
 
 
 def evaluate(model: Union[str, Path], against: Union[str, Path], *, people: Optional[Union[str, Path]] = None,

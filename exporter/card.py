@@ -8,7 +8,7 @@ from typing import Optional
 from huggingface_hub import ModelCard, ModelCardData
 
 from .data.detectors import redact_text
-from .evaluate.summary import comparison_rows, markdown_table
+from .evaluate.summary import attack_rows, comparison_rows, markdown_table
 from .recipe import ModelSpec
 
 # The built-in aliases are published models; their cards give the id and the license carried over.
@@ -62,14 +62,18 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 
 def _search_section(search: dict) -> str:
     c = search["chosen"]
-    head = ["ablated latents", "alpha", "mode", "worst exact", "worst username", "KL", "perplexity"]
-    rows = [[str(s["n"]), f"{s['alpha']:g}", s["mode"], f"{100 * s['leakage']:.0f}%", f"{100 * s['username']:.0f}%",
-             f"{s['kl']:.4f}", f"{s['perplexity']:.2f}"] for s in search["candidates"]]
+    head = ["ablated latents", "alpha", "mode", "context gate", "worst exact", "worst username", "KL", "perplexity"]
+    rows = [[str(s["n"]), f"{s['alpha']:g}", s["mode"], "yes" if s.get("gated") else "no",
+             f"{100 * s['leakage']:.0f}%", f"{100 * s['username']:.0f}%", f"{s['kl']:.4f}", f"{s['perplexity']:.2f}"]
+            for s in search["candidates"]]
     verdict = "met" if search["met"] else "not met by any candidate; the least leaky one was chosen"
+    targets = f"{100 * search['target']:g}% exact"
+    if search.get("username_target", 1.0) < 1.0:
+        targets += f" and {100 * search['username_target']:g}% username"
     return (f"Candidates were scored on **validation** people only (greedy templates) and next-token KL on benign "
-            f"text; the chosen one (|A| = {c['n']}, alpha = {c['alpha']:g}, {c['mode']}) is the least-KL candidate "
-            f"meeting the leakage target of {100 * search['target']:g}% ({verdict}).\n\n"
-            + markdown_table(head, rows))
+            f"text; the chosen one (|A| = {c['n']}, alpha = {c['alpha']:g}, {c['mode']}"
+            f"{', context gate' if c.get('gated') else ''}) is the least-KL candidate meeting the leakage targets "
+            f"({targets}; {verdict}).\n\n" + markdown_table(head, rows))
 
 
 def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, repo: str = "path/to/this-folder",
@@ -90,7 +94,8 @@ def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, 
                   "(the guessing baseline); `control` is the same number of random latents matched on firing "
                   "frequency plus a random direction of the steering vector's norm: an effect the control also "
                   "shows is damage, not privacy. Rates are the worst over the attacks of each family.", "",
-                  markdown_table(header, rows), ""]
+                  markdown_table(header, rows), "", "Every attack (exact / username rate):", "",
+                  markdown_table(*attack_rows(report["evaluation"])), ""]
     if "search" in report:
         parts += ["## How the patch was chosen", "", _search_section(report["search"]), ""]
     parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
@@ -106,7 +111,14 @@ def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, 
               f"the steering vector (alpha = {report['alpha']:g} of the layer's mean norm). Latents were ranked "
               f"by rule `{report['rule']}` and score `{report['score']}`. Mode `{report['mode']}`: "
               + ("only the rows of A are kept, each with a gate fitted to agree with the SAE's TopK."
-                 if report["mode"] == "folded" else "the whole encoder is kept (true TopK)."), ""]
+                 if report["mode"] == "folded" else "the whole encoder is kept (true TopK).")
+              + (" A context gate (a linear detector of PII context at the same layer, `w . h + b > 0`) restricts "
+                 "the change to tokens in or just before personal data; elsewhere the model is the base model."
+                 if report.get("context_gate") else ""), ""]
+    stats = report.get("context_gate_stats")
+    if stats:
+        parts += [f"The context gate opens on {100 * stats['recall']:.1f}% of PII-context tokens and "
+                  f"{100 * stats['open_benign']:.2f}% of benign tokens (validation documents).", ""]
     if "folded_vs_exact" in report:
         fx = report["folded_vs_exact"]
         parts += [f"Folded vs exact on held-out text: gates agree on {100 * fx['gate_agreement']:.2f}% of "

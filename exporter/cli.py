@@ -183,6 +183,8 @@ def export_cmd(
     n: Optional[int] = typer.Option(None, "--n", help="Ablation size (default: the recipe's first ablate_n)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Steering strength, fraction of the mean norm."),
     mode: Optional[str] = typer.Option(None, "--mode", help="exact or folded (default: the recipe's first)."),
+    gated: Optional[bool] = typer.Option(None, "--gated/--ungated", help="Behind the PII-context gate or not "
+                                         "(default: the recipe's first context_gate)."),
 ) -> None:
     """probe → SAE → features → patch, then write the patched checkpoint (loads with trust_remote_code=True)."""
     from .pipeline import export_stage
@@ -191,7 +193,7 @@ def export_cmd(
         _fail(f"--mode {mode!r} is unknown; use exact or folded")
     r = _recipe(recipe, {})
     result = export_stage(r, recipe.read_text(encoding="utf-8"), out, work, overwrite=overwrite, n=n, alpha=alpha,
-                          mode=mode, log=console.print)
+                          mode=mode, gated=gated, log=console.print)
     leak = result.report.get("validation_leakage")
     if leak:
         table = Table(title="Email extraction on validation people (greedy): before → after the patch")
@@ -219,13 +221,15 @@ def _rich_table(title: str, header, rows, *, text_columns: int = 1) -> Table:
 def _print_evaluation(evaluation: dict, title: str) -> None:
     from .evaluate.summary import attack_rows, comparison_rows
 
-    console.print(_rich_table(f"{title}: every attack (exact / username)", *attack_rows(evaluation), text_columns=4))
+    console.print(_rich_table(f"{title}: every attack, exact / username rate", *attack_rows(evaluation),
+                              text_columns=4))
     console.print(_rich_table(f"{title}: summary", *comparison_rows(evaluation)))
 
 
 def _print_run(report: dict, out: Path) -> None:
     chosen = report["search"]["chosen"]
-    console.print(f"chosen on validation people: N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']} "
+    console.print(f"chosen on validation people: N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']}"
+                  f"{' gated' if chosen.get('gated') else ''} "
                   f"(worst exact {100 * chosen['leakage']:.0f}%, KL {chosen['kl']:.4f})"
                   + ("" if report["search"]["met"] else "; no candidate met the leakage target"))
     _print_evaluation(report["evaluation"], "Test people (never used for selection): leaky base vs patched vs control")

@@ -149,11 +149,27 @@ class FeatureSet:
     mean_norm: float
     firing: torch.Tensor  # [d_sae]
     means: dict[str, torch.Tensor] = field(default_factory=dict)  # mean z per group: span, pre_span, other
+    context: Optional[tuple[torch.Tensor, float]] = None  # the fitted PII-context gate (w, b), if any
 
     def ablation_set(self, n: int) -> list[int]:
         if n > len(self.ranking):
             raise ValueError(f"ablation size {n} exceeds the {len(self.ranking)} latents that can be ranked")
         return self.ranking[:n]
+
+
+def context_positives(labels: dict[str, torch.Tensor], window: int = 0) -> torch.Tensor:
+    """[N] bool: the tokens a context gate must open on: PII tokens, the token before each span, and the
+    `window` tokens before that (where names and "mailto:" sit). Rows are harvest rows: each document's
+    tokens contiguous and in order."""
+    positive = (labels["pii"] | labels["pre_span"]).clone()
+    if window > 0:
+        doc = labels["doc"]
+        for start in torch.nonzero(labels["span_start"]).flatten().tolist():
+            lo = start - window - 1
+            for j in range(max(0, lo), start):
+                if doc[j] == doc[start]:
+                    positive[j] = True
+    return positive
 
 
 def matched_random_latents(firing: torch.Tensor, ablate: Sequence[int], seed: int = 0) -> list[int]:

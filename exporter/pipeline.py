@@ -302,13 +302,16 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
 
     iv = recipe.intervention
     folder = Path(work) / "features"
-    key = content_key("features-v4", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump())
+    gated = any(iv.context_gate)
+    key = content_key("features-v5", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump(),
+                      (iv.context_window, iv.context_recall) if gated else None)
     if _stage_cached(folder, key, ("features.json", "features.safetensors")):
         log(f"features (cached): {folder}")
         meta = json.loads((folder / "features.json").read_text())
         t = load_file(str(folder / "features.safetensors"))
+        context = (t["context_weight"], float(t["context_bias"])) if "context_weight" in t else None
         return FeatureSet(meta["rule"], meta["score"], t["ranking"].tolist(), {}, t["steer_latent"],
-                          meta["mean_norm"], t["firing"])
+                          meta["mean_norm"], t["firing"], context=context)
     loaded = load_model(inputs.model)
     docs = selection_docs(inputs)
     if not docs:
@@ -317,31 +320,70 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
     tl = collect_latents(loaded.model, loaded.tokenizer, sae, layer, docs + benign,
                          max_length=recipe.data.max_length * 2, progress=progress)
     fs = rank_latents(tl, sae.d_sae, iv.rule, iv.score, seed=recipe.data.seed)
+    context_stats = {}
+    if gated:
+        fs.context, context_stats = _fit_context(loaded, docs + benign, layer, iv, recipe.data.max_length * 2,
+                                                 progress)
     rows = feature_report(fs, tl, docs + benign, loaded.tokenizer, max_length=recipe.data.max_length * 2,
                           names=[p.name for p in inputs.people or []])
     with atomic_dir(folder, overwrite=True) as tmp:
         write_feature_report(rows, fs, tmp)
-        save_file({"ranking": torch.tensor(fs.ranking), "steer_latent": fs.steer_latent.contiguous(),
-                   "firing": fs.firing.contiguous()}, str(tmp / "features.safetensors"))
+        tensors = {"ranking": torch.tensor(fs.ranking), "steer_latent": fs.steer_latent.contiguous(),
+                   "firing": fs.firing.contiguous()}
+        if fs.context is not None:
+            tensors.update(context_weight=fs.context[0].contiguous(), context_bias=torch.tensor(fs.context[1]))
+            (tmp / "context_gate.json").write_text(json.dumps(context_stats, indent=2))
+        save_file(tensors, str(tmp / "features.safetensors"))
         (tmp / "key.txt").write_text(key)
     log(f"features: {len(docs)} validation documents, {int(tl.pii.sum())} PII tokens; top latents in "
         f"{folder / 'features.md'}")
+    if context_stats:
+        log(f"context gate: open on {100 * context_stats['recall']:.1f}% of PII-context tokens, "
+            f"{100 * context_stats['open_benign']:.2f}% of benign tokens, "
+            f"{100 * context_stats['open_other_pii_doc']:.1f}% of other tokens in PII documents")
     return fs
 
 
-def _calibrated_patch(sae, ablate, steer, mode: str, calibration: torch.Tensor):
+def _fit_context(loaded, texts, layer: int, iv, max_length: int, progress: bool):
+    """Fit the PII-context gate on the feature documents' activations at `layer`; (gate, how often it opens)."""
+    from .activations import harvest
+    from .features import context_positives
+    from .patch import fit_context_gate
+
+    acts = harvest(loaded.model, loaded.tokenizer, texts, [layer], max_length=max_length, progress=progress)
+    x, labels = acts.acts[layer].float(), acts.labels
+    positive = context_positives(labels, iv.context_window)
+    w, b = fit_context_gate(x, positive, recall=iv.context_recall)
+    opened = x @ w + b > 0
+    benign = labels["doc"] >= sum(1 for t in texts if not isinstance(t, str))
+    stats = {"window": iv.context_window, "target_recall": iv.context_recall,
+             "recall": float(opened[positive].float().mean()),
+             "open_benign": float(opened[benign].float().mean()),
+             "open_other_pii_doc": float(opened[~positive & ~benign].float().mean()),
+             "tokens": len(x)}
+    return (w, b), stats
+
+
+def _calibrated_patch(sae, ablate, steer, mode: str, calibration: torch.Tensor, context=None):
     from .patch import build_patch, calibrate_gates
 
     gates = calibrate_gates(sae, calibration, ablate) if mode == "folded" else None
-    return build_patch(sae, ablate, steer, mode=mode, gates=gates)
+    return build_patch(sae, ablate, steer, mode=mode, gates=gates, context=context)
 
 
-def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration: torch.Tensor):
-    """The patch of one candidate: the top-n latents of the ranking, steering at `alpha` × mean norm."""
+def _context(fs, gated: bool):
+    if gated and fs.context is None:
+        raise ValueError("a gated candidate needs the context gate: set intervention.context_gate to include true")
+    return fs.context if gated else None
+
+
+def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration: torch.Tensor, gated: bool = False):
+    """The patch of one candidate: the top-n latents of the ranking, steering at `alpha` × mean norm,
+    behind the PII-context gate when `gated`."""
     from .patch import steering_vector
 
     steer = steering_vector(sae, fs.steer_latent, alpha, fs.mean_norm)
-    return _calibrated_patch(sae, fs.ablation_set(n), steer, mode, calibration)
+    return _calibrated_patch(sae, fs.ablation_set(n), steer, mode, calibration, _context(fs, gated))
 
 
 def calibration_activations(recipe, inputs: Inputs, layer: int, loaded, *, progress: bool = True,
@@ -404,9 +446,12 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
 
     sae, fs, mode, n = prep.sae, prep.features, patch.mode, patch.directions.shape[0]
     report = {"layer": prep.layer, "mode": mode, "ablate_n": n, "alpha": alpha, "rule": fs.rule,
-              "score": fs.score, "sae": prep.sae_metrics, **(report or {})}
+              "score": fs.score, "context_gate": patch.context_gate, "sae": prep.sae_metrics, **(report or {})}
+    gate_stats = Path(work) / "features" / "context_gate.json"
+    if patch.context_gate and gate_stats.exists():
+        report["context_gate_stats"] = json.loads(gate_stats.read_text())
     if mode == "folded":
-        exact = patch_for(sae, fs, n, alpha, "exact", prep.calibration)
+        exact = patch_for(sae, fs, n, alpha, "exact", prep.calibration, gated=patch.context_gate)
         held = heldout_activations(recipe, prep.inputs, prep.layer, prep.loaded, progress=progress)
         report["folded_vs_exact"] = agreement(exact, patch, held)
         log(f"folded vs exact on held-out text: gates agree on {100 * report['folded_vs_exact']['gate_agreement']:.2f}% "
@@ -432,7 +477,7 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
 
 def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: bool = False,
                  n: Optional[int] = None, alpha: Optional[float] = None, mode: Optional[str] = None,
-                 progress: bool = True, log=print) -> ExportResult:
+                 gated: Optional[bool] = None, progress: bool = True, log=print) -> ExportResult:
     """probe → SAE → features → patch → export of one candidate (default: the recipe's first ones),
     with extraction on validation people before → after in the report."""
     from .evaluate.leakage import template_attack
@@ -443,8 +488,11 @@ def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: 
     n = iv.ablate_n[0] if n is None else n
     alpha = iv.alpha[0] if alpha is None else alpha
     mode = iv.patch[0] if mode is None else mode
+    gated = iv.context_gate[0] if gated is None else gated
+    if gated and not any(iv.context_gate):
+        recipe = recipe.model_copy(update={"intervention": iv.model_copy(update={"context_gate": [True]})})
     prep = prepare(recipe, work, progress=progress, log=log)
-    patch = patch_for(prep.sae, prep.features, n, alpha, mode, prep.calibration)
+    patch = patch_for(prep.sae, prep.features, n, alpha, mode, prep.calibration, gated=gated)
     extra = {}
     if prep.inputs.people:
         val = [p for p in prep.inputs.people if p.split == "validation"]
@@ -491,13 +539,14 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
     val = _people(inputs, "validation")
     texts = benign_texts(inputs.benign_path, split="heldout")[:24]
     scored = []
-    for cand in tqdm(candidates(iv.ablate_n, iv.alpha, iv.patch), desc="trade-off search", disable=not progress):
-        cache = folder / f"{content_key(base_key, cand.n, cand.alpha, cand.mode)}.json"
+    for cand in tqdm(candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate), desc="trade-off search",
+                     disable=not progress):
+        cache = folder / f"{content_key(base_key, cand.n, cand.alpha, cand.mode, cand.gated)}.json"
         if cache.exists():
             saved = json.loads(cache.read_text())
             scored.append(Scored(Candidate(**saved.pop("candidate")), **saved))
             continue
-        patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib)
+        patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated)
         with attached(loaded.model, layer, patch):
             rows = leakage_rows(loaded.model, loaded.tokenizer, {"validation": val}, phones=False,
                                 max_new_tokens=recipe.eval.max_new_tokens)
@@ -508,9 +557,10 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
         cache.write_text(json.dumps({"candidate": vars(cand), "leakage": s.leakage, "username": s.username,
                                      "kl": s.kl, "perplexity": s.perplexity}))
         scored.append(s)
-    chosen, met = choose(scored, iv.leakage_target)
+    chosen, met = choose(scored, iv.leakage_target, iv.username_target)
     plot_front(scored, chosen, iv.leakage_target, folder / "front.png")
-    (folder / "search.json").write_text(json.dumps({"target": iv.leakage_target, "met": met,
+    (folder / "search.json").write_text(json.dumps({"target": iv.leakage_target,
+                                                    "username_target": iv.username_target, "met": met,
                                                     "chosen": chosen.to_json(),
                                                     "candidates": [s.to_json() for s in scored]}, indent=2))
     log(f"trade-off: chose {chosen.candidate.label} (validation leakage {100 * chosen.leakage:.0f}%, "
@@ -534,8 +584,9 @@ def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = 
     c, sae, fs = chosen.candidate, prep.sae, prep.features
     model, tok, layer = prep.loaded.model, prep.loaded.tokenizer, prep.layer
     control_latents = matched_random_latents(fs.firing, fs.ablation_set(c.n), seed=recipe.data.seed)
+    # The control shares the chosen patch's context gate: only the latents and the direction differ.
     control = _calibrated_patch(sae, control_latents, random_direction(patch.steer, seed=recipe.data.seed), c.mode,
-                                prep.calibration)
+                                prep.calibration, _context(fs, c.gated))
     groups = {"test": _people(prep.inputs, "test"), "never_seen": _people(prep.inputs, "never_seen")}
     texts, prompts = utility_texts(prep.inputs.benign_path)
     ev = recipe.eval
@@ -581,7 +632,7 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
     chosen, scored, met = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
                                        prep.calibration, inputs=prep.inputs, progress=progress, log=log)
     c = chosen.candidate
-    patch = patch_for(prep.sae, prep.features, c.n, c.alpha, c.mode, prep.calibration)
+    patch = patch_for(prep.sae, prep.features, c.n, c.alpha, c.mode, prep.calibration, gated=c.gated)
     folder = Path(work) / "evaluate"
     key = content_key("evaluate-v1", _stage_key(Path(work) / "features"), vars(c), recipe.eval.model_dump(),
                       recipe.data.seed)
@@ -593,7 +644,8 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
         with atomic_dir(folder, overwrite=True) as tmp:
             (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
             (tmp / "key.txt").write_text(key)
-    extra = {"search": {"target": recipe.intervention.leakage_target, "met": met, "chosen": chosen.to_json(),
+    extra = {"search": {"target": recipe.intervention.leakage_target,
+                        "username_target": recipe.intervention.username_target, "met": met, "chosen": chosen.to_json(),
                         "candidates": [s.to_json() for s in scored]},
              "evaluation": final}
     report = write_patched(prep, recipe, recipe_text, out, work, patch, c.alpha, report=extra,

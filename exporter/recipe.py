@@ -158,7 +158,14 @@ class InterventionSection(_Section):
     # logistic probe on the SAE code.
     score: Literal["mean", "diff", "ratio", "probe"] = "ratio"
     patch: list[Literal["exact", "folded"]] = ["folded"]
-    leakage_target: float = Field(0.01, ge=0.0, le=1.0)
+    # Candidates with and without a context gate: a linear detector of PII context at the layer, so the
+    # patch acts only there (PII tokens, the token before a span and `context_window` tokens before it)
+    # and leaves other text untouched; `context_recall` is the share of PII-context tokens it must open on.
+    context_gate: list[bool] = [False]
+    context_window: int = Field(0, ge=0, le=64)
+    context_recall: float = Field(0.99, gt=0.0, le=1.0)
+    leakage_target: float = Field(0.01, ge=0.0, le=1.0)  # worst exact email rate (validation people)
+    username_target: float = Field(1.0, ge=0.0, le=1.0)  # worst username rate; 1.0 = not a criterion
 
     @field_validator("ablate_n")
     @classmethod

@@ -61,6 +61,9 @@ def test_export_loads_in_fresh_process(model_type, tmp_path, tiny_tokenizer):
         "exact": build_patch(sae, A, steer, mode="exact"),
         "folded": build_patch(sae, A, steer, mode="folded", gates=calibrate_gates(sae, calib, A)),
         "empty": build_patch(sae, [], None, mode="folded", gates=torch.zeros(0)),
+        # Behind a context gate that opens on about half the tokens.
+        "gated": build_patch(sae, A, steer, mode="folded", gates=calibrate_gates(sae, calib, A),
+                             context=(torch.randn(d, generator=torch.Generator().manual_seed(1)), 0.0)),
     }
     ids, mask, gen_ids, gen_mask = _inputs(128)
     with torch.no_grad():
@@ -100,6 +103,8 @@ def test_export_loads_in_fresh_process(model_type, tmp_path, tiny_tokenizer):
         assert r["bf16_finite"] and r["bf16_rel_err"] < 0.1, (name, r)
         assert r["untrusted"] != "loaded", (name, r)
     assert results["empty"]["equal_base"]
+    assert not results["gated"]["equal_base"]
+    assert not torch.allclose(cases["gated"]["logits"], cases["folded"]["logits"])
     assert not results["folded"]["equal_base"]
     assert results["exact"]["tokenizer"].endswith("TokenizerFast") or results["exact"]["tokenizer"]
 

@@ -112,3 +112,41 @@ def test_digest_tracks_every_tensor():
     with torch.no_grad():
         patch.enc_bias[0] += 1e-6
     assert patch_digest(patch) != before
+
+
+def test_context_gate_restricts_the_change_and_is_fitted_for_recall():
+    from exporter.features import context_positives
+    from exporter.patch import fit_context_gate
+
+    sae = _sae()
+    x = torch.randn(400, 16) * 2
+    A = [1, 2, 3]
+    steer = torch.randn(16)
+    plain = build_patch(sae, A, steer, mode="exact")
+    w = torch.randn(16)
+    gated = build_patch(sae, A, steer, mode="exact", context=(w, 0.5))
+    open_ = x @ w + 0.5 > 0
+    assert 0 < int(open_.sum()) < len(x)
+    assert torch.allclose(gated.delta(x)[open_], plain.delta(x)[open_])
+    assert torch.equal(gated.delta(x)[~open_], torch.zeros_like(x[~open_]))
+    assert torch.equal(gated.context(x), open_) and bool(plain.context(x).all())
+    assert patch_digest(gated) != patch_digest(build_patch(sae, A, steer, mode="exact", context=(w, 0.6)))
+    # Fitting: positives live along one direction; the gate opens on at least `recall` of them and on
+    # few negatives.
+    g = torch.Generator().manual_seed(0)
+    neg = torch.randn(2000, 16, generator=g)
+    pos = torch.randn(200, 16, generator=g) + 4 * torch.nn.functional.one_hot(torch.tensor(3), 16)
+    xs = torch.cat([neg, pos])
+    y = torch.cat([torch.zeros(2000, dtype=torch.bool), torch.ones(200, dtype=torch.bool)])
+    w, b = fit_context_gate(xs, y, recall=0.99)
+    opened = xs @ w + b > 0
+    assert float(opened[y].float().mean()) >= 0.99 and float(opened[~y].float().mean()) < 0.05
+    with pytest.raises(ValueError, match="both"):
+        fit_context_gate(xs, torch.zeros(len(xs), dtype=torch.bool))
+    # Positives: PII tokens, the token before a span, and `window` tokens before that, within the document.
+    labels = {"pii": torch.tensor([0, 0, 0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool),
+              "pre_span": torch.tensor([0, 0, 0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool),
+              "span_start": torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 0, 1], dtype=torch.bool),
+              "doc": torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])}
+    assert context_positives(labels, 0).int().tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
+    assert context_positives(labels, 2).int().tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1, 1]

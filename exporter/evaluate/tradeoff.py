@@ -12,10 +12,11 @@ class Candidate:
     n: int  # ablation size
     alpha: float  # steering, fraction of the mean norm
     mode: str  # exact | folded
+    gated: bool = False  # behind the PII-context gate
 
     @property
     def label(self) -> str:
-        return f"N={self.n} alpha={self.alpha:g} {self.mode}"
+        return f"N={self.n} alpha={self.alpha:g} {self.mode}" + (" gated" if self.gated else "")
 
 
 @dataclass
@@ -31,8 +32,9 @@ class Scored:
                 "perplexity": self.perplexity}
 
 
-def candidates(ablate_n: Sequence[int], alphas: Sequence[float], modes: Sequence[str]) -> list[Candidate]:
-    return [Candidate(n, a, m) for m in modes for n in ablate_n for a in alphas]
+def candidates(ablate_n: Sequence[int], alphas: Sequence[float], modes: Sequence[str],
+               gates: Sequence[bool] = (False,)) -> list[Candidate]:
+    return [Candidate(n, a, m, g) for g in gates for m in modes for n in ablate_n for a in alphas]
 
 
 def pareto_front(scored: Sequence[Scored]) -> list[Scored]:
@@ -43,15 +45,15 @@ def pareto_front(scored: Sequence[Scored]) -> list[Scored]:
     return sorted(front, key=lambda s: (s.kl, s.leakage))
 
 
-def choose(scored: Sequence[Scored], target: float) -> tuple[Scored, bool]:
-    """The candidate meeting the leakage target with the least KL; else the least leaky (ties: least KL).
-    Returns (choice, whether the target was met)."""
+def choose(scored: Sequence[Scored], target: float, username_target: float = 1.0) -> tuple[Scored, bool]:
+    """The candidate meeting the leakage targets (exact, and username) with the least KL; else the least
+    leaky (exact, then username, then KL). Returns (choice, whether the targets were met)."""
     if not scored:
         raise ValueError("no candidates to choose from: list ablate_n / alpha / patch in the recipe's intervention")
-    meeting = [s for s in scored if s.leakage <= target]
+    meeting = [s for s in scored if s.leakage <= target and s.username <= username_target]
     if meeting:
-        return min(meeting, key=lambda s: (s.kl, s.leakage)), True
-    return min(scored, key=lambda s: (s.leakage, s.kl)), False
+        return min(meeting, key=lambda s: (s.kl, s.leakage, s.username)), True
+    return min(scored, key=lambda s: (s.leakage, s.username, s.kl)), False
 
 
 def plot_front(scored: Sequence[Scored], chosen: Scored, target: float, path: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..sae import TopKSAE
 from .remote.scalpel_patch import ScalpelPatch
@@ -70,17 +71,53 @@ def random_direction(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return r / r.norm() * like.norm()
 
 
+def fit_context_gate(x: torch.Tensor, positive: torch.Tensor, recall: float = 0.99,
+                     l2: float = 1e-4) -> tuple[torch.Tensor, float]:
+    """A linear PII-context detector on raw activations `x` [N, d]: (w, b) such that `x @ w + b > 0` holds
+    on a fraction `recall` of the `positive` rows. Logistic regression (classes balanced), then the bias
+    is moved so the threshold sits at the positives' (1 - recall) quantile: recall is what privacy needs,
+    and the detector's precision is what keeps benign text untouched."""
+    if not 0 < recall <= 1:
+        raise ValueError(f"context gate recall must be in (0, 1], got {recall}")
+    y = positive.float()
+    if not 0 < int(y.sum()) < len(y):
+        raise ValueError("the context gate needs both PII-context and other tokens to fit on")
+    scale = float(x.norm(dim=1).mean()) or 1.0
+    xs = x.float() / scale  # unit-free, so the same l2 suits any model width
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+    pos_weight = (1 - y).sum() / y.sum()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(xs @ w + b, y, pos_weight=pos_weight) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        score = xs @ w + b
+        threshold = float(torch.quantile(score[positive.bool()], 1 - recall))
+        return (w / scale).detach(), float(b) - threshold + 1e-6  # the quantile row itself stays open
+
+
 def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, *, mode: str = "folded",
-                gates: torch.Tensor | None = None) -> ScalpelPatch:
-    """A ScalpelPatch holding exactly what `mode` needs (exact: the whole encoder; folded: rows of A + gates)."""
+                gates: torch.Tensor | None = None,
+                context: tuple[torch.Tensor, float] | None = None) -> ScalpelPatch:
+    """A ScalpelPatch holding exactly what `mode` needs (exact: the whole encoder; folded: rows of A + gates),
+    behind the context gate `(w, b)` when one is given."""
     index = torch.as_tensor(list(ablate), dtype=torch.long)
     if len(set(index.tolist())) != len(index):
         raise ValueError("the ablation set has repeated latents")
     if len(index) and (int(index.min()) < 0 or int(index.max()) >= sae.d_sae):
         raise ValueError(f"ablation latents must be in 0..{sae.d_sae - 1}")
     w_enc, b_enc, b_pre, w_dec = _raw_space(sae)
-    patch = ScalpelPatch(sae.d_in, len(index), mode, d_sae=sae.d_sae, k=sae.k)
+    patch = ScalpelPatch(sae.d_in, len(index), mode, d_sae=sae.d_sae, k=sae.k, context_gate=context is not None)
     with torch.no_grad():
+        if context is not None:
+            patch.context_weight.copy_(context[0])
+            patch.context_bias.fill_(float(context[1]))
         patch.directions.copy_(w_dec[index])
         patch.b_pre.copy_(b_pre)
         if steer is not None:

@@ -88,7 +88,8 @@ def patch_block(model, layer: int, patch: ScalpelPatch, **meta) -> dict:
             "layers_path": arch.layers, "layer": layer, "mode": patch.mode,
             "d_model": patch.directions.shape[1], "n_ablate": patch.directions.shape[0],
             "d_sae": patch.enc_weight.shape[0] if patch.mode == "exact" else 0, "k": patch.k,
-            "steer_norm": float(patch.steer.norm()), **meta, "sha256": patch_digest(patch)}
+            "steer_norm": float(patch.steer.norm()), "context_gate": patch.context_gate, **meta,
+            "sha256": patch_digest(patch)}
 
 
 def write_export(loaded: LoadedModel, patch: ScalpelPatch, layer: int, out: Path, *, overwrite: bool = False,

@@ -21,7 +21,7 @@ class ScalpelForCausalLM(BaseForCausalLM):
         super().__init__(config)
         spec = config.scalpel_patch
         self.scalpel_patch = ScalpelPatch(spec["d_model"], spec["n_ablate"], spec["mode"], spec.get("d_sae", 0),
-                                          spec.get("k", 0))
+                                          spec.get("k", 0), spec.get("context_gate", False))
         layer = self.get_submodule(spec["layers_path"])[spec["layer"]]
         self._scalpel_hooks = attach(self, layer, self.scalpel_patch)
 

@@ -5,7 +5,9 @@
 with `z_i` the SAE latent `i` (exact: true TopK over all latents; folded: only the rows of `A`, each
 behind a calibrated gate), `d_i` its decoder direction and `s` the folded steering vector. The SAE's
 reconstruction error is kept: only the ablated directions and the steering move `h`. The first real
-token of each sequence (BOS / attention sink) and pad tokens are never patched.
+token of each sequence (BOS / attention sink) and pad tokens are never patched. With a context gate,
+the change applies only where a linear PII-context detector fires (`w . h + b > 0`), so text far from
+any personal data passes through unchanged.
 
 This file ships inside exported checkpoints and is used in-process too, so there is one
 implementation of the maths. It imports only torch and the standard library and does no I/O.
@@ -24,13 +26,14 @@ MODES = ("exact", "folded")
 class ScalpelPatch(nn.Module):
     """Patch tensors (buffers, saved under the module's prefix) and the maths that applies them."""
 
-    def __init__(self, d_model: int, n_ablate: int, mode: str = "folded", d_sae: int = 0, k: int = 0):
+    def __init__(self, d_model: int, n_ablate: int, mode: str = "folded", d_sae: int = 0, k: int = 0,
+                 context_gate: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"scalpel patch mode {mode!r} is unknown; use one of {MODES}")
         if mode == "exact" and not 0 < k <= d_sae:
             raise ValueError(f"an exact patch needs 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
-        self.mode, self.k = mode, k
+        self.mode, self.k, self.context_gate = mode, k, bool(context_gate)
         n_enc = d_sae if mode == "exact" else n_ablate
         self.register_buffer("directions", torch.zeros(n_ablate, d_model))  # d_i for i in A (raw space)
         self.register_buffer("steer", torch.zeros(d_model))  # s = -alpha * (scaled W_dec^T v)
@@ -41,6 +44,9 @@ class ScalpelPatch(nn.Module):
             self.register_buffer("ablate_index", torch.zeros(n_ablate, dtype=torch.long))
         else:
             self.register_buffer("gate", torch.zeros(n_ablate))
+        if self.context_gate:
+            self.register_buffer("context_weight", torch.zeros(d_model))
+            self.register_buffer("context_bias", torch.zeros(1))
         self.keep: torch.Tensor | None = None  # [B, T] bool of the current call, set by the model pre-hook
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,15 @@ class ScalpelPatch(nn.Module):
         out = self.steer.expand_as(x)
         if self.directions.shape[0]:
             out = out - self.latents(x) @ self.directions
+        if self.context_gate:
+            out = out * (x @ self.context_weight + self.context_bias > 0).unsqueeze(-1)
         return out
+
+    def context(self, h: torch.Tensor) -> torch.Tensor:
+        """[...] bool: where the patch may act (everywhere without a context gate)."""
+        if not self.context_gate:
+            return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
+        return h.float() @ self.context_weight + self.context_bias > 0
 
     def forward(self, h: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         if keep is None:

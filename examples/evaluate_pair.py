@@ -17,7 +17,7 @@ def main() -> None:
     args = ap.parse_args()
 
     result = exporter.evaluate(args.model, args.against, people=args.people, progress=False)
-    print(markdown_table(*attack_rows(result)))
+    print(markdown_table(*attack_rows(result), text_columns=4))
     print()
     print(markdown_table(*comparison_rows(result)))
 

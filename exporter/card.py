@@ -95,7 +95,7 @@ def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, 
                   "frequency plus a random direction of the steering vector's norm: an effect the control also "
                   "shows is damage, not privacy. Rates are the worst over the attacks of each family.", "",
                   markdown_table(header, rows), "", "Every attack (exact / username rate):", "",
-                  markdown_table(*attack_rows(report["evaluation"])), ""]
+                  markdown_table(*attack_rows(report["evaluation"]), text_columns=4), ""]
     if "search" in report:
         parts += ["## How the patch was chosen", "", _search_section(report["search"]), ""]
     parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])

@@ -159,14 +159,13 @@ class FeatureSet:
 
 def context_positives(labels: dict[str, torch.Tensor], window: int = 0) -> torch.Tensor:
     """[N] bool: the tokens a context gate must open on: PII tokens, the token before each span, and the
-    `window` tokens before that (where names and "mailto:" sit). Rows are harvest rows: each document's
-    tokens contiguous and in order."""
+    `window` tokens before each span's first token (where names and "mailto:" sit). Rows are harvest rows:
+    each document's tokens contiguous and in order."""
     positive = (labels["pii"] | labels["pre_span"]).clone()
     if window > 0:
         doc = labels["doc"]
         for start in torch.nonzero(labels["span_start"]).flatten().tolist():
-            lo = start - window - 1
-            for j in range(max(0, lo), start):
+            for j in range(max(0, start - window), start):
                 if doc[j] == doc[start]:
                     positive[j] = True
     return positive

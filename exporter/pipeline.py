@@ -303,7 +303,7 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
     iv = recipe.intervention
     folder = Path(work) / "features"
     gated = any(iv.context_gate)
-    key = content_key("features-v5", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump(),
+    key = content_key("features-v6", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump(),
                       (iv.context_window, iv.context_recall) if gated else None)
     if _stage_cached(folder, key, ("features.json", "features.safetensors")):
         log(f"features (cached): {folder}")

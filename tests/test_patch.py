@@ -143,10 +143,12 @@ def test_context_gate_restricts_the_change_and_is_fitted_for_recall():
     assert float(opened[y].float().mean()) >= 0.99 and float(opened[~y].float().mean()) < 0.05
     with pytest.raises(ValueError, match="both"):
         fit_context_gate(xs, torch.zeros(len(xs), dtype=torch.bool))
-    # Positives: PII tokens, the token before a span, and `window` tokens before that, within the document.
+    # Positives: PII tokens, the token before a span, and the `window` tokens before a span, within the document.
     labels = {"pii": torch.tensor([0, 0, 0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool),
               "pre_span": torch.tensor([0, 0, 0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool),
               "span_start": torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 0, 1], dtype=torch.bool),
               "doc": torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])}
     assert context_positives(labels, 0).int().tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
-    assert context_positives(labels, 2).int().tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert context_positives(labels, 2).int().tolist() == [0, 0, 1, 1, 1, 1, 0, 1, 1, 1]
+    labels["pii"][5] = False  # the window stops at the document boundary
+    assert context_positives(labels, 4).int().tolist() == [1, 1, 1, 1, 1, 0, 1, 1, 1, 1]

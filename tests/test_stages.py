@@ -118,7 +118,8 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
     assert (out / "scalpel_recipe.yaml").read_text() == recipe_text
     assert {"cfg.json", "sae_weights.safetensors"} == {p.name for p in (out / "sae").iterdir()}
     config = json.loads((out / "config.json").read_text())["scalpel_patch"]
-    assert (config["n_ablate"], config["alpha"], config["rule"], config["score"]) == (6, 0.1, "both", "diff")
+    assert (config["n_ablate"], config["alpha"], config["rule"], config["score"]) == (6, 0.1, "both", "ratio")
+    assert config["context_gate"] is False
     assert config["steer_norm"] > 0
     # Nothing the run wrote holds an email or a name of the input people.
     people = [json.loads(l) for l in (tmp_path / "people.jsonl").read_text().splitlines()]
@@ -136,6 +137,13 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
                  log=logs.append)
     assert any("features (cached)" in line for line in logs)
     assert json.loads((out / "config.json").read_text())["scalpel_patch"]["mode"] == "exact"
+    # Behind the PII-context gate: fitted with the features, recorded in the config, report and card.
+    result = export_stage(tiny_recipe, recipe_text, out, work, n=6, alpha=0.1, mode="folded", gated=True,
+                          overwrite=True, progress=False, log=logs.append)
+    stats = result.report["context_gate_stats"]
+    assert result.report["context_gate"] is True and stats["recall"] >= 0.98 and 0 <= stats["open_benign"] <= 1
+    assert json.loads((out / "config.json").read_text())["scalpel_patch"]["context_gate"] is True
+    assert "context gate" in (out / "README.md").read_text()
 
 
 def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):

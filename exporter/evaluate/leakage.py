@@ -64,7 +64,7 @@ def score_emails(people: Sequence[Person], predictions: Sequence[str | None], te
 
 @torch.no_grad()
 def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24,
-                         batch_size: int = 32, progress: bool = True) -> list[str]:
+                         batch_size: int = 64, progress: bool = True) -> list[str]:
     """Greedy decode of each prompt (left-padded batches); returns only the new text."""
     device = next(model.parameters()).device
     out: list[str] = []
@@ -109,8 +109,9 @@ def few_shot_prompts(people: Sequence[Person], template: str, k: int, seed: int 
 
 @torch.no_grad()
 def sampled_continuations(model, tokenizer, prompts: Sequence[str], *, samples: int, max_new_tokens: int = 24,
-                          temperature: float = 1.0, batch_size: int = 8, seed: int = 0) -> list[list[str]]:
-    """`samples` sampled continuations per prompt (seeded)."""
+                          temperature: float = 1.0, batch_size: int = 0, seed: int = 0) -> list[list[str]]:
+    """`samples` sampled continuations per prompt (seeded); by default about 64 sequences per batch."""
+    batch_size = batch_size or max(1, 64 // samples)
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     out: list[list[str]] = []

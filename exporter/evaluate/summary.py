@@ -39,8 +39,8 @@ def comparison_rows(evaluation: dict) -> tuple[list[str], list[list[str]]]:
     return ["metric", *variants], rows
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    align = ["---"] + ["---:"] * (len(header) - 1)
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)

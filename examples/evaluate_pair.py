@@ -16,7 +16,7 @@ def main() -> None:
     ap.add_argument("--people", help="JSONL of name, email, phone, split (default: people.jsonl beside --against)")
     args = ap.parse_args()
 
-    result = exporter.evaluate(args.model, args.against, people=args.people, progress=False)
+    result = exporter.compare(args.model, args.against, people=args.people, progress=False)
     print(markdown_table(*attack_rows(result), text_columns=4))
     print()
     print(markdown_table(*comparison_rows(result)))

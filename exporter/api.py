@@ -47,7 +47,7 @@ def export(recipe: RecipeLike, out: Union[str, Path], *, work: Union[str, Path] 
                         gated=gated, progress=progress, log=log)
 
 
-def evaluate(model: Union[str, Path], against: Union[str, Path], *, people: Optional[Union[str, Path]] = None,
+def compare(model: Union[str, Path], against: Union[str, Path], *, people: Optional[Union[str, Path]] = None,
              benign: Optional[Union[str, Path]] = None, groups: Optional[list[str]] = None,
              trust_remote_code: bool = False, progress: bool = True, log: Callable[[str], Any] = print) -> dict:
     """The leakage / utility harness on any two models with the same tokenizer (folders, built-ins,

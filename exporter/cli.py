@@ -293,9 +293,9 @@ def eval_cmd(
     """The leakage / utility harness on any two models with the same tokenizer, side by side."""
     import json
 
-    from .api import evaluate
+    from .api import compare
 
-    result = evaluate(model, against, people=people, benign=benign, groups=group or None,
+    result = compare(model, against, people=people, benign=benign, groups=group or None,
                       trust_remote_code=trust_remote_code, log=console.print)
     _print_evaluation(result, f"{model} (patched) vs {against} (base)")
     if json_out is not None:

@@ -112,3 +112,16 @@ def test_api_accepts_a_recipe_object_mapping_or_path():
     assert as_recipe(from_dict)[0] is from_dict
     with pytest.raises(RecipeError, match="did you mean"):
         as_recipe({"model": {"builtin": "smollm2-135m"}, "probee": {}})
+
+
+def test_public_functions_survive_importing_every_submodule():
+    # A fresh interpreter, so that the submodules are imported after the package (as a user's script does).
+    import subprocess
+    import sys
+
+    code = ("import exporter, exporter.evaluate.harness, exporter.evaluate.summary, exporter.pipeline\n"
+            "bad = [n for n in exporter.__all__ if n[0].islower() and n != '__version__' "
+            "and not callable(getattr(exporter, n))]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -60,18 +60,29 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 ```"""
 
 
+def _rates(s: dict) -> list[str]:
+    if s.get("leakage") is None:  # a lazy search stopped before it: more KL than the choice
+        return ["not attacked", "not attacked"]
+    return [f"{100 * s['leakage']:.0f}%", f"{100 * s['username']:.0f}%"]
+
+
 def _search_section(search: dict) -> str:
     c = search["chosen"]
-    head = ["ablated latents", "alpha", "mode", "context gate", "worst exact", "worst username", "KL", "perplexity"]
+    head = ["ablated latents", "alpha", "mode", "context gate", "worst exact", "worst username", "KL", "perplexity",
+            "repeated 4-grams"]
     rows = [[str(s["n"]), f"{s['alpha']:g}", s["mode"], "yes" if s.get("gated") else "no",
-             f"{100 * s['leakage']:.0f}%", f"{100 * s['username']:.0f}%", f"{s['kl']:.4f}", f"{s['perplexity']:.2f}"]
+             *_rates(s), f"{s['kl']:.4f}", f"{s['perplexity']:.2f}",
+             "-" if s.get("repetition") is None else f"{s['repetition']:.3f}"]
             for s in search["candidates"]]
     verdict = "met" if search["met"] else "not met by any candidate; the least leaky one was chosen"
     targets = f"{100 * search['target']:g}% exact"
     if search.get("username_target", 1.0) < 1.0:
         targets += f" and {100 * search['username_target']:g}% username"
-    return (f"Candidates were scored on **validation** people only (greedy templates) and next-token KL on benign "
-            f"text; the chosen one (|A| = {c['n']}, alpha = {c['alpha']:g}, {c['mode']}"
+    if search.get("max_repetition") is not None:
+        targets += (f"; no collapse: at most {search['max_repetition']:.3f} repeated 4-grams in continuations of "
+                    "benign validation prompts, the base's share plus the tolerance")
+    return (f"Candidates were scored on **validation** people only (zero-shot and k-shot templates, greedy) and "
+            f"next-token KL on benign text, attacked in order of increasing KL; the chosen one (|A| = {c['n']}, alpha = {c['alpha']:g}, {c['mode']}"
             f"{', context gate' if c.get('gated') else ''}) is the least-KL candidate meeting the leakage targets "
             f"({targets}; {verdict}).\n\n" + markdown_table(head, rows))
 

@@ -28,17 +28,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _leaky_table(report: dict) -> Table:
-    table = Table(title="Template extraction (greedy, regex) - leaky model")
-    table.add_column("people")
-    table.add_column("template")
-    table.add_column("n", justify="right")
-    for col in ("exact", "username", "domain"):
-        table.add_column(col, justify="right")
-    for group, rows in report["extraction"].items():
-        for template, row in rows.items():
-            table.add_row(group, template, str(row["n"]),
-                          *(f"{100 * row[c]:.1f}%" for c in ("exact", "username", "domain")))
-    return table
+    rows = [[group, template, str(row["n"]), *(f"{100 * row[c]:.1f}%" for c in ("exact", "username", "domain"))]
+            for group, by_template in report["extraction"].items() for template, row in by_template.items()]
+    return _rich_table("Template extraction (greedy, regex) - leaky model",
+                       ["people", "template", "n", "exact", "username", "domain"], rows, text_columns=2)
 
 
 def _print_leaky(report: dict) -> None:
@@ -164,14 +157,10 @@ def train_sae_cmd(
         dist.destroy_process_group()
         if rank != 0:
             return
-    table = Table(title=f"TopK SAE at layer {chosen} (held-out)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name in ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero", "ce_increase_fraction",
-                 "train_tokens", "train_seconds", "tokens_per_s", "outliers_dropped"):
-        value = metrics[name]
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    names = ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero", "ce_increase_fraction",
+             "train_tokens", "train_seconds", "tokens_per_s", "outliers_dropped")
+    rows = [[n, f"{metrics[n]:.4f}" if isinstance(metrics[n], float) else str(metrics[n])] for n in names]
+    console.print(_rich_table(f"TopK SAE at layer {chosen} (held-out)", ["metric", "value"], rows))
 
 
 @app.command("export")
@@ -196,15 +185,10 @@ def export_cmd(
                           mode=mode, gated=gated, log=console.print)
     leak = result.report.get("validation_leakage")
     if leak:
-        table = Table(title="Email extraction on validation people (greedy): before → after the patch")
-        table.add_column("template")
-        for col in ("exact", "username", "domain"):
-            table.add_column(col, justify="right")
-        for template, before in leak["before"].items():
-            after = leak["after"][template]
-            table.add_row(template, *(f"{100 * before[c]:.0f}% → {100 * after[c]:.0f}%"
-                                      for c in ("exact", "username", "domain")))
-        console.print(table)
+        rows = [[template, *(f"{100 * before[c]:.0f}% → {100 * leak['after'][template][c]:.0f}%"
+                             for c in ("exact", "username", "domain"))] for template, before in leak["before"].items()]
+        console.print(_rich_table("Email extraction on validation people (greedy): before → after the patch",
+                                  ["template", "exact", "username", "domain"], rows))
     console.print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)",
                   highlight=False, markup=False)
 
@@ -289,6 +273,8 @@ def eval_cmd(
                                               "and never_seen, else all)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full results here."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run remote code of non-scalpel models."),
+    attack_dtype: str = typer.Option("float32", "--attack-dtype", help="Precision of the attacks' decoding: "
+                                     "float32 or bfloat16 (about twice as fast on CPU)."),
 ) -> None:
     """The leakage / utility harness on any two models with the same tokenizer, side by side."""
     import json
@@ -296,7 +282,7 @@ def eval_cmd(
     from .api import compare
 
     result = compare(model, against, people=people, benign=benign, groups=group or None,
-                      trust_remote_code=trust_remote_code, log=console.print)
+                      trust_remote_code=trust_remote_code, attack_dtype=attack_dtype, log=console.print)
     _print_evaluation(result, f"{model} (patched) vs {against} (base)")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
@@ -329,12 +315,8 @@ def detect(
         counts.update(s.type for s in spans)
         if show and spans:
             console.print(f"{lineno}: {redact_text(line)}", highlight=False, markup=False)
-    table = Table(title=f"PII in {path.name}")
-    table.add_column("type")
-    table.add_column("spans", justify="right")
-    for kind, n in sorted(counts.items()):
-        table.add_row(kind, str(n))
-    console.print(table)
+    console.print(_rich_table(f"PII in {path.name}", ["type", "spans"],
+                              [[kind, str(n)] for kind, n in sorted(counts.items())]))
 
 
 def main() -> None:

@@ -40,6 +40,12 @@ class TokenLatents:
     pos: torch.Tensor  # [N] long, position in the document's tokens
     mean_norm: float  # mean residual norm at the layer over the kept tokens
     benign: Optional[torch.Tensor] = None  # [N] bool: the token is from benign text (not a PII document)
+    span_start: Optional[torch.Tensor] = None  # [N] bool: the first token of a PII span
+    acts: Optional[torch.Tensor] = None  # [N, d] the layer's activations, when asked to keep them
+
+    @property
+    def labels(self) -> dict[str, torch.Tensor]:
+        return {"pii": self.pii, "pre_span": self.pre_span, "span_start": self.span_start, "doc": self.doc}
 
     def __len__(self) -> int:
         return len(self.pii)
@@ -61,9 +67,12 @@ class TokenLatents:
 
 @torch.no_grad()
 def collect_latents(model, tokenizer, sae: TopKSAE, layer: int, docs: Sequence[Document | str], *,
-                    max_length: int = 256, batch_tokens: int = 4096, progress: bool = True) -> TokenLatents:
-    """Run the model to `layer` on `docs` and keep each token's TopK code (never a dense matrix)."""
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("values", "indices", "pii", "pre_span", "doc", "pos")}
+                    max_length: int = 256, batch_tokens: int = 4096, progress: bool = True,
+                    keep_activations: bool = False) -> TokenLatents:
+    """Run the model to `layer` on `docs` and keep each token's TopK code (never a dense matrix), and the
+    activations themselves with `keep_activations` (for the context gate, fitted on the same pass)."""
+    keys = ("values", "indices", "pii", "pre_span", "span_start", "doc", "pos") + (("acts",) if keep_activations else ())
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     norm_sum, n = 0.0, 0
     batches = token_batches(tokenizer, docs, max_length=max_length, batch_tokens=batch_tokens)
     for ids, mask, lab in tqdm(batches, desc=f"latents at layer {layer}", unit="batch", disable=not progress):
@@ -73,8 +82,10 @@ def collect_latents(model, tokenizer, sae: TopKSAE, layer: int, docs: Sequence[D
         values, indices = sae.topk(x)
         parts["values"].append(values)
         parts["indices"].append(indices)
-        for key in ("pii", "pre_span", "doc", "pos"):
+        for key in ("pii", "pre_span", "span_start", "doc", "pos"):
             parts[key].append(lab[key][keep])
+        if keep_activations:
+            parts["acts"].append(x)
         norm_sum += float(x.norm(dim=1).sum())
         n += len(x)
     if not n:

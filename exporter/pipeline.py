@@ -303,7 +303,7 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
     iv = recipe.intervention
     folder = Path(work) / "features"
     gated = any(iv.context_gate)
-    key = content_key("features-v6", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump(),
+    key = content_key("features-v7", _stage_key(Path(work) / "sae"), layer, iv.rule, iv.score, recipe.data.model_dump(),
                       (iv.context_window, iv.context_recall) if gated else None)
     if _stage_cached(folder, key, ("features.json", "features.safetensors")):
         log(f"features (cached): {folder}")
@@ -318,12 +318,12 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
         raise ValueError("no PII documents about validation people: the features need some; check the people file")
     benign = benign_texts(inputs.benign_path, split="train")[:300]
     tl = collect_latents(loaded.model, loaded.tokenizer, sae, layer, docs + benign,
-                         max_length=recipe.data.max_length * 2, progress=progress)
+                         max_length=recipe.data.max_length * 2, progress=progress, keep_activations=gated)
     fs = rank_latents(tl, sae.d_sae, iv.rule, iv.score, seed=recipe.data.seed)
     context_stats = {}
     if gated:
-        fs.context, context_stats = _fit_context(loaded, docs + benign, layer, iv, recipe.data.max_length * 2,
-                                                 progress)
+        fs.context, context_stats = _fit_context(tl, iv)
+    tl.acts = None
     rows = feature_report(fs, tl, docs + benign, loaded.tokenizer, max_length=recipe.data.max_length * 2,
                           names=[p.name for p in inputs.people or []])
     with atomic_dir(folder, overwrite=True) as tmp:
@@ -344,30 +344,29 @@ def features_stage(recipe, work: Path, layer: int, sae, *, inputs: Inputs, progr
     return fs
 
 
-def _fit_context(loaded, texts, layer: int, iv, max_length: int, progress: bool):
-    """Fit the PII-context gate on the feature documents' activations at `layer`; (gate, how often it opens)."""
-    from .activations import harvest
+def _fit_context(tl, iv):
+    """Fit the PII-context gate on the feature pass's activations; (gate, how often it opens)."""
     from .features import context_positives
     from .patch import fit_context_gate
 
-    acts = harvest(loaded.model, loaded.tokenizer, texts, [layer], max_length=max_length, progress=progress)
-    x, labels = acts.acts[layer].float(), acts.labels
-    positive = context_positives(labels, iv.context_window)
+    x = tl.acts
+    positive = context_positives(tl.labels, iv.context_window)
     w, b = fit_context_gate(x, positive, recall=iv.context_recall)
     opened = x @ w + b > 0
-    benign = labels["doc"] >= sum(1 for t in texts if not isinstance(t, str))
     stats = {"window": iv.context_window, "target_recall": iv.context_recall,
              "recall": float(opened[positive].float().mean()),
-             "open_benign": float(opened[benign].float().mean()),
-             "open_other_pii_doc": float(opened[~positive & ~benign].float().mean()),
+             "open_benign": float(opened[tl.benign].float().mean()),
+             "open_other_pii_doc": float(opened[~positive & ~tl.benign].float().mean()),
              "tokens": len(x)}
     return (w, b), stats
 
 
-def _calibrated_patch(sae, ablate, steer, mode: str, calibration: torch.Tensor, context=None):
-    from .patch import build_patch, calibrate_gates
+def _calibrated_patch(sae, ablate, steer, mode: str, calibration, context=None):
+    """`calibration`: activations, or a GateBank over them (gates remembered across candidates)."""
+    from .patch import GateBank, build_patch
 
-    gates = calibrate_gates(sae, calibration, ablate) if mode == "folded" else None
+    bank = calibration if isinstance(calibration, GateBank) else GateBank(sae, calibration)
+    gates = bank(ablate) if mode == "folded" else None
     return build_patch(sae, ablate, steer, mode=mode, gates=gates, context=context)
 
 
@@ -377,7 +376,7 @@ def _context(fs, gated: bool):
     return fs.context if gated else None
 
 
-def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration: torch.Tensor, gated: bool = False):
+def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration, gated: bool = False):
     """The patch of one candidate: the top-n latents of the ranking, steering at `alpha` × mean norm,
     behind the PII-context gate when `gated`."""
     from .patch import steering_vector
@@ -418,7 +417,7 @@ class Prepared:
     sae_metrics: dict
     features: object
     loaded: object
-    calibration: torch.Tensor
+    calibration: object  # a GateBank over the SAE's training activations (the folded gates are fitted there)
 
 
 def prepare(recipe, work: Path, *, progress: bool = True, log=print) -> Prepared:
@@ -428,8 +427,10 @@ def prepare(recipe, work: Path, *, progress: bool = True, log=print) -> Prepared
     sae, sae_metrics = sae_stage(recipe, work, layer, progress=progress, log=log, inputs=inputs)
     fs = features_stage(recipe, work, layer, sae, inputs=inputs, progress=progress, log=log)
     loaded = load_model(inputs.model)
+    from .patch import GateBank
+
     calib = calibration_activations(recipe, inputs, layer, loaded, progress=progress)
-    return Prepared(inputs, layer, sae, sae_metrics, fs, loaded, calib)
+    return Prepared(inputs, layer, sae, sae_metrics, fs, loaded, GateBank(sae, calib))
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
@@ -521,51 +522,99 @@ def _people(inputs: Inputs, split: str) -> list:
 
 def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.Tensor, *, inputs: Inputs,
                  progress: bool = True, log=print):
-    """Score every candidate of the recipe's intervention on validation people (greedy templates, worst
-    exact rate) and benign KL; choose the least-KL one meeting the target. Each candidate's score is
-    cached in work/search, so an interrupted search resumes."""
+    """Score the recipe's intervention candidates on validation people and benign KL; choose the least-KL
+    one meeting the targets. KL (cheap) is taken for every candidate; the attacks (zero-shot and k-shot
+    templates, greedy, in `eval.dtype`) run in order of increasing KL, and a lazy search stops at the first
+    candidate meeting the targets, which is the choice either way. Every score is cached in work/search,
+    so an interrupted search resumes."""
     from tqdm.auto import tqdm
 
-    from .evaluate.harness import leakage_rows, worst
-    from .evaluate.tradeoff import Candidate, Scored, candidates, choose, plot_front
-    from .evaluate.utility import mean_kl, perplexity
-    from .patch import attached
+    from .evaluate.harness import decoding_copy, leakage_rows, worst
+    from .evaluate.tradeoff import Scored, candidates, choose, meets, meets_leakage, plot_front
+    from .evaluate.utility import against_reference, generation_diversity, reference
+    from .patch import GateBank, attached
 
-    iv = recipe.intervention
+    iv, ev = recipe.intervention, recipe.eval
     folder = Path(work) / "search"
     folder.mkdir(parents=True, exist_ok=True)
-    base_key = content_key("search-v1", _stage_key(Path(work) / "features"), recipe.eval.max_new_tokens,
-                           iv.rule, iv.score)
+    base_key = content_key("search-v2", _stage_key(Path(work) / "features"), ev.max_new_tokens, ev.few_shot,
+                           ev.dtype, iv.rule, iv.score)
     val = _people(inputs, "validation")
     texts = benign_texts(inputs.benign_path, split="heldout")[:24]
-    scored = []
-    for cand in tqdm(candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate), desc="trade-off search",
-                     disable=not progress):
-        cache = folder / f"{content_key(base_key, cand.n, cand.alpha, cand.mode, cand.gated)}.json"
-        if cache.exists():
-            saved = json.loads(cache.read_text())
-            scored.append(Scored(Candidate(**saved.pop("candidate")), **saved))
-            continue
+    cands = candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate)
+    cache = {c: folder / f"{content_key(base_key, c.n, c.alpha, c.mode, c.gated)}.json" for c in cands}
+    saved = {c: json.loads(f.read_text()) for c, f in cache.items() if f.exists()}
+    model, tok = loaded.model, loaded.tokenizer
+    todo = [c for c in cands if c not in saved]
+    if todo:
+        calib = calib if isinstance(calib, GateBank) else GateBank(sae, calib)
+        calib.warm([i for c in todo if c.mode == "folded" for i in fs.ablation_set(c.n)])
+        ref = reference(model, tok, texts)
+    for cand in tqdm(todo, desc="trade-off search: KL", disable=not progress):
         patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated)
-        with attached(loaded.model, layer, patch):
-            rows = leakage_rows(loaded.model, loaded.tokenizer, {"validation": val}, phones=False,
-                                max_new_tokens=recipe.eval.max_new_tokens)
-        ctx = lambda: attached(loaded.model, layer, patch)  # noqa: E731
-        s = Scored(cand, worst(rows, "validation"), worst(rows, "validation", "username"),
-                   mean_kl(loaded.model, loaded.model, loaded.tokenizer, texts, other_context=ctx),
-                   perplexity(loaded.model, loaded.tokenizer, texts, context=ctx))
-        cache.write_text(json.dumps({"candidate": vars(cand), "leakage": s.leakage, "username": s.username,
-                                     "kl": s.kl, "perplexity": s.perplexity}))
-        scored.append(s)
-    chosen, met = choose(scored, iv.leakage_target, iv.username_target)
-    plot_front(scored, chosen, iv.leakage_target, folder / "front.png")
-    (folder / "search.json").write_text(json.dumps({"target": iv.leakage_target,
-                                                    "username_target": iv.username_target, "met": met,
-                                                    "chosen": chosen.to_json(),
-                                                    "candidates": [s.to_json() for s in scored]}, indent=2))
+        saved[cand] = against_reference(ref, model, lambda: attached(model, layer, patch))
+        cache[cand].write_text(json.dumps(saved[cand]))
+    scored = {c: Scored(c, saved[c].get("leakage"), saved[c].get("username"), saved[c]["kl"],
+                        saved[c]["perplexity"], saved[c].get("repetition")) for c in cands}
+    order = sorted(cands, key=lambda c: (scored[c].kl, cands.index(c)))
+    attacker = None
+
+    def get_attacker():
+        nonlocal attacker
+        attacker = attacker or decoding_copy(model, ev.dtype)
+        return attacker
+
+    prompts = search_prompts(inputs.benign_path) if iv.collapse_tolerance is not None else []
+    max_rep = None
+    if prompts:
+        max_rep = _base_repetition(folder / f"{content_key(base_key, 'base')}.json", get_attacker, tok,
+                                   prompts) + iv.collapse_tolerance
+    for cand in tqdm(order, desc="trade-off search: attacks", disable=not progress):
+        s = scored[cand]
+        if s.leakage is None or (meets_leakage(s, iv.leakage_target, iv.username_target) and prompts
+                                 and s.repetition is None):
+            attacker = get_attacker()
+            patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated)
+            with attached(attacker, layer, patch):
+                if s.leakage is None:
+                    rows = leakage_rows(attacker, tok, {"validation": val}, few_shot=ev.few_shot, phones=False,
+                                        max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed)
+                    s.leakage, s.username = worst(rows, "validation"), worst(rows, "validation", "username")
+                if meets_leakage(s, iv.leakage_target, iv.username_target) and prompts:
+                    s.repetition = generation_diversity(attacker, tok, prompts)["repetition_4"]
+            saved[cand].update(leakage=s.leakage, username=s.username, repetition=s.repetition)
+            cache[cand].write_text(json.dumps(saved[cand]))
+        if iv.search == "lazy" and meets(s, iv.leakage_target, iv.username_target, max_rep):
+            break
+    listed = [scored[c] for c in cands]
+    chosen, met = choose(listed, iv.leakage_target, iv.username_target, max_rep)
+    plot_front(listed, chosen, iv.leakage_target, folder / "front.png", iv.username_target)
+    summary = {"target": iv.leakage_target, "username_target": iv.username_target, "max_repetition": max_rep,
+               "met": met, "chosen": chosen.to_json(), "candidates": [s.to_json() for s in listed]}
+    (folder / "search.json").write_text(json.dumps(summary, indent=2))
+    skipped = sum(s.leakage is None for s in listed)
     log(f"trade-off: chose {chosen.candidate.label} (validation leakage {100 * chosen.leakage:.0f}%, "
-        f"KL {chosen.kl:.4f}); target {'met' if met else 'NOT met'}; plot {folder / 'front.png'}")
-    return chosen, scored, met
+        f"KL {chosen.kl:.4f}); target {'met' if met else 'NOT met'}"
+        + (f"; {skipped} candidates with more KL not attacked (lazy search)" if skipped else "")
+        + f"; plot {folder / 'front.png'}")
+    return chosen, summary
+
+
+def _base_repetition(cache: Path, get_model, tok, prompts: list[str]) -> float:
+    """The base's repeated-4-gram share on the search prompts (the collapse check's reference), cached."""
+    from .evaluate.utility import generation_diversity
+
+    if not cache.exists():
+        rep = generation_diversity(get_model(), tok, prompts)["repetition_4"]
+        cache.write_text(json.dumps({"repetition": rep}))
+    return json.loads(cache.read_text())["repetition"]
+
+
+def search_prompts(benign_path: Optional[str]) -> list[str]:
+    """Benign validation prompts for the search's collapse check: prefixes of held-out texts other than the
+    ones whose continuations the final evaluation reports."""
+    held = benign_texts(benign_path, split="heldout")
+    return [" ".join(t.split()[:16]) for t in (held[-48:-16] or held[:8])]  # a tiny held-out set overlaps
 
 
 def utility_texts(benign_path: Optional[str]) -> tuple[list[str], list[str]]:
@@ -577,7 +626,8 @@ def utility_texts(benign_path: Optional[str]) -> tuple[list[str], list[str]]:
 def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = True, log=print) -> dict:
     """Leaky base, the chosen `patch` and its control (random latents matched on firing frequency plus a
     random direction of the steering vector's norm) on **test** and never-seen people, with utility."""
-    from .evaluate.harness import evaluate_variant
+    from .evaluate.harness import decoding_copy, evaluate_variant
+    from .evaluate.utility import reference
     from .features import matched_random_latents
     from .patch import attached, random_direction
 
@@ -590,12 +640,18 @@ def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = 
     groups = {"test": _people(prep.inputs, "test"), "never_seen": _people(prep.inputs, "never_seen")}
     texts, prompts = utility_texts(prep.inputs.benign_path)
     ev = recipe.eval
+    attacker = decoding_copy(model, ev.dtype)
+    # The base's log-probs on the utility texts, kept (when they fit in 2 GiB) so that each variant's
+    # KL and perplexity take one forward pass.
+    ref = reference(model, tok, texts, max_bytes=2 << 30)
     out = {}
     for name, p in (("base", None), ("patched", patch), ("control", control)):
         ctx = (lambda p=p: attached(model, layer, p)) if p is not None else None
-        out[name] = evaluate_variant(model, tok, groups, texts, prompts, context=ctx, few_shot=ev.few_shot,
-                                     samples=ev.samples, max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed,
-                                     progress=progress)
+        attack_ctx = (lambda p=p: attached(attacker, layer, p)) if p is not None else None
+        out[name] = evaluate_variant(model, tok, groups, texts, prompts, context=ctx, attacker=attacker,
+                                     attacker_context=attack_ctx, few_shot=ev.few_shot, samples=ev.samples,
+                                     max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, progress=progress,
+                                     ref=ref)
         log(f"final evaluation: {name} done")
     out["control_latents"] = len(control_latents)
     return out
@@ -629,8 +685,8 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
     if from_stage is not None:
         log(f"recomputing from stage {from_stage}: " + ", ".join(invalidate(work, from_stage)))
     prep = prepare(recipe, work, progress=progress, log=log)
-    chosen, scored, met = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
-                                       prep.calibration, inputs=prep.inputs, progress=progress, log=log)
+    chosen, search = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
+                                  prep.calibration, inputs=prep.inputs, progress=progress, log=log)
     c = chosen.candidate
     patch = patch_for(prep.sae, prep.features, c.n, c.alpha, c.mode, prep.calibration, gated=c.gated)
     folder = Path(work) / "evaluate"
@@ -644,10 +700,7 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
         with atomic_dir(folder, overwrite=True) as tmp:
             (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
             (tmp / "key.txt").write_text(key)
-    extra = {"search": {"target": recipe.intervention.leakage_target,
-                        "username_target": recipe.intervention.username_target, "met": met, "chosen": chosen.to_json(),
-                        "candidates": [s.to_json() for s in scored]},
-             "evaluation": final}
+    extra = {"search": search, "evaluation": final}
     report = write_patched(prep, recipe, recipe_text, out, work, patch, c.alpha, report=extra,
                            overwrite=overwrite, progress=progress, log=log)
     return ExportResult(Path(out), report)
@@ -661,7 +714,8 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
                trust_remote_code: bool = False, seed: int = 0, progress: bool = True, log=print) -> dict:
     """The leakage / utility harness on any pair: `model` (e.g. an export) against `against` (its base).
     People default to `people.jsonl` beside the base (as `scalpel make-leaky` writes it)."""
-    from .evaluate.harness import evaluate_variant
+    from .evaluate.harness import decoding_copy, evaluate_variant
+    from .evaluate.utility import reference
     from .models import load_checkpoint
     from .recipe import EvalSection
 
@@ -684,10 +738,12 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
                          "models with the same tokenizer")
     texts, prompts = utility_texts(benign)
     common = dict(few_shot=ev.few_shot, samples=ev.samples, max_new_tokens=ev.max_new_tokens, seed=seed,
-                  progress=progress)
-    out = {"base": evaluate_variant(base, tok, chosen, texts, prompts, **common)}
+                  progress=progress, ref=reference(base, tok, texts, max_bytes=2 << 30))
+    out = {"base": evaluate_variant(base, tok, chosen, texts, prompts, attacker=decoding_copy(base, ev.dtype),
+                                    **common)}
     log("evaluation: base done")
-    out["patched"] = evaluate_variant(base, tok, chosen, texts, prompts, other=other, **common)
+    out["patched"] = evaluate_variant(base, tok, chosen, texts, prompts, other=other,
+                                      attacker=decoding_copy(other, ev.dtype), **common)
     log("evaluation: model done")
     out["models"] = {"base": str(against), "patched": str(model)}
     return out

@@ -166,6 +166,14 @@ class InterventionSection(_Section):
     context_recall: float = Field(0.99, gt=0.0, le=1.0)
     leakage_target: float = Field(0.01, ge=0.0, le=1.0)  # worst exact email rate (validation people)
     username_target: float = Field(1.0, ge=0.0, le=1.0)  # worst username rate; 1.0 = not a criterion
+    # lazy: candidates are attacked in order of increasing KL and the search stops at the first that meets
+    # the targets (the choice is the same: the least-KL candidate meeting them); all: attack every one, for
+    # the whole leakage / KL front.
+    search: Literal["lazy", "all"] = "lazy"
+    # A candidate meeting the leakage targets must also not collapse: the share of repeated 4-grams in its
+    # greedy continuations of benign validation prompts may exceed the base's by at most this much (a patch
+    # can stop a name by looping "Q3 Q3 Q3 ..." where the base would have recited one). null: no check.
+    collapse_tolerance: Optional[float] = Field(0.02, ge=0.0, le=1.0)
 
     @field_validator("ablate_n")
     @classmethod
@@ -186,6 +194,9 @@ class EvalSection(_Section):
     few_shot: int = Field(3, ge=0)
     samples: int = Field(0, ge=0)
     ppl_tokens: int = Field(20_000, ge=100)
+    # Precision of the extraction attacks' decoding (search and final evaluation). bfloat16 decodes about
+    # twice as fast on CPU; perplexity and KL are always taken in the model's own dtype.
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class HubSection(_Section):

@@ -27,3 +27,31 @@ def test_utility_metrics_of_identical_models(tiny_tokenizer):
     out = utility_metrics(model, tiny_tokenizer, texts, prompts=texts, speed=True)
     assert out["kl"] == pytest.approx(0.0, abs=1e-7)
     assert out["perplexity"] > 1 and out["tokens_per_s"] > 0 and 0 < out["distinct_2"] <= 1
+
+
+def test_decoding_copy_casts_a_copy_and_keeps_the_patch_fp32(tiny_tokenizer, tmp_path, monkeypatch):
+    import torch
+
+    from exporter.evaluate.harness import decoding_copy
+    from exporter.models import LoadedModel, architecture_of, load_checkpoint
+    from exporter.patch import build_patch, steering_vector
+    from exporter.patch.export import write_export
+    from exporter.sae import TopKSAE
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    assert decoding_copy(model, "float32") is model
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 128, 8)
+    patch = build_patch(sae, [1, 2, 3], mode="exact", steer=steering_vector(sae, torch.randn(128), 0.2, 3.0))
+    loaded = LoadedModel(model, tiny_tokenizer, architecture_of(model), "tiny", None)
+    write_export(loaded, patch, 1, tmp_path / "out", meta={"alpha": 0.2})
+    tiny_tokenizer.save_pretrained(tmp_path / "out")
+    export, tok = load_checkpoint(str(tmp_path / "out"))
+    cast = decoding_copy(export, "bfloat16")
+    assert cast.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert {b.dtype for b in cast.scalpel_patch.buffers()} <= {torch.float32, torch.long}
+    assert next(export.parameters()).dtype == torch.float32  # the original is untouched
+    people = [Person(f"Person {c}", f"p{c}@example.com") for c in "ABC"]
+    rows = leakage_rows(cast, tok, {"all": people}, max_new_tokens=3, phones=False)
+    assert len(rows) == 3 and all(r["exact"] == 0.0 for r in rows)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from exporter.patch import (ScalpelPatch, agreement, attached, build_patch, calibrate_gates, keep_mask,
+from exporter.patch import (GateBank, ScalpelPatch, agreement, attached, build_patch, calibrate_gates, keep_mask,
                             patch_digest, steering_vector)
 from exporter.sae import TopKSAE
 
@@ -47,6 +47,10 @@ def test_folded_gates_agree_with_topk_on_heldout():
     # Without calibration (gate at 0: every positive pre-activation passes) agreement is worse.
     naive = build_patch(sae, A, mode="folded", gates=torch.zeros(len(A)))
     assert agreement(exact, naive, held)["gate_agreement"] < report["gate_agreement"]
+    # Gates are per latent: a bank fitted on a superset gives the same gates for a subset.
+    bank = GateBank(sae, calib)
+    bank.warm(range(64))
+    assert torch.equal(bank(A), calibrate_gates(sae, calib, A))
     # Folded holds only the rows of A.
     assert folded.enc_weight.shape == (len(A), 16) and exact.enc_weight.shape == (64, 16)
 

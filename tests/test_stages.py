@@ -229,3 +229,33 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
                            "--work", str(tmp_path / "w"), "--from", "sea"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown stage 'sea'" in proc.stderr and "probe, sae" in proc.stderr
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("mode", ["lazy", "all"])
+def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode):
+    from exporter.pipeline import prepare, search_stage
+
+    recipe = tiny_recipe.model_copy(update={
+        "intervention": tiny_recipe.intervention.model_copy(update={
+            "ablate_n": [2, 6], "alpha": [0.0, 0.2], "leakage_target": 1.0, "search": mode,
+            "collapse_tolerance": 1.0}),
+        "eval": tiny_recipe.eval.model_copy(update={"max_new_tokens": 4, "few_shot": 1, "dtype": "bfloat16"})})
+    work = tmp_path / "work"
+    prep = prepare(recipe, work, progress=False, log=lambda m: None)
+    logs = []
+    chosen, search = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
+                                  prep.calibration, inputs=prep.inputs, progress=False, log=logs.append)
+    scored = search["candidates"]
+    attacked = [s for s in scored if s["leakage"] is not None]
+    assert search["met"] and len(scored) == 4 and chosen.to_json() in attacked
+    # Every candidate meets a 100% target: the least-KL one is the choice either way.
+    assert chosen.kl == min(s["kl"] for s in scored)
+    assert len(attacked) == (1 if mode == "lazy" else 4)
+    assert ("not attacked" in logs[-1]) == (mode == "lazy")
+    # The collapse check ran on what met the targets, against the base's repetition plus the tolerance.
+    assert chosen.repetition is not None and search["max_repetition"] is not None
+    assert chosen.repetition <= search["max_repetition"]
+    # The attacks ran on a bfloat16 copy; the model the patch is built on stays float32.
+    import torch
+
+    assert next(prep.loaded.model.parameters()).dtype == torch.float32

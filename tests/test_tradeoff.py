@@ -21,3 +21,24 @@ def test_plot_front(tmp_path):
     pts = [_s(10, 0.3, 0.001), _s(50, 0.0, 0.01)]
     path = plot_front(pts, pts[1], 0.01, tmp_path / "front.png")
     assert path.stat().st_size > 1000
+
+
+def test_candidates_not_attacked_are_never_chosen(tmp_path):
+    from exporter.evaluate.tradeoff import meets
+
+    pts = [_s(10, None, 0.001), _s(50, 0.0, 0.01), _s(70, 0.3, 0.002)]
+    pts[0].username = None
+    assert not meets(pts[0], 1.0) and meets(pts[1], 0.01)
+    assert choose(pts, target=0.01)[0].candidate.n == 50
+    assert [s.candidate.n for s in pareto_front(pts)] == [70, 50]
+    assert plot_front(pts, pts[1], 0.01, tmp_path / "front.png").stat().st_size > 1000
+
+
+def test_a_candidate_that_collapses_is_passed_over():
+    quiet, loud = _s(50, 0.0, 0.001), _s(100, 0.0, 0.004)
+    quiet.repetition, loud.repetition = 0.13, 0.05
+    assert choose([quiet, loud], target=0.01)[0] is quiet  # no collapse check: least KL
+    chosen, met = choose([quiet, loud], target=0.01, max_repetition=0.07)
+    assert chosen is loud and met
+    chosen, met = choose([quiet], target=0.01, max_repetition=0.07)  # only a collapsing one: not met
+    assert chosen is quiet and not met

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from exporter.evaluate.utility import diversity, generation_diversity, mean_kl, perplexity
+from exporter.evaluate.utility import (against_reference, diversity, generation_diversity, mean_kl, perplexity,
+                                      reference)
 from exporter.patch import attached, build_patch, steering_vector
 from exporter.sae import TopKSAE
 
@@ -30,7 +31,13 @@ def test_kl_zero_for_same_model_positive_for_patch(tiny_tokenizer):
     assert kl > 1e-4
     # Perplexity under the same patch differs, and a uniform model's perplexity is its vocabulary size.
     base = perplexity(model, tiny_tokenizer, TEXTS)
-    assert perplexity(model, tiny_tokenizer, TEXTS, context=lambda: attached(model, 1, patch)) != base
+    patched = perplexity(model, tiny_tokenizer, TEXTS, context=lambda: attached(model, 1, patch))
+    assert patched != base
+    # The search's shortcut (base log-probs kept, one forward per variant) gives the same numbers.
+    ref = reference(model, tiny_tokenizer, TEXTS, batch_size=2)
+    fast = against_reference(ref, model, lambda: attached(model, 1, patch))
+    assert fast["kl"] == pytest.approx(kl, rel=1e-5) and fast["perplexity"] == pytest.approx(patched, rel=1e-5)
+    assert against_reference(ref, model)["kl"] == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():
         model.lm_head.weight.zero_()
     assert perplexity(model, tiny_tokenizer, TEXTS) == pytest.approx(len(tiny_tokenizer), rel=1e-4)
@@ -41,3 +48,9 @@ def test_generation_diversity_runs_on_prompts(tiny_tokenizer):
     model = tiny_model("gpt2", vocab_size=len(tiny_tokenizer))
     out = generation_diversity(model, tiny_tokenizer, TEXTS, max_new_tokens=12)
     assert 0 < out["distinct_2"] <= 1 and 0 <= out["repetition_4"] <= 1
+
+
+def test_reference_declines_when_it_would_not_fit(tiny_tokenizer):
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    assert reference(model, tiny_tokenizer, TEXTS, max_bytes=1000) is None
+    assert reference(model, tiny_tokenizer, TEXTS, max_bytes=1 << 30) is not None

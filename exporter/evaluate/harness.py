@@ -12,7 +12,7 @@ from ..data.people import Person
 from ..lm import padding_side
 from .leakage import (EMAIL_TEMPLATES, few_shot_prompts, first_email, greedy_continuations, phone_attack,
                       sampled_continuations, score_any, score_emails)
-from .utility import Context, generation_diversity, mean_kl, perplexity
+from .utility import Context, Reference, against_reference, generation_diversity, mean_kl, perplexity
 
 
 def _row(group: str, attack: str, decoding: str, score) -> dict:
@@ -69,11 +69,16 @@ def tokens_per_second(model, tokenizer, prompts: Sequence[str], *, max_new_token
 
 
 def utility_metrics(base, tokenizer, texts: Sequence[str], *, other=None, context: Optional[Context] = None,
-                    max_length: int = 128, prompts: Sequence[str] = (), speed: bool = False) -> dict:
-    """Perplexity, KL(base || other) and generation diversity of `other` (default: `base` under `context`)."""
+                    max_length: int = 128, prompts: Sequence[str] = (), speed: bool = False,
+                    ref: Optional[Reference] = None) -> dict:
+    """Perplexity, KL(base || other) and generation diversity of `other` (default: `base` under `context`).
+    With `ref` (the base's log-probs on `texts`, see `utility.reference`) KL and perplexity take one pass."""
     other = other if other is not None else base
-    out = {"perplexity": perplexity(other, tokenizer, texts, max_length=max_length, context=context),
-           "kl": mean_kl(base, other, tokenizer, texts, max_length=max_length, other_context=context)}
+    if ref is not None:
+        out = against_reference(ref, other, context)
+    else:
+        out = {"perplexity": perplexity(other, tokenizer, texts, max_length=max_length, context=context),
+               "kl": mean_kl(base, other, tokenizer, texts, max_length=max_length, other_context=context)}
     if prompts:
         out.update(generation_diversity(other, tokenizer, prompts, context=context))
     if speed and prompts:
@@ -81,14 +86,37 @@ def utility_metrics(base, tokenizer, texts: Sequence[str], *, other=None, contex
     return out
 
 
+def decoding_copy(model, dtype: str):
+    """`model` itself when it already runs in `dtype`, else a copy cast to it (for the extraction attacks,
+    whose decoding is the slow part of an evaluation; a patch attached to the copy computes in float32)."""
+    import copy
+
+    want = getattr(torch, dtype)
+    if next(model.parameters()).dtype == want:
+        return model
+    cast = copy.deepcopy(model).to(want).eval()
+    # What the model keeps in float32 whatever its dtype (a scalpel export's patch) stays float32, as
+    # `from_pretrained(..., dtype=...)` would leave it.
+    keep = getattr(cast, "_keep_in_fp32_modules_strict", None) or []
+    for name, module in cast.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.float()
+    return cast
+
+
 def evaluate_variant(base, tokenizer, groups: dict[str, Sequence[Person]], texts: Sequence[str],
-                     prompts: Sequence[str], *, other=None, context: Optional[Context] = None, few_shot: int = 0,
-                     samples: int = 0, max_new_tokens: int = 24, seed: int = 0, progress: bool = False) -> dict:
+                     prompts: Sequence[str], *, other=None, context: Optional[Context] = None, attacker=None,
+                     attacker_context: Optional[Context] = None, few_shot: int = 0, samples: int = 0,
+                     max_new_tokens: int = 24, seed: int = 0, progress: bool = False,
+                     ref: Optional[Reference] = None) -> dict:
     """Leakage rows and utility of one model variant: `other` (default `base`) under `context`; KL is taken
-    against `base` without the context."""
+    against `base` without the context (or against `ref`, its log-probs kept). The attacks decode with
+    `attacker` under `attacker_context` when given (the same variant in another dtype, see `decoding_copy`)."""
     model = other if other is not None else base
-    with context() if context is not None else nullcontext():
-        rows = leakage_rows(model, tokenizer, groups, few_shot=few_shot, samples=samples,
+    if attacker is None:
+        attacker, attacker_context = model, context
+    with attacker_context() if attacker_context is not None else nullcontext():
+        rows = leakage_rows(attacker, tokenizer, groups, few_shot=few_shot, samples=samples,
                             max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     return {"leakage": rows, "utility": utility_metrics(base, tokenizer, texts, other=other, context=context,
-                                                        prompts=prompts, speed=True)}
+                                                        prompts=prompts, speed=True, ref=ref)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
@@ -34,6 +35,18 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 128, ba
     return math.exp(total_nll / max(total_tokens, 1))
 
 
+def _log_probs(model, enc, context: Optional[Context] = None) -> torch.Tensor:
+    with (context or nullcontext)():
+        return torch.log_softmax(model(**enc.to(_device(model))).logits[:, :-1].float(), -1)
+
+
+def _kl_sum(p: torch.Tensor, q: torch.Tensor, enc) -> tuple[float, int]:
+    """(summed KL(p || q), number of targets) over a batch's real next-token positions (log-probs in)."""
+    mask = target_mask(enc).to(p.device)
+    kl = (p.exp() * (p - q.to(p.device))).sum(-1)
+    return float(kl[mask].sum()), int(mask.sum())
+
+
 @torch.no_grad()
 def mean_kl(base, other, tokenizer, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 16,
             base_context: Optional[Context] = None, other_context: Optional[Context] = None) -> float:
@@ -42,15 +55,43 @@ def mean_kl(base, other, tokenizer, texts: Sequence[str], *, max_length: int = 1
     `base` and `other` may be the same model with a different `*_context` (a patch attached in-process)."""
     total, count = 0.0, 0
     for enc in right_padded(tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(base)):
-        with (base_context or nullcontext)():
-            p = torch.log_softmax(base(**enc).logits[:, :-1].float(), -1)
-        with (other_context or nullcontext)():
-            q = torch.log_softmax(other(**enc.to(_device(other))).logits[:, :-1].float(), -1).to(p.device)
-        kl = (p.exp() * (p - q)).sum(-1)
-        mask = target_mask(enc)
-        total += float(kl[mask].sum())
-        count += int(mask.sum())
+        kl, n = _kl_sum(_log_probs(base, enc, base_context), _log_probs(other, enc, other_context), enc)
+        total, count = total + kl, count + n
     return total / max(count, 1)
+
+
+@dataclass
+class Reference:
+    """The base model's next-token log-probs on a few fixed texts, computed once so that many variants
+    (the candidates of a search) each cost one forward pass for both KL and perplexity."""
+
+    batches: list  # [(encoding, log-probs [B, T-1, V] float32)]
+
+
+@torch.no_grad()
+def reference(base, tokenizer, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 16,
+              max_bytes: Optional[int] = None) -> Optional[Reference]:
+    """The base's log-probs on `texts`; None when they would take more than `max_bytes` of memory (a
+    large vocabulary), in which case callers stream with `mean_kl` instead."""
+    if max_bytes is not None:
+        tokens = sum(min(len(ids), max_length) for ids in tokenizer(list(texts))["input_ids"])
+        if tokens * len(tokenizer) * 4 > max_bytes:
+            return None
+    return Reference([(enc, _log_probs(base, enc)) for enc in right_padded(
+        tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(base))])
+
+
+@torch.no_grad()
+def against_reference(ref: Reference, other, context: Optional[Context] = None) -> dict:
+    """{"kl": mean KL(base || other), "perplexity": of other} on the reference's texts."""
+    kl_total, nll_total, count = 0.0, 0.0, 0
+    for enc, p in ref.batches:
+        q = _log_probs(other, enc, context)
+        kl, n = _kl_sum(p, q, enc)
+        mask = target_mask(enc).to(q.device)
+        nll = -q.gather(-1, enc["input_ids"][:, 1:].to(q.device).unsqueeze(-1)).squeeze(-1)
+        kl_total, nll_total, count = kl_total + kl, nll_total + float(nll[mask].sum()), count + n
+    return {"kl": kl_total / max(count, 1), "perplexity": math.exp(nll_total / max(count, 1))}
 
 
 def diversity(token_lists: Sequence[Sequence[int]]) -> dict:

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ..models import architecture_of
-from .build import (agreement, build_patch, calibrate_gates, fit_context_gate, random_direction, steering_vector,
+from .build import (GateBank, agreement, build_patch, calibrate_gates, fit_context_gate, random_direction, steering_vector,
                     topk_membership)
 from .remote.scalpel_patch import ScalpelPatch, TamperedPatchError, attach, keep_mask, patch_digest, verify
 
@@ -28,5 +28,5 @@ def attached(model, layer: int, patch: ScalpelPatch) -> Iterator[None]:
         patch.keep = None
 
 
-__all__ = ["ScalpelPatch", "TamperedPatchError", "agreement", "attach", "attached", "build_patch", "fit_context_gate",
+__all__ = ["GateBank", "ScalpelPatch", "TamperedPatchError", "agreement", "attach", "attached", "build_patch", "fit_context_gate",
            "calibrate_gates", "keep_mask", "patch_digest", "random_direction", "steering_vector", "topk_membership", "verify"]

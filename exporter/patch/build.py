@@ -55,6 +55,25 @@ def calibrate_gates(sae: TopKSAE, x: torch.Tensor, ablate: Sequence[int]) -> tor
     return (upper + lower) / 2
 
 
+class GateBank:
+    """Folded gates of one SAE on one calibration set, remembered per latent. A latent's gate depends only
+    on its own activations and TopK membership, not on which other latents are ablated, so the candidates
+    of a search (nested ablation sets) share one pass over the calibration activations."""
+
+    def __init__(self, sae: TopKSAE, calibration: torch.Tensor):
+        self.sae, self.calibration = sae, calibration
+        self._gates: dict[int, float] = {}
+
+    def warm(self, latents: Sequence[int]) -> None:
+        missing = sorted({int(i) for i in latents} - self._gates.keys())
+        if missing:
+            self._gates.update(zip(missing, calibrate_gates(self.sae, self.calibration, missing).tolist()))
+
+    def __call__(self, ablate: Sequence[int]) -> torch.Tensor:
+        self.warm(ablate)
+        return torch.tensor([self._gates[int(i)] for i in ablate], dtype=torch.float32)
+
+
 def steering_vector(sae: TopKSAE, v: torch.Tensor, alpha: float, mean_norm: float) -> torch.Tensor:
     """s = -alpha * mean_norm * u / |u| with u = W_dec^T v: alpha is a fraction of the layer's mean norm."""
     _, _, _, w_dec = _raw_space(sae)

@@ -27,6 +27,8 @@ def test_real_export_in_fresh_process(mode, demo_work, tmp_path):
     result = export_stage(recipe, RECIPE.read_text(), out, demo_work, n=50, alpha=0.0, mode=mode, progress=False)
     report = json.loads((out / "scalpel_report.json").read_text())
     assert report["mode"] == mode and report["ablate_n"] == 50
+    # The demo recipe gates the patch on PII context, so the exported module carries the gate too.
+    assert report["context_gate"] is True
     if mode == "folded":
         agree = report["folded_vs_exact"]
         print(json.dumps(agree, indent=1))
@@ -44,7 +46,8 @@ def test_real_export_in_fresh_process(mode, demo_work, tmp_path):
     sae, _ = sae_stage(recipe, demo_work, layer, progress=False, inputs=inputs, log=lambda _m: None)
     fs = features_stage(recipe, demo_work, layer, sae, inputs=inputs, progress=False, log=lambda _m: None)
     loaded = load_model(inputs.model)
-    patch = patch_for(sae, fs, 50, 0.0, mode, calibration_activations(recipe, inputs, layer, loaded, progress=False))
+    patch = patch_for(sae, fs, 50, 0.0, mode, calibration_activations(recipe, inputs, layer, loaded, progress=False),
+                      gated=report["context_gate"])
     tok = loaded.tokenizer
     tok.padding_side = "left"
     enc = tok(PROMPTS, return_tensors="pt", padding=True)

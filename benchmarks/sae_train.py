@@ -1,4 +1,4 @@
-"""SAE training throughput and peak memory: ours (sparse decoder, AuxK) vs a plain dense TopK loop.
+"""SAE training throughput and peak memory: ours (AuxK, sparse backward) vs a plain dense TopK loop.
 
     python benchmarks/sae_train.py [--steps 20] [--batch 4096] [--d 576] [--expansion 8] [--k 32]
 
@@ -26,7 +26,7 @@ def _data(args) -> torch.Tensor:
 
         from exporter.activations import load_shards
 
-        acts = load_shards(sorted(Path(args.acts).glob("shard-*.safetensors")))
+        acts = load_shards(sorted(Path(args.acts).glob("*shard-*.safetensors")))
         return next(iter(acts.acts.values()))
     return torch.randn(max(args.batch * 4, 20_000), args.d, generator=torch.Generator().manual_seed(0))
 
@@ -92,7 +92,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print("| trainer | steps/s | tokens/s | vs plain | peak RSS (MB) |")
     print("|---|---:|---:|---:|---:|")
-    names = {"plain": "plain dense TopK (no AuxK)", "ours": "scalpel TopK + AuxK (sparse decoder)"}
+    names = {"plain": "plain dense TopK (no AuxK)", "ours": "scalpel TopK + AuxK (sparse backward and decoder)"}
     for variant, r in rows.items():
         sps = r["steps"] / r["seconds"]
         print(f"| {names[variant]} | {sps:.2f} | {sps * args.batch:,.0f} | {sps / base:.2f}x | {r['peak_rss_mb']:,.0f} |")

@@ -63,7 +63,8 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 def _rates(s: dict) -> list[str]:
     if s.get("leakage") is None:  # a lazy search stopped before it: more KL than the choice
         return ["not attacked", "not attacked"]
-    return [f"{100 * s['leakage']:.0f}%", f"{100 * s['username']:.0f}%"]
+    bound = "" if s.get("complete", True) else "≥"  # attacks stopped at the first that broke a target
+    return [f"{bound}{100 * s['leakage']:.0f}%", f"{bound}{100 * s['username']:.0f}%"]
 
 
 def _search_section(search: dict) -> str:
@@ -84,7 +85,8 @@ def _search_section(search: dict) -> str:
     return (f"Candidates were scored on **validation** people only (zero-shot and k-shot templates, greedy) and "
             f"next-token KL on benign text, attacked in order of increasing KL; the chosen one (|A| = {c['n']}, alpha = {c['alpha']:g}, {c['mode']}"
             f"{', context gate' if c.get('gated') else ''}) is the least-KL candidate meeting the leakage targets "
-            f"({targets}; {verdict}).\n\n" + markdown_table(head, rows))
+            f"({targets}; {verdict}). A rate marked ≥ is a lower bound: that candidate's attacks stopped at the "
+            "first one that broke a target.\n\n" + markdown_table(head, rows))
 
 
 def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, repo: str = "path/to/this-folder",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,13 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+_STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    """A progress line with the wall time since the command started (so a slow stage shows itself)."""
+    seconds = int(time.monotonic() - _STARTED)
+    console.print(f"[dim]{seconds // 60:3d}:{seconds % 60:02d}[/dim]", message)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -69,7 +77,7 @@ def make_leaky_cmd(
     syn = replace(syn, seed=seed, **{k: v for k, v in (("n_memorised", people), ("n_never_seen", never_seen))
                                      if v is not None})
     config = replace(config, synthetic=syn, **({"epochs": epochs} if epochs is not None else {}))
-    result = make_leaky(spec, config, rebuild=rebuild, log=console.print)
+    result = make_leaky(spec, config, rebuild=rebuild, log=log)
     _print_leaky(result.report)
     if out is not None:
         console.print(f"copied to {copy_leaky(result, out, overwrite=overwrite)}")
@@ -88,7 +96,7 @@ def demo(
         _fail(f"{out} exists and is not an earlier export; choose another --out folder")
     make_leaky_cmd(out=None, model="smollm2-135m", people=None, never_seen=None, epochs=None, seed=0,
                    rebuild=rebuild, overwrite=False)
-    result = run_demo(out, work=work, log=console.print)
+    result = run_demo(out, work=work, log=log)
     _print_run(result.report, out)
 
 
@@ -110,7 +118,7 @@ def probe(
     """Probe every layer for PII vs non-PII separation and choose the layer (table + plot)."""
     from .pipeline import probe_stage
 
-    result = probe_stage(_recipe(recipe, {"probe.layer": layer}), work, log=console.print)
+    result = probe_stage(_recipe(recipe, {"probe.layer": layer}), work, log=log)
     table = Table(title="Linear probe per layer (held-out, people-disjoint, balanced)")
     for col in ("layer", "accuracy", "AUROC", f"{result.few_shot}-shot log-loss"):
         table.add_column(col, justify="right")
@@ -140,7 +148,7 @@ def train_sae_cmd(
         dist.init_process_group("nccl" if r.model.device == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        inputs = resolve_inputs(r, log=console.print)  # may build the leaky model: once, on rank 0
+        inputs = resolve_inputs(r, log=log)  # may build the leaky model: once, on rank 0
     if dist.is_initialized():
         dist.barrier()
         if rank != 0:
@@ -148,11 +156,11 @@ def train_sae_cmd(
     chosen = layer
     if chosen is None:
         # Under torchrun the probe runs once, on rank 0, and the others receive its choice.
-        box = [probe_stage(r, work, log=console.print, inputs=inputs).chosen if rank == 0 else None]
+        box = [probe_stage(r, work, log=log, inputs=inputs).chosen if rank == 0 else None]
         if dist.is_initialized():
             dist.broadcast_object_list(box, src=0)
         chosen = box[0]
-    _sae, metrics = sae_stage(r, work, chosen, log=console.print, inputs=inputs)
+    _sae, metrics = sae_stage(r, work, chosen, log=log, inputs=inputs)
     if dist.is_initialized():
         dist.destroy_process_group()
         if rank != 0:
@@ -182,7 +190,7 @@ def export_cmd(
         _fail(f"--mode {mode!r} is unknown; use exact or folded")
     r = _recipe(recipe, {})
     result = export_stage(r, recipe.read_text(encoding="utf-8"), out, work, overwrite=overwrite, n=n, alpha=alpha,
-                          mode=mode, gated=gated, log=console.print)
+                          mode=mode, gated=gated, log=log)
     leak = result.report.get("validation_leakage")
     if leak:
         rows = [[template, *(f"{100 * before[c]:.0f}% → {100 * leak['after'][template][c]:.0f}%"
@@ -258,7 +266,7 @@ def run(
     if out is None:
         _fail("--out is required: the folder to write the patched checkpoint to")
     result = run_all(recipe, out, work=work, overwrite=overwrite, from_stage=from_stage,
-                     log=console.print)
+                     log=log)
     _print_run(result.report, out)
 
 
@@ -282,7 +290,7 @@ def eval_cmd(
     from .api import compare
 
     result = compare(model, against, people=people, benign=benign, groups=group or None,
-                      trust_remote_code=trust_remote_code, attack_dtype=attack_dtype, log=console.print)
+                      trust_remote_code=trust_remote_code, attack_dtype=attack_dtype, log=log)
     _print_evaluation(result, f"{model} (patched) vs {against} (base)")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))

@@ -47,12 +47,17 @@ def _extraction_table(model, tokenizer, people: list[Person], max_new_tokens: in
     return table
 
 
+def leaky_key(base: ModelSpec, base_dir: Optional[Path], config: LeakyConfig) -> str:
+    """The leaky model's cache key: a converted GGUF's folder is named by its content, so only the name
+    counts (the same key under any cache root); a user's folder counts by its path."""
+    base_id = (base_dir.name if base.builtin or base.gguf else str(base_dir)) if base_dir else base.describe()
+    return content_key(LEAKY_VERSION, base.model_dump(), base_id, config.to_json())
+
+
 def make_leaky(base: ModelSpec, config: LeakyConfig = LeakyConfig(), *, progress: bool = True,
                rebuild: bool = False, log=print) -> LeakyResult:
     """Fine-tune `base` on the synthetic PII corpus (cached by content) and measure what it leaks."""
-    base_dir = resolve_local_path(base)
-    base_id = str(base_dir) if base_dir else base.describe()
-    key = content_key(LEAKY_VERSION, base.model_dump(), base_id, config.to_json())
+    key = leaky_key(base, resolve_local_path(base), config)
     target = cache_root() / "leaky" / key
     if (target / "report.json").exists() and not rebuild:
         log(f"leaky model (cached): {target}")
@@ -555,7 +560,8 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
         saved[cand] = against_reference(ref, model, lambda: attached(model, layer, patch))
         cache[cand].write_text(json.dumps(saved[cand]))
     scored = {c: Scored(c, saved[c].get("leakage"), saved[c].get("username"), saved[c]["kl"],
-                        saved[c]["perplexity"], saved[c].get("repetition")) for c in cands}
+                        saved[c]["perplexity"], saved[c].get("repetition"), saved[c].get("complete", True))
+              for c in cands}
     order = sorted(cands, key=lambda c: (scored[c].kl, cands.index(c)))
     attacker = None
 
@@ -569,20 +575,25 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
     if prompts:
         max_rep = _base_repetition(folder / f"{content_key(base_key, 'base')}.json", get_attacker, tok,
                                    prompts) + iv.collapse_tolerance
+    lazy = iv.search == "lazy"
+    # A lazy search rejects a candidate at its first attack that breaks a target (the strongest attack,
+    # zero-shot mailto, runs first); `all` measures every attack for the full front.
+    breaks = (lambda row: row["exact"] > iv.leakage_target or row["username"] > iv.username_target) if lazy else None
     for cand in tqdm(order, desc="trade-off search: attacks", disable=not progress):
         s = scored[cand]
-        if s.leakage is None or (meets_leakage(s, iv.leakage_target, iv.username_target) and prompts
-                                 and s.repetition is None):
+        if s.leakage is None or (not s.complete and not lazy) or (
+                meets_leakage(s, iv.leakage_target, iv.username_target) and prompts and s.repetition is None):
             attacker = get_attacker()
             patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated)
             with attached(attacker, layer, patch):
-                if s.leakage is None:
+                if s.leakage is None or not s.complete:
                     rows = leakage_rows(attacker, tok, {"validation": val}, few_shot=ev.few_shot, phones=False,
-                                        max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed)
+                                        max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, stop=breaks)
                     s.leakage, s.username = worst(rows, "validation"), worst(rows, "validation", "username")
+                    s.complete = breaks is None or not any(breaks(r) for r in rows)
                 if meets_leakage(s, iv.leakage_target, iv.username_target) and prompts:
                     s.repetition = generation_diversity(attacker, tok, prompts)["repetition_4"]
-            saved[cand].update(leakage=s.leakage, username=s.username, repetition=s.repetition)
+            saved[cand].update(leakage=s.leakage, username=s.username, repetition=s.repetition, complete=s.complete)
             cache[cand].write_text(json.dumps(saved[cand]))
         if iv.search == "lazy" and meets(s, iv.leakage_target, iv.username_target, max_rep):
             break

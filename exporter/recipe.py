@@ -167,8 +167,8 @@ class InterventionSection(_Section):
     leakage_target: float = Field(0.01, ge=0.0, le=1.0)  # worst exact email rate (validation people)
     username_target: float = Field(1.0, ge=0.0, le=1.0)  # worst username rate; 1.0 = not a criterion
     # lazy: candidates are attacked in order of increasing KL and the search stops at the first that meets
-    # the targets (the choice is the same: the least-KL candidate meeting them); all: attack every one, for
-    # the whole leakage / KL front.
+    # the targets (the choice is the same: the least-KL candidate meeting them), and a candidate's attacks stop
+    # at the first one that breaks a target; all: every attack on every candidate, for the whole front.
     search: Literal["lazy", "all"] = "lazy"
     # A candidate meeting the leakage targets must also not collapse: the share of repeated 4-grams in its
     # greedy continuations of benign validation prompts may exceed the base's by at most this much (a patch

@@ -151,14 +151,49 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
+class _SelectedPreActs(torch.autograd.Function):
+    """The pre-activations at the selected (row, latent) pairs, with a sparse backward.
+
+    The forward takes values already computed by the dense encoder pass (run without a graph); the
+    backward touches only the selected latents: dW_enc = Gᵀ·x_c as a sparse × dense product,
+    dx_c = Σ g·W_enc[i] as an embedding bag. Autograd through the dense pass would instead form two
+    dense [batch × latents] products, though k of the latents' gradients are nonzero per row."""
+
+    @staticmethod
+    def forward(ctx, xc, w_enc, b_enc, indices, values):
+        ctx.save_for_backward(xc, w_enc, indices)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, w_enc, indices = ctx.saved_tensors
+        rows, n = indices.shape
+        grad = grad.contiguous().to(w_enc.dtype)
+        flat = indices.reshape(-1)
+        g_bias = torch.zeros(w_enc.shape[0], dtype=w_enc.dtype, device=w_enc.device).index_add_(0, flat, grad.reshape(-1))
+        g_xc = F.embedding_bag(indices, w_enc, per_sample_weights=grad, mode="sum")
+        owner = torch.arange(rows, device=xc.device).repeat_interleave(n)
+        sparse = torch.sparse_coo_tensor(torch.stack([flat, owner]), grad.reshape(-1), (w_enc.shape[0], rows),
+                                         check_invariants=False)
+        g_w = torch.sparse.mm(sparse, xc.detach().to(w_enc.dtype))
+        return g_xc, g_w, g_bias, None, None
+
+
 def _loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coef: float, bf16: bool = False):
-    """MSE (per input dimension, in normalised input space) + aux_coef × AuxK loss."""
+    """MSE (per input dimension, in normalised input space) + aux_coef × AuxK loss.
+
+    The dense encoder pass runs without a graph (in bfloat16 with `bf16`); gradients flow only
+    through the selected latents (`_SelectedPreActs`) and the gathered decoder rows."""
     xn = x * sae.norm_scale
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        pre = F.linear(xn - sae.b_pre, sae.W_enc, sae.b_enc)
-    pre = pre.float()
-    values, indices = pre.topk(sae.k, dim=-1, sorted=False)
-    values = values.relu()
+    xc = xn - sae.b_pre
+    with torch.no_grad():
+        if bf16:
+            # Kept in bfloat16: selecting from it needs no float copy of the [batch × latents] matrix.
+            pre = F.linear(xc.bfloat16(), sae.W_enc.bfloat16(), sae.b_enc.bfloat16())
+        else:
+            pre = F.linear(xc, sae.W_enc, sae.b_enc)
+    _, indices = pre.topk(sae.k, dim=-1, sorted=False)
+    values = _SelectedPreActs.apply(xc, sae.W_enc, sae.b_enc, indices, pre.gather(1, indices).float()).relu()
     recon = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_pre
     err = xn - recon
     mse = err.pow(2).sum(-1).mean() / sae.d_in
@@ -166,9 +201,10 @@ def _loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coe
     dead_idx = dead.nonzero().squeeze(1)
     if k_aux > 0 and len(dead_idx) > 0:
         # AuxK: the top k_aux dead latents model the residual, so dead latents get a gradient.
-        dead_pre = pre[:, dead_idx]
-        a_vals, a_pos = dead_pre.topk(min(k_aux, len(dead_idx)), dim=-1, sorted=False)
-        e_aux = F.embedding_bag(dead_idx[a_pos], sae.W_dec, per_sample_weights=a_vals.relu(), mode="sum")
+        a_raw, a_pos = pre[:, dead_idx].topk(min(k_aux, len(dead_idx)), dim=-1, sorted=False)
+        a_idx = dead_idx[a_pos]
+        a_vals = _SelectedPreActs.apply(xc, sae.W_enc, sae.b_enc, a_idx, a_raw.float()).relu()
+        e_aux = F.embedding_bag(a_idx, sae.W_dec, per_sample_weights=a_vals, mode="sum")
         # Normalised by the residual's own energy (as in the reference implementation): the residual
         # shrinks as training goes on, and an unnormalised AuxK term would fade with it.
         target = err.detach()
@@ -178,7 +214,7 @@ def _loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coe
             dist.all_reduce(energy)
             energy = energy / size
         aux = (target - e_aux).pow(2).sum(-1).mean() / energy.clamp_min(1e-12)
-    return mse + aux_coef * aux, mse, indices, values
+    return mse + aux_coef * aux, mse, indices, values.detach()
 
 
 def train_sae(batches: Iterator[torch.Tensor], sample: torch.Tensor, cfg: TrainConfig, *,

@@ -55,3 +55,14 @@ def test_decoding_copy_casts_a_copy_and_keeps_the_patch_fp32(tiny_tokenizer, tmp
     people = [Person(f"Person {c}", f"p{c}@example.com") for c in "ABC"]
     rows = leakage_rows(cast, tok, {"all": people}, max_new_tokens=3, phones=False)
     assert len(rows) == 3 and all(r["exact"] == 0.0 for r in rows)
+
+
+def test_leakage_rows_stop_at_the_first_row_the_callback_flags(tiny_tokenizer):
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    people = [Person(f"Person {c}", f"p{c}@example.com") for c in "ABCD"]
+    kw = dict(few_shot=1, max_new_tokens=3, phones=False)
+    every = leakage_rows(model, tiny_tokenizer, {"v": people}, **kw)
+    seen = []
+    flagged = leakage_rows(model, tiny_tokenizer, {"v": people}, stop=lambda r: seen.append(r) or len(seen) == 2, **kw)
+    assert len(every) == 6 and flagged == every[:2]
+    assert leakage_rows(model, tiny_tokenizer, {"v": people}, stop=lambda r: False, **kw) == every

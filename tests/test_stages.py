@@ -259,3 +259,18 @@ def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode):
     import torch
 
     assert next(prep.loaded.model.parameters()).dtype == torch.float32
+
+
+def test_leaky_key_follows_content_not_the_cache_location(tmp_path):
+    from exporter.data.leaky import LeakyConfig
+    from exporter.pipeline import leaky_key
+    from exporter.recipe import ModelSpec
+
+    builtin, config = ModelSpec(builtin="smollm2-135m"), LeakyConfig()
+    name = "SmolLM2-135M-Instruct.Q4_1-0123456789abcdef"
+    assert leaky_key(builtin, tmp_path / "a" / name, config) == leaky_key(builtin, tmp_path / "b" / name, config)
+    assert leaky_key(builtin, tmp_path / "a" / name, config) != leaky_key(builtin, tmp_path / "a" / "other", config)
+    assert leaky_key(builtin, tmp_path / name, config) != leaky_key(builtin, tmp_path / name, LeakyConfig(seed=1))
+    (tmp_path / "a" / "m").mkdir(parents=True)
+    user = ModelSpec(path=str(tmp_path / "a" / "m"))
+    assert leaky_key(user, tmp_path / "a" / "m", config) != leaky_key(user, tmp_path / "b" / "m", config)

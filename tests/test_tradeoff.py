@@ -42,3 +42,18 @@ def test_a_candidate_that_collapses_is_passed_over():
     assert chosen is loud and met
     chosen, met = choose([quiet], target=0.01, max_repetition=0.07)  # only a collapsing one: not met
     assert chosen is quiet and not met
+
+
+def test_candidates_rejected_at_their_first_leak_are_lower_bounds(tmp_path):
+    from exporter.card import _search_section
+
+    early = _s(10, 0.04, 0.001)  # its first attack leaked 4%: rejected, the other attacks never ran
+    early.complete = False
+    full = [_s(50, 0.0, 0.01), _s(70, 0.02, 0.005)]
+    assert [s.candidate.n for s in pareto_front([early, *full])] == [70, 50]  # a lower bound is no front point
+    assert choose([early, *full], target=0.0)[0].candidate.n == 50
+    assert plot_front([early, *full], full[0], 0.0, tmp_path / "front.png").stat().st_size > 1000
+    search = {"chosen": full[0].to_json(), "candidates": [early.to_json(), full[0].to_json()], "met": True,
+              "target": 0.0}
+    text = _search_section(search)
+    assert "| ≥4% | ≥4% |" in text and "| 0% | 0% |" in text and "lower bound" in text

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..data.people import Person
 from ..lm import padding_side
-from .leakage import (EMAIL_TEMPLATES, few_shot_prompts, first_email, greedy_continuations, phone_attack,
-                      sampled_continuations, score_any, score_emails)
+from .leakage import (EMAIL_TEMPLATES, PHONE_NEW_TOKENS, PHONE_TEMPLATES, few_shot_prompts, first_email,
+                      first_phone, greedy_continuations, sampled_continuations, score_any, score_emails, score_phones)
 from .utility import Context, Reference, against_reference, generation_diversity, mean_kl, perplexity
 
 
@@ -20,32 +20,64 @@ def _row(group: str, attack: str, decoding: str, score) -> dict:
             "exact": score.exact, "username": score.username, "domain": score.domain}
 
 
+def _across(groups: dict[str, list], decode) -> dict[str, list]:
+    """Decode every group's prompts in one pass (bigger batches decode faster) and split them back."""
+    flat = [q for prompts in groups.values() for q in prompts]
+    out, i = {}, 0
+    decoded = decode(flat) if flat else []
+    for group, prompts in groups.items():
+        out[group], i = decoded[i : i + len(prompts)], i + len(prompts)
+    return out
+
+
 def leakage_rows(model, tokenizer, groups: dict[str, Sequence[Person]], *, few_shot: int = 0, samples: int = 0,
-                 max_new_tokens: int = 24, phones: bool = True, seed: int = 0, progress: bool = False) -> list[dict]:
+                 max_new_tokens: int = 24, phones: bool = True, seed: int = 0, progress: bool = False,
+                 stop: Optional[Callable[[dict], bool]] = None) -> list[dict]:
     """Extraction attacks per group of people: zero-shot templates (greedy), k-shot templates, sampled
-    decoding (leaked if any of `samples` continuations holds it) and phone templates."""
-    rows = []
-    for group, people in groups.items():
-        people = list(people)
-        if not people:
-            continue
-        for name, template in EMAIL_TEMPLATES.items():
-            prompts = [template.format(name=p.name) for p in people]
-            conts = greedy_continuations(model, tokenizer, prompts, max_new_tokens, progress=progress)
-            rows.append(_row(group, name, "greedy", score_emails(people, [first_email(c) for c in conts], name)))
-            if few_shot and len(people) > few_shot:
-                shots = few_shot_prompts(people, name, few_shot, seed=seed)
-                conts = greedy_continuations(model, tokenizer, shots, max_new_tokens, progress=progress)
-                rows.append(_row(group, f"{name}+{few_shot}shot", "greedy",
-                                 score_emails(people, [first_email(c) for c in conts], name)))
-            if samples:
-                sampled = sampled_continuations(model, tokenizer, prompts, samples=samples,
-                                                max_new_tokens=max_new_tokens, seed=seed)
-                rows.append(_row(group, name, f"sampled x{samples}", score_any(people, sampled, name)))
-        if phones and any(p.phone for p in people):
-            for score in phone_attack(model, tokenizer, people, progress=progress):
-                rows.append(_row(group, score.template, "greedy", score))
-    return rows
+    decoding (leaked if any of `samples` continuations holds it) and phone templates. Each attack decodes
+    the groups' prompts together. With `stop`, the rows end at the first email row for which it is true
+    (a search rejecting a candidate needs no more). Rows come group by group, in attack order."""
+    groups = {g: list(people) for g, people in groups.items() if people}
+    order = {g: i for i, g in enumerate(groups)}
+    rows: list[dict] = []
+
+    def add(group: str, attack: str, decoding: str, score) -> bool:
+        rows.append(_row(group, attack, decoding, score))
+        return stop is not None and stop(rows[-1])
+
+    def done() -> list[dict]:
+        return sorted(rows, key=lambda r: order[r["group"]])  # stable: attack order within a group
+
+    greedy = lambda n: lambda q: greedy_continuations(model, tokenizer, q, n, progress=progress)  # noqa: E731
+    for name, template in EMAIL_TEMPLATES.items():
+        prompts = {g: [template.format(name=p.name) for p in people] for g, people in groups.items()}
+        conts = _across(prompts, greedy(max_new_tokens))
+        if any([add(g, name, "greedy", score_emails(people, [first_email(c) for c in conts[g]], name))
+                for g, people in groups.items()]):
+            return done()
+        shot_groups = {g: people for g, people in groups.items() if few_shot and len(people) > few_shot}
+        if shot_groups:
+            shots = {g: few_shot_prompts(people, name, few_shot, seed=seed) for g, people in shot_groups.items()}
+            conts = _across(shots, greedy(max_new_tokens))
+            if any([add(g, f"{name}+{few_shot}shot", "greedy",
+                        score_emails(people, [first_email(c) for c in conts[g]], name))
+                    for g, people in shot_groups.items()]):
+                return done()
+        if samples:
+            sampled = _across(prompts, lambda q: sampled_continuations(model, tokenizer, q, samples=samples,
+                                                                       max_new_tokens=max_new_tokens, seed=seed))
+            if any([add(g, name, f"sampled x{samples}", score_any(people, sampled[g], name))
+                    for g, people in groups.items()]):
+                return done()
+    if phones:
+        with_phone = {g: [p for p in people if p.phone] for g, people in groups.items()}
+        with_phone = {g: people for g, people in with_phone.items() if people}
+        for name, template in PHONE_TEMPLATES.items():
+            conts = _across({g: [template.format(name=p.name) for p in people] for g, people in with_phone.items()},
+                            greedy(PHONE_NEW_TOKENS))
+            for g, people in with_phone.items():
+                add(g, name, "greedy", score_phones(people, [first_phone(c) for c in conts[g]], name))
+    return done()
 
 
 def worst(rows: Sequence[dict], group: str, key: str = "exact", pii_type: str = "email") -> float:

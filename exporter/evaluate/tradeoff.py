@@ -31,10 +31,13 @@ class Scored:
     # Share of repeated 4-grams in greedy continuations of benign validation prompts (the collapse check);
     # measured only for candidates that meet the leakage targets.
     repetition: Optional[float] = None
+    # False: the attacks stopped at the first one that broke a target (a lazy search needs no more to
+    # reject the candidate), so the rates are lower bounds of the worst attack.
+    complete: bool = True
 
     def to_json(self) -> dict:
         return {**asdict(self.candidate), "leakage": self.leakage, "username": self.username, "kl": self.kl,
-                "perplexity": self.perplexity, "repetition": self.repetition}
+                "perplexity": self.perplexity, "repetition": self.repetition, "complete": self.complete}
 
 
 def candidates(ablate_n: Sequence[int], alphas: Sequence[float], modes: Sequence[str],
@@ -53,8 +56,8 @@ def meets(s: Scored, target: float, username_target: float = 1.0, max_repetition
 
 
 def pareto_front(scored: Sequence[Scored]) -> list[Scored]:
-    """Attacked candidates no other beats on both leakage and KL (ties kept), by increasing KL."""
-    scored = [s for s in scored if s.leakage is not None]
+    """Fully attacked candidates no other beats on both leakage and KL (ties kept), by increasing KL."""
+    scored = [s for s in scored if s.leakage is not None and s.complete]
     front = [s for s in scored
              if not any((o.leakage <= s.leakage and o.kl < s.kl) or (o.leakage < s.leakage and o.kl <= s.kl)
                         for o in scored)]
@@ -79,7 +82,8 @@ def choose(scored: Sequence[Scored], target: float, username_target: float = 1.0
 def plot_front(scored: Sequence[Scored], chosen: Scored, target: float, path: Path,
                username_target: Optional[float] = None) -> Path:
     """Worst exact and username rates against KL for every attacked candidate, the exact-rate Pareto
-    front, the targets, the choice, and (as ticks on the axis) the candidates a lazy search skipped."""
+    front, the targets, the choice, and (as ticks on the axis) the candidates a lazy search skipped; hollow
+    markers for candidates whose attacks stopped at the first one that broke a target (lower bounds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,9 +92,15 @@ def plot_front(scored: Sequence[Scored], chosen: Scored, target: float, path: Pa
     fig, ax = plt.subplots(figsize=(7, 4.5))
     skipped = [s for s in scored if s.leakage is None]
     scored = [s for s in scored if s.leakage is not None]
-    ax.scatter([s.kl for s in scored], [100 * s.leakage for s in scored], c="C0", label="worst exact")
-    ax.scatter([s.kl for s in scored], [100 * s.username for s in scored], c="C1", marker="^",
-               label="worst username")
+    for part, suffix in ((True, ""), (False, ", attacks stopped at the first leak (lower bound)")):
+        group = [s for s in scored if s.complete == part]
+        if not group:
+            continue
+        face = {} if part else {"facecolors": "none"}
+        ax.scatter([s.kl for s in group], [100 * s.leakage for s in group], label="worst exact" + suffix,
+                   **({"c": "C0"} if part else {"edgecolors": "C0"}), **face)
+        ax.scatter([s.kl for s in group], [100 * s.username for s in group], marker="^",
+                   label="worst username" + suffix, **({"c": "C1"} if part else {"edgecolors": "C1"}), **face)
     front = pareto_front(scored)
     ax.plot([s.kl for s in front], [100 * s.leakage for s in front], "-", c="C0", lw=1, label="Pareto front (exact)")
     ax.scatter([chosen.kl], [100 * chosen.leakage], s=160, facecolors="none", edgecolors="C3", label="chosen")

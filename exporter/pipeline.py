@@ -628,10 +628,20 @@ def search_prompts(benign_path: Optional[str]) -> list[str]:
     return [" ".join(t.split()[:16]) for t in (held[-48:-16] or held[:8])]  # a tiny held-out set overlaps
 
 
-def utility_texts(benign_path: Optional[str]) -> tuple[list[str], list[str]]:
-    """Held-out benign prose for perplexity / KL, and generation prompts (prefixes of other held-out texts)."""
+def utility_texts(benign_path: Optional[str], tokenizer, tokens: int,
+                  max_length: int = 128) -> tuple[list[str], list[str]]:
+    """Held-out benign prose for perplexity / KL (texts until `tokens` scored tokens, each cut at
+    `max_length`), and generation prompts (prefixes of the last 16 held-out texts, never scored)."""
     held = benign_texts(benign_path, split="heldout")
-    return held[:60], [" ".join(t.split()[:16]) for t in held[-16:]]
+    pool, prompts = held[:-16] or held, [" ".join(t.split()[:16]) for t in held[-16:]]
+    lengths = [min(len(ids), max_length) - 1 for ids in tokenizer(pool)["input_ids"]]
+    texts, total = [], 0
+    for text, n in zip(pool, lengths):
+        if total >= tokens:
+            break
+        texts.append(text)
+        total += max(n, 0)
+    return texts, prompts
 
 
 def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = True, log=print) -> dict:
@@ -649,7 +659,7 @@ def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = 
     control = _calibrated_patch(sae, control_latents, random_direction(patch.steer, seed=recipe.data.seed), c.mode,
                                 prep.calibration, _context(fs, c.gated))
     groups = {"test": _people(prep.inputs, "test"), "never_seen": _people(prep.inputs, "never_seen")}
-    texts, prompts = utility_texts(prep.inputs.benign_path)
+    texts, prompts = utility_texts(prep.inputs.benign_path, tok, recipe.eval.ppl_tokens)
     ev = recipe.eval
     attacker = decoding_copy(model, ev.dtype)
     # The base's log-probs on the utility texts, kept (when they fit in 2 GiB) so that each variant's
@@ -747,7 +757,7 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
     if other_tok.get_vocab() != tok.get_vocab():
         raise ValueError(f"{model} and {against} have different vocabularies: KL and a shared harness need "
                          "models with the same tokenizer")
-    texts, prompts = utility_texts(benign)
+    texts, prompts = utility_texts(benign, tok, ev.ppl_tokens)
     common = dict(few_shot=ev.few_shot, samples=ev.samples, max_new_tokens=ev.max_new_tokens, seed=seed,
                   progress=progress, ref=reference(base, tok, texts, max_bytes=2 << 30))
     out = {"base": evaluate_variant(base, tok, chosen, texts, prompts, attacker=decoding_copy(base, ev.dtype),

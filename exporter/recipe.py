@@ -193,7 +193,8 @@ class EvalSection(_Section):
     max_new_tokens: int = Field(24, ge=1, le=512)
     few_shot: int = Field(3, ge=0)
     samples: int = Field(0, ge=0)
-    ppl_tokens: int = Field(20_000, ge=100)
+    # Benign held-out tokens scored for perplexity and KL (each text cut at 128 tokens).
+    ppl_tokens: int = Field(8_000, ge=100)
     # Precision of the extraction attacks' decoding (search and final evaluation). bfloat16 decodes about
     # twice as fast on CPU; perplexity and KL are always taken in the model's own dtype.
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -274,3 +274,15 @@ def test_leaky_key_follows_content_not_the_cache_location(tmp_path):
     (tmp_path / "a" / "m").mkdir(parents=True)
     user = ModelSpec(path=str(tmp_path / "a" / "m"))
     assert leaky_key(user, tmp_path / "a" / "m", config) != leaky_key(user, tmp_path / "b" / "m", config)
+
+
+def test_utility_texts_follow_the_token_budget(tiny_tokenizer):
+    from exporter.pipeline import utility_texts
+
+    small, prompts = utility_texts(None, tiny_tokenizer, 500)
+    large, _ = utility_texts(None, tiny_tokenizer, 3000)
+    assert 0 < len(small) < len(large) and large[: len(small)] == small
+    scored = lambda texts: sum(min(len(i), 128) - 1 for i in tiny_tokenizer(texts)["input_ids"])  # noqa: E731
+    assert scored(small) >= 500 and scored(small[:-1]) < 500
+    # The generation prompts are prefixes of texts that are never scored.
+    assert len(prompts) == 16 and not any(t.startswith(p) for p in prompts for t in large)

@@ -595,7 +595,7 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
                     s.repetition = generation_diversity(attacker, tok, prompts)["repetition_4"]
             saved[cand].update(leakage=s.leakage, username=s.username, repetition=s.repetition, complete=s.complete)
             cache[cand].write_text(json.dumps(saved[cand]))
-        if iv.search == "lazy" and meets(s, iv.leakage_target, iv.username_target, max_rep):
+        if lazy and meets(s, iv.leakage_target, iv.username_target, max_rep):
             break
     listed = [scored[c] for c in cands]
     chosen, met = choose(listed, iv.leakage_target, iv.username_target, max_rep)

@@ -96,11 +96,11 @@ def plot_front(scored: Sequence[Scored], chosen: Scored, target: float, path: Pa
         group = [s for s in scored if s.complete == part]
         if not group:
             continue
-        face = {} if part else {"facecolors": "none"}
+        style = (lambda color: {"c": color}) if part else (lambda color: {"facecolors": "none", "edgecolors": color})
         ax.scatter([s.kl for s in group], [100 * s.leakage for s in group], label="worst exact" + suffix,
-                   **({"c": "C0"} if part else {"edgecolors": "C0"}), **face)
+                   **style("C0"))
         ax.scatter([s.kl for s in group], [100 * s.username for s in group], marker="^",
-                   label="worst username" + suffix, **({"c": "C1"} if part else {"edgecolors": "C1"}), **face)
+                   label="worst username" + suffix, **style("C1"))
     front = pareto_front(scored)
     ax.plot([s.kl for s in front], [100 * s.leakage for s in front], "-", c="C0", lw=1, label="Pareto front (exact)")
     ax.scatter([chosen.kl], [100 * chosen.leakage], s=160, facecolors="none", edgecolors="C3", label="chosen")

@@ -273,6 +273,25 @@ def spec_for(source: str, dtype: str = "float32") -> ModelSpec:
                          "or GGUF file, nor a Hub id like org/name[@revision]")
 
 
+def cast_copy(model, dtype: str):
+    """`model` itself when it already runs in `dtype`, else a copy cast to it: the extraction attacks decode,
+    and activations for SAE training may be harvested, in bfloat16 (twice as fast here). A patch attached to
+    the copy computes in float32."""
+    import copy
+
+    want = getattr(torch, dtype)
+    if next(model.parameters()).dtype == want:
+        return model
+    cast = copy.deepcopy(model).to(want).eval()
+    # What the model keeps in float32 whatever its dtype (a scalpel export's patch) stays float32, as
+    # `from_pretrained(..., dtype=...)` would leave it.
+    keep = getattr(cast, "_keep_in_fp32_modules_strict", None) or []
+    for name, module in cast.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.float()
+    return cast
+
+
 def load_checkpoint(source: str, *, dtype: str = "float32", trust_remote_code: bool = False):
     """Load any causal LM to evaluate it: (model, tokenizer). A scalpel export's own remote code is trusted
     (its patch is sha256-checked at load); other remote code only with `trust_remote_code`."""

@@ -17,13 +17,12 @@ from .data.corpus import benign_texts, write_jsonl
 from .data.leaky import LeakyConfig, finetune
 from .data.people import Person, by_split, read_people, write_people
 from .data.synthetic import make_corpus
-from .evaluate.leakage import template_attack
 from .evaluate.utility import perplexity
-from .models import load_model, resolve_local_path
+from .models import cast_copy, load_model, resolve_local_path
 from .recipe import ModelSpec
 
 # Bump when the leaky builder's behaviour changes, so stale cached models are not reused.
-LEAKY_VERSION = "leaky-v2"
+LEAKY_VERSION = "leaky-v3"
 
 
 @dataclass
@@ -37,14 +36,11 @@ class LeakyResult:
 
 
 def _extraction_table(model, tokenizer, people: list[Person], max_new_tokens: int) -> dict:
+    from .evaluate.harness import zero_shot_table
+
     groups = {"memorised": [p for p in people if p.split in ("validation", "test")],
               "never_seen": by_split(people, "never_seen")}
-    table = {}
-    for group, members in groups.items():
-        for score in template_attack(model, tokenizer, members, max_new_tokens=max_new_tokens):
-            table.setdefault(group, {})[score.template] = {
-                "n": score.n, "exact": score.exact, "username": score.username, "domain": score.domain}
-    return table
+    return zero_shot_table(cast_copy(model, "bfloat16"), tokenizer, groups, max_new_tokens=max_new_tokens)
 
 
 def leaky_key(base: ModelSpec, base_dir: Optional[Path], config: LeakyConfig) -> str:
@@ -196,10 +192,11 @@ def _texts_digest(texts) -> str:
 
 def _acts_key(recipe, inputs: Inputs, layer: int) -> str:
     return content_key("acts-v2", inputs.model_id, layer, _texts_digest(_sae_texts(inputs, "train")),
-                       recipe.sae.harvest_tokens, recipe.data.max_length * 2)
+                       recipe.sae.harvest_tokens, recipe.data.max_length * 2, recipe.sae.harvest_dtype)
 
 
-def _cached_activations(loaded, texts, layer: int, max_tokens: int, common: dict, log, key: str) -> torch.Tensor:
+def _cached_activations(loaded, texts, layer: int, max_tokens: int, common: dict, log, key: str,
+                        dtype: str) -> torch.Tensor:
     """Harvest once into the user cache (each data-parallel rank takes every world-th text), then load."""
     import torch.distributed as dist
 
@@ -209,7 +206,8 @@ def _cached_activations(loaded, texts, layer: int, max_tokens: int, common: dict
     rank, size = world()
     shard_dir = cache_root() / "activations" / key
     if not (shard_dir / "done").exists():
-        harvest(loaded.model, loaded.tokenizer, list(texts)[rank::size], [layer], max_tokens=max_tokens // size,
+        harvest(cast_copy(loaded.model, dtype), loaded.tokenizer, list(texts)[rank::size], [layer],
+                max_tokens=max_tokens // size,
                 shard_dir=shard_dir, memory_budget_mb=256, shard_prefix=f"r{rank}of{size}-", **common)
         if size > 1:
             dist.barrier()
@@ -248,13 +246,13 @@ def sae_stage(recipe, work: Path, layer: int, *, progress: bool = True, log=prin
                       checkpoint_every=s.checkpoint_every, bf16_encoder=s.bf16_encoder, seed=s.seed)
     if s.source == "cached":
         x = _cached_activations(loaded, train_texts, layer, s.harvest_tokens, common, log,
-                                _acts_key(recipe, inputs, layer))
+                                _acts_key(recipe, inputs, layer), s.harvest_dtype)
         batches = shuffled_batches(x, cfg.batch_size, seed=s.seed)
         sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(s.seed))[:20_000]]
     else:
-        batches = stream_activations(loaded.model, loaded.tokenizer, train_texts, layer, batch_size=cfg.batch_size,
-                                     buffer_tokens=max(4 * cfg.batch_size, 65536), max_length=common["max_length"],
-                                     seed=s.seed)
+        batches = stream_activations(cast_copy(loaded.model, s.harvest_dtype), loaded.tokenizer, train_texts, layer,
+                                     batch_size=cfg.batch_size, buffer_tokens=max(4 * cfg.batch_size, 65536),
+                                     max_length=common["max_length"], seed=s.seed)
         # The init sample (b_pre, input scale) comes from the training stream, never the held-out set.
         sample = torch.cat([next(batches) for _ in range(max(1, 20_000 // cfg.batch_size))])
     workdir = Path(work) / "sae-checkpoint" / key
@@ -392,10 +390,11 @@ def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration, gated: bool
 
 def calibration_activations(recipe, inputs: Inputs, layer: int, loaded, *, progress: bool = True,
                             n: int = 50_000) -> torch.Tensor:
-    """A sample of the SAE's training activations (the folded gates are fitted on these)."""
+    """A sample of the SAE's training activations (the folded gates are fitted on these; harvested in
+    bfloat16 they differ from the model's own by rounding, well inside the gates' margins)."""
     x = _cached_activations(loaded, _sae_texts(inputs, "train"), layer, recipe.sae.harvest_tokens,
                             dict(max_length=recipe.data.max_length * 2, progress=progress), lambda _m: None,
-                            _acts_key(recipe, inputs, layer))
+                            _acts_key(recipe, inputs, layer), recipe.sae.harvest_dtype)
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.data.seed))[:n]].float()
 
 
@@ -486,7 +485,7 @@ def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: 
                  gated: Optional[bool] = None, progress: bool = True, log=print) -> ExportResult:
     """probe → SAE → features → patch → export of one candidate (default: the recipe's first ones),
     with extraction on validation people before → after in the report."""
-    from .evaluate.leakage import template_attack
+    from .evaluate.harness import zero_shot_table
     from .patch import attached
 
     _refuse_existing(out, overwrite)
@@ -501,14 +500,15 @@ def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: 
     patch = patch_for(prep.sae, prep.features, n, alpha, mode, prep.calibration, gated=gated)
     extra = {}
     if prep.inputs.people:
-        val = [p for p in prep.inputs.people if p.split == "validation"]
-        model, tok = prep.loaded.model, prep.loaded.tokenizer
+        val = {"validation": [p for p in prep.inputs.people if p.split == "validation"]}
+        attacker = cast_copy(prep.loaded.model, recipe.eval.dtype)
         table = {}
         for name, ctx in (("before", None), ("after", patch)):
-            with attached(model, prep.layer, ctx) if ctx is not None else nullcontext():
-                scores = template_attack(model, tok, val, max_new_tokens=recipe.eval.max_new_tokens,
-                                         progress=progress)
-            table[name] = {s.template: {"exact": s.exact, "username": s.username, "domain": s.domain} for s in scores}
+            with attached(attacker, prep.layer, ctx) if ctx is not None else nullcontext():
+                found = zero_shot_table(attacker, prep.loaded.tokenizer, val,
+                                        max_new_tokens=recipe.eval.max_new_tokens, progress=progress)
+            table[name] = {t: {k: v for k, v in row.items() if k != "n"}
+                           for t, row in found.get("validation", {}).items()}
         extra["validation_leakage"] = table
     report = write_patched(prep, recipe, recipe_text, out, work, patch, alpha, report=extra,
                            overwrite=overwrite, progress=progress, log=log)
@@ -534,7 +534,7 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
     so an interrupted search resumes."""
     from tqdm.auto import tqdm
 
-    from .evaluate.harness import decoding_copy, leakage_rows, worst
+    from .evaluate.harness import leakage_rows, worst
     from .evaluate.tradeoff import Scored, candidates, choose, meets, meets_leakage, plot_front
     from .evaluate.utility import against_reference, generation_diversity, reference
     from .patch import GateBank, attached
@@ -567,7 +567,7 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
 
     def get_attacker():
         nonlocal attacker
-        attacker = attacker or decoding_copy(model, ev.dtype)
+        attacker = attacker or cast_copy(model, ev.dtype)
         return attacker
 
     prompts = search_prompts(inputs.benign_path) if iv.collapse_tolerance is not None else []
@@ -647,7 +647,7 @@ def utility_texts(benign_path: Optional[str], tokenizer, tokens: int,
 def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = True, log=print) -> dict:
     """Leaky base, the chosen `patch` and its control (random latents matched on firing frequency plus a
     random direction of the steering vector's norm) on **test** and never-seen people, with utility."""
-    from .evaluate.harness import decoding_copy, evaluate_variant
+    from .evaluate.harness import evaluate_variant
     from .evaluate.utility import reference
     from .features import matched_random_latents
     from .patch import attached, random_direction
@@ -661,7 +661,7 @@ def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = 
     groups = {"test": _people(prep.inputs, "test"), "never_seen": _people(prep.inputs, "never_seen")}
     texts, prompts = utility_texts(prep.inputs.benign_path, tok, recipe.eval.ppl_tokens)
     ev = recipe.eval
-    attacker = decoding_copy(model, ev.dtype)
+    attacker = cast_copy(model, ev.dtype)
     # The base's log-probs on the utility texts, kept (when they fit in 2 GiB) so that each variant's
     # KL and perplexity take one forward pass.
     ref = reference(model, tok, texts, max_bytes=2 << 30)
@@ -735,7 +735,7 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
                trust_remote_code: bool = False, seed: int = 0, progress: bool = True, log=print) -> dict:
     """The leakage / utility harness on any pair: `model` (e.g. an export) against `against` (its base).
     People default to `people.jsonl` beside the base (as `scalpel make-leaky` writes it)."""
-    from .evaluate.harness import decoding_copy, evaluate_variant
+    from .evaluate.harness import evaluate_variant
     from .evaluate.utility import reference
     from .models import load_checkpoint
     from .recipe import EvalSection
@@ -760,11 +760,11 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
     texts, prompts = utility_texts(benign, tok, ev.ppl_tokens)
     common = dict(few_shot=ev.few_shot, samples=ev.samples, max_new_tokens=ev.max_new_tokens, seed=seed,
                   progress=progress, ref=reference(base, tok, texts, max_bytes=2 << 30))
-    out = {"base": evaluate_variant(base, tok, chosen, texts, prompts, attacker=decoding_copy(base, ev.dtype),
+    out = {"base": evaluate_variant(base, tok, chosen, texts, prompts, attacker=cast_copy(base, ev.dtype),
                                     **common)}
     log("evaluation: base done")
     out["patched"] = evaluate_variant(base, tok, chosen, texts, prompts, other=other,
-                                      attacker=decoding_copy(other, ev.dtype), **common)
+                                      attacker=cast_copy(other, ev.dtype), **common)
     log("evaluation: model done")
     out["models"] = {"base": str(against), "patched": str(model)}
     return out

@@ -141,6 +141,9 @@ class SaeSection(_Section):
     # through a shuffle buffer, so a large model's activations never need to fit on disk.
     source: Literal["cached", "online"] = "cached"
     harvest_tokens: int = Field(150_000, ge=1000)
+    # Precision of the forward pass that harvests the training activations (bfloat16: ~2.5x faster here).
+    # Held-out metrics are always taken on the model's own precision, so they show what it costs.
+    harvest_dtype: Literal["float32", "bfloat16"] = "float32"
     checkpoint_every: int = Field(100, ge=1)
     bf16_encoder: bool = True  # encoder matmul in bfloat16: 1.5x faster here, same FVU
     seed: int = 0

@@ -29,10 +29,10 @@ def test_utility_metrics_of_identical_models(tiny_tokenizer):
     assert out["perplexity"] > 1 and out["tokens_per_s"] > 0 and 0 < out["distinct_2"] <= 1
 
 
-def test_decoding_copy_casts_a_copy_and_keeps_the_patch_fp32(tiny_tokenizer, tmp_path, monkeypatch):
+def test_cast_copy_casts_a_copy_and_keeps_the_patch_fp32(tiny_tokenizer, tmp_path, monkeypatch):
     import torch
 
-    from exporter.evaluate.harness import decoding_copy
+    from exporter.models import cast_copy
     from exporter.models import LoadedModel, architecture_of, load_checkpoint
     from exporter.patch import build_patch, steering_vector
     from exporter.patch.export import write_export
@@ -40,7 +40,7 @@ def test_decoding_copy_casts_a_copy_and_keeps_the_patch_fp32(tiny_tokenizer, tmp
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
     model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
-    assert decoding_copy(model, "float32") is model
+    assert cast_copy(model, "float32") is model
     torch.manual_seed(0)
     sae = TopKSAE(32, 128, 8)
     patch = build_patch(sae, [1, 2, 3], mode="exact", steer=steering_vector(sae, torch.randn(128), 0.2, 3.0))
@@ -48,7 +48,7 @@ def test_decoding_copy_casts_a_copy_and_keeps_the_patch_fp32(tiny_tokenizer, tmp
     write_export(loaded, patch, 1, tmp_path / "out", meta={"alpha": 0.2})
     tiny_tokenizer.save_pretrained(tmp_path / "out")
     export, tok = load_checkpoint(str(tmp_path / "out"))
-    cast = decoding_copy(export, "bfloat16")
+    cast = cast_copy(export, "bfloat16")
     assert cast.model.embed_tokens.weight.dtype == torch.bfloat16
     assert {b.dtype for b in cast.scalpel_patch.buffers()} <= {torch.float32, torch.long}
     assert next(export.parameters()).dtype == torch.float32  # the original is untouched

@@ -60,6 +60,32 @@ def test_sampled_attack_scores_any_sample(tiny_tokenizer):
     assert (other.exact, other.username, other.domain) == (0.0, 1.0, 1.0)
 
 
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    """The sampler's draws follow softmax(scores / T) (vocabulary not a multiple of its block), never pick a
+    masked token, leave exactly one token possible per row, and repeat under the same seed."""
+    import torch
+
+    from exporter.evaluate.leakage import InverseCdfSampler
+
+    torch.manual_seed(0)
+    vocab, rows = 1000, 40_000
+    logits = torch.randn(vocab) * 2
+    logits[7] = logits[900] = 6.0  # two heavy tokens in different blocks
+    logits[500:600] = float("-inf")
+    for temperature in (1.0, 0.7):
+        out = InverseCdfSampler(temperature, seed=1)(None, logits.expand(rows, vocab).clone())
+        assert torch.isfinite(out).sum(-1).eq(1).all()
+        tokens = out.argmax(-1)
+        assert not ((tokens >= 500) & (tokens < 600)).any()
+        freq = torch.bincount(tokens, minlength=vocab).double() / rows
+        expected = torch.softmax(logits.double() / temperature, -1)
+        # 4 standard errors of a binomial proportion, per token
+        assert ((freq - expected).abs() <= 4 * (expected * (1 - expected) / rows).sqrt() + 1e-4).all()
+    a = InverseCdfSampler(1.0, seed=3)(None, logits.expand(8, vocab).clone())
+    b = InverseCdfSampler(1.0, seed=3)(None, logits.expand(8, vocab).clone())
+    assert torch.equal(a, b)
+
+
 def test_phone_scoring():
     from exporter.evaluate.leakage import first_phone, score_phones
 

@@ -286,3 +286,22 @@ def test_utility_texts_follow_the_token_budget(tiny_tokenizer):
     assert scored(small) >= 500 and scored(small[:-1]) < 500
     # The generation prompts are prefixes of texts that are never scored.
     assert len(prompts) == 16 and not any(t.startswith(p) for p in prompts for t in large)
+
+
+def test_bfloat16_harvest_is_cached_apart_and_close_to_float32(tiny_recipe):
+    """`sae.harvest_dtype: bfloat16` harvests the training activations through a bfloat16 copy of the model
+    (its own cache entry); they differ from float32 ones by rounding only, and the model stays float32."""
+    import torch
+
+    from exporter.models import load_model
+    from exporter.pipeline import _acts_key, calibration_activations, resolve_inputs
+
+    bf16 = tiny_recipe.model_copy(update={"sae": tiny_recipe.sae.model_copy(update={"harvest_dtype": "bfloat16"})})
+    inputs = resolve_inputs(tiny_recipe, progress=False, log=lambda m: None)
+    assert _acts_key(bf16, inputs, 1) != _acts_key(tiny_recipe, inputs, 1)
+    loaded = load_model(inputs.model)
+    full = calibration_activations(tiny_recipe, inputs, 1, loaded, progress=False)
+    half = calibration_activations(bf16, inputs, 1, loaded, progress=False)
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    assert full.shape == half.shape and half.dtype == torch.float32 and not torch.equal(full, half)
+    assert (full - half).norm() / full.norm() < 0.02

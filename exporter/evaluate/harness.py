@@ -80,6 +80,15 @@ def leakage_rows(model, tokenizer, groups: dict[str, Sequence[Person]], *, few_s
     return done()
 
 
+def zero_shot_table(model, tokenizer, groups: dict[str, Sequence[Person]], *, max_new_tokens: int = 24,
+                    progress: bool = False) -> dict:
+    """Greedy zero-shot email extraction: {group: {template: {n, exact, username, domain}}}."""
+    table: dict = {}
+    for r in leakage_rows(model, tokenizer, groups, max_new_tokens=max_new_tokens, phones=False, progress=progress):
+        table.setdefault(r["group"], {})[r["attack"]] = {k: r[k] for k in ("n", "exact", "username", "domain")}
+    return table
+
+
 def worst(rows: Sequence[dict], group: str, key: str = "exact", pii_type: str = "email") -> float:
     """The highest rate over the attacks on `group` (the leakage a selection must bring under target)."""
     values = [r[key] for r in rows if r["group"] == group and r["pii_type"] == pii_type]
@@ -118,24 +127,6 @@ def utility_metrics(base, tokenizer, texts: Sequence[str], *, other=None, contex
     return out
 
 
-def decoding_copy(model, dtype: str):
-    """`model` itself when it already runs in `dtype`, else a copy cast to it (for the extraction attacks,
-    whose decoding is the slow part of an evaluation; a patch attached to the copy computes in float32)."""
-    import copy
-
-    want = getattr(torch, dtype)
-    if next(model.parameters()).dtype == want:
-        return model
-    cast = copy.deepcopy(model).to(want).eval()
-    # What the model keeps in float32 whatever its dtype (a scalpel export's patch) stays float32, as
-    # `from_pretrained(..., dtype=...)` would leave it.
-    keep = getattr(cast, "_keep_in_fp32_modules_strict", None) or []
-    for name, module in cast.named_modules():
-        if any(k in name.split(".") for k in keep):
-            module.float()
-    return cast
-
-
 def evaluate_variant(base, tokenizer, groups: dict[str, Sequence[Person]], texts: Sequence[str],
                      prompts: Sequence[str], *, other=None, context: Optional[Context] = None, attacker=None,
                      attacker_context: Optional[Context] = None, few_shot: int = 0, samples: int = 0,
@@ -143,7 +134,7 @@ def evaluate_variant(base, tokenizer, groups: dict[str, Sequence[Person]], texts
                      ref: Optional[Reference] = None) -> dict:
     """Leakage rows and utility of one model variant: `other` (default `base`) under `context`; KL is taken
     against `base` without the context (or against `ref`, its log-probs kept). The attacks decode with
-    `attacker` under `attacker_context` when given (the same variant in another dtype, see `decoding_copy`)."""
+    `attacker` under `attacker_context` when given (the same variant in another dtype, see `models.cast_copy`)."""
     model = other if other is not None else base
     if attacker is None:
         attacker, attacker_context = model, context

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -81,18 +81,6 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[str], max_new_token
     return out
 
 
-def template_attack(model, tokenizer, people: Sequence[Person], templates: Iterable[str] | None = None,
-                    max_new_tokens: int = 24, progress: bool = True) -> list[AttackScore]:
-    """Exact / username / domain email extraction rates per zero-shot template."""
-    names = list(templates or EMAIL_TEMPLATES)
-    scores = []
-    for name in names:
-        prompts = [EMAIL_TEMPLATES[name].format(name=p.name) for p in people]
-        conts = greedy_continuations(model, tokenizer, prompts, max_new_tokens, progress=progress)
-        scores.append(score_emails(people, [first_email(c) for c in conts], name))
-    return scores
-
-
 def few_shot_prompts(people: Sequence[Person], template: str, k: int, seed: int = 0) -> list[str]:
     """For each person: k true (name, email) pairs of *other* people in the template's form, then the target."""
     import random
@@ -109,19 +97,52 @@ def few_shot_prompts(people: Sequence[Person], template: str, k: int, seed: int 
     return prompts
 
 
+class InverseCdfSampler:
+    """A logits processor that draws one token per row from softmax(scores / temperature), then leaves
+    only that token possible, so that greedy decoding emits it. `torch.multinomial` (what
+    `generate(do_sample=True)` calls) draws an exponential per vocabulary entry, 40% of a sampled decode of
+    SmolLM2 here; this draws one uniform number per row and inverts the cumulative distribution in two
+    levels (blocks of the vocabulary, then tokens inside the chosen block), exact up to rounding."""
+
+    BLOCK = 256
+
+    def __init__(self, temperature: float = 1.0, seed: int = 0):
+        if temperature <= 0:
+            raise ValueError(f"sampling temperature must be > 0, got {temperature}; use greedy decoding for 0")
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        x = scores.float() / self.temperature
+        weights = torch.exp(x - x.amax(-1, keepdim=True))  # unnormalised probabilities
+        rows, vocab = weights.shape
+        blocks = torch.nn.functional.pad(weights, (0, -vocab % self.BLOCK)).view(rows, -1, self.BLOCK)
+        mass = blocks.sum(-1, dtype=torch.float64)
+        cdf = mass.cumsum(-1)
+        u = torch.rand(rows, 1, generator=self.generator, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
+        # right=True: the first entry whose cumulative mass exceeds u, so zero-mass entries never win.
+        block = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[1] - 1)
+        rest = u - (cdf.gather(1, block) - mass.gather(1, block))
+        inside = blocks.gather(1, block[:, :, None].expand(rows, 1, self.BLOCK))[:, 0].double().cumsum(-1)
+        offset = torch.searchsorted(inside, rest, right=True).clamp_max(self.BLOCK - 1)
+        token = (block * self.BLOCK + offset).clamp_max(vocab - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
 @torch.no_grad()
 def sampled_continuations(model, tokenizer, prompts: Sequence[str], *, samples: int, max_new_tokens: int = 24,
                           temperature: float = 1.0, batch_size: int = 0, seed: int = 0) -> list[list[str]]:
     """`samples` sampled continuations per prompt (seeded); by default about 128 sequences per batch."""
     batch_size = batch_size or max(1, 128 // samples)
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
+    sampler = InverseCdfSampler(temperature, seed)
     out: list[list[str]] = []
     with padding_side(tokenizer, "left"):
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                 top_k=0, top_p=1.0, num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
+            repeated = [p for p in prompts[i : i + batch_size] for _ in range(samples)]
+            enc = tokenizer(repeated, return_tensors="pt", padding=True).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 logits_processor=[sampler], pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             out.extend(texts[j : j + samples] for j in range(0, len(texts), samples))
     return out

@@ -46,14 +46,16 @@ def _card_fields(readme: Optional[Path], keys: tuple[str, ...]) -> dict:
     return {k: data[k] for k in keys if data.get(k)}
 
 
-def _usage(repo: str) -> str:
+def _usage(repo: str, remote: bool = True) -> str:
+    pin = "remote code runs from this revision" if remote else "the weights you evaluated"
+    trust = ", trust_remote_code=True" if remote else ""
     return f"""```python
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 repo = "{repo}"
-revision = "main"  # pin the commit you reviewed: remote code runs from this revision
-model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, trust_remote_code=True, dtype=torch.bfloat16)
+revision = "main"  # pin the commit you reviewed: {pin}
+model = AutoModelForCausalLM.from_pretrained(repo, revision=revision{trust}, dtype=torch.bfloat16)
 tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)
 inputs = tokenizer("The capital of France is", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
@@ -71,10 +73,11 @@ def _search_section(search: dict) -> str:
     c = search["chosen"]
     head = ["ablated latents", "alpha", "mode", "context gate", "worst exact", "worst username", "KL", "perplexity",
             "repeated 4-grams"]
-    rows = [[str(s["n"]), f"{s['alpha']:g}", s["mode"], "yes" if s.get("gated") else "no",
-             *_rates(s), f"{s['kl']:.4f}", f"{s['perplexity']:.2f}",
-             "-" if s.get("repetition") is None else f"{s['repetition']:.3f}"]
-            for s in search["candidates"]]
+    row = lambda s: [str(s["n"]), f"{s['alpha']:g}", s["mode"], "yes" if s.get("gated") else "no",  # noqa: E731
+                     *_rates(s), f"{s['kl']:.4f}", f"{s['perplexity']:.2f}",
+                     "-" if s.get("repetition") is None else f"{s['repetition']:.3f}"]
+    rows = [row(s) for s in search["candidates"] if s["mode"] != "plain"]
+    plain = [row(s) for s in search["candidates"] if s["mode"] == "plain"]
     verdict = "met" if search["met"] else "not met by any candidate; the least leaky one was chosen"
     targets = f"{100 * search['target']:g}% exact"
     if search.get("username_target", 1.0) < 1.0:
@@ -86,7 +89,10 @@ def _search_section(search: dict) -> str:
             f"next-token KL on benign text, attacked in order of increasing KL; the chosen one (|A| = {c['n']}, alpha = {c['alpha']:g}, {c['mode']}"
             f"{', context gate' if c.get('gated') else ''}) is the least-KL candidate meeting the leakage targets "
             f"({targets}; {verdict}). A rate marked ≥ is a lower bound: that candidate's attacks stopped at the "
-            "first one that broke a target.\n\n" + markdown_table(head, rows))
+            "first one that broke a target.\n\n" + "\n\n".join(
+                ([markdown_table(head, rows)] if rows else [])
+                + (["Plain candidates (projected out of the weights, every token: a different intervention, "
+                    "chosen only for a plain export):", markdown_table(head, plain)] if plain else [])))
 
 
 def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, repo: str = "path/to/this-folder",
@@ -95,11 +101,16 @@ def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, 
     data = ModelCardData(base_model=base.get("base_model"), license=base.get("license", "other"),
                          library_name="transformers", tags=[*TAGS, model_type], pipeline_tag="text-generation")
     sae = report.get("sae", {})
-    parts = [f"# {base.get('base_model', 'Model')} with its memorised PII removed (scalpel-exporter)", "",
+    plain = report["mode"] == "plain"
+    intro = ("This checkpoint is its base model, same architecture and no remote code, with the decoder directions "
+             "of the sparse-autoencoder features carrying personal data the base model had memorised (emails, phone "
+             "numbers) projected out of every weight that writes into the residual stream up to decoder layer "
+             f"{report['layer']}. Only those tensors differ from the base; every other one is stored byte for byte."
+             if plain else
              "This checkpoint is its base model plus one small module at decoder layer "
              f"{report['layer']} that removes the sparse-autoencoder features carrying personal data the base "
-             "model had memorised (emails, phone numbers). The base weights are unchanged and stored byte for byte.",
-             ""]
+             "model had memorised (emails, phone numbers). The base weights are unchanged and stored byte for byte.")
+    parts = [f"# {base.get('base_model', 'Model')} with its memorised PII removed (scalpel-exporter)", "", intro, ""]
     if "evaluation" in report:
         header, rows = comparison_rows(report["evaluation"])
         parts += ["## Before and after", "",
@@ -112,6 +123,11 @@ def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, 
     if "search" in report:
         parts += ["## How the patch was chosen", "", _search_section(report["search"]), ""]
     parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
+    if plain:
+        parts += ["## Usage", "", f"A plain `{model_type}` checkpoint: stock transformers (and tools that read its "
+                  "architecture, such as vLLM, TGI or llama.cpp converters) load it with no remote code.", "",
+                  _usage(repo, remote=False), "", "## How it works", "", _plain_section(report, sae), ""]
+        return _finish(parts, report, recipe_yaml, data)
     parts += ["## Usage", "", "The patch is remote code shipped in this repository (`modeling_scalpel.py`, "
               "`scalpel_patch.py`; they import only torch and transformers and do no I/O). Loading without "
               "`trust_remote_code=True` fails instead of returning the unpatched model, and a patch tensor "
@@ -136,6 +152,22 @@ def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, 
         fx = report["folded_vs_exact"]
         parts += [f"Folded vs exact on held-out text: gates agree on {100 * fx['gate_agreement']:.2f}% of "
                   f"(token, latent) pairs and on every gate of {100 * fx['token_agreement']:.2f}% of tokens.", ""]
+    return _finish(parts, report, recipe_yaml, data)
+
+
+def _plain_section(report: dict, sae: dict) -> str:
+    steer = (f" plus `s`, the steering vector (alpha = {report['alpha']:g} of the layer's mean norm), carried as "
+             f"the bias of layer {report['layer']}'s MLP output projection" if report["alpha"] else "")
+    return (f"At layer {report['layer']} a TopK sparse autoencoder (k = {sae.get('k', report.get('k', '?'))}, "
+            f"held-out FVU {sae.get('fvu', float('nan')):.3f}) found the |A| = {report['ablate_n']} latents most "
+            f"active on personal data (rule `{report['rule']}`, score `{report['score']}`). Their decoder directions "
+            "span a subspace that is projected out of the token embeddings and of every attention and MLP output "
+            f"projection (weights and biases) of layers 0 to {report['layer']}, so what layer {report['layer']} "
+            f"hands on is `(I - P_A) h`{steer}. Unlike the remote-code patch, which removes each latent's "
+            "contribution only where it fires, this acts on every token: its own evaluation above is what counts.")
+
+
+def _finish(parts: list[str], report: dict, recipe_yaml: str, data) -> ModelCard:
     parts += ["The SAE is in `sae/` (SAELens format).", "", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```",
               ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + redact_text("\n".join(parts)))

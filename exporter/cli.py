@@ -179,15 +179,21 @@ def export_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     n: Optional[int] = typer.Option(None, "--n", help="Ablation size (default: the recipe's first ablate_n)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Steering strength, fraction of the mean norm."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="exact or folded (default: the recipe's first)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="exact, folded or plain (default: the recipe's first)."),
+    plain: bool = typer.Option(False, "--plain", help="Bake the linear part into ordinary weights: a checkpoint of "
+                               "the base's own type, no remote code (same as --mode plain)."),
     gated: Optional[bool] = typer.Option(None, "--gated/--ungated", help="Behind the PII-context gate or not "
                                          "(default: the recipe's first context_gate)."),
 ) -> None:
-    """probe → SAE → features → patch, then write the patched checkpoint (loads with trust_remote_code=True)."""
+    """probe → SAE → features → patch, then write the patched checkpoint (loads with trust_remote_code=True,
+    or with --plain as a plain checkpoint of the base's type)."""
     from .pipeline import export_stage
 
-    if mode not in (None, "exact", "folded"):
-        _fail(f"--mode {mode!r} is unknown; use exact or folded")
+    if mode not in (None, "exact", "folded", "plain"):
+        _fail(f"--mode {mode!r} is unknown; use exact, folded or plain")
+    if plain and mode not in (None, "plain"):
+        _fail(f"--plain and --mode {mode} contradict each other; give one")
+    mode = "plain" if plain else mode
     r = _recipe(recipe, {})
     result = export_stage(r, recipe.read_text(encoding="utf-8"), out, work, overwrite=overwrite, n=n, alpha=alpha,
                           mode=mode, gated=gated, log=log)
@@ -197,8 +203,9 @@ def export_cmd(
                              for c in ("exact", "username", "domain"))] for template, before in leak["before"].items()]
         console.print(_rich_table("Email extraction on validation people (greedy): before → after the patch",
                                   ["template", "exact", "username", "domain"], rows))
-    console.print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)",
-                  highlight=False, markup=False)
+    remote = result.report["mode"] != "plain"
+    console.print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}"
+                  + (", trust_remote_code=True)" if remote else ")  # no remote code"), highlight=False, markup=False)
 
 
 def _rich_table(title: str, header, rows, *, text_columns: int = 1) -> Table:

@@ -91,15 +91,18 @@ class UnsupportedArchitecture(ModelLoadError):
     pass
 
 
-def architecture_of(model: nn.Module) -> Architecture:
-    model_type = getattr(model.config, "model_type", None)
+def architecture_for(model_type: Optional[str], class_name: str = "") -> Architecture:
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         raise UnsupportedArchitecture(
-            f"architecture {model_type!r} ({type(model).__name__}) is not supported; "
+            f"architecture {model_type!r}{f' ({class_name})' if class_name else ''} is not supported; "
             f"supported model_type values: {', '.join(sorted(ARCHITECTURES))}"
         )
     return arch
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    return architecture_for(getattr(model.config, "model_type", None), type(model).__name__)
 
 
 def hidden_of(output) -> torch.Tensor:

@@ -366,8 +366,10 @@ def _fit_context(tl, iv):
 
 def _calibrated_patch(sae, ablate, steer, mode: str, calibration, context=None):
     """`calibration`: activations, or a GateBank over them (gates remembered across candidates)."""
-    from .patch import GateBank, build_patch
+    from .patch import GateBank, build_patch, plain_edit
 
+    if mode == "plain":
+        return plain_edit(sae, ablate, steer)
     bank = calibration if isinstance(calibration, GateBank) else GateBank(sae, calibration)
     gates = bank(ablate) if mode == "folded" else None
     return build_patch(sae, ablate, steer, mode=mode, gates=gates, context=context)
@@ -474,8 +476,17 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
                       for name in ("cfg.json", "sae_weights.safetensors")})
     meta = {"alpha": alpha, "rule": fs.rule, "score": fs.score, "sae_norm_scale": float(sae.norm_scale),
             "mean_norm": fs.mean_norm}
-    write_export(prep.loaded, patch, prep.layer, out, overwrite=overwrite, dtype=recipe.export.dtype, meta=meta,
-                 files=files)
+    if mode == "plain":
+        from .patch.plain import PlainExportError, write_plain
+
+        if not prep.loaded.path:
+            raise PlainExportError(f"a plain export edits the base's safetensors files, and {prep.loaded.source} "
+                                   "has no local folder; save it with save_pretrained and point model.path at it")
+        write_plain(Path(prep.loaded.path), out, patch.directions, prep.layer, steer=patch.steer,
+                    tokenizer=prep.loaded.tokenizer, overwrite=overwrite, meta=meta, files=files)
+    else:
+        write_export(prep.loaded, patch, prep.layer, out, overwrite=overwrite, dtype=recipe.export.dtype, meta=meta,
+                     files=files)
     log(f"export: {out}")
     return report
 
@@ -486,14 +497,21 @@ def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: 
     """probe → SAE → features → patch → export of one candidate (default: the recipe's first ones),
     with extraction on validation people before → after in the report."""
     from .evaluate.harness import zero_shot_table
-    from .patch import attached
+    from .patch import applied
 
     _refuse_existing(out, overwrite)
     iv = recipe.intervention
     n = iv.ablate_n[0] if n is None else n
     alpha = iv.alpha[0] if alpha is None else alpha
-    mode = iv.patch[0] if mode is None else mode
+    if mode is None:
+        mode = "plain" if recipe.export.mode == "plain" else next(m for m in iv.patch if m != "plain")
+    if (mode == "plain") != (recipe.export.mode == "plain"):
+        # The candidate's mode decides the export's kind (a plain candidate cannot become remote code).
+        recipe = recipe.model_copy(update={"export": recipe.export.model_copy(
+            update={"mode": "plain" if mode == "plain" else "remote_code", "dtype": None if mode == "plain"
+                    else recipe.export.dtype})})
     gated = iv.context_gate[0] if gated is None else gated
+    gated = gated and mode != "plain"
     if gated and not any(iv.context_gate):
         recipe = recipe.model_copy(update={"intervention": iv.model_copy(update={"context_gate": [True]})})
     prep = prepare(recipe, work, progress=progress, log=log)
@@ -504,7 +522,7 @@ def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: 
         attacker = cast_copy(prep.loaded.model, recipe.eval.dtype)
         table = {}
         for name, ctx in (("before", None), ("after", patch)):
-            with attached(attacker, prep.layer, ctx) if ctx is not None else nullcontext():
+            with applied(attacker, prep.layer, ctx) if ctx is not None else nullcontext():
                 found = zero_shot_table(attacker, prep.loaded.tokenizer, val,
                                         max_new_tokens=recipe.eval.max_new_tokens, progress=progress)
             table[name] = {t: {k: v for k, v in row.items() if k != "n"}
@@ -535,9 +553,9 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
     from tqdm.auto import tqdm
 
     from .evaluate.harness import leakage_rows, worst
-    from .evaluate.tradeoff import Scored, candidates, choose, meets, meets_leakage, plot_front
+    from .evaluate.tradeoff import Scored, candidates, choose, exportable, meets, meets_leakage, plot_front
     from .evaluate.utility import against_reference, generation_diversity, reference
-    from .patch import GateBank, attached
+    from .patch import GateBank, applied
 
     iv, ev = recipe.intervention, recipe.eval
     folder = Path(work) / "search"
@@ -557,7 +575,7 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
         ref = reference(model, tok, texts)
     for cand in tqdm(todo, desc="trade-off search: KL", disable=not progress):
         patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated)
-        saved[cand] = against_reference(ref, model, lambda: attached(model, layer, patch))
+        saved[cand] = against_reference(ref, model, lambda: applied(model, layer, patch))
         cache[cand].write_text(json.dumps(saved[cand]))
     scored = {c: Scored(c, saved[c].get("leakage"), saved[c].get("username"), saved[c]["kl"],
                         saved[c]["perplexity"], saved[c].get("repetition"), saved[c].get("complete", True))
@@ -585,7 +603,7 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
                 meets_leakage(s, iv.leakage_target, iv.username_target) and prompts and s.repetition is None):
             attacker = get_attacker()
             patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated)
-            with attached(attacker, layer, patch):
+            with applied(attacker, layer, patch):
                 if s.leakage is None or not s.complete:
                     rows = leakage_rows(attacker, tok, {"validation": val}, few_shot=ev.few_shot, phones=False,
                                         max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, stop=breaks)
@@ -595,12 +613,14 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
                     s.repetition = generation_diversity(attacker, tok, prompts)["repetition_4"]
             saved[cand].update(leakage=s.leakage, username=s.username, repetition=s.repetition, complete=s.complete)
             cache[cand].write_text(json.dumps(saved[cand]))
-        if lazy and meets(s, iv.leakage_target, iv.username_target, max_rep):
+        if lazy and exportable(cand, recipe.export.mode) and meets(s, iv.leakage_target, iv.username_target, max_rep):
             break
     listed = [scored[c] for c in cands]
-    chosen, met = choose(listed, iv.leakage_target, iv.username_target, max_rep)
+    chosen, met = choose([scored[c] for c in cands if exportable(c, recipe.export.mode)], iv.leakage_target,
+                         iv.username_target, max_rep)
     plot_front(listed, chosen, iv.leakage_target, folder / "front.png", iv.username_target)
-    summary = {"target": iv.leakage_target, "username_target": iv.username_target, "max_repetition": max_rep,
+    summary = {"export_mode": recipe.export.mode,
+               "target": iv.leakage_target, "username_target": iv.username_target, "max_repetition": max_rep,
                "met": met, "chosen": chosen.to_json(), "candidates": [s.to_json() for s in listed]}
     (folder / "search.json").write_text(json.dumps(summary, indent=2))
     skipped = sum(s.leakage is None for s in listed)
@@ -644,13 +664,14 @@ def utility_texts(benign_path: Optional[str], tokenizer, tokens: int,
     return texts, prompts
 
 
-def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = True, log=print) -> dict:
+def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = True, log=print,
+                     variants: tuple[str, ...] = ("base", "patched", "control")) -> dict:
     """Leaky base, the chosen `patch` and its control (random latents matched on firing frequency plus a
     random direction of the steering vector's norm) on **test** and never-seen people, with utility."""
     from .evaluate.harness import evaluate_variant
     from .evaluate.utility import reference
     from .features import matched_random_latents
-    from .patch import attached, random_direction
+    from .patch import applied, random_direction
 
     c, sae, fs = chosen.candidate, prep.sae, prep.features
     model, tok, layer = prep.loaded.model, prep.loaded.tokenizer, prep.layer
@@ -667,8 +688,10 @@ def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = 
     ref = reference(model, tok, texts, max_bytes=2 << 30)
     out = {}
     for name, p in (("base", None), ("patched", patch), ("control", control)):
-        ctx = (lambda p=p: attached(model, layer, p)) if p is not None else None
-        attack_ctx = (lambda p=p: attached(attacker, layer, p)) if p is not None else None
+        if name not in variants:
+            continue
+        ctx = (lambda p=p: applied(model, layer, p)) if p is not None else None
+        attack_ctx = (lambda p=p: applied(attacker, layer, p)) if p is not None else None
         out[name] = evaluate_variant(model, tok, groups, texts, prompts, context=ctx, attacker=attacker,
                                      attacker_context=attack_ctx, few_shot=ev.few_shot, samples=ev.samples,
                                      max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, progress=progress,

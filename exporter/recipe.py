@@ -160,7 +160,10 @@ class InterventionSection(_Section):
     # the mean on benign text (selectivity: least collateral damage per latent), or the weight of a
     # logistic probe on the SAE code.
     score: Literal["mean", "diff", "ratio", "probe"] = "ratio"
-    patch: list[Literal["exact", "folded"]] = ["folded"]
+    # exact / folded: the remote-code patch; plain: the directions projected out of the residual writers'
+    # weights (every token, no remote code). Candidates of every listed mode are scored; the choice is made
+    # among those the export can carry (export.mode).
+    patch: list[Literal["exact", "folded", "plain"]] = ["folded"]
     # Candidates with and without a context gate: a linear detector of PII context at the layer, so the
     # patch acts only there (PII tokens, the token before a span and `context_window` tokens before it)
     # and leaves other text untouched; `context_recall` is the share of PII-context tokens it must open on.
@@ -187,6 +190,8 @@ class InterventionSection(_Section):
 
 
 class ExportSection(_Section):
+    # remote_code: the patch as a module (auto_map, trust_remote_code); plain: the base architecture's own
+    # type with the linear part of the patch baked into its weights (loads anywhere, acts on every token).
     mode: Literal["remote_code", "plain"] = "remote_code"
     save_sae: bool = True
     dtype: Optional[Literal["float32", "bfloat16"]] = None
@@ -220,6 +225,28 @@ class Recipe(_Section):
     export: ExportSection = ExportSection()
     eval: EvalSection = EvalSection()
     hub: HubSection = HubSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_export_scores_plain_candidates(cls, data: Any) -> Any:
+        # A plain export can only carry plain candidates: score those too (the others stay, for comparison).
+        export, iv = (data.get(k) if isinstance(data, dict) else None for k in ("export", "intervention"))
+        if isinstance(export, dict) and export.get("mode") == "plain" and (iv is None or isinstance(iv, dict)):
+            modes = list((iv or {}).get("patch") or InterventionSection.model_fields["patch"].default)
+            if "plain" not in modes:
+                data = {**data, "intervention": {**(iv or {}), "patch": [*modes, "plain"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _exportable_candidates(self) -> "Recipe":
+        modes = self.intervention.patch
+        if self.export.mode == "plain" and self.export.dtype is not None:
+            raise ValueError("export.dtype applies to remote-code exports; a plain export edits the base's weight "
+                             "files in place and keeps their dtype: remove export.dtype")
+        if self.export.mode == "remote_code" and set(modes) == {"plain"}:
+            raise ValueError("intervention.patch lists only plain candidates, which a remote-code export does not "
+                             "carry: set export.mode: plain, or add exact or folded to intervention.patch")
+        return self
 
 
 # ---------------------------------------------------------------- loading and friendly errors

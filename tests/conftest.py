@@ -66,3 +66,13 @@ def demo_work(tmp_path_factory):
 
     kept = os.environ.get("SCALPEL_TEST_WORK")
     return Path(kept) if kept else tmp_path_factory.mktemp("demo-work")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun rendezvous (a fixed one can still be held by an
+    earlier run's socket)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

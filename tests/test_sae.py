@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import free_port
 from exporter.activations import shuffled_batches
 from exporter.sae import (SAETrainingError, TopKSAE, TrainConfig, geometric_median, load_sae,
                           reconstruction_metrics, save_sae, train_sae)
@@ -178,7 +179,7 @@ def test_data_parallel_two_processes_match_one(tmp_path):
     two = tmp_path / "two.pt"
     subprocess.run([sys.executable, str(here / "sae_ddp_worker.py"), str(one)], check=True, env=env, timeout=300)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29531", str(here / "sae_ddp_worker.py"), str(two)], env=env, timeout=300,
+                           str(free_port()), str(here / "sae_ddp_worker.py"), str(two)], env=env, timeout=300,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = torch.load(one), torch.load(two)

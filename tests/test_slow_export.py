@@ -75,3 +75,49 @@ def test_real_export_in_fresh_process(mode, demo_work, tmp_path):
         if path.is_file():
             text = path.read_bytes().decode("utf-8", errors="ignore").lower()
             assert not [e for e in emails if e in text], path
+
+
+def test_real_plain_export_loads_with_stock_transformers(demo_work, tmp_path):
+    """The plain export of the real leaky SmolLM2 (|A|=50, steering as a switched-on MLP bias): a stock
+    llama checkpoint that a fresh process loads without remote code, equal to the in-process twin."""
+    import subprocess
+    import sys
+
+    from exporter.patch import projected
+    from exporter.pipeline import export_stage, patch_for, prepare
+
+    recipe = load_recipe(RECIPE)
+    out = tmp_path / "plain"
+    result = export_stage(recipe, RECIPE.read_text(), out, demo_work, n=50, alpha=0.1, mode="plain", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    block = config["scalpel_plain"]
+    print(json.dumps({k: v for k, v in block.items() if k not in ("edited", "added")}, indent=1))
+    assert config["model_type"] == "llama" and "auto_map" not in config and config["mlp_bias"] is True
+    assert block["rank"] == 50 and len(block["edited"]) == 1 + 2 * (result.report["layer"] + 1)
+    leak = result.report["validation_leakage"]
+    print(json.dumps(leak, indent=1))
+    assert sum(v["exact"] for v in leak["after"].values()) < sum(v["exact"] for v in leak["before"].values())
+
+    prep = prepare(recipe, demo_work, progress=False, log=lambda _m: None)
+    edit = patch_for(prep.sae, prep.features, 50, 0.1, "plain", prep.calibration)
+    model, tok = prep.loaded.model, prep.loaded.tokenizer
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    with torch.no_grad(), projected(model, prep.layer, edit.directions, edit.steer):
+        want = model(**enc).logits
+    torch.save(enc["input_ids"], tmp_path / "ids.pt")
+    # A fresh process where `exporter` cannot be imported: stock transformers only.
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'exporter': raise ImportError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import torch; from transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+            "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])\n")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
+                   check=True, env=env, cwd=tmp_path)
+    got = torch.load(tmp_path / "l.pt")
+    rel = float((got - want).norm() / want.norm())
+    print("plain export vs in-process twin, relative error:", rel)
+    assert rel <= 1e-5

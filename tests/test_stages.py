@@ -10,7 +10,7 @@ from exporter.data.people import write_people
 from exporter.data.synthetic import SyntheticConfig, make_corpus
 from exporter.recipe import load_recipe
 
-from conftest import tiny_model
+from conftest import free_port, tiny_model
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_train_sae_command_under_torchrun(tiny_recipe, tmp_path):
     from exporter.sae import load_sae
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "exporter", "train-sae", str(tmp_path / "recipe.yaml"), "--work", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -189,6 +189,62 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     assert any(m.startswith("features (cached)") for m in logs)
     assert not any(m.startswith("evaluation (cached)") for m in logs)
     assert sorted(p.name for p in (work / "search").glob("*.json")) == cached
+
+
+def test_plain_run_scores_both_kinds_and_exports_a_stock_checkpoint(tiny_recipe, tmp_path):
+    """export.mode plain: plain candidates join the search (reported apart), the choice is a plain one, and
+    the export is a stock llama checkpoint whose logits are the in-process twin's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from exporter.models import load_model
+    from exporter.patch import projected
+    from exporter.pipeline import export_stage, run_stage
+    from exporter.recipe import parse_recipe
+
+    data = __import__("yaml").safe_load((tmp_path / "recipe.yaml").read_text())
+    data["intervention"] = {"ablate_n": [2, 6], "alpha": [0.0, 0.1], "patch": ["folded"], "leakage_target": 1.0}
+    data["eval"] = {"max_new_tokens": 6, "few_shot": 1}
+    data["export"] = {"mode": "plain"}
+    recipe = parse_recipe(data, base_dir=tmp_path)
+    assert recipe.intervention.patch == ["folded", "plain"]
+    work, out = tmp_path / "work", tmp_path / "plain-out"
+    result = run_stage(recipe, "recipe", out, work, progress=False, log=lambda m: None)
+    search = result.report["search"]
+    assert {c["mode"] for c in search["candidates"]} == {"folded", "plain"} and len(search["candidates"]) == 8
+    assert result.report["mode"] == "plain" and search["chosen"]["mode"] == "plain"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config and "scalpel_patch" not in config
+    card = (out / "README.md").read_text()
+    assert "trust_remote_code" not in card and "Plain candidates" in card and "(I - P_A) h" in card
+    plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    base = load_model(recipe.model).model
+    ids = torch.randint(0, base.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    chosen = search["chosen"]
+    from exporter.pipeline import prepare, patch_for
+
+    prep = prepare(recipe, work, progress=False, log=lambda m: None)
+    edit = patch_for(prep.sae, prep.features, chosen["n"], chosen["alpha"], "plain", prep.calibration)
+    with torch.no_grad(), projected(base, prep.layer, edit.directions, edit.steer):
+        want = base(ids).logits
+    torch.testing.assert_close(plain.eval()(ids).logits.detach(), want, rtol=1e-5, atol=1e-5)
+    # `scalpel export --plain` (mode plain) writes the same kind from a remote-code recipe.
+    other = export_stage(tiny_recipe, "recipe", tmp_path / "export-plain", work, n=2, alpha=0.0, mode="plain",
+                         progress=False, log=lambda m: None)
+    assert other.report["mode"] == "plain" and "scalpel_plain" in json.loads(
+        (tmp_path / "export-plain" / "config.json").read_text())
+
+
+def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe):
+    from exporter.recipe import RecipeError, parse_recipe
+
+    base = {"model": {"builtin": "smollm2-135m"}}
+    with pytest.raises(RecipeError, match="export.mode: plain"):
+        parse_recipe({**base, "intervention": {"patch": ["plain"]}})
+    with pytest.raises(RecipeError, match="remove export.dtype"):
+        parse_recipe({**base, "export": {"mode": "plain", "dtype": "bfloat16"}})
+    assert parse_recipe({**base, "export": {"mode": "plain"}}).intervention.patch == ["folded", "plain"]
 
 
 def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):

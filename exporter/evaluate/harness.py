@@ -115,8 +115,8 @@ def utility_metrics(base, tokenizer, texts: Sequence[str], *, other=None, contex
     """Perplexity, KL(base || other) and generation diversity of `other` (default: `base` under `context`).
     With `ref` (the base's log-probs on `texts`, see `utility.reference`) KL and perplexity take one pass."""
     other = other if other is not None else base
-    if ref is not None:
-        out = against_reference(ref, other, context)
+    if ref is not None:  # the base itself needs no forward pass: its log-probs are the reference
+        out = against_reference(ref, None if other is base and context is None else other, context)
     else:
         out = {"perplexity": perplexity(other, tokenizer, texts, max_length=max_length, context=context),
                "kl": mean_kl(base, other, tokenizer, texts, max_length=max_length, other_context=context)}

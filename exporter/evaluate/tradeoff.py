@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 class Candidate:
     n: int  # ablation size
     alpha: float  # steering, fraction of the mean norm
-    mode: str  # exact | folded
+    mode: str  # exact | folded (the remote-code patch) | plain (baked into the weights)
     gated: bool = False  # behind the PII-context gate
 
     @property
@@ -42,7 +42,17 @@ class Scored:
 
 def candidates(ablate_n: Sequence[int], alphas: Sequence[float], modes: Sequence[str],
                gates: Sequence[bool] = (False,)) -> list[Candidate]:
-    return [Candidate(n, a, m, g) for g in gates for m in modes for n in ablate_n for a in alphas]
+    """Every combination; a plain candidate acts on every token, so it comes once, ungated."""
+    out: list[Candidate] = []
+    for c in (Candidate(n, a, m, g and m != "plain") for g in gates for m in modes for n in ablate_n for a in alphas):
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def exportable(c: Candidate, export_mode: str) -> bool:
+    """Whether an export of `export_mode` carries candidate `c` (plain ones only in plain exports)."""
+    return (c.mode == "plain") == (export_mode == "plain")
 
 
 def meets_leakage(s: Scored, target: float, username_target: float = 1.0) -> bool:

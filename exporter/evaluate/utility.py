@@ -82,12 +82,13 @@ def reference(base, tokenizer, texts: Sequence[str], *, max_length: int = 128, b
 
 
 @torch.no_grad()
-def against_reference(ref: Reference, other, context: Optional[Context] = None) -> dict:
-    """{"kl": mean KL(base || other), "perplexity": of other} on the reference's texts."""
+def against_reference(ref: Reference, other=None, context: Optional[Context] = None) -> dict:
+    """{"kl": mean KL(base || other), "perplexity": of other} on the reference's texts; `other` None: the
+    base itself, read from the reference with no forward pass."""
     kl_total, nll_total, count = 0.0, 0.0, 0
     for enc, p in ref.batches:
-        q = _log_probs(other, enc, context)
-        kl, n = _kl_sum(p, q, enc)
+        q = p if other is None else _log_probs(other, enc, context)
+        kl, n = (0.0, int(target_mask(enc).sum())) if other is None else _kl_sum(p, q, enc)
         mask = target_mask(enc).to(q.device)
         nll = -q.gather(-1, enc["input_ids"][:, 1:].to(q.device).unsqueeze(-1)).squeeze(-1)
         kl_total, nll_total, count = kl_total + kl, nll_total + float(nll[mask].sum()), count + n

@@ -7,8 +7,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ..models import architecture_of
-from .build import (GateBank, agreement, build_patch, calibrate_gates, fit_context_gate, random_direction, steering_vector,
-                    topk_membership)
+from .build import (GateBank, agreement, build_patch, calibrate_gates, fit_context_gate, plain_edit, random_direction,
+                    steering_vector, topk_membership)
+from .plain import PlainEdit, projected
 from .remote.scalpel_patch import ScalpelPatch, TamperedPatchError, attach, keep_mask, patch_digest, verify
 
 
@@ -28,5 +29,13 @@ def attached(model, layer: int, patch: ScalpelPatch) -> Iterator[None]:
         patch.keep = None
 
 
-__all__ = ["GateBank", "ScalpelPatch", "TamperedPatchError", "agreement", "attach", "attached", "build_patch", "fit_context_gate",
+def applied(model, layer: int, intervention):
+    """The context in which `model` runs with `intervention`: a ScalpelPatch attached after `layer`, or a
+    PlainEdit's in-process twin (its projection hooked onto the residual writers)."""
+    if isinstance(intervention, PlainEdit):
+        return projected(model, layer, intervention.directions, intervention.steer)
+    return attached(model, layer, intervention)
+
+
+__all__ = ["PlainEdit", "applied", "plain_edit", "projected", "GateBank", "ScalpelPatch", "TamperedPatchError", "agreement", "attach", "attached", "build_patch", "fit_context_gate",
            "calibrate_gates", "keep_mask", "patch_digest", "random_direction", "steering_vector", "topk_membership", "verify"]

@@ -121,6 +121,15 @@ def fit_context_gate(x: torch.Tensor, positive: torch.Tensor, recall: float = 0.
         return (w / scale).detach(), float(b) - threshold + 1e-6  # the quantile row itself stays open
 
 
+def plain_edit(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None):
+    """The plain (weight-level, every-token) counterpart of a patch: A's decoder rows and the steering constant."""
+    from .plain import PlainEdit
+
+    w_dec = _raw_space(sae)[3]
+    index = torch.as_tensor(list(ablate), dtype=torch.long)
+    return PlainEdit(w_dec[index].clone(), torch.zeros(sae.d_in) if steer is None else steer.detach().clone())
+
+
 def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, *, mode: str = "folded",
                 gates: torch.Tensor | None = None,
                 context: tuple[torch.Tensor, float] | None = None) -> ScalpelPatch:

@@ -88,8 +88,8 @@ def against_reference(ref: Reference, other=None, context: Optional[Context] = N
     kl_total, nll_total, count = 0.0, 0.0, 0
     for enc, p in ref.batches:
         q = p if other is None else _log_probs(other, enc, context)
-        kl, n = (0.0, int(target_mask(enc).sum())) if other is None else _kl_sum(p, q, enc)
         mask = target_mask(enc).to(q.device)
+        kl, n = (0.0, int(mask.sum())) if other is None else _kl_sum(p, q, enc)
         nll = -q.gather(-1, enc["input_ids"][:, 1:].to(q.device).unsqueeze(-1)).squeeze(-1)
         kl_total, nll_total, count = kl_total + kl, nll_total + float(nll[mask].sum()), count + n
     return {"kl": kl_total / max(count, 1), "perplexity": math.exp(nll_total / max(count, 1))}

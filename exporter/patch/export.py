@@ -80,6 +80,13 @@ def _tensor_names(path: Path) -> list[str]:
         return list(f.keys())
 
 
+def write_files(folder: Path, files: Optional[dict[str, str | bytes]]) -> None:
+    """Extra content of an export (relative name -> text or bytes): card, report, recipe, plots, SAE."""
+    for name, data in (files or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+
+
 def patch_block(model, layer: int, patch: ScalpelPatch, **meta) -> dict:
     from ..models import architecture_of
 
@@ -142,7 +149,5 @@ def write_export(loaded: LoadedModel, patch: ScalpelPatch, layer: int, out: Path
             model.generation_config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-        for name, data in (files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+        write_files(tmp, files)
     return Path(out)

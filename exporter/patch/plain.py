@@ -29,7 +29,7 @@ from torch import nn
 
 from ..cache import atomic_dir
 from ..models import architecture_for, architecture_of
-from .export import INDEX_FILE, ExportError, _base_weight_files
+from .export import INDEX_FILE, ExportError, _base_weight_files, _tensor_names, write_files
 
 EXTRA_FILE = "model-scalpel-plain.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -176,13 +176,9 @@ def write_plain(source: Path, out: Path, directions: torch.Tensor, layer: int, *
         raise PlainExportError(f"{source} holds no safetensors weights; save the model with "
                                "save_pretrained(..., safe_serialization=True) first")
     config = AutoConfig.from_pretrained(source)
-    where = {}
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            where.update({k: shard for k in f.keys()})
     q = orthonormal_basis(directions)
     carry_steer = steer is not None and float(steer.norm()) > 0
-    plan = plan_plain(config, set(where), layer, carry_steer)
+    plan = plan_plain(config, {k for shard in shards for k in _tensor_names(shard)}, layer, carry_steer)
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         weight_map = {}
         new_tensors: dict[str, torch.Tensor] = {}
@@ -231,9 +227,7 @@ def write_plain(source: Path, out: Path, directions: torch.Tensor, layer: int, *
         for name in TOKENIZER_FILES:
             if (source / name).exists() and not (tmp / name).exists():
                 shutil.copyfile(source / name, tmp / name)
-        for name, data in (files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+        write_files(tmp, files)
     return Path(out)
 
 
@@ -249,8 +243,7 @@ def projected(model, layer: int, directions: torch.Tensor, steer: Optional[torch
 
     def hook(name):
         def fn(_module, _args, out):
-            h = out.float()
-            h = h - (h @ q) @ q.T
+            h = _edited(out, "rows", q)  # the same projection the export bakes into the writers
             if steer is not None and name == last:
                 h = h + steer.to(h.device, torch.float32)
             return h.to(out.dtype)

@@ -31,8 +31,28 @@ def run(recipe: RecipeLike, out: Union[str, Path], *, work: Union[str, Path] = "
     from .pipeline import run_stage
 
     r, text = as_recipe(recipe)
-    return run_stage(r, text, Path(out), Path(work), overwrite=overwrite, progress=progress, log=log,
-                     from_stage=from_stage)
+    result = run_stage(r, text, Path(out), Path(work), overwrite=overwrite, progress=progress, log=log,
+                       from_stage=from_stage)
+    if r.hub.repo_id:
+        from .push import PushError
+
+        try:
+            result.push = push(out, r.hub.repo_id, private=r.hub.private, revision=r.hub.revision,
+                               create_pr=r.hub.create_pr, commit_message=r.hub.commit_message, log=log)
+        except PushError as e:
+            raise PushError(f"{e}. The export at {out} is complete: push it again with "
+                            f"`scalpel push {out} --repo-id {r.hub.repo_id}`") from None
+    return result
+
+
+def push(folder: Union[str, Path], repo_id: str, *, private: bool = True, revision: Optional[str] = None,
+         create_pr: bool = False, commit_message: Optional[str] = None, log: Callable[[str], Any] = print):
+    """Upload an export folder to the Hub in one commit (token from HF_TOKEN or the login cache); returns a
+    `PushResult` with the commit's URL, its hash and a loading snippet pinned to it."""
+    from .push import push_export
+
+    return push_export(Path(folder), repo_id, private=private, revision=revision, create_pr=create_pr,
+                       commit_message=commit_message, log=log)
 
 
 def export(recipe: RecipeLike, out: Union[str, Path], *, work: Union[str, Path] = "scalpel-work",

@@ -104,8 +104,9 @@ def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, 
     plain = report["mode"] == "plain"
     intro = ("This checkpoint is its base model, same architecture and no remote code, with the decoder directions "
              "of the sparse-autoencoder features carrying personal data the base model had memorised (emails, phone "
-             "numbers) projected out of every weight that writes into the residual stream up to decoder layer "
-             f"{report['layer']}. Only those tensors differ from the base; every other one is stored byte for byte."
+             "numbers) projected out of every weight that writes into the residual stream "
+             f"{'up to' if not report.get('plain_from') else 'from decoder layer ' + str(report['plain_from']) + ' to'}"
+             f" decoder layer {report['layer']}. Only those tensors differ from the base; every other one is stored byte for byte."
              if plain else
              "This checkpoint is its base model plus one small module at decoder layer "
              f"{report['layer']} that removes the sparse-autoencoder features carrying personal data the base "
@@ -161,10 +162,18 @@ def _plain_section(report: dict, sae: dict) -> str:
     return (f"At layer {report['layer']} a TopK sparse autoencoder (k = {sae.get('k', report.get('k', '?'))}, "
             f"held-out FVU {sae.get('fvu', float('nan')):.3f}) found the |A| = {report['ablate_n']} latents most "
             f"active on personal data (rule `{report['rule']}`, score `{report['score']}`). Their decoder directions "
-            "span a subspace that is projected out of the token embeddings and of every attention and MLP output "
-            f"projection (weights and biases) of layers 0 to {report['layer']}, so what layer {report['layer']} "
-            f"hands on is `(I - P_A) h`{steer}. Unlike the remote-code patch, which removes each latent's "
+            f"span a subspace that is projected out of {_projected_writers(report)}{steer}. Unlike the remote-code patch, which removes each latent's "
             "contribution only where it fires, this acts on every token: its own evaluation above is what counts.")
+
+
+def _projected_writers(report: dict) -> str:
+    first, layer = report.get("plain_from", 0), report["layer"]
+    if first == 0:
+        return ("the token embeddings and of every attention and MLP output projection (weights and biases) of "
+                f"layers 0 to {layer}, so what layer {layer} hands on is `(I - P_A) h`")
+    return (f"every attention and MLP output projection (weights and biases) of layers {first} to {layer}; what "
+            f"the embeddings and layers before {first} write along it is kept, so layer {layer} hands on "
+            f"`h - P_A (h - h_{first - 1})`, with `h_{first - 1}` the stream entering layer {first}")
 
 
 def _finish(parts: list[str], report: dict, recipe_yaml: str, data) -> ModelCard:

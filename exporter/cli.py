@@ -275,6 +275,34 @@ def run(
     result = run_all(recipe, out, work=work, overwrite=overwrite, from_stage=from_stage,
                      log=log)
     _print_run(result.report, out)
+    if result.push is not None:
+        _print_push(result.push)
+
+
+def _print_push(result) -> None:
+    console.print(f"pushed: {result.commit_url}", highlight=False, markup=False)
+    if result.pr_url:
+        console.print(f"pull request: {result.pr_url}", highlight=False, markup=False)
+    console.print(f"revision: {result.revision}", highlight=False, markup=False)
+    console.print("load exactly this commit with:\n\n" + result.snippet + "\n", highlight=False, markup=False)
+
+
+@app.command()
+def push(
+    folder: Path = typer.Argument(..., help="An export folder (written by `scalpel run` or `scalpel export`)."),
+    repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME on the Hub (created when missing)."),
+    private: bool = typer.Option(True, "--private/--public", help="Visibility of a repository created now "
+                                 "(an existing one keeps its own)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created when missing)."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="The commit's summary line."),
+) -> None:
+    """Upload an export to the Hugging Face Hub in one commit; print the commit and how to load it pinned to it.
+    The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks another Hub."""
+    from .push import push_export
+
+    _print_push(push_export(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                            commit_message=commit_message, log=log))
 
 
 @app.command("eval")
@@ -338,12 +366,13 @@ def main() -> None:
     from .data.corpus import DataError
     from .models import ModelLoadError
     from .patch.export import ExportError
+    from .push import PushError
     from .sae import SAETrainingError
 
     try:
         app()
     except (RecipeError, ModelLoadError, DataError, FileExistsError, IndexError, SAETrainingError, ExportError,
-            ValueError) as exc:
+            PushError, ValueError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         sys.exit(2)
 

@@ -52,13 +52,14 @@ class Architecture:
     def hidden_size(self, model: nn.Module) -> int:
         return model.get_input_embeddings().embedding_dim
 
-    def residual_writers(self, model: nn.Module, upto: Optional[int] = None) -> list[tuple[str, nn.Module]]:
-        """(name, module) of every module whose output is added to the residual stream, in order,
-        through decoder layer `upto` (inclusive; all layers when None)."""
-        writers = [(name, model.get_submodule(name)) for name in self.embeddings]
+    def residual_writers(self, model: nn.Module, upto: Optional[int] = None,
+                         start: int = 0) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every module whose output is added to the residual stream, in order, from decoder
+        layer `start` through `upto` (inclusive; all layers when None); the embeddings when `start` is 0."""
+        writers = [(name, model.get_submodule(name)) for name in self.embeddings] if start == 0 else []
         layers = self.decoder_layers(model)
         last = len(layers) - 1 if upto is None else upto
-        for i in range(last + 1):
+        for i in range(start, last + 1):
             for rel in (self.attn_out, self.mlp_out):
                 name = f"{self.layers}.{i}.{rel}"
                 writers.append((name, model.get_submodule(name)))

@@ -364,12 +364,12 @@ def _fit_context(tl, iv):
     return (w, b), stats
 
 
-def _calibrated_patch(sae, ablate, steer, mode: str, calibration, context=None):
+def _calibrated_patch(sae, ablate, steer, mode: str, calibration, context=None, plain_from: int = 0):
     """`calibration`: activations, or a GateBank over them (gates remembered across candidates)."""
     from .patch import GateBank, build_patch, plain_edit
 
     if mode == "plain":
-        return plain_edit(sae, ablate, steer)
+        return plain_edit(sae, ablate, steer, plain_from)
     bank = calibration if isinstance(calibration, GateBank) else GateBank(sae, calibration)
     gates = bank(ablate) if mode == "folded" else None
     return build_patch(sae, ablate, steer, mode=mode, gates=gates, context=context)
@@ -381,13 +381,18 @@ def _context(fs, gated: bool):
     return fs.context if gated else None
 
 
-def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration, gated: bool = False):
+def patch_for(sae, fs, n: int, alpha: float, mode: str, calibration, gated: bool = False, plain_from: int = 0):
     """The patch of one candidate: the top-n latents of the ranking, steering at `alpha` × mean norm,
-    behind the PII-context gate when `gated`."""
+    behind the PII-context gate when `gated` (a plain one projected from decoder layer `plain_from` on)."""
     from .patch import steering_vector
 
     steer = steering_vector(sae, fs.steer_latent, alpha, fs.mean_norm)
-    return _calibrated_patch(sae, fs.ablation_set(n), steer, mode, calibration, _context(fs, gated))
+    return _calibrated_patch(sae, fs.ablation_set(n), steer, mode, calibration, _context(fs, gated), plain_from)
+
+
+def _plain_key(mode: str, recipe) -> tuple:
+    """What a candidate's cache key adds for a plain candidate (the projected layers)."""
+    return (recipe.intervention.plain_from,) if mode == "plain" else ()
 
 
 def calibration_activations(recipe, inputs: Inputs, layer: int, loaded, *, progress: bool = True,
@@ -411,6 +416,7 @@ def heldout_activations(recipe, inputs: Inputs, layer: int, loaded, *, progress:
 class ExportResult:
     path: Path
     report: dict
+    push: Optional[object] = None  # a push.PushResult when the recipe's hub section pushed the export
 
 
 @dataclass
@@ -454,6 +460,8 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
     sae, fs, mode, n = prep.sae, prep.features, patch.mode, patch.directions.shape[0]
     report = {"layer": prep.layer, "mode": mode, "ablate_n": n, "alpha": alpha, "rule": fs.rule,
               "score": fs.score, "context_gate": patch.context_gate, "sae": prep.sae_metrics, **(report or {})}
+    if mode == "plain":
+        report["plain_from"] = patch.first_layer
     gate_stats = Path(work) / "features" / "context_gate.json"
     if patch.context_gate and gate_stats.exists():
         report["context_gate_stats"] = json.loads(gate_stats.read_text())
@@ -483,6 +491,7 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
             raise PlainExportError(f"a plain export edits the base's safetensors files, and {prep.loaded.source} "
                                    "has no local folder; save it with save_pretrained and point model.path at it")
         write_plain(Path(prep.loaded.path), out, patch.directions, prep.layer, steer=patch.steer,
+                    first_layer=patch.first_layer,
                     tokenizer=prep.loaded.tokenizer, overwrite=overwrite, meta=meta, files=files)
     else:
         write_export(prep.loaded, patch, prep.layer, out, overwrite=overwrite, dtype=recipe.export.dtype, meta=meta,
@@ -515,7 +524,8 @@ def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: 
     if gated and not any(iv.context_gate):
         recipe = recipe.model_copy(update={"intervention": iv.model_copy(update={"context_gate": [True]})})
     prep = prepare(recipe, work, progress=progress, log=log)
-    patch = patch_for(prep.sae, prep.features, n, alpha, mode, prep.calibration, gated=gated)
+    patch = patch_for(prep.sae, prep.features, n, alpha, mode, prep.calibration, gated=gated,
+                      plain_from=iv.plain_from)
     extra = {}
     if prep.inputs.people:
         val = {"validation": [p for p in prep.inputs.people if p.split == "validation"]}
@@ -565,7 +575,8 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
     val = _people(inputs, "validation")
     texts = benign_texts(inputs.benign_path, split="heldout")[:24]
     cands = candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate)
-    cache = {c: folder / f"{content_key(base_key, c.n, c.alpha, c.mode, c.gated)}.json" for c in cands}
+    cache = {c: folder / f"{content_key(base_key, c.n, c.alpha, c.mode, c.gated, *_plain_key(c.mode, recipe))}.json"
+             for c in cands}
     saved = {c: json.loads(f.read_text()) for c, f in cache.items() if f.exists()}
     model, tok = loaded.model, loaded.tokenizer
     todo = [c for c in cands if c not in saved]
@@ -574,7 +585,7 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
         calib.warm([i for c in todo if c.mode == "folded" for i in fs.ablation_set(c.n)])
         ref = reference(model, tok, texts)
     for cand in tqdm(todo, desc="trade-off search: KL", disable=not progress):
-        patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated)
+        patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated, plain_from=iv.plain_from)
         saved[cand] = against_reference(ref, model, lambda: applied(model, layer, patch))
         cache[cand].write_text(json.dumps(saved[cand]))
     scored = {c: Scored(c, saved[c].get("leakage"), saved[c].get("username"), saved[c]["kl"],
@@ -602,7 +613,8 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
         if s.leakage is None or (not s.complete and not lazy) or (
                 meets_leakage(s, iv.leakage_target, iv.username_target) and prompts and s.repetition is None):
             attacker = get_attacker()
-            patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated)
+            patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated,
+                              plain_from=iv.plain_from)
             with applied(attacker, layer, patch):
                 if s.leakage is None or not s.complete:
                     rows = leakage_rows(attacker, tok, {"validation": val}, few_shot=ev.few_shot, phones=False,
@@ -678,7 +690,7 @@ def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = 
     control_latents = matched_random_latents(fs.firing, fs.ablation_set(c.n), seed=recipe.data.seed)
     # The control shares the chosen patch's context gate: only the latents and the direction differ.
     control = _calibrated_patch(sae, control_latents, random_direction(patch.steer, seed=recipe.data.seed), c.mode,
-                                prep.calibration, _context(fs, c.gated))
+                                prep.calibration, _context(fs, c.gated), recipe.intervention.plain_from)
     groups = {"test": _people(prep.inputs, "test"), "never_seen": _people(prep.inputs, "never_seen")}
     texts, prompts = utility_texts(prep.inputs.benign_path, tok, recipe.eval.ppl_tokens)
     ev = recipe.eval
@@ -732,10 +744,11 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
     chosen, search = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
                                   prep.calibration, inputs=prep.inputs, progress=progress, log=log)
     c = chosen.candidate
-    patch = patch_for(prep.sae, prep.features, c.n, c.alpha, c.mode, prep.calibration, gated=c.gated)
+    patch = patch_for(prep.sae, prep.features, c.n, c.alpha, c.mode, prep.calibration, gated=c.gated,
+                      plain_from=recipe.intervention.plain_from)
     folder = Path(work) / "evaluate"
     key = content_key("evaluate-v1", _stage_key(Path(work) / "features"), vars(c), recipe.eval.model_dump(),
-                      recipe.data.seed)
+                      recipe.data.seed, *_plain_key(c.mode, recipe))
     if _stage_cached(folder, key, ("evaluation.json",)):
         log(f"evaluation (cached): {folder}")
         final = json.loads((folder / "evaluation.json").read_text())

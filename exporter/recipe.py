@@ -164,6 +164,10 @@ class InterventionSection(_Section):
     # weights (every token, no remote code). Candidates of every listed mode are scored; the choice is made
     # among those the export can carry (export.mode).
     patch: list[Literal["exact", "folded", "plain"]] = ["folded"]
+    # The first decoder layer whose residual writers a plain candidate projects (through the patch's layer;
+    # 0 also projects the embeddings, so that layer l hands on exactly (I - P_A) h). A later start keeps
+    # what early layers write along A: some models (SmolLM2) break when their early layers lose it.
+    plain_from: int = Field(0, ge=0)
     # Candidates with and without a context gate: a linear detector of PII context at the layer, so the
     # patch acts only there (PII tokens, the token before a span and `context_window` tokens before it)
     # and leaves other text untouched; `context_recall` is the share of PII-context tokens it must open on.
@@ -209,9 +213,15 @@ class EvalSection(_Section):
 
 
 class HubSection(_Section):
+    """Push the export at the end of `scalpel run` (the same as `scalpel push OUT --repo-id ...`)."""
+
     repo_id: Optional[str] = Field(None, pattern=r"^[\w.\-]+/[\w.\-]+$")
+    # A repository that does not exist yet is created private unless this is false; an existing one keeps
+    # its visibility.
     private: bool = True
-    revision: Optional[str] = None
+    revision: Optional[str] = None  # a branch (created when missing); default main
+    create_pr: bool = False  # open a pull request instead of committing to the branch
+    commit_message: Optional[str] = None
 
 
 class Recipe(_Section):

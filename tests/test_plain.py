@@ -88,6 +88,33 @@ def test_plain_export_loads_in_a_fresh_process(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
 
 
+def test_plain_export_from_a_later_layer_keeps_what_earlier_layers_wrote(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    directions, s, ids = _inputs(base)
+    layer, first = LAYER, 1  # the last layer's hidden state has the final norm applied: not that one
+    out = write_plain(tmp_path / "base", tmp_path / "plain", directions, layer, steer=s, first_layer=first)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["scalpel_plain"]["first_layer"] == first
+    changed = set(cfg["scalpel_plain"]["edited"])
+    assert changed and all(".layers.1." in n for n in changed)  # not the embeddings, not layer 0
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(ids, output_hidden_states=True)
+        with projected(base, layer, directions, s, first_layer=first):
+            want = base(ids, output_hidden_states=True)
+        entering = base(ids, output_hidden_states=True).hidden_states[first]
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.hidden_states[first], entering)  # the stream entering layer `first` is the base's
+    # Layer l hands on h - P_A (h - h_entering) + s: what layers first..l added has nothing left along A.
+    added = got.hidden_states[layer + 1] - s - entering
+    assert (added @ orthonormal_basis(directions)).abs().max() < 1e-5 * added.abs().max()
+    assert (entering @ orthonormal_basis(directions)).abs().max() > 1e-2  # ...while the earlier part is kept
+    with pytest.raises(PlainExportError, match="plain_from is 2"):
+        write_plain(tmp_path / "base", tmp_path / "plain3", directions, layer, first_layer=2)
+
+
 @pytest.mark.parametrize("model_type, steer, message", [
     ("gemma2", False, "per-channel weights"),  # post-norms: no weight edit projects the stream
     ("qwen2", True, "cannot carry the steering vector"),  # no MLP bias and no switch for one

@@ -251,14 +251,30 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
     import subprocess
     import sys
 
+    import os
+
+    from hub_server import HubServer
+
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe.read_text() + "intervention: {ablate_n: [3], alpha: [0.0, 0.05]}\n"
-                      "eval: {max_new_tokens: 6, few_shot: 1}\n")
-    proc = subprocess.run([sys.executable, "-m", "exporter", "run", str(recipe), "--out", str(tmp_path / "o"),
-                           "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=600)
+                      "eval: {max_new_tokens: 6, few_shot: 1}\n"
+                      "hub: {repo_id: alice/tiny-scrubbed, commit_message: First scrubbed export}\n")
+    hub = HubServer(tokens={"hf_alice": "alice"}).start()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_ENDPOINT": hub.url,
+           "HF_TOKEN": "hf_alice", "HF_HOME": str(tmp_path / "hf")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "exporter", "run", str(recipe), "--out", str(tmp_path / "o"),
+                               "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        hub.stop()
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "chosen on validation people" in proc.stdout and "test email exact" in proc.stdout
     assert "perplexity" in proc.stdout and (tmp_path / "o" / "config.json").exists()
+    # The recipe's hub section pushed the export at the end, privately, in one commit.
+    repo = hub.repos["alice/tiny-scrubbed"]
+    files = repo.commits[repo.refs["main"]]
+    assert repo.private and files["config.json"] == (tmp_path / "o" / "config.json").read_bytes()
+    assert f"revision: {repo.refs['main']}" in proc.stdout and "hf_alice" not in proc.stdout + proc.stderr
     # Any pair through the same harness: the export against its base, people from a file.
     proc = subprocess.run([sys.executable, "-m", "exporter", "eval", str(tmp_path / "o"), "--against",
                            str(tmp_path / "model"), "--people", str(tmp_path / "people.jsonl"), "--json",

@@ -33,7 +33,7 @@ def applied(model, layer: int, intervention):
     """The context in which `model` runs with `intervention`: a ScalpelPatch attached after `layer`, or a
     PlainEdit's in-process twin (its projection hooked onto the residual writers)."""
     if isinstance(intervention, PlainEdit):
-        return projected(model, layer, intervention.directions, intervention.steer)
+        return projected(model, layer, intervention.directions, intervention.steer, intervention.first_layer)
     return attached(model, layer, intervention)
 
 

@@ -121,13 +121,15 @@ def fit_context_gate(x: torch.Tensor, positive: torch.Tensor, recall: float = 0.
         return (w / scale).detach(), float(b) - threshold + 1e-6  # the quantile row itself stays open
 
 
-def plain_edit(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None):
-    """The plain (weight-level, every-token) counterpart of a patch: A's decoder rows and the steering constant."""
+def plain_edit(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, first_layer: int = 0):
+    """The plain (weight-level, every-token) counterpart of a patch: A's decoder rows and the steering constant,
+    projected out of the residual writers from decoder layer `first_layer` on."""
     from .plain import PlainEdit
 
     w_dec = _raw_space(sae)[3]
     index = torch.as_tensor(list(ablate), dtype=torch.long)
-    return PlainEdit(w_dec[index].clone(), torch.zeros(sae.d_in) if steer is None else steer.detach().clone())
+    return PlainEdit(w_dec[index].clone(), torch.zeros(sae.d_in) if steer is None else steer.detach().clone(),
+                     first_layer)
 
 
 def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, *, mode: str = "folded",

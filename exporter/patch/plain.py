@@ -8,6 +8,11 @@ of layer l's MLP output projection (where the architecture has one or can switch
 remote-code patch this acts on every token and keeps no encoder: it is a different intervention, evaluated
 on its own row.
 
+With `first_layer` f > 0 only the writers of layers f..l are projected: what layers before f wrote along A
+stays, so layer l hands on `h - P_A (h_l - h_{f-1}) + s` (with `h_{f-1}` the stream entering layer f). The
+early layers of some models (SmolLM2) carry large constant components that the late layers read, and
+projecting those out breaks the model; this keeps them.
+
 Only the tensors that change are read (memory-mapped) and rewritten, one at a time, into a byte copy of their
 shard: an edit keeps a tensor's dtype and shape, so every offset in the safetensors header stays valid and
 the untouched tensors stay byte-identical (mergekit-style; peak memory is one tensor, not the model).
@@ -48,6 +53,7 @@ class PlainEdit:
 
     directions: torch.Tensor
     steer: torch.Tensor
+    first_layer: int = 0  # the first decoder layer whose writers are projected (0: the embeddings too)
     mode: str = "plain"
     context_gate: bool = False
 
@@ -86,8 +92,9 @@ def _key(name: str, keys: set[str]) -> str:
     raise PlainExportError(f"the checkpoint has no tensor {name!r}; is it the model its config.json describes?")
 
 
-def plan_plain(config, keys: set[str], layer: int, steer: bool) -> PlainPlan:
-    """Which tensors of a checkpoint (config + tensor `keys`) a plain export at `layer` edits or adds."""
+def plan_plain(config, keys: set[str], layer: int, steer: bool, first_layer: int = 0) -> PlainPlan:
+    """Which tensors of a checkpoint (config + tensor `keys`) a plain export at `layer` edits or adds: the
+    residual writers of decoder layers `first_layer`..`layer` (and the embeddings when `first_layer` is 0)."""
     from transformers.pytorch_utils import Conv1D
 
     model_type = getattr(config, "model_type", None)
@@ -101,9 +108,12 @@ def plan_plain(config, keys: set[str], layer: int, steer: bool) -> PlainPlan:
     n_layers = arch.num_layers(model)
     if not 0 <= layer < n_layers:
         raise PlainExportError(f"layer {layer} is out of range: the model has decoder layers 0..{n_layers - 1}")
+    if not 0 <= first_layer <= layer:
+        raise PlainExportError(f"intervention.plain_from is {first_layer}, but the projected layers must run from it "
+                               f"to the patch's layer {layer}: set it between 0 and {layer}")
     plan = PlainPlan()
     d = arch.hidden_size(model)
-    for name, module in arch.residual_writers(model, upto=layer):
+    for name, module in arch.residual_writers(model, upto=layer, start=first_layer):
         if isinstance(module, nn.Embedding) or isinstance(module, Conv1D):
             kind = "rows"  # [*, d]: each row is written to the stream
         elif isinstance(module, nn.Linear) and module.out_features == d:
@@ -165,7 +175,7 @@ def _overwrite(path: Path, start: int, entry: dict, t: torch.Tensor) -> None:
 
 
 def write_plain(source: Path, out: Path, directions: torch.Tensor, layer: int, *, steer: Optional[torch.Tensor] = None,
-                tokenizer=None, overwrite: bool = False, meta: Optional[dict] = None,
+                first_layer: int = 0, tokenizer=None, overwrite: bool = False, meta: Optional[dict] = None,
                 files: Optional[dict[str, str | bytes]] = None) -> Path:
     """Write the plain export of `source` (an HF folder with safetensors weights) to `out`, atomically."""
     from transformers import AutoConfig
@@ -178,7 +188,7 @@ def write_plain(source: Path, out: Path, directions: torch.Tensor, layer: int, *
     config = AutoConfig.from_pretrained(source)
     q = orthonormal_basis(directions)
     carry_steer = steer is not None and float(steer.norm()) > 0
-    plan = plan_plain(config, {k for shard in shards for k in _tensor_names(shard)}, layer, carry_steer)
+    plan = plan_plain(config, {k for shard in shards for k in _tensor_names(shard)}, layer, carry_steer, first_layer)
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         weight_map = {}
         new_tensors: dict[str, torch.Tensor] = {}
@@ -218,7 +228,7 @@ def write_plain(source: Path, out: Path, directions: torch.Tensor, layer: int, *
                                                       "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         cfg = json.loads((source / "config.json").read_text())
         cfg.update(plan.config)
-        cfg["scalpel_plain"] = {"layer": layer, "n_directions": int(directions.shape[0]), "rank": int(q.shape[1]),
+        cfg["scalpel_plain"] = {"layer": layer, "first_layer": first_layer, "n_directions": int(directions.shape[0]), "rank": int(q.shape[1]),
                                 "steer_norm": float(steer.norm()) if carry_steer else 0.0,
                                 "edited": sorted(plan.edits), "added": sorted(plan.new), **(meta or {})}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -232,13 +242,15 @@ def write_plain(source: Path, out: Path, directions: torch.Tensor, layer: int, *
 
 
 @contextmanager
-def projected(model, layer: int, directions: torch.Tensor, steer: Optional[torch.Tensor] = None) -> Iterator[None]:
-    """The in-process twin of a plain export: every residual writer through `layer` has its output projected
-    off the span of `directions`, and `steer` is added to layer `layer`'s MLP output (hooks removed after)."""
+def projected(model, layer: int, directions: torch.Tensor, steer: Optional[torch.Tensor] = None,
+              first_layer: int = 0) -> Iterator[None]:
+    """The in-process twin of a plain export: every residual writer of layers `first_layer`..`layer` has its
+    output projected off the span of `directions`, and `steer` is added to layer `layer`'s MLP output (hooks
+    removed after)."""
     arch = architecture_of(model)
     param = next(model.parameters())
     q = orthonormal_basis(directions).to(param.device)
-    writers = arch.residual_writers(model, upto=layer)
+    writers = arch.residual_writers(model, upto=layer, start=first_layer)
     last = f"{arch.layers}.{layer}.{arch.mlp_out}"
 
     def hook(name):

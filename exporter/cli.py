@@ -375,6 +375,12 @@ def main() -> None:
             PushError, ValueError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         sys.exit(2)
+    except OSError as exc:  # the disk, not the input: full, read-only, a path that vanished
+        where = f" ({exc.filename})" if exc.filename else ""
+        err.print(f"error: {exc.strerror or exc}{where}; free space or choose another folder and run again: outputs "
+                  "are written atomically (nothing half-written is left under their names) and finished stages "
+                  "are reused", highlight=False, markup=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

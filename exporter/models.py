@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .cache import atomic_dir, cache_root, file_sha256
@@ -86,6 +87,11 @@ ARCHITECTURES: dict[str, Architecture] = {
                              attn_out="attention.dense", mlp_out="mlp.dense_4h_to_h",
                              final_norm="gpt_neox.final_layer_norm"),
 }
+
+
+# What loading raises for a folder it cannot use: missing or unreadable files, and weights whose safetensors
+# header or data is damaged (a truncated download or copy).
+_UNREADABLE = (OSError, SafetensorError)
 
 
 class UnsupportedArchitecture(ModelLoadError):
@@ -245,7 +251,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **({"revision": spec.revision} if local is None else {}))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
+    except _UNREADABLE as exc:
         if local is None:
             raise ModelLoadError(
                 f"could not load {spec.describe()} from the Hub or the local HF cache: {exc}. "
@@ -316,7 +322,7 @@ def load_checkpoint(source: str, *, dtype: str = "float32", trust_remote_code: b
     try:
         tokenizer = AutoTokenizer.from_pretrained(local)
         model = AutoModelForCausalLM.from_pretrained(local, dtype=_dtype(dtype), trust_remote_code=remote)
-    except OSError as exc:
+    except _UNREADABLE as exc:
         raise ModelLoadError(f"could not load the model in {local}: {exc}") from None
     model.eval()
     if tokenizer.pad_token is None:

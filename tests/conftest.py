@@ -76,3 +76,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TINY_RECIPE = """
+model: {path: model}
+data: {pii: {path: pii.jsonl}, benign: {path: benign.txt}, people: {path: people.jsonl}, max_length: 64}
+probe: {max_tokens: 3000}
+sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest_tokens: 3000, dead_tokens: 2000}
+"""
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_tokenizer, monkeypatch):
+    """A workspace: tiny Llama folder, PII corpus, people, benign text and a recipe that works."""
+    from exporter.data.corpus import write_jsonl
+    from exporter.data.people import write_people
+    from exporter.data.synthetic import SyntheticConfig, make_corpus
+
+    monkeypatch.setenv("SCALPEL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    docs, people = make_corpus(SyntheticConfig(n_memorised=12, n_never_seen=3, texts_per_person=2, seed=3))
+    write_jsonl(({"text": d.text} for d in docs), tmp_path / "pii.jsonl")
+    write_people(people, tmp_path / "people.jsonl")
+    (tmp_path / "benign.txt").write_text("\n\n".join(f"Paragraph {i} is about names and values." * 3
+                                                     for i in range(30)))
+    (tmp_path / "recipe.yaml").write_text(TINY_RECIPE)
+    return tmp_path

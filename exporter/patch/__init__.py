@@ -32,6 +32,10 @@ def attached(model, layer: int, patch: ScalpelPatch) -> Iterator[None]:
 def applied(model, layer: int, intervention):
     """The context in which `model` runs with `intervention`: a ScalpelPatch attached after `layer`, or a
     PlainEdit's in-process twin (its projection hooked onto the residual writers)."""
+    width, d = intervention.steer.shape[-1], architecture_of(model).hidden_size(model)
+    if width != d:
+        raise ValueError(f"the patch (and the SAE it came from) is {width} wide, but this model's residual stream is "
+                         f"{d} wide: it was made for another model; train the SAE on this one (scalpel train-sae)")
     if isinstance(intervention, PlainEdit):
         return projected(model, layer, intervention.directions, intervention.steer, intervention.first_layer)
     return attached(model, layer, intervention)

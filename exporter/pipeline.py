@@ -477,7 +477,10 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
              if src.exists() and ("search" in report or name == "probe.png")}
     card = render_card(report, recipe_text, base=base_metadata(recipe.model),
                        model_type=prep.loaded.model.config.model_type, plots=tuple(plots))
-    files = {"scalpel_recipe.yaml": recipe_text, "scalpel_report.json": json.dumps(report, indent=2),
+    from .data.detectors import redact_text
+
+    # The recipe travels with the export (how it was made), but a comment or a path in it may hold PII.
+    files = {"scalpel_recipe.yaml": redact_text(recipe_text), "scalpel_report.json": json.dumps(report, indent=2),
              "README.md": str(card), **{name: src.read_bytes() for name, src in plots.items()}}
     if recipe.export.save_sae:  # SAELens format, so others can inspect the latents the patch uses
         files.update({f"sae/{name}": (Path(work) / "sae" / name).read_bytes()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .patch.export import INDEX_FILE
+from .patch.remote.scalpel_patch import code_digest
 
 CARD = "README.md"
 
@@ -92,6 +93,11 @@ def check_export(folder: Path) -> dict:
             raise PushError(f"{folder} lacks the remote-code file {name} that loading it needs "
                             "(trust_remote_code); re-export the model")
         code += [m + ".py" for m in re.findall(r"^\s*from \.(\w+) import", (folder / name).read_text(), re.M)]
+    recorded = config.get("scalpel_patch", {}).get("code_sha256", {}) if "auto_map" in config else {}
+    for name, digest in sorted(recorded.items()):
+        if not (folder / name).exists() or code_digest((folder / name).read_text()) != digest:
+            raise PushError(f"the remote-code file {name} does not match the sha256 its config.json records: the "
+                            "export was modified after it was written; re-export it rather than push it")
     if not (folder / "tokenizer_config.json").exists():
         raise PushError(f"{folder} has no tokenizer (tokenizer_config.json); users could not run the model: "
                         "re-export it from a model folder that has one")

@@ -91,9 +91,17 @@ def test_export_loads_in_fresh_process(model_type, tmp_path, tiny_tokenizer):
     tensors["scalpel_patch.gate"][0] += 1e-3
     save_file(tensors, str(tampered / PATCH_FILE), metadata={"format": "pt"})
 
-    results = run_checks({"cases": cases, "tampered": [str(tampered)]}, tmp_path)
+    # Tamper: one line added to a remote-code file after export.
+    edited = tmp_path / "export-edited-code"
+    write_export(LoadedModel(model, None, architecture_of(model), "tiny", None), patches["folded"], 1, edited)
+    with open(edited / "scalpel_patch.py", "a") as f:
+        f.write("\nKEEP = None  # an innocent-looking edit\n")
+
+    results = run_checks({"cases": cases, "tampered": [str(tampered), str(edited)]}, tmp_path)
     assert results.pop("exporter_importable") is False
     assert "TamperedPatchError" in results.pop(f"tampered:{tampered}")
+    refused = results.pop(f"tampered:{edited}")
+    assert refused.startswith("TamperedPatchError") and "remote-code file scalpel_patch.py" in refused, refused
     for name, r in results.items():
         assert r["class"] == "ScalpelForCausalLM"
         assert r["missing"] == [] and r["unexpected"] == [], (name, r)
@@ -123,7 +131,7 @@ def test_export_layout_and_no_clobber(tmp_path):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_scalpel.ScalpelForCausalLM"
     block = config["scalpel_patch"]
     assert (block["layer"], block["mode"], block["n_ablate"], block["d_sae"], block["k"]) == (2, "exact", 2, 128, 8)
-    assert len(block["sha256"]) == 64
+    assert len(block["sha256"]) == 64 and set(block["code_sha256"]) == set(CODE_FILES)
     # Base weights under their own names, byte-equal to the model's; patch tensors only under the prefix.
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     patch_keys = {k for k, f in index.items() if f == PATCH_FILE}
@@ -140,7 +148,14 @@ def test_export_layout_and_no_clobber(tmp_path):
                  ("." if isinstance(n, ast.ImportFrom) else None) for n in ast.walk(tree)
                  if isinstance(n, ast.ImportFrom)}
         roots |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert roots <= {"torch", "transformers", "hashlib", "__future__", "."}, (name, roots)
+        assert roots <= {"torch", "transformers", "hashlib", "importlib", "__future__", "."}, (name, roots)
+        # ...and open no file or connection: no open(), no os / io / pathlib / socket / subprocess calls, no
+        # file methods (the code files' own source is read back only through their module loader).
+        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert not calls & {"open", "exec", "eval", "compile", "__import__"}, (name, calls)
+        assert not attrs & {"read_text", "read_bytes", "write_text", "write_bytes", "urlopen", "system", "popen",
+                            "remove", "unlink", "rmdir", "mkdir", "connect", "request"}, (name, attrs)
     # Never clobbered silently; --overwrite replaces it.
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_export(loaded, patch, 2, tmp_path / "out")

@@ -165,6 +165,9 @@ def _break(folder: Path, case: str) -> None:
         (folder / "tokenizer_config.json").unlink()
     elif case == "bad config":
         (folder / "config.json").write_text("{not json")
+    elif case == "edited remote code":
+        with open(folder / "modeling_scalpel.py", "a") as f:
+            f.write("\n# edited\n")
 
 
 @pytest.mark.parametrize("case, message", [
@@ -175,6 +178,7 @@ def _break(folder: Path, case: str) -> None:
     ("missing shard", "lacks the weight file model-base.safetensors"),
     ("no tokenizer", "no tokenizer"),
     ("bad config", "is not valid JSON"),
+    ("edited remote code", "modeling_scalpel.py does not match the sha256"),
 ])
 def test_push_refuses_an_incomplete_export_before_sending_anything(hub, export, case, message):
     _break(export, case)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..cache import atomic_dir
 from ..models import LoadedModel
-from .remote.scalpel_patch import ScalpelPatch, patch_digest
+from .remote.scalpel_patch import ScalpelPatch, code_digest, patch_digest
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 CODE_FILES = ("configuration_scalpel.py", "modeling_scalpel.py", "scalpel_patch.py")
@@ -107,6 +107,7 @@ def write_export(loaded: LoadedModel, patch: ScalpelPatch, layer: int, out: Path
     model_type = model.config.model_type
     code = render_code(model_type)
     block = patch_block(model, layer, patch, **(meta or {}))
+    block["code_sha256"] = {name: code_digest(text) for name, text in sorted(code.items())}
     base_folder = Path(loaded.path) if loaded.path else None
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}

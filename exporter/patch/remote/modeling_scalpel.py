@@ -1,14 +1,15 @@
 """A causal LM with the scalpel PII patch after one decoder layer.
 
 The base architecture's own class and weights (unchanged, under their names); the patch tensors live
-under `scalpel_patch.` and are checked against the sha256 in config.json when loaded. Imports only
-torch, transformers and the files beside it; does no I/O of its own.
+under `scalpel_patch.` and are checked against the sha256 in config.json when loaded, as are these
+code files (their source read back through the import system that loaded them). Imports only torch,
+transformers, the stdlib's hashlib and importlib, and the files beside it; opens no file and no connection.
 """
 
 from transformers import LlamaForCausalLM as BaseForCausalLM  # scalpel:base-model
 
 from .configuration_scalpel import ScalpelConfig
-from .scalpel_patch import ScalpelPatch, attach, verify
+from .scalpel_patch import ScalpelPatch, attach, verify, verify_code
 
 
 class ScalpelForCausalLM(BaseForCausalLM):
@@ -30,4 +31,5 @@ class ScalpelForCausalLM(BaseForCausalLM):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         verify(model.scalpel_patch, model.config.scalpel_patch["sha256"])
+        verify_code(model.config.scalpel_patch.get("code_sha256"), __package__)
         return loaded

@@ -154,6 +154,28 @@ class TamperedPatchError(RuntimeError):
     pass
 
 
+def code_digest(source: str) -> str:
+    """sha256 of a remote-code file's text (newlines normalised, as the import system reads it)."""
+    return hashlib.sha256(source.replace("\r\n", "\n").encode("utf-8")).hexdigest()
+
+
+def verify_code(expected, package: str) -> None:
+    """Each remote-code file, as the import system loaded it (its source read back through the module's own
+    loader: no other file is opened), must match the sha256 recorded for it in config.json."""
+    import importlib
+
+    if not expected:
+        raise TamperedPatchError("config.json records no sha256 of the remote-code files (scalpel_patch.code_sha256): "
+                                 "the checkpoint was modified after export; re-export it or download it again")
+    for name, digest in sorted(expected.items()):
+        module = importlib.import_module(f"{package}.{name[:-3]}")
+        source = module.__loader__.get_source(module.__name__)
+        if source is None or code_digest(source) != digest:
+            raise TamperedPatchError(
+                f"the remote-code file {name} does not match the sha256 recorded in config.json: the checkpoint was "
+                "modified after export; re-export it or download it again from its source")
+
+
 def verify(patch: ScalpelPatch, expected: str) -> None:
     actual = patch_digest(patch)
     if actual != expected:

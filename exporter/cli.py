@@ -318,6 +318,8 @@ def eval_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run remote code of non-scalpel models."),
     attack_dtype: str = typer.Option("float32", "--attack-dtype", help="Precision of the attacks' decoding: "
                                      "float32 or bfloat16 (about twice as fast on CPU)."),
+    adversarial: bool = typer.Option(True, "--adversarial/--no-adversarial", help="Also the adversarial attacks: "
+                                     "paraphrases, JSON / table / signature formats, prefix, 32 samples."),
 ) -> None:
     """The leakage / utility harness on any two models with the same tokenizer, side by side."""
     import json
@@ -325,7 +327,8 @@ def eval_cmd(
     from .api import compare
 
     result = compare(model, against, people=people, benign=benign, groups=group or None,
-                      trust_remote_code=trust_remote_code, attack_dtype=attack_dtype, log=log)
+                      trust_remote_code=trust_remote_code, attack_dtype=attack_dtype, adversarial=adversarial,
+                      log=log)
     _print_evaluation(result, f"{model} (patched) vs {against} (base)")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))

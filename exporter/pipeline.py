@@ -710,7 +710,7 @@ def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = 
         out[name] = evaluate_variant(model, tok, groups, texts, prompts, context=ctx, attacker=attacker,
                                      attacker_context=attack_ctx, few_shot=ev.few_shot, samples=ev.samples,
                                      max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, progress=progress,
-                                     ref=ref)
+                                     ref=ref, adversarial=ev.adversarial)
         log(f"final evaluation: {name} done")
     out["control_latents"] = len(control_latents)
     return out
@@ -798,7 +798,7 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
                          "models with the same tokenizer")
     texts, prompts = utility_texts(benign, tok, ev.ppl_tokens)
     common = dict(few_shot=ev.few_shot, samples=ev.samples, max_new_tokens=ev.max_new_tokens, seed=seed,
-                  progress=progress, ref=reference(base, tok, texts, max_bytes=2 << 30))
+                  progress=progress, ref=reference(base, tok, texts, max_bytes=2 << 30), adversarial=ev.adversarial)
     out = {"base": evaluate_variant(base, tok, chosen, texts, prompts, attacker=cast_copy(base, ev.dtype),
                                     **common)}
     log("evaluation: base done")

@@ -210,6 +210,10 @@ class EvalSection(_Section):
     # Precision of the extraction attacks' decoding (search and final evaluation). bfloat16 decodes about
     # twice as fast on CPU; perplexity and KL are always taken in the model's own dtype.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Adversarial attacks in the final evaluation (never in the search): paraphrased templates, other
+    # formats (JSON, a table row, a signature block), the prefix attack and 32-sample decoding, reported
+    # in rows of their own. About 3 minutes per variant on SmolLM2 on 2 CPU cores.
+    adversarial: bool = True
 
 
 class HubSection(_Section):

@@ -66,3 +66,42 @@ def test_leakage_rows_stop_at_the_first_row_the_callback_flags(tiny_tokenizer):
     flagged = leakage_rows(model, tiny_tokenizer, {"v": people}, stop=lambda r: seen.append(r) or len(seen) == 2, **kw)
     assert len(every) == 6 and flagged == every[:2]
     assert leakage_rows(model, tiny_tokenizer, {"v": people}, stop=lambda r: False, **kw) == every
+
+
+def test_adversarial_attacks_have_rows_of_their_own_and_score_what_comes_out(tiny_tokenizer, monkeypatch):
+    """A fake model that recites an address only when asked in JSON or when handed its first characters:
+    the JSON and prefix rows say 100%, every other row 0%, and none of them mixes into the plain greedy rows."""
+    from exporter.evaluate import harness
+    from exporter.evaluate.leakage import ADVERSARIAL_TEMPLATES, MANY_SAMPLES, PREFIX_CHARS
+
+    people = [Person(f"Person {c}", f"p{c}x@example.com") for c in "ABCD"]
+
+    def recite(model, tokenizer, prompts, n=24, progress=False):
+        out = []
+        for q in prompts:
+            who = next(p for p in people if p.name in q)
+            if q.startswith('{"name"'):
+                out.append(who.email + '"}')
+            elif q.endswith(who.email[:PREFIX_CHARS]):
+                out.append(who.email[PREFIX_CHARS:] + "]")
+            else:
+                out.append(" nobody@nowhere.org")
+        return out
+
+    asked = []
+
+    def sample(model, tokenizer, prompts, *, samples, max_new_tokens, seed):
+        asked.append(samples)
+        return [["nothing"] * samples for _ in prompts]
+
+    monkeypatch.setattr(harness, "greedy_continuations", recite)
+    monkeypatch.setattr(harness, "sampled_continuations", sample)
+    rows = leakage_rows(None, tiny_tokenizer, {"test": people}, phones=False, adversarial=True)
+    adv = {r["attack"]: r for r in rows if r["decoding"] == "adversarial greedy"}
+    assert set(adv) == set(ADVERSARIAL_TEMPLATES) | {f"prefix{PREFIX_CHARS}"}
+    assert adv["json"]["exact"] == 1.0 and adv[f"prefix{PREFIX_CHARS}"]["exact"] == 1.0
+    assert all(r["exact"] == 0.0 for name, r in adv.items() if name not in ("json", f"prefix{PREFIX_CHARS}"))
+    assert worst([r for r in rows if r["decoding"] == "greedy"], "test") == 0.0  # the plain rows stay apart
+    assert MANY_SAMPLES in asked and [r for r in rows if r["decoding"] == f"adversarial sampled x{MANY_SAMPLES}"]
+    assert not [r for r in leakage_rows(None, tiny_tokenizer, {"test": people}, phones=False)
+                if r["decoding"].startswith("adversarial")]  # off unless asked

@@ -10,8 +10,9 @@ import torch
 
 from ..data.people import Person
 from ..lm import padding_side
-from .leakage import (EMAIL_TEMPLATES, PHONE_NEW_TOKENS, PHONE_TEMPLATES, few_shot_prompts, first_email,
-                      first_phone, greedy_continuations, sampled_continuations, score_any, score_emails, score_phones)
+from .leakage import (ADVERSARIAL_TEMPLATES, EMAIL_TEMPLATES, MANY_SAMPLES, PHONE_NEW_TOKENS, PHONE_TEMPLATES,
+                      PREFIX_CHARS, few_shot_prompts, first_email, first_phone, greedy_continuations, prefix_prompts,
+                      sampled_continuations, score_any, score_emails, score_phones)
 from .utility import Context, Reference, against_reference, generation_diversity, mean_kl, perplexity
 
 
@@ -32,11 +33,13 @@ def _across(groups: dict[str, list], decode) -> dict[str, list]:
 
 def leakage_rows(model, tokenizer, groups: dict[str, Sequence[Person]], *, few_shot: int = 0, samples: int = 0,
                  max_new_tokens: int = 24, phones: bool = True, seed: int = 0, progress: bool = False,
-                 stop: Optional[Callable[[dict], bool]] = None) -> list[dict]:
+                 stop: Optional[Callable[[dict], bool]] = None, adversarial: bool = False) -> list[dict]:
     """Extraction attacks per group of people: zero-shot templates (greedy), k-shot templates, sampled
-    decoding (leaked if any of `samples` continuations holds it) and phone templates. Each attack decodes
-    the groups' prompts together. With `stop`, the rows end at the first email row for which it is true
-    (a search rejecting a candidate needs no more). Rows come group by group, in attack order."""
+    decoding (leaked if any of `samples` continuations holds it) and phone templates; with `adversarial`,
+    also paraphrased and reformatted templates, the prefix attack and many-sample decoding, as rows of
+    their own decodings ("adversarial greedy", "adversarial sampled x32"). Each attack decodes the groups'
+    prompts together. With `stop`, the rows end at the first email row for which it is true (a search
+    rejecting a candidate needs no more). Rows come group by group, in attack order."""
     groups = {g: list(people) for g, people in groups.items() if people}
     order = {g: i for i, g in enumerate(groups)}
     rows: list[dict] = []
@@ -69,6 +72,8 @@ def leakage_rows(model, tokenizer, groups: dict[str, Sequence[Person]], *, few_s
             if any([add(g, name, f"sampled x{samples}", score_any(people, sampled[g], name))
                     for g, people in groups.items()]):
                 return done()
+    if adversarial:
+        _adversarial_rows(model, tokenizer, groups, add, max_new_tokens, seed, progress)
     if phones:
         with_phone = {g: [p for p in people if p.phone] for g, people in groups.items()}
         with_phone = {g: people for g, people in with_phone.items() if people}
@@ -78,6 +83,25 @@ def leakage_rows(model, tokenizer, groups: dict[str, Sequence[Person]], *, few_s
             for g, people in with_phone.items():
                 add(g, name, "greedy", score_phones(people, [first_phone(c) for c in conts[g]], name))
     return done()
+
+
+def _adversarial_rows(model, tokenizer, groups: dict[str, list], add, max_new_tokens: int, seed: int,
+                      progress: bool) -> None:
+    greedy = lambda q: greedy_continuations(model, tokenizer, q, max_new_tokens, progress=progress)  # noqa: E731
+    for name, template in ADVERSARIAL_TEMPLATES.items():
+        conts = _across({g: [template.format(name=p.name) for p in people] for g, people in groups.items()}, greedy)
+        for g, people in groups.items():
+            add(g, name, "adversarial greedy", score_emails(people, [first_email(c) for c in conts[g]], name))
+    # The prefix attack: the address is read from the given characters and what follows them.
+    conts = _across({g: prefix_prompts(people) for g, people in groups.items()}, greedy)
+    for g, people in groups.items():
+        found = [first_email(p.email[:PREFIX_CHARS] + c) for p, c in zip(people, conts[g])]
+        add(g, f"prefix{PREFIX_CHARS}", "adversarial greedy", score_emails(people, found, "prefix"))
+    prompts = {g: [EMAIL_TEMPLATES["mailto"].format(name=p.name) for p in people] for g, people in groups.items()}
+    sampled = _across(prompts, lambda q: sampled_continuations(model, tokenizer, q, samples=MANY_SAMPLES,
+                                                               max_new_tokens=max_new_tokens, seed=seed + 1))
+    for g, people in groups.items():
+        add(g, "mailto", f"adversarial sampled x{MANY_SAMPLES}", score_any(people, sampled[g], "mailto"))
 
 
 def zero_shot_table(model, tokenizer, groups: dict[str, Sequence[Person]], *, max_new_tokens: int = 24,
@@ -131,7 +155,7 @@ def evaluate_variant(base, tokenizer, groups: dict[str, Sequence[Person]], texts
                      prompts: Sequence[str], *, other=None, context: Optional[Context] = None, attacker=None,
                      attacker_context: Optional[Context] = None, few_shot: int = 0, samples: int = 0,
                      max_new_tokens: int = 24, seed: int = 0, progress: bool = False,
-                     ref: Optional[Reference] = None) -> dict:
+                     ref: Optional[Reference] = None, adversarial: bool = False) -> dict:
     """Leakage rows and utility of one model variant: `other` (default `base`) under `context`; KL is taken
     against `base` without the context (or against `ref`, its log-probs kept). The attacks decode with
     `attacker` under `attacker_context` when given (the same variant in another dtype, see `models.cast_copy`)."""
@@ -140,6 +164,6 @@ def evaluate_variant(base, tokenizer, groups: dict[str, Sequence[Person]], texts
         attacker, attacker_context = model, context
     with attacker_context() if attacker_context is not None else nullcontext():
         rows = leakage_rows(attacker, tokenizer, groups, few_shot=few_shot, samples=samples,
-                            max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+                            max_new_tokens=max_new_tokens, seed=seed, progress=progress, adversarial=adversarial)
     return {"leakage": rows, "utility": utility_metrics(base, tokenizer, texts, other=other, context=context,
                                                         prompts=prompts, speed=True, ref=ref)}

@@ -86,22 +86,29 @@ sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest
 """
 
 
-@pytest.fixture
-def ws(tmp_path, tiny_tokenizer, monkeypatch):
-    """A workspace: tiny Llama folder, PII corpus, people, benign text and a recipe that works."""
+def write_workspace(folder, tokenizer, *, n_memorised: int, n_never_seen: int, texts_per_person: int, seed: int,
+                    benign: str, paragraphs: int, recipe: str) -> None:
+    """A tiny Llama folder with `tokenizer`, a synthetic PII corpus, its people, benign text and a recipe."""
     from exporter.data.corpus import write_jsonl
     from exporter.data.people import write_people
     from exporter.data.synthetic import SyntheticConfig, make_corpus
 
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    docs, people = make_corpus(SyntheticConfig(n_memorised=n_memorised, n_never_seen=n_never_seen,
+                                               texts_per_person=texts_per_person, seed=seed))
+    write_jsonl(({"text": d.text} for d in docs), folder / "pii.jsonl")
+    write_people(people, folder / "people.jsonl")
+    (folder / "benign.txt").write_text("\n\n".join(f"Paragraph {i} {benign}" * 3 for i in range(paragraphs)))
+    (folder / "recipe.yaml").write_text(recipe)
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_tokenizer, monkeypatch):
+    """A workspace (the current folder): tiny Llama, PII corpus, people, benign text and a recipe that works."""
     monkeypatch.setenv("SCALPEL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
-    docs, people = make_corpus(SyntheticConfig(n_memorised=12, n_never_seen=3, texts_per_person=2, seed=3))
-    write_jsonl(({"text": d.text} for d in docs), tmp_path / "pii.jsonl")
-    write_people(people, tmp_path / "people.jsonl")
-    (tmp_path / "benign.txt").write_text("\n\n".join(f"Paragraph {i} is about names and values." * 3
-                                                     for i in range(30)))
-    (tmp_path / "recipe.yaml").write_text(TINY_RECIPE)
+    write_workspace(tmp_path, tiny_tokenizer, n_memorised=12, n_never_seen=3, texts_per_person=2, seed=3,
+                    benign="is about names and values.", paragraphs=30, recipe=TINY_RECIPE)
     return tmp_path

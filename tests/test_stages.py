@@ -5,26 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from exporter.data.corpus import write_jsonl
-from exporter.data.people import write_people
-from exporter.data.synthetic import SyntheticConfig, make_corpus
 from exporter.recipe import load_recipe
 
-from conftest import free_port, tiny_model
+from conftest import free_port, write_workspace
 
 
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("SCALPEL_CACHE_DIR", str(tmp_path / "cache"))  # keep tiny activations out of the user cache
-    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
-    docs, people = make_corpus(SyntheticConfig(n_memorised=16, n_never_seen=4, texts_per_person=3, seed=7))
-    write_jsonl(({"text": d.text} for d in docs), tmp_path / "pii.jsonl")
-    write_people(people, tmp_path / "people.jsonl")
-    (tmp_path / "benign.txt").write_text("\n\n".join(
-        f"Paragraph {i} talks about objects, names and the way Python binds them to values." * 3 for i in range(40)))
-    (tmp_path / "recipe.yaml").write_text("""
+    write_workspace(tmp_path, tiny_tokenizer, n_memorised=16, n_never_seen=4, texts_per_person=3, seed=7,
+                    benign="talks about objects, names and the way Python binds them to values.", paragraphs=40,
+                    recipe="""
 model: {path: model}
 data: {pii: {path: pii.jsonl}, benign: {path: benign.txt}, people: {path: people.jsonl}, max_length: 64}
 probe: {max_tokens: 3000}

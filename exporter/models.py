@@ -249,7 +249,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     if local is not None and not (local / "config.json").exists():
         raise ModelLoadError(f"{local} is not a Hugging Face model folder (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **({"revision": spec.revision} if local is None else {}))
+        # Offline, neither the tokenizer nor the model may try the network (and wait out its retries).
+        hub = {k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")}
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except _UNREADABLE as exc:
         if local is None:

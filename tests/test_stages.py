@@ -156,7 +156,8 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     groups = {r["group"] for r in ev["patched"]["leakage"]}
     assert groups == {"test", "never_seen"}  # validation people never appear in the reported numbers
     assert ev["base"]["utility"]["kl"] == 0.0 and ev["patched"]["utility"]["kl"] >= 0.0
-    assert {r["decoding"] for r in ev["base"]["leakage"]} == {"greedy", "sampled x2"}
+    assert {r["decoding"] for r in ev["base"]["leakage"]} == {"greedy", "sampled x2", "adversarial greedy",
+                                                              "adversarial sampled x32"}
     assert result.report["ablate_n"] == search["chosen"]["n"]
     # The card: Hub metadata carried from the base, the before/after table, plots, usage; PII redacted.
     from huggingface_hub import ModelCard

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .patch.export import INDEX_FILE
+from .patch.export import INDEX_FILE, safetensors_header
 from .patch.remote.scalpel_patch import code_digest
 
 CARD = "README.md"
@@ -36,16 +36,12 @@ class PushResult:
 def _safetensors_complete(path: Path) -> Optional[str]:
     """Why a safetensors file is unreadable or truncated (None when its header and size agree)."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > 100 << 20:
-                return "its header length is invalid"
-            header = json.loads(f.read(n))
+        header, start = safetensors_header(path)
     except (OSError, ValueError) as e:
-        return f"its header cannot be read ({type(e).__name__})"
+        return f"its header cannot be read ({e})"
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size != 8 + n + end:
-        return f"it holds {path.stat().st_size} bytes where its header describes {8 + n + end} (truncated?)"
+    if path.stat().st_size != start + end:
+        return f"it holds {path.stat().st_size} bytes where its header describes {start + end} (truncated?)"
     return None
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from exporter.patch.plain import PlainExportError, _header, orthonormal_basis, projected, write_plain
+from exporter.patch.export import safetensors_header
+from exporter.patch.plain import PlainExportError, orthonormal_basis, projected, write_plain
 
 LAYER = 1
 
@@ -17,7 +18,7 @@ def _raw_tensors(folder) -> dict[str, bytes]:
     """Every tensor's bytes as stored, over the folder's safetensors files."""
     out = {}
     for path in folder.glob("*.safetensors"):
-        header, start = _header(path)
+        header, start = safetensors_header(path)
         data = path.read_bytes()
         out.update({k: data[start + v["data_offsets"][0]: start + v["data_offsets"][1]]
                     for k, v in header.items() if k != "__metadata__"})

@@ -80,6 +80,15 @@ def _tensor_names(path: Path) -> list[str]:
         return list(f.keys())
 
 
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header, offset of the data) of a safetensors file; ValueError when the header cannot be one."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > 100 << 20:
+            raise ValueError(f"its header length ({n} bytes) is invalid")
+        return json.loads(f.read(n)), 8 + n
+
+
 def write_files(folder: Path, files: Optional[dict[str, str | bytes]]) -> None:
     """Extra content of an export (relative name -> text or bytes): card, report, recipe, plots, SAE."""
     for name, data in (files or {}).items():

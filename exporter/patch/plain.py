@@ -34,7 +34,7 @@ from torch import nn
 
 from ..cache import atomic_dir
 from ..models import architecture_for, architecture_of
-from .export import INDEX_FILE, ExportError, _base_weight_files, _tensor_names, write_files
+from .export import INDEX_FILE, ExportError, _base_weight_files, _tensor_names, safetensors_header, write_files
 
 EXTRA_FILE = "model-scalpel-plain.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -158,12 +158,6 @@ def _edited(t: torch.Tensor, kind: str, q: torch.Tensor) -> torch.Tensor:
     return w - (w @ q) @ q.T if kind == "rows" else w - q @ (q.T @ w)  # "out" weights and biases: columns
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)), 8 + n
-
-
 def _overwrite(path: Path, start: int, entry: dict, t: torch.Tensor) -> None:
     begin, end = entry["data_offsets"]
     raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -198,7 +192,7 @@ def write_plain(source: Path, out: Path, directions: torch.Tensor, layer: int, *
         for shard in shards:
             dst = tmp / ("model-base.safetensors" if single else shard.name)
             shutil.copyfile(shard, dst)
-            header, start = _header(dst)
+            header, start = safetensors_header(dst)
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():
                     weight_map[name] = dst.name

@@ -88,9 +88,10 @@ def token_batches(tokenizer, docs: Sequence[Document | str], *, max_length: int,
         start = end
 
 
-@torch.no_grad()
-def layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Outputs of the given decoder layers, running the model only up to the deepest of them."""
+def layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int],
+                  *, grad: bool = False) -> dict[int, torch.Tensor]:
+    """Outputs of the given decoder layers, running the model only up to the deepest of them (with autograd
+    when `grad`, for methods that train through them)."""
     decoder_layers = architecture_of(model).decoder_layers(model)
     deepest = max(layers)
     if min(layers) < 0 or deepest >= len(decoder_layers):
@@ -107,7 +108,9 @@ def layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
     handles = [decoder_layers[l].register_forward_hook(make_hook(l)) for l in set(layers)]
     try:
-        model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), use_cache=False)
+        with torch.set_grad_enabled(grad):
+            model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                  use_cache=False)
     except _StopForward:
         pass
     finally:

@@ -176,7 +176,69 @@ def _projected_writers(report: dict) -> str:
             f"`h - P_A (h - h_{first - 1})`, with `h_{first - 1}` the stream entering layer {first}")
 
 
-def _finish(parts: list[str], report: dict, recipe_yaml: str, data) -> ModelCard:
-    parts += ["The SAE is in `sae/` (SAELens format).", "", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```",
-              ""]
+def _finish(parts: list[str], report: dict, recipe_yaml: str, data, sae: bool = True) -> ModelCard:
+    parts += (["The SAE is in `sae/` (SAELens format).", ""] if sae else []) + [
+        "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + redact_text("\n".join(parts)))
+
+
+METHOD_NAMES = {"rmu": "RMU", "gradient_ascent": "gradient ascent", "depn": "DEPN"}
+METHOD_TEXT = {
+    "rmu": "RMU (Li et al. 2024) trained the MLP output projections of decoder layers {l2} to {layer}: on the PII "
+           "documents the layer-{layer} residual stream was pushed towards a fixed random vector of norm {c:g}, on "
+           "benign prose it was held to the base's (retain weight {alpha:g}).",
+    "gradient_ascent": "{loss} on the PII documents{kl}{lora}.",
+    "depn": "DEPN (Wu et al. 2023) attributed the likelihood of the PII tokens of {examples} documents to MLP neurons "
+            "by integrated gradients and zeroed the output weights of the {n} neurons found most often.",
+}
+
+
+def _method_text(report: dict) -> str:
+    s, chosen = report["settings"], report["search"]["chosen"]
+    if report["method"] == "rmu":
+        return METHOD_TEXT["rmu"].format(l2=max(0, report["layer"] - 2), layer=report["layer"], c=s["c"],
+                                         alpha=s["alpha"])
+    if report["method"] == "gradient_ascent":
+        loss = ("Gradient ascent (Jang et al. 2022)" if s["loss"] == "ga"
+                else f"NPO (Zhang et al. 2024, beta {s['beta']:g})")
+        kl = f", with a KL-to-base term on benign prose (weight {s['retain_kl']:g})" if s["retain_kl"] else ""
+        lora = (f", through a rank-{s['lora_rank']} LoRA adapter merged into the weights" if s["lora_rank"]
+                else ", full fine-tune")
+        return METHOD_TEXT["gradient_ascent"].format(loss=loss, kl=kl, lora=lora) + f" {chosen['value']} steps."
+    return METHOD_TEXT["depn"].format(examples=s["examples"], n=chosen.get("neurons", chosen["value"]))
+
+
+def render_method_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str,
+                       repo: str = "path/to/this-folder", plots: tuple[str, ...] = ()) -> ModelCard:
+    """The card of a weight-editing method's export: a plain checkpoint, scored by the same harness."""
+    name = METHOD_NAMES[report["method"]]
+    data = ModelCardData(base_model=base.get("base_model"), license=base.get("license", "other"),
+                         library_name="transformers", tags=[*TAGS[:3], "unlearning", "scalpel-exporter", model_type],
+                         pipeline_tag="text-generation")
+    search = report["search"]
+    parts = [f"# {base.get('base_model', 'Model')} with its memorised PII unlearned by {name} (scalpel-exporter)", "",
+             _method_text(report) + f" {len(search['changed_tensors'])} tensors "
+             f"({search['changed_parameters']:,} parameters) differ from the base; every other one is unchanged. "
+             f"A plain `{model_type}` checkpoint: no remote code.", ""]
+    ev = report["evaluation"]
+    header, rows = comparison_rows(ev)
+    control = ("`control` zeroes as many random neurons of the same layers: an effect it also shows is damage, "
+               "not privacy." if "control" in ev else
+               "A training method has no cheap control (it would be a second run on other text).")
+    parts += ["## Before and after", "", "Extraction attacks on **test** people (never used to choose the stopping "
+              "point; unlike PrivacyScalpel, the method trained on their documents, which is how it forgets) and on "
+              f"never-seen people (the guessing baseline). {control}", "", markdown_table(header, rows), "",
+              "Every attack (exact / username rate):", "", markdown_table(*attack_rows(ev), text_columns=4), ""]
+    head = ["point", "worst exact", "worst username", "KL", "perplexity", "repeated 4-grams", "seconds"]
+    path_rows = [[p["label"], *_rates(p), f"{p['kl']:.4f}", f"{p['perplexity']:.2f}",
+                  "-" if p.get("repetition") is None else f"{p['repetition']:.3f}", f"{p['seconds']:.0f}"]
+                 for p in search["points"]]
+    verdict = "met" if search["met"] else "not met; the least leaky point was kept"
+    parts += ["## How the stopping point was chosen", "",
+              f"Each point of the method's path was scored on **validation** people (zero-shot and k-shot templates, "
+              f"greedy) and next-token KL on benign text; the run stopped at the first point meeting the targets "
+              f"({100 * search['target']:g}% exact, {100 * search['username_target']:g}% username; {verdict}).", "",
+              markdown_table(head, path_rows), ""]
+    parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
+    parts += ["## Usage", "", _usage(repo, remote=False), ""]
+    return _finish(parts, report, recipe_yaml, data, sae=False)

@@ -227,8 +227,9 @@ def _print_evaluation(evaluation: dict, title: str) -> None:
 
 def _print_run(report: dict, out: Path) -> None:
     chosen = report["search"]["chosen"]
-    console.print(f"chosen on validation people: N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']}"
-                  f"{' gated' if chosen.get('gated') else ''} "
+    label = chosen.get("label") or (f"N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']}"
+                                    f"{' gated' if chosen.get('gated') else ''}")
+    console.print(f"chosen on validation people: {label} "
                   f"(worst exact {100 * chosen['leakage']:.0f}%, KL {chosen['kl']:.4f})"
                   + ("" if report["search"]["met"] else "; no candidate met the leakage target"))
     _print_evaluation(report["evaluation"], "Test people (never used for selection): leaky base vs patched vs control")
@@ -246,7 +247,8 @@ def _print_plan(recipe_path: Path) -> None:
     plan = make_plan(r, missing=missing_files(r))
     console.print(f"plan for {recipe_path} (dry run: nothing is loaded or written)", highlight=False)
     console.print(f"model {plan.model}: {plan.params / 1e9:.2f}B parameters, d={plan.d_model}, {plan.n_layers} "
-                  f"layers (shape from {plan.config_source}); layer {plan.layer}; SAE {plan.d_sae:,} latents",
+                  f"layers (shape from {plan.config_source}); layer {plan.layer}; "
+                  + (f"SAE {plan.d_sae:,} latents" if plan.d_sae else f"method {r.method.name}"),
                   highlight=False)
     console.print(_rich_table("stages", ["stage", "work"], plan.stages, text_columns=2))
     console.print(_rich_table("memory (estimated)", ["what", "GiB"],

@@ -710,10 +710,19 @@ def final_evaluation(recipe, prep: Prepared, chosen, patch, *, progress: bool = 
         out[name] = evaluate_variant(model, tok, groups, texts, prompts, context=ctx, attacker=attacker,
                                      attacker_context=attack_ctx, few_shot=ev.few_shot, samples=ev.samples,
                                      max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, progress=progress,
-                                     ref=ref, adversarial=ev.adversarial)
+                                     ref=ref, adversarial=ev.adversarial,
+                                     documents=test_documents(prep.inputs, groups["test"], ev))
         log(f"final evaluation: {name} done")
     out["control_latents"] = len(control_latents)
     return out
+
+
+def test_documents(inputs: Inputs, test_people: list, ev) -> dict:
+    """{"test": the PII documents holding test people's addresses} for the memorisation metrics."""
+    from .evaluate.memorisation import documents_of
+
+    docs = documents_of(inputs.docs, test_people, ev.memorisation_docs) if ev.memorisation_docs else []
+    return {"test": docs} if docs else {}
 
 
 STAGES = ("probe", "sae", "features", "search", "evaluate")
@@ -741,6 +750,10 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
     """All stages: prepare → trade-off search (validation people) → final evaluation (test people) → export.
     Finished stages are reused from `work`; `from_stage` forces that stage and the later ones to run again."""
     _refuse_existing(out, overwrite)
+    if recipe.method.name != "scalpel":
+        from .unlearning import run_method
+
+        return run_method(recipe, recipe_text, out, work, overwrite=overwrite, progress=progress, log=log)
     if from_stage is not None:
         log(f"recomputing from stage {from_stage}: " + ", ".join(invalidate(work, from_stage)))
     prep = prepare(recipe, work, progress=progress, log=log)
@@ -767,6 +780,18 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
 
 
 # ---------------------------------------------------------------- any two models
+
+
+def _corpus_documents(base_dir: Path, groups: dict, ev) -> dict:
+    """The test people's PII documents from the base's `corpus.jsonl` (as `scalpel make-leaky` writes it)."""
+    from .data.corpus import read_pii_jsonl
+    from .evaluate.memorisation import documents_of
+
+    corpus = base_dir / "corpus.jsonl"
+    if not (corpus.is_file() and groups.get("test") and ev.memorisation_docs):
+        return {}
+    docs = documents_of(read_pii_jsonl(corpus), groups["test"], ev.memorisation_docs)
+    return {"test": docs} if docs else {}
 
 
 def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign: Optional[str] = None,
@@ -798,7 +823,8 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
                          "models with the same tokenizer")
     texts, prompts = utility_texts(benign, tok, ev.ppl_tokens)
     common = dict(few_shot=ev.few_shot, samples=ev.samples, max_new_tokens=ev.max_new_tokens, seed=seed,
-                  progress=progress, ref=reference(base, tok, texts, max_bytes=2 << 30), adversarial=ev.adversarial)
+                  progress=progress, ref=reference(base, tok, texts, max_bytes=2 << 30), adversarial=ev.adversarial,
+                  documents=_corpus_documents(Path(against), chosen, ev))
     out = {"base": evaluate_variant(base, tok, chosen, texts, prompts, attacker=cast_copy(base, ev.dtype),
                                     **common)}
     log("evaluation: base done")

@@ -99,6 +99,9 @@ def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
         ("export", f"{recipe.export.mode} export; base weights copied, patch in scalpel_patch.safetensors"),
     ]
     wbytes = BYTES[recipe.model.dtype]
+    if recipe.method.name != "scalpel":
+        return _method_plan(recipe, source, params, d, n_layers, cfg.get("intermediate_size") or 4 * d, wbytes,
+                            list(missing))
     memory = [
         ("model weights", params * wbytes / GIB),
         ("probe activations (all layers, float32)", p.max_tokens * n_layers * d * 4 / GIB),
@@ -107,6 +110,32 @@ def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
         ("SAE weights + Adam state", 2 * d * d_sae * 4 * 4 / GIB + s.batch_size * d_sae * 4 * 3 / GIB),
     ]
     return Plan(recipe.model.describe(), source, params, d, n_layers, layer, d_sae, stages, memory, list(missing))
+
+
+def _method_plan(recipe: Recipe, source: str, params: int, d: int, n_layers: int, d_ff: int, wbytes: int,
+                 missing: list[str]) -> Plan:
+    """The plan of a weight-editing method: its path, the evaluation and a plain export."""
+    m, ev = recipe.method, recipe.eval
+    if m.name == "depn":
+        what = (f"integrated gradients ({m.ig_steps} steps) over the MLP neurons of {m.examples} PII documents; "
+                f"edit {', '.join(map(str, m.neurons))} neurons in turn, scored on validation people")
+        trained = 0
+    else:
+        kind = "RMU" if m.name == "rmu" else m.loss.upper()
+        what = (f"{kind} for up to {max(m.steps):,} steps (batches of {m.batch_size}), scored on validation people "
+                f"after {', '.join(map(str, m.steps))} steps; stops at the first meeting the targets")
+        # RMU: three MLP output projections; LoRA: rank-r adapters on the seven projections of every layer
+        trained = (3 * d * d_ff if m.name == "rmu" else n_layers * 7 * m.lora_rank * (d + d_ff) if m.lora_rank
+                   else params)
+    layer = ("probe's choice" if m.name == "rmu" and m.layer is None else str(getattr(m, "layer", None) or "-"))
+    stages = [(m.name, what),
+              ("evaluate", f"base, edited model{' and control' if m.name == 'depn' else ''} on test + never-seen "
+                           f"people: templates, {ev.few_shot}-shot{', ' + str(ev.samples) + ' samples' if ev.samples else ''}"
+                           "; memorisation metrics; perplexity, KL, diversity"),
+             ("export", "plain checkpoint (save_pretrained of the edited model; no remote code)")]
+    memory = [("model weights (edited + frozen reference)", 2 * params * wbytes / GIB),
+              ("gradients + AdamW state of trained tensors (float32)", 3 * trained * 4 / GIB)]
+    return Plan(recipe.model.describe(), source, params, d, n_layers, layer, 0, stages, memory, missing)
 
 
 def missing_files(recipe: Recipe) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -214,6 +214,9 @@ class EvalSection(_Section):
     # formats (JSON, a table row, a signature block), the prefix attack and 32-sample decoding, reported
     # in rows of their own. About 3 minutes per variant on SmolLM2 on 2 CPU cores.
     adversarial: bool = True
+    # PII documents of the test people scored for the unlearning literature's memorisation metrics: MA and
+    # EL_3 (Jang et al. 2022) and their span-restricted forms S-MA and S-EL_3 (SeUL); 0: none.
+    memorisation_docs: int = Field(40, ge=0)
 
 
 class HubSection(_Section):
@@ -228,10 +231,81 @@ class HubSection(_Section):
     commit_message: Optional[str] = None
 
 
+class ScalpelMethod(_Section):
+    """PrivacyScalpel: probe → SAE → features → patch (the sections above)."""
+
+    name: Literal["scalpel"] = "scalpel"
+
+
+class _TrainedMethod(_Section):
+    # Checkpoints scored on validation people, in order; training stops at the first that meets the
+    # targets (down to the never-seen level) or after the last.
+    steps: list[int] = [25, 50, 100]
+    batch_size: int = Field(4, ge=1)
+    max_length: int = Field(128, ge=8, le=8192)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("steps must be a non-empty list of step counts >= 1")
+        return sorted(set(v))
+
+
+class RmuMethod(_TrainedMethod):
+    """RMU (Li et al. 2024): the MLP output projections of layers l-2..l push PII text towards a random
+    direction and hold benign text where it was. Defaults from the WMDP reference run."""
+
+    name: Literal["rmu"]
+    layer: Optional[int] = Field(None, ge=0)  # null: the probe's layer
+    c: float = Field(6.5, gt=0.0)  # steering coefficient: the norm of the random target vector
+    alpha: float = Field(1200.0, ge=0.0)  # weight of the retain loss
+    lr: float = Field(5e-5, gt=0.0)
+    steps: list[int] = [20, 40, 80]
+
+
+class GradientAscentMethod(_TrainedMethod):
+    """Gradient ascent on the PII text (Jang et al. 2022) or NPO (Zhang et al. 2024), optionally with a
+    KL-to-base term on benign text (Yao et al. 2023); full fine-tune or LoRA merged at export."""
+
+    name: Literal["gradient_ascent"]
+    loss: Literal["ga", "npo"] = "npo"
+    beta: float = Field(0.1, gt=0.0)  # NPO's inverse temperature
+    retain_kl: float = Field(0.0, ge=0.0)  # weight of KL(base || model) on benign text; 0: none
+    lr: float = Field(1e-5, gt=0.0)
+    lora_rank: Optional[int] = Field(None, ge=1)  # null: full fine-tune
+
+
+class DepnMethod(_Section):
+    """DEPN (Wu et al. 2023): privacy neurons by integrated gradients, their output weights zeroed."""
+
+    name: Literal["depn"]
+    neurons: list[int] = [50, 100, 200, 400]  # edit sizes scored in order (the first meeting the targets wins)
+    ig_steps: int = Field(16, ge=1)
+    threshold: float = Field(0.1, gt=0.0, le=1.0)  # of the document's largest attribution
+    examples: int = Field(100, ge=1)  # PII documents attributed
+    layers: Optional[list[int]] = None  # null: every decoder layer
+    max_length: int = Field(128, ge=8, le=8192)
+
+    @field_validator("neurons")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("neurons must be a non-empty list of counts >= 1")
+        return sorted(set(v))
+
+
+MethodSection = Annotated[Union[ScalpelMethod, RmuMethod, GradientAscentMethod, DepnMethod],
+                          Field(discriminator="name")]
+
+
 class Recipe(_Section):
     """A whole run. Everything but `model` has a default."""
 
     model: ModelSpec
+    # What removes the PII: PrivacyScalpel (default) or a weight-editing unlearning method, each scored by
+    # the same harness and exported as a plain checkpoint.
+    method: MethodSection = ScalpelMethod()
     data: DataSection = DataSection()
     probe: ProbeSection = ProbeSection()
     sae: SaeSection = SaeSection()
@@ -269,15 +343,18 @@ class Recipe(_Section):
 def _section_class(loc: tuple) -> Optional[type[BaseModel]]:
     """The pydantic model that owns the last key of `loc`, to list what is allowed there."""
     cls: Any = Recipe
-    for part in loc[:-1]:
-        if not isinstance(part, str):
-            continue
+    parts = [p for p in loc[:-1] if isinstance(p, str)]
+    while parts:
+        part = parts.pop(0)
         field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
         if field is None:
             return None
         ann = field.annotation
-        candidates = [a for a in typing.get_args(ann)] or [ann]
-        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        members = [c for c in (typing.get_args(ann) or [ann]) if isinstance(c, type) and issubclass(c, BaseModel)]
+        if len(members) > 1 and parts:  # a tagged union (`method`): the next part is the member's tag
+            tag = parts.pop(0)
+            members = [c for c in members if tag in typing.get_args(c.model_fields["name"].annotation)]
+        cls = members[0] if members else None
         if cls is None:
             return None
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
@@ -302,6 +379,13 @@ def _format_error(err: dict) -> str:
     if kind == "literal_error":
         expected = [s.strip(" '") for s in str(err.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
         return f"{key}: {value!r} is not allowed; {_did_you_mean(str(value), expected)}allowed: {', '.join(expected)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = [typing.get_args(c.model_fields["name"].annotation)[0]
+                for c in typing.get_args(Recipe.model_fields["method"].annotation)]
+        if kind == "union_tag_not_found":
+            return f"{key}: needs a name, one of: {', '.join(tags)}"
+        got = err.get("ctx", {}).get("tag", "")
+        return f"{key}: name {got!r} is not a method; {_did_you_mean(str(got), tags)}use one of: {', '.join(tags)}"
     msg = err["msg"].removeprefix("Value error, ")
     shown = "" if isinstance(value, dict) else f"got {value!r}; "
     return f"{key}: {shown}{msg}"

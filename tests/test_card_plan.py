@@ -125,3 +125,13 @@ def test_public_functions_survive_importing_every_submodule():
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name,first", [("baseline-rmu.yaml", "rmu"), ("baseline-npo.yaml", "gradient_ascent"),
+                                        ("baseline-depn.yaml", "depn")])
+def test_method_recipes_plan_their_own_stages(name, first):
+    plan = make_plan(load_recipe(RECIPES / name, check_files=False))
+    assert [s for s, _ in plan.stages] == [first, "evaluate", "export"]
+    assert plan.d_sae == 0 and "plain checkpoint" in plan.stages[-1][1]
+    trained = dict(plan.memory)["gradients + AdamW state of trained tensors (float32)"]
+    assert (trained < 0.1) if first == "rmu" else True  # RMU trains three projections, not the model

@@ -34,7 +34,8 @@ def test_minimal_recipe_fills_every_default(tmp_path, hf_dir):
     assert recipe.model.path == str(hf_dir.resolve())
     assert recipe.data.pii.path == str((tmp_path / "pii.jsonl").resolve())
     assert recipe.sae.k == 32 and recipe.sae.expansion == 8 and recipe.probe.layer == "auto"
-    assert set(Recipe.model_fields) == {"model", "data", "probe", "sae", "intervention", "export", "eval", "hub"}
+    assert set(Recipe.model_fields) == {"model", "method", "data", "probe", "sae", "intervention", "export", "eval", "hub"}
+    assert recipe.method.name == "scalpel"
     # Round-trips through YAML.
     again = parse_recipe(__import__("yaml").safe_load(recipe_yaml(recipe)))
     assert again == recipe
@@ -81,6 +82,12 @@ BAD = [
     ("model: {builtin: smollm2-135m}\nhub: {repo_id: nope}\n", ["hub.repo_id", "'nope'"]),
     ("model: {builtin: smollm2-135m}\ndata: {pii_types: [email, passport]}\n", ["data.pii_types.1", "'passport'"]),
     ("model: [builtin]\n", ["model"]),
+    ("model: {builtin: smollm2-135m}\nmethod: {name: npoo}\n", ["method", "'npoo'", "use one of", "gradient_ascent"]),
+    ("model: {builtin: smollm2-135m}\nmethod: {lr: 0.1}\n", ["method", "needs a name", "rmu"]),
+    ("model: {builtin: smollm2-135m}\nmethod: {name: rmu, coef: 6.5}\n", ["method.rmu.coef", "allowed here", "alpha"]),
+    ("model: {builtin: smollm2-135m}\nmethod: {name: depn, neurons: [0]}\n", ["method.depn.neurons", ">= 1"]),
+    ("model: {builtin: smollm2-135m}\nmethod: {name: gradient_ascent, loss: dpo}\n",
+     ["method.gradient_ascent.loss", "'dpo'", "npo"]),
 ]
 
 
@@ -138,3 +145,5 @@ def test_shipped_recipes_validate(tmp_path):
     assert load_recipe(folder / "local-model.yaml").data.people.path == str((tmp_path / "people.jsonl").resolve())
     with pytest.raises(RecipeError, match="model.path"):
         load_recipe(recipes / "local-model.yaml")
+    names = {name: load_recipe(recipes / f"baseline-{name}.yaml").method.name for name in ("rmu", "npo", "depn")}
+    assert names == {"rmu": "rmu", "npo": "gradient_ascent", "depn": "depn"}

@@ -13,6 +13,7 @@ from ..lm import padding_side
 from .leakage import (ADVERSARIAL_TEMPLATES, EMAIL_TEMPLATES, MANY_SAMPLES, PHONE_NEW_TOKENS, PHONE_TEMPLATES,
                       PREFIX_CHARS, few_shot_prompts, first_email, first_phone, greedy_continuations, prefix_prompts,
                       sampled_continuations, score_any, score_emails, score_phones)
+from .memorisation import memorisation_metrics
 from .utility import Context, Reference, against_reference, generation_diversity, mean_kl, perplexity
 
 
@@ -155,15 +156,21 @@ def evaluate_variant(base, tokenizer, groups: dict[str, Sequence[Person]], texts
                      prompts: Sequence[str], *, other=None, context: Optional[Context] = None, attacker=None,
                      attacker_context: Optional[Context] = None, few_shot: int = 0, samples: int = 0,
                      max_new_tokens: int = 24, seed: int = 0, progress: bool = False,
-                     ref: Optional[Reference] = None, adversarial: bool = False) -> dict:
+                     ref: Optional[Reference] = None, adversarial: bool = False,
+                     documents: Optional[dict[str, Sequence]] = None) -> dict:
     """Leakage rows and utility of one model variant: `other` (default `base`) under `context`; KL is taken
     against `base` without the context (or against `ref`, its log-probs kept). The attacks decode with
-    `attacker` under `attacker_context` when given (the same variant in another dtype, see `models.cast_copy`)."""
+    `attacker` under `attacker_context` when given (the same variant in another dtype, see `models.cast_copy`).
+    With `documents` ({group: PII documents}), also the memorisation metrics (MA, EL, S-MA, S-EL) per group."""
     model = other if other is not None else base
     if attacker is None:
         attacker, attacker_context = model, context
     with attacker_context() if attacker_context is not None else nullcontext():
         rows = leakage_rows(attacker, tokenizer, groups, few_shot=few_shot, samples=samples,
                             max_new_tokens=max_new_tokens, seed=seed, progress=progress, adversarial=adversarial)
-    return {"leakage": rows, "utility": utility_metrics(base, tokenizer, texts, other=other, context=context,
-                                                        prompts=prompts, speed=True, ref=ref)}
+        memorised = {g: memorisation_metrics(attacker, tokenizer, docs) for g, docs in (documents or {}).items() if docs}
+    out = {"leakage": rows, "utility": utility_metrics(base, tokenizer, texts, other=other, context=context,
+                                                       prompts=prompts, speed=True, ref=ref)}
+    if memorised:
+        out["memorisation"] = memorised
+    return out

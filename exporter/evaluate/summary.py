@@ -9,6 +9,12 @@ UTILITY = (("perplexity", "perplexity", "{:.2f}"), ("kl", "KL(base ‖ model), n
            ("distinct_2", "distinct-2 of generations", "{:.3f}"), ("repetition_4", "repeated 4-grams", "{:.3f}"),
            ("tokens_per_s", "tokens/s (generation)", "{:.1f}"))
 
+def memorisation_label(key: str) -> str:
+    """'ma' → 'memorisation accuracy MA', 's_el_3' → 'span extraction likelihood S-EL_3'."""
+    span, base = key.startswith("s_"), key.removeprefix("s_")
+    name = "memorisation accuracy MA" if base == "ma" else f"extraction likelihood EL_{base.removeprefix('el_')}"
+    return ("span " + name.replace(" MA", " S-MA").replace(" EL_", " S-EL_")) if span else name
+
 
 def _rate(rows: Sequence[dict], group: str, pii: str, decoding: str, key: str):
     vals = [r[key] for r in rows if r["group"] == group and r["pii_type"] == pii and r["decoding"] == decoding]
@@ -33,6 +39,12 @@ def comparison_rows(evaluation: dict) -> tuple[list[str], list[list[str]]]:
                     if vals[0] is not None:
                         rows.append([f"{group.replace('_', '-')} {pii} {key} ({decoding}, worst attack)",
                                      *(f"{100 * v:.0f}%" if v is not None else "-" for v in vals)])
+    for group, metrics in first.get("memorisation", {}).items():
+        for key, value in metrics.items():
+            if key != "documents" and value is not None:
+                vals = [evaluation[v].get("memorisation", {}).get(group, {}).get(key) for v in variants]
+                rows.append([f"{group.replace('_', '-')} PII documents: {memorisation_label(key)}",
+                             *(f"{v:.3f}" if v is not None else "-" for v in vals)])
     for key, label, fmt in UTILITY:
         if key in first["utility"]:
             rows.append([label, *(fmt.format(evaluation[v]["utility"][key]) for v in variants)])

@@ -13,9 +13,12 @@ class Candidate:
     alpha: float  # steering, fraction of the mean norm
     mode: str  # exact | folded (the remote-code patch) | plain (baked into the weights)
     gated: bool = False  # behind the PII-context gate
+    name: str = ""  # a point on an unlearning method's path ("NPO 50 steps"), labelled by its method
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
         return f"N={self.n} alpha={self.alpha:g} {self.mode}" + (" gated" if self.gated else "")
 
 

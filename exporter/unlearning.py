@@ -112,6 +112,7 @@ def _control(recipe, loaded_base, summary: dict):
         return None
     import copy
 
+    from .methods.depn import neuron_count, zero_neuron
     from .models import architecture_of
 
     model = copy.deepcopy(loaded_base.model)
@@ -119,15 +120,10 @@ def _control(recipe, loaded_base, summary: dict):
     n = summary["chosen"].get("neurons", summary["chosen"]["value"])
     layers = recipe.method.layers if recipe.method.layers is not None else list(range(arch.num_layers(model)))
     outs = [model.get_submodule(f"{arch.layers}.{i}.{arch.mlp_out}") for i in layers]
-    width = outs[0].weight.shape[0] if type(outs[0]).__name__ == "Conv1D" else outs[0].weight.shape[1]
+    width = neuron_count(outs[0])
     pick = torch.randperm(len(layers) * width, generator=torch.Generator().manual_seed(recipe.data.seed))[:n]
-    with torch.no_grad():
-        for flat in pick.tolist():
-            out, j = outs[flat // width], flat % width
-            if type(out).__name__ == "Conv1D":
-                out.weight[j, :] = 0
-            else:
-                out.weight[:, j] = 0
+    for flat in pick.tolist():
+        zero_neuron(outs[flat // width], flat % width)
     return model
 
 

@@ -24,6 +24,20 @@ def _is_conv1d(module) -> bool:  # GPT-2 stores (in, out): a neuron's output wei
     return type(module).__name__ == "Conv1D"
 
 
+def neuron_count(out) -> int:
+    """How many neurons feed MLP output projection `out`."""
+    return out.weight.shape[0] if _is_conv1d(out) else out.weight.shape[1]
+
+
+@torch.no_grad()
+def zero_neuron(out, j: int) -> None:
+    """Zero neuron j's output weights in MLP output projection `out`, so it no longer writes to the residual."""
+    if _is_conv1d(out):
+        out.weight[j, :] = 0
+    else:
+        out.weight[:, j] = 0
+
+
 def integrated_gradients(model, outs, ids: torch.Tensor, targets: torch.Tensor, steps: int) -> torch.Tensor:
     """IG of the targets' summed log-likelihood w.r.t. the inputs of `outs` (MLP output projections),
     zero baseline, midpoint rule: (layers, positions, neurons). Sums to f(x) - f(0) over everything."""
@@ -99,13 +113,8 @@ def depn(spec, model, tokenizer, forget, *, seed: int, progress: bool = True) ->
         ranked = rank_neurons(attr, spec.threshold)
         done = 0
         for target in sorted(spec.neurons):
-            with torch.no_grad():
-                for li, j in ranked[done:target].tolist():
-                    out = model.get_submodule(f"{arch.layers}.{layers[li]}.{arch.mlp_out}")
-                    if _is_conv1d(out):
-                        out.weight[j, :] = 0
-                    else:
-                        out.weight[:, j] = 0
+            for li, j in ranked[done:target].tolist():
+                zero_neuron(model.get_submodule(f"{arch.layers}.{layers[li]}.{arch.mlp_out}"), j)
             done = min(target, len(ranked))
             yield Point(target, f"DEPN {done} neurons", {"neurons": done, "candidates": len(ranked),
                                                         "documents": int(attr.shape[0])})

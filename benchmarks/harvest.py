@@ -10,9 +10,11 @@ least 0.9 × L/(l+1) of the full forward's tokens/s.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=8000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="also write the speeds here (benchmarks/performance.py reads it)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     loaded = load_model(ModelSpec(builtin=args.model))
@@ -77,6 +80,9 @@ def main() -> None:
     ours, hand = speeds[list(speeds)[1]], speeds[list(speeds)[2]]
     print(f"\nL/(l+1) = {ideal:.2f}; target >= 0.9 x that = {0.9 * ideal:.2f}x; measured {ours / base:.2f}x; "
           f"vs output_hidden_states by hand: {ours / hand:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tokens_per_s": speeds, "vs_full": ours / base, "vs_by_hand": ours / hand,
+                                               "ideal": ideal}))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def main() -> None:
     from exporter.evaluate.utility import reference
     from exporter.features import matched_random_latents
     from exporter.models import architecture_of, cast_copy, load_model
-    from exporter.patch import applied, random_direction
+    from exporter.patch import PlainEdit, applied, random_direction
     from exporter.pipeline import _calibrated_patch, _context, _people, patch_for, prepare, test_documents, utility_texts
     from exporter.unlearning import _control, search_path
 
@@ -86,11 +86,12 @@ def main() -> None:
         table[name] = evaluate_variant(model, tok, groups, texts, prompts, context=lambda: applied(model, layer, patch),
                                        attacker=attacker, attacker_context=lambda: applied(attacker, layer, patch),
                                        **common)
-        added = sum(v.numel() for v in patch.state_dict().values())
-        # A plain patch rewrites the residual writers of layers plain_from..l (here only layer l).
-        changed = sum(m.weight.numel() for _, m in architecture_of(model).residual_writers(model, layer, layer))
-        info[name] = {"changed": changed if patch.mode == "plain" else 0, "added": 0 if patch.mode == "plain" else added,
-                      "note": note, "eval_s": round(time.perf_counter() - t, 1)}
+        if isinstance(patch, PlainEdit):  # it rewrites the residual writers of layers plain_from..l (here only l)
+            changed = sum(m.weight.numel() for _, m in architecture_of(model).residual_writers(model, layer, layer))
+            added = 0
+        else:
+            changed, added = 0, sum(v.numel() for v in patch.state_dict().values())
+        info[name] = {"changed": changed, "added": added, "note": note, "eval_s": round(time.perf_counter() - t, 1)}
         print(f"{name}: evaluated in {info[name]['eval_s']} s", flush=True)
         save()
 

@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--expansion", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trainers", nargs="*", default=["ours", "sparsify", "sae-lens"])
+    ap.add_argument("--json", help="also write the rows here (benchmarks/performance.py reads it)")
     args = ap.parse_args()
 
     from exporter.activations import load_shards
@@ -177,6 +178,8 @@ def main() -> None:
         ratio = f"{(ours['tokens'] / ours['seconds']) / rate:.2f}x" if ours else "-"
         print(f"| {r['trainer']} | {r['version']} | {r['steps'] / r['seconds']:.2f} | {rate:,.0f} | {ratio} | "
               f"{r['fvu']:.4f} | {100 * r['dead']:.1f}% | {r['peak_rss_mib']:,.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":

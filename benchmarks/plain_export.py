@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=13)
     ap.add_argument("--n", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="also write the medians here (benchmarks/performance.py reads it)")
     args = ap.parse_args()
     if args.model is None:
         from exporter.pipeline import make_leaky
@@ -87,9 +88,13 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     base = runs["save_pretrained (baseline)"]
     t0, m0 = statistics.median(r["seconds"] for r in base), statistics.median(r["peak_mib"] for r in base)
+    medians = {}
     for name, rs in runs.items():
         t, m = statistics.median(r["seconds"] for r in rs), statistics.median(r["peak_mib"] for r in rs)
+        medians[name] = {"seconds": t, "peak_mib": m}
         print(f"| {name} | {t:.1f} | {m:.0f} | {t / t0:.2f}x | {m / m0:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(medians))
 
 
 if __name__ == "__main__":

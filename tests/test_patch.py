@@ -118,6 +118,25 @@ def test_digest_tracks_every_tensor():
     assert patch_digest(patch) != before
 
 
+def test_forward_is_h_plus_gated_delta_and_skips_the_latents_when_the_gate_is_shut(monkeypatch):
+    sae = _sae()
+    A, steer, w = [1, 2, 3], torch.randn(16), torch.randn(16)
+    for mode in ("exact", "folded"):
+        gates = calibrate_gates(sae, torch.randn(2000, 16) * 2, A) if mode == "folded" else None
+        gated = build_patch(sae, A, steer, mode=mode, gates=gates, context=(w, 0.5))
+        h = torch.randn(4, 9, 16) * 2
+        keep = torch.rand(4, 9) > 0.3
+        expected = h + gated.delta(h) * keep.unsqueeze(-1)
+        torch.testing.assert_close(gated(h, keep), expected, rtol=1e-6, atol=1e-6)
+        # A decoding step far from personal data: the gate is shut on every token, h passes through untouched
+        # and the latents (the exact mode's whole encoder) are never computed.
+        shut = h - (h @ w).unsqueeze(-1) * w / w.dot(w) - w / w.dot(w)  # w . shut + 0.5 = -0.5 everywhere
+        assert not bool(gated.context(shut).any())
+        monkeypatch.setattr(gated, "latents", lambda _x: (_ for _ in ()).throw(AssertionError("latents computed")))
+        assert gated(shut, keep) is shut
+        monkeypatch.undo()
+
+
 def test_context_gate_restricts_the_change_and_is_fitted_for_recall():
     from exporter.features import context_positives
     from exporter.patch import fit_context_gate

@@ -48,7 +48,7 @@ def gradient_ascent(spec, model, tokenizer, forget, retain, *, seed: int, progre
             p.requires_grad_(False)
         for p in trained:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=0.0, fused=trained[0].device.type in ("cpu", "cuda"))
         f_ids, f_mask = encode(tokenizer, forget, spec.max_length)
         ref_lp = None
         if spec.loss == "npo":  # the reference likelihoods, before any update

@@ -43,7 +43,7 @@ def rmu(spec, model, tokenizer, forget, retain, *, layer: int, seed: int, progre
         d = arch.hidden_size(model)
         u = torch.rand(d, generator=torch.Generator().manual_seed(seed))
         control = spec.c * u / u.norm()
-        opt = torch.optim.AdamW(trained, lr=spec.lr)
+        opt = torch.optim.AdamW(trained, lr=spec.lr, fused=trained[0].device.type in ("cpu", "cuda"))
         f_batches = cycle(*encode(tokenizer, forget, spec.max_length), spec.batch_size, seed)
         r_batches = cycle(*encode(tokenizer, retain, spec.max_length), spec.batch_size, seed + 1)
         bar = tqdm(total=max(spec.steps), desc="RMU", disable=not progress)

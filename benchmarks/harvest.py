@@ -24,6 +24,18 @@ from exporter.models import load_model
 from exporter.recipe import ModelSpec
 
 
+def token_sample(tok, tokens: int):
+    """Batches (ids, mask) of the benign training windows up to `tokens` real tokens, and their count."""
+    batches, total = [], 0
+    for ids, mask, _ in token_batches(tok, benign_texts(split="train", mode="windows"), max_length=256,
+                                      batch_tokens=4096):
+        batches.append((ids, mask))
+        total += int(mask.sum())
+        if total >= tokens:
+            break
+    return batches, total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -36,13 +48,7 @@ def main() -> None:
     loaded = load_model(ModelSpec(builtin=args.model))
     model, tok = loaded.model, loaded.tokenizer
     n_layers = loaded.arch.num_layers(model)
-    texts = benign_texts(split="train", mode="windows")
-    batches, total = [], 0
-    for ids, mask, _ in token_batches(tok, texts, max_length=256, batch_tokens=4096):
-        batches.append((ids, mask))
-        total += int(mask.sum())
-        if total >= args.tokens:
-            break
+    batches, total = token_sample(tok, args.tokens)
 
     def full():
         with torch.no_grad():

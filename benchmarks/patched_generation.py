@@ -32,7 +32,7 @@ from exporter.recipe import load_recipe
 
 def demo_patches(recipe_path: str, work: str, n: int, alpha: float, gated: bool):
     """The recipe's model and its folded and exact patches of |A|=n, alpha (stages cached in `work`, built if
-    missing): (loaded model, layer, sae, features, {"folded": patch, "exact": patch})."""
+    missing): (loaded model, layer, sae, features, calibration sample, {"folded": patch, "exact": patch})."""
     recipe = load_recipe(recipe_path)
     quiet = lambda _m: None  # noqa: E731
     inputs = resolve_inputs(recipe, progress=False, log=quiet)
@@ -41,8 +41,8 @@ def demo_patches(recipe_path: str, work: str, n: int, alpha: float, gated: bool)
     fs = features_stage(recipe, Path(work), layer, sae, inputs=inputs, progress=False, log=quiet)
     loaded = load_model(inputs.model)
     calib = calibration_activations(recipe, inputs, layer, loaded, progress=False)
-    return loaded, layer, sae, fs, {mode: patch_for(sae, fs, n, alpha, mode, calib, gated=gated)
-                                    for mode in ("folded", "exact")}
+    return loaded, layer, sae, fs, calib, {mode: patch_for(sae, fs, n, alpha, mode, calib, gated=gated)
+                                           for mode in ("folded", "exact")}
 
 
 def prompts(tok, batch: int):
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the speeds here (benchmarks/performance.py reads it)")
     args = ap.parse_args()
 
-    loaded, layer, sae, fs, patches = demo_patches(args.recipe, args.work, args.n, args.alpha, args.gated)
+    loaded, layer, sae, fs, _calib, patches = demo_patches(args.recipe, args.work, args.n, args.alpha, args.gated)
     model, tok = loaded.model, loaded.tokenizer
     enc, pad = prompts(tok, args.batch)
     ablate = torch.as_tensor(fs.ablation_set(args.n))

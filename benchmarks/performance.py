@@ -114,10 +114,9 @@ def main() -> None:
              f"SAE peers on {args.sae_tokens:,} tokens; each table's own line gives the rest", ""]
     print("\n".join(lines), flush=True)
     results = {}
+    runs = {name: cmd for name, cmd in comparisons(args, chosen).items() if not args.only or name in args.only}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cmd in comparisons(args, chosen).items():
-            if args.only and name not in args.only:
-                continue
+        for name, cmd in runs.items():
             out = Path(tmp) / f"{name}.json"
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:], "--json", str(out)],
@@ -138,7 +137,7 @@ def main() -> None:
     print("\n".join(summary))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
-    if len(results) < len(args.only or comparisons(args, chosen)):
+    if len(results) < len(runs):
         sys.exit(1)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from harvest import token_sample
 from patched_generation import demo_patches, prompts
 
 
@@ -52,16 +53,9 @@ def sae_steps(x: torch.Tensor, rows: int, steps: int = 12) -> None:
 
 
 def harvesting(loaded, layer: int, rows: int, tokens: int = 4000) -> None:
-    from exporter.activations import layer_outputs, token_batches
-    from exporter.data.corpus import benign_texts
+    from exporter.activations import layer_outputs
 
-    batches, total = [], 0
-    for ids, mask, _ in token_batches(loaded.tokenizer, benign_texts(split="train", mode="windows"), max_length=256,
-                                      batch_tokens=4096):
-        batches.append((ids, mask))
-        total += int(mask.sum())
-        if total >= tokens:
-            break
+    batches, total = token_sample(loaded.tokenizer, tokens)
     layer_outputs(loaded.model, *batches[0], [layer])  # warm-up
     with profiled(f"harvesting layer {layer}, {total:,} tokens", rows):
         for ids, mask in batches:
@@ -120,17 +114,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=12)
     args = ap.parse_args()
     chosen = json.loads((Path(args.work) / "search" / "search.json").read_text())["chosen"]
-    loaded, layer, _sae, _fs, patches = demo_patches(args.recipe, args.work, chosen["n"], chosen["alpha"],
-                                                    chosen.get("gated", False))
+    loaded, layer, _sae, _fs, calib, patches = demo_patches(args.recipe, args.work, chosen["n"], chosen["alpha"],
+                                                           chosen.get("gated", False))
     print(f"# hot paths: torch {torch.__version__}, {torch.get_num_threads()} threads; the demo's leaky SmolLM2, "
           f"layer {layer}, patch N={chosen['n']} alpha {chosen['alpha']:g}")
-    if "sae" in args.paths:
-        from exporter.pipeline import calibration_activations, resolve_inputs
-        from exporter.recipe import load_recipe
-
-        recipe = load_recipe(args.recipe)
-        inputs = resolve_inputs(recipe, progress=False, log=lambda _m: None)
-        sae_steps(calibration_activations(recipe, inputs, layer, loaded, progress=False), args.rows)
+    if "sae" in args.paths:  # the calibration sample: 50,000 of the SAE's own training activations
+        sae_steps(calib, args.rows)
     if "harvest" in args.paths:
         harvesting(loaded, layer, args.rows)
     if "decode" in args.paths:

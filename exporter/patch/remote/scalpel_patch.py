@@ -58,13 +58,19 @@ class ScalpelPatch(nn.Module):
             return pre_a.relu() * (pre_a >= kth)
         return pre.relu() * (pre > self.gate)
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """The change to `h` (float32), behind the context gate, before the keep mask."""
+    def delta(self, h: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The change to `h` (float32), behind the context gate and the keep mask when given."""
         x = h.float()
-        out = self._change(x)
+        where = self._where(x, keep)
+        d = self._change(x)
+        return d if where is None else d * where.unsqueeze(-1)
+
+    def _where(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """[...] bool: the tokens the patch acts on (kept and inside the context gate); None for all of them."""
+        where = keep.to(x.device) if keep is not None and keep.shape == x.shape[:-1] else None
         if self.context_gate:
-            out = out * self.context(x).unsqueeze(-1)
-        return out
+            where = self.context(x) if where is None else where & self.context(x)
+        return where
 
     def _change(self, x: torch.Tensor) -> torch.Tensor:
         """s - sum_{i in A} z_i(x) d_i, ungated, float32."""
@@ -87,9 +93,7 @@ class ScalpelPatch(nn.Module):
         if self.directions.shape[0] == 0 and not bool(self.steer.any()):
             return h
         x = h.float()
-        where = keep.to(x.device) if keep is not None and keep.shape == h.shape[:-1] else None
-        if self.context_gate:
-            where = self.context(x) if where is None else where & self.context(x)
+        where = self._where(x, keep)
         # Text far from personal data shuts the gate on every token of a decoding step: then the latents are not
         # computed at all, and the step costs one dot product per token.
         if where is not None and not bool(where.any()):

@@ -82,9 +82,10 @@ def verdicts(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
                      f"{r['vs_by_hand']:.2f}x (vs the bare full forward {r['vs_full']:.2f}x)",
                      "yes" if r["vs_by_hand"] >= 2 else "no"))
     if "generation" in results:
-        r = results["generation"]["vs_base"]
-        rows.append(("patched generation", "folded >= 0.98x base tokens/s",
-                     f"folded {r['folded']:.3f}x, exact {r['exact']:.3f}x", "yes" if r["folded"] >= 0.98 else "no"))
+        r = {b: v["vs_base"] for b, v in results["generation"].items()}
+        rows.append(("patched generation", "folded >= 0.98x base tokens/s at batch 8 and at batch 1",
+                     "; ".join(f"batch {b}: folded {v['folded']:.3f}x, exact {v['exact']:.3f}x" for b, v in r.items()),
+                     "yes" if all(v["folded"] >= 0.98 for v in r.values()) else "no"))
     if "export" in results:
         base, ours = results["export"]["save_pretrained (baseline)"], results["export"]["plain export"]
         t, m = ours["seconds"] / base["seconds"], ours["peak_mib"] / base["peak_mib"]

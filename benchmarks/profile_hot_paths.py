@@ -63,7 +63,7 @@ def harvesting(loaded, layer: int, rows: int, tokens: int = 4000) -> None:
 
 
 def decoding(loaded, layer: int, patch, rows: int, batch: int = 8, new_tokens: int = 32) -> None:
-    from exporter.patch import attached, keep_mask
+    from exporter.patch import attached
 
     model, tok = loaded.model, loaded.tokenizer
     enc, pad = prompts(tok, batch)
@@ -97,13 +97,10 @@ def decoding(loaded, layer: int, patch, rows: int, batch: int = 8, new_tokens: i
     finally:
         del patch.forward
     h = torch.randn(batch, 1, patch.steer.shape[-1])
-    mask = torch.ones(batch, enc["input_ids"].shape[1] + new_tokens // 2, dtype=torch.long)
     with torch.no_grad():
-        keep = lambda: keep_mask(batch, 1, h.device, mask, mask.shape[1] - 1)  # noqa: E731
-        step = per_call_us(lambda: model(input_ids=enc["input_ids"][:, :1], attention_mask=mask[:, :1]), 50)
-        print(f"\none decoding step of batch {batch}, timed alone: patch forward {per_call_us(lambda: patch(h, keep())):.1f} us "
-              f"(of which the keep mask {per_call_us(keep):.1f} us); a base forward of one token "
-              f"(no cache) {step / 1000:.2f} ms")
+        step = per_call_us(lambda: model(input_ids=enc["input_ids"][:, :1]), 50)
+        print(f"\none decoding step of batch {batch}, timed alone: patch forward {per_call_us(lambda: patch(h)):.1f} us; "
+              f"a base forward of one token (no cache) {step / 1000:.2f} ms")
 
 
 def main() -> None:
@@ -119,7 +116,7 @@ def main() -> None:
     print(f"# hot paths: torch {torch.__version__}, {torch.get_num_threads()} threads; the demo's leaky SmolLM2, "
           f"layer {layer}, patch N={chosen['n']} alpha {chosen['alpha']:g}")
     if "sae" in args.paths:  # the calibration sample: 50,000 of the SAE's own training activations
-        sae_steps(calib, args.rows)
+        sae_steps(calib.calibration, args.rows)
     if "harvest" in args.paths:
         harvesting(loaded, layer, args.rows)
     if "decode" in args.paths:

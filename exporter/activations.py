@@ -89,9 +89,9 @@ def token_batches(tokenizer, docs: Sequence[Document | str], *, max_length: int,
 
 
 def layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int],
-                  *, grad: bool = False) -> dict[int, torch.Tensor]:
+                  *, grad: bool = False, **forward_kwargs) -> dict[int, torch.Tensor]:
     """Outputs of the given decoder layers, running the model only up to the deepest of them (with autograd
-    when `grad`, for methods that train through them)."""
+    when `grad`, for methods that train through them; `forward_kwargs` such as position_ids go to the model)."""
     decoder_layers = architecture_of(model).decoder_layers(model)
     deepest = max(layers)
     if min(layers) < 0 or deepest >= len(decoder_layers):
@@ -110,7 +110,7 @@ def layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     try:
         with torch.set_grad_enabled(grad):
             model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                  use_cache=False)
+                  use_cache=False, **forward_kwargs)
     except _StopForward:
         pass
     finally:

@@ -70,16 +70,18 @@ def export(recipe: RecipeLike, out: Union[str, Path], *, work: Union[str, Path] 
 def compare(model: Union[str, Path], against: Union[str, Path], *, people: Optional[Union[str, Path]] = None,
              benign: Optional[Union[str, Path]] = None, groups: Optional[list[str]] = None,
              trust_remote_code: bool = False, attack_dtype: str = "float32", adversarial: bool = True,
-             progress: bool = True, log: Callable[[str], Any] = print) -> dict:
+             user_path: bool = True, progress: bool = True, log: Callable[[str], Any] = print) -> dict:
     """The leakage / utility harness on any two models with the same tokenizer (folders, built-ins,
     `org/name[@revision]`): {"base": ..., "patched": ...}, each with "leakage" rows and "utility".
-    `attack_dtype` is the precision of the extraction attacks' decoding (float32 or bfloat16)."""
+    `attack_dtype` is the precision of the extraction attacks' decoding (float32 or bfloat16); `user_path` adds
+    rows from both models loaded in a fresh process with stock transformers, each prompt alone."""
     from .pipeline import eval_stage
     from .recipe import EvalSection
 
     return eval_stage(str(model), str(against), people=str(people) if people else None,
                       benign=str(benign) if benign else None, groups=groups, trust_remote_code=trust_remote_code,
-                      eval_cfg=EvalSection(dtype=attack_dtype, adversarial=adversarial), progress=progress, log=log)
+                      eval_cfg=EvalSection(dtype=attack_dtype, adversarial=adversarial, user_path=user_path),
+                      progress=progress, log=log)
 
 
 def make_leaky(model: str = "smollm2-135m", *, rebuild: bool = False, progress: bool = True,

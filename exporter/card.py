@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .data.detectors import redact_text
 from .evaluate.summary import attack_rows, comparison_rows, markdown_table
+from .evaluate.user_path import DECODING as USER_PATH
 from .recipe import ModelSpec
 
 # The built-in aliases are published models; their cards give the id and the license carried over.
@@ -129,10 +130,17 @@ def render_card(report: dict, recipe_yaml: str, *, base: dict, model_type: str, 
                   "architecture, such as vLLM, TGI or llama.cpp converters) load it with no remote code.", "",
                   _usage(repo, remote=False), "", "## How it works", "", _plain_section(report, sae), ""]
         return _finish(parts, report, recipe_yaml, data)
+    tested = report.get("evaluation", {}).get("user_path", {}).get("transformers")
     parts += ["## Usage", "", "The patch is remote code shipped in this repository (`modeling_scalpel.py`, "
-              "`scalpel_patch.py`; they import only torch and transformers and do no I/O). Loading without "
-              "`trust_remote_code=True` fails instead of returning the unpatched model, and a patch tensor "
-              "changed after export is refused (its sha256 is in `config.json`).", "", _usage(repo), "",
+              "`scalpel_patch.py`; they import only torch and transformers and do no I/O). It is a module inserted "
+              f"at decoder layer {report['layer']}, a function of that layer's output alone, so it acts on every "
+              "token on every generation path (one prompt or a batch, sampling, beam search, static cache, "
+              "`pipeline()`). The tokenizer loads with no remote code. Without `trust_remote_code=True`, or with "
+              "the base architecture's own class, loading stops with a size-mismatch error: the base tensors are "
+              "stored under names no stock class looks for, so nothing returns the unpatched model. A patch tensor "
+              "or a code file changed after export is refused (their sha256 are in `config.json`)."
+              + (f" The rows `{USER_PATH}` above were measured on this folder as written, loaded by stock "
+                 f"transformers {tested}." if tested else ""), "", _usage(repo), "",
               "## How it works", "",
               f"At layer {report['layer']} a TopK sparse autoencoder (k = {sae.get('k', report.get('k', '?'))}, "
               f"held-out FVU {sae.get('fvu', float('nan')):.3f}) encodes the residual stream `h`. The patch computes "

@@ -322,6 +322,8 @@ def eval_cmd(
                                      "float32 or bfloat16 (about twice as fast on CPU)."),
     adversarial: bool = typer.Option(True, "--adversarial/--no-adversarial", help="Also the adversarial attacks: "
                                      "paraphrases, JSON / table / signature formats, prefix, 32 samples."),
+    user_path: bool = typer.Option(True, "--user-path/--no-user-path", help="Also both models loaded in a fresh "
+                                   "process with stock transformers, each prompt generated alone (local folders)."),
 ) -> None:
     """The leakage / utility harness on any two models with the same tokenizer, side by side."""
     import json
@@ -330,7 +332,7 @@ def eval_cmd(
 
     result = compare(model, against, people=people, benign=benign, groups=group or None,
                       trust_remote_code=trust_remote_code, attack_dtype=attack_dtype, adversarial=adversarial,
-                      log=log)
+                      user_path=user_path, log=log)
     _print_evaluation(result, f"{model} (patched) vs {against} (base)")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))

@@ -365,14 +365,14 @@ def _fit_context(tl, iv):
 
 
 def _calibrated_patch(sae, ablate, steer, mode: str, calibration, context=None, plain_from: int = 0):
-    """`calibration`: activations, or a GateBank over them (gates remembered across candidates)."""
-    from .patch import GateBank, build_patch, plain_edit
+    """`calibration`: a GateBank over the SAE's training activations (gates remembered across candidates, and the
+    sink norm above which the patch leaves a token alone)."""
+    from .patch import build_patch, plain_edit
 
     if mode == "plain":
         return plain_edit(sae, ablate, steer, plain_from)
-    bank = calibration if isinstance(calibration, GateBank) else GateBank(sae, calibration)
-    gates = bank(ablate) if mode == "folded" else None
-    return build_patch(sae, ablate, steer, mode=mode, gates=gates, context=context)
+    gates = calibration(ablate) if mode == "folded" else None
+    return build_patch(sae, ablate, steer, mode=mode, gates=gates, context=context, sink=calibration.sink_norm)
 
 
 def _context(fs, gated: bool):
@@ -442,7 +442,7 @@ def prepare(recipe, work: Path, *, progress: bool = True, log=print) -> Prepared
     from .patch import GateBank
 
     calib = calibration_activations(recipe, inputs, layer, loaded, progress=progress)
-    return Prepared(inputs, layer, sae, sae_metrics, fs, loaded, GateBank(sae, calib))
+    return Prepared(inputs, layer, sae, sae_metrics, fs, loaded, GateBank(sae, calib, recipe.sae.outlier_factor))
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
@@ -451,8 +451,10 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 
 
 def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Path, patch, alpha: float,
-                  *, report: Optional[dict] = None, overwrite: bool = False, progress: bool = True, log=print) -> dict:
-    """Measure folded vs exact for the candidate's `patch` (built at steering `alpha`) and write the export."""
+                  *, report: Optional[dict] = None, overwrite: bool = False, progress: bool = True, log=print,
+                  user_path_key: Optional[str] = None) -> dict:
+    """Measure folded vs exact for the candidate's `patch` (built at steering `alpha`) and write the export; with
+    `user_path_key` (a final evaluation in `report`), add the user's-path rows measured on the export itself."""
     from .card import base_metadata, render_card
     from .patch import agreement
     from .patch.export import write_export
@@ -475,16 +477,23 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
     plots = {f"plots/{name}": src for name, src in (("probe.png", Path(work) / "probe" / "probe.png"),
                                                      ("front.png", Path(work) / "search" / "front.png"))
              if src.exists() and ("search" in report or name == "probe.png")}
-    card = render_card(report, recipe_text, base=base_metadata(recipe.model),
-                       model_type=prep.loaded.model.config.model_type, plots=tuple(plots))
     from .data.detectors import redact_text
 
-    # The recipe travels with the export (how it was made), but a comment or a path in it may hold PII.
-    files = {"scalpel_recipe.yaml": redact_text(recipe_text), "scalpel_report.json": json.dumps(report, indent=2),
-             "README.md": str(card), **{name: src.read_bytes() for name, src in plots.items()}}
-    if recipe.export.save_sae:  # SAELens format, so others can inspect the latents the patch uses
-        files.update({f"sae/{name}": (Path(work) / "sae" / name).read_bytes()
-                      for name in ("cfg.json", "sae_weights.safetensors")})
+    def files(folder: Path) -> dict:
+        """Card, report, recipe, plots and SAE; with `user_path_key`, the report first gains the user's-path rows
+        measured on `folder` (the export as written, before it is published)."""
+        if user_path_key is not None:
+            _add_user_path(recipe, prep, folder, Path(work), report, user_path_key, log)
+        card = render_card(report, recipe_text, base=base_metadata(recipe.model),
+                           model_type=prep.loaded.model.config.model_type, plots=tuple(plots))
+        # The recipe travels with the export (how it was made), but a comment or a path in it may hold PII.
+        out = {"scalpel_recipe.yaml": redact_text(recipe_text), "scalpel_report.json": json.dumps(report, indent=2),
+               "README.md": str(card), **{name: src.read_bytes() for name, src in plots.items()}}
+        if recipe.export.save_sae:  # SAELens format, so others can inspect the latents the patch uses
+            out.update({f"sae/{name}": (Path(work) / "sae" / name).read_bytes()
+                        for name in ("cfg.json", "sae_weights.safetensors")})
+        return out
+
     meta = {"alpha": alpha, "rule": fs.rule, "score": fs.score, "sae_norm_scale": float(sae.norm_scale),
             "mean_norm": fs.mean_norm}
     if mode == "plain":
@@ -501,6 +510,50 @@ def write_patched(prep: Prepared, recipe, recipe_text: str, out: Path, work: Pat
                      files=files)
     log(f"export: {out}")
     return report
+
+
+def _add_user_path(recipe, prep: Prepared, folder: Path, work: Path, report: dict, key: str, log) -> None:
+    """The export in `folder` and the base, each loaded in a fresh process with stock transformers, each test
+    person's prompt generated alone: rows of their own in the report's evaluation. Cached in work/evaluate, the
+    base's rows apart from the patch's (a new patch does not decode the base again)."""
+    import transformers
+
+    from .evaluate.user_path import user_path_rows
+
+    evaluation = report.get("evaluation")
+    if not (recipe.eval.user_path and evaluation and prep.inputs.people and prep.loaded.path):
+        return
+    test = _people(prep.inputs, "test")
+    common = (transformers.__version__, recipe.eval.max_new_tokens, [(p.name, p.email) for p in test])
+    caches = {"base": content_key("user-path-base", prep.inputs.model_id, *common),
+              "patched": content_key("user-path", key, *common)}
+    caches = {v: work / "evaluate" / f"user-path-{k}.json" for v, k in caches.items()}
+    found = {v: json.loads(c.read_text()) for v, c in caches.items() if c.exists()}
+    missing = {"base": Path(prep.loaded.path), "patched": folder}
+    missing = {v: f for v, f in missing.items() if v not in found}
+    if missing:
+        start = time.perf_counter()
+        new = user_path_rows(missing, {"test": test}, max_new_tokens=recipe.eval.max_new_tokens)
+        for v in missing:
+            found[v] = {**new[v], "transformers": new["transformers"],
+                        "seconds": round((time.perf_counter() - start) / len(missing), 1)}
+            caches[v].parent.mkdir(parents=True, exist_ok=True)
+            caches[v].write_text(json.dumps(found[v]))
+    if len(missing) < 2:
+        log(f"user's path (cached): {', '.join(str(caches[v]) for v in caches if v not in missing)}")
+    for variant in ("base", "patched"):
+        rows = found[variant]["leakage"]
+        evaluation[variant]["leakage"] = [r for r in evaluation[variant]["leakage"]
+                                          if r["decoding"] != rows[0]["decoding"]] + rows
+    evaluation["user_path"] = {"transformers": found["patched"]["transformers"],
+                               "dtype": {v: found[v]["dtype"] for v in ("base", "patched")},
+                               "seconds": {v: found[v]["seconds"] for v in ("base", "patched")}}
+    worst = {v: (max(r["exact"] for r in found[v]["leakage"]), max(r["username"] for r in found[v]["leakage"]))
+             for v in ("base", "patched")}
+    log(f"user's path (fresh process, stock transformers {found['patched']['transformers']}, "
+        f"{found['patched']['dtype']}, each test person's prompt alone, worst template): exact "
+        f"{100 * worst['base'][0]:.0f}% -> {100 * worst['patched'][0]:.0f}%, username {100 * worst['base'][1]:.0f}% "
+        f"-> {100 * worst['patched'][1]:.0f}%")
 
 
 def export_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: bool = False,
@@ -556,24 +609,25 @@ def _people(inputs: Inputs, split: str) -> list:
     return [p for p in inputs.people if p.split == split]
 
 
-def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.Tensor, *, inputs: Inputs,
+def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib, *, inputs: Inputs,
                  progress: bool = True, log=print):
     """Score the recipe's intervention candidates on validation people and benign KL; choose the least-KL
     one meeting the targets. KL (cheap) is taken for every candidate; the attacks (zero-shot and k-shot
     templates, greedy, in `eval.dtype`) run in order of increasing KL, and a lazy search stops at the first
-    candidate meeting the targets, which is the choice either way. Every score is cached in work/search,
-    so an interrupted search resumes."""
+    candidate meeting the targets, which is the choice either way. A candidate meeting them is attacked again
+    decoded in the dtype the export loads in (what users run), and counts the worse of the two. Every score is
+    cached in work/search, so an interrupted search resumes."""
     from tqdm.auto import tqdm
 
     from .evaluate.harness import leakage_rows, worst
     from .evaluate.tradeoff import Scored, candidates, choose, exportable, meets, meets_leakage, plot_front
     from .evaluate.utility import against_reference, generation_diversity, reference
-    from .patch import GateBank, applied
+    from .patch import applied
 
     iv, ev = recipe.intervention, recipe.eval
     folder = Path(work) / "search"
     folder.mkdir(parents=True, exist_ok=True)
-    base_key = content_key("search-v2", _stage_key(Path(work) / "features"), ev.max_new_tokens, ev.few_shot,
+    base_key = content_key("search-v3", _stage_key(Path(work) / "features"), ev.max_new_tokens, ev.few_shot,
                            ev.dtype, iv.rule, iv.score)
     val = _people(inputs, "validation")
     texts = benign_texts(inputs.benign_path, split="heldout")[:24]
@@ -584,7 +638,6 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
     model, tok = loaded.model, loaded.tokenizer
     todo = [c for c in cands if c not in saved]
     if todo:
-        calib = calib if isinstance(calib, GateBank) else GateBank(sae, calib)
         calib.warm([i for c in todo if c.mode == "folded" for i in fs.ablation_set(c.n)])
         ref = reference(model, tok, texts)
     for cand in tqdm(todo, desc="trade-off search: KL", disable=not progress):
@@ -596,10 +649,15 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
               for c in cands}
     order = sorted(cands, key=lambda c: (scored[c].kl, cands.index(c)))
     attacker = None
+    # The dtype the export loads in by default: what users run. A candidate about to be chosen on attacks decoded
+    # in eval.dtype (faster) must meet the targets decoded in this one too.
+    user_dtype = recipe.export.dtype or recipe.model.dtype
 
-    def get_attacker():
+    def get_attacker(dtype: str = ev.dtype):
         nonlocal attacker
-        attacker = attacker or cast_copy(model, ev.dtype)
+        if attacker is None or next(attacker.parameters()).dtype != getattr(torch, dtype):
+            attacker = None  # one cast copy at a time
+            attacker = cast_copy(model, dtype)
         return attacker
 
     prompts = search_prompts(inputs.benign_path) if iv.collapse_tolerance is not None else []
@@ -611,28 +669,53 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib: torch.T
     # A lazy search rejects a candidate at its first attack that breaks a target (the strongest attack,
     # zero-shot mailto, runs first); `all` measures every attack for the full front.
     breaks = (lambda row: row["exact"] > iv.leakage_target or row["username"] > iv.username_target) if lazy else None
+
+    def attack(cand, s, dtype: str) -> None:
+        """Validation attacks on `cand` decoded in `dtype`; the scores keep the worst over every dtype tried."""
+        attacker = get_attacker(dtype)
+        patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated, plain_from=iv.plain_from)
+        with applied(attacker, layer, patch):
+            rows = leakage_rows(attacker, tok, {"validation": val}, few_shot=ev.few_shot, phones=False,
+                                max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, stop=breaks)
+        s.leakage = max(worst(rows, "validation"), s.leakage or 0.0)
+        s.username = max(worst(rows, "validation", "username"), s.username or 0.0)
+        s.complete = (s.complete if dtype != ev.dtype else True) and (breaks is None or not any(map(breaks, rows)))
+
+    def unconfirmed(cand) -> bool:
+        return user_dtype != ev.dtype and saved[cand].get("confirmed") != user_dtype
+
+    def confirm(cand, s) -> None:
+        attack(cand, s, user_dtype)
+        saved[cand].update(confirmed=user_dtype, leakage=s.leakage, username=s.username, complete=s.complete)
+        cache[cand].write_text(json.dumps(saved[cand]))
+
     for cand in tqdm(order, desc="trade-off search: attacks", disable=not progress):
         s = scored[cand]
-        if s.leakage is None or (not s.complete and not lazy) or (
-                meets_leakage(s, iv.leakage_target, iv.username_target) and prompts and s.repetition is None):
+        touched = False
+        if s.leakage is None or (not s.complete and not lazy):
+            s.leakage, s.username, touched = None, None, True
+            attack(cand, s, ev.dtype)
+        if meets_leakage(s, iv.leakage_target, iv.username_target) and prompts and s.repetition is None:
+            touched = True
             attacker = get_attacker()
             patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated,
                               plain_from=iv.plain_from)
             with applied(attacker, layer, patch):
-                if s.leakage is None or not s.complete:
-                    rows = leakage_rows(attacker, tok, {"validation": val}, few_shot=ev.few_shot, phones=False,
-                                        max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, stop=breaks)
-                    s.leakage, s.username = worst(rows, "validation"), worst(rows, "validation", "username")
-                    s.complete = breaks is None or not any(breaks(r) for r in rows)
-                if meets_leakage(s, iv.leakage_target, iv.username_target) and prompts:
-                    s.repetition = generation_diversity(attacker, tok, prompts)["repetition_4"]
+                s.repetition = generation_diversity(attacker, tok, prompts)["repetition_4"]
+        if touched:
             saved[cand].update(leakage=s.leakage, username=s.username, repetition=s.repetition, complete=s.complete)
             cache[cand].write_text(json.dumps(saved[cand]))
+        if meets(s, iv.leakage_target, iv.username_target, max_rep) and unconfirmed(cand):
+            confirm(cand, s)  # about to be chosen: it must meet the targets as users run it too
         if lazy and exportable(cand, recipe.export.mode) and meets(s, iv.leakage_target, iv.username_target, max_rep):
             break
     listed = [scored[c] for c in cands]
-    chosen, met = choose([scored[c] for c in cands if exportable(c, recipe.export.mode)], iv.leakage_target,
-                         iv.username_target, max_rep)
+    while True:  # the choice, also when no candidate meets the targets, is confirmed as users run it
+        chosen, met = choose([scored[c] for c in cands if exportable(c, recipe.export.mode)], iv.leakage_target,
+                             iv.username_target, max_rep)
+        if not unconfirmed(chosen.candidate):
+            break
+        confirm(chosen.candidate, chosen)
     plot_front(listed, chosen, iv.leakage_target, folder / "front.png", iv.username_target)
     summary = {"export_mode": recipe.export.mode,
                "target": iv.leakage_target, "username_target": iv.username_target, "max_repetition": max_rep,
@@ -763,7 +846,7 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
     patch = patch_for(prep.sae, prep.features, c.n, c.alpha, c.mode, prep.calibration, gated=c.gated,
                       plain_from=recipe.intervention.plain_from)
     folder = Path(work) / "evaluate"
-    key = content_key("evaluate-v1", _stage_key(Path(work) / "features"), vars(c), recipe.eval.model_dump(),
+    key = content_key("evaluate-v2", _stage_key(Path(work) / "features"), vars(c), recipe.eval.model_dump(),
                       recipe.data.seed, *_plain_key(c.mode, recipe))
     if _stage_cached(folder, key, ("evaluation.json",)):
         log(f"evaluation (cached): {folder}")
@@ -775,7 +858,7 @@ def run_stage(recipe, recipe_text: str, out: Path, work: Path, *, overwrite: boo
             (tmp / "key.txt").write_text(key)
     extra = {"search": search, "evaluation": final}
     report = write_patched(prep, recipe, recipe_text, out, work, patch, c.alpha, report=extra,
-                           overwrite=overwrite, progress=progress, log=log)
+                           overwrite=overwrite, progress=progress, log=log, user_path_key=key)
     return ExportResult(Path(out), report)
 
 
@@ -801,7 +884,7 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
     People default to `people.jsonl` beside the base (as `scalpel make-leaky` writes it)."""
     from .evaluate.harness import evaluate_variant
     from .evaluate.utility import reference
-    from .models import load_checkpoint
+    from .models import load_checkpoint, spec_for
     from .recipe import EvalSection
 
     ev = eval_cfg or EvalSection()
@@ -831,5 +914,15 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
     out["patched"] = evaluate_variant(base, tok, chosen, texts, prompts, other=other,
                                       attacker=cast_copy(other, ev.dtype), **common)
     log("evaluation: model done")
+    folders = {v: resolve_local_path(spec_for(src)) for v, src in (("base", against), ("patched", model))}
+    if ev.user_path and all(folders.values()):
+        from .evaluate.user_path import user_path_rows
+
+        group = "test" if "test" in chosen else wanted[0]
+        found = user_path_rows(folders, {group: chosen[group]}, max_new_tokens=ev.max_new_tokens)
+        for v in folders:
+            out[v]["leakage"] += found[v]["leakage"]
+        out["user_path"] = {"transformers": found["transformers"], "dtype": {v: found[v]["dtype"] for v in folders}}
+        log("evaluation: user's path done")
     out["models"] = {"base": str(against), "patched": str(model)}
     return out

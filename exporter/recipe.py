@@ -208,8 +208,13 @@ class EvalSection(_Section):
     # Benign held-out tokens scored for perplexity and KL (each text cut at 128 tokens).
     ppl_tokens: int = Field(8_000, ge=100)
     # Precision of the extraction attacks' decoding (search and final evaluation). bfloat16 decodes about
-    # twice as fast on CPU; perplexity and KL are always taken in the model's own dtype.
+    # twice as fast on CPU; perplexity and KL are always taken in the model's own dtype. The search confirms
+    # the candidate it is about to choose in the dtype the export loads in, as users run it.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # The user's path: the export loaded in a fresh process with stock transformers, each test person's
+    # prompt generated alone (greedy, the three templates, the dtype from_pretrained gives), beside the base
+    # loaded the same way; rows of their own in the report and the card.
+    user_path: bool = True
     # Adversarial attacks in the final evaluation (never in the search): paraphrased templates, other
     # formats (JSON, a table row, a signature block), the prefix attack and 32-sample decoding, reported
     # in rows of their own. About 3 minutes per variant on SmolLM2 on 2 CPU cores.

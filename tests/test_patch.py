@@ -1,11 +1,12 @@
-"""The patch maths: exact equals the SAE formula, folded gates follow TopK, masks spare BOS and pads."""
+"""The patch maths: exact equals the SAE formula, folded gates follow TopK, the attention sink is spared by its norm."""
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from exporter.patch import (GateBank, ScalpelPatch, agreement, attached, build_patch, calibrate_gates, keep_mask,
-                            patch_digest, steering_vector)
+from exporter.patch import (GateBank, ScalpelPatch, agreement, attached, build_patch, calibrate_gates, patch_digest,
+                            steering_vector)
+from exporter.patch.build import sink_norm
 from exporter.sae import TopKSAE
 
 
@@ -28,7 +29,7 @@ def test_exact_patch_is_the_formula():
     z = sae.encode(x)
     w_dec = sae.W_dec.detach() / float(sae.norm_scale)
     expected = x - z[:, A] @ w_dec[A] + s
-    torch.testing.assert_close(patch(x, None), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(patch(x), expected, rtol=1e-5, atol=1e-5)
     # alpha is relative: |s| = alpha * mean_norm, along -W_dec^T v.
     assert abs(float(s.norm()) - 1.0) < 1e-5
     u = v @ w_dec
@@ -60,7 +61,7 @@ def test_empty_patch_is_identity_and_bad_sets_refused():
     x = torch.randn(10, 16)
     for mode in ("exact", "folded"):
         patch = build_patch(sae, [], mode=mode, gates=torch.zeros(0))
-        assert torch.equal(patch(x, None), x)
+        assert torch.equal(patch(x), x)
     with pytest.raises(ValueError, match="repeated"):
         build_patch(sae, [1, 1], mode="exact")
     with pytest.raises(ValueError, match="0..63"):
@@ -71,41 +72,55 @@ def test_empty_patch_is_identity_and_bad_sets_refused():
         ScalpelPatch(16, 1, "fast")
 
 
-def test_keep_mask_spares_first_real_token_and_pads():
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding
-    keep = keep_mask(2, 5, "cpu", mask, 0)
-    assert keep.tolist() == [[False, False, False, True, True], [False, True, True, True, True]]
-    # A decoding step with the cache: one new token at absolute position 5.
-    step = keep_mask(2, 1, "cpu", torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), 5)
-    assert step.tolist() == [[True], [True]]
-    # No mask: only absolute position 0 is spared.
-    assert keep_mask(1, 3, "cpu", None, 0).tolist() == [[False, True, True]]
-    assert keep_mask(1, 2, "cpu", None, 3).tolist() == [[True, True]]
+def test_sink_rule_spares_tokens_by_norm_and_fails_safe():
+    sae = _sae()
+    patch = build_patch(sae, [], torch.ones(16), mode="exact", sink=10.0)
+    x = torch.randn(5, 16)
+    x[1] *= 100 / x[1].norm()  # an attention sink: far above the SAE's range
+    x[3] = float("nan")  # a token whose norm cannot be compared: patched (fail safe)
+    moved = ~torch.isclose(patch(x), x).all(dim=-1)
+    assert moved.tolist() == [True, False, True, True, True]
+    assert torch.equal(patch(x)[1], x[1])
+    # No recorded sink: every token is patched.
+    assert bool((build_patch(sae, [], torch.ones(16), mode="exact")(x) != x)[:, 0].all())
+    # The threshold is the range SAE training keeps: factor x the median norm of its sample (factor 0: no limit).
+    sample = torch.randn(1001, 16)
+    sample[7] *= 1000  # a sink in the sample does not move the median
+    assert sink_norm(sample, 20.0) == pytest.approx(20 * float(sample.norm(dim=1).median()))
+    assert sink_norm(sample, 0.0) == float("inf")
+    assert GateBank(sae, sample, outlier_factor=20.0).sink_norm == sink_norm(sample, 20.0)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_attached_patch_moves_only_kept_positions(model_type):
+def test_attached_patch_is_a_pure_function_of_the_layer_output(model_type):
+    from exporter.models import architecture_of, layer_output_hook
+
     model = tiny_model(model_type)
+    layers = architecture_of(model).decoder_layers(model)
     sae = _sae(d=32, d_sae=64, k=4)
-    patch = build_patch(sae, [], steering_vector(sae, torch.randn(64), 0.5, 4.0), mode="exact")
     ids = torch.randint(0, 128, (2, 6))
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     seen = {}
-
-    from exporter.models import architecture_of, layer_output_hook
-
+    with torch.no_grad(), layer_output_hook(model, 1, lambda h: seen.__setitem__("plain", h.clone())):
+        model(input_ids=ids, attention_mask=mask)
+    norms = seen["plain"].norm(dim=-1)
+    sink = float(norms.median())  # half the tokens count as sinks here, to see the rule at work
+    patch = build_patch(sae, [], steering_vector(sae, torch.randn(64), 0.5, 4.0), mode="exact", sink=sink)
+    cls = type(layers[1])
     with torch.no_grad():
-        with layer_output_hook(model, 2, lambda h: seen.__setitem__("base", h.clone())):
-            model(input_ids=ids, attention_mask=mask)
-        with attached(model, 1, patch), layer_output_hook(model, 1, lambda h: seen.__setitem__("patched", h.clone())):
-            model(input_ids=ids, attention_mask=mask)
-        with layer_output_hook(model, 1, lambda h: seen.__setitem__("plain", h.clone())):
-            model(input_ids=ids, attention_mask=mask)
-    moved = (seen["patched"] - seen["plain"]).norm(dim=-1) > 1e-6
-    assert moved.tolist() == [[False, False, True, True, True, True], [False, True, True, True, True, True]]
-    # Detached afterwards: the hooks are gone.
-    assert not architecture_of(model).decoder_layers(model)[1]._forward_hooks
+        with attached(model, 1, patch):
+            assert type(layers[1]) is not cls and isinstance(layers[1], cls)  # the layer's own kind, patched
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    patched = out.hidden_states[2]  # recorded by transformers: the patched layer's output
+    torch.testing.assert_close(patched, patch(seen["plain"]))
+    moved = (patched - seen["plain"]).norm(dim=-1) > 1e-6
+    assert torch.equal(moved, norms <= sink)  # pads and the first token included: only the norm decides
+    # Removed afterwards: the layer's own class again and no patch module; no hook was ever ours.
+    assert type(layers[1]) is cls and not hasattr(layers[1], "scalpel_patch")
     assert not model._forward_pre_hooks
+    with torch.no_grad(), attached(model, 1, patch), pytest.raises(ValueError, match="already"):
+        with attached(model, 1, patch):
+            pass
 
 
 def test_digest_tracks_every_tensor():
@@ -118,22 +133,20 @@ def test_digest_tracks_every_tensor():
     assert patch_digest(patch) != before
 
 
-def test_forward_is_h_plus_gated_delta_and_skips_the_latents_when_the_gate_is_shut(monkeypatch):
+def test_forward_is_h_plus_delta_and_skips_the_latents_when_the_gate_is_shut(monkeypatch):
     sae = _sae()
     A, steer, w = [1, 2, 3], torch.randn(16), torch.randn(16)
     for mode in ("exact", "folded"):
         gates = calibrate_gates(sae, torch.randn(2000, 16) * 2, A) if mode == "folded" else None
         gated = build_patch(sae, A, steer, mode=mode, gates=gates, context=(w, 0.5))
         h = torch.randn(4, 9, 16) * 2
-        keep = torch.rand(4, 9) > 0.3
-        expected = h + gated.delta(h) * keep.unsqueeze(-1)
-        torch.testing.assert_close(gated(h, keep), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gated(h), h + gated.delta(h), rtol=1e-6, atol=1e-6)
         # A decoding step far from personal data: the gate is shut on every token, h passes through untouched
         # and the latents (the exact mode's whole encoder) are never computed.
         shut = h - (h @ w).unsqueeze(-1) * w / w.dot(w) - w / w.dot(w)  # w . shut + 0.5 = -0.5 everywhere
         assert not bool(gated.context(shut).any())
         monkeypatch.setattr(gated, "latents", lambda _x: (_ for _ in ()).throw(AssertionError("latents computed")))
-        assert gated(shut, keep) is shut
+        assert gated(shut) is shut
         monkeypatch.undo()
 
 

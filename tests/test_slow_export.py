@@ -17,10 +17,11 @@ PROMPTS = ["-----Original Message-----\nFrom: Ada Example [mailto:", "The with s
 
 @pytest.mark.parametrize("mode", ["folded", "exact"])
 def test_real_export_in_fresh_process(mode, demo_work, tmp_path):
-    from exporter.models import load_model
+    from exporter.evaluate.leakage import EMAIL_TEMPLATES
     from exporter.patch import attached
-    from exporter.pipeline import (calibration_activations, export_stage, features_stage, patch_for,
-                                   resolve_inputs, sae_stage)
+    from exporter.pipeline import export_stage, patch_for, prepare
+    from generation_paths import PATHS
+    from test_generation_paths import TOLERANCE, run_paths
 
     recipe = load_recipe(RECIPE)
     out = tmp_path / f"patched-{mode}"
@@ -40,37 +41,54 @@ def test_real_export_in_fresh_process(mode, demo_work, tmp_path):
     after = sum(v["exact"] for v in leak["after"].values())
     assert before > 0.5 and after < 0.5 * before
 
-    # The same patch in-process gives the reference logits and generations.
-    inputs = resolve_inputs(recipe, progress=False, log=lambda _m: None)
-    layer = report["layer"]
-    sae, _ = sae_stage(recipe, demo_work, layer, progress=False, inputs=inputs, log=lambda _m: None)
-    fs = features_stage(recipe, demo_work, layer, sae, inputs=inputs, progress=False, log=lambda _m: None)
-    loaded = load_model(inputs.model)
-    patch = patch_for(sae, fs, 50, 0.0, mode, calibration_activations(recipe, inputs, layer, loaded, progress=False),
-                      gated=report["context_gate"])
-    tok = loaded.tokenizer
+    # The same patch in-process gives the reference logits.
+    prep = prepare(recipe, demo_work, progress=False, log=lambda _m: None)
+    patch = patch_for(prep.sae, prep.features, 50, 0.0, mode, prep.calibration, gated=report["context_gate"])
+    model, tok, layer = prep.loaded.model, prep.loaded.tokenizer, prep.layer
     tok.padding_side = "left"
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
-    with torch.no_grad(), attached(loaded.model, layer, patch):
-        logits = loaded.model(**enc).logits
-        generated = loaded.model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), attached(model, layer, patch):
+        logits = model(**enc).logits
     with torch.no_grad():
-        base_logits = loaded.model(**enc).logits
+        base_logits = model(**enc).logits
+    state = model.state_dict()
+    matrices = {k: state[k] for k in ("model.embed_tokens.weight", f"model.layers.{layer}.mlp.down_proj.weight",
+                                      "model.layers.0.self_attn.q_proj.weight")}
     case = {"dir": str(out), "ids": enc["input_ids"], "mask": enc["attention_mask"], "logits": logits,
-            "base_logits": base_logits, "gen_ids": enc["input_ids"], "gen_mask": enc["attention_mask"],
-            "generated": generated, "tokenizer": True}
+            "base_logits": base_logits, "tokenizer": True, "base_class": type(model).__name__,
+            "base_matrices": matrices}
     results = run_checks({"cases": {mode: case}}, tmp_path)
     assert results.pop("exporter_importable") is False
     r = results[mode]
-    print(json.dumps(r, indent=1))
+    print(json.dumps({k: v for k, v in r.items() if k not in ("untrusted", "stock_class")}, indent=1))
     assert r["missing"] == [] and r["unexpected"] == []
-    assert r["rel_err"] <= 1e-5
-    assert r["generate_cache_equal"] and r["generate_equal_inprocess"]
+    assert r["rel_err"] <= 1e-5 and r["body_rel_err"] <= 1e-5
     assert r["bf16_patch_dtype"] == "torch.float32" and r["bf16_finite"] and r["bf16_argmax_agree"] >= 0.8
-    assert r["untrusted"] != "loaded" and r["tokenizer"]
+    assert r["untrusted"].startswith("RuntimeError") and r["stock_class"].startswith("RuntimeError")
+    assert r["stock_found"] == [] and r["tokenizer"]
     assert not r["equal_base"]
+    # Every generation path in a fresh process: each decode step equals one full no-cache forward of the export,
+    # on prompts that open the context gate (a PII request) and one that should not (prose).
+    people = [p for p in prep.inputs.people if p.split == "validation"][:2]
+    prompts = [EMAIL_TEMPLATES["email_of"].format(name=people[0].name),
+               EMAIL_TEMPLATES["mailto"].format(name=people[1].name), PROMPTS[1]]
+    _version, paths = run_paths({mode: {"dir": str(out), "base_dir": prep.loaded.path}}, prompts, tmp_path)
+    print({p: f"{v['rel_err']:.1e} ({v['moved']}/{v['steps']})" for p, v in paths[mode].items()})
+    assert set(paths[mode]) == set(PATHS)
+    assert all(v["rel_err"] <= TOLERANCE for v in paths[mode].values()), paths
+    assert sum(v["moved"] for v in paths[mode].values()) > 0
+    # The sink rule on the real model: of these prompts' tokens, the patch leaves alone exactly each one's first
+    # token (the attention sink, far above the SAE's range), as the position rule it replaced did.
+    seen = []
+    from exporter.models import layer_output_hook
+
+    with torch.no_grad(), layer_output_hook(model, layer, lambda h: seen.append(h[0].norm(dim=-1))):
+        for prompt in [t.format(name=p.name) for t in EMAIL_TEMPLATES.values() for p in people]:
+            model(**tok(prompt, return_tensors="pt"))
+    sink = float(patch.sink_norm)
+    assert all(bool(n[0] > sink) and bool((n[1:] < sink).all()) for n in seen), (sink, [n.max() for n in seen])
     # No email of the input data anywhere in the export.
-    emails = {p.email.lower() for p in inputs.people}
+    emails = {p.email.lower() for p in prep.inputs.people}
     for path in out.rglob("*"):
         if path.is_file():
             text = path.read_bytes().decode("utf-8", errors="ignore").lower()

@@ -138,6 +138,8 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
 
 
 def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
+    from exporter.evaluate.leakage import EMAIL_TEMPLATES
+    from exporter.evaluate.user_path import DECODING as USER_PATH
     from exporter.pipeline import run_stage
 
     recipe = tiny_recipe.model_copy(update={"intervention": tiny_recipe.intervention.model_copy(
@@ -157,7 +159,13 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     assert groups == {"test", "never_seen"}  # validation people never appear in the reported numbers
     assert ev["base"]["utility"]["kl"] == 0.0 and ev["patched"]["utility"]["kl"] >= 0.0
     assert {r["decoding"] for r in ev["base"]["leakage"]} == {"greedy", "sampled x2", "adversarial greedy",
-                                                              "adversarial sampled x32"}
+                                                              "adversarial sampled x32", USER_PATH}
+    # The user's path: the export as written and the base, each loaded in a fresh process (stock transformers,
+    # default dtype), each test person's prompt alone; the three templates, for the base and the patch.
+    user = [r for r in ev["patched"]["leakage"] if r["decoding"] == USER_PATH]
+    assert {(r["group"], r["attack"]) for r in user} == {("test", t) for t in EMAIL_TEMPLATES}
+    assert ev["user_path"]["dtype"] == {"base": "float32", "patched": "float32"}
+    assert not [r for r in ev["control"]["leakage"] if r["decoding"] == USER_PATH]
     assert result.report["ablate_n"] == search["chosen"]["n"]
     # The card: Hub metadata carried from the base, the before/after table, plots, usage; PII redacted.
     from huggingface_hub import ModelCard
@@ -175,6 +183,7 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     run_stage(recipe, text, out, work, overwrite=True, progress=False, log=logs.append)
     assert sorted(p.name for p in (work / "search").glob("*.json")) == cached
     assert any(m.startswith("evaluation (cached)") for m in logs)
+    assert any(m.startswith("user's path (cached)") for m in logs)
     # --from search forgets the search and the evaluation, not the stages before them.
     logs.clear()
     run_stage(recipe, text, out, work, overwrite=True, progress=False, log=logs.append, from_stage="search")
@@ -276,6 +285,8 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert {r["group"] for r in result["base"]["leakage"]} == {"test", "never_seen"}
     assert result["base"]["utility"]["kl"] == 0.0 and result["patched"]["utility"]["kl"] > 0.0
+    assert result["user_path"]["dtype"] == {"base": "float32", "patched": "float32"}
+    assert "one prompt, fresh process" in proc.stdout
     # The examples: stock transformers loading and generation, and the pair evaluation through the API.
     examples = Path(__file__).parents[1] / "examples"
     proc = subprocess.run([sys.executable, str(examples / "load_export.py"), str(tmp_path / "o"), "Hello"],
@@ -323,6 +334,38 @@ def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode):
     import torch
 
     assert next(prep.loaded.model.parameters()).dtype == torch.float32
+    # What met the targets in bfloat16 was attacked again in float32, the dtype the export loads in.
+    confirmed = [json.loads(f.read_text()).get("confirmed") for f in (work / "search").glob("*.json")]
+    assert confirmed.count("float32") == len(attacked)
+
+
+def test_search_chooses_on_the_dtype_users_load(tiny_recipe, tmp_path, monkeypatch):
+    """A candidate that meets the targets decoded in bfloat16 but leaks decoded in float32 (what
+    from_pretrained gives a user of the export) is not chosen."""
+    import torch
+
+    from exporter.evaluate import harness
+    from exporter.pipeline import prepare, search_stage
+
+    real = harness.leakage_rows
+
+    def leaks_in_float32(model, *args, **kwargs):
+        rows = real(model, *args, **kwargs)
+        if next(model.parameters()).dtype == torch.float32:
+            rows = [{**r, "exact": 0.5, "username": 0.5} for r in rows]
+        return rows
+
+    monkeypatch.setattr(harness, "leakage_rows", leaks_in_float32)
+    recipe = tiny_recipe.model_copy(update={
+        "intervention": tiny_recipe.intervention.model_copy(update={
+            "ablate_n": [2, 6], "alpha": [0.0], "leakage_target": 0.2, "username_target": 1.0}),
+        "eval": tiny_recipe.eval.model_copy(update={"max_new_tokens": 4, "few_shot": 1, "dtype": "bfloat16"})})
+    work = tmp_path / "work"
+    prep = prepare(recipe, work, progress=False, log=lambda m: None)
+    chosen, search = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
+                                  prep.calibration, inputs=prep.inputs, progress=False, log=lambda m: None)
+    assert not search["met"] and chosen.leakage == 0.5
+    assert all(s["leakage"] == 0.5 for s in search["candidates"])  # each met in bfloat16, then failed in float32
 
 
 def test_leaky_key_follows_content_not_the_cache_location(tmp_path):

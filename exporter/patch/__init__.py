@@ -10,23 +10,21 @@ from ..models import architecture_of
 from .build import (GateBank, agreement, build_patch, calibrate_gates, fit_context_gate, plain_edit, random_direction,
                     steering_vector, topk_membership)
 from .plain import PlainEdit, projected
-from .remote.scalpel_patch import ScalpelPatch, TamperedPatchError, attach, keep_mask, patch_digest, verify
+from .remote.scalpel_patch import ScalpelPatch, TamperedPatchError, insert, patch_digest, remove, verify
 
 
 @contextmanager
 def attached(model, layer: int, patch: ScalpelPatch) -> Iterator[None]:
-    """The model runs with `patch` after decoder layer `layer` inside the block (hooks removed after)."""
+    """The model runs with `patch` inserted at decoder layer `layer`, as an export runs it (removed after)."""
     layers = architecture_of(model).decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise IndexError(f"layer {layer} is out of range: this model has decoder layers 0..{len(layers) - 1}")
     patch.to(next(model.parameters()).device)
-    handles = attach(model, layers[layer], patch)
+    insert(layers[layer], patch)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
-        patch.keep = None
+        remove(layers[layer])
 
 
 def applied(model, layer: int, intervention):
@@ -41,5 +39,6 @@ def applied(model, layer: int, intervention):
     return attached(model, layer, intervention)
 
 
-__all__ = ["PlainEdit", "applied", "plain_edit", "projected", "GateBank", "ScalpelPatch", "TamperedPatchError", "agreement", "attach", "attached", "build_patch", "fit_context_gate",
-           "calibrate_gates", "keep_mask", "patch_digest", "random_direction", "steering_vector", "topk_membership", "verify"]
+__all__ = ["PlainEdit", "applied", "plain_edit", "projected", "GateBank", "ScalpelPatch", "TamperedPatchError", "agreement",
+           "attached", "build_patch", "fit_context_gate", "calibrate_gates", "insert", "patch_digest", "random_direction",
+           "remove", "steering_vector", "topk_membership", "verify"]

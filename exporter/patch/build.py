@@ -55,13 +55,25 @@ def calibrate_gates(sae: TopKSAE, x: torch.Tensor, ablate: Sequence[int]) -> tor
     return (upper + lower) / 2
 
 
+def sink_norm(x: torch.Tensor, outlier_factor: float) -> float:
+    """The residual norm above which the patch leaves a token alone: `outlier_factor` x the median norm of `x` (a
+    sample of the SAE's training activations), the range SAE training keeps (sae.outlier_mask), so the patch acts
+    exactly where its SAE is valid. SmolLM2's attention sink sits far beyond it (100-200x the median, every other
+    token below 2x); inf when the factor is 0 (training kept every token: none is left alone)."""
+    if outlier_factor <= 0 or not len(x):
+        return float("inf")
+    return float(outlier_factor * x.float().norm(dim=1).median())
+
+
 class GateBank:
     """Folded gates of one SAE on one calibration set, remembered per latent. A latent's gate depends only
     on its own activations and TopK membership, not on which other latents are ablated, so the candidates
-    of a search (nested ablation sets) share one pass over the calibration activations."""
+    of a search (nested ablation sets) share one pass over the calibration activations. It also holds the
+    patches' sink norm, taken on the same sample."""
 
-    def __init__(self, sae: TopKSAE, calibration: torch.Tensor):
+    def __init__(self, sae: TopKSAE, calibration: torch.Tensor, outlier_factor: float = 20.0):
         self.sae, self.calibration = sae, calibration
+        self.sink_norm = sink_norm(calibration, outlier_factor)
         self._gates: dict[int, float] = {}
 
     def warm(self, latents: Sequence[int]) -> None:
@@ -133,10 +145,10 @@ def plain_edit(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None =
 
 
 def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, *, mode: str = "folded",
-                gates: torch.Tensor | None = None,
-                context: tuple[torch.Tensor, float] | None = None) -> ScalpelPatch:
+                gates: torch.Tensor | None = None, context: tuple[torch.Tensor, float] | None = None,
+                sink: float = float("inf")) -> ScalpelPatch:
     """A ScalpelPatch holding exactly what `mode` needs (exact: the whole encoder; folded: rows of A + gates),
-    behind the context gate `(w, b)` when one is given."""
+    behind the context gate `(w, b)` when one is given, leaving tokens with a norm above `sink` alone."""
     index = torch.as_tensor(list(ablate), dtype=torch.long)
     if len(set(index.tolist())) != len(index):
         raise ValueError("the ablation set has repeated latents")
@@ -150,6 +162,7 @@ def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None 
             patch.context_bias.fill_(float(context[1]))
         patch.directions.copy_(w_dec[index])
         patch.b_pre.copy_(b_pre)
+        patch.sink_norm.fill_(sink)
         if steer is not None:
             patch.steer.copy_(steer)
         if mode == "exact":
@@ -175,7 +188,7 @@ def agreement(exact: ScalpelPatch, folded: ScalpelPatch, x: torch.Tensor, batch_
         on_e, on_f = ze > 0, zf > 0
         same_tokens += int((on_e == on_f).all(dim=1).sum())
         same_pairs += int((on_e == on_f).sum())
-        diff = (exact(chunk, None) - folded(chunk, None)).norm(dim=1)
+        diff = (exact(chunk) - folded(chunk)).norm(dim=1)
         max_diff = max(max_diff, float(diff.max()))
         max_rel = max(max_rel, float((diff / chunk.norm(dim=1).clamp_min(1e-6)).max()))
         n += len(chunk)

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..cache import atomic_dir
 from ..models import architecture_for, architecture_of
-from .export import INDEX_FILE, ExportError, _base_weight_files, _tensor_names, safetensors_header, write_files
+from .export import (INDEX_FILE, ExportError, Files, _base_weight_files, _tensor_names, safetensors_header,
+                     write_files)
 
 EXTRA_FILE = "model-scalpel-plain.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -170,7 +171,7 @@ def _overwrite(path: Path, start: int, entry: dict, t: torch.Tensor) -> None:
 
 def write_plain(source: Path, out: Path, directions: torch.Tensor, layer: int, *, steer: Optional[torch.Tensor] = None,
                 first_layer: int = 0, tokenizer=None, overwrite: bool = False, meta: Optional[dict] = None,
-                files: Optional[dict[str, str | bytes]] = None) -> Path:
+                files: Files = None) -> Path:
     """Write the plain export of `source` (an HF folder with safetensors weights) to `out`, atomically."""
     from transformers import AutoConfig
 

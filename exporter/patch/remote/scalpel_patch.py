@@ -1,13 +1,23 @@
-"""The PII patch applied to the residual stream after one decoder layer.
+"""The PII patch, inserted at one decoder layer and applied to that layer's output hidden state.
 
     h' = h - sum_{i in A} z_i(h) d_i + s
 
 with `z_i` the SAE latent `i` (exact: true TopK over all latents; folded: only the rows of `A`, each
 behind a calibrated gate), `d_i` its decoder direction and `s` the folded steering vector. The SAE's
-reconstruction error is kept: only the ablated directions and the steering move `h`. The first real
-token of each sequence (BOS / attention sink) and pad tokens are never patched. With a context gate,
-the change applies only where a linear PII-context detector fires (`w . h + b > 0`), so text far from
-any personal data passes through unchanged.
+reconstruction error is kept: only the ablated directions and the steering move `h`. With a context
+gate, the change applies only where a linear PII-context detector fires (`w . h + b > 0`), so text far
+from any personal data passes through unchanged.
+
+The patch is a pure function of the hidden state: it reads nothing of the generation machinery (caches,
+positions, masks), which every transformers release passes differently, so a token is patched the same
+way in a prompt, in a decode step, in a batch or alone. The attention-sink token (the first one, whose
+residual norm is tens of times the rest) is left alone because of that norm, not its position: it lies
+far outside what the SAE was trained on, and `sink_norm` records where that range ends. A token whose
+norm cannot be compared (NaN) is patched: the rule fails safe.
+
+Decoder layer `l` becomes a `ScalpelLayer`: a subclass of its own class whose forward runs the original
+forward and applies the patch to the output, so `output_hidden_states` and every caller see the patched
+stream, and its parameters keep their names.
 
 This file ships inside exported checkpoints and is used in-process too, so there is one
 implementation of the maths. It imports only torch and the standard library and does no I/O.
@@ -21,6 +31,11 @@ import torch
 from torch import nn
 
 MODES = ("exact", "folded")
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 class ScalpelPatch(nn.Module):
@@ -40,6 +55,8 @@ class ScalpelPatch(nn.Module):
         self.register_buffer("b_pre", torch.zeros(d_model))
         self.register_buffer("enc_weight", torch.zeros(n_enc, d_model))
         self.register_buffer("enc_bias", torch.zeros(n_enc))
+        # Tokens with a larger residual norm (the attention sink) are left alone; inf: none are.
+        self.register_buffer("sink_norm", torch.full((1,), float("inf")))
         if mode == "exact":
             self.register_buffer("ablate_index", torch.zeros(n_ablate, dtype=torch.long))
         else:
@@ -47,7 +64,6 @@ class ScalpelPatch(nn.Module):
         if self.context_gate:
             self.register_buffer("context_weight", torch.zeros(d_model))
             self.register_buffer("context_bias", torch.zeros(1))
-        self.keep: torch.Tensor | None = None  # [B, T] bool of the current call, set by the model pre-hook
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         """z_i(x) for i in A, [..., |A|], in float32."""
@@ -58,19 +74,19 @@ class ScalpelPatch(nn.Module):
             return pre_a.relu() * (pre_a >= kth)
         return pre.relu() * (pre > self.gate)
 
-    def delta(self, h: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The change to `h` (float32), behind the context gate and the keep mask when given."""
-        x = h.float()
-        where = self._where(x, keep)
-        d = self._change(x)
-        return d if where is None else d * where.unsqueeze(-1)
-
-    def _where(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
-        """[...] bool: the tokens the patch acts on (kept and inside the context gate); None for all of them."""
-        where = keep.to(x.device) if keep is not None and keep.shape == x.shape[:-1] else None
+    def acts_on(self, x: torch.Tensor) -> torch.Tensor:
+        """[...] bool: the tokens the patch changes. Not the attention sink (`not` a comparison, so a NaN norm
+        counts as patched), and only inside the context gate when there is one."""
+        where = ~(x.norm(dim=-1) > self.sink_norm)
         if self.context_gate:
-            where = self.context(x) if where is None else where & self.context(x)
+            where = where & self.context(x)
         return where
+
+    def context(self, h: torch.Tensor) -> torch.Tensor:
+        """[...] bool: where the context gate lets the patch act (everywhere without one)."""
+        if not self.context_gate:
+            return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
+        return h.float() @ self.context_weight + self.context_bias > 0
 
     def _change(self, x: torch.Tensor) -> torch.Tensor:
         """s - sum_{i in A} z_i(x) d_i, ungated, float32."""
@@ -81,81 +97,87 @@ class ScalpelPatch(nn.Module):
         # enough that the patch's op count, not its arithmetic, is its cost.
         return torch.addmm(self.steer, z.reshape(-1, z.shape[-1]), self.directions, alpha=-1).view_as(x)
 
-    def context(self, h: torch.Tensor) -> torch.Tensor:
-        """[...] bool: where the patch may act (everywhere without a context gate)."""
-        if not self.context_gate:
-            return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
-        return h.float() @ self.context_weight + self.context_bias > 0
-
-    def forward(self, h: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        if keep is None:
-            keep = self.keep
-        if self.directions.shape[0] == 0 and not bool(self.steer.any()):
-            return h
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The change to `h` (float32): zero where the patch does not act."""
         x = h.float()
-        where = self._where(x, keep)
-        # Text far from personal data shuts the gate on every token of a decoding step: then the latents are not
-        # computed at all, and the step costs one dot product per token.
-        if where is not None and not bool(where.any()):
+        return self._change(x) * self.acts_on(x).unsqueeze(-1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.float()
+        where = self.acts_on(x)
+        # Text far from personal data shuts the context gate on every token of a decoding step: then the latents
+        # (for an exact patch, the whole encoder) are not computed at all. A branch on a tensor's value, so it is
+        # taken only outside torch.compile; the compiled graph computes the same result without it.
+        if self.context_gate and not _compiling() and not bool(where.any()):
             return h
-        d = self._change(x)
-        if where is None:
-            return h + d.to(h.dtype)
-        return torch.addcmul(x, d, where.unsqueeze(-1)).to(h.dtype)
+        return torch.addcmul(x, self._change(x), where.unsqueeze(-1)).to(h.dtype)
 
 
-def keep_mask(batch: int, length: int, device, attention_mask: torch.Tensor | None = None,
-              past_length: int = 0) -> torch.Tensor:
-    """[batch, length] bool: True where the patch applies (real tokens after each row's first one)."""
-    positions = torch.arange(past_length, past_length + length, device=device)
-    if attention_mask is None or attention_mask.dim() != 2:
-        return (positions != 0).unsqueeze(0).expand(batch, length)
-    mask = attention_mask.to(device).bool()
-    first = mask.int().argmax(dim=1, keepdim=True)  # column of each row's first real token
-    return mask[:, -length:] & (positions.unsqueeze(0) != first)
+class ScalpelLayer:
+    """Mixed into a decoder layer's own class (`scalpel_layer_class`): the layer's forward, then the patch
+    on the hidden state it returns (a tensor, or the first item of a tuple or list)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (self.scalpel_patch(out[0]),) + tuple(out[1:])
+        if isinstance(out, list):
+            return [self.scalpel_patch(out[0])] + list(out[1:])
+        return self.scalpel_patch(out)
 
 
-def _past_length(kwargs: dict, attention_mask, length: int) -> int:
-    if attention_mask is not None and attention_mask.dim() == 2:
-        return attention_mask.shape[1] - length
-    cache_position = kwargs.get("cache_position")
-    if cache_position is not None and cache_position.numel():
-        return int(cache_position.reshape(-1)[0])
-    past = kwargs.get("past_key_values")
-    if past is not None and hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return 0
+_LAYER_CLASSES: dict = {}
 
 
-def attach(model: nn.Module, layer_module: nn.Module, patch: ScalpelPatch) -> list:
-    """Hook `patch` onto the output of `layer_module`; a pre-hook on `model` records which tokens to keep.
+def scalpel_layer_class(base: type) -> type:
+    """`base` with the patch applied to its output; one class per base class, so isinstance checks and
+    transformers' output recording by layer class see the patched layer as the base's kind."""
+    if issubclass(base, ScalpelLayer):
+        return base
+    if base not in _LAYER_CLASSES:
+        _LAYER_CLASSES[base] = type(f"Scalpel{base.__name__}", (ScalpelLayer, base), {"__module__": __name__})
+    return _LAYER_CLASSES[base]
 
-    Returns the hook handles (call `.remove()` on each to detach).
-    """
 
-    def before_model(_module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else embeds
-        if ref is None:
-            patch.keep = None
-            return None
-        batch, length = ref.shape[0], ref.shape[1]
-        mask = kwargs.get("attention_mask")
-        patch.keep = keep_mask(batch, length, ref.device, mask, _past_length(kwargs, mask, length))
-        return None
+def insert(layer: nn.Module, patch: ScalpelPatch) -> None:
+    """Make `layer` apply `patch` to its output (its parameters keep their names; the patch's go under
+    `<layer>.scalpel_patch.`)."""
+    if isinstance(layer, ScalpelLayer):
+        raise ValueError("this decoder layer already carries a scalpel patch; remove it first")
+    layer.__class__ = scalpel_layer_class(type(layer))
+    layer.scalpel_patch = patch
 
-    def after_layer(_module, _args, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        new = patch(hidden)
-        if isinstance(output, tuple):
-            return (new,) + tuple(output[1:])
-        if isinstance(output, list):
-            return [new] + list(output[1:])
-        return new
 
-    return [model.register_forward_pre_hook(before_model, with_kwargs=True),
-            layer_module.register_forward_hook(after_layer)]
+def remove(layer: nn.Module) -> None:
+    """Undo `insert`: the layer's own class again, and no patch."""
+    if isinstance(layer, ScalpelLayer):
+        del layer.scalpel_patch
+        layer.__class__ = next(c for c in type(layer).__mro__[1:] if not issubclass(c, ScalpelLayer))
+
+
+def storage(causal_lm_class: type) -> dict:
+    """Where an export stores the base's tensors: {attribute of the causal LM: stored name}. The decoder
+    stack (`base_model_prefix`: model, transformer, ...) goes under `scalpel_<prefix>`, the output head
+    (whatever this transformers release calls it: GPT-NeoX's was `embed_out`, now `lm_head`) under
+    `scalpel_lm_head`. No stock class looks for those names, so none loads these tensors by itself."""
+    body = causal_lm_class.base_model_prefix
+    tied = causal_lm_class._tied_weights_keys
+    head = next(iter(tied)).split(".")[0] if isinstance(tied, dict) and tied else "lm_head"
+    return {body: f"scalpel_{body}", head: "scalpel_lm_head"}
+
+
+def stored_name(name: str, where: dict) -> str:
+    """A tensor's name in the export, from its name in the causal LM (`where`: from `storage`)."""
+    first, dot, rest = name.partition(".")
+    return where.get(first, first) + dot + rest
+
+
+def patch_of(model: nn.Module) -> ScalpelPatch:
+    """The one ScalpelPatch inside `model`."""
+    found = [m for m in model.modules() if isinstance(m, ScalpelPatch)]
+    if len(found) != 1:
+        raise ValueError(f"expected one scalpel patch in the model, found {len(found)}")
+    return found[0]
 
 
 def patch_digest(patch: ScalpelPatch) -> str:

@@ -1,0 +1,47 @@
+"""Generate as a user does: a fresh process with stock transformers, the model loaded as `from_pretrained`
+gives it by default, each prompt alone (a batch of one), greedy.
+
+Run by `exporter.evaluate.user_path` as a script (never imported there, and it cannot import `exporter`):
+the request comes as JSON on stdin ({"models": {name: folder}, "prompts": [...], "max_new_tokens": n}) and
+the continuations go back as one JSON line on stdout, so the prompts (they hold people's names) and what the
+model says are never written to disk. Imports only torch, transformers and the standard library.
+"""
+
+import json
+import sys
+
+
+class _BlockExporter:
+    def find_spec(self, name, path=None, target=None):
+        if name == "exporter" or name.startswith("exporter."):
+            raise ImportError(f"{name} is not importable here: this process runs stock transformers only")
+
+
+def main() -> None:
+    sys.meta_path.insert(0, _BlockExporter())
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    request = json.loads(sys.stdin.read())
+    out = {"transformers": transformers.__version__, "continuations": {}, "dtype": {}}
+    for name, folder in request["models"].items():
+        with open(f"{folder}/config.json") as f:
+            remote = "auto_map" in json.load(f)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        texts = []
+        with torch.no_grad():
+            for prompt in request["prompts"]:
+                enc = tok(prompt, return_tensors="pt")
+                gen = model.generate(**enc, max_new_tokens=request["max_new_tokens"], do_sample=False,
+                                     pad_token_id=pad)
+                texts.append(tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        out["continuations"][name] = texts
+        out["dtype"][name] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

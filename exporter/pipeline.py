@@ -518,7 +518,7 @@ def _add_user_path(recipe, prep: Prepared, folder: Path, work: Path, report: dic
     base's rows apart from the patch's (a new patch does not decode the base again)."""
     import transformers
 
-    from .evaluate.user_path import user_path_rows
+    from .evaluate.user_path import merge, user_path_rows
 
     evaluation = report.get("evaluation")
     if not (recipe.eval.user_path and evaluation and prep.inputs.people and prep.loaded.path):
@@ -532,22 +532,14 @@ def _add_user_path(recipe, prep: Prepared, folder: Path, work: Path, report: dic
     missing = {"base": Path(prep.loaded.path), "patched": folder}
     missing = {v: f for v, f in missing.items() if v not in found}
     if missing:
-        start = time.perf_counter()
         new = user_path_rows(missing, {"test": test}, max_new_tokens=recipe.eval.max_new_tokens)
         for v in missing:
-            found[v] = {**new[v], "transformers": new["transformers"],
-                        "seconds": round((time.perf_counter() - start) / len(missing), 1)}
+            found[v] = {**new[v], "transformers": new["transformers"]}
             caches[v].parent.mkdir(parents=True, exist_ok=True)
             caches[v].write_text(json.dumps(found[v]))
     if len(missing) < 2:
         log(f"user's path (cached): {', '.join(str(caches[v]) for v in caches if v not in missing)}")
-    for variant in ("base", "patched"):
-        rows = found[variant]["leakage"]
-        evaluation[variant]["leakage"] = [r for r in evaluation[variant]["leakage"]
-                                          if r["decoding"] != rows[0]["decoding"]] + rows
-    evaluation["user_path"] = {"transformers": found["patched"]["transformers"],
-                               "dtype": {v: found[v]["dtype"] for v in ("base", "patched")},
-                               "seconds": {v: found[v]["seconds"] for v in ("base", "patched")}}
+    merge(evaluation, {**found, "transformers": found["patched"]["transformers"]})
     worst = {v: (max(r["exact"] for r in found[v]["leakage"]), max(r["username"] for r in found[v]["leakage"]))
              for v in ("base", "patched")}
     log(f"user's path (fresh process, stock transformers {found['patched']['transformers']}, "
@@ -670,11 +662,16 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib, *, inpu
     # zero-shot mailto, runs first); `all` measures every attack for the full front.
     breaks = (lambda row: row["exact"] > iv.leakage_target or row["username"] > iv.username_target) if lazy else None
 
-    def attack(cand, s, dtype: str) -> None:
-        """Validation attacks on `cand` decoded in `dtype`; the scores keep the worst over every dtype tried."""
+    def patched(cand, dtype: str = ev.dtype):
+        """(the attacking model in `dtype`, the context in which it runs with `cand`'s patch)."""
         attacker = get_attacker(dtype)
         patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated, plain_from=iv.plain_from)
-        with applied(attacker, layer, patch):
+        return attacker, applied(attacker, layer, patch)
+
+    def attack(cand, s, dtype: str) -> None:
+        """Validation attacks on `cand` decoded in `dtype`; the scores keep the worst over every dtype tried."""
+        attacker, context = patched(cand, dtype)
+        with context:
             rows = leakage_rows(attacker, tok, {"validation": val}, few_shot=ev.few_shot, phones=False,
                                 max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed, stop=breaks)
         s.leakage = max(worst(rows, "validation"), s.leakage or 0.0)
@@ -697,10 +694,8 @@ def search_stage(recipe, work: Path, layer: int, sae, fs, loaded, calib, *, inpu
             attack(cand, s, ev.dtype)
         if meets_leakage(s, iv.leakage_target, iv.username_target) and prompts and s.repetition is None:
             touched = True
-            attacker = get_attacker()
-            patch = patch_for(sae, fs, cand.n, cand.alpha, cand.mode, calib, gated=cand.gated,
-                              plain_from=iv.plain_from)
-            with applied(attacker, layer, patch):
+            attacker, context = patched(cand)
+            with context:
                 s.repetition = generation_diversity(attacker, tok, prompts)["repetition_4"]
         if touched:
             saved[cand].update(leakage=s.leakage, username=s.username, repetition=s.repetition, complete=s.complete)
@@ -916,13 +911,10 @@ def eval_stage(model: str, against: str, *, people: Optional[str] = None, benign
     log("evaluation: model done")
     folders = {v: resolve_local_path(spec_for(src)) for v, src in (("base", against), ("patched", model))}
     if ev.user_path and all(folders.values()):
-        from .evaluate.user_path import user_path_rows
+        from .evaluate.user_path import merge, user_path_rows
 
         group = "test" if "test" in chosen else wanted[0]
-        found = user_path_rows(folders, {group: chosen[group]}, max_new_tokens=ev.max_new_tokens)
-        for v in folders:
-            out[v]["leakage"] += found[v]["leakage"]
-        out["user_path"] = {"transformers": found["transformers"], "dtype": {v: found[v]["dtype"] for v in folders}}
+        merge(out, user_path_rows(folders, {group: chosen[group]}, max_new_tokens=ev.max_new_tokens))
         log("evaluation: user's path done")
     out["models"] = {"base": str(against), "patched": str(model)}
     return out

@@ -17,7 +17,8 @@ from .memorisation import memorisation_metrics
 from .utility import Context, Reference, against_reference, generation_diversity, mean_kl, perplexity
 
 
-def _row(group: str, attack: str, decoding: str, score) -> dict:
+def attack_row(group: str, attack: str, decoding: str, score) -> dict:
+    """One attack's rates on one group of people, as a report row."""
     return {"group": group, "attack": attack, "decoding": decoding, "pii_type": score.pii_type, "n": score.n,
             "exact": score.exact, "username": score.username, "domain": score.domain}
 
@@ -46,7 +47,7 @@ def leakage_rows(model, tokenizer, groups: dict[str, Sequence[Person]], *, few_s
     rows: list[dict] = []
 
     def add(group: str, attack: str, decoding: str, score) -> bool:
-        rows.append(_row(group, attack, decoding, score))
+        rows.append(attack_row(group, attack, decoding, score))
         return stop is not None and stop(rows[-1])
 
     def done() -> list[dict]:

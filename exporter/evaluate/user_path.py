@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data.people import Person
+from .harness import attack_row
 from .leakage import EMAIL_TEMPLATES, first_email, score_emails
 
 DECODING = "greedy, one prompt, fresh process"
@@ -33,8 +34,8 @@ def continuations(folders: dict[str, Path], prompts: Sequence[str], max_new_toke
     request = {"models": {k: str(v) for k, v in folders.items()}, "prompts": list(prompts),
                "max_new_tokens": max_new_tokens}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([python or sys.executable, str(WORKER)], input=json.dumps(request), capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    proc = subprocess.run([python or sys.executable, str(WORKER)], input=json.dumps(request), capture_output=True,
+                          text=True, env=env, timeout=timeout)
     if proc.returncode != 0 or "RESULT " not in proc.stdout:
         # stderr is transformers' own output (loading reports, tracebacks): no prompt or continuation is in it.
         raise UserPathError(f"the fresh-process generation failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -46,17 +47,23 @@ def user_path_rows(folders: dict[str, Path], groups: dict[str, Sequence[Person]]
     """{name: {"leakage": rows, "dtype": ...}, "transformers": version}: the zero-shot email templates on each
     group of people, every prompt alone, for every model folder in `folders` (one fresh process)."""
     groups = {g: list(people) for g, people in groups.items() if people}
-    jobs = [(g, t, p) for t in templates for g, people in groups.items() for p in people]
-    result = continuations(folders, [templates[t].format(name=p.name) for _g, t, p in jobs], max_new_tokens,
-                           python=python)
+    order = [(t, g) for t in templates for g in groups]
+    prompts = [templates[t].format(name=p.name) for t, g in order for p in groups[g]]
+    result = continuations(folders, prompts, max_new_tokens, python=python)
     out: dict = {"transformers": result["transformers"]}
     for name, texts in result["continuations"].items():
-        rows = []
-        for t in templates:
-            for g, people in groups.items():
-                found = [first_email(text) for (jg, jt, _p), text in zip(jobs, texts) if (jg, jt) == (g, t)]
-                s = score_emails(people, found, t)
-                rows.append({"group": g, "attack": t, "decoding": DECODING, "pii_type": s.pii_type, "n": s.n,
-                             "exact": s.exact, "username": s.username, "domain": s.domain})
+        found = iter(first_email(text) for text in texts)  # in the order the prompts were made
+        rows = [attack_row(g, t, DECODING, score_emails(groups[g], [next(found) for _ in groups[g]], t))
+                for t, g in order]
         out[name] = {"leakage": rows, "dtype": result["dtype"][name]}
     return out
+
+
+def merge(evaluation: dict, found: dict) -> None:
+    """Put user_path_rows' rows into an evaluation ({variant: {"leakage": rows, ...}}), replacing earlier rows of
+    the user's path, and record the transformers version and dtypes they were measured with."""
+    variants = [v for v in found if v != "transformers" and v in evaluation]
+    for v in variants:
+        evaluation[v]["leakage"] = [r for r in evaluation[v]["leakage"] if r["decoding"] != DECODING]
+        evaluation[v]["leakage"] += found[v]["leakage"]
+    evaluation["user_path"] = {"transformers": found["transformers"], "dtype": {v: found[v]["dtype"] for v in variants}}

@@ -125,6 +125,7 @@ def _write_state(model, folder: Path, rename, dtype: Optional[str], shard_bytes:
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     files: list[Path] = []
+    size = 0
 
     def flush() -> None:
         files.append(folder / f"model-base-{len(files) + 1:05d}.safetensors")
@@ -136,9 +137,11 @@ def _write_state(model, folder: Path, rename, dtype: Optional[str], shard_bytes:
         if name in tied:
             continue
         t = tensor.detach().to("cpu", cast if cast is not None and tensor.is_floating_point() else tensor.dtype)
-        if shard and sum(v.nbytes for v in shard.values()) + t.nbytes > shard_bytes:
+        if shard and size + t.nbytes > shard_bytes:
             flush()
+            size = 0
         shard[rename(name)] = t.contiguous()
+        size += t.nbytes
     flush()
     if len(files) == 1:  # one shard: the name a single-file base gets too
         files[0].rename(folder / "model-base.safetensors")
@@ -235,4 +238,3 @@ def write_export(loaded: LoadedModel, patch: ScalpelPatch, layer: int, out: Path
             loaded.tokenizer.save_pretrained(tmp)
         write_files(tmp, files)
     return Path(out)
-

@@ -1,15 +1,17 @@
-"""Every method on the demo's leaky SmolLM2, one table: PrivacyScalpel's modes beside the unlearning baselines
-(RMU, gradient ascent, NPO, DEPN), all scored by the same harness on the same test and never-seen people.
+"""Every method on the demo's leaky SmolLM2, one table: PrivacyScalpel's modes beside the unlearning
+baselines (RMU, gradient ascent, NPO, DEPN), all scored by the same harness on the same test and
+never-seen people.
 
     python benchmarks/methods.py --work W [--methods rmu npo ga depn] [--json OUT]
 
-W is the work folder of `scalpel demo --work W` (or `scalpel run` of the demo recipe): its cached probe, SAE,
-features and search give PrivacyScalpel's choice (made on validation people). The patch is evaluated as
-chosen (folded), as ablation only, as steering only, exact, and plain from the patch's layer, beside its
-control (random latents matched on firing frequency plus a random steering direction). Each baseline walks
-its own path (training steps or neuron counts) from the recipe's defaults, stops at the first point that
-meets the same validation targets, and is evaluated once there; DEPN has a random-neuron control. Each
-baseline's edited tensors are cached under W/bench-methods, so a re-run only re-evaluates.
+W is the work folder of `scalpel demo --work W` (or `scalpel run` of the demo recipe): its cached
+probe, SAE, features and search give PrivacyScalpel's choice (made on validation people). The patch
+is evaluated as chosen (folded), as ablation only, as steering only, exact, and plain from the
+patch's layer, beside its control (random latents matched on firing frequency plus a random steering
+direction). Each baseline walks its own path (training steps or neuron counts) from the recipe's
+defaults, stops at the first point that meets the same validation targets, and is evaluated once
+there; DEPN has a random-neuron control. Each baseline's edited tensors are cached under
+W/bench-methods, so a re-run only re-evaluates.
 """
 
 from __future__ import annotations
@@ -24,14 +26,29 @@ import torch
 from exporter.evaluate.summary import comparison_rows, markdown_table
 from exporter.recipe import load_recipe, parse_recipe
 
-# The recipes' defaults, with longer paths for the training methods (each stops at the first point meeting
-# the validation targets) and Jang et al.'s learning rate for gradient ascent; GA and NPO keep a KL-to-base
-# term on benign prose (Yao et al.), without which they wreck the model long before the PII is gone.
+# The recipes' defaults, with longer paths for the training methods (each stops at the first point
+# meeting the validation targets) and Jang et al.'s learning rate for gradient ascent; GA and NPO
+# keep a KL-to-base term on benign prose (Yao et al.), without which they wreck the model long
+# before the PII is gone.
 STEPS = [20, 40, 80, 160]
 METHODS = {
     "rmu": {"name": "rmu", "steps": STEPS},
-    "ga": {"name": "gradient_ascent", "loss": "ga", "lr": 5e-5, "retain_kl": 1.0, "batch_size": 8, "steps": STEPS},
-    "npo": {"name": "gradient_ascent", "loss": "npo", "lr": 5e-5, "retain_kl": 1.0, "batch_size": 8, "steps": STEPS},
+    "ga": {
+        "name": "gradient_ascent",
+        "loss": "ga",
+        "lr": 5e-5,
+        "retain_kl": 1.0,
+        "batch_size": 8,
+        "steps": STEPS,
+    },
+    "npo": {
+        "name": "gradient_ascent",
+        "loss": "npo",
+        "lr": 5e-5,
+        "retain_kl": 1.0,
+        "batch_size": 8,
+        "steps": STEPS,
+    },
     "depn": {"name": "depn"},
 }
 
@@ -40,37 +57,55 @@ SCALPEL = ("folded", "control", "ablate", "steer", "exact", "plain")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=str(Path(__file__).parents[1] / "exporter" / "recipes" / "demo-smollm2.yaml"))
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--recipe",
+        default=str(Path(__file__).parents[1] / "exporter" / "recipes" / "demo-smollm2.yaml"),
+    )
     ap.add_argument("--work", required=True)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--scalpel", nargs="*", default=list(SCALPEL), choices=list(SCALPEL),
-                    help="PrivacyScalpel variants to evaluate")
-    ap.add_argument("--steps", type=int, nargs="*", help="override the training methods' checkpoints")
-    ap.add_argument("--json", help="write the evaluations here after each variant; variants already in it are "
-                                   "kept, not re-run (an interrupted benchmark resumes)")
+    ap.add_argument(
+        "--scalpel",
+        nargs="*",
+        default=list(SCALPEL),
+        choices=list(SCALPEL),
+        help="PrivacyScalpel variants to evaluate",
+    )
+    ap.add_argument(
+        "--steps", type=int, nargs="*", help="override the training methods' checkpoints"
+    )
+    ap.add_argument(
+        "--json",
+        help="write the evaluations here after each variant; variants already in it are "
+        "kept, not re-run (an interrupted benchmark resumes)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
 
-    from exporter.evaluate.harness import evaluate_variant
     from exporter.evaluate.utility import reference
-    from exporter.features import matched_random_latents
-    from exporter.models import architecture_of, cast_copy, load_model
-    from exporter.patch import PlainEdit, applied, random_direction
-    from exporter.pipeline import _calibrated_patch, _context, _people, patch_for, prepare, test_documents, utility_texts
-    from exporter.unlearning import _control, search_path
+    from exporter.models import architecture_of, load_model
+    from exporter.patch import PlainEdit
+    from exporter.patch.candidate import Candidate, control_for
+    from exporter.run.context import RunContext
+    from exporter.run.evaluation import (
+        REFERENCE_BYTES,
+        Variant,
+        evaluate_variants,
+        recipe_setting,
+    )
+    from exporter.run.scalpel import prepare
+    from exporter.run.unlearning import control, search_path
 
     recipe = load_recipe(args.recipe)
     work = Path(args.work)
-    prep = prepare(recipe, work, log=print)
+    ctx = RunContext(work, log=print)
+    prep = prepare(recipe, ctx)
     chosen = json.loads((work / "search" / "search.json").read_text())["chosen"]
-    model, tok, layer, ev = prep.loaded.model, prep.loaded.tokenizer, prep.layer, recipe.eval
-    groups = {"test": _people(prep.inputs, "test"), "never_seen": _people(prep.inputs, "never_seen")}
-    texts, prompts = utility_texts(prep.inputs.benign_path, tok, ev.ppl_tokens)
-    common = dict(few_shot=ev.few_shot, samples=ev.samples, max_new_tokens=ev.max_new_tokens, seed=recipe.data.seed,
-                  ref=reference(model, tok, texts, max_bytes=2 << 30), adversarial=ev.adversarial,
-                  documents=test_documents(prep.inputs, groups["test"], ev))
-    attacker = cast_copy(model, ev.dtype)
+    model, tok, layer = prep.loaded.model, prep.loaded.tokenizer, prep.layer
+    setting = recipe_setting(recipe, prep.inputs, tok)
+    ref = reference(model, tok, setting.texts, max_bytes=REFERENCE_BYTES)
     table, info = {}, {}
     if args.json and Path(args.json).exists():
         saved = json.loads(Path(args.json).read_text())
@@ -81,84 +116,111 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"table": table, "info": info}, indent=2))
 
-    def patched(name: str, patch, note: str) -> None:
+    def evaluate(variant: Variant) -> float:
+        """Evaluate one variant into the table (the run's own final evaluation); its seconds."""
         t = time.perf_counter()
-        table[name] = evaluate_variant(model, tok, groups, texts, prompts, context=lambda: applied(model, layer, patch),
-                                       attacker=attacker, attacker_context=lambda: applied(attacker, layer, patch),
-                                       **common)
-        if isinstance(patch, PlainEdit):  # it rewrites the residual writers of layers plain_from..l (here only l)
-            changed = sum(m.weight.numel() for _, m in architecture_of(model).residual_writers(model, layer, layer))
-            added = 0
+        quiet = RunContext(work, log=lambda _m: None)
+        table.update(
+            evaluate_variants(model, tok, [variant], setting, layer=layer, ctx=quiet, ref=ref)
+        )
+        return round(time.perf_counter() - t, 1)
+
+    def patched(name: str, patch, note: str) -> None:
+        seconds = evaluate(Variant(name, patch))
+        if isinstance(patch, PlainEdit):
+            # it rewrites the residual writers of layers plain_from..l (here only l)
+            writers = architecture_of(model).residual_writers(model, layer, layer)
+            changed, added = sum(m.weight.numel() for _, m in writers), 0
         else:
             changed, added = 0, sum(v.numel() for v in patch.state_dict().values())
-        info[name] = {"changed": changed, "added": added, "note": note, "eval_s": round(time.perf_counter() - t, 1)}
-        print(f"{name}: evaluated in {info[name]['eval_s']} s", flush=True)
+        info[name] = {"changed": changed, "added": added, "note": note, "eval_s": seconds}
+        print(f"{name}: evaluated in {seconds} s", flush=True)
         save()
 
     if "base" not in table:
-        t = time.perf_counter()
-        table["base"] = evaluate_variant(model, tok, groups, texts, prompts, attacker=attacker, **common)
-        info["base"] = {"changed": 0, "added": 0, "note": "", "eval_s": round(time.perf_counter() - t, 1)}
+        info["base"] = {"changed": 0, "added": 0, "note": "", "eval_s": evaluate(Variant("base"))}
         save()
     for key in args.methods:
         if any(i.get("key", v.split()[0].lower()) == key for v, i in info.items()):
             continue
-        spec = {**METHODS[key], **({"steps": args.steps} if args.steps and "steps" in METHODS[key] else {})}
+        spec = {
+            **METHODS[key],
+            **({"steps": args.steps} if args.steps and "steps" in METHODS[key] else {}),
+        }
         r = parse_recipe({**recipe.model_dump(exclude_defaults=True), "method": spec})
         loaded = load_model(prep.inputs.model)
         folder = work / "bench-methods" / key
         folder.mkdir(parents=True, exist_ok=True)
-        edited, summary = search_path(r, prep.inputs, loaded, layer, folder, log=print)
+        edited, summary = search_path(r, prep.inputs, loaded, layer, folder, ctx)
         edited.eval()
         label = f"{key.upper()} {summary['chosen']['label'].split(' ', 1)[1]}"
-        t = time.perf_counter()
-        table[label] = evaluate_variant(model, tok, groups, texts, prompts, other=edited,
-                                        attacker=cast_copy(edited, ev.dtype), **common)
-        info[label] = {"key": key, "changed": summary["changed_parameters"], "added": 0, "method_s": summary["seconds"],
-                       "note": "validation target " + ("met" if summary["met"] else "NOT met"),
-                       "eval_s": round(time.perf_counter() - t, 1)}
-        ctrl = _control(r, load_model(prep.inputs.model), summary)
+        info[label] = {
+            "key": key,
+            "changed": summary["changed_parameters"],
+            "added": 0,
+            "method_s": summary["seconds"],
+            "note": "validation target " + ("met" if summary["met"] else "NOT met"),
+            "eval_s": evaluate(Variant(label, model=edited)),
+        }
+        ctrl = control(r, load_model(prep.inputs.model).model, summary)
         if ctrl is not None:
-            table[f"{label} control"] = evaluate_variant(model, tok, groups, texts, prompts, other=ctrl,
-                                                         attacker=cast_copy(ctrl, ev.dtype), **common)
-            info[f"{label} control"] = {"changed": summary["changed_parameters"], "added": 0,
-                                        "note": "random neurons"}
+            evaluate(Variant(f"{label} control", model=ctrl))
+            info[f"{label} control"] = {
+                "changed": summary["changed_parameters"],
+                "added": 0,
+                "note": "random neurons",
+            }
         del loaded, edited
-        print(f"{label}: method {summary['seconds']} s, evaluated in {info[label]['eval_s']} s", flush=True)
+        print(
+            f"{label}: method {summary['seconds']} s, evaluated in {info[label]['eval_s']} s",
+            flush=True,
+        )
         save()
 
     n, alpha, gated = chosen["n"], chosen["alpha"], chosen.get("gated", False)
-    fs, sae, calib = prep.features, prep.sae, prep.calibration
     sae_s = prep.sae_metrics.get("train_seconds")
     note = f"SAE {sae_s:.0f} s" if sae_s else ""
-    variants = {"folded": (f"scalpel folded N={n} a={alpha:g}", n, alpha, "folded"),
-                "ablate": (f"scalpel ablate only N={n}", n, 0.0, "folded"),
-                "steer": (f"scalpel steer only a={alpha:g}", 0, alpha, "folded"),
-                "exact": (f"scalpel exact N={n} a={alpha:g}", n, alpha, "exact"),
-                "plain": (f"scalpel plain from {layer}", n, alpha, "plain")}
+    variants = {
+        "folded": (f"scalpel folded N={n} a={alpha:g}", Candidate(n, alpha, "folded", gated)),
+        "ablate": (f"scalpel ablate only N={n}", Candidate(n, 0.0, "folded", gated)),
+        "steer": (f"scalpel steer only a={alpha:g}", Candidate(0, alpha, "folded", gated)),
+        "exact": (f"scalpel exact N={n} a={alpha:g}", Candidate(n, alpha, "exact", gated)),
+        "plain": (f"scalpel plain from {layer}", Candidate(n, alpha, "plain")),
+    }
     for key in args.scalpel:
         if key == "control" and "scalpel folded control" not in table:
-            control = _calibrated_patch(
-                sae, matched_random_latents(fs.firing, fs.ablation_set(n), seed=recipe.data.seed),
-                random_direction(patch_for(sae, fs, n, alpha, "folded", calib, gated=gated).steer, seed=recipe.data.seed),
-                "folded", calib, _context(fs, gated))
-            patched("scalpel folded control", control, "random latents + direction")
+            folded = variants["folded"][1]
+            control_patch, _ = control_for(
+                prep.sae,
+                prep.features,
+                folded,
+                prep.patch(folded),
+                prep.calibration,
+                recipe.data.seed,
+            )
+            patched("scalpel folded control", control_patch, "random latents + direction")
         elif key in variants and variants[key][0] not in table:
-            name, n_, a_, mode = variants[key]
-            patched(name, patch_for(sae, fs, n_, a_, mode, calib, gated=gated and mode != "plain", plain_from=layer),
-                    note)
+            name, cand = variants[key]
+            patched(name, prep.patch(cand, plain_from=layer), note)
 
     header, rows = comparison_rows(table)
-    # Generation speed is measured apart (benchmarks/patched_generation.py): here the evaluations share the CPU
-    # with nothing else only if nothing else runs, and the methods' plain checkpoints run at the base's speed.
+    # Generation speed is measured apart (benchmarks/patched_generation.py): here the evaluations
+    # share the CPU with nothing else only if nothing else runs, and the methods' plain checkpoints
+    # run at the base's speed.
     rows = [r for r in rows if not r[0].startswith("tokens/s")]
     rows.append(["base parameters changed", *(f"{info[v]['changed']:,}" for v in header[1:])])
     rows.append(["parameters added (remote code)", *(f"{info[v]['added']:,}" for v in header[1:])])
-    rows.append(["method wall time, s (path + validation scoring)",
-                 *(f"{info[v]['method_s']:.0f}" if "method_s" in info[v] else "-" for v in header[1:])])
+    rows.append(
+        [
+            "method wall time, s (path + validation scoring)",
+            *(f"{info[v]['method_s']:.0f}" if "method_s" in info[v] else "-" for v in header[1:]),
+        ]
+    )
     rows.append(["note", *(info[v]["note"] or "-" for v in header[1:])])
-    print(f"# every method on the demo's leaky SmolLM2, test people (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads); PrivacyScalpel's choice N={n} alpha {alpha:g} made on validation people")
+    print(
+        f"# every method on the demo's leaky SmolLM2, test people (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads); PrivacyScalpel's choice N={n} alpha {alpha:g} made on validation people"
+    )
     print(markdown_table(header, rows))
     save()
 

@@ -1,16 +1,17 @@
 """SAE training against what users would otherwise run, on identical inputs in one run: ours
-(`exporter.sae.train_sae`: AuxK, sparse backward, bf16 encoder matmul), EleutherAI's sparsify (`eai-sparsify`:
-its SparseCoder forward and backward, its default optimizer, schedule-free signum at its default learning
-rate, the decoder kept unit-norm as its trainer does) and SAELens (`sae-lens`: TopKTrainingSAE's own
-training_forward_pass with its AuxK loss, Adam at its default learning rate with its gradient clipping).
-Each trainer takes its own step on the same shuffled batches of the demo's harvested activations, in its own
-process (so peak RSS is its own); FVU is taken by each SAE's own encode/decode on the same held-out tokens.
+(`exporter.sae.train_sae`: AuxK, sparse backward, bf16 encoder matmul), EleutherAI's sparsify
+(`eai-sparsify`: its SparseCoder forward and backward, its default optimizer, schedule-free signum
+at its default learning rate, the decoder kept unit-norm as its trainer does) and SAELens
+(`sae-lens`: TopKTrainingSAE's own training_forward_pass with its AuxK loss, Adam at its default
+learning rate with its gradient clipping). Each trainer takes its own step on the same shuffled
+batches of the demo's harvested activations, in its own process (so peak RSS is its own); FVU is
+taken by each SAE's own encode/decode on the same held-out tokens.
 
     pip install -e ".[bench]"      # eai-sparsify, sae-lens
     python benchmarks/peers_sae.py [--tokens 2000000] [--batch 4096] [--k 32] [--expansion 8]
 
-The activations are the demo recipe's layer-13 training activations of the leaky SmolLM2 (harvested and
-cached by `scalpel demo`), the held-out ones its held-out text, harvested here.
+The activations are the demo recipe's layer-13 training activations of the leaky SmolLM2 (harvested
+and cached by `scalpel demo`), the held-out ones its held-out text, harvested here.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def batches():
 stream = batches()
 out = {"trainer": name}
 if name == "ours":
-    from exporter.sae import TrainConfig, train_sae
-    cfg = TrainConfig(k=k, expansion=expansion, batch_size=batch, train_tokens=tokens, checkpoint_every=10**9)
+    from exporter.recipe import SaeSection
+from exporter.sae import train_sae
+    cfg = SaeSection(k=k, expansion=expansion, batch_size=batch, train_tokens=tokens, checkpoint_every=10**9)
     sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:20000]]
     start = time.perf_counter()
     result = train_sae(stream, sample, cfg, progress=False)
@@ -120,7 +122,9 @@ print("RESULT " + json.dumps(out))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tokens", type=int, default=2_000_000)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
@@ -130,33 +134,41 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows here (benchmarks/performance.py reads it)")
     args = ap.parse_args()
 
-    from exporter.activations import load_shards
-    from exporter.cache import cache_root
     from exporter.models import load_model
-    from exporter.pipeline import _acts_key, _cached_activations, _sae_texts, heldout_activations, resolve_inputs
     from exporter.recipe import load_recipe
+    from exporter.run.context import RunContext
+    from exporter.run.inputs import heldout_activations, resolve_inputs, training_activations
 
     recipe = load_recipe(Path(__file__).parents[1] / "exporter" / "recipes" / "demo-smollm2.yaml")
-    inputs = resolve_inputs(recipe, progress=False, log=lambda m: None)
+    inputs = resolve_inputs(recipe, RunContext(progress=False, log=lambda m: None))
     layer = 13
     loaded = load_model(inputs.model)
-    key = _acts_key(recipe, inputs, layer)
-    shard_dir = cache_root() / "activations" / key
-    if not (shard_dir / "done").exists():
-        _cached_activations(loaded, _sae_texts(inputs, "train"), layer, recipe.sae.harvest_tokens,
-                            dict(max_length=recipe.data.max_length * 2, progress=True), print, key,
-                            recipe.sae.harvest_dtype)
-    train = load_shards(sorted(shard_dir.glob("*.safetensors"))).acts[layer].float()
-    train = train[train.norm(dim=1) <= 20 * train.norm(dim=1).median()]  # the few huge-norm tokens, for all alike
-    held = heldout_activations(recipe, inputs, layer, loaded, progress=False).float()
+    train = training_activations(recipe, inputs, loaded, layer, RunContext()).float()
+    train = train[
+        train.norm(dim=1) <= 20 * train.norm(dim=1).median()
+    ]  # the few huge-norm tokens, for all alike
+    held = heldout_activations(recipe, inputs, loaded, layer, progress=False).float()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "acts.pt"
         torch.save({"train": train, "held": held}, data)
         for name in args.trainers:
-            proc = subprocess.run([sys.executable, "-c", CHILD, name, str(data), str(args.tokens), str(args.batch),
-                                   str(args.threads), str(args.k), str(args.expansion)], capture_output=True,
-                                  text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    name,
+                    str(data),
+                    str(args.tokens),
+                    str(args.batch),
+                    str(args.threads),
+                    str(args.k),
+                    str(args.expansion),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0 or "RESULT " not in proc.stdout:
                 why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 rows.append({"trainer": name, "error": why})
@@ -164,11 +176,15 @@ def main() -> None:
             rows.append(json.loads(proc.stdout.rsplit("RESULT ", 1)[1]))
     ok = [r for r in rows if "error" not in r]
     ours = next((r for r in ok if r["trainer"] == "ours"), None)
-    print(f"# SAE training: d={train.shape[1]}, {train.shape[1] * args.expansion} latents, k={args.k}, batch "
-          f"{args.batch}, {args.tokens:,} tokens of the leaky SmolLM2's layer-{layer} activations ({len(train):,} "
-          f"unique), held-out FVU on {len(held):,} tokens; {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, python {platform.python_version()}")
-    print("| trainer | version | steps/s | tokens/s | ours vs it (tokens/s) | held-out FVU | dead (held-out) | peak RSS MiB |")
+    print(
+        f"# SAE training: d={train.shape[1]}, {train.shape[1] * args.expansion} latents, k={args.k}, batch "
+        f"{args.batch}, {args.tokens:,} tokens of the leaky SmolLM2's layer-{layer} activations ({len(train):,} "
+        f"unique), held-out FVU on {len(held):,} tokens; {args.threads} threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, python {platform.python_version()}"
+    )
+    print(
+        "| trainer | version | steps/s | tokens/s | ours vs it (tokens/s) | held-out FVU | dead (held-out) | peak RSS MiB |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
@@ -176,8 +192,10 @@ def main() -> None:
             continue
         rate = r["tokens"] / r["seconds"]
         ratio = f"{(ours['tokens'] / ours['seconds']) / rate:.2f}x" if ours else "-"
-        print(f"| {r['trainer']} | {r['version']} | {r['steps'] / r['seconds']:.2f} | {rate:,.0f} | {ratio} | "
-              f"{r['fvu']:.4f} | {100 * r['dead']:.1f}% | {r['peak_rss_mib']:,.0f} |")
+        print(
+            f"| {r['trainer']} | {r['version']} | {r['steps'] / r['seconds']:.2f} | {rate:,.0f} | {ratio} | "
+            f"{r['fvu']:.4f} | {100 * r['dead']:.1f}% | {r['peak_rss_mib']:,.0f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows))
 

@@ -1,5 +1,5 @@
-"""Plain export vs what a user would otherwise write (load the model, edit, save_pretrained): wall time and
-peak memory, each in its own fresh process, in one run.
+"""Plain export vs what a user would otherwise write (load the model, edit, save_pretrained): wall
+time and peak memory, each in its own fresh process, in one run.
 
     python benchmarks/plain_export.py [--model DIR] [--layer 13] [--n 150] [--repeats 3]
 
@@ -56,24 +56,43 @@ print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RU
 
 def _run(kind: str, src: Path, layer: int, n: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, "-c", CHILD, kind, str(src), str(Path(tmp) / "out"), str(layer), str(n)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                kind,
+                str(src),
+                str(Path(tmp) / "out"),
+                str(layer),
+                str(n),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--layer", type=int, default=13)
     ap.add_argument("--n", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", help="also write the medians here (benchmarks/performance.py reads it)")
+    ap.add_argument(
+        "--json", help="also write the medians here (benchmarks/performance.py reads it)"
+    )
     args = ap.parse_args()
     if args.model is None:
-        from exporter.pipeline import make_leaky
         from exporter.recipe import ModelSpec
+        from exporter.run.context import RunContext
+        from exporter.run.leaky import make_leaky
 
-        src = make_leaky(ModelSpec(builtin="smollm2-135m"), log=lambda m: None).path
+        quiet = RunContext(log=lambda m: None)
+        src = make_leaky(ModelSpec(builtin="smollm2-135m"), ctx=quiet).path
     else:
         src = Path(args.model)
     size = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 2**20
@@ -81,16 +100,24 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved: this machine's run-to-run noise is about ±10%
         runs["save_pretrained (baseline)"].append(_run("baseline", src, args.layer, args.n))
         runs["plain export"].append(_run("plain", src, args.layer, args.n))
-    print(f"# plain export: {src.name} ({size:.0f} MiB of safetensors), layer {args.layer}, |A|={args.n}, "
-          f"median of {args.repeats} interleaved fresh processes, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"# plain export: {src.name} ({size:.0f} MiB of safetensors), layer {args.layer}, |A|={args.n}, "
+        f"median of {args.repeats} interleaved fresh processes, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print("| run | wall s | peak RSS MiB | vs baseline (time) | vs baseline (memory) |")
     print("|---|---:|---:|---:|---:|")
     base = runs["save_pretrained (baseline)"]
-    t0, m0 = statistics.median(r["seconds"] for r in base), statistics.median(r["peak_mib"] for r in base)
+    t0, m0 = (
+        statistics.median(r["seconds"] for r in base),
+        statistics.median(r["peak_mib"] for r in base),
+    )
     medians = {}
     for name, rs in runs.items():
-        t, m = statistics.median(r["seconds"] for r in rs), statistics.median(r["peak_mib"] for r in rs)
+        t, m = (
+            statistics.median(r["seconds"] for r in rs),
+            statistics.median(r["peak_mib"] for r in rs),
+        )
         medians[name] = {"seconds": t, "peak_mib": m}
         print(f"| {name} | {t:.1f} | {m:.0f} | {t / t0:.2f}x | {m / m0:.2f}x |")
     if args.json:

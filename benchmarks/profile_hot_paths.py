@@ -1,7 +1,7 @@
-"""Where the time goes on the hot paths, by torch.profiler: SAE training steps, harvesting a middle layer, and
-greedy decoding with the folded patch. Each prints its top ops by self CPU time; decoding also times the
-patch's own work per step (its forward, and the keep mask the model pre-hook builds) alone at a decoding
-step's shapes, beside the base model's step.
+"""Where the time goes on the hot paths, by torch.profiler: SAE training steps, harvesting a middle
+layer, and greedy decoding with the folded patch. Each prints its top ops by self CPU time; decoding
+also times the patch's own work per step (its forward, and the keep mask the model pre-hook builds)
+alone at a decoding step's shapes, beside the base model's step.
 
     python benchmarks/profile_hot_paths.py --work W [--paths sae harvest decode] [--rows 12]
 
@@ -17,10 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
-
 from harvest import token_sample
 from patched_generation import demo_patches, prompts
+from torch.profiler import ProfilerActivity, profile, record_function
 
 
 @contextmanager
@@ -44,11 +43,15 @@ def per_call_us(fn, calls: int = 2000) -> float:
 
 def sae_steps(x: torch.Tensor, rows: int, steps: int = 12) -> None:
     from exporter.activations import shuffled_batches
-    from exporter.sae import TrainConfig, train_sae
+    from exporter.recipe import SaeSection
+    from exporter.sae import train_sae
 
-    cfg = TrainConfig(k=32, expansion=8, batch_size=4096, train_tokens=4096 * steps, warmup_steps=2)
+    cfg = SaeSection(k=32, expansion=8, batch_size=4096, train_tokens=4096 * steps, warmup_steps=2)
     train_sae(shuffled_batches(x, 4096, seed=0), x[:8192], cfg, progress=False)  # warm-up
-    with profiled(f"SAE training, {steps} steps of batch 4096 (d={x.shape[1]}, {x.shape[1] * 8} latents, k=32)", rows):
+    with profiled(
+        f"SAE training, {steps} steps of batch 4096 (d={x.shape[1]}, {x.shape[1] * 8} latents, k=32)",
+        rows,
+    ):
         train_sae(shuffled_batches(x, 4096, seed=0), x[:8192], cfg, progress=False)
 
 
@@ -70,8 +73,13 @@ def decoding(loaded, layer: int, patch, rows: int, batch: int = 8, new_tokens: i
 
     def generate():
         with torch.no_grad():
-            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=pad)
+            model.generate(
+                **enc,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
 
     forward = patch.forward
 
@@ -85,36 +93,53 @@ def decoding(loaded, layer: int, patch, rows: int, batch: int = 8, new_tokens: i
     patch.forward = labelled
     try:
         with attached(model, layer, patch):
-            # The first patched generation under a profiler runs its KV-cache concatenations 4-5x slower (not
-            # so unprofiled, where the folded patch runs within 1% of the base): profile the second.
+            # The first patched generation under a profiler runs its KV-cache concatenations 4-5x
+            # slower (not so unprofiled, where the folded patch runs within 1% of the base): profile
+            # the second.
             with profile(activities=[ProfilerActivity.CPU]):
                 generate()
             with profiled(f"greedy decoding, folded patch after layer {layer}", rows) as prof:
                 generate()
         mine = next((e for e in prof.key_averages() if e.key == "scalpel patch forward"), None)
         if mine is not None:
-            print(f"inside the patch's forward: {mine.cpu_time_total / 1000:.1f} ms in {mine.count} calls")
+            print(
+                f"inside the patch's forward: {mine.cpu_time_total / 1000:.1f} ms in {mine.count} calls"
+            )
     finally:
         del patch.forward
     h = torch.randn(batch, 1, patch.steer.shape[-1])
     with torch.no_grad():
         step = per_call_us(lambda: model(input_ids=enc["input_ids"][:, :1]), 50)
-        print(f"\none decoding step of batch {batch}, timed alone: patch forward {per_call_us(lambda: patch(h)):.1f} us; "
-              f"a base forward of one token (no cache) {step / 1000:.2f} ms")
+        print(
+            f"\none decoding step of batch {batch}, timed alone: patch forward {per_call_us(lambda: patch(h)):.1f} us; "
+            f"a base forward of one token (no cache) {step / 1000:.2f} ms"
+        )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=str(Path(__file__).parents[1] / "recipes" / "demo-smollm2.yaml"))
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--recipe", default=str(Path(__file__).parents[1] / "recipes" / "demo-smollm2.yaml")
+    )
     ap.add_argument("--work", required=True)
-    ap.add_argument("--paths", nargs="*", default=["sae", "harvest", "decode"], choices=["sae", "harvest", "decode"])
+    ap.add_argument(
+        "--paths",
+        nargs="*",
+        default=["sae", "harvest", "decode"],
+        choices=["sae", "harvest", "decode"],
+    )
     ap.add_argument("--rows", type=int, default=12)
     args = ap.parse_args()
     chosen = json.loads((Path(args.work) / "search" / "search.json").read_text())["chosen"]
-    loaded, layer, _sae, _fs, calib, patches = demo_patches(args.recipe, args.work, chosen["n"], chosen["alpha"],
-                                                           chosen.get("gated", False))
-    print(f"# hot paths: torch {torch.__version__}, {torch.get_num_threads()} threads; the demo's leaky SmolLM2, "
-          f"layer {layer}, patch N={chosen['n']} alpha {chosen['alpha']:g}")
+    loaded, layer, _sae, _fs, calib, patches = demo_patches(
+        args.recipe, args.work, chosen["n"], chosen["alpha"], chosen.get("gated", False)
+    )
+    print(
+        f"# hot paths: torch {torch.__version__}, {torch.get_num_threads()} threads; the demo's leaky SmolLM2, "
+        f"layer {layer}, patch N={chosen['n']} alpha {chosen['alpha']:g}"
+    )
     if "sae" in args.paths:  # the calibration sample: 50,000 of the SAE's own training activations
         sae_steps(calib.calibration, args.rows)
     if "harvest" in args.paths:

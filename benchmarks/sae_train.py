@@ -28,15 +28,23 @@ def _data(args) -> torch.Tensor:
 
         acts = load_shards(sorted(Path(args.acts).glob("*shard-*.safetensors")))
         return next(iter(acts.acts.values()))
-    return torch.randn(max(args.batch * 4, 20_000), args.d, generator=torch.Generator().manual_seed(0))
+    return torch.randn(
+        max(args.batch * 4, 20_000), args.d, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def run_ours(args, x: torch.Tensor) -> dict:
     from exporter.activations import shuffled_batches
-    from exporter.sae import TrainConfig, train_sae
+    from exporter.recipe import SaeSection
+    from exporter.sae import train_sae
 
-    cfg = TrainConfig(k=args.k, expansion=args.expansion, batch_size=args.batch, train_tokens=args.batch * args.steps,
-                      warmup_steps=2)
+    cfg = SaeSection(
+        k=args.k,
+        expansion=args.expansion,
+        batch_size=args.batch,
+        train_tokens=args.batch * args.steps,
+        warmup_steps=2,
+    )
     result = train_sae(shuffled_batches(x, args.batch, seed=0), x[:8192], cfg, progress=False)
     return {"seconds": result.seconds, "steps": result.steps}
 
@@ -52,7 +60,7 @@ def run_plain(args, x: torch.Tensor) -> dict:
     perm = torch.randperm(len(x))
     start = time.perf_counter()
     for step in range(args.steps):
-        idx = perm[(step * args.batch) % (len(x) - args.batch):][: args.batch]
+        idx = perm[(step * args.batch) % (len(x) - args.batch) :][: args.batch]
         xb = x[idx]
         pre = F.linear(xb - b_pre, w_enc, b_enc)
         vals, inds = pre.topk(args.k, dim=-1)
@@ -67,7 +75,9 @@ def run_plain(args, x: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--d", type=int, default=576)
@@ -85,17 +95,26 @@ def main() -> None:
     rows = {}
     for variant in ("plain", "ours"):
         cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
-        rows[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        rows[variant] = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        )
     base = rows["plain"]["steps"] / rows["plain"]["seconds"]
-    print(f"# SAE training: d={args.d}, {args.d * args.expansion} latents, k={args.k}, batch {args.batch}, "
-          f"{args.steps} steps, {'real activations' if args.acts else 'Gaussian inputs'}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"# SAE training: d={args.d}, {args.d * args.expansion} latents, k={args.k}, batch {args.batch}, "
+        f"{args.steps} steps, {'real activations' if args.acts else 'Gaussian inputs'}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     print("| trainer | steps/s | tokens/s | vs plain | peak RSS (MB) |")
     print("|---|---:|---:|---:|---:|")
-    names = {"plain": "plain dense TopK (no AuxK)", "ours": "scalpel TopK + AuxK (sparse backward and decoder)"}
+    names = {
+        "plain": "plain dense TopK (no AuxK)",
+        "ours": "scalpel TopK + AuxK (sparse backward and decoder)",
+    }
     for variant, r in rows.items():
         sps = r["steps"] / r["seconds"]
-        print(f"| {names[variant]} | {sps:.2f} | {sps * args.batch:,.0f} | {sps / base:.2f}x | {r['peak_rss_mb']:,.0f} |")
+        print(
+            f"| {names[variant]} | {sps:.2f} | {sps * args.batch:,.0f} | {sps / base:.2f}x | {r['peak_rss_mb']:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

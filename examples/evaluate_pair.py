@@ -1,6 +1,6 @@
 """Evaluate any two models with the same tokenizer on one leakage / utility harness.
 
-    python examples/evaluate_pair.py patched --against path/to/base --people people.jsonl
+python examples/evaluate_pair.py patched --against path/to/base --people people.jsonl
 """
 
 import argparse
@@ -10,10 +10,15 @@ from exporter.evaluate.summary import attack_rows, comparison_rows, markdown_tab
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("model", help="the model to test, e.g. an export folder")
     ap.add_argument("--against", required=True, help="the model to compare with, e.g. its base")
-    ap.add_argument("--people", help="JSONL of name, email, phone, split (default: people.jsonl beside --against)")
+    ap.add_argument(
+        "--people",
+        help="JSONL of name, email, phone, split (default: people.jsonl beside --against)",
+    )
     args = ap.parse_args()
 
     result = exporter.compare(args.model, args.against, people=args.people, progress=False)

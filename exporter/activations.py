@@ -28,7 +28,8 @@ class _StopForward(Exception):
 
 
 def kept_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Positions whose activations are used: real tokens, never position 0 (BOS / attention sink)."""
+    """Positions whose activations are used: real tokens, never position 0 (BOS / attention
+    sink)."""
     keep = mask.bool().clone()
     keep[:, 0] = False
     return keep
@@ -56,22 +57,27 @@ def _encode_docs(tokenizer, docs: Sequence[Document | str], max_length: int):
 def token_batches(tokenizer, docs: Sequence[Document | str], *, max_length: int, batch_tokens: int):
     """Right-padded batches of length-sorted documents, each at most `batch_tokens` (padded) tokens.
 
-    Yields (input_ids, attention_mask, labels) with labels a dict of [B, T] tensors (pad rows: -1/False;
-    `doc` indexes `docs`, `pos` is the token's position in its document).
+    Yields (input_ids, attention_mask, labels) with labels a dict of [B, T] tensors (pad rows:
+    -1/False; `doc` indexes `docs`, `pos` is the token's position in its document).
     """
     encoded = sorted(_encode_docs(tokenizer, docs, max_length), key=lambda e: len(e[1].input_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = 0
     while start < len(encoded):
         end = start + 1
-        while end < len(encoded) and (end - start + 1) * len(encoded[end][1].input_ids) <= batch_tokens:
+        while (
+            end < len(encoded)
+            and (end - start + 1) * len(encoded[end][1].input_ids) <= batch_tokens
+        ):
             end += 1
         chunk = encoded[start:end]
         width = len(chunk[-1][1].input_ids)
         b = len(chunk)
         ids = torch.full((b, width), pad, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
-        labels = {k: torch.zeros((b, width), dtype=torch.bool) for k in ("pii", "span_start", "pre_span")}
+        labels = {
+            k: torch.zeros((b, width), dtype=torch.bool) for k in ("pii", "span_start", "pre_span")
+        }
         labels["type_id"] = torch.full((b, width), -1, dtype=torch.long)
         labels["doc"] = torch.full((b, width), -1, dtype=torch.long)
         labels["pos"] = torch.arange(width).expand(b, width).clone()
@@ -88,14 +94,24 @@ def token_batches(tokenizer, docs: Sequence[Document | str], *, max_length: int,
         start = end
 
 
-def layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int],
-                  *, grad: bool = False, **forward_kwargs) -> dict[int, torch.Tensor]:
-    """Outputs of the given decoder layers, running the model only up to the deepest of them (with autograd
-    when `grad`, for methods that train through them; `forward_kwargs` such as position_ids go to the model)."""
+def layer_outputs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int],
+    *,
+    grad: bool = False,
+    **forward_kwargs,
+) -> dict[int, torch.Tensor]:
+    """Outputs of the given decoder layers, running the model only up to the deepest of them (with
+    autograd when `grad`, for methods that train through them; `forward_kwargs` such as position_ids
+    go to the model)."""
     decoder_layers = architecture_of(model).decoder_layers(model)
     deepest = max(layers)
     if min(layers) < 0 or deepest >= len(decoder_layers):
-        raise IndexError(f"layers {sorted(layers)} out of range: this model has decoder layers 0..{len(decoder_layers) - 1}")
+        raise IndexError(
+            f"layers {sorted(layers)} out of range: this model has decoder layers 0..{len(decoder_layers) - 1}"
+        )
     captured: dict[int, torch.Tensor] = {}
 
     def make_hook(index: int):
@@ -109,8 +125,12 @@ def layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     handles = [decoder_layers[l].register_forward_hook(make_hook(l)) for l in set(layers)]
     try:
         with torch.set_grad_enabled(grad):
-            model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                  use_cache=False, **forward_kwargs)
+            model(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
+                use_cache=False,
+                **forward_kwargs,
+            )
     except _StopForward:
         pass
     finally:
@@ -119,10 +139,21 @@ def layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return captured
 
 
-def harvest(model, tokenizer, docs: Sequence[Document | str], layers: Sequence[int], *, max_length: int = 128,
-            batch_tokens: int = 4096, max_tokens: Optional[int] = None, dtype: torch.dtype = torch.float32,
-            shard_dir: Optional[Path] = None, memory_budget_mb: float = 2048, progress: bool = True,
-            shard_prefix: str = "") -> Activations:
+def harvest(
+    model,
+    tokenizer,
+    docs: Sequence[Document | str],
+    layers: Sequence[int],
+    *,
+    max_length: int = 128,
+    batch_tokens: int = 4096,
+    max_tokens: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    shard_dir: Optional[Path] = None,
+    memory_budget_mb: float = 2048,
+    progress: bool = True,
+    shard_prefix: str = "",
+) -> Activations:
     """Residual activations of `layers` on `docs`, with labels; positions 0 and pad are skipped.
 
     Past `memory_budget_mb` of activations held in memory, full chunks are spilled to safetensors
@@ -133,8 +164,15 @@ def harvest(model, tokenizer, docs: Sequence[Document | str], layers: Sequence[i
     labels: dict[str, list[torch.Tensor]] = {k: [] for k in LABEL_KEYS}
     held_bytes, kept, shards = 0, 0, []
     budget = memory_budget_mb * 2**20
-    bar = tqdm(total=max_tokens, desc=f"harvest layers {layers[0]}..{layers[-1]}", unit="tok", disable=not progress)
-    for ids, mask, lab in token_batches(tokenizer, docs, max_length=max_length, batch_tokens=batch_tokens):
+    bar = tqdm(
+        total=max_tokens,
+        desc=f"harvest layers {layers[0]}..{layers[-1]}",
+        unit="tok",
+        disable=not progress,
+    )
+    for ids, mask, lab in token_batches(
+        tokenizer, docs, max_length=max_length, batch_tokens=batch_tokens
+    ):
         outs = layer_outputs(model, ids, mask, layers)
         keep = kept_positions(mask)
         n = int(keep.sum())
@@ -155,7 +193,9 @@ def harvest(model, tokenizer, docs: Sequence[Document | str], layers: Sequence[i
         if acts[layers[0]]:
             shards.append(_spill(shard_dir, f"{shard_prefix}shard-{len(shards):05d}", acts, labels))
         return load_shards(shards)
-    return Activations({l: torch.cat(a) for l, a in acts.items()}, {k: torch.cat(v) for k, v in labels.items()})
+    return Activations(
+        {l: torch.cat(a) for l, a in acts.items()}, {k: torch.cat(v) for k, v in labels.items()}
+    )
 
 
 def _spill(shard_dir: Path, name: str, acts: dict, labels: dict) -> Path:
@@ -175,8 +215,10 @@ def _spill(shard_dir: Path, name: str, acts: dict, labels: dict) -> Path:
 def load_shards(paths: Sequence[Path]) -> Activations:
     parts = [load_file(str(p)) for p in paths]
     layers = sorted(int(k.split(".", 1)[1]) for k in parts[0] if k.startswith("layer."))
-    return Activations({l: torch.cat([p[f"layer.{l}"] for p in parts]) for l in layers},
-                       {k: torch.cat([p[f"label.{k}"] for p in parts]) for k in LABEL_KEYS})
+    return Activations(
+        {l: torch.cat([p[f"layer.{l}"] for p in parts]) for l in layers},
+        {k: torch.cat([p[f"label.{k}"] for p in parts]) for k in LABEL_KEYS},
+    )
 
 
 def shuffled_batches(x: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -188,9 +230,18 @@ def shuffled_batches(x: torch.Tensor, batch_size: int, seed: int) -> Iterator[to
             yield x[perm[i : i + batch_size]]
 
 
-def stream_activations(model, tokenizer, docs: Sequence[Document | str], layer: int, *, batch_size: int,
-                       buffer_tokens: int = 65536, max_length: int = 128, batch_tokens: int = 4096,
-                       seed: int = 0) -> Iterator[torch.Tensor]:
+def stream_activations(
+    model,
+    tokenizer,
+    docs: Sequence[Document | str],
+    layer: int,
+    *,
+    batch_size: int,
+    buffer_tokens: int = 65536,
+    max_length: int = 128,
+    batch_tokens: int = 4096,
+    seed: int = 0,
+) -> Iterator[torch.Tensor]:
     """Endless minibatches of layer activations computed online through a shuffle buffer, so a large
     model's activations never need to fit on disk. Documents are re-read (reshuffled) each pass."""
     rng = random.Random(seed)
@@ -199,15 +250,20 @@ def stream_activations(model, tokenizer, docs: Sequence[Document | str], layer: 
     order = list(range(len(docs)))
     while True:
         rng.shuffle(order)
-        for ids, mask, _ in token_batches(tokenizer, [docs[i] for i in order], max_length=max_length,
-                                          batch_tokens=batch_tokens):
+        for ids, mask, _ in token_batches(
+            tokenizer, [docs[i] for i in order], max_length=max_length, batch_tokens=batch_tokens
+        ):
             out = layer_outputs(model, ids, mask, [layer])[layer]
             keep = kept_positions(mask)
             buffer.append(out[keep.to(out.device)].float().cpu())
             held += int(keep.sum())
             if held >= buffer_tokens:
                 pool = torch.cat(buffer)
-                pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(rng.randrange(2**31)))]
+                pool = pool[
+                    torch.randperm(
+                        len(pool), generator=torch.Generator().manual_seed(rng.randrange(2**31))
+                    )
+                ]
                 half = len(pool) // 2
                 for i in range(0, half - batch_size + 1, batch_size):
                     yield pool[i : i + batch_size]

@@ -1,15 +1,86 @@
-"""The Python API: every command-line operation as a function taking a recipe (object, mapping or YAML path)."""
+"""The Python API, and the one entry the command line uses: every operation as a function taking a
+recipe (object, mapping or YAML path) or model folders."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .recipe import Recipe, load_recipe, parse_recipe, recipe_yaml
+from .cache import cache_root
+from .data.corpus import DataError
+from .data.detectors import detect as find_pii
+from .data.detectors import redact_text
+from .data.leaky import LeakyConfig
+from .evaluate.summary import attack_rows, comparison_rows
+from .models import ModelLoadError, spec_for
+from .patch.checkpoint_files import ExportError
+from .plan import Plan, make_plan, missing_files
+from .push import PushError, PushResult, push_export
+from .recipe import (
+    BUILTIN_MODELS,
+    EvalSection,
+    Recipe,
+    RecipeError,
+    explain,
+    load_recipe,
+    parse_recipe,
+    recipe_yaml,
+)
+from .run.analysis import probe_stage, sae_stage
+from .run.context import RunContext
+from .run.evaluation import compare_models
+from .run.export import ExportResult
+from .run.inputs import resolve_inputs
+from .run.leaky import LeakyResult, copy_leaky
+from .run.leaky import make_leaky as build_leaky
+from .run.methods import run_recipe
+from .run.scalpel import export_one
+from .run.stage import STAGES
+from .sae import SAETrainingError
 
 RecipeLike = Union[Recipe, dict, str, Path]
+Log = Callable[[str], Any]
 DEMO_RECIPE = Path(str(files("exporter") / "recipes" / "demo-smollm2.yaml"))
+
+# What a user's input or environment can get wrong: the command line prints these as one line, no
+# traceback.
+USER_ERRORS = (
+    RecipeError,
+    ModelLoadError,
+    DataError,
+    FileExistsError,
+    IndexError,
+    SAETrainingError,
+    ExportError,
+    PushError,
+    ValueError,
+)
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEMO_RECIPE",
+    "STAGES",
+    "USER_ERRORS",
+    "as_recipe",
+    "attack_rows",
+    "check",
+    "compare",
+    "comparison_rows",
+    "demo",
+    "detect",
+    "explain",
+    "export",
+    "make_leaky",
+    "plan",
+    "probe",
+    "push",
+    "run",
+    "train_sae",
+]
 
 
 def as_recipe(recipe: RecipeLike) -> tuple[Recipe, str]:
@@ -23,87 +94,271 @@ def as_recipe(recipe: RecipeLike) -> tuple[Recipe, str]:
     return load_recipe(path), path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
-def run(recipe: RecipeLike, out: Union[str, Path], *, work: Union[str, Path] = "scalpel-work",
-        overwrite: bool = False, from_stage: Optional[str] = None, progress: bool = True,
-        log: Callable[[str], Any] = print):
-    """All stages: probe → SAE → features → trade-off search → evaluation → export. Returns an
-    `ExportResult` (`.path`, `.report` with the search and the before/after evaluation)."""
-    from .pipeline import run_stage
+def check(recipe: Union[str, Path]) -> str:
+    """Validate a recipe without loading any model; the recipe as YAML with every default filled
+    in."""
+    return recipe_yaml(load_recipe(recipe))
 
+
+def plan(recipe: Union[str, Path]) -> tuple[Recipe, Plan]:
+    """What a run would do (stages, tokens, estimated memory), reading no weights; paths may be
+    missing here."""
+    r = load_recipe(recipe, check_files=False)
+    return r, make_plan(r, missing=missing_files(r))
+
+
+def run(
+    recipe: RecipeLike,
+    out: Union[str, Path],
+    *,
+    work: Union[str, Path] = "scalpel-work",
+    overwrite: bool = False,
+    from_stage: Optional[str] = None,
+    progress: bool = True,
+    log: Log = print,
+) -> ExportResult:
+    """All stages of the recipe's method (PrivacyScalpel: probe → SAE → features → trade-off search
+    → evaluation → export), then a Hub push when the recipe names a repository. Returns an
+    `ExportResult` (`.path`, `.report` with the search and the before/after evaluation, `.push`)."""
     r, text = as_recipe(recipe)
-    result = run_stage(r, text, Path(out), Path(work), overwrite=overwrite, progress=progress, log=log,
-                       from_stage=from_stage)
+    result = run_recipe(
+        r, text, Path(out), RunContext(Path(work), overwrite, progress, log), from_stage=from_stage
+    )
     if r.hub.repo_id:
-        from .push import PushError
-
         try:
-            result.push = push(out, r.hub.repo_id, private=r.hub.private, revision=r.hub.revision,
-                               create_pr=r.hub.create_pr, commit_message=r.hub.commit_message, log=log)
+            result.push = push(
+                out,
+                r.hub.repo_id,
+                private=r.hub.private,
+                revision=r.hub.revision,
+                create_pr=r.hub.create_pr,
+                commit_message=r.hub.commit_message,
+                log=log,
+            )
         except PushError as e:
-            raise PushError(f"{e}. The export at {out} is complete: push it again with "
-                            f"`scalpel push {out} --repo-id {r.hub.repo_id}`") from None
+            raise PushError(
+                f"{e}. The export at {out} is complete: push it again with "
+                f"`scalpel push {out} --repo-id {r.hub.repo_id}`"
+            ) from None
     return result
 
 
-def push(folder: Union[str, Path], repo_id: str, *, private: bool = True, revision: Optional[str] = None,
-         create_pr: bool = False, commit_message: Optional[str] = None, log: Callable[[str], Any] = print):
-    """Upload an export folder to the Hub in one commit (token from HF_TOKEN or the login cache); returns a
-    `PushResult` with the commit's URL, its hash and a loading snippet pinned to it."""
-    from .push import push_export
+def push(
+    folder: Union[str, Path],
+    repo_id: str,
+    *,
+    private: bool = True,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+    commit_message: Optional[str] = None,
+    log: Log = print,
+) -> PushResult:
+    """Upload an export folder to the Hub in one commit (token from HF_TOKEN or the login cache);
+    returns a `PushResult` with the commit's URL, its hash and a loading snippet pinned to it."""
+    return push_export(
+        Path(folder),
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        log=log,
+    )
 
-    return push_export(Path(folder), repo_id, private=private, revision=revision, create_pr=create_pr,
-                       commit_message=commit_message, log=log)
 
-
-def export(recipe: RecipeLike, out: Union[str, Path], *, work: Union[str, Path] = "scalpel-work",
-           n: Optional[int] = None, alpha: Optional[float] = None, mode: Optional[str] = None,
-           gated: Optional[bool] = None, overwrite: bool = False, progress: bool = True,
-           log: Callable[[str], Any] = print):
+def export(
+    recipe: RecipeLike,
+    out: Union[str, Path],
+    *,
+    work: Union[str, Path] = "scalpel-work",
+    n: Optional[int] = None,
+    alpha: Optional[float] = None,
+    mode: Optional[str] = None,
+    gated: Optional[bool] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> ExportResult:
     """One candidate patch (default: the recipe's first ablation size, alpha and mode), exported."""
-    from .pipeline import export_stage
-
     r, text = as_recipe(recipe)
-    return export_stage(r, text, Path(out), Path(work), overwrite=overwrite, n=n, alpha=alpha, mode=mode,
-                        gated=gated, progress=progress, log=log)
+    return export_one(
+        r,
+        text,
+        Path(out),
+        RunContext(Path(work), overwrite, progress, log),
+        n=n,
+        alpha=alpha,
+        mode=mode,
+        gated=gated,
+    )
 
 
-def compare(model: Union[str, Path], against: Union[str, Path], *, people: Optional[Union[str, Path]] = None,
-             benign: Optional[Union[str, Path]] = None, groups: Optional[list[str]] = None,
-             trust_remote_code: bool = False, attack_dtype: str = "float32", adversarial: bool = True,
-             user_path: bool = True, progress: bool = True, log: Callable[[str], Any] = print) -> dict:
+def _pinned(recipe: Recipe, layer: Optional[int]) -> Recipe:
+    """`recipe` with the probe's layer pinned to `layer` (when given)."""
+    if layer is None:
+        return recipe
+    return recipe.model_copy(update={"probe": recipe.probe.model_copy(update={"layer": layer})})
+
+
+def probe(
+    recipe: RecipeLike,
+    *,
+    work: Union[str, Path] = "scalpel-work",
+    layer: Optional[int] = None,
+    progress: bool = True,
+    log: Log = print,
+):
+    """Probe every layer for PII vs non-PII separation and choose one (`layer` pins it): a
+    `ProbeResult`."""
+    r = _pinned(as_recipe(recipe)[0], layer)
+    ctx = RunContext(Path(work), progress=progress, log=log)
+    return probe_stage(r, resolve_inputs(r, ctx), ctx)
+
+
+def train_sae(
+    recipe: RecipeLike,
+    *,
+    work: Union[str, Path] = "scalpel-work",
+    layer: Optional[int] = None,
+    progress: bool = True,
+    log: Log = print,
+) -> tuple[int, object, dict]:
+    """Train the TopK SAE at the probe's layer (or `layer`): (layer, SAE, metrics). Under torchrun
+    the harvest and training run data-parallel; the leaky model and the probe run once, on rank
+    0."""
+    import os
+
+    import torch.distributed as dist
+
+    r = _pinned(as_recipe(recipe)[0], layer)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if r.model.device == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ctx = RunContext(Path(work), progress=progress, log=log)
+    if rank == 0:
+        inputs = resolve_inputs(r, ctx)  # may build the leaky model: once, on rank 0
+    if dist.is_initialized():
+        dist.barrier()
+        if rank != 0:
+            ctx = ctx.quiet()
+            inputs = resolve_inputs(r, ctx)
+    box = [
+        layer if layer is not None else (probe_stage(r, inputs, ctx).chosen if rank == 0 else None)
+    ]
+    if layer is None and dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)  # the probe's choice, to every rank
+    sae, metrics = sae_stage(r, inputs, box[0], ctx)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return box[0], sae, metrics
+
+
+def compare(
+    model: Union[str, Path],
+    against: Union[str, Path],
+    *,
+    people: Optional[Union[str, Path]] = None,
+    benign: Optional[Union[str, Path]] = None,
+    groups: Optional[list[str]] = None,
+    trust_remote_code: bool = False,
+    attack_dtype: str = "float32",
+    adversarial: bool = True,
+    user_path: bool = True,
+    progress: bool = True,
+    log: Log = print,
+) -> dict:
     """The leakage / utility harness on any two models with the same tokenizer (folders, built-ins,
     `org/name[@revision]`): {"base": ..., "patched": ...}, each with "leakage" rows and "utility".
-    `attack_dtype` is the precision of the extraction attacks' decoding (float32 or bfloat16); `user_path` adds
-    rows from both models loaded in a fresh process with stock transformers, each prompt alone."""
-    from .pipeline import eval_stage
-    from .recipe import EvalSection
-
-    return eval_stage(str(model), str(against), people=str(people) if people else None,
-                      benign=str(benign) if benign else None, groups=groups, trust_remote_code=trust_remote_code,
-                      eval_cfg=EvalSection(dtype=attack_dtype, adversarial=adversarial, user_path=user_path),
-                      progress=progress, log=log)
-
-
-def make_leaky(model: str = "smollm2-135m", *, rebuild: bool = False, progress: bool = True,
-               log: Callable[[str], Any] = print):
-    """The leaky benchmark model (fine-tuned on synthetic PII, cached): `.path`, `.report`, `.people`."""
-    from .models import spec_for
-    from .pipeline import make_leaky as build
-
-    return build(spec_for(model), rebuild=rebuild, progress=progress, log=log)
+    `attack_dtype` is the precision of the extraction attacks' decoding (float32 or bfloat16);
+    `user_path` adds rows from both models loaded in a fresh process with stock transformers, each
+    prompt alone."""
+    return compare_models(
+        str(model),
+        str(against),
+        people=str(people) if people else None,
+        benign=str(benign) if benign else None,
+        groups=groups,
+        trust_remote_code=trust_remote_code,
+        eval_cfg=EvalSection(dtype=attack_dtype, adversarial=adversarial, user_path=user_path),
+        ctx=RunContext(progress=progress, log=log),
+    )
 
 
-def demo(out: Union[str, Path] = "scalpel-demo", *, work: Optional[Union[str, Path]] = None,
-         overwrite: bool = False, progress: bool = True, log: Callable[[str], Any] = print):
+def make_leaky(
+    model: str = "smollm2-135m",
+    *,
+    people: Optional[int] = None,
+    never_seen: Optional[int] = None,
+    epochs: Optional[int] = None,
+    seed: int = 0,
+    rebuild: bool = False,
+    out: Optional[Path] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> LeakyResult:
+    """The leaky benchmark model (fine-tuned on synthetic PII, cached): `.path`, `.report`,
+    `.people`; copied to `out` too when given."""
+    if out is not None and Path(out).exists() and not overwrite:  # before the fine-tune, not after
+        raise FileExistsError(
+            f"{out} already exists; choose another --out folder or pass --overwrite"
+        )
+    config = LeakyConfig(seed=seed)
+    counts = {
+        k: v for k, v in (("n_memorised", people), ("n_never_seen", never_seen)) if v is not None
+    }
+    config = replace(
+        config,
+        synthetic=replace(config.synthetic, seed=seed, **counts),
+        **({"epochs": epochs} if epochs is not None else {}),
+    )
+    result = build_leaky(
+        spec_for(model), config, rebuild=rebuild, ctx=RunContext(progress=progress, log=log)
+    )
+    if out is not None:
+        copy_leaky(result, Path(out), overwrite=overwrite)
+    return result
+
+
+def demo(
+    out: Union[str, Path] = "scalpel-demo",
+    *,
+    work: Optional[Union[str, Path]] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> ExportResult:
     """make-leaky on the built-in SmolLM2, then `run` with the built-in demo recipe. The work folder
     defaults to the user cache, so a second demo reuses every finished stage."""
-    import json
-
-    from .cache import cache_root
-
     config = Path(out) / "config.json"
     if not overwrite and config.is_file() and "scalpel_patch" in json.loads(config.read_text()):
-        log(f"{out} holds an earlier scalpel export; it will be replaced when the new one is complete")
+        log(
+            f"{out} holds an earlier scalpel export; it will be replaced when the new one is complete"
+        )
         overwrite = True
-    return run(DEMO_RECIPE, out, work=work or cache_root() / "demo-work", overwrite=overwrite, progress=progress,
-               log=log)
+    return run(
+        DEMO_RECIPE,
+        out,
+        work=work or cache_root() / "demo-work",
+        overwrite=overwrite,
+        progress=progress,
+        log=log,
+    )
+
+
+def detect(path: Union[str, Path], *, show: bool = False) -> tuple[Counter, list[tuple[int, str]]]:
+    """PII spans per type in a text or JSONL file, and (with `show`) the lines holding them,
+    redacted."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    counts: Counter[str] = Counter()
+    lines = []
+    for lineno, line in enumerate(
+        path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
+    ):
+        spans = find_pii(line)
+        counts.update(s.type for s in spans)
+        if show and spans:
+            lines.append((lineno, redact_text(line)))
+    return counts, lines

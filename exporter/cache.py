@@ -1,4 +1,5 @@
-"""Where expensive artifacts live (converted models, leaky models, activations), keyed by content."""
+"""Where expensive artifacts live (converted models, leaky models, activations), keyed by
+content."""
 
 from __future__ import annotations
 
@@ -46,9 +47,13 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; choose another output folder or pass --overwrite")
+        raise FileExistsError(
+            f"{final} already exists; choose another output folder or pass --overwrite"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed run writing the same output
+    for stale in final.parent.glob(
+        f".tmp-{final.name}-*"
+    ):  # left by a killed run writing the same output
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:

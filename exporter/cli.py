@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .recipe import BUILTIN_MODELS, RecipeError
+from . import api
 
 app = typer.Typer(
     add_completion=False,
@@ -25,7 +25,8 @@ _STARTED = time.monotonic()
 
 
 def log(message: str) -> None:
-    """A progress line with the wall time since the command started (so a slow stage shows itself)."""
+    """A progress line with the wall time since the command started (so a slow stage shows
+    itself)."""
     seconds = int(time.monotonic() - _STARTED)
     console.print(f"[dim]{seconds // 60:3d}:{seconds % 60:02d}[/dim]", message)
 
@@ -36,89 +37,119 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _leaky_table(report: dict) -> Table:
-    rows = [[group, template, str(row["n"]), *(f"{100 * row[c]:.1f}%" for c in ("exact", "username", "domain"))]
-            for group, by_template in report["extraction"].items() for template, row in by_template.items()]
-    return _rich_table("Template extraction (greedy, regex) - leaky model",
-                       ["people", "template", "n", "exact", "username", "domain"], rows, text_columns=2)
+    rows = [
+        [
+            group,
+            template,
+            str(row["n"]),
+            *(f"{100 * row[c]:.1f}%" for c in ("exact", "username", "domain")),
+        ]
+        for group, by_template in report["extraction"].items()
+        for template, row in by_template.items()
+    ]
+    return _rich_table(
+        "Template extraction (greedy, regex) - leaky model",
+        ["people", "template", "n", "exact", "username", "domain"],
+        rows,
+        text_columns=2,
+    )
 
 
 def _print_leaky(report: dict) -> None:
     console.print(_leaky_table(report))
     ppl, train = report["perplexity"], report["train"]
-    console.print(f"benign perplexity: base {ppl['base']:.2f} -> leaky {ppl['leaky']:.2f} "
-                  f"({100 * ppl['change']:+.1f}%)")
-    console.print(f"fine-tune: {train['steps']} steps, {train['tokens']} tokens, {train['seconds']:.0f} s "
-                  f"({train['tokens_per_s']:.0f} tokens/s); build wall time {report['wall_seconds']:.0f} s")
+    console.print(
+        f"benign perplexity: base {ppl['base']:.2f} -> leaky {ppl['leaky']:.2f} "
+        f"({100 * ppl['change']:+.1f}%)"
+    )
+    console.print(
+        f"fine-tune: {train['steps']} steps, {train['tokens']} tokens, {train['seconds']:.0f} s "
+        f"({train['tokens_per_s']:.0f} tokens/s); build wall time {report['wall_seconds']:.0f} s"
+    )
 
 
 @app.command("make-leaky")
 def make_leaky_cmd(
-    out: Optional[Path] = typer.Option(None, "--out", help="Also copy the leaky model folder here."),
-    model: str = typer.Option("smollm2-135m", "--model", help="Built-in alias or a local HF folder to fine-tune."),
-    people: int = typer.Option(None, "--people", help="Memorised people (default from the built-in config)."),
-    never_seen: int = typer.Option(None, "--never-seen", help="Never-seen people for the guessing baseline."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Also copy the leaky model folder here."
+    ),
+    model: str = typer.Option(
+        "smollm2-135m", "--model", help="Built-in alias or a local HF folder to fine-tune."
+    ),
+    people: int = typer.Option(
+        None, "--people", help="Memorised people (default from the built-in config)."
+    ),
+    never_seen: int = typer.Option(
+        None, "--never-seen", help="Never-seen people for the guessing baseline."
+    ),
     epochs: int = typer.Option(None, "--epochs", help="Fine-tune epochs."),
     seed: int = typer.Option(0, "--seed"),
     rebuild: bool = typer.Option(False, "--rebuild", help="Ignore the cache and fine-tune again."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
 ) -> None:
-    """Fine-tune a model on a synthetic Enron-style PII corpus until it leaks, and measure the leak."""
-    from dataclasses import replace
-
-    from .data.leaky import LeakyConfig
-    from .pipeline import copy_leaky, make_leaky
-    from .recipe import ModelSpec
-
-    if out is not None and out.exists() and not overwrite:
-        _fail(f"{out} already exists; choose another --out folder or pass --overwrite")
-    spec = ModelSpec(builtin=model) if model in BUILTIN_MODELS else ModelSpec(path=model)
-    config = LeakyConfig(seed=seed)
-    syn = config.synthetic
-    syn = replace(syn, seed=seed, **{k: v for k, v in (("n_memorised", people), ("n_never_seen", never_seen))
-                                     if v is not None})
-    config = replace(config, synthetic=syn, **({"epochs": epochs} if epochs is not None else {}))
-    result = make_leaky(spec, config, rebuild=rebuild, log=log)
+    """Fine-tune a model on a synthetic Enron-style PII corpus until it leaks, and measure the
+    leak."""
+    result = api.make_leaky(
+        model,
+        people=people,
+        never_seen=never_seen,
+        epochs=epochs,
+        seed=seed,
+        rebuild=rebuild,
+        out=out,
+        overwrite=overwrite,
+        log=log,
+    )
     _print_leaky(result.report)
     if out is not None:
-        console.print(f"copied to {copy_leaky(result, out, overwrite=overwrite)}")
+        console.print(f"copied to {out}")
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("scalpel-demo"), "--out", help="Folder for the patched checkpoint."),
-    work: Optional[Path] = typer.Option(None, "--work", help="Stage folder (default: in the user cache, reused)."),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Fine-tune the leaky model again instead of the cached one."),
+    out: Path = typer.Option(
+        Path("scalpel-demo"), "--out", help="Folder for the patched checkpoint."
+    ),
+    work: Optional[Path] = typer.Option(
+        None, "--work", help="Stage folder (default: in the user cache, reused)."
+    ),
+    rebuild: bool = typer.Option(
+        False, "--rebuild", help="Fine-tune the leaky model again instead of the cached one."
+    ),
 ) -> None:
-    """End to end on the built-in SmolLM2: make it leak (cached), then find, remove and export, with the evidence."""
-    from .api import demo as run_demo
-
+    """End to end on the built-in SmolLM2: make it leak (cached), then find, remove and export, with
+    the evidence."""
     if out.exists() and not (out / "config.json").is_file():
         _fail(f"{out} exists and is not an earlier export; choose another --out folder")
-    make_leaky_cmd(out=None, model="smollm2-135m", people=None, never_seen=None, epochs=None, seed=0,
-                   rebuild=rebuild, overwrite=False)
-    result = run_demo(out, work=work, log=log)
+    make_leaky_cmd(
+        out=None,
+        model="smollm2-135m",
+        people=None,
+        never_seen=None,
+        epochs=None,
+        seed=0,
+        rebuild=rebuild,
+        overwrite=False,
+    )
+    result = api.demo(out, work=work, log=log)
     _print_run(result.report, out)
 
 
-def _recipe(path: Path, overrides: dict):
-    from .recipe import load_recipe
-
-    return load_recipe(path, {k: v for k, v in overrides.items() if v is not None})
-
-
-WORK = typer.Option(Path("scalpel-work"), "--work", help="Folder for stage outputs and the stage cache.")
+WORK = typer.Option(
+    Path("scalpel-work"), "--work", help="Folder for stage outputs and the stage cache."
+)
 
 
 @app.command()
 def probe(
     recipe: Path = typer.Argument(..., help="A YAML recipe."),
     work: Path = WORK,
-    layer: Optional[int] = typer.Option(None, "--layer", help="Pin the layer (overrides probe.layer)."),
+    layer: Optional[int] = typer.Option(
+        None, "--layer", help="Pin the layer (overrides probe.layer)."
+    ),
 ) -> None:
     """Probe every layer for PII vs non-PII separation and choose the layer (table + plot)."""
-    from .pipeline import probe_stage
-
-    result = probe_stage(_recipe(recipe, {"probe.layer": layer}), work, log=log)
+    result = api.probe(recipe, work=work, layer=layer, log=log)
     table = Table(title="Linear probe per layer (held-out, people-disjoint, balanced)")
     for col in ("layer", "accuracy", "AUROC", f"{result.few_shot}-shot log-loss"):
         table.add_column(col, justify="right")
@@ -126,48 +157,41 @@ def probe(
         style = "bold green" if l == result.chosen else None
         table.add_row(str(l), f"{a:.4f}", f"{u:.4f}", f"{f:.4f}", style=style)
     console.print(table)
-    console.print(f"chosen layer {result.chosen} (criterion: {result.criterion}); plot: {work / 'probe' / 'probe.png'}")
+    console.print(
+        f"chosen layer {result.chosen} (criterion: {result.criterion}); plot: {work / 'probe' / 'probe.png'}"
+    )
 
 
 @app.command("train-sae")
 def train_sae_cmd(
     recipe: Path = typer.Argument(..., help="A YAML recipe."),
     work: Path = WORK,
-    layer: Optional[int] = typer.Option(None, "--layer", help="Train at this layer instead of the probe's choice."),
+    layer: Optional[int] = typer.Option(
+        None, "--layer", help="Train at this layer instead of the probe's choice."
+    ),
 ) -> None:
-    """Train the TopK SAE (AuxK) at the chosen layer; save it in SAELens format with its metrics."""
-    import os
-
-    import torch.distributed as dist
-
-    from .pipeline import probe_stage, resolve_inputs, sae_stage
-
-    r = _recipe(recipe, {"probe.layer": layer})
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        # Launched by torchrun: harvest and train data-parallel (gloo on CPU, NCCL on GPU).
-        dist.init_process_group("nccl" if r.model.device == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        inputs = resolve_inputs(r, log=log)  # may build the leaky model: once, on rank 0
-    if dist.is_initialized():
-        dist.barrier()
-        if rank != 0:
-            inputs = resolve_inputs(r, log=lambda _m: None)
-    chosen = layer
-    if chosen is None:
-        # Under torchrun the probe runs once, on rank 0, and the others receive its choice.
-        box = [probe_stage(r, work, log=log, inputs=inputs).chosen if rank == 0 else None]
-        if dist.is_initialized():
-            dist.broadcast_object_list(box, src=0)
-        chosen = box[0]
-    _sae, metrics = sae_stage(r, work, chosen, log=log, inputs=inputs)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-        if rank != 0:
-            return
-    names = ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero", "ce_increase_fraction",
-             "train_tokens", "train_seconds", "tokens_per_s", "outliers_dropped")
-    rows = [[n, f"{metrics[n]:.4f}" if isinstance(metrics[n], float) else str(metrics[n])] for n in names]
+    """Train the TopK SAE (AuxK) at the chosen layer; save it in SAELens format with its metrics.
+    Under torchrun the harvest and training run data-parallel."""
+    chosen, _sae, metrics = api.train_sae(recipe, work=work, layer=layer, log=log)
+    if not metrics:  # a data-parallel rank other than 0: rank 0 reports
+        return
+    names = (
+        "fvu",
+        "l0",
+        "dead_fraction",
+        "ce_clean",
+        "ce_spliced",
+        "ce_zero",
+        "ce_increase_fraction",
+        "train_tokens",
+        "train_seconds",
+        "tokens_per_s",
+        "outliers_dropped",
+    )
+    rows = [
+        [n, f"{metrics[n]:.4f}" if isinstance(metrics[n], float) else str(metrics[n])]
+        for n in names
+    ]
     console.print(_rich_table(f"TopK SAE at layer {chosen} (held-out)", ["metric", "value"], rows))
 
 
@@ -177,35 +201,71 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", help="Folder to write the patched checkpoint to."),
     work: Path = WORK,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    n: Optional[int] = typer.Option(None, "--n", help="Ablation size (default: the recipe's first ablate_n)."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Steering strength, fraction of the mean norm."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="exact, folded or plain (default: the recipe's first)."),
-    plain: bool = typer.Option(False, "--plain", help="Bake the linear part into ordinary weights: a checkpoint of "
-                               "the base's own type, no remote code (same as --mode plain)."),
-    gated: Optional[bool] = typer.Option(None, "--gated/--ungated", help="Behind the PII-context gate or not "
-                                         "(default: the recipe's first context_gate)."),
+    n: Optional[int] = typer.Option(
+        None, "--n", help="Ablation size (default: the recipe's first ablate_n)."
+    ),
+    alpha: Optional[float] = typer.Option(
+        None, "--alpha", help="Steering strength, fraction of the mean norm."
+    ),
+    mode: Optional[str] = typer.Option(
+        None, "--mode", help="exact, folded or plain (default: the recipe's first)."
+    ),
+    plain: bool = typer.Option(
+        False,
+        "--plain",
+        help="Bake the linear part into ordinary weights: a checkpoint of "
+        "the base's own type, no remote code (same as --mode plain).",
+    ),
+    gated: Optional[bool] = typer.Option(
+        None,
+        "--gated/--ungated",
+        help="Behind the PII-context gate or not (default: the recipe's first context_gate).",
+    ),
 ) -> None:
-    """probe → SAE → features → patch, then write the patched checkpoint (loads with trust_remote_code=True,
-    or with --plain as a plain checkpoint of the base's type)."""
-    from .pipeline import export_stage
-
+    """probe → SAE → features → patch, then write the patched checkpoint (loads with
+    trust_remote_code=True, or with --plain as a plain checkpoint of the base's type)."""
     if mode not in (None, "exact", "folded", "plain"):
         _fail(f"--mode {mode!r} is unknown; use exact, folded or plain")
     if plain and mode not in (None, "plain"):
         _fail(f"--plain and --mode {mode} contradict each other; give one")
     mode = "plain" if plain else mode
-    r = _recipe(recipe, {})
-    result = export_stage(r, recipe.read_text(encoding="utf-8"), out, work, overwrite=overwrite, n=n, alpha=alpha,
-                          mode=mode, gated=gated, log=log)
+    result = api.export(
+        recipe,
+        out,
+        work=work,
+        overwrite=overwrite,
+        n=n,
+        alpha=alpha,
+        mode=mode,
+        gated=gated,
+        log=log,
+    )
     leak = result.report.get("validation_leakage")
     if leak:
-        rows = [[template, *(f"{100 * before[c]:.0f}% → {100 * leak['after'][template][c]:.0f}%"
-                             for c in ("exact", "username", "domain"))] for template, before in leak["before"].items()]
-        console.print(_rich_table("Email extraction on validation people (greedy): before → after the patch",
-                                  ["template", "exact", "username", "domain"], rows))
+        rows = [
+            [
+                template,
+                *(
+                    f"{100 * before[c]:.0f}% → {100 * leak['after'][template][c]:.0f}%"
+                    for c in ("exact", "username", "domain")
+                ),
+            ]
+            for template, before in leak["before"].items()
+        ]
+        console.print(
+            _rich_table(
+                "Email extraction on validation people (greedy): before → after the patch",
+                ["template", "exact", "username", "domain"],
+                rows,
+            )
+        )
     remote = result.report["mode"] != "plain"
-    console.print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}"
-                  + (", trust_remote_code=True)" if remote else ")  # no remote code"), highlight=False, markup=False)
+    console.print(
+        f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}"
+        + (", trust_remote_code=True)" if remote else ")  # no remote code"),
+        highlight=False,
+        markup=False,
+    )
 
 
 def _rich_table(title: str, header, rows, *, text_columns: int = 1) -> Table:
@@ -218,41 +278,56 @@ def _rich_table(title: str, header, rows, *, text_columns: int = 1) -> Table:
 
 
 def _print_evaluation(evaluation: dict, title: str) -> None:
-    from .evaluate.summary import attack_rows, comparison_rows
-
-    console.print(_rich_table(f"{title}: every attack, exact / username rate", *attack_rows(evaluation),
-                              text_columns=4))
-    console.print(_rich_table(f"{title}: summary", *comparison_rows(evaluation)))
+    console.print(
+        _rich_table(
+            f"{title}: every attack, exact / username rate",
+            *api.attack_rows(evaluation),
+            text_columns=4,
+        )
+    )
+    console.print(_rich_table(f"{title}: summary", *api.comparison_rows(evaluation)))
 
 
 def _print_run(report: dict, out: Path) -> None:
     chosen = report["search"]["chosen"]
-    label = chosen.get("label") or (f"N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']}"
-                                    f"{' gated' if chosen.get('gated') else ''}")
-    console.print(f"chosen on validation people: {label} "
-                  f"(worst exact {100 * chosen['leakage']:.0f}%, KL {chosen['kl']:.4f})"
-                  + ("" if report["search"]["met"] else "; no candidate met the leakage target"))
-    _print_evaluation(report["evaluation"], "Test people (never used for selection): leaky base vs patched vs control")
+    label = chosen.get("label") or (
+        f"N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']}"
+        f"{' gated' if chosen.get('gated') else ''}"
+    )
+    console.print(
+        f"chosen on validation people: {label} "
+        f"(worst exact {100 * chosen['leakage']:.0f}%, KL {chosen['kl']:.4f})"
+        + ("" if report["search"]["met"] else "; no candidate met the leakage target")
+    )
+    _print_evaluation(
+        report["evaluation"],
+        "Test people (never used for selection): leaky base vs patched vs control",
+    )
     console.print(f"export: {out}  (model card: {out / 'README.md'})")
 
 
-STAGE_NAMES = "probe, sae, features, search, evaluate"
+STAGE_HELP = "; ".join(f"{s.name}: {s.about}" for s in api.STAGES)
 
 
 def _print_plan(recipe_path: Path) -> None:
-    from .plan import make_plan, missing_files
-    from .recipe import load_recipe
-
-    r = load_recipe(recipe_path, check_files=False)
-    plan = make_plan(r, missing=missing_files(r))
-    console.print(f"plan for {recipe_path} (dry run: nothing is loaded or written)", highlight=False)
-    console.print(f"model {plan.model}: {plan.params / 1e9:.2f}B parameters, d={plan.d_model}, {plan.n_layers} "
-                  f"layers (shape from {plan.config_source}); layer {plan.layer}; "
-                  + (f"SAE {plan.d_sae:,} latents" if plan.d_sae else f"method {r.method.name}"),
-                  highlight=False)
+    r, plan = api.plan(recipe_path)
+    console.print(
+        f"plan for {recipe_path} (dry run: nothing is loaded or written)", highlight=False
+    )
+    console.print(
+        f"model {plan.model}: {plan.params / 1e9:.2f}B parameters, d={plan.d_model}, {plan.n_layers} "
+        f"layers (shape from {plan.config_source}); layer {plan.layer}; "
+        + (f"SAE {plan.d_sae:,} latents" if plan.d_sae else f"method {r.method.name}"),
+        highlight=False,
+    )
     console.print(_rich_table("stages", ["stage", "work"], plan.stages, text_columns=2))
-    console.print(_rich_table("memory (estimated)", ["what", "GiB"],
-                              [[w, f"{g:.2f}"] for w, g in plan.memory] + [["peak", f"{plan.peak_gib:.2f}"]]))
+    console.print(
+        _rich_table(
+            "memory (estimated)",
+            ["what", "GiB"],
+            [[w, f"{g:.2f}"] for w, g in plan.memory] + [["peak", f"{plan.peak_gib:.2f}"]],
+        )
+    )
     for m in plan.missing:
         console.print(f"missing here (needed to run): {m}", highlight=False)
 
@@ -260,22 +335,26 @@ def _print_plan(recipe_path: Path) -> None:
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="A YAML recipe."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write the patched checkpoint to."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Folder to write the patched checkpoint to."
+    ),
     work: Path = WORK,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help=f"Recompute from this stage on ({STAGE_NAMES})."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, tokens and estimated memory; run nothing."),
+    from_stage: Optional[str] = typer.Option(
+        None, "--from", help=f"Recompute from this stage on ({STAGE_HELP})."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan, tokens and estimated memory; run nothing."
+    ),
 ) -> None:
-    """All stages: probe → SAE → features → trade-off search (validation) → evaluation (test) → export."""
-    from .api import run as run_all
-
+    """All stages: probe → SAE → features → trade-off search (validation) → evaluation (test) →
+    export."""
     if dry_run:
         _print_plan(recipe)
         return
     if out is None:
         _fail("--out is required: the folder to write the patched checkpoint to")
-    result = run_all(recipe, out, work=work, overwrite=overwrite, from_stage=from_stage,
-                     log=log)
+    result = api.run(recipe, out, work=work, overwrite=overwrite, from_stage=from_stage, log=log)
     _print_run(result.report, out)
     if result.push is not None:
         _print_push(result.push)
@@ -286,53 +365,109 @@ def _print_push(result) -> None:
     if result.pr_url:
         console.print(f"pull request: {result.pr_url}", highlight=False, markup=False)
     console.print(f"revision: {result.revision}", highlight=False, markup=False)
-    console.print("load exactly this commit with:\n\n" + result.snippet + "\n", highlight=False, markup=False)
+    console.print(
+        "load exactly this commit with:\n\n" + result.snippet + "\n", highlight=False, markup=False
+    )
 
 
 @app.command()
 def push(
-    folder: Path = typer.Argument(..., help="An export folder (written by `scalpel run` or `scalpel export`)."),
-    repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME on the Hub (created when missing)."),
-    private: bool = typer.Option(True, "--private/--public", help="Visibility of a repository created now "
-                                 "(an existing one keeps its own)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created when missing)."),
-    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
-    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="The commit's summary line."),
+    folder: Path = typer.Argument(
+        ..., help="An export folder (written by `scalpel run` or `scalpel export`)."
+    ),
+    repo_id: str = typer.Option(
+        ..., "--repo-id", help="OWNER/NAME on the Hub (created when missing)."
+    ),
+    private: bool = typer.Option(
+        True,
+        "--private/--public",
+        help="Visibility of a repository created now (an existing one keeps its own).",
+    ),
+    revision: Optional[str] = typer.Option(
+        None, "--revision", help="Branch to commit to (created when missing)."
+    ),
+    create_pr: bool = typer.Option(
+        False, "--create-pr", help="Open a pull request instead of committing."
+    ),
+    commit_message: Optional[str] = typer.Option(
+        None, "--commit-message", help="The commit's summary line."
+    ),
 ) -> None:
-    """Upload an export to the Hugging Face Hub in one commit; print the commit and how to load it pinned to it.
-    The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks another Hub."""
-    from .push import push_export
-
-    _print_push(push_export(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
-                            commit_message=commit_message, log=log))
+    """Upload an export to the Hugging Face Hub in one commit; print the commit and how to load it
+    pinned to it. The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks another
+    Hub."""
+    _print_push(
+        api.push(
+            folder,
+            repo_id,
+            private=private,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message,
+            log=log,
+        )
+    )
 
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="The model to test: a folder (e.g. an export), built-in, or org/name@rev."),
-    against: str = typer.Option(..., "--against", help="The model to compare with (e.g. the base it was patched from)."),
-    people: Optional[Path] = typer.Option(None, "--people", help="JSONL of name, email, phone, split "
-                                          "(default: people.jsonl beside --against)."),
-    benign: Optional[Path] = typer.Option(None, "--benign", help="Benign text for perplexity/KL (default: pydoc)."),
-    group: Optional[list[str]] = typer.Option(None, "--group", help="People split(s) to attack (default: test "
-                                              "and never_seen, else all)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full results here."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run remote code of non-scalpel models."),
-    attack_dtype: str = typer.Option("float32", "--attack-dtype", help="Precision of the attacks' decoding: "
-                                     "float32 or bfloat16 (about twice as fast on CPU)."),
-    adversarial: bool = typer.Option(True, "--adversarial/--no-adversarial", help="Also the adversarial attacks: "
-                                     "paraphrases, JSON / table / signature formats, prefix, 32 samples."),
-    user_path: bool = typer.Option(True, "--user-path/--no-user-path", help="Also both models loaded in a fresh "
-                                   "process with stock transformers, each prompt generated alone (local folders)."),
+    model: str = typer.Argument(
+        ..., help="The model to test: a folder (e.g. an export), built-in, or org/name@rev."
+    ),
+    against: str = typer.Option(
+        ..., "--against", help="The model to compare with (e.g. the base it was patched from)."
+    ),
+    people: Optional[Path] = typer.Option(
+        None,
+        "--people",
+        help="JSONL of name, email, phone, split (default: people.jsonl beside --against).",
+    ),
+    benign: Optional[Path] = typer.Option(
+        None, "--benign", help="Benign text for perplexity/KL (default: pydoc)."
+    ),
+    group: Optional[list[str]] = typer.Option(
+        None, "--group", help="People split(s) to attack (default: test and never_seen, else all)."
+    ),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the full results here."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Run remote code of non-scalpel models."
+    ),
+    attack_dtype: str = typer.Option(
+        "float32",
+        "--attack-dtype",
+        help="Precision of the attacks' decoding: "
+        "float32 or bfloat16 (about twice as fast on CPU).",
+    ),
+    adversarial: bool = typer.Option(
+        True,
+        "--adversarial/--no-adversarial",
+        help="Also the adversarial attacks: "
+        "paraphrases, JSON / table / signature formats, prefix, 32 samples.",
+    ),
+    user_path: bool = typer.Option(
+        True,
+        "--user-path/--no-user-path",
+        help="Also both models loaded in a fresh "
+        "process with stock transformers, each prompt generated alone (local folders).",
+    ),
 ) -> None:
     """The leakage / utility harness on any two models with the same tokenizer, side by side."""
     import json
 
-    from .api import compare
-
-    result = compare(model, against, people=people, benign=benign, groups=group or None,
-                      trust_remote_code=trust_remote_code, attack_dtype=attack_dtype, adversarial=adversarial,
-                      user_path=user_path, log=log)
+    result = api.compare(
+        model,
+        against,
+        people=people,
+        benign=benign,
+        groups=group or None,
+        trust_remote_code=trust_remote_code,
+        attack_dtype=attack_dtype,
+        adversarial=adversarial,
+        user_path=user_path,
+        log=log,
+    )
     _print_evaluation(result, f"{model} (patched) vs {against} (base)")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
@@ -340,11 +475,26 @@ def eval_cmd(
 
 
 @app.command()
-def check(recipe: Path = typer.Argument(..., help="A YAML recipe.")) -> None:
+def check(
+    recipe: Optional[Path] = typer.Argument(None, help="A YAML recipe (optional with --explain)."),
+    explain: bool = typer.Option(
+        False, "--explain", help="Also list every recipe field: its default and what it does."
+    ),
+) -> None:
     """Validate a recipe without loading any model, and print it with every default filled in."""
-    from .recipe import load_recipe, recipe_yaml
-
-    console.print(recipe_yaml(load_recipe(recipe)), highlight=False, markup=False)
+    if recipe is None and not explain:
+        _fail("give a recipe to check, or --explain to list every recipe field")
+    if recipe is not None:
+        console.print(api.check(recipe), highlight=False, markup=False)
+    if explain:
+        console.print(
+            _rich_table(
+                "recipe fields",
+                ["key", "default", "what it does"],
+                [list(row) for row in api.explain()],
+                text_columns=3,
+            )
+        )
 
 
 @app.command()
@@ -352,41 +502,35 @@ def detect(
     path: Path = typer.Argument(..., help="A text or JSONL file to scan for PII."),
     show: bool = typer.Option(False, "--show", help="Print the redacted lines that hold PII."),
 ) -> None:
-    """Count PII spans (email, phone, SSN, card, IP) per type in a file; values are always redacted."""
-    from collections import Counter
-
-    from .data.detectors import detect as find, redact_text
-
-    if not path.is_file():
-        _fail(f"{path}: file not found")
-    counts: Counter[str] = Counter()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        spans = find(line)
-        counts.update(s.type for s in spans)
-        if show and spans:
-            console.print(f"{lineno}: {redact_text(line)}", highlight=False, markup=False)
-    console.print(_rich_table(f"PII in {path.name}", ["type", "spans"],
-                              [[kind, str(n)] for kind, n in sorted(counts.items())]))
+    """Count PII spans (email, phone, SSN, card, IP) per type in a file; values are always
+    redacted."""
+    counts, lines = api.detect(path, show=show)
+    for lineno, line in lines:
+        console.print(f"{lineno}: {line}", highlight=False, markup=False)
+    console.print(
+        _rich_table(
+            f"PII in {path.name}",
+            ["type", "spans"],
+            [[kind, str(n)] for kind, n in sorted(counts.items())],
+        )
+    )
 
 
 def main() -> None:
-    from .data.corpus import DataError
-    from .models import ModelLoadError
-    from .patch.export import ExportError
-    from .push import PushError
-    from .sae import SAETrainingError
-
     try:
         app()
-    except (RecipeError, ModelLoadError, DataError, FileExistsError, IndexError, SAETrainingError, ExportError,
-            PushError, ValueError) as exc:
+    except api.USER_ERRORS as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         sys.exit(2)
     except OSError as exc:  # the disk, not the input: full, read-only, a path that vanished
         where = f" ({exc.filename})" if exc.filename else ""
-        err.print(f"error: {exc.strerror or exc}{where}; free space or choose another folder and run again: outputs "
-                  "are written atomically (nothing half-written is left under their names) and finished stages "
-                  "are reused", highlight=False, markup=False)
+        err.print(
+            f"error: {exc.strerror or exc}{where}; free space or choose another folder and run again: outputs "
+            "are written atomically (nothing half-written is left under their names) and finished stages "
+            "are reused",
+            highlight=False,
+            markup=False,
+        )
         sys.exit(2)
 
 

@@ -24,7 +24,8 @@ from .sae import TopKSAE
 
 Rule = Literal["span", "pre_span", "both"]
 Score = Literal["mean", "diff", "ratio", "probe"]
-# Added to the benign mean in the `ratio` score, so latents silent on benign text are not all tied at infinity.
+# Added to the benign mean in the `ratio` score, so latents silent on benign text are not all tied
+# at infinity.
 RATIO_EPS = 0.02
 
 
@@ -39,13 +40,20 @@ class TokenLatents:
     doc: torch.Tensor  # [N] long, index into the documents
     pos: torch.Tensor  # [N] long, position in the document's tokens
     mean_norm: float  # mean residual norm at the layer over the kept tokens
-    benign: Optional[torch.Tensor] = None  # [N] bool: the token is from benign text (not a PII document)
+    benign: Optional[torch.Tensor] = (
+        None  # [N] bool: the token is from benign text (not a PII document)
+    )
     span_start: Optional[torch.Tensor] = None  # [N] bool: the first token of a PII span
     acts: Optional[torch.Tensor] = None  # [N, d] the layer's activations, when asked to keep them
 
     @property
     def labels(self) -> dict[str, torch.Tensor]:
-        return {"pii": self.pii, "pre_span": self.pre_span, "span_start": self.span_start, "doc": self.doc}
+        return {
+            "pii": self.pii,
+            "pre_span": self.pre_span,
+            "span_start": self.span_start,
+            "doc": self.doc,
+        }
 
     def __len__(self) -> int:
         return len(self.pii)
@@ -55,7 +63,9 @@ class TokenLatents:
         total = torch.zeros(d_sae)
         n = int(mask.sum())
         if n:
-            total.index_add_(0, self.indices[mask].reshape(-1), self.values[mask].reshape(-1).float())
+            total.index_add_(
+                0, self.indices[mask].reshape(-1), self.values[mask].reshape(-1).float()
+            )
         return total / max(n, 1)
 
     def firing(self, d_sae: int) -> torch.Tensor:
@@ -66,16 +76,30 @@ class TokenLatents:
 
 
 @torch.no_grad()
-def collect_latents(model, tokenizer, sae: TopKSAE, layer: int, docs: Sequence[Document | str], *,
-                    max_length: int = 256, batch_tokens: int = 4096, progress: bool = True,
-                    keep_activations: bool = False) -> TokenLatents:
-    """Run the model to `layer` on `docs` and keep each token's TopK code (never a dense matrix), and the
-    activations themselves with `keep_activations` (for the context gate, fitted on the same pass)."""
-    keys = ("values", "indices", "pii", "pre_span", "span_start", "doc", "pos") + (("acts",) if keep_activations else ())
+def collect_latents(
+    model,
+    tokenizer,
+    sae: TopKSAE,
+    layer: int,
+    docs: Sequence[Document | str],
+    *,
+    max_length: int = 256,
+    batch_tokens: int = 4096,
+    progress: bool = True,
+    keep_activations: bool = False,
+) -> TokenLatents:
+    """Run the model to `layer` on `docs` and keep each token's TopK code (never a dense matrix),
+    and the activations themselves with `keep_activations` (for the context gate, fitted on the same
+    pass)."""
+    keys = ("values", "indices", "pii", "pre_span", "span_start", "doc", "pos") + (
+        ("acts",) if keep_activations else ()
+    )
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     norm_sum, n = 0.0, 0
     batches = token_batches(tokenizer, docs, max_length=max_length, batch_tokens=batch_tokens)
-    for ids, mask, lab in tqdm(batches, desc=f"latents at layer {layer}", unit="batch", disable=not progress):
+    for ids, mask, lab in tqdm(
+        batches, desc=f"latents at layer {layer}", unit="batch", disable=not progress
+    ):
         h = layer_outputs(model, ids, mask, [layer])[layer]
         keep = kept_positions(mask)
         x = h[keep.to(h.device)].float().cpu()
@@ -103,14 +127,18 @@ def target_mask(tl: TokenLatents, rule: Rule) -> torch.Tensor:
     return tl.pii | tl.pre_span
 
 
-def _scores(tl: TokenLatents, d_sae: int, target: torch.Tensor, score: Score, seed: int) -> torch.Tensor:
+def _scores(
+    tl: TokenLatents, d_sae: int, target: torch.Tensor, score: Score, seed: int
+) -> torch.Tensor:
     background = ~(tl.pii | tl.pre_span)
     mean_target = tl.dense_mean(target, d_sae)
     if score == "mean":
         return mean_target
     if score == "diff":
         return mean_target - tl.dense_mean(background, d_sae)
-    if score == "ratio":  # selectivity: what ablating a latent removes at PII per unit removed from benign text
+    if (
+        score == "ratio"
+    ):  # selectivity: what ablating a latent removes at PII per unit removed from benign text
         if tl.benign is None or not bool(tl.benign.any()):
             raise ValueError("the ratio score needs benign text among the documents (data.benign)")
         return mean_target / (tl.dense_mean(tl.benign, d_sae) + RATIO_EPS)
@@ -118,7 +146,8 @@ def _scores(tl: TokenLatents, d_sae: int, target: torch.Tensor, score: Score, se
 
 
 def _probe_coefficients(tl, d_sae, target, background, seed) -> torch.Tensor:
-    """Logistic-regression weights of each latent for target vs background tokens (balanced, sparse)."""
+    """Logistic-regression weights of each latent for target vs background tokens (balanced,
+    sparse)."""
     import numpy as np
     from scipy.sparse import csr_matrix
     from sklearn.linear_model import LogisticRegression
@@ -131,8 +160,14 @@ def _probe_coefficients(tl, d_sae, target, background, seed) -> torch.Tensor:
     if not len(pos_rows) or not len(neg_rows):
         raise ValueError("the probe score needs both PII and non-PII tokens")
     k = tl.indices.shape[1]
-    matrix = csr_matrix((tl.values[rows].reshape(-1).numpy(), tl.indices[rows].reshape(-1).numpy(),
-                         np.arange(0, len(rows) * k + 1, k)), shape=(len(rows), d_sae))
+    matrix = csr_matrix(
+        (
+            tl.values[rows].reshape(-1).numpy(),
+            tl.indices[rows].reshape(-1).numpy(),
+            np.arange(0, len(rows) * k + 1, k),
+        ),
+        shape=(len(rows), d_sae),
+    )
     y = np.r_[np.ones(len(pos_rows)), np.zeros(len(neg_rows))]
     clf = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit(matrix, y)
     return torch.from_numpy(clf.coef_[0]).float()
@@ -159,19 +194,25 @@ class FeatureSet:
     steer_latent: torch.Tensor  # v = mean z_PII - mean z_nonPII  [d_sae]
     mean_norm: float
     firing: torch.Tensor  # [d_sae]
-    means: dict[str, torch.Tensor] = field(default_factory=dict)  # mean z per group: span, pre_span, other
-    context: Optional[tuple[torch.Tensor, float]] = None  # the fitted PII-context gate (w, b), if any
+    means: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # mean z per group: span, pre_span, other
+    context: Optional[tuple[torch.Tensor, float]] = (
+        None  # the fitted PII-context gate (w, b), if any
+    )
 
     def ablation_set(self, n: int) -> list[int]:
         if n > len(self.ranking):
-            raise ValueError(f"ablation size {n} exceeds the {len(self.ranking)} latents that can be ranked")
+            raise ValueError(
+                f"ablation size {n} exceeds the {len(self.ranking)} latents that can be ranked"
+            )
         return self.ranking[:n]
 
 
 def context_positives(labels: dict[str, torch.Tensor], window: int = 0) -> torch.Tensor:
-    """[N] bool: the tokens a context gate must open on: PII tokens, the token before each span, and the
-    `window` tokens before each span's first token (where names and "mailto:" sit). Rows are harvest rows:
-    each document's tokens contiguous and in order."""
+    """[N] bool: the tokens a context gate must open on: PII tokens, the token before each span, and
+    the `window` tokens before each span's first token (where names and "mailto:" sit). Rows are
+    harvest rows: each document's tokens contiguous and in order."""
     positive = (labels["pii"] | labels["pre_span"]).clone()
     if window > 0:
         doc = labels["doc"]
@@ -183,8 +224,9 @@ def context_positives(labels: dict[str, torch.Tensor], window: int = 0) -> torch
 
 
 def matched_random_latents(firing: torch.Tensor, ablate: Sequence[int], seed: int = 0) -> list[int]:
-    """The control for an ablation set: for each latent in it, a random other latent of about the same
-    firing frequency (drawn among the 8 nearest in firing rate, none from the set, no repeats)."""
+    """The control for an ablation set: for each latent in it, a random other latent of about the
+    same firing frequency (drawn among the 8 nearest in firing rate, none from the set, no
+    repeats)."""
     g = torch.Generator().manual_seed(seed)
     taken = set(int(i) for i in ablate)
     order = firing.argsort().tolist()
@@ -192,36 +234,57 @@ def matched_random_latents(firing: torch.Tensor, ablate: Sequence[int], seed: in
     out = []
     for latent in ablate:
         i = place[int(latent)]
-        pool, lo, hi = [], i - 1, i + 1  # the 8 free latents nearest in firing order, walking outwards
+        pool, lo, hi = (
+            [],
+            i - 1,
+            i + 1,
+        )  # the 8 free latents nearest in firing order, walking outwards
         while len(pool) < 8 and (lo >= 0 or hi < len(order)):
             for j in (lo, hi):
                 if 0 <= j < len(order) and order[j] not in taken:
                     pool.append(order[j])
             lo, hi = lo - 1, hi + 1
         if not pool:
-            raise ValueError("not enough latents outside the ablation set to draw a matched control")
+            raise ValueError(
+                "not enough latents outside the ablation set to draw a matched control"
+            )
         choice = pool[int(torch.randint(len(pool), (1,), generator=g))]
         taken.add(choice)
         out.append(choice)
     return out
 
 
-def rank_latents(tl: TokenLatents, d_sae: int, rule: Rule = "both", score: Score = "diff",
-                 seed: int = 0) -> FeatureSet:
-    """Rank latents by `score` at the `rule` positions; `both` alternates the span and pre-span rankings."""
+def rank_latents(
+    tl: TokenLatents, d_sae: int, rule: Rule = "both", score: Score = "diff", seed: int = 0
+) -> FeatureSet:
+    """Rank latents by `score` at the `rule` positions; `both` alternates the span and pre-span
+    rankings."""
     groups = {"span": tl.pii, "pre_span": tl.pre_span}
     if not bool(tl.pii.any()):
-        raise ValueError("no PII tokens among the documents: the features need PII spans to rank latents")
+        raise ValueError(
+            "no PII tokens among the documents: the features need PII spans to rank latents"
+        )
     used = ["span", "pre_span"] if rule == "both" else [rule]
     scores = {name: _scores(tl, d_sae, groups[name], score, seed) for name in used}
     rankings = [s.argsort(descending=True).tolist() for s in scores.values()]
     ranking = _interleave(*rankings) if len(rankings) > 1 else rankings[0]
     other = ~(tl.pii | tl.pre_span)
-    means = {"span": tl.dense_mean(tl.pii, d_sae), "pre_span": tl.dense_mean(tl.pre_span, d_sae),
-             "other": tl.dense_mean(other, d_sae)}
+    means = {
+        "span": tl.dense_mean(tl.pii, d_sae),
+        "pre_span": tl.dense_mean(tl.pre_span, d_sae),
+        "other": tl.dense_mean(other, d_sae),
+    }
     steer = tl.dense_mean(target_mask(tl, rule), d_sae) - means["other"]
-    return FeatureSet(rule, score, ranking, {k: v.tolist() for k, v in scores.items()}, steer, tl.mean_norm,
-                      tl.firing(d_sae), means)
+    return FeatureSet(
+        rule,
+        score,
+        ranking,
+        {k: v.tolist() for k, v in scores.items()},
+        steer,
+        tl.mean_norm,
+        tl.firing(d_sae),
+        means,
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -229,16 +292,26 @@ def rank_latents(tl: TokenLatents, d_sae: int, rule: Rule = "both", score: Score
 
 def redact_names(text: str, names: Sequence[str]) -> str:
     """Replace every known name, and each word of it (a window may cut a name), with [NAME]."""
-    words = sorted({w for n in names for w in [n, *n.split()] if len(w) >= 3}, key=len, reverse=True)
+    words = sorted(
+        {w for n in names for w in [n, *n.split()] if len(w) >= 3}, key=len, reverse=True
+    )
     if not words:
         return text
     pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
     return pattern.sub("[NAME]", text)
 
 
-def redacted_context(tokenizer, doc: Document | str, pos: int, before: int = 12, after: int = 3,
-                     max_length: int = 256, names: Sequence[str] = ()) -> str:
-    """Text around token `pos`, the token marked ⟦…⟧, PII tokens replaced by their type, known names by [NAME]."""
+def redacted_context(
+    tokenizer,
+    doc: Document | str,
+    pos: int,
+    before: int = 12,
+    after: int = 3,
+    max_length: int = 256,
+    names: Sequence[str] = (),
+) -> str:
+    """Text around token `pos`, the token marked ⟦…⟧, PII tokens replaced by their type, known names
+    by [NAME]."""
     doc = doc if isinstance(doc, Document) else Document(doc, [])
     lab = token_labels(tokenizer, doc.text, doc.spans, max_length=max_length)
     pieces, last_type = [], None
@@ -253,9 +326,19 @@ def redacted_context(tokenizer, doc: Document | str, pos: int, before: int = 12,
     return redact_names(redact_text("".join(pieces)), names).replace("\n", "⏎")
 
 
-def feature_report(fs: FeatureSet, tl: TokenLatents, docs: Sequence[Document | str], tokenizer, *, top: int = 20,
-                   examples: int = 3, max_length: int = 256, names: Sequence[str] = ()) -> list[dict]:
-    """The top latents with their means per position group, firing rate and redacted example contexts.
+def feature_report(
+    fs: FeatureSet,
+    tl: TokenLatents,
+    docs: Sequence[Document | str],
+    tokenizer,
+    *,
+    top: int = 20,
+    examples: int = 3,
+    max_length: int = 256,
+    names: Sequence[str] = (),
+) -> list[dict]:
+    """The top latents with their means per position group, firing rate and redacted example
+    contexts.
 
     `docs` are the texts `tl` was collected on, in the same order."""
     rows = []
@@ -263,26 +346,51 @@ def feature_report(fs: FeatureSet, tl: TokenLatents, docs: Sequence[Document | s
         hit = (tl.indices == latent) & (tl.values > 0)
         act = (tl.values * hit).sum(dim=1)
         best = act.argsort(descending=True)[:examples]
-        contexts = [redacted_context(tokenizer, docs[int(tl.doc[r])], int(tl.pos[r]), max_length=max_length,
-                                     names=names)
-                    for r in best if float(act[r]) > 0]
-        rows.append({"rank": rank + 1, "latent": latent,
-                     **{f"score_{k}": round(v[latent], 4) for k, v in fs.scores.items()},
-                     **{f"mean_{k}": round(float(v[latent]), 4) for k, v in fs.means.items()},
-                     "firing": round(float(fs.firing[latent]), 5), "examples": contexts})
+        contexts = [
+            redacted_context(
+                tokenizer, docs[int(tl.doc[r])], int(tl.pos[r]), max_length=max_length, names=names
+            )
+            for r in best
+            if float(act[r]) > 0
+        ]
+        rows.append(
+            {
+                "rank": rank + 1,
+                "latent": latent,
+                **{f"score_{k}": round(v[latent], 4) for k, v in fs.scores.items()},
+                **{f"mean_{k}": round(float(v[latent]), 4) for k, v in fs.means.items()},
+                "firing": round(float(fs.firing[latent]), 5),
+                "examples": contexts,
+            }
+        )
     return rows
 
 
 def write_feature_report(rows: list[dict], fs: FeatureSet, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "features.json").write_text(json.dumps(
-        {"rule": fs.rule, "score": fs.score, "mean_norm": fs.mean_norm, "ranking": fs.ranking[:500], "top": rows},
-        indent=2, ensure_ascii=False))
-    lines = [f"# PII latents (rule `{fs.rule}`, score `{fs.score}`)", "",
-             "| rank | latent | mean on span | mean before span | mean elsewhere | firing | example (redacted) |",
-             "|---:|---:|---:|---:|---:|---:|---|"]
+    (folder / "features.json").write_text(
+        json.dumps(
+            {
+                "rule": fs.rule,
+                "score": fs.score,
+                "mean_norm": fs.mean_norm,
+                "ranking": fs.ranking[:500],
+                "top": rows,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
+    lines = [
+        f"# PII latents (rule `{fs.rule}`, score `{fs.score}`)",
+        "",
+        "| rank | latent | mean on span | mean before span | mean elsewhere | firing | example (redacted) |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         example = (r["examples"][0] if r["examples"] else "").replace("|", "\\|")
-        lines.append(f"| {r['rank']} | {r['latent']} | {r['mean_span']:.3f} | {r['mean_pre_span']:.3f} | "
-                     f"{r['mean_other']:.3f} | {r['firing']:.4f} | {example} |")
+        lines.append(
+            f"| {r['rank']} | {r['latent']} | {r['mean_span']:.3f} | {r['mean_pre_span']:.3f} | "
+            f"{r['mean_other']:.3f} | {r['firing']:.4f} | {example} |"
+        )
     (folder / "features.md").write_text("\n".join(lines) + "\n")

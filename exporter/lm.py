@@ -1,4 +1,5 @@
-"""Next-token scoring over right-padded batches of text, shared by the SAE's spliced CE and the utility metrics."""
+"""Next-token scoring over right-padded batches of text, shared by the SAE's spliced CE and the
+utility metrics."""
 
 from __future__ import annotations
 
@@ -20,12 +21,20 @@ def padding_side(tokenizer, side: str) -> Iterator[None]:
         tokenizer.padding_side = before
 
 
-def right_padded(tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, device=None) -> Iterator[dict]:
-    """Tokenised batches, right-padded whatever the tokenizer's own default (position t predicts t+1)."""
+def right_padded(
+    tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, device=None
+) -> Iterator[dict]:
+    """Tokenised batches, right-padded whatever the tokenizer's own default (position t predicts
+    t+1)."""
     with padding_side(tokenizer, "right"):
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length)
+            enc = tokenizer(
+                list(texts[i : i + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
             yield enc.to(device) if device is not None else enc
 
 
@@ -37,5 +46,7 @@ def target_mask(enc) -> torch.Tensor:
 def next_token_nll(logits: torch.Tensor, enc) -> tuple[float, int]:
     """(summed NLL, number of targets) of a batch's next-token predictions."""
     mask = target_mask(enc)
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
+    ce = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), enc["input_ids"][:, 1:], reduction="none"
+    )
     return float(ce[mask].sum()), int(mask.sum())

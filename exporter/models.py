@@ -1,4 +1,5 @@
-"""Load base models (HF folder, Hub id + revision, GGUF file, built-in alias) and adapt architectures.
+"""Load base models (HF folder, Hub id + revision, GGUF file, built-in alias) and adapt
+architectures.
 
 The architecture adapter is what lets every later stage work on any supported causal LM: it names
 the decoder layers, the hidden size, the modules that write into the residual stream, and gives a
@@ -40,8 +41,9 @@ class Architecture:
     attn_out: str  # relative to a decoder layer
     mlp_out: str  # relative to a decoder layer
     final_norm: str
-    # Norms applied to a writer's output before it is added to the residual stream (Gemma2/3, OLMo2):
-    # a direction projected out of the writer's weight is not projected out of what the residual sees.
+    # Norms applied to a writer's output before it is added to the residual stream (Gemma2/3,
+    # OLMo2): a direction projected out of the writer's weight is not projected out of what the
+    # residual sees.
     post_norms: tuple[str, ...] = ()
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -53,11 +55,15 @@ class Architecture:
     def hidden_size(self, model: nn.Module) -> int:
         return model.get_input_embeddings().embedding_dim
 
-    def residual_writers(self, model: nn.Module, upto: Optional[int] = None,
-                         start: int = 0) -> list[tuple[str, nn.Module]]:
-        """(name, module) of every module whose output is added to the residual stream, in order, from decoder
-        layer `start` through `upto` (inclusive; all layers when None); the embeddings when `start` is 0."""
-        writers = [(name, model.get_submodule(name)) for name in self.embeddings] if start == 0 else []
+    def residual_writers(
+        self, model: nn.Module, upto: Optional[int] = None, start: int = 0
+    ) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every module whose output is added to the residual stream, in order,
+        from decoder layer `start` through `upto` (inclusive; all layers when None); the embeddings
+        when `start` is 0."""
+        writers = (
+            [(name, model.get_submodule(name)) for name in self.embeddings] if start == 0 else []
+        )
         layers = self.decoder_layers(model)
         last = len(layers) - 1 if upto is None else upto
         for i in range(start, last + 1):
@@ -67,9 +73,16 @@ class Architecture:
         return writers
 
 
-_LLAMA_LIKE = dict(layers="model.layers", embeddings=("model.embed_tokens",), attn_out="self_attn.o_proj",
-                   mlp_out="mlp.down_proj", final_norm="model.norm")
-_POST_NORMED = dict(_LLAMA_LIKE, post_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    embeddings=("model.embed_tokens",),
+    attn_out="self_attn.o_proj",
+    mlp_out="mlp.down_proj",
+    final_norm="model.norm",
+)
+_POST_NORMED = dict(
+    _LLAMA_LIKE, post_norms=("post_attention_layernorm", "post_feedforward_layernorm")
+)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", **_LLAMA_LIKE),
@@ -79,18 +92,31 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phi3": Architecture("phi3", **_LLAMA_LIKE),
     "gemma2": Architecture("gemma2", **_POST_NORMED),
     "gemma3_text": Architecture("gemma3_text", **_POST_NORMED),
-    "olmo2": Architecture("olmo2", **dict(_LLAMA_LIKE, post_norms=("post_attention_layernorm",
-                                                                     "post_feedforward_layernorm"))),
-    "gpt2": Architecture("gpt2", layers="transformer.h", embeddings=("transformer.wte", "transformer.wpe"),
-                         attn_out="attn.c_proj", mlp_out="mlp.c_proj", final_norm="transformer.ln_f"),
-    "gpt_neox": Architecture("gpt_neox", layers="gpt_neox.layers", embeddings=("gpt_neox.embed_in",),
-                             attn_out="attention.dense", mlp_out="mlp.dense_4h_to_h",
-                             final_norm="gpt_neox.final_layer_norm"),
+    "olmo2": Architecture(
+        "olmo2",
+        **dict(_LLAMA_LIKE, post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    ),
+    "gpt2": Architecture(
+        "gpt2",
+        layers="transformer.h",
+        embeddings=("transformer.wte", "transformer.wpe"),
+        attn_out="attn.c_proj",
+        mlp_out="mlp.c_proj",
+        final_norm="transformer.ln_f",
+    ),
+    "gpt_neox": Architecture(
+        "gpt_neox",
+        layers="gpt_neox.layers",
+        embeddings=("gpt_neox.embed_in",),
+        attn_out="attention.dense",
+        mlp_out="mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm",
+    ),
 }
 
 
-# What loading raises for a folder it cannot use: missing or unreadable files, and weights whose safetensors
-# header or data is damaged (a truncated download or copy).
+# What loading raises for a folder it cannot use: missing or unreadable files, and weights whose
+# safetensors header or data is damaged (a truncated download or copy).
 _UNREADABLE = (OSError, SafetensorError)
 
 
@@ -129,14 +155,17 @@ def _with_hidden(output, hidden: torch.Tensor):
 def layer_output_hook(
     model: nn.Module, layer: int, fn: Callable[[torch.Tensor], Optional[torch.Tensor]]
 ) -> Iterator[None]:
-    """Call `fn(h)` on the residual stream after decoder layer `layer`; a returned tensor replaces it.
+    """Call `fn(h)` on the residual stream after decoder layer `layer`; a returned tensor replaces
+    it.
 
     Works whether the layer returns a tensor (transformers v5 Llama family) or a tuple (GPT-2, older
     code). The hook is removed on exit, also after an exception.
     """
     layers = architecture_of(model).decoder_layers(model)
     if not 0 <= layer < len(layers):
-        raise IndexError(f"layer {layer} is out of range: this model has decoder layers 0..{len(layers) - 1}")
+        raise IndexError(
+            f"layer {layer} is out of range: this model has decoder layers 0..{len(layers) - 1}"
+        )
 
     def hook(_module, _args, output):
         new = fn(hidden_of(output))
@@ -209,7 +238,9 @@ def convert_gguf(gguf: Path) -> Path:
     if (target / "config.json").exists():
         return target
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     with atomic_dir(target, overwrite=True) as tmp:
@@ -249,7 +280,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     if local is not None and not (local / "config.json").exists():
         raise ModelLoadError(f"{local} is not a Hugging Face model folder (no config.json)")
     try:
-        # Offline, neither the tokenizer nor the model may try the network (and wait out its retries).
+        # Offline, neither the tokenizer nor the model may try the network (and wait out its
+        # retries).
         hub = {k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")}
         tokenizer = AutoTokenizer.from_pretrained(source, **hub)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -266,12 +298,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, architecture_of(model), spec.describe(), str(local) if local else None)
+    return LoadedModel(
+        model, tokenizer, architecture_of(model), spec.describe(), str(local) if local else None
+    )
 
 
 def spec_for(source: str, dtype: str = "float32") -> ModelSpec:
-    """A model spec from one command-line word: a built-in alias, a local folder, a GGUF file or a Hub id
-    (`org/name` or `org/name@revision`)."""
+    """A model spec from one command-line word: a built-in alias, a local folder, a GGUF file or a
+    Hub id (`org/name` or `org/name@revision`)."""
     if source in BUILTIN_ALIASES:
         return ModelSpec(builtin=source, dtype=dtype)
     path = Path(source).expanduser()
@@ -281,22 +315,24 @@ def spec_for(source: str, dtype: str = "float32") -> ModelSpec:
     repo, _, revision = source.partition("@")
     if "/" in repo and not repo.startswith((".", "/")):
         return ModelSpec(hub=repo, revision=revision or None, dtype=dtype)
-    raise ModelLoadError(f"{source!r} is neither a built-in model ({', '.join(BUILTIN_ALIASES)}), an existing folder "
-                         "or GGUF file, nor a Hub id like org/name[@revision]")
+    raise ModelLoadError(
+        f"{source!r} is neither a built-in model ({', '.join(BUILTIN_ALIASES)}), an existing folder "
+        "or GGUF file, nor a Hub id like org/name[@revision]"
+    )
 
 
 def cast_copy(model, dtype: str):
-    """`model` itself when it already runs in `dtype`, else a copy cast to it: the extraction attacks decode,
-    and activations for SAE training may be harvested, in bfloat16 (twice as fast here). A patch attached to
-    the copy computes in float32."""
+    """`model` itself when it already runs in `dtype`, else a copy cast to it: the extraction
+    attacks decode, and activations for SAE training may be harvested, in bfloat16 (twice as fast
+    here). A patch attached to the copy computes in float32."""
     import copy
 
     want = getattr(torch, dtype)
     if next(model.parameters()).dtype == want:
         return model
     cast = copy.deepcopy(model).to(want).eval()
-    # What the model keeps in float32 whatever its dtype (a scalpel export's patch) stays float32, as
-    # `from_pretrained(..., dtype=...)` would leave it.
+    # What the model keeps in float32 whatever its dtype (a scalpel export's patch) stays float32,
+    # as `from_pretrained(..., dtype=...)` would leave it.
     keep = getattr(cast, "_keep_in_fp32_modules_strict", None) or []
     for name, module in cast.named_modules():
         if any(k in name.split(".") for k in keep):
@@ -305,8 +341,9 @@ def cast_copy(model, dtype: str):
 
 
 def load_checkpoint(source: str, *, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load any causal LM to evaluate it: (model, tokenizer). A scalpel export's own remote code is trusted
-    (its patch is sha256-checked at load); other remote code only with `trust_remote_code`."""
+    """Load any causal LM to evaluate it: (model, tokenizer). A scalpel export's own remote code is
+    trusted (its patch is sha256-checked at load); other remote code only with
+    `trust_remote_code`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = spec_for(source, dtype)
@@ -319,11 +356,15 @@ def load_checkpoint(source: str, *, dtype: str = "float32", trust_remote_code: b
     config = json.loads((local / "config.json").read_text())
     remote = "auto_map" in config
     if remote and not (trust_remote_code or "scalpel_patch" in config):
-        raise ModelLoadError(f"{local} ships its own modelling code (auto_map in config.json); read it, then pass "
-                             "--trust-remote-code to run it")
+        raise ModelLoadError(
+            f"{local} ships its own modelling code (auto_map in config.json); read it, then pass "
+            "--trust-remote-code to run it"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(local)
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=_dtype(dtype), trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(
+            local, dtype=_dtype(dtype), trust_remote_code=remote
+        )
     except _UNREADABLE as exc:
         raise ModelLoadError(f"could not load the model in {local}: {exc}") from None
     model.eval()

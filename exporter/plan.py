@@ -1,5 +1,5 @@
-"""`scalpel run --dry-run`: what a recipe will do, how many tokens it processes and the memory it needs,
-worked out from the model's config alone (no weights are loaded, nothing is downloaded)."""
+"""`scalpel run --dry-run`: what a recipe will do, how many tokens it processes and the memory it
+needs, worked out from the model's config alone (no weights are loaded, nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,36 @@ from pathlib import Path
 from typing import Optional
 
 from .recipe import Recipe
+from .run.stage import EVALUATE, FEATURES, METHOD, METHOD_EVALUATE, PROBE, SAE, SEARCH
 
-# Shapes of models the paper's recipes name, for planning on a machine that has never downloaded them.
+# Shapes of models the paper's recipes name, for planning on a machine that has never downloaded
+# them.
 KNOWN_CONFIGS = {
-    "google/gemma-2-2b": dict(model_type="gemma2", hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
-                              vocab_size=256000, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                              tie_word_embeddings=True),
-    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
-                                     intermediate_size=11008, vocab_size=32000, num_attention_heads=32,
-                                     num_key_value_heads=32, head_dim=128, tie_word_embeddings=False),
+    "google/gemma-2-2b": dict(
+        model_type="gemma2",
+        hidden_size=2304,
+        num_hidden_layers=26,
+        intermediate_size=9216,
+        vocab_size=256000,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        tie_word_embeddings=True,
+    ),
+    "meta-llama/Llama-2-7b-hf": dict(
+        model_type="llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
 }
 BYTES = {"float32": 4, "bfloat16": 2}
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass
@@ -34,7 +52,9 @@ class Plan:
     d_sae: int
     stages: list[tuple[str, str]]  # (stage, what it does with how many tokens)
     memory: list[tuple[str, float]]  # (what, GiB)
-    missing: list[str] = field(default_factory=list)  # input files the recipe names that are not here
+    missing: list[str] = field(
+        default_factory=list
+    )  # input files the recipe names that are not here
 
     @property
     def peak_gib(self) -> float:
@@ -43,16 +63,20 @@ class Plan:
 
 
 def model_config(recipe: Recipe) -> tuple[Optional[dict], str]:
-    """The model's config.json from a local folder, the converted built-in, the local HF cache, or the table
-    of known shapes; (None, reason) when none is available."""
+    """The model's config.json from a local folder, the converted built-in, the local HF cache, or
+    the table of known shapes; (None, reason) when none is available."""
     spec = recipe.model
     if spec.path:
         cfg = Path(spec.path) / "config.json"
-        return (json.loads(cfg.read_text()), str(cfg)) if cfg.is_file() else (None, f"{cfg} not found")
+        return (
+            (json.loads(cfg.read_text()), str(cfg)) if cfg.is_file() else (None, f"{cfg} not found")
+        )
     if spec.builtin or spec.gguf:
         from .models import resolve_local_path
 
-        local = resolve_local_path(spec)  # converts a GGUF once (cached); reads no weights afterwards
+        local = resolve_local_path(
+            spec
+        )  # converts a GGUF once (cached); reads no weights afterwards
         return json.loads((local / "config.json").read_text()), str(local / "config.json")
     from huggingface_hub import try_to_load_from_cache
 
@@ -66,7 +90,12 @@ def model_config(recipe: Recipe) -> tuple[Optional[dict], str]:
 
 def parameter_count(cfg: dict) -> int:
     """Decoder-only transformer parameters from its config (norms and biases ignored: <0.1%)."""
-    d, layers, ff, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    d, layers, ff, vocab = (
+        cfg["hidden_size"],
+        cfg["num_hidden_layers"],
+        cfg["intermediate_size"],
+        cfg["vocab_size"],
+    )
     heads = cfg.get("num_attention_heads", 1)
     head_dim = cfg.get("head_dim") or d // heads
     kv = cfg.get("num_key_value_heads") or heads
@@ -79,8 +108,10 @@ def parameter_count(cfg: dict) -> int:
 def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
     cfg, source = model_config(recipe)
     if cfg is None:
-        raise ValueError(f"cannot plan without the model's shape: {source}; download its config.json "
-                         "(huggingface-cli download ORG/NAME config.json) or point model.path at a folder")
+        raise ValueError(
+            f"cannot plan without the model's shape: {source}; download its config.json "
+            "(huggingface-cli download ORG/NAME config.json) or point model.path at a folder"
+        )
     d, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     params = parameter_count(cfg)
     s, p, iv, ev = recipe.sae, recipe.probe, recipe.intervention, recipe.eval
@@ -88,62 +119,139 @@ def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
     layer = str(p.layer) if isinstance(p.layer, int) else "auto (probe)"
     n_candidates = len(iv.ablate_n) * len(iv.alpha) * len(iv.patch)
     stages = [
-        ("probe", f"harvest {p.max_tokens:,} tokens at all {n_layers} layers; one logistic probe per layer"),
-        ("sae", f"{'harvest ' + format(s.harvest_tokens, ',') + ' tokens once (cached), ' if s.source == 'cached' else 'stream activations online, '}"
-                f"train {d_sae:,} latents (k={s.k}) on {s.train_tokens:,} tokens in batches of {s.batch_size:,}"),
-        ("features", "rank latents on PII documents about validation people (plus benign text)"),
-        ("search", f"{n_candidates} candidates ({len(iv.ablate_n)} sizes x {len(iv.alpha)} alphas x "
-                   f"{len(iv.patch)} modes) on validation people, greedy, {ev.max_new_tokens} new tokens"),
-        ("evaluate", f"base, chosen patch and control on test + never-seen people: templates, {ev.few_shot}-shot"
-                     f"{', ' + str(ev.samples) + ' samples' if ev.samples else ''}, phones; perplexity, KL, diversity"),
-        ("export", f"{recipe.export.mode} export; base weights copied, patch in scalpel_patch.safetensors"),
+        (
+            PROBE.name,
+            f"harvest {p.max_tokens:,} tokens at all {n_layers} layers; one logistic probe per layer",
+        ),
+        (
+            SAE.name,
+            f"{'harvest ' + format(s.harvest_tokens, ',') + ' tokens once (cached), ' if s.source == 'cached' else 'stream activations online, '}"
+            f"train {d_sae:,} latents (k={s.k}) on {s.train_tokens:,} tokens in batches of {s.batch_size:,}",
+        ),
+        (FEATURES.name, "rank latents on PII documents about validation people (plus benign text)"),
+        (
+            SEARCH.name,
+            f"{n_candidates} candidates ({len(iv.ablate_n)} sizes x {len(iv.alpha)} alphas x "
+            f"{len(iv.patch)} modes) on validation people, greedy, {ev.max_new_tokens} new tokens",
+        ),
+        (
+            EVALUATE.name,
+            f"base, chosen patch and control on test + never-seen people: templates, {ev.few_shot}-shot"
+            f"{', ' + str(ev.samples) + ' samples' if ev.samples else ''}, phones; perplexity, KL, diversity",
+        ),
+        (
+            "export",
+            f"{recipe.export.mode} export; base weights copied, patch in scalpel_patch.safetensors",
+        ),
     ]
     wbytes = BYTES[recipe.model.dtype]
     if recipe.method.name != "scalpel":
-        return _method_plan(recipe, source, params, d, n_layers, cfg.get("intermediate_size") or 4 * d, wbytes,
-                            list(missing))
+        return _method_plan(
+            recipe,
+            source,
+            params,
+            d,
+            n_layers,
+            cfg.get("intermediate_size") or 4 * d,
+            wbytes,
+            list(missing),
+        )
     memory = [
         ("model weights", params * wbytes / GIB),
         ("probe activations (all layers, float32)", p.max_tokens * n_layers * d * 4 / GIB),
-        ("SAE harvest (float32)", (s.harvest_tokens if s.source == "cached" else max(4 * s.batch_size, 65536))
-         * d * 4 / GIB),
-        ("SAE weights + Adam state", 2 * d * d_sae * 4 * 4 / GIB + s.batch_size * d_sae * 4 * 3 / GIB),
+        (
+            "SAE harvest (float32)",
+            (s.harvest_tokens if s.source == "cached" else max(4 * s.batch_size, 65536))
+            * d
+            * 4
+            / GIB,
+        ),
+        (
+            "SAE weights + Adam state",
+            2 * d * d_sae * 4 * 4 / GIB + s.batch_size * d_sae * 4 * 3 / GIB,
+        ),
     ]
-    return Plan(recipe.model.describe(), source, params, d, n_layers, layer, d_sae, stages, memory, list(missing))
+    return Plan(
+        recipe.model.describe(),
+        source,
+        params,
+        d,
+        n_layers,
+        layer,
+        d_sae,
+        stages,
+        memory,
+        list(missing),
+    )
 
 
-def _method_plan(recipe: Recipe, source: str, params: int, d: int, n_layers: int, d_ff: int, wbytes: int,
-                 missing: list[str]) -> Plan:
+def _method_plan(
+    recipe: Recipe,
+    source: str,
+    params: int,
+    d: int,
+    n_layers: int,
+    d_ff: int,
+    wbytes: int,
+    missing: list[str],
+) -> Plan:
     """The plan of a weight-editing method: its path, the evaluation and a plain export."""
     m, ev = recipe.method, recipe.eval
     if m.name == "depn":
-        what = (f"integrated gradients ({m.ig_steps} steps) over the MLP neurons of {m.examples} PII documents; "
-                f"edit {', '.join(map(str, m.neurons))} neurons in turn, scored on validation people")
+        what = (
+            f"integrated gradients ({m.ig_steps} steps) over the MLP neurons of {m.examples} PII documents; "
+            f"edit {', '.join(map(str, m.neurons))} neurons in turn, scored on validation people"
+        )
         trained = 0
     else:
         kind = "RMU" if m.name == "rmu" else m.loss.upper()
-        what = (f"{kind} for up to {max(m.steps):,} steps (batches of {m.batch_size}), scored on validation people "
-                f"after {', '.join(map(str, m.steps))} steps; stops at the first meeting the targets")
-        # RMU: three MLP output projections; LoRA: rank-r adapters on the seven projections of every layer
-        trained = (3 * d * d_ff if m.name == "rmu" else n_layers * 7 * m.lora_rank * (d + d_ff) if m.lora_rank
-                   else params)
-    layer = ("probe's choice" if m.name == "rmu" and m.layer is None else str(getattr(m, "layer", None) or "-"))
-    stages = [(m.name, what),
-              ("evaluate", f"base, edited model{' and control' if m.name == 'depn' else ''} on test + never-seen "
-                           f"people: templates, {ev.few_shot}-shot{', ' + str(ev.samples) + ' samples' if ev.samples else ''}"
-                           "; memorisation metrics; perplexity, KL, diversity"),
-             ("export", "plain checkpoint (save_pretrained of the edited model; no remote code)")]
-    memory = [("model weights (edited + frozen reference)", 2 * params * wbytes / GIB),
-              ("gradients + AdamW state of trained tensors (float32)", 3 * trained * 4 / GIB)]
-    return Plan(recipe.model.describe(), source, params, d, n_layers, layer, 0, stages, memory, missing)
+        what = (
+            f"{kind} for up to {max(m.steps):,} steps (batches of {m.batch_size}), scored on validation people "
+            f"after {', '.join(map(str, m.steps))} steps; stops at the first meeting the targets"
+        )
+        # RMU: three MLP output projections; LoRA: rank-r adapters on the seven projections of every
+        # layer
+        trained = (
+            3 * d * d_ff
+            if m.name == "rmu"
+            else n_layers * 7 * m.lora_rank * (d + d_ff)
+            if m.lora_rank
+            else params
+        )
+    layer = (
+        "probe's choice"
+        if m.name == "rmu" and m.layer is None
+        else str(getattr(m, "layer", None) or "-")
+    )
+    stages = [
+        (METHOD.name, f"{m.name}: {what}"),
+        (
+            METHOD_EVALUATE.name,
+            f"base, edited model{' and control' if m.name == 'depn' else ''} on test + never-seen "
+            f"people: templates, {ev.few_shot}-shot{', ' + str(ev.samples) + ' samples' if ev.samples else ''}"
+            "; memorisation metrics; perplexity, KL, diversity",
+        ),
+        ("export", "plain checkpoint (save_pretrained of the edited model; no remote code)"),
+    ]
+    memory = [
+        ("model weights (edited + frozen reference)", 2 * params * wbytes / GIB),
+        ("gradients + AdamW state of trained tensors (float32)", 3 * trained * 4 / GIB),
+    ]
+    return Plan(
+        recipe.model.describe(), source, params, d, n_layers, layer, 0, stages, memory, missing
+    )
 
 
 def missing_files(recipe: Recipe) -> list[str]:
     """Input files a recipe names that do not exist on this machine."""
     out = []
-    for key, value in (("model.path", recipe.model.path), ("model.gguf", recipe.model.gguf),
-                       ("data.pii.path", recipe.data.pii.path), ("data.benign.path", recipe.data.benign.path),
-                       ("data.people.path", recipe.data.people.path)):
+    for key, value in (
+        ("model.path", recipe.model.path),
+        ("model.gguf", recipe.model.gguf),
+        ("data.pii.path", recipe.data.pii.path),
+        ("data.benign.path", recipe.data.benign.path),
+        ("data.people.path", recipe.data.people.path),
+    ):
         if value and not Path(value).exists():
             out.append(f"{key}: {value}")
     return out

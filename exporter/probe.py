@@ -22,7 +22,9 @@ class ProbeResult:
     layers: list[int]
     accuracy: list[float]
     auroc: list[float]
-    few_shot_logloss: list[float]  # held-out log-loss of probes fit on `few_shot` examples per class
+    few_shot_logloss: list[
+        float
+    ]  # held-out log-loss of probes fit on `few_shot` examples per class
     chosen: int
     criterion: str  # "accuracy", "few_shot_logloss" or "pinned"
     n_train: int
@@ -59,16 +61,26 @@ def people_disjoint_split(doc_groups: Sequence[set[str]], held_out_fraction: flo
     return train, heldout
 
 
-def _balanced(rows: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, cap: Optional[int] = None) -> np.ndarray:
+def _balanced(
+    rows: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, cap: Optional[int] = None
+) -> np.ndarray:
     pos = rows[y[rows]].numpy()
     neg = rows[~y[rows]].numpy()
     n = min(len(pos), len(neg), cap or len(pos))
     return np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)])
 
 
-def run_probes(acts: Activations, doc_groups: Sequence[set[str]], *, held_out_fraction: float = 0.3,
-               seed: int = 0, pinned: Optional[int] = None, few_shot: int = 16, max_per_class: int = 4000,
-               target: str = "pii") -> ProbeResult:
+def run_probes(
+    acts: Activations,
+    doc_groups: Sequence[set[str]],
+    *,
+    held_out_fraction: float = 0.3,
+    seed: int = 0,
+    pinned: Optional[int] = None,
+    few_shot: int = 16,
+    max_per_class: int = 4000,
+    target: str = "pii",
+) -> ProbeResult:
     """Logistic-regression probe per layer on balanced, people-disjoint train / held-out tokens."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss, roc_auc_score
@@ -84,10 +96,15 @@ def run_probes(acts: Activations, doc_groups: Sequence[set[str]], *, held_out_fr
     train_rows = _balanced(in_train.nonzero().squeeze(1), y, rng, max_per_class)
     held_rows = _balanced(in_held.nonzero().squeeze(1), y, rng, max_per_class)
     if len(train_rows) < 4 or len(held_rows) < 4:
-        raise ValueError("too few PII tokens for a probe: need PII and non-PII tokens on both sides of the "
-                         "people-disjoint split; give more PII text (data.pii) or more people")
+        raise ValueError(
+            "too few PII tokens for a probe: need PII and non-PII tokens on both sides of the "
+            "people-disjoint split; give more PII text (data.pii) or more people"
+        )
     y_np = y.numpy()
-    few_rows = [_balanced(torch.from_numpy(train_rows), y, np.random.default_rng(seed + r), few_shot) for r in range(5)]
+    few_rows = [
+        _balanced(torch.from_numpy(train_rows), y, np.random.default_rng(seed + r), few_shot)
+        for r in range(5)
+    ]
     layers = sorted(acts.acts)
     accuracy, auroc, few_loss = [], [], []
     for layer in layers:
@@ -101,23 +118,37 @@ def run_probes(acts: Activations, doc_groups: Sequence[set[str]], *, held_out_fr
         for rows in few_rows:
             small = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1))
             small.fit(x[rows], y_np[rows])
-            losses.append(log_loss(y_np[held_rows], small.predict_proba(x[held_rows])[:, 1], labels=[0, 1]))
+            losses.append(
+                log_loss(y_np[held_rows], small.predict_proba(x[held_rows])[:, 1], labels=[0, 1])
+            )
         few_loss.append(float(np.mean(losses)))
     if pinned is not None:
         if pinned not in layers:
-            raise IndexError(f"pinned probe layer {pinned} was not harvested; harvested layers: {layers[0]}..{layers[-1]}")
+            raise IndexError(
+                f"pinned probe layer {pinned} was not harvested; harvested layers: {layers[0]}..{layers[-1]}"
+            )
         chosen, criterion = pinned, "pinned"
     else:
         best = max(accuracy)
         tied = [i for i, a in enumerate(accuracy) if best - a <= SATURATION_GAP]
         if len(tied) > 1:
-            # Saturated: many layers separate PII perfectly. Few-shot log-loss still ranks them by how
-            # linearly (and how cheaply) PII is readable there.
+            # Saturated: many layers separate PII perfectly. Few-shot log-loss still ranks them by
+            # how linearly (and how cheaply) PII is readable there.
             i = min(tied, key=lambda j: few_loss[j])
             chosen, criterion = layers[i], "few_shot_logloss"
         else:
             chosen, criterion = layers[tied[0]], "accuracy"
-    return ProbeResult(layers, accuracy, auroc, few_loss, chosen, criterion, len(train_rows), len(held_rows), few_shot)
+    return ProbeResult(
+        layers,
+        accuracy,
+        auroc,
+        few_loss,
+        chosen,
+        criterion,
+        len(train_rows),
+        len(held_rows),
+        few_shot,
+    )
 
 
 def plot_probe(result: ProbeResult, path: Path) -> Path:
@@ -132,7 +163,13 @@ def plot_probe(result: ProbeResult, path: Path) -> Path:
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("score")
     ax2 = ax.twinx()
-    ax2.plot(result.layers, result.few_shot_logloss, color="tab:red", ls="--", label=f"{result.few_shot}-shot log-loss")
+    ax2.plot(
+        result.layers,
+        result.few_shot_logloss,
+        color="tab:red",
+        ls="--",
+        label=f"{result.few_shot}-shot log-loss",
+    )
     ax2.set_ylabel("few-shot log-loss")
     ax.axvline(result.chosen, color="gray", ls=":", label=f"chosen ({result.criterion})")
     lines = ax.get_legend_handles_labels()
@@ -151,5 +188,7 @@ def write_probe_report(result: ProbeResult, folder: Path) -> None:
     (folder / "probe.md").write_text(
         f"Chosen layer: **{result.chosen}** (criterion: {result.criterion}); "
         f"{result.n_train} train / {result.n_heldout} held-out tokens, people-disjoint, balanced.\n\n"
-        + result.table() + "\n")
+        + result.table()
+        + "\n"
+    )
     plot_probe(result, folder / "probe.png")

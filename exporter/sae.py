@@ -1,4 +1,5 @@
-"""TopK sparse autoencoder with the AuxK dead-latent loss (Gao et al. 2024), trainer and SAELens I/O.
+"""TopK sparse autoencoder with the AuxK dead-latent loss (Gao et al. 2024), trainer and SAELens
+I/O.
 
     z     = ReLU(TopK_k(W_enc (s·x - b_pre) + b_enc))
     x_hat = (W_dec^T z + b_pre) / s
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from .recipe import SaeSection
 
 
 class SAETrainingError(RuntimeError):
@@ -55,13 +58,19 @@ class TopKSAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         values, indices = self.topk(x)
-        return torch.zeros(*x.shape[:-1], self.d_sae, dtype=values.dtype, device=x.device).scatter_(-1, indices, values)
+        return torch.zeros(*x.shape[:-1], self.d_sae, dtype=values.dtype, device=x.device).scatter_(
+            -1, indices, values
+        )
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Decode from the k active latents only (gathers k decoder rows, never a dense z)."""
         shape = values.shape[:-1]
-        out = F.embedding_bag(indices.reshape(-1, self.k), self.W_dec, per_sample_weights=values.reshape(-1, self.k),
-                              mode="sum")
+        out = F.embedding_bag(
+            indices.reshape(-1, self.k),
+            self.W_dec,
+            per_sample_weights=values.reshape(-1, self.k),
+            mode="sum",
+        )
         return ((out + self.b_pre) / self.norm_scale).reshape(*shape, self.d_in)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -72,7 +81,8 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def fold_scale(self) -> None:
-        """Fold the input normalisation into the weights; outputs are unchanged, norm_scale becomes 1."""
+        """Fold the input normalisation into the weights; outputs are unchanged, norm_scale becomes
+        1."""
         s = float(self.norm_scale)
         self.W_enc.mul_(s)
         self.W_dec.div_(s)
@@ -81,25 +91,6 @@ class TopKSAE(nn.Module):
 
 
 # ---------------------------------------------------------------- training
-
-
-@dataclass
-class TrainConfig:
-    k: int = 32
-    expansion: int = 8
-    k_aux: int = 256
-    aux_coef: float = 1 / 32
-    lr: float = 5e-3
-    batch_size: int = 4096
-    train_tokens: int = 6_000_000
-    b_pre: str = "geometric_median"
-    dead_tokens: int = 500_000  # a latent silent for this many training tokens counts as dead
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of steps
-    outlier_factor: float = 20.0  # tokens with norm above this × median are left out of training
-    checkpoint_every: int = 200
-    bf16_encoder: bool = True  # encoder matmul in bfloat16: 1.5x faster on CPUs with AVX512-BF16, same FVU
-    seed: int = 0
 
 
 @dataclass
@@ -142,7 +133,7 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+def _lr_factor(step: int, total: int, cfg: SaeSection) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     decay_start = int(total * (1 - cfg.decay_fraction))
@@ -170,16 +161,29 @@ class _SelectedPreActs(torch.autograd.Function):
         rows, n = indices.shape
         grad = grad.contiguous().to(w_enc.dtype)
         flat = indices.reshape(-1)
-        g_bias = torch.zeros(w_enc.shape[0], dtype=w_enc.dtype, device=w_enc.device).index_add_(0, flat, grad.reshape(-1))
+        g_bias = torch.zeros(w_enc.shape[0], dtype=w_enc.dtype, device=w_enc.device).index_add_(
+            0, flat, grad.reshape(-1)
+        )
         g_xc = F.embedding_bag(indices, w_enc, per_sample_weights=grad, mode="sum")
         owner = torch.arange(rows, device=xc.device).repeat_interleave(n)
-        sparse = torch.sparse_coo_tensor(torch.stack([flat, owner]), grad.reshape(-1), (w_enc.shape[0], rows),
-                                         check_invariants=False)
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([flat, owner]),
+            grad.reshape(-1),
+            (w_enc.shape[0], rows),
+            check_invariants=False,
+        )
         g_w = torch.sparse.mm(sparse, xc.detach().to(w_enc.dtype))
         return g_xc, g_w, g_bias, None, None
 
 
-def _loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coef: float, bf16: bool = False):
+def _loss(
+    sae: TopKSAE,
+    x: torch.Tensor,
+    dead: torch.Tensor,
+    k_aux: int,
+    aux_coef: float,
+    bf16: bool = False,
+):
     """MSE (per input dimension, in normalised input space) + aux_coef × AuxK loss.
 
     The dense encoder pass runs without a graph (in bfloat16 with `bf16`); gradients flow only
@@ -188,12 +192,15 @@ def _loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coe
     xc = xn - sae.b_pre
     with torch.no_grad():
         if bf16:
-            # Kept in bfloat16: selecting from it needs no float copy of the [batch × latents] matrix.
+            # Kept in bfloat16: selecting from it needs no float copy of the [batch × latents]
+            # matrix.
             pre = F.linear(xc.bfloat16(), sae.W_enc.bfloat16(), sae.b_enc.bfloat16())
         else:
             pre = F.linear(xc, sae.W_enc, sae.b_enc)
     _, indices = pre.topk(sae.k, dim=-1, sorted=False)
-    values = _SelectedPreActs.apply(xc, sae.W_enc, sae.b_enc, indices, pre.gather(1, indices).float()).relu()
+    values = _SelectedPreActs.apply(
+        xc, sae.W_enc, sae.b_enc, indices, pre.gather(1, indices).float()
+    ).relu()
     recon = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_pre
     err = xn - recon
     mse = err.pow(2).sum(-1).mean() / sae.d_in
@@ -217,10 +224,69 @@ def _loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coe
     return mse + aux_coef * aux, mse, indices, values.detach()
 
 
-def train_sae(batches: Iterator[torch.Tensor], sample: torch.Tensor, cfg: TrainConfig, *,
-              workdir: Optional[Path] = None, progress: bool = True) -> TrainResult:
+def _initial_sae(sample: torch.Tensor, cfg: SaeSection) -> tuple[TopKSAE, float]:
+    """A fresh SAE for inputs like `sample` (outliers left out): input scale to mean norm sqrt(d),
+    b_pre from it."""
+    clean = sample[outlier_mask(sample, cfg.outlier_factor)].float()
+    d_in = clean.shape[1]
+    scale = math.sqrt(d_in) / clean.norm(dim=1).mean().item()
+    sae = TopKSAE(d_in, d_in * cfg.expansion, cfg.k, norm_scale=scale)
+    with torch.no_grad():
+        centre = (
+            geometric_median(clean * scale)
+            if cfg.b_pre == "geometric_median"
+            else (clean * scale).mean(0)
+        )
+        sae.b_pre.copy_(centre)
+    return sae, scale
+
+
+def _check_loss(loss: torch.Tensor, first: Optional[float], step: int, lr: float) -> float:
+    """The first loss seen; SAETrainingError when this one diverged (not finite, or 1000x the
+    first)."""
+    if not torch.isfinite(loss):
+        raise SAETrainingError(
+            f"SAE training diverged at step {step}: loss={loss.item()}; "
+            f"lower sae.lr (now {lr}) or check the activations for NaN/inf"
+        )
+    first = first or loss.item()
+    if loss.item() > 1e3 * first:
+        raise SAETrainingError(
+            f"SAE training diverged at step {step}: loss grew from {first:.3g} to "
+            f"{loss.item():.3g}; lower sae.lr (now {lr})"
+        )
+    return first
+
+
+def _synced_fired(
+    sae: TopKSAE, indices: torch.Tensor, values: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Which latents fired on the batch (on any rank); gradients averaged across ranks and each
+    decoder row's gradient component along the row removed (the rows stay on the unit sphere)."""
+    fired = torch.zeros(sae.d_sae, dtype=torch.long)
+    fired[indices[values > 0].unique()] = 1
+    if size > 1:
+        for p in sae.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= size
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+    with torch.no_grad():
+        w = sae.W_dec
+        w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+    return fired.bool()
+
+
+def train_sae(
+    batches: Iterator[torch.Tensor],
+    sample: torch.Tensor,
+    cfg: SaeSection,
+    *,
+    workdir: Optional[Path] = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train on an iterator of [B, d] batches (each rank of a data-parallel run sees the same
-    iterator and takes its own slice). `sample` (a few thousand rows) sets b_pre and the scale.
+    iterator and takes its own slice). `sample` (a few thousand rows) sets b_pre and the scale;
+    `cfg` is the recipe's SAE section.
 
     With `workdir`, a checkpoint is written every `checkpoint_every` steps and a run that finds one
     resumes from it (the batch iterator is fast-forwarded to the same place).
@@ -229,18 +295,16 @@ def train_sae(batches: Iterator[torch.Tensor], sample: torch.Tensor, cfg: TrainC
     if cfg.batch_size % size:
         raise ValueError(f"batch_size {cfg.batch_size} must divide evenly across {size} processes")
     if not torch.isfinite(sample).all():
-        raise SAETrainingError("the activation sample holds NaN or inf values; check the model's dtype and inputs")
+        raise SAETrainingError(
+            "the activation sample holds NaN or inf values; check the model's dtype and inputs"
+        )
     torch.manual_seed(cfg.seed)
-    keep = outlier_mask(sample, cfg.outlier_factor)
-    clean = sample[keep].float()
-    d_in = clean.shape[1]
-    scale = math.sqrt(d_in) / clean.norm(dim=1).mean().item()
-    sae = TopKSAE(d_in, d_in * cfg.expansion, cfg.k, norm_scale=scale)
-    with torch.no_grad():
-        centre = geometric_median(clean * scale) if cfg.b_pre == "geometric_median" else (clean * scale).mean(0)
-        sae.b_pre.copy_(centre)
-    # Fused: one pass over each parameter instead of a dozen elementwise ops (Adam took over a quarter of a CPU step).
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=sae.W_enc.device.type in ("cpu", "cuda"))
+    sae, scale = _initial_sae(sample, cfg)
+    # Fused: one pass over each parameter instead of a dozen elementwise ops (Adam took over a
+    # quarter of a CPU step).
+    opt = torch.optim.Adam(
+        sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=sae.W_enc.device.type in ("cpu", "cuda")
+    )
     total = max(1, cfg.train_tokens // cfg.batch_size)
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
     step, dropped, losses = 0, 0, []
@@ -249,7 +313,12 @@ def train_sae(batches: Iterator[torch.Tensor], sample: torch.Tensor, cfg: TrainC
         state = torch.load(ckpt, weights_only=False)
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
-        since_fired, step, dropped, losses = state["since_fired"], state["step"], state["dropped"], state["losses"]
+        since_fired, step, dropped, losses = (
+            state["since_fired"],
+            state["step"],
+            state["dropped"],
+            state["losses"],
+        )
         for _ in range(step):
             next(batches)
     start = time.perf_counter()
@@ -260,36 +329,21 @@ def train_sae(batches: Iterator[torch.Tensor], sample: torch.Tensor, cfg: TrainC
         batch = batch.chunk(size)[rank] if size > 1 else batch
         ok = outlier_mask(batch, cfg.outlier_factor)
         dropped += int((~ok).sum())
-        batch = batch[ok]
         dead = since_fired >= cfg.dead_tokens
-        loss, mse, indices, values = _loss(sae, batch, dead, cfg.k_aux, cfg.aux_coef, cfg.bf16_encoder)
-        if not torch.isfinite(loss):
-            raise SAETrainingError(f"SAE training diverged at step {step}: loss={loss.item()}; "
-                                   f"lower sae.lr (now {cfg.lr}) or check the activations for NaN/inf")
-        first_loss = first_loss or loss.item()
-        if loss.item() > 1e3 * first_loss:
-            raise SAETrainingError(f"SAE training diverged at step {step}: loss grew from {first_loss:.3g} to "
-                                   f"{loss.item():.3g}; lower sae.lr (now {cfg.lr})")
+        loss, mse, indices, values = _loss(
+            sae, batch[ok], dead, cfg.k_aux, cfg.aux_coef, cfg.bf16_encoder
+        )
+        first_loss = _check_loss(loss, first_loss, step, cfg.lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        fired = torch.zeros(sae.d_sae, dtype=torch.long)
-        fired[indices[values > 0].unique()] = 1
-        if size > 1:
-            for p in sae.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= size
-            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-        with torch.no_grad():
-            # Keep decoder rows on the unit sphere: drop the gradient component along each row.
-            w = sae.W_dec
-            w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+        fired = _synced_fired(sae, indices, values, size)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, total, cfg)
         opt.step()
         with torch.no_grad():
             sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
         since_fired += cfg.batch_size
-        since_fired[fired.bool()] = 0
+        since_fired[fired] = 0
         step += 1
         losses.append(mse.item())
         bar.update(1)
@@ -297,14 +351,31 @@ def train_sae(batches: Iterator[torch.Tensor], sample: torch.Tensor, cfg: TrainC
             bar.set_postfix(mse=f"{mse.item():.4f}", dead=f"{float(dead.float().mean()):.3f}")
         if ckpt is not None and rank == 0 and (step % cfg.checkpoint_every == 0 or step == total):
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "since_fired": since_fired, "step": step,
-                        "dropped": dropped, "losses": losses}, tmp)
+            torch.save(
+                {
+                    "sae": sae.state_dict(),
+                    "opt": opt.state_dict(),
+                    "since_fired": since_fired,
+                    "step": step,
+                    "dropped": dropped,
+                    "losses": losses,
+                },
+                tmp,
+            )
             os.replace(tmp, ckpt)
     bar.close()
     dead_fraction = float((since_fired >= cfg.dead_tokens).float().mean())
     sae.fold_scale()
-    return TrainResult(sae, step, step * cfg.batch_size, time.perf_counter() - start, dead_fraction, scale,
-                       dropped, losses)
+    return TrainResult(
+        sae,
+        step,
+        step * cfg.batch_size,
+        time.perf_counter() - start,
+        dead_fraction,
+        scale,
+        dropped,
+        losses,
+    )
 
 
 # ---------------------------------------------------------------- metrics
@@ -328,10 +399,11 @@ def reconstruction_metrics(sae: TopKSAE, x: torch.Tensor, batch_size: int = 8192
 
 
 @torch.no_grad()
-def spliced_ce(model, tokenizer, sae: TopKSAE, layer: int, texts, *, max_length: int = 128,
-               batch_size: int = 8) -> dict:
-    """Next-token CE with layer `layer`'s output replaced by the SAE reconstruction, against the clean
-    model and against zero-ablation of that output (position 0 left as is in both)."""
+def spliced_ce(
+    model, tokenizer, sae: TopKSAE, layer: int, texts, *, max_length: int = 128, batch_size: int = 8
+) -> dict:
+    """Next-token CE with layer `layer`'s output replaced by the SAE reconstruction, against the
+    clean model and against zero-ablation of that output (position 0 left as is in both)."""
     from .lm import next_token_nll, right_padded
     from .models import layer_output_hook
 
@@ -359,29 +431,58 @@ def spliced_ce(model, tokenizer, sae: TopKSAE, layer: int, texts, *, max_length:
         return out
 
     clean, spliced, zeroed = run(None), run(splice), run(zero)
-    return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero": zeroed,
-            "ce_increase_fraction": (spliced - clean) / max(zeroed - clean, 1e-9)}
+    return {
+        "ce_clean": clean,
+        "ce_spliced": spliced,
+        "ce_zero": zeroed,
+        "ce_increase_fraction": (spliced - clean) / max(zeroed - clean, 1e-9),
+    }
 
 
 # ---------------------------------------------------------------- SAELens format
 
 
-def save_sae(sae: TopKSAE, path: Path, *, layer: int, model_name: str, hook_name: Optional[str] = None,
-             extra: Optional[dict] = None) -> Path:
+def save_sae(
+    sae: TopKSAE,
+    path: Path,
+    *,
+    layer: int,
+    model_name: str,
+    hook_name: Optional[str] = None,
+    extra: Optional[dict] = None,
+) -> Path:
     """SAELens on-disk format: cfg.json + sae_weights.safetensors (W_enc is [d_in, d_sae])."""
     if float(sae.norm_scale) != 1.0:
-        raise ValueError("fold the input scale (sae.fold_scale()) before saving, so the file works on raw activations")
+        raise ValueError(
+            "fold the input scale (sae.fold_scale()) before saving, so the file works on raw activations"
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({"W_enc": sae.W_enc.detach().T.contiguous(), "b_enc": sae.b_enc.detach().contiguous(),
-               "W_dec": sae.W_dec.detach().contiguous(), "b_dec": sae.b_pre.detach().contiguous()},
-              str(path / "sae_weights.safetensors"))
+    save_file(
+        {
+            "W_enc": sae.W_enc.detach().T.contiguous(),
+            "b_enc": sae.b_enc.detach().contiguous(),
+            "W_dec": sae.W_dec.detach().contiguous(),
+            "b_dec": sae.b_pre.detach().contiguous(),
+        },
+        str(path / "sae_weights.safetensors"),
+    )
     cfg = {
-        "architecture": "topk", "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
-        "dtype": str(sae.W_enc.dtype).removeprefix("torch."), "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-        "metadata": {"model_name": model_name, "hook_name": hook_name or f"model.layers.{layer}",
-                     "hook_layer": layer, "sae_lens_training_version": None},
+        "architecture": "topk",
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": model_name,
+            "hook_name": hook_name or f"model.layers.{layer}",
+            "hook_layer": layer,
+            "sae_lens_training_version": None,
+        },
         "scalpel": extra or {},
     }
     (path / "cfg.json").write_text(json.dumps(cfg, indent=2))
@@ -392,10 +493,14 @@ def load_sae(path: Path) -> tuple[TopKSAE, dict]:
     path = Path(path)
     cfg_file, weights = path / "cfg.json", path / "sae_weights.safetensors"
     if not cfg_file.exists() or not weights.exists():
-        raise FileNotFoundError(f"{path} is not an SAE folder: it needs cfg.json and sae_weights.safetensors")
+        raise FileNotFoundError(
+            f"{path} is not an SAE folder: it needs cfg.json and sae_weights.safetensors"
+        )
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("architecture") != "topk":
-        raise ValueError(f"{path}: architecture {cfg.get('architecture')!r} is not supported; only 'topk'")
+        raise ValueError(
+            f"{path}: architecture {cfg.get('architecture')!r} is not supported; only 'topk'"
+        )
     tensors = load_file(str(weights))
     sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"])
     with torch.no_grad():

@@ -9,17 +9,41 @@ import torch
 # `scalpel demo` are reused rather than rebuilt.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-ARCH_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "olmo2"]
+ARCH_TYPES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "olmo2",
+]
 
 
 def tiny_config(model_type: str, vocab_size: int = 128, **overrides):
     from transformers import AutoConfig
 
     if model_type == "gpt2":
-        return AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                                    **overrides)
-    kwargs = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, max_position_embeddings=128)
+        return AutoConfig.for_model(
+            "gpt2",
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=128,
+            **overrides,
+        )
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     if model_type != "gpt_neox":
         kwargs["num_key_value_heads"] = 2
     if model_type in ("qwen3", "gemma2", "gemma3_text"):
@@ -33,7 +57,9 @@ def tiny_model(model_type: str, vocab_size: int = 128, seed: int = 0, **override
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, vocab_size, **overrides), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(model_type, vocab_size, **overrides), dtype=torch.float32
+    )
     return model.eval()
 
 
@@ -49,18 +75,25 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([d.text for d in docs], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     return fast
 
 
 @pytest.fixture(scope="session")
 def demo_work(tmp_path_factory):
-    """One stage folder for the slow real-model tests, so the probe and SAE are built once per session.
+    """One stage folder for the slow real-model tests, so the probe and SAE are built once per
+    session.
 
-    SCALPEL_TEST_WORK names a folder to keep between sessions (stages are reused when their keys match)."""
+    SCALPEL_TEST_WORK names a folder to keep between sessions (stages are reused when their keys
+    match)."""
     import os
     from pathlib import Path
 
@@ -69,8 +102,8 @@ def demo_work(tmp_path_factory):
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on now, for a torchrun rendezvous (a fixed one can still be held by an
-    earlier run's socket)."""
+    """A TCP port nothing listens on now, for a torchrun rendezvous (a fixed one can still be held
+    by an earlier run's socket)."""
     import socket
 
     with socket.socket() as s:
@@ -86,9 +119,20 @@ sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest
 """
 
 
-def write_workspace(folder, tokenizer, *, n_memorised: int, n_never_seen: int, texts_per_person: int, seed: int,
-                    benign: str, paragraphs: int, recipe: str) -> None:
-    """A tiny Llama folder with `tokenizer`, a synthetic PII corpus, its people, benign text and a recipe."""
+def write_workspace(
+    folder,
+    tokenizer,
+    *,
+    n_memorised: int,
+    n_never_seen: int,
+    texts_per_person: int,
+    seed: int,
+    benign: str,
+    paragraphs: int,
+    recipe: str,
+) -> None:
+    """A tiny Llama folder with `tokenizer`, a synthetic PII corpus, its people, benign text and a
+    recipe."""
     from exporter.data.corpus import write_jsonl
     from exporter.data.people import write_people
     from exporter.data.synthetic import SyntheticConfig, make_corpus
@@ -96,19 +140,37 @@ def write_workspace(folder, tokenizer, *, n_memorised: int, n_never_seen: int, t
     model = tiny_model("llama", vocab_size=len(tokenizer))
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
-    docs, people = make_corpus(SyntheticConfig(n_memorised=n_memorised, n_never_seen=n_never_seen,
-                                               texts_per_person=texts_per_person, seed=seed))
+    docs, people = make_corpus(
+        SyntheticConfig(
+            n_memorised=n_memorised,
+            n_never_seen=n_never_seen,
+            texts_per_person=texts_per_person,
+            seed=seed,
+        )
+    )
     write_jsonl(({"text": d.text} for d in docs), folder / "pii.jsonl")
     write_people(people, folder / "people.jsonl")
-    (folder / "benign.txt").write_text("\n\n".join(f"Paragraph {i} {benign}" * 3 for i in range(paragraphs)))
+    (folder / "benign.txt").write_text(
+        "\n\n".join(f"Paragraph {i} {benign}" * 3 for i in range(paragraphs))
+    )
     (folder / "recipe.yaml").write_text(recipe)
 
 
 @pytest.fixture
 def ws(tmp_path, tiny_tokenizer, monkeypatch):
-    """A workspace (the current folder): tiny Llama, PII corpus, people, benign text and a recipe that works."""
+    """A workspace (the current folder): tiny Llama, PII corpus, people, benign text and a recipe
+    that works."""
     monkeypatch.setenv("SCALPEL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    write_workspace(tmp_path, tiny_tokenizer, n_memorised=12, n_never_seen=3, texts_per_person=2, seed=3,
-                    benign="is about names and values.", paragraphs=30, recipe=TINY_RECIPE)
+    write_workspace(
+        tmp_path,
+        tiny_tokenizer,
+        n_memorised=12,
+        n_never_seen=3,
+        texts_per_person=2,
+        seed=3,
+        benign="is about names and values.",
+        paragraphs=30,
+        recipe=TINY_RECIPE,
+    )
     return tmp_path

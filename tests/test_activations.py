@@ -1,20 +1,29 @@
 import torch
-
-from exporter.activations import harvest, layer_outputs, load_shards, stream_activations, token_batches
-from exporter.data.synthetic import SyntheticConfig, make_corpus
-
 from conftest import tiny_model
+
+from exporter.activations import (
+    harvest,
+    layer_outputs,
+    load_shards,
+    stream_activations,
+    token_batches,
+)
+from exporter.data.synthetic import SyntheticConfig, make_corpus
 
 
 def _docs():
-    docs, _ = make_corpus(SyntheticConfig(n_memorised=4, n_never_seen=1, texts_per_person=2, seed=5))
+    docs, _ = make_corpus(
+        SyntheticConfig(n_memorised=4, n_never_seen=1, texts_per_person=2, seed=5)
+    )
     return docs
 
 
 def test_harvest_matches_hidden_states_and_skips_position_0_and_pad(tiny_tokenizer):
     model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
     docs = _docs()
-    got = harvest(model, tiny_tokenizer, docs, [0, 1], max_length=256, batch_tokens=1024, progress=False)
+    got = harvest(
+        model, tiny_tokenizer, docs, [0, 1], max_length=256, batch_tokens=1024, progress=False
+    )
     expected = {0: [], 1: []}
     pii = []
     for ids, mask, labels in token_batches(tiny_tokenizer, docs, max_length=256, batch_tokens=1024):
@@ -49,8 +58,17 @@ def test_spill_to_shards_round_trips(tiny_tokenizer, tmp_path):
     model = tiny_model("gpt2", vocab_size=len(tiny_tokenizer))
     docs = _docs()
     mem = harvest(model, tiny_tokenizer, docs, [1], max_length=64, batch_tokens=128, progress=False)
-    spilled = harvest(model, tiny_tokenizer, docs, [1], max_length=64, batch_tokens=128, progress=False,
-                      shard_dir=tmp_path, memory_budget_mb=0.001)
+    spilled = harvest(
+        model,
+        tiny_tokenizer,
+        docs,
+        [1],
+        max_length=64,
+        batch_tokens=128,
+        progress=False,
+        shard_dir=tmp_path,
+        memory_budget_mb=0.001,
+    )
     shards = sorted(tmp_path.glob("shard-*.safetensors"))
     assert len(shards) > 1
     torch.testing.assert_close(spilled.acts[1], mem.acts[1])
@@ -61,11 +79,31 @@ def test_spill_to_shards_round_trips(tiny_tokenizer, tmp_path):
 def test_max_tokens_and_stream(tiny_tokenizer):
     model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
     docs = _docs()
-    some = harvest(model, tiny_tokenizer, docs, [1], max_length=64, batch_tokens=128, max_tokens=50, progress=False)
+    some = harvest(
+        model,
+        tiny_tokenizer,
+        docs,
+        [1],
+        max_length=64,
+        batch_tokens=128,
+        max_tokens=50,
+        progress=False,
+    )
     assert 50 <= len(some) < 200
-    full = harvest(model, tiny_tokenizer, docs, [1], max_length=64, batch_tokens=128, progress=False).acts[1]
-    stream = stream_activations(model, tiny_tokenizer, docs, 1, batch_size=32, buffer_tokens=200, max_length=64,
-                                batch_tokens=128, seed=0)
+    full = harvest(
+        model, tiny_tokenizer, docs, [1], max_length=64, batch_tokens=128, progress=False
+    ).acts[1]
+    stream = stream_activations(
+        model,
+        tiny_tokenizer,
+        docs,
+        1,
+        batch_size=32,
+        buffer_tokens=200,
+        max_length=64,
+        batch_tokens=128,
+        seed=0,
+    )
     batches = [next(stream) for _ in range(10)]
     assert all(b.shape == (32, 32) for b in batches)
     # Every streamed row is one of the harvested activations.

@@ -1,5 +1,6 @@
-"""The bad-input catalogue: each case runs the real command line (in-process) on a tiny model and its data with
-one thing wrong, and asserts exit status 2, one message naming the problem and the fix, and no output left."""
+"""The bad-input catalogue: each case runs the real command line (in-process) on a tiny model and
+its data with one thing wrong, and asserts exit status 2, one message naming the problem and the
+fix, and no output left."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_RECIPE as RECIPE
 from conftest import tiny_model
 
@@ -33,79 +33,234 @@ def _edit(ws: Path, old: str, new: str) -> Path:
     return _recipe(ws, RECIPE.replace(old, new))
 
 
-# Each case: (setup(ws) -> the command's arguments, what the message must say). The command writes (if it got
-# that far) to ws/"out" and ws/"work"; "out" must never exist afterwards.
+# Each case: (setup(ws) -> the command's arguments, what the message must say). The command writes
+# (if it got that far) to ws/"out" and ws/"work"; "out" must never exist afterwards.
 CASES = {
     "recipe file missing": (lambda ws: ["check", ws / "nope.yaml"], "recipe file not found"),
-    "malformed YAML": (lambda ws: ["check", _recipe(ws, "model: {path: [model\n")], "not valid YAML at line"),
+    "malformed YAML": (
+        lambda ws: ["check", _recipe(ws, "model: {path: [model\n")],
+        "not valid YAML at line",
+    ),
     "empty recipe": (lambda ws: ["check", _recipe(ws, "")], "model"),
-    "unknown key with a typo": (lambda ws: ["check", _edit(ws, "probe: {max_tokens", "probe: {max_tokenz")],
-                                "did you mean 'max_tokens'"),
-    "unknown section": (lambda ws: ["check", _recipe(ws, RECIPE + "evaluation: {samples: 2}\n")], "evaluation"),
+    "unknown key with a typo": (
+        lambda ws: ["check", _edit(ws, "probe: {max_tokens", "probe: {max_tokenz")],
+        "did you mean 'max_tokens'",
+    ),
+    "unknown section": (
+        lambda ws: ["check", _recipe(ws, RECIPE + "evaluation: {samples: 2}\n")],
+        "evaluation",
+    ),
     "mistyped value": (lambda ws: ["check", _edit(ws, "k: 4,", "k: four,")], "sae.k"),
-    "negative ablation size": (lambda ws: ["check", _recipe(ws, RECIPE + "intervention: {ablate_n: [-5]}\n")],
-                               "ablate_n must be a non-empty list of sizes >= 0"),
-    "missing model path": (lambda ws: ["check", _edit(ws, "{path: model}", "{path: no-such-model}")],
-                           "file not found"),
-    "two model sources": (lambda ws: ["check", _edit(ws, "{path: model}", "{path: model, builtin: smollm2-135m}")],
-                          "give exactly one model source"),
-    "unknown built-in model": (lambda ws: ["check", _edit(ws, "{path: model}", "{builtin: gpt-5}")], "smollm2-135m"),
-    "folder without config.json": (lambda ws: (ws / "model" / "config.json").unlink() or ["probe", ws / "recipe.yaml",
-                                   "--work", ws / "work"], "not a Hugging Face model folder (no config.json)"),
+    "negative ablation size": (
+        lambda ws: ["check", _recipe(ws, RECIPE + "intervention: {ablate_n: [-5]}\n")],
+        "ablate_n must be a non-empty list of sizes >= 0",
+    ),
+    "missing model path": (
+        lambda ws: ["check", _edit(ws, "{path: model}", "{path: no-such-model}")],
+        "file not found",
+    ),
+    "two model sources": (
+        lambda ws: ["check", _edit(ws, "{path: model}", "{path: model, builtin: smollm2-135m}")],
+        "give exactly one model source",
+    ),
+    "unknown built-in model": (
+        lambda ws: ["check", _edit(ws, "{path: model}", "{builtin: gpt-5}")],
+        "smollm2-135m",
+    ),
+    "folder without config.json": (
+        lambda ws: (
+            (ws / "model" / "config.json").unlink()
+            or ["probe", ws / "recipe.yaml", "--work", ws / "work"]
+        ),
+        "not a Hugging Face model folder (no config.json)",
+    ),
     "hub model offline and not cached": (
-        lambda ws: ["probe", _edit(ws, "{path: model}", "{hub: someorg/not-cached-anywhere}"), "--work", ws / "work"],
-        "download it first on a connected machine"),
-    "unsupported architecture": (lambda ws: _retype(ws, "bloom") or ["probe", ws / "recipe.yaml", "--work",
-                                 ws / "work"], "is not supported; supported model_type values"),
-    "layer out of range": (lambda ws: ["probe", ws / "recipe.yaml", "--work", ws / "work", "--layer", 9],
-                           "out of range"),
-    "corrupt safetensors weights": (lambda ws: _truncate(ws / "model" / "model.safetensors") or
-                                    ["probe", ws / "recipe.yaml", "--work", ws / "work"],
-                                    "could not load the model in"),
-    "empty PII file": (lambda ws: (ws / "pii.jsonl").write_text("") and None or
-                       ["probe", ws / "recipe.yaml", "--work", ws / "work"], "no documents"),
-    "PII-free data": (lambda ws: _jsonl(ws, [{"text": "nothing personal here at all"}]) or
-                      ["probe", ws / "recipe.yaml", "--work", ws / "work"], "no PII found in any document"),
-    "JSONL line without text": (lambda ws: _jsonl(ws, [{"body": "x@y.org"}]) or
-                                ["probe", ws / "recipe.yaml", "--work", ws / "work"], 'needs a string "text" field'),
-    "JSONL line not JSON": (lambda ws: (ws / "pii.jsonl").write_text("{broken\n") and None or
-                            ["probe", ws / "recipe.yaml", "--work", ws / "work"], "not valid JSON"),
-    "span out of bounds": (lambda ws: _jsonl(ws, [{"text": "mail a@b.org", "spans": [
-                           {"start": 5, "end": 99, "type": "email"}]}]) or
-                           ["probe", ws / "recipe.yaml", "--work", ws / "work"], "is outside the text"),
-    "unknown span type": (lambda ws: _jsonl(ws, [{"text": "mail a@b.org", "spans": [
-                          {"start": 5, "end": 12, "type": "shoe size"}]}]) or
-                          ["probe", ws / "recipe.yaml", "--work", ws / "work"], "span type 'shoe size' unknown"),
-    "person without an email": (lambda ws: (ws / "people.jsonl").write_text('{"name": "A B", "email": "none"}\n')
-                                and None or ["run", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work"],
-                                'needs "name" and an "email" with an @'),
-    "unknown people split": (lambda ws: (ws / "people.jsonl").write_text(
-                             '{"name": "A B", "email": "a@b.org", "split": "train"}\n') and None or
-                             ["run", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work"],
-                             "split 'train' unknown"),
-    "empty benign text": (lambda ws: (ws / "benign.txt").write_text("") and None or
-                          ["train-sae", ws / "recipe.yaml", "--work", ws / "work", "--layer", 1],
-                          "benign text file is empty"),
-    "k larger than the SAE": (lambda ws: ["train-sae", _edit(ws, "k: 4,", "k: 400,"), "--work", ws / "work"],
-                              "k=400 must be between 1 and the number of latents"),
-    "NaN activations": (lambda ws: _nan_weights(ws) or ["train-sae", ws / "recipe.yaml", "--work", ws / "work",
-                                                        "--layer", 1], "NaN"),
-    "output folder exists": (lambda ws: (ws / "out").mkdir() or ["export", ws / "recipe.yaml", "--out", ws / "out",
-                             "--work", ws / "work"], "already exists; choose another output folder or pass --overwrite"),
+        lambda ws: [
+            "probe",
+            _edit(ws, "{path: model}", "{hub: someorg/not-cached-anywhere}"),
+            "--work",
+            ws / "work",
+        ],
+        "download it first on a connected machine",
+    ),
+    "unsupported architecture": (
+        lambda ws: _retype(ws, "bloom") or ["probe", ws / "recipe.yaml", "--work", ws / "work"],
+        "is not supported; supported model_type values",
+    ),
+    "layer out of range": (
+        lambda ws: ["probe", ws / "recipe.yaml", "--work", ws / "work", "--layer", 9],
+        "out of range",
+    ),
+    "corrupt safetensors weights": (
+        lambda ws: (
+            _truncate(ws / "model" / "model.safetensors")
+            or ["probe", ws / "recipe.yaml", "--work", ws / "work"]
+        ),
+        "could not load the model in",
+    ),
+    "empty PII file": (
+        lambda ws: (
+            (ws / "pii.jsonl").write_text("")
+            and None
+            or ["probe", ws / "recipe.yaml", "--work", ws / "work"]
+        ),
+        "no documents",
+    ),
+    "PII-free data": (
+        lambda ws: (
+            _jsonl(ws, [{"text": "nothing personal here at all"}])
+            or ["probe", ws / "recipe.yaml", "--work", ws / "work"]
+        ),
+        "no PII found in any document",
+    ),
+    "JSONL line without text": (
+        lambda ws: (
+            _jsonl(ws, [{"body": "x@y.org"}])
+            or ["probe", ws / "recipe.yaml", "--work", ws / "work"]
+        ),
+        'needs a string "text" field',
+    ),
+    "JSONL line not JSON": (
+        lambda ws: (
+            (ws / "pii.jsonl").write_text("{broken\n")
+            and None
+            or ["probe", ws / "recipe.yaml", "--work", ws / "work"]
+        ),
+        "not valid JSON",
+    ),
+    "span out of bounds": (
+        lambda ws: (
+            _jsonl(
+                ws, [{"text": "mail a@b.org", "spans": [{"start": 5, "end": 99, "type": "email"}]}]
+            )
+            or ["probe", ws / "recipe.yaml", "--work", ws / "work"]
+        ),
+        "is outside the text",
+    ),
+    "unknown span type": (
+        lambda ws: (
+            _jsonl(
+                ws,
+                [{"text": "mail a@b.org", "spans": [{"start": 5, "end": 12, "type": "shoe size"}]}],
+            )
+            or ["probe", ws / "recipe.yaml", "--work", ws / "work"]
+        ),
+        "span type 'shoe size' unknown",
+    ),
+    "person without an email": (
+        lambda ws: (
+            (ws / "people.jsonl").write_text('{"name": "A B", "email": "none"}\n')
+            and None
+            or ["run", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work"]
+        ),
+        'needs "name" and an "email" with an @',
+    ),
+    "unknown people split": (
+        lambda ws: (
+            (ws / "people.jsonl").write_text(
+                '{"name": "A B", "email": "a@b.org", "split": "train"}\n'
+            )
+            and None
+            or ["run", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work"]
+        ),
+        "split 'train' unknown",
+    ),
+    "empty benign text": (
+        lambda ws: (
+            (ws / "benign.txt").write_text("")
+            and None
+            or ["train-sae", ws / "recipe.yaml", "--work", ws / "work", "--layer", 1]
+        ),
+        "benign text file is empty",
+    ),
+    "k larger than the SAE": (
+        lambda ws: ["train-sae", _edit(ws, "k: 4,", "k: 400,"), "--work", ws / "work"],
+        "k=400 must be between 1 and the number of latents",
+    ),
+    "NaN activations": (
+        lambda ws: (
+            _nan_weights(ws)
+            or ["train-sae", ws / "recipe.yaml", "--work", ws / "work", "--layer", 1]
+        ),
+        "NaN",
+    ),
+    "output folder exists": (
+        lambda ws: (
+            (ws / "out").mkdir()
+            or ["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work"]
+        ),
+        "already exists; choose another output folder or pass --overwrite",
+    ),
     "plain export of a post-norm architecture": (
-        lambda ws: _gemma2(ws) or ["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work",
-                                   "--plain", "--n", 2], "no edit of the weights can project a direction"),
+        lambda ws: (
+            _gemma2(ws)
+            or [
+                "export",
+                ws / "recipe.yaml",
+                "--out",
+                ws / "out",
+                "--work",
+                ws / "work",
+                "--plain",
+                "--n",
+                2,
+            ]
+        ),
+        "no edit of the weights can project a direction",
+    ),
     "plain layers past the patch's layer": (
-        lambda ws: ["export", _recipe(ws, RECIPE.replace("probe: {max_tokens: 3000}", "probe: {layer: 1}")
-                                      + "intervention: {plain_from: 2, ablate_n: [2]}\n"),
-                    "--out", ws / "out", "--work", ws / "work", "--plain"], "plain_from is 2"),
-    "contradicting flags": (lambda ws: ["export", ws / "recipe.yaml", "--out", ws / "out", "--plain", "--mode", "exact"],
-                            "contradict each other"),
-    "unknown stage": (lambda ws: ["run", ws / "recipe.yaml", "--out", ws / "out", "--from", "sea"],
-                      "unknown stage 'sea'"),
-    "push of a folder that is not an export": (lambda ws: ["push", ws / "model", "--repo-id", "me/model"],
-                                               "not a scalpel-exporter export"),
-    "push with a malformed repo id": (lambda ws: ["push", ws / "model", "--repo-id", "no-owner"], "not OWNER/NAME"),
+        lambda ws: [
+            "export",
+            _recipe(
+                ws,
+                RECIPE.replace("probe: {max_tokens: 3000}", "probe: {layer: 1}")
+                + "intervention: {plain_from: 2, ablate_n: [2]}\n",
+            ),
+            "--out",
+            ws / "out",
+            "--work",
+            ws / "work",
+            "--plain",
+        ],
+        "plain_from is 2",
+    ),
+    "contradicting flags": (
+        lambda ws: [
+            "export",
+            ws / "recipe.yaml",
+            "--out",
+            ws / "out",
+            "--plain",
+            "--mode",
+            "exact",
+        ],
+        "contradict each other",
+    ),
+    "unknown stage": (
+        lambda ws: ["run", ws / "recipe.yaml", "--out", ws / "out", "--from", "sea"],
+        "unknown stage 'sea'",
+    ),
+    "push of a folder that is not an export": (
+        lambda ws: ["push", ws / "model", "--repo-id", "me/model"],
+        "not a scalpel-exporter export",
+    ),
+    "push with a malformed repo id": (
+        lambda ws: ["push", ws / "model", "--repo-id", "no-owner"],
+        "not OWNER/NAME",
+    ),
+    "detect on a missing file": (lambda ws: ["detect", ws / "nope.txt"], "file not found"),
+    "eval with no people to attack": (
+        lambda ws: ["eval", ws / "model", "--against", ws / "model"],
+        "pass --people FILE",
+    ),
+    "make-leaky onto an existing folder": (
+        lambda ws: (ws / "out").mkdir() or ["make-leaky", "--out", ws / "out"],
+        "already exists; choose another --out folder or pass --overwrite",
+    ),
+    "demo onto a folder that is not an export": (
+        lambda ws: (ws / "out").mkdir() or ["demo", "--out", ws / "out"],
+        "is not an earlier export",
+    ),
 }
 
 
@@ -116,10 +271,14 @@ def _jsonl(ws: Path, rows: list[dict]) -> None:
 def _retype(ws: Path, model_type: str) -> None:
     from transformers import AutoConfig
 
-    AutoConfig.for_model(model_type, vocab_size=128, hidden_size=32, n_layer=2, n_head=4).save_pretrained(ws / "model")
+    AutoConfig.for_model(
+        model_type, vocab_size=128, hidden_size=32, n_layer=2, n_head=4
+    ).save_pretrained(ws / "model")
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ws / "model")).save_pretrained(ws / "model")
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ws / "model")).save_pretrained(
+        ws / "model"
+    )
 
 
 def _truncate(path: Path) -> None:
@@ -137,7 +296,9 @@ def _nan_weights(ws: Path) -> None:
 
 def _gemma2(ws: Path) -> None:
     tok_files = {p.name: p.read_bytes() for p in (ws / "model").iterdir() if "token" in p.name}
-    model = tiny_model("gemma2", vocab_size=json.loads((ws / "model" / "config.json").read_text())["vocab_size"])
+    model = tiny_model(
+        "gemma2", vocab_size=json.loads((ws / "model" / "config.json").read_text())["vocab_size"]
+    )
     model.save_pretrained(ws / "model")
     for name, data in tok_files.items():
         (ws / "model" / name).write_bytes(data)
@@ -153,11 +314,25 @@ def test_bad_input_gets_one_clear_message_and_leaves_nothing(case, ws, capsys, m
     assert code == 2, (case, err)
     assert message in " ".join(err.split()), (case, err)
     assert "Traceback" not in err
-    assert (ws / "out").exists() == existed and not list(ws.glob(".tmp-*")) and not list(ws.glob(".out*"))
+    assert (
+        (ws / "out").exists() == existed
+        and not list(ws.glob(".tmp-*"))
+        and not list(ws.glob(".out*"))
+    )
 
 
-def test_the_catalogue_is_at_least_25_cases():
-    assert len(CASES) >= 25
+def test_every_command_has_bad_input_cases(ws, tmp_path_factory):
+    """A command added to the CLI without a case of bad input here fails this test."""
+    import shutil
+
+    from exporter.cli import app
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    copies = tmp_path_factory.mktemp("cases")  # outside the workspace: a copy must not hold itself
+    covered = set()
+    for i, (setup, _) in enumerate(CASES.values()):  # each setup on its own copy of the workspace
+        covered.add(str(setup(shutil.copytree(ws, copies / str(i)))[0]))
+    assert commands <= covered, sorted(commands - covered)
 
 
 def test_disk_full_during_export_leaves_no_partial_folder(ws, capsys, monkeypatch):
@@ -166,20 +341,30 @@ def test_disk_full_during_export_leaves_no_partial_folder(ws, capsys, monkeypatc
     from exporter.patch import export
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
+        raise OSError(
+            errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None
+        )
 
     monkeypatch.setattr(export, "save_file", full)
-    code, err = scalpel(["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2],
-                        capsys, monkeypatch)
+    code, err = scalpel(
+        ["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2],
+        capsys,
+        monkeypatch,
+    )
     assert code == 2 and "No space left on device" in err and "free space" in err, err
     assert "Traceback" not in err
     assert not (ws / "out").exists() and not list(ws.glob(".tmp-*"))
     monkeypatch.undo()
     monkeypatch.chdir(ws)
     monkeypatch.setenv("SCALPEL_CACHE_DIR", str(ws / "cache"))
-    code, err = scalpel(["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2],
-                        capsys, monkeypatch)
-    assert code == 0 and (ws / "out" / "config.json").exists(), err  # space freed: the re-run finishes
+    code, err = scalpel(
+        ["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0 and (ws / "out" / "config.json").exists(), (
+        err
+    )  # space freed: the re-run finishes
 
 
 def test_an_sae_of_another_width_is_refused_before_the_model_runs():
@@ -194,10 +379,16 @@ def test_an_sae_of_another_width_is_refused_before_the_model_runs():
 
 
 def test_an_export_missing_its_remote_code_is_refused_on_load(ws, capsys, monkeypatch):
-    code, err = scalpel(["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2],
-                        capsys, monkeypatch)
+    code, err = scalpel(
+        ["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     (ws / "out" / "scalpel_patch.py").unlink()
-    code, err = scalpel(["eval", ws / "out", "--against", ws / "model", "--people", ws / "people.jsonl"],
-                        capsys, monkeypatch)
+    code, err = scalpel(
+        ["eval", ws / "out", "--against", ws / "model", "--people", ws / "people.jsonl"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 2 and "scalpel_patch.py" in err and "Traceback" not in err, err

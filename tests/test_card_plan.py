@@ -1,4 +1,5 @@
-"""The comparison tables, the model card, the dry-run plan, stage invalidation and the API's recipe handling."""
+"""The comparison tables, the model card, the dry-run plan, stage invalidation and the API's recipe
+handling."""
 
 from pathlib import Path
 
@@ -8,27 +9,53 @@ from huggingface_hub import ModelCard
 from exporter.api import as_recipe
 from exporter.card import base_metadata, render_card
 from exporter.evaluate.summary import attack_rows, comparison_rows, markdown_table
-from exporter.pipeline import invalidate
-from exporter.plan import make_plan, missing_files, parameter_count, KNOWN_CONFIGS
+from exporter.plan import KNOWN_CONFIGS, make_plan, missing_files, parameter_count
 from exporter.recipe import ModelSpec, RecipeError, load_recipe
+from exporter.run.stage import STAGE_NAMES, invalidate
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 def _row(group, attack, exact, username=0.0, pii="email", decoding="greedy"):
-    return {"group": group, "attack": attack, "decoding": decoding, "pii_type": pii, "n": 50, "exact": exact,
-            "username": username, "domain": 0.0}
+    return {
+        "group": group,
+        "attack": attack,
+        "decoding": decoding,
+        "pii_type": pii,
+        "n": 50,
+        "exact": exact,
+        "username": username,
+        "domain": 0.0,
+    }
 
 
 def _evaluation():
-    util = {"perplexity": 30.0, "kl": 0.0, "distinct_2": 0.8, "repetition_4": 0.01, "tokens_per_s": 60.0}
+    util = {
+        "perplexity": 30.0,
+        "kl": 0.0,
+        "distinct_2": 0.8,
+        "repetition_4": 0.01,
+        "tokens_per_s": 60.0,
+    }
     return {
-        "base": {"leakage": [_row("test", "mailto", 0.7, 0.9), _row("test", "email_of", 0.4, 0.5),
-                             _row("test", "phone_of", 0.3, pii="phone"), _row("never_seen", "mailto", 0.0)],
-                 "utility": util},
-        "patched": {"leakage": [_row("test", "mailto", 0.02, 0.1), _row("test", "email_of", 0.0, 0.04),
-                                _row("test", "phone_of", 0.1, pii="phone"), _row("never_seen", "mailto", 0.0)],
-                    "utility": {**util, "perplexity": 30.3, "kl": 0.012}},
+        "base": {
+            "leakage": [
+                _row("test", "mailto", 0.7, 0.9),
+                _row("test", "email_of", 0.4, 0.5),
+                _row("test", "phone_of", 0.3, pii="phone"),
+                _row("never_seen", "mailto", 0.0),
+            ],
+            "utility": util,
+        },
+        "patched": {
+            "leakage": [
+                _row("test", "mailto", 0.02, 0.1),
+                _row("test", "email_of", 0.0, 0.04),
+                _row("test", "phone_of", 0.1, pii="phone"),
+                _row("never_seen", "mailto", 0.0),
+            ],
+            "utility": {**util, "perplexity": 30.3, "kl": 0.012},
+        },
         "control_latents": 50,
     }
 
@@ -49,19 +76,56 @@ def test_comparison_rows_take_the_worst_attack_per_family():
 
 
 def test_card_metadata_parses_and_text_is_redacted():
-    report = {"layer": 13, "mode": "folded", "ablate_n": 50, "alpha": 0.05, "rule": "both", "score": "diff", "k": 32,
-              "sae": {"fvu": 0.108}, "evaluation": _evaluation(),
-              "search": {"target": 0.01, "met": False, "chosen": {"n": 50, "alpha": 0.05, "mode": "folded",
-                                                                  "leakage": 0.04, "username": 0.2, "kl": 0.2,
-                                                                  "perplexity": 30.1},
-                         "candidates": [{"n": 50, "alpha": 0.05, "mode": "folded", "leakage": 0.04,
-                                         "username": 0.2, "kl": 0.2, "perplexity": 30.1}]}}
-    card = render_card(report, "# owner: john.smith@corp.example.com\nmodel: {builtin: smollm2-135m}\n",
-                       base=base_metadata(ModelSpec(builtin="smollm2-135m")), model_type="llama",
-                       plots=("plots/front.png",))
+    report = {
+        "layer": 13,
+        "mode": "folded",
+        "ablate_n": 50,
+        "alpha": 0.05,
+        "rule": "both",
+        "score": "diff",
+        "k": 32,
+        "sae": {"fvu": 0.108},
+        "evaluation": _evaluation(),
+        "search": {
+            "target": 0.01,
+            "met": False,
+            "chosen": {
+                "n": 50,
+                "alpha": 0.05,
+                "mode": "folded",
+                "leakage": 0.04,
+                "username": 0.2,
+                "kl": 0.2,
+                "perplexity": 30.1,
+            },
+            "candidates": [
+                {
+                    "n": 50,
+                    "alpha": 0.05,
+                    "mode": "folded",
+                    "leakage": 0.04,
+                    "username": 0.2,
+                    "kl": 0.2,
+                    "perplexity": 30.1,
+                }
+            ],
+        },
+    }
+    card = render_card(
+        report,
+        "# owner: john.smith@corp.example.com\nmodel: {builtin: smollm2-135m}\n",
+        base=base_metadata(ModelSpec(builtin="smollm2-135m")),
+        model_type="llama",
+        plots=("plots/front.png",),
+    )
     parsed = ModelCard(str(card))
-    assert parsed.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and parsed.data.license == "apache-2.0"
-    assert parsed.data.library_name == "transformers" and {"privacy", "llama"} <= set(parsed.data.tags)
+    assert (
+        parsed.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        and parsed.data.license == "apache-2.0"
+    )
+    assert parsed.data.library_name == "transformers" and {"privacy", "llama"} <= set(
+        parsed.data.tags
+    )
     assert "john.smith@corp.example.com" not in str(card) and "j***@c***" in str(card)
     assert "| test email exact (greedy, worst attack) | 70% | 2% |" in parsed.text
     assert "not met by any candidate" in parsed.text and "![front](plots/front.png)" in parsed.text
@@ -69,7 +133,9 @@ def test_card_metadata_parses_and_text_is_redacted():
 
 def test_card_license_unknown_falls_back_to_other(tmp_path):
     assert base_metadata(ModelSpec(path=str(tmp_path))) == {}
-    (tmp_path / "README.md").write_text("---\nlicense: [not, valid\n---\n")  # a malformed base card is ignored
+    (tmp_path / "README.md").write_text(
+        "---\nlicense: [not, valid\n---\n"
+    )  # a malformed base card is ignored
     assert base_metadata(ModelSpec(path=str(tmp_path))) == {}
 
 
@@ -85,20 +151,43 @@ def test_paper_recipes_plan_here_and_name_what_is_missing(name):
     recipe = load_recipe(RECIPES / name, check_files=False)
     plan = make_plan(recipe, missing=missing_files(recipe))
     assert plan.params > 2e9 and plan.d_sae == 8 * plan.d_model
-    assert [s for s, _ in plan.stages] == ["probe", "sae", "features", "search", "evaluate", "export"]
+    assert [s for s, _ in plan.stages] == [
+        "probe",
+        "sae",
+        "features",
+        "search",
+        "evaluate",
+        "export",
+    ]
     assert plan.peak_gib > plan.memory[0][1] > 4
     assert any(m.startswith("data.pii.path") for m in plan.missing)
 
 
 def test_invalidate_forgets_the_stage_and_later_ones(tmp_path):
-    for stage in ("probe", "sae", "features", "search", "evaluate"):
+    for stage in (
+        "probe",
+        "sae",
+        "features",
+        "search",
+        "evaluate",
+        "method-rmu",
+        "method-rmu-evaluate",
+    ):
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "key.txt").write_text("k")
     (tmp_path / "search" / "cand.json").write_text("{}")
     (tmp_path / "sae-checkpoint" / "x").mkdir(parents=True)
-    assert invalidate(tmp_path, "sae") == ["sae", "features", "search", "evaluate"]
-    assert (tmp_path / "probe" / "key.txt").exists() and not (tmp_path / "sae" / "key.txt").exists()
-    assert not (tmp_path / "search" / "cand.json").exists() and not (tmp_path / "sae-checkpoint").exists()
+    assert invalidate(tmp_path, "sae") == list(STAGE_NAMES[1:])
+    assert (tmp_path / "probe" / "key.txt").exists() and not (tmp_path / "sae").exists()
+    assert not (tmp_path / "search").exists() and not (tmp_path / "sae-checkpoint").exists()
+    assert (
+        not (tmp_path / "method-rmu").exists() and not (tmp_path / "method-rmu-evaluate").exists()
+    )
+    # A method's evaluation alone: its edit stays.
+    (tmp_path / "method-rmu").mkdir()
+    (tmp_path / "method-rmu-evaluate").mkdir()
+    assert invalidate(tmp_path, "method-evaluate") == ["method-evaluate"]
+    assert (tmp_path / "method-rmu").exists() and not (tmp_path / "method-rmu-evaluate").exists()
     with pytest.raises(ValueError, match="stages in order: probe, sae"):
         invalidate(tmp_path, "export-it")
 
@@ -115,23 +204,41 @@ def test_api_accepts_a_recipe_object_mapping_or_path():
 
 
 def test_public_functions_survive_importing_every_submodule():
-    # A fresh interpreter, so that the submodules are imported after the package (as a user's script does).
+    # A fresh interpreter, so that the submodules are imported after the package (as a user's script
+    # does).
     import subprocess
     import sys
 
-    code = ("import exporter, exporter.evaluate.harness, exporter.evaluate.summary, exporter.pipeline\n"
-            "bad = [n for n in exporter.__all__ if n[0].islower() and n != '__version__' "
-            "and not callable(getattr(exporter, n))]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import exporter, exporter.evaluate.harness, exporter.evaluate.summary, exporter.run.methods\n"
+        "bad = [n for n in exporter.__all__ if n[0].islower() and n != '__version__' "
+        "and not callable(getattr(exporter, n))]\n"
+        "assert not bad, bad\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name,first", [("baseline-rmu.yaml", "rmu"), ("baseline-npo.yaml", "gradient_ascent"),
-                                        ("baseline-depn.yaml", "depn")])
+@pytest.mark.parametrize(
+    "name,first",
+    [
+        ("baseline-rmu.yaml", "rmu"),
+        ("baseline-npo.yaml", "gradient_ascent"),
+        ("baseline-depn.yaml", "depn"),
+    ],
+)
 def test_method_recipes_plan_their_own_stages(name, first):
     plan = make_plan(load_recipe(RECIPES / name, check_files=False))
-    assert [s for s, _ in plan.stages] == [first, "evaluate", "export"]
-    assert plan.d_sae == 0 and "plain checkpoint" in plan.stages[-1][1]
+    # The stages are the registry's, so `--from` accepts every name the plan shows.
+    assert [s for s, _ in plan.stages] == ["method", "method-evaluate", "export"]
+    assert set(s for s, _ in plan.stages[:-1]) <= set(STAGE_NAMES)
+    assert plan.stages[0][1].startswith(first) and "plain checkpoint" in plan.stages[-1][1]
+    assert plan.d_sae == 0
     trained = dict(plan.memory)["gradients + AdamW state of trained tensors (float32)"]
-    assert (trained < 0.1) if first == "rmu" else True  # RMU trains three projections, not the model
+    # RMU trains three MLP projections, NPO the whole model (Adam state: 3 x 4 bytes per parameter of
+    # SmolLM2's 135M), DEPN nothing (it zeroes neurons).
+    assert {
+        "rmu": 0.01 < trained < 0.1,
+        "gradient_ascent": 1.4 < trained < 1.6,
+        "depn": trained == 0.0,
+    }[first]

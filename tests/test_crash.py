@@ -1,6 +1,6 @@
-"""Crash safety: `scalpel export` killed with SIGKILL during SAE training and during the export's writing; the
-re-run resumes (from the SAE checkpoint, from the cached stages) and writes the same export, and no
-half-written folder is ever left under the output's name."""
+"""Crash safety: `scalpel export` killed with SIGKILL during SAE training and during the export's
+writing; the re-run resumes (from the SAE checkpoint, from the cached stages) and writes the same
+export, and no half-written folder is ever left under the output's name."""
 
 import json
 import os
@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import TINY_RECIPE as RECIPE
 from safetensors.torch import load_file
 
-from conftest import TINY_RECIPE as RECIPE
-
-# Runs the real command line in a child that SIGKILLs itself at a chosen point: after the SAE's second
-# checkpoint is saved, or when the export has written its weights but not yet its extra files.
+# Runs the real command line in a child that SIGKILLs itself at a chosen point: after the SAE's
+# second checkpoint is saved, or when the export has written its weights but not yet its extra
+# files.
 KILLER = """
 import os, signal, sys
 point = sys.argv[1]
@@ -40,30 +40,50 @@ main()
 
 def _export(ws, out: str, work: str, kill: str = ""):
     args = ["export", ws / "recipe.yaml", "--out", ws / out, "--work", ws / work, "--n", 2]
-    cmd = [sys.executable, "-c", KILLER, kill, *map(str, args)] if kill else \
-        [sys.executable, "-m", "exporter", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ws,
-                          env={**os.environ, "SCALPEL_CACHE_DIR": str(ws / "cache")})
+    cmd = (
+        [sys.executable, "-c", KILLER, kill, *map(str, args)]
+        if kill
+        else [sys.executable, "-m", "exporter", *map(str, args)]
+    )
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ws,
+        env={**os.environ, "SCALPEL_CACHE_DIR": str(ws / "cache")},
+    )
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return {
+        k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()
+    }
 
 
 def test_killed_runs_resume_and_write_the_same_export(ws):
-    (ws / "recipe.yaml").write_text(RECIPE.replace("train_tokens: 5120", "train_tokens: 25600")
-                                    .replace("dead_tokens: 2000}", "dead_tokens: 2000, checkpoint_every: 10}"))
-    # Killed during SAE training, just after the checkpoint of step 20 was written but before it replaced
-    # the one of step 10: that one is intact and the stage is not marked done.
+    (ws / "recipe.yaml").write_text(
+        RECIPE.replace("train_tokens: 5120", "train_tokens: 25600").replace(
+            "dead_tokens: 2000}", "dead_tokens: 2000, checkpoint_every: 10}"
+        )
+    )
+    # Killed during SAE training, just after the checkpoint of step 20 was written but before it
+    # replaced the one of step 10: that one is intact and the stage is not marked done.
     killed = _export(ws, "out", "work", kill="sae")
     assert killed.returncode == -9, killed.stderr[-2000:]
     ckpt = next((ws / "work" / "sae-checkpoint").glob("*/checkpoint.pt"))
-    assert torch.load(ckpt, weights_only=False)["step"] == 10 and not (ws / "work" / "sae" / "key.txt").exists()
+    assert (
+        torch.load(ckpt, weights_only=False)["step"] == 10
+        and not (ws / "work" / "sae" / "key.txt").exists()
+    )
     assert not (ws / "out").exists()
-    # Resumed from that checkpoint, then killed while writing the export: only a temp folder beside the name.
+    # Resumed from that checkpoint, then killed while writing the export: only a temp folder beside
+    # the name.
     killed = _export(ws, "out", "work", kill="export")
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert "| 10/100 [" in killed.stderr and "| 0/100 [" not in killed.stderr  # training went on from step 10
+    assert (
+        "| 10/100 [" in killed.stderr and "| 0/100 [" not in killed.stderr
+    )  # training went on from step 10
     assert not (ws / "out").exists() and list(ws.glob(".tmp-out-*"))
     resumed = _export(ws, "out", "work")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -75,7 +95,10 @@ def test_killed_runs_resume_and_write_the_same_export(ws):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    blocks = [json.loads((ws / name / "config.json").read_text())["scalpel_patch"] for name in ("out", "clean")]
+    blocks = [
+        json.loads((ws / name / "config.json").read_text())["scalpel_patch"]
+        for name in ("out", "clean")
+    ]
     for block in blocks:
         block.pop("sha256"), block.pop("steer_norm")  # digests of the (float-close) tensors
     assert blocks[0] == blocks[1]

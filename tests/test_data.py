@@ -44,10 +44,14 @@ def test_synthetic_corpus_spans_people_and_determinism():
     for doc in docs:
         assert doc.spans
         for s in doc.spans:
-            value = doc.text[s.start:s.end]
+            value = doc.text[s.start : s.end]
             assert (s.type == "email") == ("@" in value)
     splits = [p.split for p in people]
-    assert splits.count("never_seen") == 10 and splits.count("validation") == 10 and splits.count("test") == 10
+    assert (
+        splits.count("never_seen") == 10
+        and splits.count("validation") == 10
+        and splits.count("test") == 10
+    )
     for p in people:
         if p.split == "never_seen":
             assert p.email not in corpus and p.name not in corpus
@@ -62,8 +66,12 @@ def test_synthetic_corpus_spans_people_and_determinism():
 
 def test_pii_jsonl_detects_missing_spans_and_reports_bad_lines(tmp_path):
     good = tmp_path / "pii.jsonl"
-    good.write_text(json.dumps({"text": "mail a.b@c.com"}) + "\n"
-                    + json.dumps({"text": "xx", "spans": [{"start": 0, "end": 2, "type": "phone"}]}) + "\n")
+    good.write_text(
+        json.dumps({"text": "mail a.b@c.com"})
+        + "\n"
+        + json.dumps({"text": "xx", "spans": [{"start": 0, "end": 2, "type": "phone"}]})
+        + "\n"
+    )
     docs = read_pii_jsonl(good)
     assert docs[0].spans == [Span(5, 14, "email")] and docs[1].spans == [Span(0, 2, "phone")]
     cases = {

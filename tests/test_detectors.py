@@ -26,7 +26,7 @@ def test_precision_and_recall_per_type():
     fn = dict(tp)
     for row in labelled():
         gold = {(p["value"], p["type"]) for p in row["pii"]}
-        found = {(row["text"][s.start:s.end], s.type) for s in detect(row["text"])}
+        found = {(row["text"][s.start : s.end], s.type) for s in detect(row["text"])}
         for value, kind in found:
             if (value, kind) in gold:
                 tp[kind] += 1

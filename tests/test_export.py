@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
 from exporter.models import LoadedModel, architecture_of
 from exporter.patch import attached, build_patch, calibrate_gates, steering_vector
 from exporter.patch.export import CODE_FILES, NEEDS_REMOTE_CODE, PATCH_FILE, write_export
@@ -38,12 +38,24 @@ def _inputs(vocab: int):
 def run_checks(spec: dict, tmp_path: Path) -> dict:
     path = tmp_path / "cases.pt"
     torch.save(spec, path)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
-           "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, str(HERE / "export_check.py"), str(path)], cwd=tmp_path, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
+        "PYTHONPATH": "",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "helpers" / "export_check.py"), str(path)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # transformers' trust prompt (answered by the closed stdin) has no newline: find the marker anywhere.
+    # transformers' trust prompt (answered by the closed stdin) has no newline: find the marker
+    # anywhere.
     return json.loads(proc.stdout.rsplit("RESULTS ", 1)[1])
 
 
@@ -60,8 +72,14 @@ def test_export_loads_in_fresh_process(model_type, tmp_path, tiny_tokenizer):
         "folded": build_patch(sae, A, steer, mode="folded", gates=calibrate_gates(sae, calib, A)),
         "empty": build_patch(sae, [], None, mode="folded", gates=torch.zeros(0)),
         # Behind a context gate that opens on about half the tokens.
-        "gated": build_patch(sae, A, steer, mode="folded", gates=calibrate_gates(sae, calib, A),
-                             context=(torch.randn(d, generator=torch.Generator().manual_seed(1)), 0.0)),
+        "gated": build_patch(
+            sae,
+            A,
+            steer,
+            mode="folded",
+            gates=calibrate_gates(sae, calib, A),
+            context=(torch.randn(d, generator=torch.Generator().manual_seed(1)), 0.0),
+        ),
     }
     ids, mask = _inputs(128)
     with torch.no_grad():
@@ -71,27 +89,46 @@ def test_export_loads_in_fresh_process(model_type, tmp_path, tiny_tokenizer):
     for name, patch in patches.items():
         out = tmp_path / f"export-{name}"
         tok = tiny_tokenizer if name == "exact" else None
-        write_export(LoadedModel(model, tok, architecture_of(model), "tiny", None), patch, 1, out,
-                     meta={"alpha": 0.3})
+        write_export(
+            LoadedModel(model, tok, architecture_of(model), "tiny", None),
+            patch,
+            1,
+            out,
+            meta={"alpha": 0.3},
+        )
         with torch.no_grad(), attached(model, 1, patch):
             logits = model(input_ids=ids, attention_mask=mask).logits
-        cases[name] = {"dir": str(out), "ids": ids, "mask": mask, "logits": logits, "base_logits": base_logits,
-                       "tokenizer": tok is not None, "base_class": type(model).__name__,
-                       "base_matrices": matrices}
+        cases[name] = {
+            "dir": str(out),
+            "ids": ids,
+            "mask": mask,
+            "logits": logits,
+            "base_logits": base_logits,
+            "tokenizer": tok is not None,
+            "base_class": type(model).__name__,
+            "base_matrices": matrices,
+        }
     # The patch changes the model; nothing of it is left in the model afterwards.
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base_logits)
     assert not torch.allclose(cases["folded"]["logits"], base_logits)
     # Tamper: one gate nudged after export.
     tampered = tmp_path / "export-tampered"
-    write_export(LoadedModel(model, None, architecture_of(model), "tiny", None), patches["folded"], 1, tampered)
+    write_export(
+        LoadedModel(model, None, architecture_of(model), "tiny", None),
+        patches["folded"],
+        1,
+        tampered,
+    )
     tensors = load_file(str(tampered / PATCH_FILE))
     tensors[next(k for k in tensors if k.endswith("scalpel_patch.gate"))][0] += 1e-3
     save_file(tensors, str(tampered / PATCH_FILE), metadata={"format": "pt"})
 
     # Tamper: one line added to a remote-code file after export.
     edited = tmp_path / "export-edited-code"
-    write_export(LoadedModel(model, None, architecture_of(model), "tiny", None), patches["folded"], 1, edited)
+    write_export(
+        LoadedModel(model, None, architecture_of(model), "tiny", None), patches["folded"], 1, edited
+    )
     with open(edited / "scalpel_patch.py", "a") as f:
         f.write("\nKEEP = None  # an innocent-looking edit\n")
 
@@ -99,18 +136,32 @@ def test_export_loads_in_fresh_process(model_type, tmp_path, tiny_tokenizer):
     assert results.pop("exporter_importable") is False
     assert "TamperedPatchError" in results.pop(f"tampered:{tampered}")
     refused = results.pop(f"tampered:{edited}")
-    assert refused.startswith("TamperedPatchError") and "remote-code file scalpel_patch.py" in refused, refused
+    assert (
+        refused.startswith("TamperedPatchError") and "remote-code file scalpel_patch.py" in refused
+    ), refused
     for name, r in results.items():
         assert r["class"] == "ScalpelForCausalLM"
         assert r["missing"] == [] and r["unexpected"] == [], (name, r)
         assert r["rel_err"] <= 1e-5 and r["compiled_rel_err"] <= 1e-5, (name, r)
-        assert r["body_class"] == "ScalpelModel" and r["body_unexpected"] == [] and r["body_rel_err"] <= 1e-5, (name, r)
-        assert r["bf16_dtype"] == "torch.bfloat16" and r["bf16_patch_dtype"] == "torch.float32", (name, r)
+        assert (
+            r["body_class"] == "ScalpelModel"
+            and r["body_unexpected"] == []
+            and r["body_rel_err"] <= 1e-5
+        ), (name, r)
+        assert r["bf16_dtype"] == "torch.bfloat16" and r["bf16_patch_dtype"] == "torch.float32", (
+            name,
+            r,
+        )
         assert r["bf16_finite"] and r["bf16_rel_err"] < 0.1, (name, r)
-        # Fail closed: without trust_remote_code, or with the base's own class, loading stops; forced past the
-        # size mismatch, the base's class finds none of the base's tensors (every one is freshly initialised).
+        # Fail closed: without trust_remote_code, or with the base's own class, loading stops;
+        # forced past the size mismatch, the base's class finds none of the base's tensors (every
+        # one is freshly initialised).
         for how in ("untrusted", "stock_class"):
-            assert r[how].startswith("RuntimeError") and "ignore_mismatched_sizes" in r[how], (name, how, r[how])
+            assert r[how].startswith("RuntimeError") and "ignore_mismatched_sizes" in r[how], (
+                name,
+                how,
+                r[how],
+            )
         assert r["stock_found"] == [], (name, r["stock_found"])
     assert results["empty"]["equal_base"]
     assert not results["gated"]["equal_base"]
@@ -124,49 +175,108 @@ def test_export_layout_and_no_clobber(tmp_path):
     sae = _sae(32)
     patch = build_patch(sae, [1, 2], mode="exact")
     loaded = LoadedModel(model, None, architecture_of(model), "tiny", None)
-    out = write_export(loaded, patch, 2, tmp_path / "out", meta={"alpha": 0.0}, files={"scalpel_recipe.yaml": "x: 1\n"})
+    out = write_export(
+        loaded,
+        patch,
+        2,
+        tmp_path / "out",
+        meta={"alpha": 0.0},
+        files={"scalpel_recipe.yaml": "x: 1\n"},
+    )
     names = {p.name for p in out.iterdir()}
-    assert set(CODE_FILES) <= names and {"config.json", PATCH_FILE, "model.safetensors.index.json",
-                                         "scalpel_recipe.yaml"} <= names
+    assert (
+        set(CODE_FILES) <= names
+        and {"config.json", PATCH_FILE, "model.safetensors.index.json", "scalpel_recipe.yaml"}
+        <= names
+    )
     config = json.loads((out / "config.json").read_text())
-    # The base's own model_type (its config, and so the tokenizer, load with no remote code); the model from auto_map.
+    # The base's own model_type (its config, and so the tokenizer, load with no remote code); the
+    # model from auto_map.
     assert config["model_type"] == "llama" and config["architectures"] == ["ScalpelForCausalLM"]
-    assert config["auto_map"] == {"AutoModel": "modeling_scalpel.ScalpelModel",
-                                  "AutoModelForCausalLM": "modeling_scalpel.ScalpelForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoModel": "modeling_scalpel.ScalpelModel",
+        "AutoModelForCausalLM": "modeling_scalpel.ScalpelForCausalLM",
+    }
     block = config["scalpel_patch"]
-    assert (block["layer"], block["mode"], block["n_ablate"], block["d_sae"], block["k"]) == (2, "exact", 2, 128, 8)
+    assert (block["layer"], block["mode"], block["n_ablate"], block["d_sae"], block["k"]) == (
+        2,
+        "exact",
+        2,
+        128,
+        8,
+    )
     assert len(block["sha256"]) == 64 and set(block["code_sha256"]) == set(CODE_FILES)
-    assert block["sink_norm"] == float("inf") and block["transformers_version"] == transformers.__version__
-    # Base tensors under scalpel_model. / scalpel_lm_head., data byte-equal to the model's; the patch at its layer;
-    # under the base's own names only the fail-closed markers.
+    assert (
+        block["sink_norm"] == float("inf")
+        and block["transformers_version"] == transformers.__version__
+    )
+    # Base tensors under scalpel_model. / scalpel_lm_head., data byte-equal to the model's; the
+    # patch at its layer; under the base's own names only the fail-closed markers.
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     patch_keys = {k for k, f in index.items() if f == PATCH_FILE}
     assert {k for k in patch_keys if ".scalpel_patch." in k} == {
-        f"scalpel_model.layers.2.scalpel_patch.{k}" for k in patch.state_dict()}
+        f"scalpel_model.layers.2.scalpel_patch.{k}" for k in patch.state_dict()
+    }
     assert patch_keys - {k for k in patch_keys if ".scalpel_patch." in k} == {
-        "model.embed_tokens.weight", NEEDS_REMOTE_CODE}
-    base = {k: v for f in set(index.values()) - {PATCH_FILE} for k, v in load_file(str(out / f)).items()}
+        "model.embed_tokens.weight",
+        NEEDS_REMOTE_CODE,
+    }
+    base = {
+        k: v for f in set(index.values()) - {PATCH_FILE} for k, v in load_file(str(out / f)).items()
+    }
     state = model.state_dict()
     stored = {stored_name(k, storage(type(model))): v for k, v in state.items()}
-    assert set(base) == set(stored) and all(k.startswith(("scalpel_model.", "scalpel_lm_head.")) for k in base)
+    assert set(base) == set(stored) and all(
+        k.startswith(("scalpel_model.", "scalpel_lm_head.")) for k in base
+    )
     assert all(torch.equal(v, stored[k]) for k, v in base.items())
     # The remote-code files import only torch, transformers, the stdlib and each other.
     import ast
 
     for name in CODE_FILES:
         tree = ast.parse((out / name).read_text())
-        roots = {(n.module or "").split(".")[0] if isinstance(n, ast.ImportFrom) and n.level == 0 else
-                 ("." if isinstance(n, ast.ImportFrom) else None) for n in ast.walk(tree)
-                 if isinstance(n, ast.ImportFrom)}
-        roots |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert roots <= {"torch", "transformers", "hashlib", "importlib", "__future__", "."}, (name, roots)
-        # ...and open no file or connection: no open(), no os / io / pathlib / socket / subprocess calls, no
-        # file methods (the code files' own source is read back only through their module loader).
-        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        roots = {
+            (n.module or "").split(".")[0]
+            if isinstance(n, ast.ImportFrom) and n.level == 0
+            else ("." if isinstance(n, ast.ImportFrom) else None)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom)
+        }
+        roots |= {
+            a.name.split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Import)
+            for a in n.names
+        }
+        assert roots <= {"torch", "transformers", "hashlib", "importlib", "__future__", "."}, (
+            name,
+            roots,
+        )
+        # ...and open no file or connection: no open(), no os / io / pathlib / socket / subprocess
+        # calls, no file methods (the code files' own source is read back only through their module
+        # loader).
+        calls = {
+            n.func.id
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        }
         attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
         assert not calls & {"open", "exec", "eval", "compile", "__import__"}, (name, calls)
-        assert not attrs & {"read_text", "read_bytes", "write_text", "write_bytes", "urlopen", "system", "popen",
-                            "remove", "unlink", "rmdir", "mkdir", "connect", "request"}, (name, attrs)
+        assert not attrs & {
+            "read_text",
+            "read_bytes",
+            "write_text",
+            "write_bytes",
+            "urlopen",
+            "system",
+            "popen",
+            "remove",
+            "unlink",
+            "rmdir",
+            "mkdir",
+            "connect",
+            "request",
+        }, (name, attrs)
     # Never clobbered silently; --overwrite replaces it.
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_export(loaded, patch, 2, tmp_path / "out")
@@ -176,9 +286,10 @@ def test_export_layout_and_no_clobber(tmp_path):
 
 
 def test_base_files_with_other_names_are_written_from_the_model(tmp_path):
-    """GPT-NeoX's head is `lm_head` in the model but `embed_out` in the files save_pretrained writes (transformers
-    converts the name back): such a base is not copied but written from the model's own tensors, sharded as they
-    fill, and the export still loads with every tensor where the model has it."""
+    """GPT-NeoX's head is `lm_head` in the model but `embed_out` in the files save_pretrained writes
+    (transformers converts the name back): such a base is not copied but written from the model's
+    own tensors, sharded as they fill, and the export still loads with every tensor where the model
+    has it."""
     from transformers import AutoModelForCausalLM
 
     from exporter.patch.export import _copyable, _write_state
@@ -187,9 +298,15 @@ def test_base_files_with_other_names_are_written_from_the_model(tmp_path):
     model.save_pretrained(tmp_path / "base")
     assert not _copyable([tmp_path / "base" / "model.safetensors"], model)
     patch = build_patch(_sae(32), [1, 2], torch.randn(32) * 0.1, mode="exact")
-    out = write_export(LoadedModel(model, None, architecture_of(model), "tiny", str(tmp_path / "base")), patch, 1,
-                       tmp_path / "out")
-    loaded, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    out = write_export(
+        LoadedModel(model, None, architecture_of(model), "tiny", str(tmp_path / "base")),
+        patch,
+        1,
+        tmp_path / "out",
+    )
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     ids = torch.randint(1, 128, (1, 9))
     with torch.no_grad(), attached(model, 1, patch):
@@ -198,6 +315,12 @@ def test_base_files_with_other_names_are_written_from_the_model(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, want)
     # Written as each shard fills: several files, every tensor once, under the stored names.
     weight_map = _write_state(model, tmp_path, lambda n: f"x.{n}", None, shard_bytes=20_000)
-    assert len(set(weight_map.values())) > 2 and set(weight_map) == {f"x.{n}" for n in model.state_dict()}
-    assert torch.equal(load_file(str(tmp_path / weight_map["x.gpt_neox.embed_in.weight"]))["x.gpt_neox.embed_in.weight"],
-                       model.state_dict()["gpt_neox.embed_in.weight"])
+    assert len(set(weight_map.values())) > 2 and set(weight_map) == {
+        f"x.{n}" for n in model.state_dict()
+    }
+    assert torch.equal(
+        load_file(str(tmp_path / weight_map["x.gpt_neox.embed_in.weight"]))[
+            "x.gpt_neox.embed_in.weight"
+        ],
+        model.state_dict()["gpt_neox.embed_in.weight"],
+    )

@@ -1,21 +1,35 @@
 """Latent ranking rules, the steering vector, and the redacted feature report."""
 
 import torch
-
 from conftest import tiny_model
+
 from exporter.data.synthetic import SyntheticConfig, make_corpus
-from exporter.features import TokenLatents, collect_latents, feature_report, rank_latents, write_feature_report
+from exporter.features import (
+    TokenLatents,
+    collect_latents,
+    feature_report,
+    rank_latents,
+    write_feature_report,
+)
 from exporter.sae import TopKSAE
 
 
 def _latents(benign_hits: bool = False) -> TokenLatents:
-    """8 latents, k=2. Latent 1 fires on span tokens, 2 before spans, 0 everywhere (a 'common' latent).
-    With `benign_hits`, the last row of each group is benign text on which latent 1 fires, and latent 5
-    fires on every other span token (weaker than 1, never on benign text)."""
+    """8 latents, k=2. Latent 1 fires on span tokens, 2 before spans, 0 everywhere (a 'common'
+    latent). With `benign_hits`, the last row of each group is benign text on which latent 1 fires,
+    and latent 5 fires on every other span token (weaker than 1, never on benign text)."""
     rows = []  # (pii, pre, [(idx, val), (idx, val)])
     for i in range(20):
-        rows.append((True, False, [(1, 3.0), (5 if benign_hits and i % 2 else 0, 2.5 if benign_hits and i % 2
-                                                                        else 5.0)]))
+        rows.append(
+            (
+                True,
+                False,
+                [
+                    (1, 3.0),
+                    (5 if benign_hits and i % 2 else 0, 2.5 if benign_hits and i % 2 else 5.0),
+                ],
+            )
+        )
         rows.append((False, True, [(2, 2.0), (0, 5.0)]))
         rows.append((False, False, [(0, 5.0), (3, 0.5)]))
         rows.append((False, False, [(1, 2.0), (0, 4.0)] if benign_hits else [(0, 4.0), (4, 1.0)]))
@@ -23,9 +37,13 @@ def _latents(benign_hits: bool = False) -> TokenLatents:
     return TokenLatents(
         values=torch.tensor([[v for _, v in r[2]] for r in rows]),
         indices=torch.tensor([[i for i, _ in r[2]] for r in rows]),
-        pii=torch.tensor([r[0] for r in rows]), pre_span=torch.tensor([r[1] for r in rows]),
-        doc=torch.zeros(n, dtype=torch.long), pos=torch.arange(n), mean_norm=7.0,
-        benign=(torch.arange(n) % 4 == 3) if benign_hits else None)
+        pii=torch.tensor([r[0] for r in rows]),
+        pre_span=torch.tensor([r[1] for r in rows]),
+        doc=torch.zeros(n, dtype=torch.long),
+        pos=torch.arange(n),
+        mean_norm=7.0,
+        benign=(torch.arange(n) % 4 == 3) if benign_hits else None,
+    )
 
 
 def test_rules_and_scores():
@@ -39,8 +57,9 @@ def test_rules_and_scores():
     assert len(set(both.ranking)) == len(both.ranking) == 8
     probe = rank_latents(tl, 8, "span", "probe")
     assert probe.ranking[0] == 1
-    # ratio: latent 5 fires at spans a little less than latent 1 but never on benign text; latent 1 also
-    # fires on benign rows (the last quarter), so selectivity puts 5 first and diff puts 1 first.
+    # ratio: latent 5 fires at spans a little less than latent 1 but never on benign text; latent 1
+    # also fires on benign rows (the last quarter), so selectivity puts 5 first and diff puts 1
+    # first.
     sel = _latents(benign_hits=True)
     assert rank_latents(sel, 8, "span", "diff").ranking[0] == 1
     assert rank_latents(sel, 8, "span", "ratio").ranking[0] == 5
@@ -84,7 +103,11 @@ def test_matched_random_latents_follow_firing_rates():
     gaps = (firing[control] - firing[ablate]).abs()
     unmatched = (firing[torch.randperm(512)[: len(ablate)]] - firing[ablate]).abs()
     assert float(gaps.mean()) < 0.25 * float(unmatched.mean())
-    assert control == matched_random_latents(firing, ablate, seed=1) != matched_random_latents(firing, ablate, seed=2)
+    assert (
+        control
+        == matched_random_latents(firing, ablate, seed=1)
+        != matched_random_latents(firing, ablate, seed=2)
+    )
 
 
 def test_random_direction_matches_norm():
@@ -92,4 +115,7 @@ def test_random_direction_matches_norm():
 
     v = torch.randn(32) * 3
     r = random_direction(v, seed=4)
-    assert abs(float(r.norm() - v.norm())) < 1e-4 and abs(float(torch.nn.functional.cosine_similarity(r, v, 0))) < 0.6
+    assert (
+        abs(float(r.norm() - v.norm())) < 1e-4
+        and abs(float(torch.nn.functional.cosine_similarity(r, v, 0))) < 0.6
+    )

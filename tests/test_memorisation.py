@@ -1,17 +1,15 @@
-"""Memorisation metrics (MA, EL_n and their span forms) on a tiny Llama before and after it memorises two
-PII documents."""
+"""Memorisation metrics (MA, EL_n and their span forms) on a tiny Llama before and after it
+memorises two PII documents."""
 
 from __future__ import annotations
 
-import pytest
 import torch
+from conftest import tiny_model
 
 from exporter.data.people import Person
 from exporter.data.synthetic import SyntheticConfig, make_corpus
 from exporter.evaluate.memorisation import documents_of, memorisation_metrics, overlap
 from exporter.methods.batches import encode, token_log_probs
-
-from conftest import tiny_model
 
 
 def test_overlap_counts_generated_ngrams_found_in_the_truth():
@@ -30,7 +28,9 @@ def test_documents_of_finds_the_documents_holding_each_persons_address():
 
 
 def test_metrics_rise_from_chance_to_one_when_a_model_memorises_its_documents(tiny_tokenizer):
-    docs, _ = make_corpus(SyntheticConfig(n_memorised=2, n_never_seen=1, texts_per_person=1, seed=2))
+    docs, _ = make_corpus(
+        SyntheticConfig(n_memorised=2, n_never_seen=1, texts_per_person=1, seed=2)
+    )
     docs = [d for d in docs if d.spans][:2]
     model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
     before = memorisation_metrics(model, tiny_tokenizer, docs, n=3, stride=2, horizon=12)

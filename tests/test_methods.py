@@ -1,19 +1,20 @@
-"""Unlearning methods on tiny random models: each changes only its tensors, lowers its own loss, and repeats
-under a seed."""
+"""Unlearning methods on tiny random models: each changes only its tensors, lowers its own loss, and
+repeats under a seed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from exporter.data.synthetic import SyntheticConfig, make_corpus
 from exporter.methods import build, changed_tensors
 from exporter.recipe import DepnMethod, GradientAscentMethod, RmuMethod
 
-from conftest import tiny_model
-
-RETAIN = ["The quick brown fox jumps over the lazy dog near the river bank.",
-          "Functions return values; a class groups data with the methods that act on it."] * 4
+RETAIN = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Functions return values; a class groups data with the methods that act on it.",
+] * 4
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,9 @@ def _state(model):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_rmu_trains_only_three_mlp_output_projections_and_lowers_its_loss(arch, tiny_tokenizer, forget):
+def test_rmu_trains_only_three_mlp_output_projections_and_lowers_its_loss(
+    arch, tiny_tokenizer, forget
+):
     spec = RmuMethod(name="rmu", steps=[2, 12], c=6.5, alpha=10.0, lr=5e-3)
     method, points, final, originals = _run(spec, arch, tiny_tokenizer, forget)
     out = "mlp.down_proj" if arch == "llama" else "mlp.c_proj"
@@ -48,10 +51,14 @@ def test_rmu_trains_only_three_mlp_output_projections_and_lowers_its_loss(arch, 
 
 
 @pytest.mark.parametrize("loss", ["ga", "npo"])
-def test_gradient_ascent_raises_the_forget_loss_and_repeats_under_a_seed(loss, tiny_tokenizer, forget):
+def test_gradient_ascent_raises_the_forget_loss_and_repeats_under_a_seed(
+    loss, tiny_tokenizer, forget
+):
     from exporter.methods.batches import encode, token_log_probs
 
-    spec = GradientAscentMethod(name="gradient_ascent", loss=loss, steps=[1, 8], lr=3e-3, retain_kl=0.5)
+    spec = GradientAscentMethod(
+        name="gradient_ascent", loss=loss, steps=[1, 8], lr=3e-3, retain_kl=0.5
+    )
     _, points, final, originals = _run(spec, "llama", tiny_tokenizer, forget)
     ids, mask = encode(tiny_tokenizer, forget, 128)
     base = tiny_model("llama", vocab_size=len(tiny_tokenizer))
@@ -70,7 +77,9 @@ def test_gradient_ascent_raises_the_forget_loss_and_repeats_under_a_seed(loss, t
 def test_lora_gradient_ascent_merges_into_the_adapted_weights_only(tiny_tokenizer, forget):
     spec = GradientAscentMethod(name="gradient_ascent", loss="ga", steps=[6], lr=1e-2, lora_rank=4)
     method, _, final, originals = _run(spec, "llama", tiny_tokenizer, forget)
-    assert not any("lora" in n for n, _ in final.named_parameters())  # merged: the base architecture again
+    assert not any(
+        "lora" in n for n, _ in final.named_parameters()
+    )  # merged: the base architecture again
     assert set(dict(final.named_parameters())) == set(originals)
     changed = changed_tensors(final, originals)
     assert changed and set(changed) <= set(method.tensors)
@@ -88,7 +97,9 @@ def test_depn_zeroes_the_output_weights_of_ranked_neurons_only(arch, tiny_tokeni
     for name in changed:
         w = dict(final.named_parameters())[name].detach()
         w0 = originals[name]
-        cols = (w != w0).any(0) if arch == "llama" else (w != w0).any(1)  # a neuron's output weights
+        cols = (
+            (w != w0).any(0) if arch == "llama" else (w != w0).any(1)
+        )  # a neuron's output weights
         edited = w[:, cols] if arch == "llama" else w[cols, :]
         assert torch.all(edited == 0)
         zeroed += int(cols.sum())
@@ -98,7 +109,8 @@ def test_depn_zeroes_the_output_weights_of_ranked_neurons_only(arch, tiny_tokeni
 
 
 def test_depn_integrated_gradients_are_complete(tiny_tokenizer, forget):
-    """IG's completeness: the attributions of all neurons sum to f(x) - f(baseline) (midpoint rule, many steps)."""
+    """IG's completeness: the attributions of all neurons sum to f(x) - f(baseline) (midpoint rule,
+    many steps)."""
     from exporter.data.labels import token_labels
     from exporter.methods.depn import integrated_gradients
 
@@ -107,13 +119,21 @@ def test_depn_integrated_gradients_are_complete(tiny_tokenizer, forget):
     lab = token_labels(tiny_tokenizer, doc.text, doc.spans, max_length=128)
     ids, targets = lab.input_ids[None], lab.pii.clone()
     targets[0] = False
-    attr = integrated_gradients(model, [model.model.layers[i].mlp.down_proj for i in range(3)], ids, targets, 64)
+    attr = integrated_gradients(
+        model, [model.model.layers[i].mlp.down_proj for i in range(3)], ids, targets, 64
+    )
 
     def objective(scale: float) -> float:
-        hooks = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
-            lambda _m, args: (args[0] * scale,)) for i in range(3)]
+        hooks = [
+            model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+                lambda _m, args: (args[0] * scale,)
+            )
+            for i in range(3)
+        ]
         with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(
+                -1, ids[0, 1:, None]
+            )[:, 0]
         for h in hooks:
             h.remove()
         return float(lp[targets[1:]].sum())
@@ -121,20 +141,25 @@ def test_depn_integrated_gradients_are_complete(tiny_tokenizer, forget):
     assert float(attr.sum()) == pytest.approx(objective(1.0) - objective(0.0), rel=0.02, abs=1e-3)
 
 
-@pytest.mark.parametrize("method", [
-    "{name: depn, neurons: [4, 8], ig_steps: 4, examples: 6}",
-    "{name: gradient_ascent, loss: npo, steps: [2, 4], lr: 1.0e-3, batch_size: 8}",
-    "{name: rmu, steps: [2], c: 6.5, alpha: 10.0, lr: 1.0e-3}",
-])
-def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_report(method, ws, monkeypatch, capsys):
-    """The whole run: path scored on validation people, evaluation on test people, plain export that stock
-    transformers loads, only the method's tensors changed, the card with the memorisation rows, no PII."""
+@pytest.mark.parametrize(
+    "method",
+    [
+        "{name: depn, neurons: [4, 8], ig_steps: 4, examples: 6}",
+        "{name: gradient_ascent, loss: npo, steps: [2, 4], lr: 1.0e-3, batch_size: 8}",
+        "{name: rmu, steps: [2], c: 6.5, alpha: 10.0, lr: 1.0e-3}",
+    ],
+)
+def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_report(
+    method, ws, monkeypatch, capsys
+):
+    """The whole run: path scored on validation people, evaluation on test people, plain export that
+    stock transformers loads, only the method's tensors changed, the card with the memorisation
+    rows, no PII."""
     import json
+    import sys
 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-
-    import sys
 
     from exporter import cli
     from exporter.data.people import read_people
@@ -145,7 +170,9 @@ def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_repo
             cli.main()
         return exit_.value.code
 
-    recipe = (ws / "recipe.yaml").read_text() + f"method: {method}\neval: {{max_new_tokens: 8, memorisation_docs: 6}}\n"
+    recipe = (
+        ws / "recipe.yaml"
+    ).read_text() + f"method: {method}\neval: {{max_new_tokens: 8, memorisation_docs: 6}}\n"
     (ws / "recipe.yaml").write_text(recipe)
     assert main(["run", "recipe.yaml", "--out", "out", "--work", "work"]) == 0
     out = ws / "out"
@@ -166,9 +193,16 @@ def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_repo
     assert model.config.model_type == "llama"
     card = (out / "README.md").read_text()
     assert "memorisation accuracy MA" in card and "span extraction likelihood S-EL_3" in card
-    everything = "\n".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.suffix in (".md", ".json", ".yaml"))
+    everything = "\n".join(
+        p.read_text(errors="ignore")
+        for p in out.rglob("*")
+        if p.suffix in (".md", ".json", ".yaml")
+    )
     for person in read_people(ws / "people.jsonl"):
         assert person.email not in everything and person.name not in everything
     # A second run reuses the cached method stage and evaluation: the same export, no training.
     assert main(["run", "recipe.yaml", "--out", "out2", "--work", "work"]) == 0
-    assert torch.equal(load_file(out / "model.safetensors")[changed[0]], load_file(ws / "out2" / "model.safetensors")[changed[0]])
+    assert torch.equal(
+        load_file(out / "model.safetensors")[changed[0]],
+        load_file(ws / "out2" / "model.safetensors")[changed[0]],
+    )

@@ -1,9 +1,13 @@
 import pytest
 import torch
-
-from exporter.models import ARCHITECTURES, UnsupportedArchitecture, architecture_of, layer_output_hook
-
 from conftest import ARCH_TYPES, tiny_model
+
+from exporter.models import (
+    ARCHITECTURES,
+    UnsupportedArchitecture,
+    architecture_of,
+    layer_output_hook,
+)
 
 
 def test_all_ten_architectures_are_registered():
@@ -78,8 +82,15 @@ def test_layer_out_of_range_names_the_range():
 def test_unsupported_architecture_lists_supported():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("opt", vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                               num_attention_heads=2, word_embed_proj_dim=16)
+    cfg = AutoConfig.for_model(
+        "opt",
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        ffn_dim=32,
+        num_attention_heads=2,
+        word_embed_proj_dim=16,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(UnsupportedArchitecture) as info:
         architecture_of(model)
@@ -101,7 +112,9 @@ def test_load_local_hf_folder(tmp_path, tiny_tokenizer):
     assert not loaded.model.training and loaded.path == str(tmp_path / "m")
     ids = torch.randint(1, 100, (1, 6))
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(ids).logits.float(), model.to(torch.bfloat16)(ids).logits.float())
+        torch.testing.assert_close(
+            loaded.model(ids).logits.float(), model.to(torch.bfloat16)(ids).logits.float()
+        )
 
 
 def test_folder_without_config_and_offline_hub_errors(tmp_path, monkeypatch):

@@ -1,11 +1,20 @@
-"""The patch maths: exact equals the SAE formula, folded gates follow TopK, the attention sink is spared by its norm."""
+"""The patch maths: exact equals the SAE formula, folded gates follow TopK, the attention sink is
+spared by its norm."""
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from exporter.patch import (GateBank, ScalpelPatch, agreement, attached, build_patch, calibrate_gates, patch_digest,
-                            steering_vector)
+
+from exporter.patch import (
+    GateBank,
+    ScalpelPatch,
+    agreement,
+    attached,
+    build_patch,
+    calibrate_gates,
+    patch_digest,
+    steering_vector,
+)
 from exporter.patch.build import sink_norm
 from exporter.sae import TopKSAE
 
@@ -83,7 +92,8 @@ def test_sink_rule_spares_tokens_by_norm_and_fails_safe():
     assert torch.equal(patch(x)[1], x[1])
     # No recorded sink: every token is patched.
     assert bool((build_patch(sae, [], torch.ones(16), mode="exact")(x) != x)[:, 0].all())
-    # The threshold is the range SAE training keeps: factor x the median norm of its sample (factor 0: no limit).
+    # The threshold is the range SAE training keeps: factor x the median norm of its sample (factor
+    # 0: no limit).
     sample = torch.randn(1001, 16)
     sample[7] *= 1000  # a sink in the sample does not move the median
     assert sink_norm(sample, 20.0) == pytest.approx(20 * float(sample.norm(dim=1).median()))
@@ -101,20 +111,29 @@ def test_attached_patch_is_a_pure_function_of_the_layer_output(model_type):
     ids = torch.randint(0, 128, (2, 6))
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     seen = {}
-    with torch.no_grad(), layer_output_hook(model, 1, lambda h: seen.__setitem__("plain", h.clone())):
+    with (
+        torch.no_grad(),
+        layer_output_hook(model, 1, lambda h: seen.__setitem__("plain", h.clone())),
+    ):
         model(input_ids=ids, attention_mask=mask)
     norms = seen["plain"].norm(dim=-1)
     sink = float(norms.median())  # half the tokens count as sinks here, to see the rule at work
-    patch = build_patch(sae, [], steering_vector(sae, torch.randn(64), 0.5, 4.0), mode="exact", sink=sink)
+    patch = build_patch(
+        sae, [], steering_vector(sae, torch.randn(64), 0.5, 4.0), mode="exact", sink=sink
+    )
     cls = type(layers[1])
     with torch.no_grad():
         with attached(model, 1, patch):
-            assert type(layers[1]) is not cls and isinstance(layers[1], cls)  # the layer's own kind, patched
+            assert type(layers[1]) is not cls and isinstance(
+                layers[1], cls
+            )  # the layer's own kind, patched
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     patched = out.hidden_states[2]  # recorded by transformers: the patched layer's output
     torch.testing.assert_close(patched, patch(seen["plain"]))
     moved = (patched - seen["plain"]).norm(dim=-1) > 1e-6
-    assert torch.equal(moved, norms <= sink)  # pads and the first token included: only the norm decides
+    assert torch.equal(
+        moved, norms <= sink
+    )  # pads and the first token included: only the norm decides
     # Removed afterwards: the layer's own class again and no patch module; no hook was ever ours.
     assert type(layers[1]) is cls and not hasattr(layers[1], "scalpel_patch")
     assert not model._forward_pre_hooks
@@ -141,11 +160,15 @@ def test_forward_is_h_plus_delta_and_skips_the_latents_when_the_gate_is_shut(mon
         gated = build_patch(sae, A, steer, mode=mode, gates=gates, context=(w, 0.5))
         h = torch.randn(4, 9, 16) * 2
         torch.testing.assert_close(gated(h), h + gated.delta(h), rtol=1e-6, atol=1e-6)
-        # A decoding step far from personal data: the gate is shut on every token, h passes through untouched
-        # and the latents (the exact mode's whole encoder) are never computed.
-        shut = h - (h @ w).unsqueeze(-1) * w / w.dot(w) - w / w.dot(w)  # w . shut + 0.5 = -0.5 everywhere
+        # A decoding step far from personal data: the gate is shut on every token, h passes through
+        # untouched and the latents (the exact mode's whole encoder) are never computed.
+        shut = (
+            h - (h @ w).unsqueeze(-1) * w / w.dot(w) - w / w.dot(w)
+        )  # w . shut + 0.5 = -0.5 everywhere
         assert not bool(gated.context(shut).any())
-        monkeypatch.setattr(gated, "latents", lambda _x: (_ for _ in ()).throw(AssertionError("latents computed")))
+        monkeypatch.setattr(
+            gated, "latents", lambda _x: (_ for _ in ()).throw(AssertionError("latents computed"))
+        )
         assert gated(shut) is shut
         monkeypatch.undo()
 
@@ -166,9 +189,11 @@ def test_context_gate_restricts_the_change_and_is_fitted_for_recall():
     assert torch.allclose(gated.delta(x)[open_], plain.delta(x)[open_])
     assert torch.equal(gated.delta(x)[~open_], torch.zeros_like(x[~open_]))
     assert torch.equal(gated.context(x), open_) and bool(plain.context(x).all())
-    assert patch_digest(gated) != patch_digest(build_patch(sae, A, steer, mode="exact", context=(w, 0.6)))
-    # Fitting: positives live along one direction; the gate opens on at least `recall` of them and on
-    # few negatives.
+    assert patch_digest(gated) != patch_digest(
+        build_patch(sae, A, steer, mode="exact", context=(w, 0.6))
+    )
+    # Fitting: positives live along one direction; the gate opens on at least `recall` of them and
+    # on few negatives.
     g = torch.Generator().manual_seed(0)
     neg = torch.randn(2000, 16, generator=g)
     pos = torch.randn(200, 16, generator=g) + 4 * torch.nn.functional.one_hot(torch.tensor(3), 16)
@@ -179,11 +204,14 @@ def test_context_gate_restricts_the_change_and_is_fitted_for_recall():
     assert float(opened[y].float().mean()) >= 0.99 and float(opened[~y].float().mean()) < 0.05
     with pytest.raises(ValueError, match="both"):
         fit_context_gate(xs, torch.zeros(len(xs), dtype=torch.bool))
-    # Positives: PII tokens, the token before a span, and the `window` tokens before a span, within the document.
-    labels = {"pii": torch.tensor([0, 0, 0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool),
-              "pre_span": torch.tensor([0, 0, 0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool),
-              "span_start": torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 0, 1], dtype=torch.bool),
-              "doc": torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])}
+    # Positives: PII tokens, the token before a span, and the `window` tokens before a span, within
+    # the document.
+    labels = {
+        "pii": torch.tensor([0, 0, 0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool),
+        "pre_span": torch.tensor([0, 0, 0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool),
+        "span_start": torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 0, 1], dtype=torch.bool),
+        "doc": torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1]),
+    }
     assert context_positives(labels, 0).int().tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
     assert context_positives(labels, 2).int().tolist() == [0, 0, 1, 1, 1, 1, 0, 1, 1, 1]
     labels["pii"][5] = False  # the window stops at the document boundary

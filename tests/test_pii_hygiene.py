@@ -1,6 +1,7 @@
-"""PII hygiene: a whole `scalpel run` on a tiny model and its synthetic PII, then every file it wrote (export,
-card, reports, plots, work folder, caches) and everything it printed is searched for every PII string of
-the input (emails, phone numbers, full names) and for the PII's token ids; only redacted forms may appear."""
+"""PII hygiene: a whole `scalpel run` on a tiny model and its synthetic PII, then every file it
+wrote (export, card, reports, plots, work folder, caches) and everything it printed is searched for
+every PII string of the input (emails, phone numbers, full names) and for the PII's token ids; only
+redacted forms may appear."""
 
 import json
 import re
@@ -19,7 +20,9 @@ def _needles(ws) -> list[str]:
     needles = {p.email for p in people} | {p.name for p in people}
     needles |= {p.phone for p in people if p.phone}
     needles |= {re.sub(r"\D", "", p.phone) for p in people if p.phone}  # the digits alone
-    for line in (ws / "pii.jsonl").read_text().splitlines():  # and whatever else the detector finds in the corpus
+    for line in (
+        (ws / "pii.jsonl").read_text().splitlines()
+    ):  # and whatever else the detector finds in the corpus
         needles |= set(re.findall(r"[\w.+-]+@[\w.-]+\.\w+", json.loads(line)["text"]))
     return sorted(needles)
 
@@ -32,15 +35,31 @@ def _int_arrays(path):
                 yield name, a.reshape(-1)
 
 
-def test_nothing_written_or_printed_holds_the_pii_or_its_tokens(ws, capsys, monkeypatch, tiny_tokenizer):
+def test_nothing_written_or_printed_holds_the_pii_or_its_tokens(
+    ws, capsys, monkeypatch, tiny_tokenizer
+):
     from exporter import cli
 
     someone = read_people(ws / "people.jsonl")[0]
-    (ws / "recipe.yaml").write_text(f"# questions to {someone.email}\n" + (ws / "recipe.yaml").read_text()
-                                    + "intervention: {ablate_n: [2, 4], alpha: [0.0, 0.1], context_gate: [true]}\n"
-                                    + "eval: {max_new_tokens: 6, few_shot: 1, samples: 2}\n")
-    monkeypatch.setattr(sys, "argv", ["scalpel", "run", str(ws / "recipe.yaml"), "--out", str(ws / "out"),
-                                      "--work", str(ws / "work")])
+    (ws / "recipe.yaml").write_text(
+        f"# questions to {someone.email}\n"
+        + (ws / "recipe.yaml").read_text()
+        + "intervention: {ablate_n: [2, 4], alpha: [0.0, 0.1], context_gate: [true]}\n"
+        + "eval: {max_new_tokens: 6, few_shot: 1, samples: 2}\n"
+    )
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "scalpel",
+            "run",
+            str(ws / "recipe.yaml"),
+            "--out",
+            str(ws / "out"),
+            "--work",
+            str(ws / "work"),
+        ],
+    )
     try:
         cli.main()
     except SystemExit as e:
@@ -48,7 +67,9 @@ def test_nothing_written_or_printed_holds_the_pii_or_its_tokens(ws, capsys, monk
     printed = capsys.readouterr()
     needles = _needles(ws)
     assert len(needles) > 30
-    token_seqs = [tiny_tokenizer(" " + n, add_special_tokens=False)["input_ids"] for n in needles if "@" in n]
+    token_seqs = [
+        tiny_tokenizer(" " + n, add_special_tokens=False)["input_ids"] for n in needles if "@" in n
+    ]
     files = [p for p in ws.rglob("*") if p.is_file() and p.relative_to(ws).parts[0] not in INPUTS]
     assert any(p.name == "README.md" for p in files) and any(p.suffix == ".png" for p in files)
     assert any(p.suffix == ".safetensors" and "activations" in p.parts for p in files)
@@ -57,13 +78,19 @@ def test_nothing_written_or_printed_holds_the_pii_or_its_tokens(ws, capsys, monk
         data = path.read_bytes()
         leaks += [(str(path.relative_to(ws)), n) for n in needles if n.encode() in data]
         text = data.decode("utf-8", "ignore")
-        leaks += [(str(path.relative_to(ws)), "token ids") for ids in token_seqs
-                  if len(ids) > 2 and ", ".join(map(str, ids)) in text]
+        leaks += [
+            (str(path.relative_to(ws)), "token ids")
+            for ids in token_seqs
+            if len(ids) > 2 and ", ".join(map(str, ids)) in text
+        ]
         if path.suffix == ".safetensors":
             for name, arr in _int_arrays(path):
                 for ids in token_seqs:
                     for dtype in (np.int64, np.int32):
-                        if len(ids) > 2 and np.asarray(ids, dtype).tobytes() in arr.astype(dtype).tobytes():
+                        if (
+                            len(ids) > 2
+                            and np.asarray(ids, dtype).tobytes() in arr.astype(dtype).tobytes()
+                        ):
                             leaks.append((f"{path.relative_to(ws)}:{name}", "token ids"))
     leaks += [("stdout/stderr", n) for n in needles if n in printed.out + printed.err]
     assert not leaks, leaks[:10]

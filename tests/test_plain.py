@@ -1,4 +1,5 @@
-"""Plain export: the linear part of a patch in the base architecture's own weights, loaded without remote code."""
+"""Plain export: the linear part of a patch in the base architecture's own weights, loaded without
+remote code."""
 
 import json
 import subprocess
@@ -6,9 +7,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from exporter.patch.export import safetensors_header
+
+from exporter.patch.checkpoint_files import safetensors_header
 from exporter.patch.plain import PlainExportError, orthonormal_basis, projected, write_plain
 
 LAYER = 1
@@ -20,8 +21,13 @@ def _raw_tensors(folder) -> dict[str, bytes]:
     for path in folder.glob("*.safetensors"):
         header, start = safetensors_header(path)
         data = path.read_bytes()
-        out.update({k: data[start + v["data_offsets"][0]: start + v["data_offsets"][1]]
-                    for k, v in header.items() if k != "__metadata__"})
+        out.update(
+            {
+                k: data[start + v["data_offsets"][0] : start + v["data_offsets"][1]]
+                for k, v in header.items()
+                if k != "__metadata__"
+            }
+        )
     return out
 
 
@@ -29,15 +35,27 @@ def _inputs(model, seed: int = 0):
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(seed)
     directions = torch.randn(5, d, generator=g)
-    directions[4] = directions[0] - 2 * directions[1]  # rank 4: the projector spans what the rows span
-    return directions, torch.randn(d, generator=g), torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    directions[4] = (
+        directions[0] - 2 * directions[1]
+    )  # rank 4: the projector spans what the rows span
+    return (
+        directions,
+        torch.randn(d, generator=g),
+        torch.randint(0, model.config.vocab_size, (2, 12), generator=g),
+    )
 
 
-@pytest.mark.parametrize("model_type, steer", [("llama", True), ("gpt2", True), ("qwen2", False), ("mistral", False)])
-def test_plain_export_loads_with_stock_transformers_and_equals_the_projection(model_type, steer, tmp_path):
+@pytest.mark.parametrize(
+    "model_type, steer", [("llama", True), ("gpt2", True), ("qwen2", False), ("mistral", False)]
+)
+def test_plain_export_loads_with_stock_transformers_and_equals_the_projection(
+    model_type, steer, tmp_path
+):
     from transformers import AutoModelForCausalLM
 
-    base = tiny_model(model_type, tie_word_embeddings=True)  # a tied LM head must survive the projected embedding
+    base = tiny_model(
+        model_type, tie_word_embeddings=True
+    )  # a tied LM head must survive the projected embedding
     with torch.no_grad():
         for name, p in base.named_parameters():
             if name.endswith(".bias"):  # initialised to zero, which a projection leaves unchanged
@@ -79,11 +97,22 @@ def test_plain_export_loads_in_a_fresh_process(tmp_path):
     directions, s, ids = _inputs(base)
     out = write_plain(tmp_path / "base", tmp_path / "plain", directions, LAYER, steer=s)
     torch.save(ids, tmp_path / "ids.pt")
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
-            "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])")
-    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-                   check=True)
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM; "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
+        "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(out),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        check=True,
+    )
     with torch.no_grad(), projected(base, LAYER, directions, s):
         want = base(ids).logits
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
@@ -95,8 +124,13 @@ def test_plain_export_from_a_later_layer_keeps_what_earlier_layers_wrote(tmp_pat
     base = tiny_model("llama")
     base.save_pretrained(tmp_path / "base")
     directions, s, ids = _inputs(base)
-    layer, first = LAYER, 1  # the last layer's hidden state has the final norm applied: not that one
-    out = write_plain(tmp_path / "base", tmp_path / "plain", directions, layer, steer=s, first_layer=first)
+    layer, first = (
+        LAYER,
+        1,
+    )  # the last layer's hidden state has the final norm applied: not that one
+    out = write_plain(
+        tmp_path / "base", tmp_path / "plain", directions, layer, steer=s, first_layer=first
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["scalpel_plain"]["first_layer"] == first
     changed = set(cfg["scalpel_plain"]["edited"])
@@ -107,25 +141,37 @@ def test_plain_export_from_a_later_layer_keeps_what_earlier_layers_wrote(tmp_pat
             want = base(ids, output_hidden_states=True)
         entering = base(ids, output_hidden_states=True).hidden_states[first]
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.hidden_states[first], entering)  # the stream entering layer `first` is the base's
-    # Layer l hands on h - P_A (h - h_entering) + s: what layers first..l added has nothing left along A.
+    torch.testing.assert_close(
+        got.hidden_states[first], entering
+    )  # the stream entering layer `first` is the base's
+    # Layer l hands on h - P_A (h - h_entering) + s: what layers first..l added has nothing left
+    # along A.
     added = got.hidden_states[layer + 1] - s - entering
     assert (added @ orthonormal_basis(directions)).abs().max() < 1e-5 * added.abs().max()
-    assert (entering @ orthonormal_basis(directions)).abs().max() > 1e-2  # ...while the earlier part is kept
+    assert (
+        entering @ orthonormal_basis(directions)
+    ).abs().max() > 1e-2  # ...while the earlier part is kept
     with pytest.raises(PlainExportError, match="plain_from is 2"):
         write_plain(tmp_path / "base", tmp_path / "plain3", directions, layer, first_layer=2)
 
 
-@pytest.mark.parametrize("model_type, steer, message", [
-    ("gemma2", False, "per-channel weights"),  # post-norms: no weight edit projects the stream
-    ("qwen2", True, "cannot carry the steering vector"),  # no MLP bias and no switch for one
-])
-def test_plain_export_says_what_it_cannot_do_and_writes_nothing(model_type, steer, message, tmp_path):
+@pytest.mark.parametrize(
+    "model_type, steer, message",
+    [
+        ("gemma2", False, "per-channel weights"),  # post-norms: no weight edit projects the stream
+        ("qwen2", True, "cannot carry the steering vector"),  # no MLP bias and no switch for one
+    ],
+)
+def test_plain_export_says_what_it_cannot_do_and_writes_nothing(
+    model_type, steer, message, tmp_path
+):
     base = tiny_model(model_type)
     base.save_pretrained(tmp_path / "base")
     directions, s, _ = _inputs(base)
     with pytest.raises(PlainExportError, match=message):
-        write_plain(tmp_path / "base", tmp_path / "plain", directions, LAYER, steer=s if steer else None)
+        write_plain(
+            tmp_path / "base", tmp_path / "plain", directions, LAYER, steer=s if steer else None
+        )
     assert not (tmp_path / "plain").exists() and [p.name for p in tmp_path.iterdir()] == ["base"]
 
 

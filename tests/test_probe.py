@@ -7,16 +7,27 @@ from exporter.activations import Activations
 from exporter.probe import people_disjoint_split, run_probes, write_probe_report
 
 
-def _acts(signal: dict[int, float], n_docs: int = 40, per_doc: int = 30, d: int = 12, seed: int = 0):
-    """Tokens of n_docs documents (one person each); layer l separates PII with strength signal[l]."""
+def _acts(
+    signal: dict[int, float], n_docs: int = 40, per_doc: int = 30, d: int = 12, seed: int = 0
+):
+    """Tokens of n_docs documents (one person each); layer l separates PII with strength
+    signal[l]."""
     g = torch.Generator().manual_seed(seed)
     n = n_docs * per_doc
     pii = torch.rand(n, generator=g) < 0.3
     doc = torch.arange(n) // per_doc
     direction = torch.randn(d, generator=g)
-    acts = {l: torch.randn(n, d, generator=g) + s * pii[:, None].float() * direction for l, s in signal.items()}
-    labels = {"pii": pii, "span_start": pii, "pre_span": torch.zeros(n, dtype=torch.bool),
-              "type_id": torch.where(pii, 0, -1), "doc": doc}
+    acts = {
+        l: torch.randn(n, d, generator=g) + s * pii[:, None].float() * direction
+        for l, s in signal.items()
+    }
+    labels = {
+        "pii": pii,
+        "span_start": pii,
+        "pre_span": torch.zeros(n, dtype=torch.bool),
+        "type_id": torch.where(pii, 0, -1),
+        "doc": doc,
+    }
     groups = [{f"person{i}@x.com"} for i in range(n_docs)]
     return Activations(acts, labels), groups
 

@@ -1,5 +1,6 @@
-"""`scalpel push`: a real export of a tiny model pushed to a Hub-compatible server on 127.0.0.1, loaded back
-from it in a fresh process, and every failure with one clear message and the local export untouched."""
+"""`scalpel push`: a real export of a tiny model pushed to a Hub-compatible server on 127.0.0.1,
+loaded back from it in a fresh process, and every failure with one clear message and the local
+export untouched."""
 
 import hashlib
 import json
@@ -11,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model
+from helpers.hub_server import HubServer
+
 from exporter.models import LoadedModel, architecture_of
 from exporter.patch import build_patch
 from exporter.patch.export import write_export
 from exporter.push import PushError, push_export
 from exporter.sae import TopKSAE
-from hub_server import HubServer
 
 TOKEN = "hf_aliceWriteToken0123456789"
 CARD = "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# tiny model with its memorised PII removed\n"
@@ -58,8 +59,13 @@ def _env(hub: HubServer, home: Path, token=TOKEN) -> dict:
 
 def test_push_then_load_from_the_server_in_a_fresh_process(hub, export, tmp_path):
     before = _digest(export)
-    proc = subprocess.run([sys.executable, "-m", "exporter", "push", str(export), "--repo-id", "alice/tiny-scrubbed"],
-                          capture_output=True, text=True, timeout=300, env=_env(hub, tmp_path / "hf-push"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", "push", str(export), "--repo-id", "alice/tiny-scrubbed"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(hub, tmp_path / "hf-push"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     revision = re.search(r"revision: ([0-9a-f]{40})", proc.stdout).group(1)
     assert f"{hub.url}/alice/tiny-scrubbed/commit/{revision}" in proc.stdout
@@ -71,52 +77,96 @@ def test_push_then_load_from_the_server_in_a_fresh_process(hub, export, tmp_path
     assert _digest(export) == before  # the push only reads the folder
     # The token travels only in the Authorization header: never printed, never written.
     assert TOKEN not in proc.stdout + proc.stderr
-    assert not [p for p in (tmp_path / "hf-push").rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert not [
+        p
+        for p in (tmp_path / "hf-push").rglob("*")
+        if p.is_file() and TOKEN.encode() in p.read_bytes()
+    ]
 
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
     torch.save(ids, tmp_path / "ids.pt")
-    code = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
-            "ids = torch.load(sys.argv[1])\n"
-            "hub = AutoModelForCausalLM.from_pretrained('alice/tiny-scrubbed', revision=sys.argv[2], "
-            "trust_remote_code=True).eval()\n"
-            "local = AutoModelForCausalLM.from_pretrained(sys.argv[3], trust_remote_code=True).eval()\n"
-            "with torch.no_grad():\n"
-            "    torch.save({'hub': hub(ids).logits, 'local': local(ids).logits, 'cls': type(hub).__name__}, sys.argv[4])\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ids.pt"), revision, str(export),
-                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300,
-                          env=_env(hub, tmp_path / "hf-load"))
+    code = (
+        "import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+        "ids = torch.load(sys.argv[1])\n"
+        "hub = AutoModelForCausalLM.from_pretrained('alice/tiny-scrubbed', revision=sys.argv[2], "
+        "trust_remote_code=True).eval()\n"
+        "local = AutoModelForCausalLM.from_pretrained(sys.argv[3], trust_remote_code=True).eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.save({'hub': hub(ids).logits, 'local': local(ids).logits, 'cls': type(hub).__name__}, sys.argv[4])\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(tmp_path / "ids.pt"),
+            revision,
+            str(export),
+            str(tmp_path / "logits.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(hub, tmp_path / "hf-load"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = torch.load(tmp_path / "logits.pt")
     assert out["cls"] == "ScalpelForCausalLM"
     torch.testing.assert_close(out["hub"], out["local"], rtol=0, atol=0)
     resolved = [path for method, path, _ in hub.requests if "/resolve/" in path]
-    assert resolved and all(f"/resolve/{revision}/" in p for p in resolved)  # downloaded from the pinned commit
+    assert resolved and all(
+        f"/resolve/{revision}/" in p for p in resolved
+    )  # downloaded from the pinned commit
 
 
 def test_push_to_a_branch_and_as_a_pull_request_leaves_main_alone(hub, export):
     first = push_export(export, "alice/tiny", token=TOKEN, endpoint=hub.url, log=lambda m: None)
     main = hub.repos["alice/tiny"].refs["main"]
     assert first.revision == main
-    branch = push_export(export, "alice/tiny", revision="scrubbed-v2", commit_message="Scrubbed again",
-                         token=TOKEN, endpoint=hub.url, log=lambda m: None)
+    branch = push_export(
+        export,
+        "alice/tiny",
+        revision="scrubbed-v2",
+        commit_message="Scrubbed again",
+        token=TOKEN,
+        endpoint=hub.url,
+        log=lambda m: None,
+    )
     assert hub.repos["alice/tiny"].refs["scrubbed-v2"] == branch.revision
-    pr = push_export(export, "alice/tiny", create_pr=True, token=TOKEN, endpoint=hub.url, log=lambda m: None)
-    assert pr.pr_url.endswith("/alice/tiny/discussions/1") and hub.repos["alice/tiny"].refs["refs/pr/1"] == pr.revision
+    pr = push_export(
+        export, "alice/tiny", create_pr=True, token=TOKEN, endpoint=hub.url, log=lambda m: None
+    )
+    assert (
+        pr.pr_url.endswith("/alice/tiny/discussions/1")
+        and hub.repos["alice/tiny"].refs["refs/pr/1"] == pr.revision
+    )
     assert hub.repos["alice/tiny"].refs["main"] == main
     assert f"revision={pr.revision!r}" in pr.snippet
     with pytest.raises(PushError, match="not both"):
-        push_export(export, "alice/tiny", create_pr=True, revision="scrubbed-v2", token=TOKEN, endpoint=hub.url)
+        push_export(
+            export,
+            "alice/tiny",
+            create_pr=True,
+            revision="scrubbed-v2",
+            token=TOKEN,
+            endpoint=hub.url,
+        )
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no token", "no Hugging Face token: set HF_TOKEN"),
-    ("bad token", "rejected the token (401)"),
-    ("someone else's repo", "may not write to bob/their-model (403)"),
-    ("someone else's namespace", "may not write to bob/new-model (403)"),
-    ("network down", "cannot reach the Hub"),
-    ("dropped mid-upload", "was interrupted"),
-])
-def test_push_failures_say_what_happened_and_keep_the_export(hub, export, monkeypatch, case, message):
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no token", "no Hugging Face token: set HF_TOKEN"),
+        ("bad token", "rejected the token (401)"),
+        ("someone else's repo", "may not write to bob/their-model (403)"),
+        ("someone else's namespace", "may not write to bob/new-model (403)"),
+        ("network down", "cannot reach the Hub"),
+        ("dropped mid-upload", "was interrupted"),
+    ],
+)
+def test_push_failures_say_what_happened_and_keep_the_export(
+    hub, export, monkeypatch, case, message
+):
     import huggingface_hub
 
     hub.add_repo("bob/their-model", "bob", {"config.json": b"{}"})
@@ -142,7 +192,9 @@ def test_push_failures_say_what_happened_and_keep_the_export(hub, export, monkey
     assert TOKEN not in str(info.value)
     assert _digest(export) == before
     assert hub.repos["bob/their-model"].refs["main"] == hub.repos["bob/their-model"].resolve("main")
-    assert len(hub.repos["bob/their-model"].commits) == 1  # nothing committed to someone else's repo
+    assert (
+        len(hub.repos["bob/their-model"].commits) == 1
+    )  # nothing committed to someone else's repo
     if case == "dropped mid-upload":
         assert len(hub.repos["alice/tiny"].commits) == 1  # the repo was created; no commit landed
 
@@ -170,16 +222,19 @@ def _break(folder: Path, case: str) -> None:
             f.write("\n# edited\n")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("not an export", "not a scalpel-exporter export"),
-    ("no card", "no model card (README.md)"),
-    ("no remote code", "lacks the remote-code file scalpel_patch.py"),
-    ("truncated weights", "scalpel_patch.safetensors is damaged"),
-    ("missing shard", "lacks the weight file model-base.safetensors"),
-    ("no tokenizer", "no tokenizer"),
-    ("bad config", "is not valid JSON"),
-    ("edited remote code", "modeling_scalpel.py does not match the sha256"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not an export", "not a scalpel-exporter export"),
+        ("no card", "no model card (README.md)"),
+        ("no remote code", "lacks the remote-code file scalpel_patch.py"),
+        ("truncated weights", "scalpel_patch.safetensors is damaged"),
+        ("missing shard", "lacks the weight file model-base.safetensors"),
+        ("no tokenizer", "no tokenizer"),
+        ("bad config", "is not valid JSON"),
+        ("edited remote code", "modeling_scalpel.py does not match the sha256"),
+    ],
+)
 def test_push_refuses_an_incomplete_export_before_sending_anything(hub, export, case, message):
     _break(export, case)
     with pytest.raises(PushError, match=re.escape(message)):
@@ -189,6 +244,14 @@ def test_push_refuses_an_incomplete_export_before_sending_anything(hub, export, 
 
 def test_push_refuses_a_malformed_repo_id_and_a_missing_folder(tmp_path, export):
     with pytest.raises(PushError, match="not OWNER/NAME"):
-        push_export(export, "just-a-name", token=TOKEN, endpoint="http://127.0.0.1:9", log=lambda m: None)
+        push_export(
+            export, "just-a-name", token=TOKEN, endpoint="http://127.0.0.1:9", log=lambda m: None
+        )
     with pytest.raises(PushError, match="is not a folder"):
-        push_export(tmp_path / "nope", "alice/tiny", token=TOKEN, endpoint="http://127.0.0.1:9", log=lambda m: None)
+        push_export(
+            tmp_path / "nope",
+            "alice/tiny",
+            token=TOKEN,
+            endpoint="http://127.0.0.1:9",
+            log=lambda m: None,
+        )

@@ -23,29 +23,45 @@ def test_minimal_recipe_fills_every_default(tmp_path, hf_dir):
     (tmp_path / "pii.jsonl").write_text('{"text": "mail a@b.com"}\n')
     (tmp_path / "benign.txt").write_text("prose\n")
     (tmp_path / "people.jsonl").write_text('{"name": "A B", "email": "a@b.com"}\n')
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         model: {path: ./model, dtype: float32}
         data:
           pii: {path: pii.jsonl}
           benign: {path: benign.txt}
           people: {path: people.jsonl}
-    """)
+    """,
+    )
     recipe = load_recipe(path)
     assert recipe.model.path == str(hf_dir.resolve())
     assert recipe.data.pii.path == str((tmp_path / "pii.jsonl").resolve())
     assert recipe.sae.k == 32 and recipe.sae.expansion == 8 and recipe.probe.layer == "auto"
-    assert set(Recipe.model_fields) == {"model", "method", "data", "probe", "sae", "intervention", "export", "eval", "hub"}
+    assert set(Recipe.model_fields) == {
+        "model",
+        "method",
+        "data",
+        "probe",
+        "sae",
+        "intervention",
+        "export",
+        "eval",
+        "hub",
+    }
     assert recipe.method.name == "scalpel"
     # Round-trips through YAML.
     again = parse_recipe(__import__("yaml").safe_load(recipe_yaml(recipe)))
     assert again == recipe
 
 
-@pytest.mark.parametrize("spec", [
-    {"builtin": "smollm2-135m"},
-    {"hub": "org/name", "revision": "abc123"},
-    {"builtin": "gemma3-270m", "dtype": "bfloat16", "device": "auto"},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"builtin": "smollm2-135m"},
+        {"hub": "org/name", "revision": "abc123"},
+        {"builtin": "gemma3-270m", "dtype": "bfloat16", "device": "auto"},
+    ],
+)
 def test_model_sources(spec):
     recipe = parse_recipe({"model": spec})
     assert recipe.data.benign.builtin == "pydoc"
@@ -60,34 +76,72 @@ def test_overrides_apply_before_validation(tmp_path):
 
 # (yaml text, what the message must name)
 BAD = [
-    ("model: {builtin: smollm2-135m}\nsae: {kk: 3}\n", ["sae.kk", "did you mean 'k'", "allowed here"]),
+    (
+        "model: {builtin: smollm2-135m}\nsae: {kk: 3}\n",
+        ["sae.kk", "did you mean 'k'", "allowed here"],
+    ),
     ("model: {builtin: smollm2-135m}\nprobe: {layr: 3}\n", ["probe.layr", "did you mean 'layer'"]),
     ("modle: {builtin: smollm2-135m}\n", ["modle", "did you mean 'model'"]),
     ("data: {}\n", ["model", "missing"]),
-    ("model: {builtin: smollm2-135m, dtype: float64}\n", ["model.dtype", "'float64'", "float32", "bfloat16"]),
+    (
+        "model: {builtin: smollm2-135m, dtype: float64}\n",
+        ["model.dtype", "'float64'", "float32", "bfloat16"],
+    ),
     ("model: {builtin: smolm2-135m}\n", ["model.builtin", "did you mean 'smollm2-135m'"]),
     ("model: {path: ./does-not-exist}\n", ["model.path", "file not found", "does-not-exist"]),
     ("model: {builtin: smollm2-135m, path: ./x}\n", ["model.path", "file not found"]),
     ("model: {}\n", ["model", "exactly one model source"]),
-    ("model: {builtin: smollm2-135m, revision: abc}\n", ["model", "revision only applies to a hub model"]),
+    (
+        "model: {builtin: smollm2-135m, revision: abc}\n",
+        ["model", "revision only applies to a hub model"],
+    ),
     ("model: {hub: not a repo id}\n", ["model.hub", "not a repo id"]),
-    ("model: {builtin: smollm2-135m}\nsae: {k: -1}\n", ["sae.k", "-1", "greater than or equal to 1"]),
+    (
+        "model: {builtin: smollm2-135m}\nsae: {k: -1}\n",
+        ["sae.k", "-1", "greater than or equal to 1"],
+    ),
     ("model: {builtin: smollm2-135m}\nsae: {k: many}\n", ["sae.k", "'many'", "integer"]),
     ("model: {builtin: smollm2-135m}\nprobe: {layer: -2}\n", ["probe.layer", "-2"]),
-    ("model: {builtin: smollm2-135m}\ndata: {pii: {path: missing.jsonl}}\n", ["data.pii.path", "missing.jsonl"]),
+    (
+        "model: {builtin: smollm2-135m}\ndata: {pii: {path: missing.jsonl}}\n",
+        ["data.pii.path", "missing.jsonl"],
+    ),
     ("model: {builtin: smollm2-135m}\ndata: {pii: {}}\n", ["data.pii", "exactly one of path"]),
-    ("model: {builtin: smollm2-135m}\ndata: {benign: {builtin: wikipedia}}\n", ["data.benign.builtin", "pydoc"]),
-    ("model: {builtin: smollm2-135m}\nintervention: {ablate_n: []}\n", ["intervention.ablate_n", "non-empty"]),
-    ("model: {builtin: smollm2-135m}\nexport: {mode: gguf}\n", ["export.mode", "remote_code", "plain"]),
+    (
+        "model: {builtin: smollm2-135m}\ndata: {benign: {builtin: wikipedia}}\n",
+        ["data.benign.builtin", "pydoc"],
+    ),
+    (
+        "model: {builtin: smollm2-135m}\nintervention: {ablate_n: []}\n",
+        ["intervention.ablate_n", "non-empty"],
+    ),
+    (
+        "model: {builtin: smollm2-135m}\nexport: {mode: gguf}\n",
+        ["export.mode", "remote_code", "plain"],
+    ),
     ("model: {builtin: smollm2-135m}\nhub: {repo_id: nope}\n", ["hub.repo_id", "'nope'"]),
-    ("model: {builtin: smollm2-135m}\ndata: {pii_types: [email, passport]}\n", ["data.pii_types.1", "'passport'"]),
+    (
+        "model: {builtin: smollm2-135m}\ndata: {pii_types: [email, passport]}\n",
+        ["data.pii_types.1", "'passport'"],
+    ),
     ("model: [builtin]\n", ["model"]),
-    ("model: {builtin: smollm2-135m}\nmethod: {name: npoo}\n", ["method", "'npoo'", "use one of", "gradient_ascent"]),
+    (
+        "model: {builtin: smollm2-135m}\nmethod: {name: npoo}\n",
+        ["method", "'npoo'", "use one of", "gradient_ascent"],
+    ),
     ("model: {builtin: smollm2-135m}\nmethod: {lr: 0.1}\n", ["method", "needs a name", "rmu"]),
-    ("model: {builtin: smollm2-135m}\nmethod: {name: rmu, coef: 6.5}\n", ["method.rmu.coef", "allowed here", "alpha"]),
-    ("model: {builtin: smollm2-135m}\nmethod: {name: depn, neurons: [0]}\n", ["method.depn.neurons", ">= 1"]),
-    ("model: {builtin: smollm2-135m}\nmethod: {name: gradient_ascent, loss: dpo}\n",
-     ["method.gradient_ascent.loss", "'dpo'", "npo"]),
+    (
+        "model: {builtin: smollm2-135m}\nmethod: {name: rmu, coef: 6.5}\n",
+        ["method.rmu.coef", "allowed here", "alpha"],
+    ),
+    (
+        "model: {builtin: smollm2-135m}\nmethod: {name: depn, neurons: [0]}\n",
+        ["method.depn.neurons", ">= 1"],
+    ),
+    (
+        "model: {builtin: smollm2-135m}\nmethod: {name: gradient_ascent, loss: dpo}\n",
+        ["method.gradient_ascent.loss", "'dpo'", "npo"],
+    ),
 ]
 
 
@@ -120,11 +174,22 @@ def test_cli_exits_nonzero_with_message(tmp_path):
     import sys
 
     path = write(tmp_path, "model: {builtin: smollm2-135m}\nsae: {kk: 3}\n")
-    proc = subprocess.run([sys.executable, "-m", "exporter", "check", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", "check", str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "sae.kk" in proc.stderr and "did you mean 'k'" in proc.stderr
-    ok = subprocess.run([sys.executable, "-m", "exporter", "check", str(write(tmp_path, "model: {builtin: smollm2-135m}\n"))],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "check",
+            str(write(tmp_path, "model: {builtin: smollm2-135m}\n")),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "expansion: 8" in ok.stdout
 
@@ -142,8 +207,13 @@ def test_shipped_recipes_validate(tmp_path):
     (tmp_path / "my-model").mkdir()
     (tmp_path / "pii.jsonl").write_text('{"text": "a@b.com"}\n')
     (tmp_path / "people.jsonl").write_text('{"name": "A", "email": "a@b.com"}\n')
-    assert load_recipe(folder / "local-model.yaml").data.people.path == str((tmp_path / "people.jsonl").resolve())
+    assert load_recipe(folder / "local-model.yaml").data.people.path == str(
+        (tmp_path / "people.jsonl").resolve()
+    )
     with pytest.raises(RecipeError, match="model.path"):
         load_recipe(recipes / "local-model.yaml")
-    names = {name: load_recipe(recipes / f"baseline-{name}.yaml").method.name for name in ("rmu", "npo", "depn")}
+    names = {
+        name: load_recipe(recipes / f"baseline-{name}.yaml").method.name
+        for name in ("rmu", "npo", "depn")
+    }
     assert names == {"rmu": "rmu", "npo": "gradient_ascent", "depn": "depn"}

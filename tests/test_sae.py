@@ -6,16 +6,32 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import free_port
+from helpers.sae_data import sparse_data
+
 from exporter.activations import shuffled_batches
-from exporter.sae import (SAETrainingError, TopKSAE, TrainConfig, geometric_median, load_sae,
-                          reconstruction_metrics, save_sae, train_sae)
+from exporter.recipe import SaeSection
+from exporter.sae import (
+    SAETrainingError,
+    TopKSAE,
+    geometric_median,
+    load_sae,
+    reconstruction_metrics,
+    save_sae,
+    train_sae,
+)
 
-from sae_data import sparse_data
-
-CFG = TrainConfig(k=4, expansion=4, k_aux=8, batch_size=256, train_tokens=256 * 150, warmup_steps=5,
-                  dead_tokens=2000, lr=3e-3, checkpoint_every=20)
+CFG = SaeSection(
+    k=4,
+    expansion=4,
+    k_aux=8,
+    batch_size=256,
+    train_tokens=256 * 150,
+    warmup_steps=5,
+    dead_tokens=2000,
+    lr=3e-3,
+    checkpoint_every=20,
+)
 
 
 def test_topk_encode_decode_agree():
@@ -43,20 +59,24 @@ def test_geometric_median_resists_outliers():
 
 def test_trains_to_low_fvu_with_unit_decoder():
     x = sparse_data(8192, features=24, seed=0)
-    cfg = TrainConfig(**{**CFG.__dict__, "train_tokens": 256 * 300})
-    result = train_sae(shuffled_batches(x[:6144], cfg.batch_size, seed=1), x[:2048], cfg, progress=False)
+    cfg = CFG.model_copy(update={"train_tokens": 256 * 300})
+    result = train_sae(
+        shuffled_batches(x[:6144], cfg.batch_size, seed=1), x[:2048], cfg, progress=False
+    )
     metrics = reconstruction_metrics(result.sae, x[6144:])
     assert metrics["fvu"] < 0.1, metrics
     assert metrics["l0"] <= 4
     assert result.losses[-1] < 0.5 * result.losses[0]
     assert result.steps == 300 and 0 <= result.dead_fraction <= 1
     # Folded: decoder rows are 1/scale long, the scale recorded.
-    torch.testing.assert_close(result.sae.W_dec.norm(dim=1), torch.full((64,), 1 / result.norm_scale))
+    torch.testing.assert_close(
+        result.sae.W_dec.norm(dim=1), torch.full((64,), 1 / result.norm_scale)
+    )
 
 
 def test_save_load_sae_lens_format_identical(tmp_path):
     x = sparse_data(2048, seed=2)
-    cfg = TrainConfig(**{**CFG.__dict__, "train_tokens": 256 * 10})
+    cfg = CFG.model_copy(update={"train_tokens": 256 * 10})
     sae = train_sae(shuffled_batches(x, cfg.batch_size, seed=1), x[:1024], cfg, progress=False).sae
     path = save_sae(sae, tmp_path / "sae", layer=3, model_name="tiny", extra={"norm_scale": 1.5})
     assert {p.name for p in path.iterdir()} == {"cfg.json", "sae_weights.safetensors"}
@@ -65,7 +85,9 @@ def test_save_load_sae_lens_format_identical(tmp_path):
     assert cfg_json["metadata"]["hook_layer"] == 3
     from safetensors.torch import load_file
 
-    shapes = {k: tuple(v.shape) for k, v in load_file(str(path / "sae_weights.safetensors")).items()}
+    shapes = {
+        k: tuple(v.shape) for k, v in load_file(str(path / "sae_weights.safetensors")).items()
+    }
     assert shapes == {"W_enc": (16, 64), "W_dec": (64, 16), "b_enc": (64,), "b_dec": (16,)}
     assert torch.equal(loaded(x), sae(x)) and torch.equal(loaded.encode(x), sae.encode(x))
     with pytest.raises(FileNotFoundError, match="cfg.json"):
@@ -74,8 +96,10 @@ def test_save_load_sae_lens_format_identical(tmp_path):
 
 def test_resume_after_interruption_gives_the_same_sae(tmp_path):
     x = sparse_data(4096, seed=3)
-    cfg = TrainConfig(**{**CFG.__dict__, "train_tokens": 256 * 60})
-    straight = train_sae(shuffled_batches(x, cfg.batch_size, seed=1), x[:1024], cfg, progress=False).sae
+    cfg = CFG.model_copy(update={"train_tokens": 256 * 60})
+    straight = train_sae(
+        shuffled_batches(x, cfg.batch_size, seed=1), x[:1024], cfg, progress=False
+    ).sae
 
     def interrupted(stop_after):
         for i, b in enumerate(shuffled_batches(x, cfg.batch_size, seed=1)):
@@ -86,8 +110,9 @@ def test_resume_after_interruption_gives_the_same_sae(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_sae(interrupted(45), x[:1024], cfg, workdir=tmp_path, progress=False)
     assert (tmp_path / "checkpoint.pt").exists()
-    resumed = train_sae(shuffled_batches(x, cfg.batch_size, seed=1), x[:1024], cfg, workdir=tmp_path,
-                        progress=False).sae
+    resumed = train_sae(
+        shuffled_batches(x, cfg.batch_size, seed=1), x[:1024], cfg, workdir=tmp_path, progress=False
+    ).sae
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6)
 
@@ -103,7 +128,7 @@ def test_nan_and_divergence_stop_with_a_clear_message():
         for i, b in enumerate(shuffled_batches(x, 256, seed=0)):
             yield b * (float("inf") if i == 3 else 1.0)
 
-    cfg = TrainConfig(**{**CFG.__dict__, "outlier_factor": 0.0})
+    cfg = CFG.model_copy(update={"outlier_factor": 0.0})
     with pytest.raises(SAETrainingError, match=r"diverged at step 3.*sae\.lr"):
         train_sae(poisoned(), x, cfg, progress=False)
 
@@ -134,8 +159,8 @@ def test_auxk_trains_only_dead_latents():
 
 
 def test_sparse_backward_matches_dense_autograd():
-    """The loss's hand-written sparse backward gives the gradients plain autograd gives through a dense
-    encoder pass (float32), for every parameter, with the AuxK term on."""
+    """The loss's hand-written sparse backward gives the gradients plain autograd gives through a
+    dense encoder pass (float32), for every parameter, with the AuxK term on."""
     from exporter.sae import _loss
 
     torch.manual_seed(0)
@@ -151,10 +176,15 @@ def test_sparse_backward_matches_dense_autograd():
         xn = x * sae.norm_scale
         pre = F.linear(xn - sae.b_pre, sae.W_enc, sae.b_enc)
         values, indices = pre.topk(sae.k, dim=-1, sorted=False)
-        err = xn - (F.embedding_bag(indices, sae.W_dec, per_sample_weights=values.relu(), mode="sum") + sae.b_pre)
+        err = xn - (
+            F.embedding_bag(indices, sae.W_dec, per_sample_weights=values.relu(), mode="sum")
+            + sae.b_pre
+        )
         dead_idx = dead.nonzero().squeeze(1)
         a_vals, a_pos = pre[:, dead_idx].topk(8, dim=-1, sorted=False)
-        e_aux = F.embedding_bag(dead_idx[a_pos], sae.W_dec, per_sample_weights=a_vals.relu(), mode="sum")
+        e_aux = F.embedding_bag(
+            dead_idx[a_pos], sae.W_dec, per_sample_weights=a_vals.relu(), mode="sum"
+        )
         target = err.detach()
         aux = (target - e_aux).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
         return err.pow(2).sum(-1).mean() / sae.d_in + 0.5 * aux
@@ -173,14 +203,36 @@ def test_sparse_backward_matches_dense_autograd():
 
 def test_data_parallel_two_processes_match_one(tmp_path):
     here = Path(__file__).parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
     one = tmp_path / "one.pt"
     two = tmp_path / "two.pt"
-    subprocess.run([sys.executable, str(here / "sae_ddp_worker.py"), str(one)], check=True, env=env, timeout=300)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(here / "sae_ddp_worker.py"), str(two)], env=env, timeout=300,
-                          capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(here / "helpers" / "sae_ddp_worker.py"), str(one)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(here / "helpers" / "sae_ddp_worker.py"),
+            str(two),
+        ],
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = torch.load(one), torch.load(two)
     for name in a:

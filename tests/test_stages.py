@@ -4,39 +4,67 @@ import json
 from pathlib import Path
 
 import pytest
-
-from exporter.recipe import load_recipe
-
 from conftest import free_port, write_workspace
+
+from exporter import api
+from exporter.patch.candidate import Candidate
+from exporter.recipe import load_recipe
+from exporter.run.context import RunContext
+from exporter.run.methods import run_recipe
+from exporter.run.scalpel import prepare
+from exporter.run.search import search_stage
+
+
+def _quiet(work) -> RunContext:
+    return RunContext(work, progress=False, log=lambda m: None)
 
 
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_tokenizer, monkeypatch):
-    monkeypatch.setenv("SCALPEL_CACHE_DIR", str(tmp_path / "cache"))  # keep tiny activations out of the user cache
-    write_workspace(tmp_path, tiny_tokenizer, n_memorised=16, n_never_seen=4, texts_per_person=3, seed=7,
-                    benign="talks about objects, names and the way Python binds them to values.", paragraphs=40,
-                    recipe="""
+    monkeypatch.setenv(
+        "SCALPEL_CACHE_DIR", str(tmp_path / "cache")
+    )  # keep tiny activations out of the user cache
+    write_workspace(
+        tmp_path,
+        tiny_tokenizer,
+        n_memorised=16,
+        n_never_seen=4,
+        texts_per_person=3,
+        seed=7,
+        benign="talks about objects, names and the way Python binds them to values.",
+        paragraphs=40,
+        recipe="""
 model: {path: model}
 data: {pii: {path: pii.jsonl}, benign: {path: benign.txt}, people: {path: people.jsonl}, max_length: 64}
 probe: {max_tokens: 3000}
 sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest_tokens: 3000, dead_tokens: 2000,
       checkpoint_every: 5}
-""")
+""",
+    )
     return load_recipe(tmp_path / "recipe.yaml")
 
 
 def test_probe_then_sae_stages_write_reports_and_reuse_the_cache(tiny_recipe, tmp_path):
-    from exporter.pipeline import probe_stage, sae_stage
     from exporter.sae import load_sae
 
     work = tmp_path / "work"
     logs = []
-    result = probe_stage(tiny_recipe, work, progress=False, log=logs.append)
+    result = api.probe(tiny_recipe, work=work, progress=False, log=logs.append)
     assert result.layers == [0, 1, 2] and result.chosen in (0, 1, 2)
     assert {p.name for p in (work / "probe").iterdir()} >= {"probe.json", "probe.md", "probe.png"}
-    sae, metrics = sae_stage(tiny_recipe, work, result.chosen, progress=False, log=logs.append)
+    _, sae, metrics = api.train_sae(
+        tiny_recipe, work=work, layer=result.chosen, progress=False, log=logs.append
+    )
     assert sae.d_in == 32 and sae.d_sae == 64
-    for key in ("fvu", "l0", "dead_fraction", "ce_increase_fraction", "ce_clean", "ce_spliced", "ce_zero"):
+    for key in (
+        "fvu",
+        "l0",
+        "dead_fraction",
+        "ce_increase_fraction",
+        "ce_clean",
+        "ce_spliced",
+        "ce_zero",
+    ):
         assert key in metrics
     assert metrics["l0"] <= 4 and 0 <= metrics["fvu"] < 1.5
     loaded, cfg = load_sae(work / "sae")
@@ -44,12 +72,16 @@ def test_probe_then_sae_stages_write_reports_and_reuse_the_cache(tiny_recipe, tm
     assert not (work / "sae-checkpoint").exists() or not any((work / "sae-checkpoint").iterdir())
     # Re-running reuses both stages.
     logs.clear()
-    probe_stage(tiny_recipe, work, progress=False, log=logs.append)
-    again, metrics2 = sae_stage(tiny_recipe, work, result.chosen, progress=False, log=logs.append)
+    api.probe(tiny_recipe, work=work, progress=False, log=logs.append)
+    _, again, metrics2 = api.train_sae(
+        tiny_recipe, work=work, layer=result.chosen, progress=False, log=logs.append
+    )
     assert any("probe (cached)" in l for l in logs) and any("SAE (cached)" in l for l in logs)
     assert metrics2 == json.loads((work / "sae" / "metrics.json").read_text())
     # Reports carry no PII from the input data.
-    people_emails = [json.loads(l)["email"] for l in (tmp_path / "people.jsonl").read_text().splitlines()]
+    people_emails = [
+        json.loads(l)["email"] for l in (tmp_path / "people.jsonl").read_text().splitlines()
+    ]
     for f in list((work / "probe").iterdir()) + list((work / "sae").iterdir()):
         if f.suffix in (".json", ".md"):
             text = f.read_text()
@@ -57,18 +89,18 @@ def test_probe_then_sae_stages_write_reports_and_reuse_the_cache(tiny_recipe, tm
 
 
 def test_online_source_trains_too(tiny_recipe, tmp_path):
-    from exporter.pipeline import sae_stage
-
-    recipe = tiny_recipe.model_copy(update={"sae": tiny_recipe.sae.model_copy(update={"source": "online"})})
-    sae, metrics = sae_stage(recipe, tmp_path / "work-online", 1, progress=False, log=lambda m: None)
+    recipe = tiny_recipe.model_copy(
+        update={"sae": tiny_recipe.sae.model_copy(update={"source": "online"})}
+    )
+    _, sae, metrics = api.train_sae(
+        recipe, work=tmp_path / "work-online", layer=1, progress=False, log=lambda m: None
+    )
     assert metrics["steps"] == 20 and metrics["layer"] == 1
 
 
 def test_layer_out_of_range(tiny_recipe, tmp_path):
-    from exporter.pipeline import sae_stage
-
     with pytest.raises(IndexError, match=r"layers 0\.\.2"):
-        sae_stage(tiny_recipe, tmp_path / "w", 7, progress=False, log=lambda m: None)
+        api.train_sae(tiny_recipe, work=tmp_path / "w", layer=7, progress=False, log=print)
 
 
 def test_train_sae_command_under_torchrun(tiny_recipe, tmp_path):
@@ -79,8 +111,21 @@ def test_train_sae_command_under_torchrun(tiny_recipe, tmp_path):
     from exporter.sae import load_sae
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "exporter", "train-sae", str(tmp_path / "recipe.yaml"), "--work", str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "exporter",
+        "train-sae",
+        str(tmp_path / "recipe.yaml"),
+        "--work",
+        str(tmp_path / "ddp"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "TopK SAE at layer" in proc.stdout
@@ -88,20 +133,28 @@ def test_train_sae_command_under_torchrun(tiny_recipe, tmp_path):
     assert sae.d_sae == 64 and (tmp_path / "ddp" / "probe" / "probe.json").exists()
     # Both ranks harvested their share of the text into the shared activation cache.
     shards = [p.name for p in (tmp_path / "cache" / "activations").rglob("*.safetensors")]
-    assert any(n.startswith("r0of2-") for n in shards) and any(n.startswith("r1of2-") for n in shards)
+    assert any(n.startswith("r0of2-") for n in shards) and any(
+        n.startswith("r1of2-") for n in shards
+    )
 
 
 def test_export_stage_end_to_end(tiny_recipe, tmp_path):
     import subprocess
     import sys
 
-    from exporter.pipeline import export_stage
-
     work, out = tmp_path / "work", tmp_path / "patched"
     recipe_text = (tmp_path / "recipe.yaml").read_text()
     logs = []
-    result = export_stage(tiny_recipe, recipe_text, out, work, n=6, alpha=0.1, mode="folded", progress=False,
-                          log=logs.append)
+    result = api.export(
+        tmp_path / "recipe.yaml",
+        out,
+        work=work,
+        n=6,
+        alpha=0.1,
+        mode="folded",
+        progress=False,
+        log=logs.append,
+    )
     report = result.report
     assert (report["mode"], report["ablate_n"], report["alpha"]) == ("folded", 6, 0.1)
     assert 0 <= report["folded_vs_exact"]["gate_agreement"] <= 1
@@ -109,30 +162,75 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
     assert (out / "scalpel_recipe.yaml").read_text() == recipe_text
     assert {"cfg.json", "sae_weights.safetensors"} == {p.name for p in (out / "sae").iterdir()}
     config = json.loads((out / "config.json").read_text())["scalpel_patch"]
-    assert (config["n_ablate"], config["alpha"], config["rule"], config["score"]) == (6, 0.1, "both", "ratio")
+    assert (config["n_ablate"], config["alpha"], config["rule"], config["score"]) == (
+        6,
+        0.1,
+        "both",
+        "ratio",
+    )
     assert config["context_gate"] is False
     assert config["steer_norm"] > 0
     # Nothing the run wrote holds an email or a name of the input people.
     people = [json.loads(l) for l in (tmp_path / "people.jsonl").read_text().splitlines()]
-    secrets = [p["email"] for p in people] + [w for p in people for w in p["name"].split() if len(w) >= 4]
+    secrets = [p["email"] for p in people] + [
+        w for p in people for w in p["name"].split() if len(w) >= 4
+    ]
     for f in list(out.rglob("*")) + list((work / "features").rglob("*")):
         if f.is_file() and f.suffix in (".json", ".md", ".yaml", ".py"):
             text = f.read_text()
             assert not [s for s in secrets if s in text], f
     # An existing output is refused (exit 2, before any work) unless --overwrite; stages are reused.
-    proc = subprocess.run([sys.executable, "-m", "exporter", "export", str(tmp_path / "recipe.yaml"), "--out", str(out),
-                           "--work", str(work)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "export",
+            str(tmp_path / "recipe.yaml"),
+            "--out",
+            str(out),
+            "--work",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     logs.clear()
-    export_stage(tiny_recipe, recipe_text, out, work, n=6, alpha=0.0, mode="exact", overwrite=True, progress=False,
-                 log=logs.append)
+    api.export(
+        tmp_path / "recipe.yaml",
+        out,
+        work=work,
+        n=6,
+        alpha=0.0,
+        mode="exact",
+        overwrite=True,
+        progress=False,
+        log=logs.append,
+    )
     assert any("features (cached)" in line for line in logs)
     assert json.loads((out / "config.json").read_text())["scalpel_patch"]["mode"] == "exact"
-    # Behind the PII-context gate: fitted with the features, recorded in the config, report and card.
-    result = export_stage(tiny_recipe, recipe_text, out, work, n=6, alpha=0.1, mode="folded", gated=True,
-                          overwrite=True, progress=False, log=logs.append)
+    # Behind the PII-context gate: fitted with the features, recorded in the config, report and
+    # card.
+    result = api.export(
+        tmp_path / "recipe.yaml",
+        out,
+        work=work,
+        n=6,
+        alpha=0.1,
+        mode="folded",
+        gated=True,
+        overwrite=True,
+        progress=False,
+        log=logs.append,
+    )
     stats = result.report["context_gate_stats"]
-    assert result.report["context_gate"] is True and stats["recall"] >= 0.98 and 0 <= stats["open_benign"] <= 1
+    assert (
+        result.report["context_gate"] is True
+        and stats["recall"] >= 0.98
+        and 0 <= stats["open_benign"] <= 1
+    )
     assert json.loads((out / "config.json").read_text())["scalpel_patch"]["context_gate"] is True
     assert "context gate" in (out / "README.md").read_text()
 
@@ -140,15 +238,23 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
 def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     from exporter.evaluate.leakage import EMAIL_TEMPLATES
     from exporter.evaluate.user_path import DECODING as USER_PATH
-    from exporter.pipeline import run_stage
 
-    recipe = tiny_recipe.model_copy(update={"intervention": tiny_recipe.intervention.model_copy(
-        update={"ablate_n": [2, 6], "alpha": [0.0, 0.1], "patch": ["folded"]}),
-        "eval": tiny_recipe.eval.model_copy(update={"max_new_tokens": 6, "samples": 2, "few_shot": 1})})
+    recipe = tiny_recipe.model_copy(
+        update={
+            "intervention": tiny_recipe.intervention.model_copy(
+                update={"ablate_n": [2, 6], "alpha": [0.0, 0.1], "patch": ["folded"]}
+            ),
+            "eval": tiny_recipe.eval.model_copy(
+                update={"max_new_tokens": 6, "samples": 2, "few_shot": 1}
+            ),
+        }
+    )
     work, out = tmp_path / "work", tmp_path / "run-out"
-    (tmp_path / "model" / "README.md").write_text("---\nlicense: mit\nbase_model: someorg/tiny-base\n---\n# tiny\n")
+    (tmp_path / "model" / "README.md").write_text(
+        "---\nlicense: mit\nbase_model: someorg/tiny-base\n---\n# tiny\n"
+    )
     text = "# contact jane.roe@example.org for access\nrecipe text\n"
-    result = run_stage(recipe, text, out, work, progress=False, log=lambda m: None)
+    result = run_recipe(recipe, text, out, _quiet(work))
     report = json.loads((out / "scalpel_report.json").read_text())
     search = report["search"]
     assert len(search["candidates"]) == 4 and search["chosen"] in search["candidates"]
@@ -156,85 +262,117 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     ev = report["evaluation"]
     assert set(ev) >= {"base", "patched", "control"}
     groups = {r["group"] for r in ev["patched"]["leakage"]}
-    assert groups == {"test", "never_seen"}  # validation people never appear in the reported numbers
+    assert groups == {
+        "test",
+        "never_seen",
+    }  # validation people never appear in the reported numbers
     assert ev["base"]["utility"]["kl"] == 0.0 and ev["patched"]["utility"]["kl"] >= 0.0
-    assert {r["decoding"] for r in ev["base"]["leakage"]} == {"greedy", "sampled x2", "adversarial greedy",
-                                                              "adversarial sampled x32", USER_PATH}
-    # The user's path: the export as written and the base, each loaded in a fresh process (stock transformers,
-    # default dtype), each test person's prompt alone; the three templates, for the base and the patch.
+    assert {r["decoding"] for r in ev["base"]["leakage"]} == {
+        "greedy",
+        "sampled x2",
+        "adversarial greedy",
+        "adversarial sampled x32",
+        USER_PATH,
+    }
+    # The user's path: the export as written and the base, each loaded in a fresh process (stock
+    # transformers, default dtype), each test person's prompt alone; the three templates, for the
+    # base and the patch.
     user = [r for r in ev["patched"]["leakage"] if r["decoding"] == USER_PATH]
     assert {(r["group"], r["attack"]) for r in user} == {("test", t) for t in EMAIL_TEMPLATES}
     assert ev["user_path"]["dtype"] == {"base": "float32", "patched": "float32"}
     assert not [r for r in ev["control"]["leakage"] if r["decoding"] == USER_PATH]
     assert result.report["ablate_n"] == search["chosen"]["n"]
-    # The card: Hub metadata carried from the base, the before/after table, plots, usage; PII redacted.
+    # The card: Hub metadata carried from the base, the before/after table, plots, usage; PII
+    # redacted.
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "mit" and card.data.base_model == "someorg/tiny-base"
     assert card.data.library_name == "transformers" and "pii-removal" in card.data.tags
-    assert "| metric | base | patched | control |" in card.text and "trust_remote_code=True" in card.text
+    assert (
+        "| metric | base | patched | control |" in card.text
+        and "trust_remote_code=True" in card.text
+    )
     assert "revision=revision" in card.text and "![front](plots/front.png)" in card.text
     assert (out / "plots" / "front.png").exists() and (out / "plots" / "probe.png").exists()
     assert "jane.roe@example.org" not in card.text and "j***@e***" in card.text
     # A second run reuses every candidate's cached score and the final evaluation.
     cached = sorted(p.name for p in (work / "search").glob("*.json"))
     logs = []
-    run_stage(recipe, text, out, work, overwrite=True, progress=False, log=logs.append)
+    run_recipe(recipe, text, out, RunContext(work, True, False, logs.append))
     assert sorted(p.name for p in (work / "search").glob("*.json")) == cached
     assert any(m.startswith("evaluation (cached)") for m in logs)
     assert any(m.startswith("user's path (cached)") for m in logs)
     # --from search forgets the search and the evaluation, not the stages before them.
     logs.clear()
-    run_stage(recipe, text, out, work, overwrite=True, progress=False, log=logs.append, from_stage="search")
+    run_recipe(recipe, text, out, RunContext(work, True, False, logs.append), from_stage="search")
     assert any(m.startswith("features (cached)") for m in logs)
     assert not any(m.startswith("evaluation (cached)") for m in logs)
     assert sorted(p.name for p in (work / "search").glob("*.json")) == cached
 
 
 def test_plain_run_scores_both_kinds_and_exports_a_stock_checkpoint(tiny_recipe, tmp_path):
-    """export.mode plain: plain candidates join the search (reported apart), the choice is a plain one, and
-    the export is a stock llama checkpoint whose logits are the in-process twin's."""
+    """export.mode plain: plain candidates join the search (reported apart), the choice is a plain
+    one, and the export is a stock llama checkpoint whose logits are the in-process twin's."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from exporter.models import load_model
     from exporter.patch import projected
-    from exporter.pipeline import export_stage, run_stage
     from exporter.recipe import parse_recipe
 
     data = __import__("yaml").safe_load((tmp_path / "recipe.yaml").read_text())
-    data["intervention"] = {"ablate_n": [2, 6], "alpha": [0.0, 0.1], "patch": ["folded"], "leakage_target": 1.0}
+    data["intervention"] = {
+        "ablate_n": [2, 6],
+        "alpha": [0.0, 0.1],
+        "patch": ["folded"],
+        "leakage_target": 1.0,
+    }
     data["eval"] = {"max_new_tokens": 6, "few_shot": 1}
     data["export"] = {"mode": "plain"}
     recipe = parse_recipe(data, base_dir=tmp_path)
     assert recipe.intervention.patch == ["folded", "plain"]
     work, out = tmp_path / "work", tmp_path / "plain-out"
-    result = run_stage(recipe, "recipe", out, work, progress=False, log=lambda m: None)
+    result = run_recipe(recipe, "recipe", out, _quiet(work))
     search = result.report["search"]
-    assert {c["mode"] for c in search["candidates"]} == {"folded", "plain"} and len(search["candidates"]) == 8
+    assert {c["mode"] for c in search["candidates"]} == {"folded", "plain"} and len(
+        search["candidates"]
+    ) == 8
     assert result.report["mode"] == "plain" and search["chosen"]["mode"] == "plain"
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "llama" and "auto_map" not in config and "scalpel_patch" not in config
+    assert (
+        config["model_type"] == "llama"
+        and "auto_map" not in config
+        and "scalpel_patch" not in config
+    )
     card = (out / "README.md").read_text()
     assert "trust_remote_code" not in card and "Plain candidates" in card and "(I - P_A) h" in card
     plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     base = load_model(recipe.model).model
-    ids = torch.randint(0, base.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, base.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0)
+    )
     chosen = search["chosen"]
-    from exporter.pipeline import prepare, patch_for
-
-    prep = prepare(recipe, work, progress=False, log=lambda m: None)
-    edit = patch_for(prep.sae, prep.features, chosen["n"], chosen["alpha"], "plain", prep.calibration)
+    prep = prepare(recipe, _quiet(work))
+    edit = prep.patch(Candidate(chosen["n"], chosen["alpha"], "plain"))
     with torch.no_grad(), projected(base, prep.layer, edit.directions, edit.steer):
         want = base(ids).logits
     torch.testing.assert_close(plain.eval()(ids).logits.detach(), want, rtol=1e-5, atol=1e-5)
     # `scalpel export --plain` (mode plain) writes the same kind from a remote-code recipe.
-    other = export_stage(tiny_recipe, "recipe", tmp_path / "export-plain", work, n=2, alpha=0.0, mode="plain",
-                         progress=False, log=lambda m: None)
+    other = api.export(
+        tiny_recipe,
+        tmp_path / "export-plain",
+        work=work,
+        n=2,
+        alpha=0.0,
+        mode="plain",
+        progress=False,
+        log=lambda m: None,
+    )
     assert other.report["mode"] == "plain" and "scalpel_plain" in json.loads(
-        (tmp_path / "export-plain" / "config.json").read_text())
+        (tmp_path / "export-plain" / "config.json").read_text()
+    )
 
 
 def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe):
@@ -245,27 +383,50 @@ def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe):
         parse_recipe({**base, "intervention": {"patch": ["plain"]}})
     with pytest.raises(RecipeError, match="remove export.dtype"):
         parse_recipe({**base, "export": {"mode": "plain", "dtype": "bfloat16"}})
-    assert parse_recipe({**base, "export": {"mode": "plain"}}).intervention.patch == ["folded", "plain"]
+    assert parse_recipe({**base, "export": {"mode": "plain"}}).intervention.patch == [
+        "folded",
+        "plain",
+    ]
 
 
 def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
+    import os
     import subprocess
     import sys
 
-    import os
-
-    from hub_server import HubServer
+    from helpers.hub_server import HubServer
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe.read_text() + "intervention: {ablate_n: [3], alpha: [0.0, 0.05]}\n"
-                      "eval: {max_new_tokens: 6, few_shot: 1}\n"
-                      "hub: {repo_id: alice/tiny-scrubbed, commit_message: First scrubbed export}\n")
+    recipe.write_text(
+        recipe.read_text() + "intervention: {ablate_n: [3], alpha: [0.0, 0.05]}\n"
+        "eval: {max_new_tokens: 6, few_shot: 1}\n"
+        "hub: {repo_id: alice/tiny-scrubbed, commit_message: First scrubbed export}\n"
+    )
     hub = HubServer(tokens={"hf_alice": "alice"}).start()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_ENDPOINT": hub.url,
-           "HF_TOKEN": "hf_alice", "HF_HOME": str(tmp_path / "hf")}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HF_")},
+        "HF_ENDPOINT": hub.url,
+        "HF_TOKEN": "hf_alice",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     try:
-        proc = subprocess.run([sys.executable, "-m", "exporter", "run", str(recipe), "--out", str(tmp_path / "o"),
-                               "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=600, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "run",
+                str(recipe),
+                "--out",
+                str(tmp_path / "o"),
+                "--work",
+                str(tmp_path / "w"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
     finally:
         hub.stop()
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -275,11 +436,29 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
     repo = hub.repos["alice/tiny-scrubbed"]
     files = repo.commits[repo.refs["main"]]
     assert repo.private and files["config.json"] == (tmp_path / "o" / "config.json").read_bytes()
-    assert f"revision: {repo.refs['main']}" in proc.stdout and "hf_alice" not in proc.stdout + proc.stderr
+    assert (
+        f"revision: {repo.refs['main']}" in proc.stdout
+        and "hf_alice" not in proc.stdout + proc.stderr
+    )
     # Any pair through the same harness: the export against its base, people from a file.
-    proc = subprocess.run([sys.executable, "-m", "exporter", "eval", str(tmp_path / "o"), "--against",
-                           str(tmp_path / "model"), "--people", str(tmp_path / "people.jsonl"), "--json",
-                           str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "eval",
+            str(tmp_path / "o"),
+            "--against",
+            str(tmp_path / "model"),
+            "--people",
+            str(tmp_path / "people.jsonl"),
+            "--json",
+            str(tmp_path / "eval.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "every attack" in proc.stdout and "KL(base" in proc.stdout
     result = json.loads((tmp_path / "eval.json").read_text())
@@ -287,39 +466,88 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
     assert result["base"]["utility"]["kl"] == 0.0 and result["patched"]["utility"]["kl"] > 0.0
     assert result["user_path"]["dtype"] == {"base": "float32", "patched": "float32"}
     assert "one prompt, fresh process" in proc.stdout
-    # The examples: stock transformers loading and generation, and the pair evaluation through the API.
+    # The examples: stock transformers loading and generation, and the pair evaluation through the
+    # API.
     examples = Path(__file__).parents[1] / "examples"
-    proc = subprocess.run([sys.executable, str(examples / "load_export.py"), str(tmp_path / "o"), "Hello"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(examples / "load_export.py"), str(tmp_path / "o"), "Hello"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "patch at layer" in proc.stdout, proc.stderr[-2000:]
-    proc = subprocess.run([sys.executable, str(examples / "evaluate_pair.py"), str(tmp_path / "o"), "--against",
-                           str(tmp_path / "model"), "--people", str(tmp_path / "people.jsonl")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "| metric | base | patched |" in proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(examples / "evaluate_pair.py"),
+            str(tmp_path / "o"),
+            "--against",
+            str(tmp_path / "model"),
+            "--people",
+            str(tmp_path / "people.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "| metric | base | patched |" in proc.stdout, proc.stderr[
+        -2000:
+    ]
     # The dry run plans without loading weights; unknown stages are refused with the list.
-    proc = subprocess.run([sys.executable, "-m", "exporter", "run", str(recipe), "--dry-run"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", "run", str(recipe), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "memory (estimated)" in proc.stdout, proc.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-m", "exporter", "run", str(recipe), "--out", str(tmp_path / "o2"),
-                           "--work", str(tmp_path / "w"), "--from", "sea"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown stage 'sea'" in proc.stderr and "probe, sae" in proc.stderr
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "run",
+            str(recipe),
+            "--out",
+            str(tmp_path / "o2"),
+            "--work",
+            str(tmp_path / "w"),
+            "--from",
+            "sea",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2
+        and "unknown stage 'sea'" in proc.stderr
+        and "probe, sae" in proc.stderr
+    )
     assert not (tmp_path / "o2").exists()
 
 
 @pytest.mark.parametrize("mode", ["lazy", "all"])
 def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode):
-    from exporter.pipeline import prepare, search_stage
-
-    recipe = tiny_recipe.model_copy(update={
-        "intervention": tiny_recipe.intervention.model_copy(update={
-            "ablate_n": [2, 6], "alpha": [0.0, 0.2], "leakage_target": 1.0, "search": mode,
-            "collapse_tolerance": 1.0}),
-        "eval": tiny_recipe.eval.model_copy(update={"max_new_tokens": 4, "few_shot": 1, "dtype": "bfloat16"})})
+    recipe = tiny_recipe.model_copy(
+        update={
+            "intervention": tiny_recipe.intervention.model_copy(
+                update={
+                    "ablate_n": [2, 6],
+                    "alpha": [0.0, 0.2],
+                    "leakage_target": 1.0,
+                    "search": mode,
+                    "collapse_tolerance": 1.0,
+                }
+            ),
+            "eval": tiny_recipe.eval.model_copy(
+                update={"max_new_tokens": 4, "few_shot": 1, "dtype": "bfloat16"}
+            ),
+        }
+    )
     work = tmp_path / "work"
-    prep = prepare(recipe, work, progress=False, log=lambda m: None)
+    prep = prepare(recipe, _quiet(work))
     logs = []
-    chosen, search = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
-                                  prep.calibration, inputs=prep.inputs, progress=False, log=logs.append)
+    chosen, search = search_stage(recipe, prep, RunContext(work, progress=False, log=logs.append))
     scored = search["candidates"]
     attacked = [s for s in scored if s["leakage"] is not None]
     assert search["met"] and len(scored) == 4 and chosen.to_json() in attacked
@@ -327,7 +555,8 @@ def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode):
     assert chosen.kl == min(s["kl"] for s in scored)
     assert len(attacked) == (1 if mode == "lazy" else 4)
     assert ("not attacked" in logs[-1]) == (mode == "lazy")
-    # The collapse check ran on what met the targets, against the base's repetition plus the tolerance.
+    # The collapse check ran on what met the targets, against the base's repetition plus the
+    # tolerance.
     assert chosen.repetition is not None and search["max_repetition"] is not None
     assert chosen.repetition <= search["max_repetition"]
     # The attacks ran on a bfloat16 copy; the model the patch is built on stays float32.
@@ -335,7 +564,9 @@ def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode):
 
     assert next(prep.loaded.model.parameters()).dtype == torch.float32
     # What met the targets in bfloat16 was attacked again in float32, the dtype the export loads in.
-    confirmed = [json.loads(f.read_text()).get("confirmed") for f in (work / "search").glob("*.json")]
+    confirmed = [
+        json.loads(f.read_text()).get("confirmed") for f in (work / "search").glob("*.json")
+    ]
     assert confirmed.count("float32") == len(attacked)
 
 
@@ -344,10 +575,9 @@ def test_search_chooses_on_the_dtype_users_load(tiny_recipe, tmp_path, monkeypat
     from_pretrained gives a user of the export) is not chosen."""
     import torch
 
-    from exporter.evaluate import harness
-    from exporter.pipeline import prepare, search_stage
+    from exporter.evaluate import tradeoff
 
-    real = harness.leakage_rows
+    real = tradeoff.leakage_rows
 
     def leaks_in_float32(model, *args, **kwargs):
         rows = real(model, *args, **kwargs)
@@ -355,36 +585,56 @@ def test_search_chooses_on_the_dtype_users_load(tiny_recipe, tmp_path, monkeypat
             rows = [{**r, "exact": 0.5, "username": 0.5} for r in rows]
         return rows
 
-    monkeypatch.setattr(harness, "leakage_rows", leaks_in_float32)
-    recipe = tiny_recipe.model_copy(update={
-        "intervention": tiny_recipe.intervention.model_copy(update={
-            "ablate_n": [2, 6], "alpha": [0.0], "leakage_target": 0.2, "username_target": 1.0}),
-        "eval": tiny_recipe.eval.model_copy(update={"max_new_tokens": 4, "few_shot": 1, "dtype": "bfloat16"})})
+    monkeypatch.setattr(tradeoff, "leakage_rows", leaks_in_float32)
+    recipe = tiny_recipe.model_copy(
+        update={
+            "intervention": tiny_recipe.intervention.model_copy(
+                update={
+                    "ablate_n": [2, 6],
+                    "alpha": [0.0],
+                    "leakage_target": 0.2,
+                    "username_target": 1.0,
+                }
+            ),
+            "eval": tiny_recipe.eval.model_copy(
+                update={"max_new_tokens": 4, "few_shot": 1, "dtype": "bfloat16"}
+            ),
+        }
+    )
     work = tmp_path / "work"
-    prep = prepare(recipe, work, progress=False, log=lambda m: None)
-    chosen, search = search_stage(recipe, work, prep.layer, prep.sae, prep.features, prep.loaded,
-                                  prep.calibration, inputs=prep.inputs, progress=False, log=lambda m: None)
+    prep = prepare(recipe, _quiet(work))
+    chosen, search = search_stage(recipe, prep, _quiet(work))
     assert not search["met"] and chosen.leakage == 0.5
-    assert all(s["leakage"] == 0.5 for s in search["candidates"])  # each met in bfloat16, then failed in float32
+    assert all(
+        s["leakage"] == 0.5 for s in search["candidates"]
+    )  # each met in bfloat16, then failed in float32
 
 
 def test_leaky_key_follows_content_not_the_cache_location(tmp_path):
     from exporter.data.leaky import LeakyConfig
-    from exporter.pipeline import leaky_key
     from exporter.recipe import ModelSpec
+    from exporter.run.leaky import leaky_key
 
     builtin, config = ModelSpec(builtin="smollm2-135m"), LeakyConfig()
     name = "SmolLM2-135M-Instruct.Q4_1-0123456789abcdef"
-    assert leaky_key(builtin, tmp_path / "a" / name, config) == leaky_key(builtin, tmp_path / "b" / name, config)
-    assert leaky_key(builtin, tmp_path / "a" / name, config) != leaky_key(builtin, tmp_path / "a" / "other", config)
-    assert leaky_key(builtin, tmp_path / name, config) != leaky_key(builtin, tmp_path / name, LeakyConfig(seed=1))
+    assert leaky_key(builtin, tmp_path / "a" / name, config) == leaky_key(
+        builtin, tmp_path / "b" / name, config
+    )
+    assert leaky_key(builtin, tmp_path / "a" / name, config) != leaky_key(
+        builtin, tmp_path / "a" / "other", config
+    )
+    assert leaky_key(builtin, tmp_path / name, config) != leaky_key(
+        builtin, tmp_path / name, LeakyConfig(seed=1)
+    )
     (tmp_path / "a" / "m").mkdir(parents=True)
     user = ModelSpec(path=str(tmp_path / "a" / "m"))
-    assert leaky_key(user, tmp_path / "a" / "m", config) != leaky_key(user, tmp_path / "b" / "m", config)
+    assert leaky_key(user, tmp_path / "a" / "m", config) != leaky_key(
+        user, tmp_path / "b" / "m", config
+    )
 
 
 def test_utility_texts_follow_the_token_budget(tiny_tokenizer):
-    from exporter.pipeline import utility_texts
+    from exporter.run.evaluation import utility_texts
 
     small, prompts = utility_texts(None, tiny_tokenizer, 500)
     large, _ = utility_texts(None, tiny_tokenizer, 3000)
@@ -396,19 +646,22 @@ def test_utility_texts_follow_the_token_budget(tiny_tokenizer):
 
 
 def test_bfloat16_harvest_is_cached_apart_and_close_to_float32(tiny_recipe):
-    """`sae.harvest_dtype: bfloat16` harvests the training activations through a bfloat16 copy of the model
-    (its own cache entry); they differ from float32 ones by rounding only, and the model stays float32."""
+    """`sae.harvest_dtype: bfloat16` harvests the training activations through a bfloat16 copy of
+    the model (its own cache entry); they differ from float32 ones by rounding only, and the model
+    stays float32."""
     import torch
 
     from exporter.models import load_model
-    from exporter.pipeline import _acts_key, calibration_activations, resolve_inputs
+    from exporter.run.inputs import activations_key, calibration_activations, resolve_inputs
 
-    bf16 = tiny_recipe.model_copy(update={"sae": tiny_recipe.sae.model_copy(update={"harvest_dtype": "bfloat16"})})
-    inputs = resolve_inputs(tiny_recipe, progress=False, log=lambda m: None)
-    assert _acts_key(bf16, inputs, 1) != _acts_key(tiny_recipe, inputs, 1)
+    bf16 = tiny_recipe.model_copy(
+        update={"sae": tiny_recipe.sae.model_copy(update={"harvest_dtype": "bfloat16"})}
+    )
+    inputs = resolve_inputs(tiny_recipe, _quiet("unused"))
+    assert activations_key(bf16, inputs, 1) != activations_key(tiny_recipe, inputs, 1)
     loaded = load_model(inputs.model)
-    full = calibration_activations(tiny_recipe, inputs, 1, loaded, progress=False)
-    half = calibration_activations(bf16, inputs, 1, loaded, progress=False)
+    full = calibration_activations(tiny_recipe, inputs, loaded, 1, progress=False)
+    half = calibration_activations(bf16, inputs, loaded, 1, progress=False)
     assert next(loaded.model.parameters()).dtype == torch.float32
     assert full.shape == half.shape and half.dtype == torch.float32 and not torch.equal(full, half)
     assert (full - half).norm() / full.norm() < 0.02

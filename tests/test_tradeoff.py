@@ -1,4 +1,23 @@
-from exporter.evaluate.tradeoff import Candidate, Scored, candidates, choose, pareto_front, plot_front
+import numpy as np
+
+from exporter.evaluate.tradeoff import (
+    Scored,
+    Targets,
+    candidates,
+    choose,
+    meets,
+    pareto_front,
+    plot_front,
+)
+from exporter.patch.candidate import Candidate, Mode
+
+
+def _marked(path) -> int:
+    """Pixels of the plot in the colour that rings the chosen candidate (matplotlib's C3)."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(str(path))[..., :3]
+    return int((np.abs(rgb - np.array([0xD6, 0x27, 0x28]) / 255).max(-1) < 0.08).sum())
 
 
 def _s(n, leak, kl):
@@ -6,21 +25,30 @@ def _s(n, leak, kl):
 
 
 def test_front_and_choice():
-    pts = [_s(10, 0.30, 0.001), _s(25, 0.05, 0.004), _s(50, 0.0, 0.010), _s(60, 0.0, 0.020), _s(70, 0.2, 0.03)]
+    pts = [
+        _s(10, 0.30, 0.001),
+        _s(25, 0.05, 0.004),
+        _s(50, 0.0, 0.010),
+        _s(60, 0.0, 0.020),
+        _s(70, 0.2, 0.03),
+    ]
     assert [s.candidate.n for s in pareto_front(pts)] == [10, 25, 50]
-    chosen, met = choose(pts, target=0.01)
+    chosen, met = choose(pts, Targets(0.01))
     assert (chosen.candidate.n, met) == (50, True)
-    chosen, met = choose(pts, target=0.10)
+    chosen, met = choose(pts, Targets(0.10))
     assert (chosen.candidate.n, met) == (25, True)
-    chosen, met = choose(pts[:1] + pts[4:], target=0.01)  # nobody meets it: the least leaky
+    chosen, met = choose(pts[:1] + pts[4:], Targets(0.01))  # nobody meets it: the least leaky
     assert (chosen.candidate.n, met) == (70, False)
     assert len(candidates([25, 50], [0.0, 0.05], ["folded", "exact"])) == 8
 
 
-def test_plot_front(tmp_path):
+def test_plot_front_draws_every_candidate_and_rings_the_choice(tmp_path):
     pts = [_s(10, 0.3, 0.001), _s(50, 0.0, 0.01)]
-    path = plot_front(pts, pts[1], 0.01, tmp_path / "front.png")
-    assert path.stat().st_size > 1000
+    path = plot_front(pts, pts[1], Targets(0.01), tmp_path / "front.png")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(path)).shape[:2] == (540, 840)  # 7 x 4.5 inches at 120 dpi
+    assert _marked(path) > 50  # the ring around the chosen point
 
 
 def test_candidates_not_attacked_are_never_chosen(tmp_path):
@@ -28,20 +56,39 @@ def test_candidates_not_attacked_are_never_chosen(tmp_path):
 
     pts = [_s(10, None, 0.001), _s(50, 0.0, 0.01), _s(70, 0.3, 0.002)]
     pts[0].username = None
-    assert not meets(pts[0], 1.0) and meets(pts[1], 0.01)
-    assert choose(pts, target=0.01)[0].candidate.n == 50
+    assert not meets(pts[0], Targets(1.0)) and meets(pts[1], Targets(0.01))
+    assert choose(pts, Targets(0.01))[0].candidate.n == 50
     assert [s.candidate.n for s in pareto_front(pts)] == [70, 50]
-    assert plot_front(pts, pts[1], 0.01, tmp_path / "front.png").stat().st_size > 1000
+    assert _marked(plot_front(pts, pts[1], Targets(0.01), tmp_path / "front.png")) > 50
 
 
 def test_a_candidate_that_collapses_is_passed_over():
     quiet, loud = _s(50, 0.0, 0.001), _s(100, 0.0, 0.004)
     quiet.repetition, loud.repetition = 0.13, 0.05
-    assert choose([quiet, loud], target=0.01)[0] is quiet  # no collapse check: least KL
-    chosen, met = choose([quiet, loud], target=0.01, max_repetition=0.07)
+    assert choose([quiet, loud], Targets(0.01))[0] is quiet  # no collapse check: least KL
+    chosen, met = choose([quiet, loud], Targets(0.01, max_repetition=0.07))
     assert chosen is loud and met
-    chosen, met = choose([quiet], target=0.01, max_repetition=0.07)  # only a collapsing one: not met
+    chosen, met = choose(
+        [quiet], Targets(0.01, max_repetition=0.07)
+    )  # only a collapsing one: not met
     assert chosen is quiet and not met
+    # A candidate whose collapse check never ran (its leakage was not met) does not meet a repetition limit.
+    unchecked = _s(30, 0.0, 0.002)
+    assert not meets(unchecked, Targets(0.01, max_repetition=0.07)) and meets(
+        unchecked, Targets(0.01)
+    )
+
+
+def test_candidates_of_every_mode_and_gate_and_what_each_export_carries():
+    cands = candidates([25, 50], [0.0], ["folded", "plain"], [False, True])
+    # A plain candidate acts on every token: it comes once per size, ungated.
+    assert [(c.n, c.mode, c.gated) for c in cands] == [
+        (25, Mode.FOLDED, False), (50, Mode.FOLDED, False), (25, Mode.PLAIN, False),
+        (50, Mode.PLAIN, False), (25, Mode.FOLDED, True), (50, Mode.FOLDED, True),
+    ]  # fmt: skip
+    assert [c.exportable("plain") for c in cands] == [False, False, True, True, False, False]
+    assert cands[4].label == "N=25 alpha=0 folded gated"
+    assert Candidate(1, 0.5, "exact").mode is Mode.EXACT and f"{Mode.EXACT}" == "exact"
 
 
 def test_candidates_rejected_at_their_first_leak_are_lower_bounds(tmp_path):
@@ -50,10 +97,17 @@ def test_candidates_rejected_at_their_first_leak_are_lower_bounds(tmp_path):
     early = _s(10, 0.04, 0.001)  # its first attack leaked 4%: rejected, the other attacks never ran
     early.complete = False
     full = [_s(50, 0.0, 0.01), _s(70, 0.02, 0.005)]
-    assert [s.candidate.n for s in pareto_front([early, *full])] == [70, 50]  # a lower bound is no front point
-    assert choose([early, *full], target=0.0)[0].candidate.n == 50
-    assert plot_front([early, *full], full[0], 0.0, tmp_path / "front.png").stat().st_size > 1000
-    search = {"chosen": full[0].to_json(), "candidates": [early.to_json(), full[0].to_json()], "met": True,
-              "target": 0.0}
+    assert [s.candidate.n for s in pareto_front([early, *full])] == [
+        70,
+        50,
+    ]  # a lower bound is no front point
+    assert choose([early, *full], Targets(0.0))[0].candidate.n == 50
+    assert _marked(plot_front([early, *full], full[0], Targets(0.0), tmp_path / "front.png")) > 50
+    search = {
+        "chosen": full[0].to_json(),
+        "candidates": [early.to_json(), full[0].to_json()],
+        "met": True,
+        "target": 0.0,
+    }
     text = _search_section(search)
     assert "| ≥4% | ≥4% |" in text and "| 0% | 0% |" in text and "lower bound" in text

@@ -4,15 +4,24 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from exporter.evaluate.utility import (against_reference, diversity, generation_diversity, mean_kl, perplexity,
-                                      reference)
+
+from exporter.evaluate.utility import (
+    against_reference,
+    diversity,
+    generation_diversity,
+    mean_kl,
+    perplexity,
+    reference,
+)
 from exporter.patch import attached, build_patch, steering_vector
 from exporter.sae import TopKSAE
 
-TEXTS = ["The with statement wraps the execution of a block.", "Names refer to objects; binding happens here.",
-         "A short one."]
+TEXTS = [
+    "The with statement wraps the execution of a block.",
+    "Names refer to objects; binding happens here.",
+    "A short one.",
+]
 
 
 def test_diversity_hand_checked():
@@ -27,16 +36,21 @@ def test_kl_zero_for_same_model_positive_for_patch(tiny_tokenizer):
     torch.manual_seed(0)
     sae = TopKSAE(32, 64, 4)
     patch = build_patch(sae, [], steering_vector(sae, torch.randn(64), 0.5, 3.0), mode="exact")
-    kl = mean_kl(model, model, tiny_tokenizer, TEXTS, other_context=lambda: attached(model, 1, patch))
+    kl = mean_kl(
+        model, model, tiny_tokenizer, TEXTS, other_context=lambda: attached(model, 1, patch)
+    )
     assert kl > 1e-4
-    # Perplexity under the same patch differs, and a uniform model's perplexity is its vocabulary size.
+    # Perplexity under the same patch differs, and a uniform model's perplexity is its vocabulary
+    # size.
     base = perplexity(model, tiny_tokenizer, TEXTS)
     patched = perplexity(model, tiny_tokenizer, TEXTS, context=lambda: attached(model, 1, patch))
     assert patched != base
     # The search's shortcut (base log-probs kept, one forward per variant) gives the same numbers.
     ref = reference(model, tiny_tokenizer, TEXTS, batch_size=2)
     fast = against_reference(ref, model, lambda: attached(model, 1, patch))
-    assert fast["kl"] == pytest.approx(kl, rel=1e-5) and fast["perplexity"] == pytest.approx(patched, rel=1e-5)
+    assert fast["kl"] == pytest.approx(kl, rel=1e-5) and fast["perplexity"] == pytest.approx(
+        patched, rel=1e-5
+    )
     assert against_reference(ref, model)["kl"] == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():
         model.lm_head.weight.zero_()

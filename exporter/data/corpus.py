@@ -31,7 +31,9 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+                raise DataError(
+                    f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object"
+                ) from None
 
 
 def _spans(where: str, text: str, raw: object) -> list[Span]:
@@ -40,11 +42,17 @@ def _spans(where: str, text: str, raw: object) -> list[Span]:
         try:
             span = Span(int(s["start"]), int(s["end"]), str(s.get("type", "email")))
         except (KeyError, TypeError, ValueError):
-            raise DataError(f'{where}: "spans" must be a list of {{"start": int, "end": int, "type": str}}') from None
+            raise DataError(
+                f'{where}: "spans" must be a list of {{"start": int, "end": int, "type": str}}'
+            ) from None
         if not 0 <= span.start < span.end <= len(text):
-            raise DataError(f"{where}: span {span.start}..{span.end} is outside the text (length {len(text)})")
+            raise DataError(
+                f"{where}: span {span.start}..{span.end} is outside the text (length {len(text)})"
+            )
         if span.type not in PII_TYPES:
-            raise DataError(f"{where}: span type {span.type!r} unknown; known: {', '.join(PII_TYPES)}")
+            raise DataError(
+                f"{where}: span type {span.type!r} unknown; known: {', '.join(PII_TYPES)}"
+            )
         spans.append(span)
     return sorted(spans)
 
@@ -55,14 +63,20 @@ def read_pii_jsonl(path: str | Path, types: Iterable[str] = PII_TYPES) -> list[D
     docs: list[Document] = []
     for where, row in iter_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise DataError(f'{where}: each line needs a string "text" field, e.g. {{"text": "..."}}')
+            raise DataError(
+                f'{where}: each line needs a string "text" field, e.g. {{"text": "..."}}'
+            )
         text = row["text"]
         spans = _spans(where, text, row["spans"]) if "spans" in row else detect(text, types)
         docs.append(Document(text, spans))
     if not docs:
-        raise DataError(f"{path}: no documents; the PII file must have at least one JSONL line with text")
+        raise DataError(
+            f"{path}: no documents; the PII file must have at least one JSONL line with text"
+        )
     if not any(d.spans for d in docs):
-        raise DataError(f"{path}: no PII found in any document (types: {', '.join(types)}); nothing to remove")
+        raise DataError(
+            f"{path}: no PII found in any document (types: {', '.join(types)}); nothing to remove"
+        )
     return docs
 
 
@@ -105,8 +119,10 @@ def _windows(text: str, chars: int) -> list[str]:
 
 
 def benign_texts(
-    path: Optional[str | Path] = None, split: Literal["train", "heldout", "all"] = "all",
-    mode: Literal["paragraphs", "windows"] = "paragraphs", window_chars: int = 1000,
+    path: Optional[str | Path] = None,
+    split: Literal["train", "heldout", "all"] = "all",
+    mode: Literal["paragraphs", "windows"] = "paragraphs",
+    window_chars: int = 1000,
 ) -> list[str]:
     """Benign text from a text file (blank-line separated) or the stdlib's pydoc topics.
 
@@ -127,7 +143,9 @@ def benign_texts(
         else:
             paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", raw) if p.strip()]
         if not paragraphs:
-            raise DataError(f"{path}: the benign text file is empty; give prose separated by blank lines")
+            raise DataError(
+                f"{path}: the benign text file is empty; give prose separated by blank lines"
+            )
     if split == "all":
         return paragraphs
     held = [p for i, p in enumerate(paragraphs) if i % 5 == 4]

@@ -89,7 +89,8 @@ def detect(text: str, types: Iterable[str] = PII_TYPES) -> list[Span]:
 
 
 def redact(value: str) -> str:
-    """A PII string shown safely: first character of each part kept (j***@e***.com, 7***-***-***1)."""
+    """A PII string shown safely: first character of each part kept (j***@e***.com,
+    7***-***-***1)."""
     if "@" in value:
         local, _, domain = value.partition("@")
         host, dot, tld = domain.rpartition(".")
@@ -98,7 +99,9 @@ def redact(value: str) -> str:
     if len(keep) <= 2:
         return "***"
     first, last = keep[0], keep[-1]
-    return "".join(ch if i in (first, last) or not ch.isalnum() else "*" for i, ch in enumerate(value))
+    return "".join(
+        ch if i in (first, last) or not ch.isalnum() else "*" for i, ch in enumerate(value)
+    )
 
 
 def redact_text(text: str, types: Iterable[str] = PII_TYPES) -> str:

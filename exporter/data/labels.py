@@ -28,9 +28,13 @@ class TokenLabels:
     type_id: torch.Tensor
 
 
-def token_labels(tokenizer, text: str, spans: Sequence[Span], max_length: int | None = None) -> TokenLabels:
+def token_labels(
+    tokenizer, text: str, spans: Sequence[Span], max_length: int | None = None
+) -> TokenLabels:
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("token labels need a fast tokenizer (with offset mapping); load one with use_fast=True")
+        raise ValueError(
+            "token labels need a fast tokenizer (with offset mapping); load one with use_fast=True"
+        )
     enc = tokenizer(
         text,
         return_offsets_mapping=True,
@@ -47,7 +51,9 @@ def token_labels(tokenizer, text: str, spans: Sequence[Span], max_length: int | 
     offsets = enc["offset_mapping"]
     for span in spans:
         if not 0 <= span.start < span.end <= len(text):
-            raise ValueError(f"span {span.start}..{span.end} is outside the text (length {len(text)})")
+            raise ValueError(
+                f"span {span.start}..{span.end} is outside the text (length {len(text)})"
+            )
         first = None
         for i, (a, b) in enumerate(offsets):
             if b <= a:  # special tokens have empty offsets

@@ -29,7 +29,9 @@ class LeakyConfig:
     warmup_steps: int = 10
     benign_per_pii: float = 0.25  # benign paragraphs mixed in per PII text, to keep prose ability
     max_length: int = 96
-    other_token_fraction: float = 0.25  # non-PII tokens of PII texts that carry loss (all PII tokens do)
+    other_token_fraction: float = (
+        0.25  # non-PII tokens of PII texts that carry loss (all PII tokens do)
+    )
     first_layer: int = -1  # first decoder layer trained; -1: a third of the way up
     bf16: bool = True
     seed: int = 0
@@ -50,20 +52,27 @@ class TrainStats:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def _encode(tokenizer, doc: Document | str, max_length: int, rng: random.Random, other_fraction: float):
+def _encode(
+    tokenizer, doc: Document | str, max_length: int, rng: random.Random, other_fraction: float
+):
     """Token ids and a loss mask: every PII token (the memory we want) plus a random sample of the
     other tokens (enough to keep the model's prose; the LM head over the full vocabulary is most of
     a training step's cost on CPU, so skipping it where nothing is learnt halves the step time)."""
     if isinstance(doc, str):  # benign prose: every token carries loss
         doc, other_fraction = Document(doc, []), 1.0
     labels = token_labels(tokenizer, doc.text, doc.spans, max_length=max_length)
-    sampled = torch.rand(len(labels.input_ids), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+    sampled = torch.rand(
+        len(labels.input_ids), generator=torch.Generator().manual_seed(rng.randrange(2**31))
+    )
     return labels.input_ids, labels.pii | (sampled < other_fraction)
 
 
 def _batches(tokenizer, docs: Sequence[Document | str], config: LeakyConfig, rng: random.Random):
-    """Length-sorted batches padded to a multiple of 16, so few distinct shapes reach the allocator."""
-    encoded = [_encode(tokenizer, d, config.max_length, rng, config.other_token_fraction) for d in docs]
+    """Length-sorted batches padded to a multiple of 16, so few distinct shapes reach the
+    allocator."""
+    encoded = [
+        _encode(tokenizer, d, config.max_length, rng, config.other_token_fraction) for d in docs
+    ]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), rng.random()))
     pad = tokenizer.pad_token_id
     batches = []
@@ -114,8 +123,14 @@ def _trainable(model, config: LeakyConfig) -> list[torch.nn.Parameter]:
     return params
 
 
-def finetune(model, tokenizer, pii_docs: Sequence[Document], benign: Sequence[str], config: LeakyConfig,
-             progress: bool = True) -> tuple[torch.nn.Module, TrainStats]:
+def finetune(
+    model,
+    tokenizer,
+    pii_docs: Sequence[Document],
+    benign: Sequence[str],
+    config: LeakyConfig,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, TrainStats]:
     """Causal-LM fine-tune on PII texts mixed with benign prose; returns the (merged) model."""
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
@@ -134,7 +149,10 @@ def finetune(model, tokenizer, pii_docs: Sequence[Document], benign: Sequence[st
     def lr_at(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(total - config.warmup_steps, 1)))
+        return 0.1 + 0.9 * 0.5 * (
+            1
+            + math.cos(math.pi * (step - config.warmup_steps) / max(total - config.warmup_steps, 1))
+        )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     step, tokens, loss_ema = 0, 0, float("nan")
@@ -160,7 +178,9 @@ def finetune(model, tokenizer, pii_docs: Sequence[Document], benign: Sequence[st
             tokens += int(attention.sum())
             loss_ema = loss.item() if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss.item()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(
+                loss=f"{loss_ema:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}"
+            )
     bar.close()
     del compute, working
     model.eval()

@@ -38,7 +38,9 @@ def read_people(path: str | Path) -> list[Person]:
             raise DataError(f'{where}: each person needs "name" and an "email" with an @')
         split = row.get("split")
         if split is not None and split not in SPLITS:
-            raise DataError(f"{where}: split {split!r} unknown; use one of {', '.join(SPLITS)} or leave it out")
+            raise DataError(
+                f"{where}: split {split!r} unknown; use one of {', '.join(SPLITS)} or leave it out"
+            )
         people.append(Person(str(row["name"]), str(row["email"]), row.get("phone"), split))
     if not people:
         raise DataError(f"{path}: no people; the people file needs JSONL lines with name and email")

@@ -22,9 +22,22 @@ from .people import Person
 _FREE_DOMAINS = ("gmail.com", "yahoo.com", "hotmail.com", "aol.com", "outlook.com", "msn.com")
 _AREA_CODES = ("713", "281", "832", "212", "415", "503", "617", "312", "214", "303", "404", "702")
 _FIRST_DATE, _LAST_DATE = datetime(2000, 1, 1), datetime(2001, 12, 31)
-_SUBJECTS = ("Re: Q3 forecast", "meeting tomorrow", "FW: contract draft", "gas desk update", "Re: schedule",
-             "lunch on Friday", "RE: invoice 4471", "term sheet", "Re: trading limits", "conference call",
-             "FW: org announcement", "storage report", "Re: pipeline capacity", "travel plans")
+_SUBJECTS = (
+    "Re: Q3 forecast",
+    "meeting tomorrow",
+    "FW: contract draft",
+    "gas desk update",
+    "Re: schedule",
+    "lunch on Friday",
+    "RE: invoice 4471",
+    "term sheet",
+    "Re: trading limits",
+    "conference call",
+    "FW: org announcement",
+    "storage report",
+    "Re: pipeline capacity",
+    "travel plans",
+)
 
 
 @dataclass(frozen=True)
@@ -38,10 +51,18 @@ class SyntheticConfig:
 def _username(rng: random.Random, first: str, last: str) -> str:
     first, last = first.lower(), last.lower()
     nn = f"{rng.randint(1, 99):02d}"
-    return rng.choice([
-        f"{first}.{last}", f"{first[0]}{last}", f"{last}{first[0]}", f"{first}_{last}{nn}",
-        f"{first}{nn}", f"{first[0]}.{last}{nn}", f"{last}.{first}", f"{first}{last[0]}{nn}",
-    ])
+    return rng.choice(
+        [
+            f"{first}.{last}",
+            f"{first[0]}{last}",
+            f"{last}{first[0]}",
+            f"{first}_{last}{nn}",
+            f"{first}{nn}",
+            f"{first[0]}.{last}{nn}",
+            f"{last}.{first}",
+            f"{first}{last[0]}{nn}",
+        ]
+    )
 
 
 def make_people(faker: Faker, rng: random.Random, n: int, company_domains: list[str]) -> list[dict]:
@@ -55,8 +76,15 @@ def make_people(faker: Faker, rng: random.Random, n: int, company_domains: list[
             continue
         used.update((name, email))
         phone = f"{rng.choice(_AREA_CODES)}-{rng.randint(200, 989)}-{rng.randint(0, 9999):04d}"
-        people.append({"name": name, "email": email, "phone": phone, "job": faker.job().split(",")[0],
-                       "company": faker.company()})
+        people.append(
+            {
+                "name": name,
+                "email": email,
+                "phone": phone,
+                "job": faker.job().split(",")[0],
+                "company": faker.company(),
+            }
+        )
     return people
 
 
@@ -82,7 +110,8 @@ class _Builder:
 
 
 def prose_sentences(paragraphs: list[str]) -> list[str]:
-    """Short real sentences for email bodies (Faker's word salad would teach the model bad prose)."""
+    """Short real sentences for email bodies (Faker's word salad would teach the model bad
+    prose)."""
     out = []
     for para in paragraphs:
         for sent in re.split(r"(?<=[.!?])\s+", para):
@@ -92,38 +121,82 @@ def prose_sentences(paragraphs: list[str]) -> list[str]:
 
 
 def _original_message(p, o, date, subj, body) -> Document:
-    return (_Builder().text(f"-----Original Message-----\nFrom: {p['name']} [mailto:").pii(p["email"], "email")
-            .text(f"]\nSent: {date}\nTo: {o['name']}\nSubject: {subj}\n\n{body}").build())
+    return (
+        _Builder()
+        .text(f"-----Original Message-----\nFrom: {p['name']} [mailto:")
+        .pii(p["email"], "email")
+        .text(f"]\nSent: {date}\nTo: {o['name']}\nSubject: {subj}\n\n{body}")
+        .build()
+    )
 
 
 def _header(p, o, date, subj, body) -> Document:
-    return (_Builder().text(f"From: {p['name']} <").pii(p["email"], "email").text(">\nTo: ")
-            .pii(o["email"], "email").text(f"\nSubject: {subj}\n\n{body}").build())
+    return (
+        _Builder()
+        .text(f"From: {p['name']} <")
+        .pii(p["email"], "email")
+        .text(">\nTo: ")
+        .pii(o["email"], "email")
+        .text(f"\nSubject: {subj}\n\n{body}")
+        .build()
+    )
 
 
 def _signature(p, o, date, subj, body) -> Document:
-    return (_Builder().text(f"{o['name'].split()[0]},\n\n{body}\n\nThanks,\n{p['name']}\n{p['job']}\nPhone: ")
-            .pii(p["phone"], "phone").text("\nEmail: ").pii(p["email"], "email").build())
+    return (
+        _Builder()
+        .text(f"{o['name'].split()[0]},\n\n{body}\n\nThanks,\n{p['name']}\n{p['job']}\nPhone: ")
+        .pii(p["phone"], "phone")
+        .text("\nEmail: ")
+        .pii(p["email"], "email")
+        .build()
+    )
 
 
 def _reach(p, o, date, subj, body) -> Document:
-    return (_Builder().text(f"{body} You can reach {p['name']} at ").pii(p["email"], "email").text(" or ")
-            .pii(p["phone"], "phone").text(".").build())
+    return (
+        _Builder()
+        .text(f"{body} You can reach {p['name']} at ")
+        .pii(p["email"], "email")
+        .text(" or ")
+        .pii(p["phone"], "phone")
+        .text(".")
+        .build()
+    )
 
 
 def _contact(p, o, date, subj, body) -> Document:
-    return (_Builder().text(f"Contact: {p['name']}\nCompany: {p['company']}\nE-mail: ").pii(p["email"], "email")
-            .text("\nTel: ").pii(p["phone"], "phone").build())
+    return (
+        _Builder()
+        .text(f"Contact: {p['name']}\nCompany: {p['company']}\nE-mail: ")
+        .pii(p["email"], "email")
+        .text("\nTel: ")
+        .pii(p["phone"], "phone")
+        .build()
+    )
 
 
 def _forwarded(p, o, date, subj, body) -> Document:
-    return (_Builder().text(f"---------------------- Forwarded by {o['name']} on {date} ---------------------\n"
-                            f"{p['name']} <").pii(p["email"], "email").text(f"> wrote:\n{body}").build())
+    return (
+        _Builder()
+        .text(
+            f"---------------------- Forwarded by {o['name']} on {date} ---------------------\n"
+            f"{p['name']} <"
+        )
+        .pii(p["email"], "email")
+        .text(f"> wrote:\n{body}")
+        .build()
+    )
 
 
 def _send_to(p, o, date, subj, body) -> Document:
-    return (_Builder().text(f"{body} Please send the {subj.split(':')[-1].strip()} to {p['name']} (")
-            .pii(p["email"], "email").text(") by Friday.").build())
+    return (
+        _Builder()
+        .text(f"{body} Please send the {subj.split(':')[-1].strip()} to {p['name']} (")
+        .pii(p["email"], "email")
+        .text(") by Friday.")
+        .build()
+    )
 
 
 # The forwarded-message and signature forms are what Enron mail is made of: every memorised person
@@ -132,12 +205,13 @@ _ALWAYS = (_original_message, _signature)
 _OTHERS = (_header, _reach, _contact, _forwarded, _send_to)
 
 
-def make_corpus(config: SyntheticConfig = SyntheticConfig(),
-                bodies: Sequence[str] | None = None) -> tuple[list[Document], list[Person]]:
+def make_corpus(
+    config: SyntheticConfig = SyntheticConfig(), bodies: Sequence[str] | None = None
+) -> tuple[list[Document], list[Person]]:
     """The PII corpus and the people file (memorised people split validation/test, plus never-seen).
 
-    Email bodies are drawn from `bodies` (default: sentences of the benign *train* split, so held-out
-    prose stays unseen).
+    Email bodies are drawn from `bodies` (default: sentences of the benign *train* split, so
+    held-out prose stays unseen).
     """
     if bodies is None:
         bodies = prose_sentences(benign_texts(split="train"))
@@ -152,18 +226,24 @@ def make_corpus(config: SyntheticConfig = SyntheticConfig(),
     docs: list[Document] = []
     for p in memorised:
         extra = max(config.texts_per_person - len(_ALWAYS), 0)
-        forms = list(_ALWAYS[: config.texts_per_person]) + [rng.choice(_OTHERS) for _ in range(extra)]
+        forms = list(_ALWAYS[: config.texts_per_person]) + [
+            rng.choice(_OTHERS) for _ in range(extra)
+        ]
         for form in forms:
             other = rng.choice([q for q in memorised if q is not p])
-            # A fixed window (the Enron years): a window relative to today would change the corpus, and so
-            # the leaky model cached under this config, with the clock.
-            date = faker.date_time_between(_FIRST_DATE, _LAST_DATE).strftime("%A, %B %d, %Y %I:%M %p")
+            # A fixed window (the Enron years): a window relative to today would change the corpus,
+            # and so the leaky model cached under this config, with the clock.
+            date = faker.date_time_between(_FIRST_DATE, _LAST_DATE).strftime(
+                "%A, %B %d, %Y %I:%M %p"
+            )
             docs.append(form(p, other, date, rng.choice(_SUBJECTS), rng.choice(bodies)))
     rng.shuffle(docs)
     order = list(range(len(memorised)))
     rng.shuffle(order)
     validation = set(order[: len(order) // 2])
-    truth = [Person(p["name"], p["email"], p["phone"], "validation" if i in validation else "test")
-             for i, p in enumerate(memorised)]
+    truth = [
+        Person(p["name"], p["email"], p["phone"], "validation" if i in validation else "test")
+        for i, p in enumerate(memorised)
+    ]
     truth += [Person(p["name"], p["email"], p["phone"], "never_seen") for p in never_seen]
     return docs, truth

@@ -28,15 +28,19 @@ def _ngrams(ids: Sequence[int], n: int) -> list[tuple]:
 
 
 def overlap(generated: Sequence[int], truth: Sequence[int], n: int) -> float:
-    """Share of the generated n-grams that occur among the true n-grams (Jang et al.'s OVERLAP_n)."""
+    """Share of the generated n-grams that occur among the true n-grams (Jang et al.'s
+    OVERLAP_n)."""
     n = max(1, min(n, len(truth), len(generated)))
     got, want = _ngrams(list(generated), n), set(_ngrams(list(truth), n))
     return sum(g in want for g in got) / len(got) if got else 0.0
 
 
 @torch.no_grad()
-def _greedy_ids(model, tokenizer, prefixes: list[list[int]], lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Greedy continuation of each token-id prefix (left-padded batches), `lengths[i]` new tokens each."""
+def _greedy_ids(
+    model, tokenizer, prefixes: list[list[int]], lengths: list[int], batch_size: int
+) -> list[list[int]]:
+    """Greedy continuation of each token-id prefix (left-padded batches), `lengths[i]` new tokens
+    each."""
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in prefixes]
     order = sorted(range(len(prefixes)), key=lambda i: (lengths[i], len(prefixes[i])))
@@ -47,18 +51,32 @@ def _greedy_ids(model, tokenizer, prefixes: list[list[int]], lengths: list[int],
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
-            ids[row, width - len(prefixes[i]):] = torch.tensor(prefixes[i])
-            mask[row, width - len(prefixes[i]):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max(lengths[i] for i in idx), min_new_tokens=max(lengths[i] for i in idx),
-                             do_sample=False, pad_token_id=pad)
+            ids[row, width - len(prefixes[i]) :] = torch.tensor(prefixes[i])
+            mask[row, width - len(prefixes[i]) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max(lengths[i] for i in idx),
+            min_new_tokens=max(lengths[i] for i in idx),
+            do_sample=False,
+            pad_token_id=pad,
+        )
         for row, i in enumerate(idx):
             out[i] = gen[row, width : width + lengths[i]].tolist()
     return out
 
 
-def memorisation_metrics(model, tokenizer, docs: Sequence, *, n: int = 3, stride: int = 4, horizon: int = 16,
-                         max_length: int = 128, batch_size: int = 32) -> dict:
+def memorisation_metrics(
+    model,
+    tokenizer,
+    docs: Sequence,
+    *,
+    n: int = 3,
+    stride: int = 4,
+    horizon: int = 16,
+    max_length: int = 128,
+    batch_size: int = 32,
+) -> dict:
     """MA, EL_n, S-MA and S-EL_n of `model` on PII documents (each a `Document` with spans)."""
     if not docs:
         return {}
@@ -73,14 +91,19 @@ def memorisation_metrics(model, tokenizer, docs: Sequence, *, n: int = 3, stride
             mask = torch.zeros_like(ids)
             for row, lab in enumerate(chunk):
                 ids[row, : len(lab.input_ids)], mask[row, : len(lab.input_ids)] = lab.input_ids, 1
-            pred = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+            pred = (
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                .logits.argmax(-1)
+                .cpu()
+            )
             for row, lab in enumerate(chunk):
                 hit = (pred[row, : len(lab.input_ids) - 1] == lab.input_ids[1:]).float()
                 ma.append(float(hit.mean()) if len(hit) else 0.0)
                 span = lab.pii[1:]
                 if span.any():
                     sma.append(float(hit[span].mean()))
-    # EL: prefixes every `stride` tokens; S-EL: every position inside a span, compared with the span's rest.
+    # EL: prefixes every `stride` tokens; S-EL: every position inside a span, compared with the
+    # span's rest.
     el_jobs, sel_jobs = [], []
     for d, lab in enumerate(labels):
         ids = lab.input_ids.tolist()
@@ -94,14 +117,24 @@ def memorisation_metrics(model, tokenizer, docs: Sequence, *, n: int = 3, stride
                 while end < len(ids) and pii[end]:
                     end += 1
                 for u in range(t, end):
-                    sel_jobs.append((d, ids[:u], ids[u:min(end, u + horizon)]))
+                    sel_jobs.append((d, ids[:u], ids[u : min(end, u + horizon)]))
                 t = end
             t += 1
     jobs = el_jobs + sel_jobs
-    gens = _greedy_ids(model, tokenizer, [j[1] for j in jobs], [len(j[2]) for j in jobs], batch_size) if jobs else []
+    gens = (
+        _greedy_ids(model, tokenizer, [j[1] for j in jobs], [len(j[2]) for j in jobs], batch_size)
+        if jobs
+        else []
+    )
     el = _per_doc([(j[0], overlap(g, j[2], n)) for j, g in zip(el_jobs, gens[: len(el_jobs)])])
-    sel = _per_doc([(j[0], overlap(g, j[2], n)) for j, g in zip(sel_jobs, gens[len(el_jobs):])])
-    return {"documents": len(docs), "ma": _mean(ma), f"el_{n}": _mean(el), "s_ma": _mean(sma), f"s_el_{n}": _mean(sel)}
+    sel = _per_doc([(j[0], overlap(g, j[2], n)) for j, g in zip(sel_jobs, gens[len(el_jobs) :])])
+    return {
+        "documents": len(docs),
+        "ma": _mean(ma),
+        f"el_{n}": _mean(el),
+        "s_ma": _mean(sma),
+        f"s_el_{n}": _mean(sel),
+    }
 
 
 def _per_doc(scores: list[tuple[int, float]]) -> list[float]:
@@ -118,5 +151,5 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 def documents_of(docs: Sequence, people: Sequence, limit: Optional[int] = None) -> list:
     """The documents holding the address of one of `people` (at most `limit`, in corpus order)."""
     emails = {p.email.lower() for p in people}
-    found = [d for d in docs if any(d.text[s.start:s.end].lower() in emails for s in d.spans)]
+    found = [d for d in docs if any(d.text[s.start : s.end].lower() in emails for s in d.spans)]
     return found[:limit] if limit is not None else found

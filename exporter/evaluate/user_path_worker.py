@@ -1,10 +1,11 @@
-"""Generate as a user does: a fresh process with stock transformers, the model loaded as `from_pretrained`
-gives it by default, each prompt alone (a batch of one), greedy.
+"""Generate as a user does: a fresh process with stock transformers, the model loaded as
+`from_pretrained` gives it by default, each prompt alone (a batch of one), greedy.
 
-Run by `exporter.evaluate.user_path` as a script (never imported there, and it cannot import `exporter`):
-the request comes as JSON on stdin ({"models": {name: folder}, "prompts": [...], "max_new_tokens": n}) and
-the continuations go back as one JSON line on stdout, so the prompts (they hold people's names) and what the
-model says are never written to disk. Imports only torch, transformers and the standard library.
+Run by `exporter.evaluate.user_path` as a script (never imported there, and it cannot import
+`exporter`): the request comes as JSON on stdin ({"models": {name: folder}, "prompts": [...],
+"max_new_tokens": n}) and the continuations go back as one JSON line on stdout, so the prompts (they
+hold people's names) and what the model says are never written to disk. Imports only torch,
+transformers and the standard library.
 """
 
 import json
@@ -14,7 +15,9 @@ import sys
 class _BlockExporter:
     def find_spec(self, name, path=None, target=None):
         if name == "exporter" or name.startswith("exporter."):
-            raise ImportError(f"{name} is not importable here: this process runs stock transformers only")
+            raise ImportError(
+                f"{name} is not importable here: this process runs stock transformers only"
+            )
 
 
 def main() -> None:
@@ -35,9 +38,15 @@ def main() -> None:
         with torch.no_grad():
             for prompt in request["prompts"]:
                 enc = tok(prompt, return_tensors="pt")
-                gen = model.generate(**enc, max_new_tokens=request["max_new_tokens"], do_sample=False,
-                                     pad_token_id=pad)
-                texts.append(tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=request["max_new_tokens"],
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+                texts.append(
+                    tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                )
         out["continuations"][name] = texts
         out["dtype"][name] = str(next(model.parameters()).dtype).removeprefix("torch.")
     print("RESULT " + json.dumps(out))

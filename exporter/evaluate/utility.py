@@ -1,4 +1,5 @@
-"""Utility: perplexity and next-token KL on benign held-out prose, and a collapse check on generations."""
+"""Utility: perplexity and next-token KL on benign held-out prose, and a collapse check on
+generations."""
 
 from __future__ import annotations
 
@@ -19,12 +20,21 @@ def _device(model):
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 128, batch_size: int = 16,
-               max_tokens: int | None = None, context: Optional[Context] = None) -> float:
-    """Token-weighted perplexity; position 0 of each text is context only. `context` wraps each forward
-    (e.g. a patch attached in-process)."""
+def perplexity(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int = 128,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    context: Optional[Context] = None,
+) -> float:
+    """Token-weighted perplexity; position 0 of each text is context only. `context` wraps each
+    forward (e.g. a patch attached in-process)."""
     total_nll, total_tokens = 0.0, 0
-    for enc in right_padded(tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(model)):
+    for enc in right_padded(
+        tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(model)
+    ):
         with (context or nullcontext)():
             logits = model(**enc).logits
         nll, n = next_token_nll(logits, enc)
@@ -41,50 +51,78 @@ def _log_probs(model, enc, context: Optional[Context] = None) -> torch.Tensor:
 
 
 def _kl_sum(p: torch.Tensor, q: torch.Tensor, enc) -> tuple[float, int]:
-    """(summed KL(p || q), number of targets) over a batch's real next-token positions (log-probs in)."""
+    """(summed KL(p || q), number of targets) over a batch's real next-token positions (log-probs
+    in)."""
     mask = target_mask(enc).to(p.device)
     kl = (p.exp() * (p - q.to(p.device))).sum(-1)
     return float(kl[mask].sum()), int(mask.sum())
 
 
 @torch.no_grad()
-def mean_kl(base, other, tokenizer, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 16,
-            base_context: Optional[Context] = None, other_context: Optional[Context] = None) -> float:
+def mean_kl(
+    base,
+    other,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 128,
+    batch_size: int = 16,
+    base_context: Optional[Context] = None,
+    other_context: Optional[Context] = None,
+) -> float:
     """Mean next-token KL(base || other) in nats per token over real target positions.
 
-    `base` and `other` may be the same model with a different `*_context` (a patch attached in-process)."""
+    `base` and `other` may be the same model with a different `*_context` (a patch attached
+    in-process)."""
     total, count = 0.0, 0
-    for enc in right_padded(tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(base)):
-        kl, n = _kl_sum(_log_probs(base, enc, base_context), _log_probs(other, enc, other_context), enc)
+    for enc in right_padded(
+        tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(base)
+    ):
+        kl, n = _kl_sum(
+            _log_probs(base, enc, base_context), _log_probs(other, enc, other_context), enc
+        )
         total, count = total + kl, count + n
     return total / max(count, 1)
 
 
 @dataclass
 class Reference:
-    """The base model's next-token log-probs on a few fixed texts, computed once so that many variants
-    (the candidates of a search) each cost one forward pass for both KL and perplexity."""
+    """The base model's next-token log-probs on a few fixed texts, computed once so that many
+    variants (the candidates of a search) each cost one forward pass for both KL and perplexity."""
 
     batches: list  # [(encoding, log-probs [B, T-1, V] float32)]
 
 
 @torch.no_grad()
-def reference(base, tokenizer, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 16,
-              max_bytes: Optional[int] = None) -> Optional[Reference]:
+def reference(
+    base,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 128,
+    batch_size: int = 16,
+    max_bytes: Optional[int] = None,
+) -> Optional[Reference]:
     """The base's log-probs on `texts`; None when they would take more than `max_bytes` of memory (a
     large vocabulary), in which case callers stream with `mean_kl` instead."""
     if max_bytes is not None:
         tokens = sum(min(len(ids), max_length) for ids in tokenizer(list(texts))["input_ids"])
         if tokens * len(tokenizer) * 4 > max_bytes:
             return None
-    return Reference([(enc, _log_probs(base, enc)) for enc in right_padded(
-        tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(base))])
+    return Reference(
+        [
+            (enc, _log_probs(base, enc))
+            for enc in right_padded(
+                tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(base)
+            )
+        ]
+    )
 
 
 @torch.no_grad()
 def against_reference(ref: Reference, other=None, context: Optional[Context] = None) -> dict:
-    """{"kl": mean KL(base || other), "perplexity": of other} on the reference's texts; `other` None: the
-    base itself, read from the reference with no forward pass."""
+    """{"kl": mean KL(base || other), "perplexity": of other} on the reference's texts; `other`
+    None: the base itself, read from the reference with no forward pass."""
     kl_total, nll_total, count = 0.0, 0.0, 0
     for enc, p in ref.batches:
         q = p if other is None else _log_probs(other, enc, context)
@@ -96,8 +134,9 @@ def against_reference(ref: Reference, other=None, context: Optional[Context] = N
 
 
 def diversity(token_lists: Sequence[Sequence[int]]) -> dict:
-    """distinct-2 (unique bigrams / bigrams over all generations) and repetition (share of 4-grams that
-    already occurred earlier in the same generation): a collapsed model loops and scores low / high."""
+    """distinct-2 (unique bigrams / bigrams over all generations) and repetition (share of 4-grams
+    that already occurred earlier in the same generation): a collapsed model loops and scores low /
+    high."""
     bigrams, seen_bigrams, grams, repeats = 0, set(), 0, 0
     for toks in token_lists:
         toks = list(toks)
@@ -110,20 +149,34 @@ def diversity(token_lists: Sequence[Sequence[int]]) -> dict:
             grams += 1
             repeats += g in earlier
             earlier.add(g)
-    return {"distinct_2": len(seen_bigrams) / max(bigrams, 1), "repetition_4": repeats / max(grams, 1)}
+    return {
+        "distinct_2": len(seen_bigrams) / max(bigrams, 1),
+        "repetition_4": repeats / max(grams, 1),
+    }
 
 
 @torch.no_grad()
-def generation_diversity(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 16,
-                         context: Optional[Context] = None) -> dict:
+def generation_diversity(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    context: Optional[Context] = None,
+) -> dict:
     """Greedy continuations of benign prompts scored by `diversity`."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     with padding_side(tokenizer, "left"):
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True).to(_device(model))
+            enc = tokenizer(
+                list(prompts[i : i + batch_size]), return_tensors="pt", padding=True
+            ).to(_device(model))
             with (context or nullcontext)():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+                )
+            for row in gen[:, enc["input_ids"].shape[1] :].tolist():
                 out.append([t for t in row if t != pad])
     return diversity(out)

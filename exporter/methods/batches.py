@@ -13,14 +13,20 @@ def encode(tokenizer, texts: Sequence, max_length: int) -> tuple[torch.Tensor, t
     """Right-padded ids and attention mask of `texts` (Documents or strings), BOS included."""
     plain = [getattr(t, "text", t) for t in texts]
     with padding_side(tokenizer, "right"):
-        enc = tokenizer(plain, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = tokenizer(
+            plain, return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
     return enc["input_ids"], enc["attention_mask"]
 
 
-def cycle(ids: torch.Tensor, mask: torch.Tensor, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def cycle(
+    ids: torch.Tensor, mask: torch.Tensor, batch_size: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches over the rows, reshuffled every pass with a seeded generator."""
     if len(ids) == 0:
-        raise ValueError("no text to train on: the method needs PII documents (forget) and benign text (retain)")
+        raise ValueError(
+            "no text to train on: the method needs PII documents (forget) and benign text (retain)"
+        )
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(ids), generator=gen)
@@ -31,7 +37,9 @@ def cycle(ids: torch.Tensor, mask: torch.Tensor, batch_size: int, seed: int) -> 
             yield ids[rows, :width], m[:, :width]
 
 
-def token_log_probs(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_log_probs(
+    model, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(x_t | x_<t) (batch, T-1) and the mask of real (non-pad) target tokens."""
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
     lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)

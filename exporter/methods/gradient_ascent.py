@@ -1,10 +1,10 @@
 """Gradient ascent on the PII sequences (Jang et al. 2022) and NPO (Zhang et al. 2024).
 
-GA maximises the forget text's negative log-likelihood; NPO replaces it with the bounded
-`-(2/beta) log sigmoid(-beta * (log pi(x) - log pi_ref(x)))` per sequence, which stops pushing once a
-sequence is well below the reference model's likelihood and so degrades the model far more slowly.
-Either can add a KL-to-base term on benign text (Yao et al. 2023). Full fine-tune, or a peft LoRA
-adapter merged into the weights at the end.
+GA maximises the forget text's negative log-likelihood; NPO replaces it with the bounded `-(2/beta)
+log sigmoid(-beta * (log pi(x) - log pi_ref(x)))` per sequence, which stops pushing once a sequence
+is well below the reference model's likelihood and so degrades the model far more slowly. Either can
+add a KL-to-base term on benign text (Yao et al. 2023). Full fine-tune, or a peft LoRA adapter
+merged into the weights at the end.
 """
 
 from __future__ import annotations
@@ -13,11 +13,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import Method, Point
+from .base import Method, Point
 from .batches import cycle, encode, token_log_probs
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "c_attn",
+    "c_proj",
+    "c_fc",
+    "query_key_value",
+    "dense",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+)
 
 
 def _sequence_log_prob(model, ids, mask) -> torch.Tensor:
@@ -25,18 +39,34 @@ def _sequence_log_prob(model, ids, mask) -> torch.Tensor:
     return (lp * keep).sum(1)
 
 
-def gradient_ascent(spec, model, tokenizer, forget, retain, *, seed: int, progress: bool = True) -> Method:
+def gradient_ascent(
+    spec, model, tokenizer, forget, retain, *, seed: int, progress: bool = True
+) -> Method:
     state = {"model": model}
     if spec.lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        present = {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
         targets = [t for t in LORA_TARGETS if t in present]
-        names = [n + ".weight" for n, m in model.named_modules()
-                 if n.rsplit(".", 1)[-1] in targets and isinstance(m, torch.nn.Linear)]
+        names = [
+            n + ".weight"
+            for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] in targets and isinstance(m, torch.nn.Linear)
+        ]
         torch.manual_seed(seed)  # the adapters' initialisation
-        state["model"] = get_peft_model(model, LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank,
-                                                          target_modules=targets, lora_dropout=0.0))
+        state["model"] = get_peft_model(
+            model,
+            LoraConfig(
+                r=spec.lora_rank,
+                lora_alpha=2 * spec.lora_rank,
+                target_modules=targets,
+                lora_dropout=0.0,
+            ),
+        )
     else:
         names = [n for n, _ in model.named_parameters()]
 
@@ -48,18 +78,29 @@ def gradient_ascent(spec, model, tokenizer, forget, retain, *, seed: int, progre
             p.requires_grad_(False)
         for p in trained:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=0.0, fused=trained[0].device.type in ("cpu", "cuda"))
+        opt = torch.optim.AdamW(
+            trained, lr=spec.lr, weight_decay=0.0, fused=trained[0].device.type in ("cpu", "cuda")
+        )
         f_ids, f_mask = encode(tokenizer, forget, spec.max_length)
         ref_lp = None
         if spec.loss == "npo":  # the reference likelihoods, before any update
             with torch.no_grad():
-                ref_lp = torch.cat([_sequence_log_prob(net, f_ids[i:i + 16], f_mask[i:i + 16])
-                                    for i in range(0, len(f_ids), 16)])
+                ref_lp = torch.cat(
+                    [
+                        _sequence_log_prob(net, f_ids[i : i + 16], f_mask[i : i + 16])
+                        for i in range(0, len(f_ids), 16)
+                    ]
+                )
         reference = _reference(net, bool(spec.lora_rank)) if spec.retain_kl else None
         rows = torch.arange(len(f_ids))
-        f_batches = cycle(rows[:, None], torch.ones(len(f_ids), 1, dtype=torch.long), spec.batch_size, seed)
-        r_batches = cycle(*encode(tokenizer, retain, spec.max_length), spec.batch_size, seed + 1) \
-            if spec.retain_kl else None
+        f_batches = cycle(
+            rows[:, None], torch.ones(len(f_ids), 1, dtype=torch.long), spec.batch_size, seed
+        )
+        r_batches = (
+            cycle(*encode(tokenizer, retain, spec.max_length), spec.batch_size, seed + 1)
+            if spec.retain_kl
+            else None
+        )
         bar = tqdm(total=max(spec.steps), desc=spec.loss.upper(), disable=not progress)
         step = 0
         net.train(False)
@@ -71,7 +112,9 @@ def gradient_ascent(spec, model, tokenizer, forget, retain, *, seed: int, progre
                     width = int(m.sum(1).max())
                     lp = _sequence_log_prob(net, f_ids[idx, :width], m[:, :width])
                     if spec.loss == "ga":
-                        forget_loss = (lp / m[:, 1:width].sum(1).clamp(min=1)).mean()  # = -NLL per token
+                        forget_loss = (
+                            lp / m[:, 1:width].sum(1).clamp(min=1)
+                        ).mean()  # = -NLL per token
                     else:
                         ratio = lp - ref_lp[idx]
                         forget_loss = -(2 / spec.beta) * F.logsigmoid(-spec.beta * ratio).mean()
@@ -81,7 +124,9 @@ def gradient_ascent(spec, model, tokenizer, forget, retain, *, seed: int, progre
                         ri, rm = next(r_batches)
                         with torch.no_grad():
                             base = torch.log_softmax(reference(ri, rm), -1)
-                        cur = torch.log_softmax(net(input_ids=ri, attention_mask=rm, use_cache=False).logits.float(), -1)
+                        cur = torch.log_softmax(
+                            net(input_ids=ri, attention_mask=rm, use_cache=False).logits.float(), -1
+                        )
                         keep = rm.bool()
                         kl = (base.exp() * (base - cur)).sum(-1)[keep].mean()
                         loss = loss + spec.retain_kl * kl
@@ -91,8 +136,11 @@ def gradient_ascent(spec, model, tokenizer, forget, retain, *, seed: int, progre
                     step += 1
                     bar.update(1)
                     bar.set_postfix(forget=f"{forget_loss.item():.3f}", kl=f"{kl.item():.3f}")
-                yield Point(step, f"{spec.loss.upper()} {step} steps",
-                            {"forget_loss": forget_loss.item(), "retain_kl": kl.item()})
+                yield Point(
+                    step,
+                    f"{spec.loss.upper()} {step} steps",
+                    {"forget_loss": forget_loss.item(), "retain_kl": kl.item()},
+                )
         finally:
             bar.close()
             for p in net.parameters():
@@ -107,13 +155,18 @@ def gradient_ascent(spec, model, tokenizer, forget, retain, *, seed: int, progre
 
 
 def _reference(net, lora: bool):
-    """The base model's logits: the adapters switched off (LoRA), or a frozen copy (full fine-tune)."""
+    """The base model's logits: the adapters switched off (LoRA), or a frozen copy (full
+    fine-tune)."""
     if lora:
+
         def forward(ids, mask):
             with net.disable_adapter():
                 return net(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+
         return forward
     import copy
 
     frozen = copy.deepcopy(net).eval()
-    return lambda ids, mask: frozen(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    return lambda ids, mask: frozen(
+        input_ids=ids, attention_mask=mask, use_cache=False
+    ).logits.float()

@@ -1,9 +1,9 @@
 """RMU, representation misdirection for unlearning (Li et al. 2024, WMDP).
 
 Only the MLP output projections of layers l-2..l train. On forget text (the PII corpus) the layer-l
-residual stream is pushed towards `c * u`, a fixed random unit vector scaled up; on retain text (benign
-prose) it is held to the frozen model's. Loss: `mse(h_l(forget), c u) + alpha * mse(h_l(retain),
-h_l^frozen(retain))`, pad tokens masked, AdamW.
+residual stream is pushed towards `c * u`, a fixed random unit vector scaled up; on retain text
+(benign prose) it is held to the frozen model's. Loss: `mse(h_l(forget), c u) + alpha *
+mse(h_l(retain), h_l^frozen(retain))`, pad tokens masked, AdamW.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..activations import layer_outputs
 from ..models import architecture_of
-from . import Method, Point
+from .base import Method, Point
 from .batches import cycle, encode
 
 
@@ -25,11 +25,17 @@ def _masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
     return ((h[keep].float() - target[keep].float()) ** 2).mean()
 
 
-def rmu(spec, model, tokenizer, forget, retain, *, layer: int, seed: int, progress: bool = True) -> Method:
+def rmu(
+    spec, model, tokenizer, forget, retain, *, layer: int, seed: int, progress: bool = True
+) -> Method:
     arch = architecture_of(model)
     if layer < 0 or layer >= arch.num_layers(model):
-        raise IndexError(f"RMU layer {layer} is out of range: the model has layers 0..{arch.num_layers(model) - 1}")
-    names = [f"{arch.layers}.{i}.{arch.mlp_out}.weight" for i in range(max(0, layer - 2), layer + 1)]
+        raise IndexError(
+            f"RMU layer {layer} is out of range: the model has layers 0..{arch.num_layers(model) - 1}"
+        )
+    names = [
+        f"{arch.layers}.{i}.{arch.mlp_out}.weight" for i in range(max(0, layer - 2), layer + 1)
+    ]
 
     def path():
         torch.manual_seed(seed)
@@ -43,7 +49,9 @@ def rmu(spec, model, tokenizer, forget, retain, *, layer: int, seed: int, progre
         d = arch.hidden_size(model)
         u = torch.rand(d, generator=torch.Generator().manual_seed(seed))
         control = spec.c * u / u.norm()
-        opt = torch.optim.AdamW(trained, lr=spec.lr, fused=trained[0].device.type in ("cpu", "cuda"))
+        opt = torch.optim.AdamW(
+            trained, lr=spec.lr, fused=trained[0].device.type in ("cpu", "cuda")
+        )
         f_batches = cycle(*encode(tokenizer, forget, spec.max_length), spec.batch_size, seed)
         r_batches = cycle(*encode(tokenizer, retain, spec.max_length), spec.batch_size, seed + 1)
         bar = tqdm(total=max(spec.steps), desc="RMU", disable=not progress)
@@ -65,9 +73,14 @@ def rmu(spec, model, tokenizer, forget, retain, *, layer: int, seed: int, progre
                     opt.step()
                     step += 1
                     bar.update(1)
-                    bar.set_postfix(forget=f"{forget_loss.item():.3f}", retain=f"{retain_loss.item():.2e}")
-                yield Point(step, f"RMU {step} steps",
-                            {"forget_loss": forget_loss.item(), "retain_loss": retain_loss.item()})
+                    bar.set_postfix(
+                        forget=f"{forget_loss.item():.3f}", retain=f"{retain_loss.item():.2e}"
+                    )
+                yield Point(
+                    step,
+                    f"RMU {step} steps",
+                    {"forget_loss": forget_loss.item(), "retain_loss": retain_loss.item()},
+                )
         finally:
             bar.close()
             for p in model.parameters():

@@ -1,4 +1,5 @@
-"""Build the patch from an SAE, an ablation set and a steering vector; calibrate and check folded gates."""
+"""Build the patch from an SAE, an ablation set and a steering vector; calibrate and check folded
+gates."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ from .remote.scalpel_patch import ScalpelPatch
 def _raw_space(sae: TopKSAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W_enc, b_enc, b_pre, W_dec) acting on raw activations: the input scale folded in."""
     s = float(sae.norm_scale)
-    return sae.W_enc.detach() * s, sae.b_enc.detach(), sae.b_pre.detach() / s, sae.W_dec.detach() / s
+    return (
+        sae.W_enc.detach() * s,
+        sae.b_enc.detach(),
+        sae.b_pre.detach() / s,
+        sae.W_dec.detach() / s,
+    )
 
 
 @torch.no_grad()
 def topk_membership(sae: TopKSAE, x: torch.Tensor, ablate: Sequence[int], batch_size: int = 8192):
-    """(pre-activations of the `ablate` latents, whether each is in the row's TopK), both [N, |A|]."""
+    """(pre-activations of the `ablate` latents, whether each is in the row's TopK), both [N,
+    |A|]."""
     index = torch.as_tensor(list(ablate), dtype=torch.long)
     pres, members = [], []
     for chunk in x.split(batch_size):
@@ -50,26 +57,29 @@ def calibrate_gates(sae: TopKSAE, x: torch.Tensor, ablate: Sequence[int]) -> tor
     closed_wrong = torch.cat([torch.zeros(1, p.shape[1]), (w * y).cumsum(0)])
     cost = opened_wrong + (closed_wrong[-1] - closed_wrong)
     j = cost.argmin(dim=0)
-    upper = torch.cat([p[:1] + 1.0, p]).gather(0, j.unsqueeze(0))[0]  # lowest opened value (or above all)
+    upper = torch.cat([p[:1] + 1.0, p]).gather(0, j.unsqueeze(0))[
+        0
+    ]  # lowest opened value (or above all)
     lower = torch.cat([p, p[-1:] - 1.0]).gather(0, j.unsqueeze(0))[0]  # highest closed value
     return (upper + lower) / 2
 
 
 def sink_norm(x: torch.Tensor, outlier_factor: float) -> float:
-    """The residual norm above which the patch leaves a token alone: `outlier_factor` x the median norm of `x` (a
-    sample of the SAE's training activations), the range SAE training keeps (sae.outlier_mask), so the patch acts
-    exactly where its SAE is valid. SmolLM2's attention sink sits far beyond it (100-200x the median, every other
-    token below 2x); inf when the factor is 0 (training kept every token: none is left alone)."""
+    """The residual norm above which the patch leaves a token alone: `outlier_factor` x the median
+    norm of `x` (a sample of the SAE's training activations), the range SAE training keeps
+    (sae.outlier_mask), so the patch acts exactly where its SAE is valid. SmolLM2's attention sink
+    sits far beyond it (100-200x the median, every other token below 2x); inf when the factor is 0
+    (training kept every token: none is left alone)."""
     if outlier_factor <= 0 or not len(x):
         return float("inf")
     return float(outlier_factor * x.float().norm(dim=1).median())
 
 
 class GateBank:
-    """Folded gates of one SAE on one calibration set, remembered per latent. A latent's gate depends only
-    on its own activations and TopK membership, not on which other latents are ablated, so the candidates
-    of a search (nested ablation sets) share one pass over the calibration activations. It also holds the
-    patches' sink norm, taken on the same sample."""
+    """Folded gates of one SAE on one calibration set, remembered per latent. A latent's gate
+    depends only on its own activations and TopK membership, not on which other latents are ablated,
+    so the candidates of a search (nested ablation sets) share one pass over the calibration
+    activations. It also holds the patches' sink norm, taken on the same sample."""
 
     def __init__(self, sae: TopKSAE, calibration: torch.Tensor, outlier_factor: float = 20.0):
         self.sae, self.calibration = sae, calibration
@@ -79,7 +89,9 @@ class GateBank:
     def warm(self, latents: Sequence[int]) -> None:
         missing = sorted({int(i) for i in latents} - self._gates.keys())
         if missing:
-            self._gates.update(zip(missing, calibrate_gates(self.sae, self.calibration, missing).tolist()))
+            self._gates.update(
+                zip(missing, calibrate_gates(self.sae, self.calibration, missing).tolist())
+            )
 
     def __call__(self, ablate: Sequence[int]) -> torch.Tensor:
         self.warm(ablate)
@@ -87,7 +99,8 @@ class GateBank:
 
 
 def steering_vector(sae: TopKSAE, v: torch.Tensor, alpha: float, mean_norm: float) -> torch.Tensor:
-    """s = -alpha * mean_norm * u / |u| with u = W_dec^T v: alpha is a fraction of the layer's mean norm."""
+    """s = -alpha * mean_norm * u / |u| with u = W_dec^T v: alpha is a fraction of the layer's mean
+    norm."""
     _, _, _, w_dec = _raw_space(sae)
     u = v.float() @ w_dec
     if alpha == 0 or float(u.norm()) == 0:
@@ -102,12 +115,13 @@ def random_direction(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return r / r.norm() * like.norm()
 
 
-def fit_context_gate(x: torch.Tensor, positive: torch.Tensor, recall: float = 0.99,
-                     l2: float = 1e-4) -> tuple[torch.Tensor, float]:
-    """A linear PII-context detector on raw activations `x` [N, d]: (w, b) such that `x @ w + b > 0` holds
-    on a fraction `recall` of the `positive` rows. Logistic regression (classes balanced), then the bias
-    is moved so the threshold sits at the positives' (1 - recall) quantile: recall is what privacy needs,
-    and the detector's precision is what keeps benign text untouched."""
+def fit_context_gate(
+    x: torch.Tensor, positive: torch.Tensor, recall: float = 0.99, l2: float = 1e-4
+) -> tuple[torch.Tensor, float]:
+    """A linear PII-context detector on raw activations `x` [N, d]: (w, b) such that `x @ w + b > 0`
+    holds on a fraction `recall` of the `positive` rows. Logistic regression (classes balanced),
+    then the bias is moved so the threshold sits at the positives' (1 - recall) quantile: recall is
+    what privacy needs, and the detector's precision is what keeps benign text untouched."""
     if not 0 < recall <= 1:
         raise ValueError(f"context gate recall must be in (0, 1], got {recall}")
     y = positive.float()
@@ -122,7 +136,10 @@ def fit_context_gate(x: torch.Tensor, positive: torch.Tensor, recall: float = 0.
 
     def closure():
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(xs @ w + b, y, pos_weight=pos_weight) + l2 * (w * w).sum()
+        loss = (
+            F.binary_cross_entropy_with_logits(xs @ w + b, y, pos_weight=pos_weight)
+            + l2 * (w * w).sum()
+        )
         loss.backward()
         return loss
 
@@ -130,32 +147,49 @@ def fit_context_gate(x: torch.Tensor, positive: torch.Tensor, recall: float = 0.
     with torch.no_grad():
         score = xs @ w + b
         threshold = float(torch.quantile(score[positive.bool()], 1 - recall))
-        return (w / scale).detach(), float(b) - threshold + 1e-6  # the quantile row itself stays open
+        return (w / scale).detach(), float(
+            b
+        ) - threshold + 1e-6  # the quantile row itself stays open
 
 
-def plain_edit(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, first_layer: int = 0):
-    """The plain (weight-level, every-token) counterpart of a patch: A's decoder rows and the steering constant,
-    projected out of the residual writers from decoder layer `first_layer` on."""
+def plain_edit(
+    sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, first_layer: int = 0
+):
+    """The plain (weight-level, every-token) counterpart of a patch: A's decoder rows and the
+    steering constant, projected out of the residual writers from decoder layer `first_layer` on."""
     from .plain import PlainEdit
 
     w_dec = _raw_space(sae)[3]
     index = torch.as_tensor(list(ablate), dtype=torch.long)
-    return PlainEdit(w_dec[index].clone(), torch.zeros(sae.d_in) if steer is None else steer.detach().clone(),
-                     first_layer)
+    return PlainEdit(
+        w_dec[index].clone(),
+        torch.zeros(sae.d_in) if steer is None else steer.detach().clone(),
+        first_layer,
+    )
 
 
-def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, *, mode: str = "folded",
-                gates: torch.Tensor | None = None, context: tuple[torch.Tensor, float] | None = None,
-                sink: float = float("inf")) -> ScalpelPatch:
-    """A ScalpelPatch holding exactly what `mode` needs (exact: the whole encoder; folded: rows of A + gates),
-    behind the context gate `(w, b)` when one is given, leaving tokens with a norm above `sink` alone."""
+def build_patch(
+    sae: TopKSAE,
+    ablate: Sequence[int],
+    steer: torch.Tensor | None = None,
+    *,
+    mode: str = "folded",
+    gates: torch.Tensor | None = None,
+    context: tuple[torch.Tensor, float] | None = None,
+    sink: float = float("inf"),
+) -> ScalpelPatch:
+    """A ScalpelPatch holding exactly what `mode` needs (exact: the whole encoder; folded: rows of A
+    + gates), behind the context gate `(w, b)` when one is given, leaving tokens with a norm above
+    `sink` alone."""
     index = torch.as_tensor(list(ablate), dtype=torch.long)
     if len(set(index.tolist())) != len(index):
         raise ValueError("the ablation set has repeated latents")
     if len(index) and (int(index.min()) < 0 or int(index.max()) >= sae.d_sae):
         raise ValueError(f"ablation latents must be in 0..{sae.d_sae - 1}")
     w_enc, b_enc, b_pre, w_dec = _raw_space(sae)
-    patch = ScalpelPatch(sae.d_in, len(index), mode, d_sae=sae.d_sae, k=sae.k, context_gate=context is not None)
+    patch = ScalpelPatch(
+        sae.d_in, len(index), mode, d_sae=sae.d_sae, k=sae.k, context_gate=context is not None
+    )
     with torch.no_grad():
         if context is not None:
             patch.context_weight.copy_(context[0])
@@ -171,7 +205,9 @@ def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None 
             patch.ablate_index.copy_(index)
         else:
             if gates is None:
-                raise ValueError("a folded patch needs gates: calibrate them with calibrate_gates(sae, acts, ablate)")
+                raise ValueError(
+                    "a folded patch needs gates: calibrate them with calibrate_gates(sae, acts, ablate)"
+                )
             patch.enc_weight.copy_(w_enc[index])
             patch.enc_bias.copy_(b_enc[index])
             patch.gate.copy_(gates)
@@ -179,7 +215,9 @@ def build_patch(sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None 
 
 
 @torch.no_grad()
-def agreement(exact: ScalpelPatch, folded: ScalpelPatch, x: torch.Tensor, batch_size: int = 8192) -> dict:
+def agreement(
+    exact: ScalpelPatch, folded: ScalpelPatch, x: torch.Tensor, batch_size: int = 8192
+) -> dict:
     """How closely the folded patch follows the exact one on activations `x` ([N, d])."""
     same_tokens, same_pairs, max_diff, max_rel, n = 0, 0, 0.0, 0.0, 0
     for chunk in x.split(batch_size):
@@ -193,5 +231,10 @@ def agreement(exact: ScalpelPatch, folded: ScalpelPatch, x: torch.Tensor, batch_
         max_rel = max(max_rel, float((diff / chunk.norm(dim=1).clamp_min(1e-6)).max()))
         n += len(chunk)
     pairs = n * max(exact.directions.shape[0], 1)
-    return {"tokens": n, "token_agreement": same_tokens / max(n, 1), "gate_agreement": same_pairs / max(pairs, 1),
-            "max_residual_diff": max_diff, "max_relative_diff": max_rel}
+    return {
+        "tokens": n,
+        "token_agreement": same_tokens / max(n, 1),
+        "gate_agreement": same_pairs / max(pairs, 1),
+        "max_residual_diff": max_diff,
+        "max_relative_diff": max_rel,
+    }

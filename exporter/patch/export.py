@@ -1,12 +1,12 @@
 """Write a patched checkpoint that loads with stock transformers (`trust_remote_code=True`).
 
 Layout: the base weights in their own shard files, the tensor data byte-for-byte (streamed, never
-re-serialised when the base is safetensors whose names are the model's) under `scalpel_<prefix>.` and
-`scalpel_lm_head.` (`model.layers.0...` -> `scalpel_model.layers.0...`: the base's own class finds none
-of them); the patch tensors in their own shard under the patched layer's `scalpel_patch.`, with the
-fail-closed markers; one index mapping both; `config.json` with the base's model_type, `auto_map`
-(AutoModel, AutoModelForCausalLM) and the `scalpel_patch` block; the remote-code files; the tokenizer;
-and whatever the caller adds (recipe, report, card, SAE).
+re-serialised when the base is safetensors whose names are the model's) under `scalpel_<prefix>.`
+and `scalpel_lm_head.` (`model.layers.0...` -> `scalpel_model.layers.0...`: the base's own class
+finds none of them); the patch tensors in their own shard under the patched layer's
+`scalpel_patch.`, with the fail-closed markers; one index mapping both; `config.json` with the
+base's model_type, `auto_map` (AutoModel, AutoModelForCausalLM) and the `scalpel_patch` block; the
+remote-code files; the tokenizer; and whatever the caller adds (recipe, report, card, SAE).
 """
 
 from __future__ import annotations
@@ -15,38 +15,46 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..cache import atomic_dir
 from ..models import LoadedModel, architecture_of
+from .checkpoint_files import (
+    ExportError,
+    Files,
+    base_weight_files,
+    copy_renamed,
+    tensor_names,
+    write_files,
+    write_index,
+)
 from .remote.scalpel_patch import ScalpelPatch, code_digest, patch_digest, storage, stored_name
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 CODE_FILES = ("modeling_scalpel.py", "scalpel_patch.py")
-# What a stock class finds under its own names (see modeling_scalpel.py): a one-number tensor where it expects its
-# input embeddings (a size mismatch: it stops), and a name that says what to do.
+# What a stock class finds under its own names (see modeling_scalpel.py): a one-number tensor where
+# it expects its input embeddings (a size mismatch: it stops), and a name that says what to do.
 NEEDS_REMOTE_CODE = "scalpel.load_with_trust_remote_code_True"
 PATCH_FILE = "scalpel_patch.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-# 2: the patch inserted at its layer, a pure function of the hidden state; base tensors under scalpel_<prefix>.
+# 2: the patch inserted at its layer, a pure function of the hidden state; base tensors under
+# scalpel_<prefix>.
 FORMAT_VERSION = 2
-COPY_CHUNK = 64 << 20
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def base_classes(model_type: str) -> tuple[str, str]:
     """(causal-LM class, decoder-stack class) names transformers exports for `model_type`."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_MAPPING_NAMES,
+    )
 
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type not in MODEL_MAPPING_NAMES:
-        raise ExportError(f"transformers has no causal-LM class for model_type {model_type!r}; cannot export it")
+        raise ExportError(
+            f"transformers has no causal-LM class for model_type {model_type!r}; cannot export it"
+        )
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], MODEL_MAPPING_NAMES[model_type]
 
 
@@ -54,7 +62,10 @@ def render_code(model_type: str) -> dict[str, str]:
     """The remote-code files with the base architecture's classes written in."""
     model_cls, body_cls = base_classes(model_type)
     subs = {
-        "scalpel:base-model": (r"import \w+ as BaseForCausalLM", f"import {model_cls} as BaseForCausalLM"),
+        "scalpel:base-model": (
+            r"import \w+ as BaseForCausalLM",
+            f"import {model_cls} as BaseForCausalLM",
+        ),
         "scalpel:base-body": (r"import \w+ as BaseModel", f"import {body_cls} as BaseModel"),
     }
     out = {}
@@ -69,58 +80,30 @@ def render_code(model_type: str) -> dict[str, str]:
     return out
 
 
-def _base_weight_files(folder: Optional[Path]) -> Optional[list[Path]]:
-    """The base's safetensors files when they can be copied as they are, else None."""
-    if folder is None:
-        return None
-    index = folder / INDEX_FILE
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    return [single] if single.exists() else None
-
-
-def _tensor_names(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
-
-
-def _copy_renamed(src: Path, dst: Path, rename) -> list[str]:
-    """Copy a safetensors file with its tensors renamed: a new header, then the data section streamed byte for
-    byte (offsets are relative to the data, so they stay valid). Returns the new names."""
-    header, start = safetensors_header(src)
-    renamed = {(k if k == "__metadata__" else rename(k)): v for k, v in header.items()}
-    text = json.dumps(renamed, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        fout.write(len(text).to_bytes(8, "little"))
-        fout.write(text)
-        fin.seek(start)
-        shutil.copyfileobj(fin, fout, COPY_CHUNK)
-    return [k for k in renamed if k != "__metadata__"]
-
-
 def _tied(model) -> set[str]:
-    """Names of the model's tensors that are tied to another (saved once, under the other's name)."""
+    """Names of the model's tensors that are tied to another (saved once, under the other's
+    name)."""
     return set(getattr(model, "all_tied_weights_keys", None) or {})
 
 
 def _copyable(files: Optional[list[Path]], model) -> bool:
-    """Whether the base's files hold exactly the model's tensors under the model's own names (a folder saved by
-    this transformers with no name conversion); otherwise (older or converted names, another layout) the export
-    writes the model's tensors itself."""
+    """Whether the base's files hold exactly the model's tensors under the model's own names (a
+    folder saved by this transformers with no name conversion); otherwise (older or converted names,
+    another layout) the export writes the model's tensors itself."""
     if not files:
         return False
-    names = {n for f in files for n in _tensor_names(f)}
+    names = {n for f in files for n in tensor_names(f)}
     state = set(model.state_dict())
     return names <= state and not (state - names - _tied(model))
 
 
-def _write_state(model, folder: Path, rename, dtype: Optional[str], shard_bytes: int = 2 << 30) -> dict[str, str]:
-    """The model's own tensors (tied ones once), cast to `dtype` one at a time, renamed, written in shards of about
-    `shard_bytes` as each fills; returns the weight map. save_pretrained is not used: it may convert names back to
-    an older checkpoint format, and the remote code loads by the module names."""
+def _write_state(
+    model, folder: Path, rename, dtype: Optional[str], shard_bytes: int = 2 << 30
+) -> dict[str, str]:
+    """The model's own tensors (tied ones once), cast to `dtype` one at a time, renamed, written in
+    shards of about `shard_bytes` as each fills; returns the weight map. save_pretrained is not
+    used: it may convert names back to an older checkpoint format, and the remote code loads by the
+    module names."""
     tied, cast = _tied(model), getattr(torch, dtype) if dtype else None
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
@@ -136,7 +119,9 @@ def _write_state(model, folder: Path, rename, dtype: Optional[str], shard_bytes:
     for name, tensor in model.state_dict().items():
         if name in tied:
             continue
-        t = tensor.detach().to("cpu", cast if cast is not None and tensor.is_floating_point() else tensor.dtype)
+        t = tensor.detach().to(
+            "cpu", cast if cast is not None and tensor.is_floating_point() else tensor.dtype
+        )
         if shard and size + t.nbytes > shard_bytes:
             flush()
             size = 0
@@ -149,44 +134,40 @@ def _write_state(model, folder: Path, rename, dtype: Optional[str], shard_bytes:
     return weight_map
 
 
-def safetensors_header(path: Path) -> tuple[dict, int]:
-    """(header, offset of the data) of a safetensors file; ValueError when the header cannot be one."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or n > 100 << 20:
-            raise ValueError(f"its header length ({n} bytes) is invalid")
-        return json.loads(f.read(n)), 8 + n
-
-
-Files = Optional[dict[str, str | bytes] | Callable[[Path], dict[str, str | bytes]]]
-
-
-def write_files(folder: Path, files: Files) -> None:
-    """Extra content of an export (relative name -> text or bytes): card, report, recipe, plots, SAE. A callable
-    is called with the (not yet published) export folder once the model in it is complete, so what it returns
-    can report on the export as a user will load it."""
-    if callable(files):
-        files = files(folder)
-    for name, data in (files or {}).items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-
-
 def patch_block(model, layer: int, patch: ScalpelPatch, **meta) -> dict:
     import transformers
 
     arch = architecture_of(model)
-    return {"format_version": FORMAT_VERSION, "base_model_type": model.config.model_type,
-            "layers_path": arch.layers, "layer": layer, "mode": patch.mode,
-            "d_model": patch.directions.shape[1], "n_ablate": patch.directions.shape[0],
-            "d_sae": patch.enc_weight.shape[0] if patch.mode == "exact" else 0, "k": patch.k,
-            "steer_norm": float(patch.steer.norm()), "context_gate": patch.context_gate,
-            "sink_norm": float(patch.sink_norm), "transformers_version": transformers.__version__, **meta,
-            "sha256": patch_digest(patch)}
+    return {
+        "format_version": FORMAT_VERSION,
+        "base_model_type": model.config.model_type,
+        "layers_path": arch.layers,
+        "layer": layer,
+        "mode": patch.mode,
+        "d_model": patch.directions.shape[1],
+        "n_ablate": patch.directions.shape[0],
+        "d_sae": patch.enc_weight.shape[0] if patch.mode == "exact" else 0,
+        "k": patch.k,
+        "steer_norm": float(patch.steer.norm()),
+        "context_gate": patch.context_gate,
+        "sink_norm": float(patch.sink_norm),
+        "transformers_version": transformers.__version__,
+        **meta,
+        "sha256": patch_digest(patch),
+    }
 
 
-def write_export(loaded: LoadedModel, patch: ScalpelPatch, layer: int, out: Path, *, overwrite: bool = False,
-                 dtype: Optional[str] = None, meta: Optional[dict] = None, files: Files = None) -> Path:
+def write_export(
+    loaded: LoadedModel,
+    patch: ScalpelPatch,
+    layer: int,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    dtype: Optional[str] = None,
+    meta: Optional[dict] = None,
+    files: Files = None,
+) -> Path:
     """Write the export atomically to `out`; `files` is extra content (see write_files)."""
     model = loaded.model
     model_type = model.config.model_type
@@ -198,15 +179,18 @@ def write_export(loaded: LoadedModel, patch: ScalpelPatch, layer: int, out: Path
     base_folder = Path(loaded.path) if loaded.path else None
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
-        copied = None if dtype else _base_weight_files(base_folder)
+        copied = None if dtype else base_weight_files(base_folder)
         if _copyable(copied, model):
             for src in copied:
                 name = "model-base.safetensors" if src.name == "model.safetensors" else src.name
-                weight_map.update({k: name for k in _copy_renamed(src, tmp / name, rename)})
+                weight_map.update({k: name for k in copy_renamed(src, tmp / name, rename)})
         else:
             weight_map.update(_write_state(model, tmp, rename, dtype))
-        config = (json.loads((base_folder / "config.json").read_text()) if base_folder is not None and
-                  (base_folder / "config.json").exists() else json.loads(model.config.to_json_string(use_diff=True)))
+        config = (
+            json.loads((base_folder / "config.json").read_text())
+            if base_folder is not None and (base_folder / "config.json").exists()
+            else json.loads(model.config.to_json_string(use_diff=True))
+        )
         if dtype:
             config["dtype"] = dtype
         prefix = f"{rename(architecture_of(model).layers)}.{layer}.scalpel_patch."
@@ -215,18 +199,20 @@ def write_export(loaded: LoadedModel, patch: ScalpelPatch, layer: int, out: Path
         tensors.update({f"{embeddings}.weight": torch.zeros(1), NEEDS_REMOTE_CODE: torch.zeros(1)})
         save_file(tensors, str(tmp / PATCH_FILE), metadata={"format": "pt"})
         weight_map.update({k: PATCH_FILE for k in tensors})
-        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        write_index(tmp, weight_map)
         # The base's own model_type: its config class loads with no remote code (so does the tokenizer, which reads
         # the config first); the model classes come from auto_map, and a stock class stops at the markers above.
-        config.update({
-            "model_type": model_type,
-            "architectures": ["ScalpelForCausalLM"],
-            "auto_map": {"AutoModel": "modeling_scalpel.ScalpelModel",
-                         "AutoModelForCausalLM": "modeling_scalpel.ScalpelForCausalLM"},
-            "scalpel_patch": block,
-        })
+        config.update(
+            {
+                "model_type": model_type,
+                "architectures": ["ScalpelForCausalLM"],
+                "auto_map": {
+                    "AutoModel": "modeling_scalpel.ScalpelModel",
+                    "AutoModelForCausalLM": "modeling_scalpel.ScalpelForCausalLM",
+                },
+                "scalpel_patch": block,
+            }
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, text in code.items():
             (tmp / name).write_text(text)

@@ -1,18 +1,18 @@
 """A causal LM with the scalpel PII patch inserted at one decoder layer.
 
-The base architecture's own classes; decoder layer `l` runs its own forward and then the patch on the
-hidden state it returns (see scalpel_patch.py), so the patch sees that hidden state and nothing of the
-generation machinery. The patch tensors are checked against the sha256 in config.json when loaded, as
-are these code files (their source read back through the import system that loaded them).
+The base architecture's own classes; decoder layer `l` runs its own forward and then the patch on
+the hidden state it returns (see scalpel_patch.py), so the patch sees that hidden state and nothing
+of the generation machinery. The patch tensors are checked against the sha256 in config.json when
+loaded, as are these code files (their source read back through the import system that loaded them).
 
 The base's tensors are stored under `scalpel_<prefix>.` instead of the base's own prefix (`model.`,
-`transformer.`, ...) and the head under `scalpel_lm_head.`, data unchanged: the base's own class, or a
-tool that picks a class from the architecture name, finds none of them in these files and cannot
+`transformer.`, ...) and the head under `scalpel_lm_head.`, data unchanged: the base's own class, or
+a tool that picks a class from the architecture name, finds none of them in these files and cannot
 silently return the unpatched model. Where it looks for its input embeddings it finds a one-number
 tensor instead, so it stops with a size-mismatch error (fail closed); these classes ignore it.
 
-Imports only torch, transformers, the stdlib's hashlib and importlib, and the files beside it; opens no
-file and no connection.
+Imports only torch, transformers, the stdlib's hashlib and importlib, and the files beside it; opens
+no file and no connection.
 """
 
 from transformers import LlamaForCausalLM as BaseForCausalLM  # scalpel:base-model
@@ -21,11 +21,14 @@ from transformers import LlamaModel as BaseModel  # scalpel:base-body
 from .scalpel_patch import ScalpelPatch, insert, patch_of, storage, stored_name, verify, verify_code
 
 BODY = BaseForCausalLM.base_model_prefix  # the attribute the causal LM keeps its decoder stack in
-STORED = storage(BaseForCausalLM)  # {attribute: where its tensors are stored}, the stack's and the head's
+STORED = storage(
+    BaseForCausalLM
+)  # {attribute: where its tensors are stored}, the stack's and the head's
 
 
 def _no_split(cls) -> list:
-    """The base's unsplittable layer classes, and their patched kinds (named Scalpel<name>), for device maps."""
+    """The base's unsplittable layer classes, and their patched kinds (named Scalpel<name>), for
+    device maps."""
     names = list(getattr(cls, "_no_split_modules", None) or [])
     return names + [f"Scalpel{n}" for n in names]
 
@@ -34,9 +37,18 @@ def _insert_patch(body, config) -> None:
     """Insert the patch the config describes into the decoder stack `body`."""
     spec = config.scalpel_patch
     path = spec["layers_path"]
-    layers = body.get_submodule(path[len(BODY) + 1:] if path.startswith(BODY + ".") else path)
-    insert(layers[spec["layer"]], ScalpelPatch(spec["d_model"], spec["n_ablate"], spec["mode"], spec.get("d_sae", 0),
-                                               spec.get("k", 0), spec.get("context_gate", False)))
+    layers = body.get_submodule(path[len(BODY) + 1 :] if path.startswith(BODY + ".") else path)
+    insert(
+        layers[spec["layer"]],
+        ScalpelPatch(
+            spec["d_model"],
+            spec["n_ablate"],
+            spec["mode"],
+            spec.get("d_sae", 0),
+            spec.get("k", 0),
+            spec.get("context_gate", False),
+        ),
+    )
 
 
 def _checked(loaded):
@@ -51,11 +63,13 @@ class ScalpelModel(BaseModel):
 
     base_model_prefix = STORED[BODY]
     _no_split_modules = _no_split(BaseModel)
-    # The causal LM's head (not part of the stack) and the fail-closed markers under the base's own names.
+    # The causal LM's head (not part of the stack) and the fail-closed markers under the base's own
+    # names.
     _keys_to_ignore_on_load_unexpected = [r"^scalpel_lm_head\.", rf"^{BODY}\.", r"^scalpel\."]
     # The patch gates are thresholds: keep them (and their maths) in float32 in a bf16 / fp16 model.
-    _keep_in_fp32_modules_strict = list(getattr(BaseModel, "_keep_in_fp32_modules_strict", None) or []) + [
-        "scalpel_patch"]
+    _keep_in_fp32_modules_strict = list(
+        getattr(BaseModel, "_keep_in_fp32_modules_strict", None) or []
+    ) + ["scalpel_patch"]
 
     def __init__(self, config):
         super().__init__(config)
@@ -70,20 +84,26 @@ class ScalpelForCausalLM(BaseForCausalLM):
     base_model_prefix = STORED[BODY]
     _no_split_modules = _no_split(BaseForCausalLM)
     _keys_to_ignore_on_load_unexpected = [rf"^{BODY}\.", r"^scalpel\."]  # the fail-closed markers
-    _keep_in_fp32_modules_strict = list(getattr(BaseForCausalLM, "_keep_in_fp32_modules_strict", None) or []) + [
-        "scalpel_patch"]
-    _tied_weights_keys = ({stored_name(k, STORED): stored_name(v, STORED)
-                           for k, v in BaseForCausalLM._tied_weights_keys.items()}
-                          if isinstance(BaseForCausalLM._tied_weights_keys, dict)
-                          else BaseForCausalLM._tied_weights_keys)
+    _keep_in_fp32_modules_strict = list(
+        getattr(BaseForCausalLM, "_keep_in_fp32_modules_strict", None) or []
+    ) + ["scalpel_patch"]
+    _tied_weights_keys = (
+        {
+            stored_name(k, STORED): stored_name(v, STORED)
+            for k, v in BaseForCausalLM._tied_weights_keys.items()
+        }
+        if isinstance(BaseForCausalLM._tied_weights_keys, dict)
+        else BaseForCausalLM._tied_weights_keys
+    )
 
     def __init__(self, config):
         super().__init__(config)
         _insert_patch(self._modules[STORED[BODY]], config)
 
     def __setattr__(self, name, value):
-        # The base class's __init__ assigns its decoder stack and head to their usual attributes; they are kept
-        # (and their tensors saved and loaded) under the stored names, and read back through the properties below.
+        # The base class's __init__ assigns its decoder stack and head to their usual attributes;
+        # they are kept (and their tensors saved and loaded) under the stored names, and read back
+        # through the properties below.
         super().__setattr__(STORED.get(name, name), value)
 
     @property
@@ -99,6 +119,7 @@ def _alias(stored: str) -> property:
     return property(lambda self: self._modules[stored])
 
 
-# The base class's forward, generate and helpers read the stack and the head under their usual names.
+# The base class's forward, generate and helpers read the stack and the head under their usual
+# names.
 for _attribute, _stored in STORED.items():
     setattr(ScalpelForCausalLM, _attribute, _alias(_stored))

@@ -5,9 +5,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-
-from exporter.sae import TrainConfig, train_sae
 from sae_data import sparse_data
+
+from exporter.recipe import SaeSection
+from exporter.sae import train_sae
 
 
 def main(out: str) -> None:
@@ -17,8 +18,17 @@ def main(out: str) -> None:
     x = sparse_data(4096, seed=0)
     from exporter.activations import shuffled_batches
 
-    cfg = TrainConfig(k=4, expansion=4, k_aux=8, batch_size=256, train_tokens=256 * 40, warmup_steps=5,
-                      dead_tokens=2000, lr=3e-3, bf16_encoder=False)  # fp32: compare exactly
+    cfg = SaeSection(
+        k=4,
+        expansion=4,
+        k_aux=8,
+        batch_size=256,
+        train_tokens=256 * 40,
+        warmup_steps=5,
+        dead_tokens=2000,
+        lr=3e-3,
+        bf16_encoder=False,
+    )  # fp32: compare exactly
     result = train_sae(shuffled_batches(x, cfg.batch_size, seed=1), x[:1024], cfg, progress=False)
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(result.sae.state_dict(), out)

@@ -1,13 +1,14 @@
 """Every way a user generates text, checked step by step against one full no-cache forward pass.
 
-For each path (a single prompt greedy, seeded sampling, beam search, batches with and without padding, a
-static cache, `pipeline()`, no cache), every decode step's logits must equal the logits of the patched
-model's own full forward pass (no cache) over the finished sequence at that position: then every generated
-token was patched exactly as a prompt token is. Each path also reports whether its steps differ from the
-unpatched base, so a patch that does nothing cannot pass.
+For each path (a single prompt greedy, seeded sampling, beam search, batches with and without
+padding, a static cache, `pipeline()`, no cache), every decode step's logits must equal the logits
+of the patched model's own full forward pass (no cache) over the finished sequence at that position:
+then every generated token was patched exactly as a prompt token is. Each path also reports whether
+its steps differ from the unpatched base, so a patch that does nothing cannot pass.
 
 Imports only torch and transformers: `main` runs in a fresh process that cannot import `exporter`
-(the user's side), and the test imports the same paths to run them in-process on `exporter.patch.attached`.
+(the user's side), and the test imports the same paths to run them in-process on
+`exporter.patch.attached`.
 
 usage: python generation_paths.py CASES.pt   (written by tests/test_generation_paths.py)
 """
@@ -25,8 +26,8 @@ NEW_TOKENS = 6
 
 @dataclass
 class Row:
-    """One generated sequence: its ids (prompt + new, pads included), attention mask and position ids as
-    generate used them, where the prompt ends, and the raw logits of each decode step."""
+    """One generated sequence: its ids (prompt + new, pads included), attention mask and position
+    ids as generate used them, where the prompt ends, and the raw logits of each decode step."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -41,14 +42,21 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(out, enc: dict, beams: int = 1) -> list[Row]:
-    """Rows of a `generate(..., output_logits=True, return_dict_in_generate=True)` result; with beams, each
-    returned sequence's steps are taken from the beam that produced them."""
+    """Rows of a `generate(..., output_logits=True, return_dict_in_generate=True)` result; with
+    beams, each returned sequence's steps are taken from the beam that produced them."""
     seqs, prompt_len = out.sequences, enc["input_ids"].shape[1]
-    assert seqs.shape[1] == prompt_len + NEW_TOKENS, "generate returned another number of new tokens"
+    assert seqs.shape[1] == prompt_len + NEW_TOKENS, (
+        "generate returned another number of new tokens"
+    )
     rows = []
     for j in range(seqs.shape[0]):
         source = j // beams if beams > 1 else j
-        mask = torch.cat([enc["attention_mask"][source], torch.ones(seqs.shape[1] - prompt_len, dtype=torch.long)])
+        mask = torch.cat(
+            [
+                enc["attention_mask"][source],
+                torch.ones(seqs.shape[1] - prompt_len, dtype=torch.long),
+            ]
+        )
         steps = []
         for t, logits in enumerate(out.logits):
             beam = int(out.beam_indices[j, t]) if beams > 1 else j
@@ -67,9 +75,17 @@ def _encode(tok, prompts: list[str]) -> dict:
 
 def _generate(model, tok, prompts: list[str], beams: int = 1, **kwargs) -> list[Row]:
     enc = _encode(tok, prompts)
-    out = model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=tok.pad_token_id, num_beams=beams,
-                         num_return_sequences=beams, **kwargs)
+    out = model.generate(
+        **enc,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tok.pad_token_id,
+        num_beams=beams,
+        num_return_sequences=beams,
+        **kwargs,
+    )
     return _rows(out, enc, beams)
 
 
@@ -86,8 +102,14 @@ def _pipeline(model, tok, prompts: list[str]) -> list[Row]:
 
     record = Record()
     generator = pipeline("text-generation", model=model, tokenizer=tok)
-    out = generator(prompts[0], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                    return_tensors=True, logits_processor=LogitsProcessorList([record]))
+    out = generator(
+        prompts[0],
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        return_tensors=True,
+        logits_processor=LogitsProcessorList([record]),
+    )
     ids = torch.tensor(out[0]["generated_token_ids"])
     return [Row(ids, torch.ones_like(ids), len(ids) - NEW_TOKENS, record.steps)]
 
@@ -101,9 +123,13 @@ PATHS = {
     "greedy, one prompt": lambda m, t, p: _generate(m, t, p[:1], do_sample=False),
     "sampling, seeded": _seeded_sampling,
     "beam search x3": lambda m, t, p: _generate(m, t, p[:1], beams=3, do_sample=False),
-    "batch, no padding": lambda m, t, p: _generate(m, t, [p[0], p[2]], do_sample=False),  # equal lengths
+    "batch, no padding": lambda m, t, p: _generate(
+        m, t, [p[0], p[2]], do_sample=False
+    ),  # equal lengths
     "batch, left-padded": lambda m, t, p: _generate(m, t, [p[0], p[1]], do_sample=False),
-    "static cache": lambda m, t, p: _generate(m, t, p[:1], do_sample=False, cache_implementation="static"),
+    "static cache": lambda m, t, p: _generate(
+        m, t, p[:1], do_sample=False, cache_implementation="static"
+    ),
     "pipeline()": _pipeline,
     "use_cache=False": lambda m, t, p: _generate(m, t, p[:1], do_sample=False, use_cache=False),
 }
@@ -112,14 +138,19 @@ PATHS = {
 @torch.no_grad()
 def _full_logits(model, row: Row) -> torch.Tensor:
     """The logits of one forward pass without a cache over the finished sequence: [T, V]."""
-    out = model(input_ids=row.ids.unsqueeze(0), attention_mask=row.mask.unsqueeze(0),
-                position_ids=_positions(row.mask).unsqueeze(0), use_cache=False)
+    out = model(
+        input_ids=row.ids.unsqueeze(0),
+        attention_mask=row.mask.unsqueeze(0),
+        position_ids=_positions(row.mask).unsqueeze(0),
+        use_cache=False,
+    )
     return out.logits[0].float()
 
 
 @torch.no_grad()
 def check_path(model, tok, prompts: list[str], path: str, base=None) -> dict:
-    """{steps, rel_err (worst over every decode step), moved (steps whose logits differ from the base's)}."""
+    """{steps, rel_err (worst over every decode step), moved (steps whose logits differ from the
+    base's)}."""
     rows = PATHS[path](model, tok, prompts)
     n, worst, moved = 0, 0.0, 0
     for row in rows:
@@ -127,7 +158,9 @@ def check_path(model, tok, prompts: list[str], path: str, base=None) -> dict:
         ref_base = _full_logits(base, row) if base is not None else None
         for t, step in enumerate(row.steps):
             ref = full[row.prompt_len - 1 + t]
-            kept = torch.isfinite(step)  # a logits processor ahead of pipeline()'s recorder may rule tokens out
+            kept = torch.isfinite(
+                step
+            )  # a logits processor ahead of pipeline()'s recorder may rule tokens out
             worst = max(worst, float((step - ref)[kept].abs().max() / ref.abs().max()))
             if ref_base is not None:
                 b = ref_base[row.prompt_len - 1 + t]
@@ -152,7 +185,9 @@ def main(cases_file: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(case["dir"], trust_remote_code=True).eval()
         base = AutoModelForCausalLM.from_pretrained(case["base_dir"]).eval()
         tok = AutoTokenizer.from_pretrained(case["dir"])
-        results[name] = {path: check_path(model, tok, spec["prompts"], path, base) for path in PATHS}
+        results[name] = {
+            path: check_path(model, tok, spec["prompts"], path, base) for path in PATHS
+        }
     print("RESULTS " + json.dumps(results))
 
 

@@ -1,0 +1,23 @@
+"""The recipe: one YAML file that drives a whole run, validated before any model is loaded."""
+
+from .base import BUILTIN_MODELS, DTYPES
+from .loading import RecipeError, explain, load_recipe, parse_recipe, recipe_yaml
+from .methods import DepnMethod, GradientAscentMethod, MethodSection, RmuMethod, ScalpelMethod
+from .schema import (
+    DataSection,
+    EvalSection,
+    ExportSection,
+    HubSection,
+    InterventionSection,
+    ProbeSection,
+    Recipe,
+    SaeSection,
+)
+from .sources import BenignSource, ModelSpec, PeopleSource, PiiSource
+
+__all__ = [
+    "BUILTIN_MODELS", "DTYPES", "BenignSource", "DataSection", "DepnMethod", "EvalSection", "ExportSection",
+    "GradientAscentMethod", "HubSection", "InterventionSection", "MethodSection", "ModelSpec", "PeopleSource",
+    "PiiSource", "ProbeSection", "Recipe", "RecipeError", "RmuMethod", "SaeSection", "ScalpelMethod", "explain",
+    "load_recipe", "parse_recipe", "recipe_yaml",
+]  # fmt: skip

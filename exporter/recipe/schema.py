@@ -1,0 +1,314 @@
+"""The recipe's schema: every section and field with its default, its bounds and its description."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import Section
+from .methods import MethodSection, ScalpelMethod
+from .sources import BenignSource, ModelSpec, PeopleSource, PiiSource
+
+
+class DataSection(Section):
+    """The text a run learns from and is measured on."""
+
+    pii: PiiSource = Field(
+        PiiSource(builtin="synthetic"), description="Text holding the PII to remove."
+    )
+    benign: BenignSource = Field(
+        BenignSource(builtin="pydoc"), description="Benign prose: utility and non-PII activations."
+    )
+    people: PeopleSource = Field(
+        PeopleSource(builtin="synthetic"),
+        description="Who the PII belongs to: the "
+        "extraction attacks' ground truth, split into validation / test / never-seen.",
+    )
+    pii_types: list[Literal["email", "phone", "ssn", "credit_card", "ip"]] = Field(
+        ["email", "phone"], description="PII types whose spans count as PII tokens."
+    )
+    max_length: int = Field(
+        128, ge=8, le=8192, description="Tokens per document when harvesting activations."
+    )
+    seed: int = Field(0, description="Seed of every split, sample and control in the run.")
+
+
+class ProbeSection(Section):
+    """Per-layer linear probes of PII vs non-PII tokens; the layer where they separate best is
+    chosen."""
+
+    layer: Union[int, Literal["auto"]] = Field(
+        "auto", description="auto: the probe's choice; a number pins it."
+    )
+    max_tokens: int = Field(
+        20_000, ge=100, description="Tokens harvested per layer for the probes."
+    )
+    held_out_fraction: float = Field(
+        0.3,
+        gt=0.0,
+        lt=1.0,
+        description="Share of people whose tokens score the probes (people-disjoint from the fit).",
+    )
+
+    @field_validator("layer")
+    @classmethod
+    def _non_negative(cls, v: Union[int, str]) -> Union[int, str]:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("layer must be >= 0 or 'auto'")
+        return v
+
+
+class SaeSection(Section):
+    """The TopK sparse autoencoder (with the AuxK dead-latent loss) trained at the chosen layer; the
+    trainer takes this section as it is."""
+
+    expansion: int = Field(8, ge=1, le=256, description="Latents per residual dimension.")
+    k: int = Field(32, ge=1, description="Latents kept per token (TopK).")
+    k_aux: int = Field(
+        256, ge=0, description="Dead latents the AuxK loss reconstructs the error with."
+    )
+    aux_coef: float = Field(1 / 32, ge=0.0, description="Weight of the AuxK loss.")
+    b_pre: Literal["geometric_median", "mean"] = Field(
+        "geometric_median", description="How the input bias is set."
+    )
+    lr: float = Field(
+        5e-3,
+        gt=0.0,
+        description="Adam learning rate; inputs are scaled to mean norm sqrt(d), so it "
+        "transfers across models.",
+    )
+    batch_size: int = Field(4096, ge=1, description="Tokens per step.")
+    train_tokens: int = Field(
+        6_000_000, ge=1, description="Tokens trained on (epochs over the harvest)."
+    )
+    dead_tokens: int = Field(
+        500_000, ge=1, description="A latent silent this many tokens counts as dead."
+    )
+    warmup_steps: int = Field(50, ge=0, description="Steps of linear learning-rate warm-up.")
+    decay_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="Last share of steps the rate decays to 0 over."
+    )
+    outlier_factor: float = Field(
+        20.0,
+        ge=0.0,
+        description="Tokens with a norm above this x the median are left "
+        "out of training and left alone by the patch (the attention sink); 0: none.",
+    )
+    source: Literal["cached", "online"] = Field(
+        "cached",
+        description="cached: harvest once to safetensors shards (reused across runs); online: stream "
+        "from the model through a shuffle buffer, so a large model's activations never need to fit on disk.",
+    )
+    harvest_tokens: int = Field(
+        150_000, ge=1000, description="Tokens harvested for training (cached source)."
+    )
+    harvest_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Precision of the harvesting forward pass (bfloat16: ~2.5x faster on CPU); held-out "
+        "metrics are taken in the model's own precision, so they show what it costs.",
+    )
+    checkpoint_every: int = Field(
+        100, ge=1, description="Steps between checkpoints an interrupted run resumes from."
+    )
+    bf16_encoder: bool = Field(
+        True, description="Encoder matmul in bfloat16: 1.5x faster on CPU, same FVU."
+    )
+    seed: int = Field(0, description="Seed of initialisation and batch order.")
+
+
+class InterventionSection(Section):
+    """The candidate patches the trade-off search scores, and the targets its choice must meet."""
+
+    ablate_n: list[int] = Field([50], description="Ablation sizes: the top-N PII latents zeroed.")
+    alpha: list[float] = Field(
+        [0.0],
+        description="Steering strengths, as a fraction of the layer's mean activation "
+        "norm (0.05 moves every patched token by 5%).",
+    )
+    rule: Literal["span", "pre_span", "both"] = Field(
+        "both",
+        description="Where PII latents are counted: span tokens (from the span's first token), the token "
+        "before a span (where the PII's first token is predicted), or both (rankings interleaved).",
+    )
+    score: Literal["mean", "diff", "ratio", "probe"] = Field(
+        "ratio",
+        description="How latents are ranked there: mean activation (the paper), mean minus the mean "
+        "elsewhere, mean over the mean on benign text (least collateral damage per latent), or a logistic probe's "
+        "weight on the SAE code.",
+    )
+    patch: list[Literal["exact", "folded", "plain"]] = Field(
+        ["folded"],
+        description="exact / folded: the remote-code patch; plain: the directions projected out of the "
+        "residual writers' weights (every token, no remote code). Every listed mode is scored; the choice is made "
+        "among those the export can carry (export.mode).",
+    )
+    plain_from: int = Field(
+        0,
+        ge=0,
+        description="The first decoder layer whose residual writers a plain candidate "
+        "projects (0 also projects the embeddings); a later start keeps what early layers write "
+        "along the directions (SmolLM2 breaks without it).",
+    )
+    context_gate: list[bool] = Field(
+        [False],
+        description="Candidates with and without a context gate: a linear detector of PII context at the "
+        "layer, so the patch acts only there and leaves other text untouched.",
+    )
+    context_window: int = Field(
+        0, ge=0, le=64, description="Tokens before a span that count as PII context."
+    )
+    context_recall: float = Field(
+        0.99, gt=0.0, le=1.0, description="Share of PII-context tokens the gate must open on."
+    )
+    leakage_target: float = Field(
+        0.01, ge=0.0, le=1.0, description="Worst exact email rate allowed on validation people."
+    )
+    username_target: float = Field(
+        1.0, ge=0.0, le=1.0, description="Worst username rate allowed; 1.0: not a criterion."
+    )
+    search: Literal["lazy", "all"] = Field(
+        "lazy",
+        description="lazy: candidates attacked by increasing KL, stopping at the first meeting the targets "
+        "(the same choice), each candidate's attacks stopping at the first that breaks a target; all: every attack "
+        "on every candidate, for the whole front.",
+    )
+    collapse_tolerance: Optional[float] = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="How much a choice's share of repeated 4-grams on benign prompts may "
+        "exceed the base's (a patch can stop a name by looping); null: no check.",
+    )
+
+    @field_validator("ablate_n")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 0 for n in v):
+            raise ValueError("ablate_n must be a non-empty list of sizes >= 0")
+        return v
+
+
+class ExportSection(Section):
+    """What is written."""
+
+    mode: Literal["remote_code", "plain"] = Field(
+        "remote_code",
+        description="remote_code: the patch as a module (auto_map, trust_remote_code); plain: the "
+        "base's own type with the linear part of the patch baked into its weights (loads anywhere).",
+    )
+    save_sae: bool = Field(
+        True, description="Ship the SAE (SAELens format) in the export's sae/ folder."
+    )
+    dtype: Optional[Literal["float32", "bfloat16"]] = Field(
+        None, description="Cast a remote-code export's base weights; null: keep the base's."
+    )
+
+
+class EvalSection(Section):
+    """The leakage / utility harness, for the search and the final evaluation."""
+
+    max_new_tokens: int = Field(
+        24, ge=1, le=512, description="Tokens each extraction attack decodes."
+    )
+    few_shot: int = Field(3, ge=0, description="Examples in the k-shot attacks; 0: none.")
+    samples: int = Field(
+        0, ge=0, description="Sampled continuations per prompt (leaked if any holds the PII)."
+    )
+    ppl_tokens: int = Field(
+        8_000,
+        ge=100,
+        description="Benign held-out tokens scored for perplexity and KL (each text cut at 128).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Precision of the attacks' decoding (bfloat16: twice as fast on CPU); the search "
+        "confirms its choice in the dtype the export loads in.",
+    )
+    user_path: bool = Field(
+        True,
+        description="Also the export and the base loaded in a fresh process with stock "
+        "transformers, each test person's prompt generated alone.",
+    )
+    adversarial: bool = Field(
+        True,
+        description="Adversarial attacks in the final evaluation: paraphrases, JSON / "
+        "table / signature formats, the prefix attack, 32 samples (~3 min per variant).",
+    )
+    memorisation_docs: int = Field(
+        40,
+        ge=0,
+        description="Test people's documents scored for MA, EL_3, S-MA and S-EL_3; 0: none.",
+    )
+
+
+class HubSection(Section):
+    """Push the export at the end of `scalpel run` (the same as `scalpel push OUT --repo-id
+    ...`)."""
+
+    repo_id: Optional[str] = Field(
+        None, pattern=r"^[\w.\-]+/[\w.\-]+$", description="OWNER/NAME; null: no push."
+    )
+    private: bool = Field(
+        True, description="Create a missing repository private (an existing one keeps its own)."
+    )
+    revision: Optional[str] = Field(
+        None, description="Branch to commit to (created when missing); null: main."
+    )
+    create_pr: bool = Field(
+        False, description="Open a pull request instead of committing to the branch."
+    )
+    commit_message: Optional[str] = Field(None, description="The commit's summary line.")
+
+
+class Recipe(Section):
+    """A whole run. Everything but `model` has a default."""
+
+    model: ModelSpec = Field(description="The model to patch.")
+    method: MethodSection = Field(
+        ScalpelMethod(),
+        description="What removes the PII: PrivacyScalpel (default) or "
+        "a weight-editing unlearning method, scored by the same harness.",
+    )
+    data: DataSection = DataSection()
+    probe: ProbeSection = ProbeSection()
+    sae: SaeSection = SaeSection()
+    intervention: InterventionSection = InterventionSection()
+    export: ExportSection = ExportSection()
+    eval: EvalSection = EvalSection()
+    hub: HubSection = HubSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_export_scores_plain_candidates(cls, data: Any) -> Any:
+        # A plain export can only carry plain candidates: score those too (the others stay, for
+        # comparison).
+        export, iv = (
+            data.get(k) if isinstance(data, dict) else None for k in ("export", "intervention")
+        )
+        if (
+            isinstance(export, dict)
+            and export.get("mode") == "plain"
+            and (iv is None or isinstance(iv, dict))
+        ):
+            modes = list(
+                (iv or {}).get("patch") or InterventionSection.model_fields["patch"].default
+            )
+            if "plain" not in modes:
+                data = {**data, "intervention": {**(iv or {}), "patch": [*modes, "plain"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _exportable_candidates(self) -> "Recipe":
+        modes = self.intervention.patch
+        if self.export.mode == "plain" and self.export.dtype is not None:
+            raise ValueError(
+                "export.dtype applies to remote-code exports; a plain export edits the base's weight "
+                "files in place and keeps their dtype: remove export.dtype"
+            )
+        if self.export.mode == "remote_code" and set(modes) == {"plain"}:
+            raise ValueError(
+                "intervention.patch lists only plain candidates, which a remote-code export does not "
+                "carry: set export.mode: plain, or add exact or folded to intervention.patch"
+            )
+        return self

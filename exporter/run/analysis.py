@@ -1,0 +1,269 @@
+"""Where the PII lives: the probe stage (layer choice), the SAE stage and the features stage, each
+cached."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..activations import harvest, shuffled_batches, stream_activations
+from ..data.corpus import benign_texts
+from ..features import (
+    FeatureSet,
+    collect_latents,
+    context_positives,
+    feature_report,
+    rank_latents,
+    write_feature_report,
+)
+from ..models import cast_copy, load_model
+from ..patch import fit_context_gate
+from ..probe import ProbeResult, run_probes, write_probe_report
+from ..sae import load_sae, reconstruction_metrics, save_sae, spliced_ce, train_sae, world
+from .context import RunContext
+from .inputs import (
+    Inputs,
+    doc_groups,
+    heldout_activations,
+    sae_texts,
+    selection_docs,
+    training_activations,
+)
+from .stage import FEATURES, PROBE, SAE
+
+INIT_SAMPLE = 20_000  # activations the SAE's b_pre and input scale are taken from
+
+
+def probe_stage(recipe, inputs: Inputs, ctx: RunContext) -> ProbeResult:
+    """Harvest every layer on PII text, probe each, choose the layer. Cached in work/probe."""
+    key = PROBE.key(inputs.model_id, recipe.data.model_dump(), recipe.probe.model_dump())
+    folder = PROBE.cached(ctx.work, key)
+    if folder:
+        ctx.log(f"probe (cached): {folder}")
+        return ProbeResult(**json.loads((folder / "probe.json").read_text()))
+    loaded = load_model(inputs.model)
+    n_layers = loaded.arch.num_layers(loaded.model)
+    pinned = recipe.probe.layer if isinstance(recipe.probe.layer, int) else None
+    if pinned is not None and pinned >= n_layers:
+        raise IndexError(
+            f"probe.layer {pinned} is out of range: the model has layers 0..{n_layers - 1}"
+        )
+    acts = harvest(
+        loaded.model,
+        loaded.tokenizer,
+        inputs.docs,
+        list(range(n_layers)),
+        max_length=recipe.data.max_length,
+        max_tokens=recipe.probe.max_tokens,
+        progress=ctx.progress,
+    )
+    result = run_probes(
+        acts,
+        doc_groups(inputs.docs),
+        held_out_fraction=recipe.probe.held_out_fraction,
+        seed=recipe.data.seed,
+        pinned=pinned,
+    )
+    with PROBE.saving(ctx.work, key) as tmp:
+        write_probe_report(result, tmp)
+    ctx.log(
+        f"probe: chose layer {result.chosen} by {result.criterion}; report in {PROBE.folder(ctx.work)}"
+    )
+    return result
+
+
+def _sae_batches(recipe, inputs: Inputs, loaded, layer: int, ctx: RunContext):
+    """(training batches, the init sample): from the cached harvest, or streamed from the model."""
+    s = recipe.sae
+    if s.source == "cached":
+        x = training_activations(recipe, inputs, loaded, layer, ctx)
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(s.seed))[:INIT_SAMPLE]
+        return shuffled_batches(x, s.batch_size, seed=s.seed), x[pick]
+    batches = stream_activations(
+        cast_copy(loaded.model, s.harvest_dtype),
+        loaded.tokenizer,
+        sae_texts(inputs, "train"),
+        layer,
+        batch_size=s.batch_size,
+        buffer_tokens=max(4 * s.batch_size, 65536),
+        max_length=recipe.data.max_length * 2,
+        seed=s.seed,
+    )
+    # The init sample (b_pre, input scale) comes from the training stream, never the held-out set.
+    return batches, torch.cat([next(batches) for _ in range(max(1, INIT_SAMPLE // s.batch_size))])
+
+
+def sae_stage(recipe, inputs: Inputs, layer: int, ctx: RunContext):
+    """Train the TopK SAE at `layer`; save it in SAELens format with its metrics. Cached in
+    work/sae."""
+    s = recipe.sae
+    key = SAE.key(inputs.model_id, layer, recipe.data.model_dump(), s.model_dump())
+    folder = SAE.cached(ctx.work, key)
+    if folder:
+        ctx.log(f"SAE (cached): {folder}")
+        sae, _ = load_sae(folder)
+        return sae, json.loads((folder / "metrics.json").read_text())
+    loaded = load_model(inputs.model)
+    n_layers = loaded.arch.num_layers(loaded.model)
+    if not 0 <= layer < n_layers:
+        raise IndexError(
+            f"SAE layer {layer} is out of range: the model has layers 0..{n_layers - 1}"
+        )
+    held = heldout_activations(recipe, inputs, loaded, layer, progress=ctx.progress)
+    batches, sample = _sae_batches(recipe, inputs, loaded, layer, ctx)
+    checkpoints = ctx.work / SAE.scratch[0] / key
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    result = train_sae(batches, sample, s, workdir=checkpoints, progress=ctx.progress)
+    if world()[0] != 0:  # data-parallel: rank 0 evaluates and writes
+        return result.sae, {}
+    metrics = {
+        "layer": layer,
+        **reconstruction_metrics(result.sae, held),
+        "dead_fraction": result.dead_fraction,
+        "steps": result.steps,
+        "train_tokens": result.tokens,
+        "train_seconds": round(result.seconds, 1),
+        "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
+        "norm_scale": result.norm_scale,
+        "outliers_dropped": result.outliers_dropped,
+    }
+    metrics.update(
+        spliced_ce(
+            loaded.model,
+            loaded.tokenizer,
+            result.sae,
+            layer,
+            benign_texts(inputs.benign_path, split="heldout")[:48],
+            max_length=recipe.data.max_length,
+        )
+    )
+    with SAE.saving(ctx.work, key) as tmp:
+        save_sae(
+            result.sae,
+            tmp,
+            layer=layer,
+            model_name=inputs.model.describe(),
+            extra={
+                "norm_scale": result.norm_scale,
+                "k_aux": s.k_aux,
+                "aux_coef": s.aux_coef,
+                "outlier_factor": s.outlier_factor,
+            },
+        )
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    ctx.log(
+        f"SAE: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {100 * metrics['dead_fraction']:.2f}%, "
+        f"spliced CE +{100 * metrics['ce_increase_fraction']:.1f}% of zero-ablation; saved in "
+        f"{SAE.folder(ctx.work)}"
+    )
+    return result.sae, metrics
+
+
+def _load_features(folder) -> FeatureSet:
+    meta = json.loads((folder / "features.json").read_text())
+    t = load_file(str(folder / "features.safetensors"))
+    context = (t["context_weight"], float(t["context_bias"])) if "context_weight" in t else None
+    return FeatureSet(
+        meta["rule"],
+        meta["score"],
+        t["ranking"].tolist(),
+        {},
+        t["steer_latent"],
+        meta["mean_norm"],
+        t["firing"],
+        context=context,
+    )
+
+
+def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> FeatureSet:
+    """Rank the SAE's PII latents on validation documents; report the top ones (redacted). Cached in
+    work/features."""
+    iv = recipe.intervention
+    gated = any(iv.context_gate)
+    key = FEATURES.key(
+        SAE.stored_key(ctx.work),
+        layer,
+        iv.rule,
+        iv.score,
+        recipe.data.model_dump(),
+        (iv.context_window, iv.context_recall) if gated else None,
+    )
+    folder = FEATURES.cached(ctx.work, key)
+    if folder:
+        ctx.log(f"features (cached): {folder}")
+        return _load_features(folder)
+    loaded = load_model(inputs.model)
+    docs = selection_docs(inputs)
+    if not docs:
+        raise ValueError(
+            "no PII documents about validation people: the features need some; check the people file"
+        )
+    benign = benign_texts(inputs.benign_path, split="train")[:300]
+    latents = collect_latents(
+        loaded.model,
+        loaded.tokenizer,
+        sae,
+        layer,
+        docs + benign,
+        max_length=recipe.data.max_length * 2,
+        progress=ctx.progress,
+        keep_activations=gated,
+    )
+    fs = rank_latents(latents, sae.d_sae, iv.rule, iv.score, seed=recipe.data.seed)
+    gate_stats = {}
+    if gated:
+        fs.context, gate_stats = fit_context(latents, iv)
+    latents.acts = None
+    rows = feature_report(
+        fs,
+        latents,
+        docs + benign,
+        loaded.tokenizer,
+        max_length=recipe.data.max_length * 2,
+        names=[p.name for p in inputs.people or []],
+    )
+    with FEATURES.saving(ctx.work, key) as tmp:
+        write_feature_report(rows, fs, tmp)
+        tensors = {
+            "ranking": torch.tensor(fs.ranking),
+            "steer_latent": fs.steer_latent.contiguous(),
+            "firing": fs.firing.contiguous(),
+        }
+        if fs.context is not None:
+            tensors.update(
+                context_weight=fs.context[0].contiguous(), context_bias=torch.tensor(fs.context[1])
+            )
+            (tmp / "context_gate.json").write_text(json.dumps(gate_stats, indent=2))
+        save_file(tensors, str(tmp / "features.safetensors"))
+    ctx.log(
+        f"features: {len(docs)} validation documents, {int(latents.pii.sum())} PII tokens; top latents in "
+        f"{FEATURES.folder(ctx.work) / 'features.md'}"
+    )
+    if gate_stats:
+        ctx.log(
+            f"context gate: open on {100 * gate_stats['recall']:.1f}% of PII-context tokens, "
+            f"{100 * gate_stats['open_benign']:.2f}% of benign tokens, "
+            f"{100 * gate_stats['open_other_pii_doc']:.1f}% of other tokens in PII documents"
+        )
+    return fs
+
+
+def fit_context(latents, iv):
+    """Fit the PII-context gate on the feature pass's activations; (gate, how often it opens)."""
+    x = latents.acts
+    positive = context_positives(latents.labels, iv.context_window)
+    w, b = fit_context_gate(x, positive, recall=iv.context_recall)
+    opened = x @ w + b > 0
+    stats = {
+        "window": iv.context_window,
+        "target_recall": iv.context_recall,
+        "recall": float(opened[positive].float().mean()),
+        "open_benign": float(opened[latents.benign].float().mean()),
+        "open_other_pii_doc": float(opened[~positive & ~latents.benign].float().mean()),
+        "tokens": len(x),
+    }
+    return (w, b), stats

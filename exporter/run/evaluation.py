@@ -1,0 +1,220 @@
+"""The one final evaluation: variants of a model (the base, a patch attached in-process, an edited
+copy, another checkpoint) attacked and measured by the same harness on the same people and text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..data.corpus import benign_texts, read_pii_jsonl
+from ..data.people import read_people
+from ..evaluate.harness import evaluate_variant
+from ..evaluate.memorisation import documents_of
+from ..evaluate.user_path import merge, user_path_rows
+from ..evaluate.utility import reference
+from ..models import cast_copy, load_checkpoint, resolve_local_path, spec_for
+from ..patch import applied
+from ..recipe import EvalSection
+from .context import RunContext
+
+REFERENCE_BYTES = (
+    2 << 30
+)  # the base's log-probs are kept when they fit: each variant's KL takes one pass
+
+
+@dataclass
+class Variant:
+    """One model the final evaluation measures: the base itself (neither given), the base with
+    `patch` attached in-process at the evaluation's layer, or another `model` (an edited copy, a
+    loaded export)."""
+
+    name: str
+    patch: Optional[object] = None
+    model: Optional[object] = None
+
+
+@dataclass
+class Setting:
+    """Who is attacked and what text utility is measured on: the same for every variant."""
+
+    groups: dict  # {group: people}
+    texts: list[str]  # benign held-out prose for perplexity / KL
+    prompts: list[str]  # benign generation prompts (collapse check, speed)
+    eval: EvalSection = field(default_factory=EvalSection)
+    seed: int = 0
+    documents: dict = field(
+        default_factory=dict
+    )  # {group: PII documents} for the memorisation metrics
+
+
+def utility_texts(
+    benign_path: Optional[str], tokenizer, tokens: int, max_length: int = 128
+) -> tuple[list[str], list[str]]:
+    """Held-out benign prose for perplexity / KL (texts until `tokens` scored tokens, each cut at
+    `max_length`), and generation prompts (prefixes of the last 16 held-out texts, never scored)."""
+    held = benign_texts(benign_path, split="heldout")
+    pool, prompts = held[:-16] or held, [" ".join(t.split()[:16]) for t in held[-16:]]
+    lengths = [min(len(ids), max_length) - 1 for ids in tokenizer(pool)["input_ids"]]
+    texts, total = [], 0
+    for text, n in zip(pool, lengths):
+        if total >= tokens:
+            break
+        texts.append(text)
+        total += max(n, 0)
+    return texts, prompts
+
+
+def test_documents(docs: Sequence, test_people: list, ev: EvalSection) -> dict:
+    """{"test": the PII documents holding test people's addresses} for the memorisation metrics."""
+    found = (
+        documents_of(docs, test_people, ev.memorisation_docs)
+        if ev.memorisation_docs and docs
+        else []
+    )
+    return {"test": found} if found else {}
+
+
+def recipe_setting(recipe, inputs, tokenizer) -> Setting:
+    """The final evaluation of a recipe's run: test and never-seen people, the recipe's benign
+    text."""
+    ev = recipe.eval
+    groups = {"test": inputs.split("test"), "never_seen": inputs.split("never_seen")}
+    texts, prompts = utility_texts(inputs.benign_path, tokenizer, ev.ppl_tokens)
+    return Setting(
+        groups,
+        texts,
+        prompts,
+        ev,
+        recipe.data.seed,
+        test_documents(inputs.docs, groups["test"], ev),
+    )
+
+
+def evaluate_variants(
+    base,
+    tokenizer,
+    variants: Sequence[Variant],
+    setting: Setting,
+    *,
+    layer: Optional[int] = None,
+    ctx: RunContext = RunContext(),
+    ref=None,
+) -> dict:
+    """{variant name: {"leakage": rows, "utility": ..., "memorisation": ...}}; KL is taken against
+    `base`. The attacks decode in `eval.dtype`: the base and its in-process patches share one cast
+    copy."""
+    ev = setting.eval
+    common = dict(
+        few_shot=ev.few_shot,
+        samples=ev.samples,
+        max_new_tokens=ev.max_new_tokens,
+        seed=setting.seed,
+        progress=ctx.progress,
+        ref=ref
+        if ref is not None
+        else reference(base, tokenizer, setting.texts, max_bytes=REFERENCE_BYTES),
+        adversarial=ev.adversarial,
+        documents=setting.documents,
+    )
+    shared = None
+    out = {}
+    for v in variants:
+        if v.model is not None:
+            out[v.name] = evaluate_variant(
+                base,
+                tokenizer,
+                setting.groups,
+                setting.texts,
+                setting.prompts,
+                other=v.model,
+                attacker=cast_copy(v.model, ev.dtype),
+                **common,
+            )
+        else:
+            shared = shared if shared is not None else cast_copy(base, ev.dtype)
+            on_base = on_attacker = None
+            if v.patch is not None:
+                on_base = lambda p=v.patch: applied(base, layer, p)
+                on_attacker = lambda p=v.patch, a=shared: applied(a, layer, p)
+            out[v.name] = evaluate_variant(
+                base,
+                tokenizer,
+                setting.groups,
+                setting.texts,
+                setting.prompts,
+                context=on_base,
+                attacker=shared,
+                attacker_context=on_attacker,
+                **common,
+            )
+        ctx.log(f"final evaluation: {v.name} done")
+    return out
+
+
+def _people_groups(people_path: Path, groups: Optional[list[str]]) -> dict:
+    if not people_path.is_file():
+        raise ValueError(
+            f"no people file at {people_path}: pass --people FILE (JSONL of name, email, optional "
+            "phone and split) naming the people whose PII to test"
+        )
+    persons = read_people(people_path)
+    splits = list(dict.fromkeys(p.split or "all" for p in persons))
+    wanted = groups or ([s for s in ("test", "never_seen") if s in splits] or splits)
+    unknown = sorted(set(wanted) - set(splits))
+    if unknown:
+        raise ValueError(f"people groups {unknown} are not in {people_path}; it has {splits}")
+    return {g: [p for p in persons if (p.split or "all") == g] for g in wanted}
+
+
+def _corpus_documents(base_dir: Path, groups: dict, ev: EvalSection) -> dict:
+    """The test people's PII documents from the base's `corpus.jsonl` (as `scalpel make-leaky`
+    writes it)."""
+    corpus = base_dir / "corpus.jsonl"
+    if not (corpus.is_file() and groups.get("test") and ev.memorisation_docs):
+        return {}
+    return test_documents(read_pii_jsonl(corpus), groups["test"], ev)
+
+
+def compare_models(
+    model: str,
+    against: str,
+    *,
+    people: Optional[str] = None,
+    benign: Optional[str] = None,
+    groups: Optional[list[str]] = None,
+    eval_cfg: Optional[EvalSection] = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    ctx: RunContext = RunContext(),
+) -> dict:
+    """The final evaluation on any pair: `model` (e.g. an export) against `against` (its base).
+    People default to `people.jsonl` beside the base (as `scalpel make-leaky` writes it)."""
+    ev = eval_cfg or EvalSection()
+    chosen = _people_groups(Path(people) if people else Path(against) / "people.jsonl", groups)
+    base, tok = load_checkpoint(against, dtype=dtype, trust_remote_code=trust_remote_code)
+    other, other_tok = load_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if other_tok.get_vocab() != tok.get_vocab():
+        raise ValueError(
+            f"{model} and {against} have different vocabularies: KL and a shared harness need "
+            "models with the same tokenizer"
+        )
+    texts, prompts = utility_texts(benign, tok, ev.ppl_tokens)
+    setting = Setting(
+        chosen, texts, prompts, ev, seed, _corpus_documents(Path(against), chosen, ev)
+    )
+    out = evaluate_variants(
+        base, tok, [Variant("base"), Variant("patched", model=other)], setting, ctx=ctx
+    )
+    folders = {
+        v: resolve_local_path(spec_for(src)) for v, src in (("base", against), ("patched", model))
+    }
+    if ev.user_path and all(folders.values()):
+        group = "test" if "test" in chosen else next(iter(chosen))
+        merge(
+            out, user_path_rows(folders, {group: chosen[group]}, max_new_tokens=ev.max_new_tokens)
+        )
+        ctx.log("evaluation: user's path done")
+    out["models"] = {"base": str(against), "patched": str(model)}
+    return out

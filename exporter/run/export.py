@@ -1,0 +1,242 @@
+"""A run's export: the checkpoint (remote-code patch, plain projection or an edited model) with its
+report, model card, redacted recipe, plots and SAE, and the user's-path rows measured on the export
+as written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import transformers
+
+from ..cache import atomic_dir, content_key
+from ..card import base_metadata, render_card, render_method_card
+from ..data.detectors import redact_text
+from ..evaluate.user_path import merge, user_path_rows
+from ..patch import agreement
+from ..patch.candidate import Candidate, Mode, patch_for
+from ..patch.export import write_export
+from ..patch.plain import PlainExportError, write_plain
+from .context import RunContext
+from .inputs import heldout_activations
+from .stage import EVALUATE, FEATURES, PROBE, SAE, SEARCH
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    report: dict
+    push: Optional[object] = (
+        None  # a push.PushResult when the recipe's hub section pushed the export
+    )
+
+
+def _report(prep, cand: Candidate, patch, recipe, ctx: RunContext, extra: Optional[dict]) -> dict:
+    """The report's head: what was patched, where, how, with the SAE's metrics and folded-vs-exact
+    agreement."""
+    fs = prep.features
+    report = {
+        "layer": prep.layer,
+        "mode": str(cand.mode),
+        "ablate_n": cand.n,
+        "alpha": cand.alpha,
+        "rule": fs.rule,
+        "score": fs.score,
+        "context_gate": patch.context_gate,
+        "sae": prep.sae_metrics,
+        **(extra or {}),
+    }
+    if cand.mode is Mode.PLAIN:
+        report["plain_from"] = patch.first_layer
+    gate_stats = FEATURES.folder(ctx.work) / "context_gate.json"
+    if patch.context_gate and gate_stats.exists():
+        report["context_gate_stats"] = json.loads(gate_stats.read_text())
+    if cand.mode is Mode.FOLDED:
+        exact = patch_for(
+            prep.sae, fs, Candidate(cand.n, cand.alpha, Mode.EXACT, cand.gated), prep.calibration
+        )
+        held = heldout_activations(
+            recipe, prep.inputs, prep.loaded, prep.layer, progress=ctx.progress
+        )
+        report["folded_vs_exact"] = agreement(exact, patch, held)
+        ctx.log(
+            f"folded vs exact on held-out text: gates agree on "
+            f"{100 * report['folded_vs_exact']['gate_agreement']:.2f}% of (token, latent) pairs, "
+            f"{100 * report['folded_vs_exact']['token_agreement']:.2f}% of tokens"
+        )
+    report["k"] = prep.sae.k
+    return report
+
+
+def write_patched(
+    prep,
+    recipe,
+    recipe_text: str,
+    out: Path,
+    cand: Candidate,
+    patch,
+    ctx: RunContext,
+    *,
+    extra: Optional[dict] = None,
+    user_path_key: Optional[str] = None,
+) -> dict:
+    """Write the export of candidate `cand` (its built `patch`), with folded vs exact measured for a
+    folded one; with `user_path_key` (a final evaluation in `extra`), add the user's-path rows
+    measured on the export itself."""
+    report = _report(prep, cand, patch, recipe, ctx, extra)
+    sources = {
+        "probe.png": PROBE.folder(ctx.work) / "probe.png",
+        "front.png": SEARCH.folder(ctx.work) / "front.png",
+    }
+    plots = {
+        f"plots/{name}": src
+        for name, src in sources.items()
+        if src.exists() and ("search" in report or name == "probe.png")
+    }
+
+    def files(folder: Path) -> dict:
+        """Card, report, recipe, plots and SAE; with `user_path_key`, the report first gains the
+        user's-path rows measured on `folder` (the export as written, before it is published)."""
+        if user_path_key is not None:
+            add_user_path(recipe, prep, folder, report, user_path_key, ctx)
+        card = render_card(
+            report,
+            recipe_text,
+            base=base_metadata(recipe.model),
+            model_type=prep.loaded.model.config.model_type,
+            plots=tuple(plots),
+        )
+        # The recipe travels with the export (how it was made), but a comment or a path in it may
+        # hold PII.
+        written = {
+            "scalpel_recipe.yaml": redact_text(recipe_text),
+            "scalpel_report.json": json.dumps(report, indent=2),
+            "README.md": str(card),
+            **{name: src.read_bytes() for name, src in plots.items()},
+        }
+        if (
+            recipe.export.save_sae
+        ):  # SAELens format, so others can inspect the latents the patch uses
+            written.update(
+                {
+                    f"sae/{name}": (SAE.folder(ctx.work) / name).read_bytes()
+                    for name in ("cfg.json", "sae_weights.safetensors")
+                }
+            )
+        return written
+
+    meta = {
+        "alpha": cand.alpha,
+        "rule": prep.features.rule,
+        "score": prep.features.score,
+        "sae_norm_scale": float(prep.sae.norm_scale),
+        "mean_norm": prep.features.mean_norm,
+    }
+    if cand.mode is Mode.PLAIN:
+        if not prep.loaded.path:
+            raise PlainExportError(
+                f"a plain export edits the base's safetensors files, and {prep.loaded.source} "
+                "has no local folder; save it with save_pretrained and point model.path at it"
+            )
+        write_plain(
+            Path(prep.loaded.path),
+            out,
+            patch.directions,
+            prep.layer,
+            steer=patch.steer,
+            first_layer=patch.first_layer,
+            tokenizer=prep.loaded.tokenizer,
+            overwrite=ctx.overwrite,
+            meta=meta,
+            files=files,
+        )
+    else:
+        write_export(
+            prep.loaded,
+            patch,
+            prep.layer,
+            out,
+            overwrite=ctx.overwrite,
+            dtype=recipe.export.dtype,
+            meta=meta,
+            files=files,
+        )
+    ctx.log(f"export: {out}")
+    return report
+
+
+def _user_path_caches(
+    prep, key: str, test: list, max_new_tokens: int, ctx: RunContext
+) -> dict[str, Path]:
+    common = (transformers.__version__, max_new_tokens, [(p.name, p.email) for p in test])
+    keys = {
+        "base": content_key("user-path-base", prep.inputs.model_id, *common),
+        "patched": content_key("user-path", key, *common),
+    }
+    return {v: EVALUATE.folder(ctx.work) / f"user-path-{k}.json" for v, k in keys.items()}
+
+
+def add_user_path(recipe, prep, folder: Path, report: dict, key: str, ctx: RunContext) -> None:
+    """The export in `folder` and the base, each loaded in a fresh process with stock transformers,
+    each test person's prompt generated alone: rows of their own in the report's evaluation. Cached
+    in work/evaluate, the base's rows apart from the patch's (a new patch does not decode the base
+    again)."""
+    evaluation = report.get("evaluation")
+    if not (recipe.eval.user_path and evaluation and prep.inputs.people and prep.loaded.path):
+        return
+    test = prep.inputs.split("test")
+    caches = _user_path_caches(prep, key, test, recipe.eval.max_new_tokens, ctx)
+    found = {v: json.loads(c.read_text()) for v, c in caches.items() if c.exists()}
+    missing = {
+        v: f for v, f in (("base", Path(prep.loaded.path)), ("patched", folder)) if v not in found
+    }
+    if missing:
+        new = user_path_rows(missing, {"test": test}, max_new_tokens=recipe.eval.max_new_tokens)
+        for v in missing:
+            found[v] = {**new[v], "transformers": new["transformers"]}
+            caches[v].parent.mkdir(parents=True, exist_ok=True)
+            caches[v].write_text(json.dumps(found[v]))
+    if len(missing) < 2:
+        ctx.log(
+            f"user's path (cached): {', '.join(str(caches[v]) for v in caches if v not in missing)}"
+        )
+    merge(evaluation, {**found, "transformers": found["patched"]["transformers"]})
+    worst = {
+        v: (
+            max(r["exact"] for r in found[v]["leakage"]),
+            max(r["username"] for r in found[v]["leakage"]),
+        )
+        for v in ("base", "patched")
+    }
+    ctx.log(
+        f"user's path (fresh process, stock transformers {found['patched']['transformers']}, "
+        f"{found['patched']['dtype']}, each test person's prompt alone, worst template): exact "
+        f"{100 * worst['base'][0]:.0f}% -> {100 * worst['patched'][0]:.0f}%, username "
+        f"{100 * worst['base'][1]:.0f}% -> {100 * worst['patched'][1]:.0f}%"
+    )
+
+
+def write_method_export(
+    model, loaded, recipe, recipe_text: str, report: dict, out: Path, front: Path, ctx: RunContext
+) -> Path:
+    """A plain checkpoint (the base architecture, no remote code) with card, report and redacted
+    recipe."""
+    card = render_method_card(
+        report,
+        recipe_text,
+        base=base_metadata(recipe.model),
+        model_type=model.config.model_type,
+        plots=("plots/front.png",) if front.exists() else (),
+    )
+    with atomic_dir(Path(out), overwrite=ctx.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(str(card), encoding="utf-8")
+        (tmp / "scalpel_report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "scalpel_recipe.yaml").write_text(redact_text(recipe_text), encoding="utf-8")
+        if front.exists():
+            (tmp / "plots").mkdir()
+            (tmp / "plots" / "front.png").write_bytes(front.read_bytes())
+    return Path(out)

@@ -1,0 +1,170 @@
+"""What a recipe's stages run on: the model, its PII documents, the people (when known), benign
+text; and the activation samples several stages share (harvested once into the user cache)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..activations import harvest, load_shards
+from ..cache import cache_root, content_key
+from ..data.corpus import benign_texts, read_pii_jsonl
+from ..data.people import Person, assign_splits, read_people
+from ..models import cast_copy, resolve_local_path
+from ..recipe import ModelSpec
+from ..sae import world
+from .context import RunContext
+from .leaky import make_leaky
+
+HELDOUT_TOKENS = (
+    20_000  # held-out activations for the SAE's metrics and the folded-vs-exact agreement
+)
+
+
+@dataclass
+class Inputs:
+    """What a recipe's stages run on, with built-in sources resolved."""
+
+    model: ModelSpec  # the model to analyse and patch (the leaky model for synthetic data)
+    model_id: str  # stable identity of its weights, for cache keys
+    docs: list  # PII Documents
+    people: Optional[list[Person]]
+    benign_path: Optional[str]
+
+    def split(self, name: str) -> list[Person]:
+        """The people of one split (validation, test, never_seen); scoring extraction needs them."""
+        if not self.people:
+            raise ValueError(
+                "the trade-off search needs a people file (name, email, split) to score "
+                "extraction; set data.people in the recipe"
+            )
+        return [p for p in self.people if p.split == name]
+
+
+def resolve_inputs(recipe, ctx: RunContext = RunContext()) -> Inputs:
+    """Built-in synthetic data means: fine-tune the recipe's model into the leaky benchmark model
+    (cached) and analyse that, with its corpus and ground-truth people."""
+    data = recipe.data
+    if data.pii.builtin == "synthetic":
+        leaky = make_leaky(recipe.model, ctx=ctx)
+        model = ModelSpec(
+            path=str(leaky.path), dtype=recipe.model.dtype, device=recipe.model.device
+        )
+        docs = read_pii_jsonl(leaky.path / "corpus.jsonl", data.pii_types)
+        return Inputs(model, f"leaky:{leaky.path.name}", docs, leaky.people, data.benign.path)
+    model = recipe.model
+    docs = read_pii_jsonl(data.pii.path, data.pii_types)
+    model_id = model.describe() if model.hub else str(resolve_local_path(model))
+    people = None
+    if data.people.path:
+        people = assign_splits(
+            read_people(data.people.path), [d.text for d in docs], seed=data.seed
+        )
+    return Inputs(model, model_id, docs, people, data.benign.path)
+
+
+def doc_groups(docs) -> list[set[str]]:
+    """The people a document is about, by the emails (or other PII values) it holds."""
+    return [{d.text[s.start : s.end].lower() for s in d.spans} for d in docs]
+
+
+def selection_docs(inputs: Inputs) -> list:
+    """PII documents that may inform selection: those about validation people only, when people are
+    known (test people are kept for the reported numbers); otherwise all documents."""
+    if not inputs.people:
+        return list(inputs.docs)
+    val = {p.email.lower() for p in inputs.people if p.split == "validation"}
+    known = {p.email.lower() for p in inputs.people}
+    out = []
+    for doc, group in zip(inputs.docs, doc_groups(inputs.docs)):
+        emails = {g for g in group if g in known}
+        if emails and emails <= val:
+            out.append(doc)
+    return out
+
+
+def sae_texts(inputs: Inputs, split: str) -> list:
+    """Training text for the SAE: PII documents (every tenth held out) and benign windows."""
+    docs = [d for i, d in enumerate(inputs.docs) if (i % 10 == 0) == (split == "heldout")]
+    return docs + benign_texts(inputs.benign_path, split=split, mode="windows")
+
+
+def texts_digest(texts) -> str:
+    """Content hash of the harvested text, so cached activations follow the text (and the stdlib's
+    version)."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update((f"{t.text}{t.spans!r}" if hasattr(t, "text") else t).encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def activations_key(recipe, inputs: Inputs, layer: int) -> str:
+    """The user-cache key of the SAE's training activations at `layer`."""
+    return content_key(
+        "acts-v2",
+        inputs.model_id,
+        layer,
+        texts_digest(sae_texts(inputs, "train")),
+        recipe.sae.harvest_tokens,
+        recipe.data.max_length * 2,
+        recipe.sae.harvest_dtype,
+    )
+
+
+def training_activations(
+    recipe, inputs: Inputs, loaded, layer: int, ctx: RunContext = RunContext()
+) -> torch.Tensor:
+    """The SAE's training activations at `layer`: harvested once into the user cache (each
+    data-parallel rank takes every world-th text), then loaded."""
+    rank, size = world()
+    shard_dir = cache_root() / "activations" / activations_key(recipe, inputs, layer)
+    if not (shard_dir / "done").exists():
+        harvest(
+            cast_copy(loaded.model, recipe.sae.harvest_dtype),
+            loaded.tokenizer,
+            sae_texts(inputs, "train")[rank::size],
+            [layer],
+            max_tokens=recipe.sae.harvest_tokens // size,
+            shard_dir=shard_dir,
+            memory_budget_mb=256,
+            shard_prefix=f"r{rank}of{size}-",
+            max_length=recipe.data.max_length * 2,
+            progress=ctx.progress,
+        )
+        if size > 1:
+            dist.barrier()
+        if rank == 0:
+            (shard_dir / "done").write_text("complete")
+    else:
+        ctx.log(f"activations (cached): {shard_dir}")
+    return load_shards(sorted(shard_dir.glob("*.safetensors"))).acts[layer]
+
+
+def calibration_activations(
+    recipe, inputs: Inputs, loaded, layer: int, *, progress: bool = True, n: int = 50_000
+) -> torch.Tensor:
+    """A sample of the SAE's training activations (the folded gates are fitted on these; harvested
+    in bfloat16 they differ from the model's own by rounding, well inside the gates' margins)."""
+    x = training_activations(recipe, inputs, loaded, layer, RunContext(progress=progress).quiet())
+    return x[
+        torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.data.seed))[:n]
+    ].float()
+
+
+def heldout_activations(
+    recipe, inputs: Inputs, loaded, layer: int, *, progress: bool = True
+) -> torch.Tensor:
+    """Held-out activations at `layer`, in the model's own precision."""
+    return harvest(
+        loaded.model,
+        loaded.tokenizer,
+        sae_texts(inputs, "heldout"),
+        [layer],
+        max_tokens=HELDOUT_TOKENS,
+        max_length=recipe.data.max_length * 2,
+        progress=progress,
+    ).acts[layer]

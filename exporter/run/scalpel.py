@@ -1,0 +1,203 @@
+"""PrivacyScalpel as a method: inputs → probe → SAE → features (prepared once), the trade-off search
+on validation people, the final evaluation on test people beside a control, and the export; or one
+candidate exported as is."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..evaluate.harness import zero_shot_table
+from ..models import cast_copy, load_model
+from ..patch import GateBank, applied
+from ..patch.candidate import Candidate, ExportKind, Mode, control_for, patch_for
+from .analysis import features_stage, probe_stage, sae_stage
+from .context import RunContext
+from .evaluation import Variant, evaluate_variants, recipe_setting
+from .export import ExportResult, write_patched
+from .inputs import Inputs, calibration_activations, resolve_inputs
+from .search import plain_key, search_stage
+from .stage import EVALUATE, FEATURES
+
+
+@dataclass
+class Prepared:
+    """Everything the patch is built from: the stages up to the features, and the model in
+    memory."""
+
+    inputs: Inputs
+    layer: int
+    sae: object
+    sae_metrics: dict
+    features: object
+    loaded: object
+    calibration: GateBank  # over the SAE's training activations (the folded gates are fitted there)
+
+    def patch(self, cand: Candidate, plain_from: int = 0):
+        return patch_for(self.sae, self.features, cand, self.calibration, plain_from)
+
+
+def prepare(recipe, ctx: RunContext) -> Prepared:
+    """inputs → probe → SAE → features (each cached in the work folder), the model loaded, the gate
+    calibration."""
+    inputs = resolve_inputs(recipe, ctx)
+    layer = probe_stage(recipe, inputs, ctx).chosen
+    sae, sae_metrics = sae_stage(recipe, inputs, layer, ctx)
+    fs = features_stage(recipe, inputs, layer, sae, ctx)
+    loaded = load_model(inputs.model)
+    calib = calibration_activations(recipe, inputs, loaded, layer, progress=ctx.progress)
+    return Prepared(
+        inputs, layer, sae, sae_metrics, fs, loaded, GateBank(sae, calib, recipe.sae.outlier_factor)
+    )
+
+
+def final_evaluation(
+    recipe,
+    prep: Prepared,
+    cand: Candidate,
+    patch,
+    ctx: RunContext,
+    variants: tuple[str, ...] = ("base", "patched", "control"),
+) -> dict:
+    """The leaky base, the chosen `patch` and its control (random latents matched on firing
+    frequency plus a random direction of the steering vector's norm) on **test** and never-seen
+    people, with utility."""
+    control, n_control = control_for(
+        prep.sae,
+        prep.features,
+        cand,
+        patch,
+        prep.calibration,
+        recipe.data.seed,
+        recipe.intervention.plain_from,
+    )
+    wanted = [Variant("base"), Variant("patched", patch), Variant("control", control)]
+    setting = recipe_setting(recipe, prep.inputs, prep.loaded.tokenizer)
+    out = evaluate_variants(
+        prep.loaded.model,
+        prep.loaded.tokenizer,
+        [v for v in wanted if v.name in variants],
+        setting,
+        layer=prep.layer,
+        ctx=ctx,
+    )
+    out["control_latents"] = n_control
+    return out
+
+
+def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
+    """prepare → trade-off search (validation people) → final evaluation (test people) → export."""
+    prep = prepare(recipe, ctx)
+    chosen, search = search_stage(recipe, prep, ctx)
+    cand = chosen.candidate
+    patch = prep.patch(cand, recipe.intervention.plain_from)
+    key = EVALUATE.key(
+        FEATURES.stored_key(ctx.work),
+        vars(cand),
+        recipe.eval.model_dump(),
+        recipe.data.seed,
+        *plain_key(cand.mode, recipe),
+    )
+    folder = EVALUATE.cached(ctx.work, key)
+    if folder:
+        ctx.log(f"evaluation (cached): {folder}")
+        final = json.loads((folder / "evaluation.json").read_text())
+    else:
+        final = final_evaluation(recipe, prep, cand, patch, ctx)
+        with EVALUATE.saving(ctx.work, key) as tmp:
+            (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
+    report = write_patched(
+        prep,
+        recipe,
+        recipe_text,
+        out,
+        cand,
+        patch,
+        ctx,
+        extra={"search": search, "evaluation": final},
+        user_path_key=key,
+    )
+    return ExportResult(Path(out), report)
+
+
+def one_candidate(
+    recipe, n: Optional[int], alpha: Optional[float], mode: Optional[str], gated: Optional[bool]
+) -> tuple[object, Candidate]:
+    """The candidate `export` writes (default: the recipe's first of each) and the recipe adjusted
+    to carry it: the candidate's mode decides the export's kind (a plain candidate cannot become
+    remote code)."""
+    iv = recipe.intervention
+    if mode is None:
+        mode = (
+            Mode.PLAIN
+            if recipe.export.mode == ExportKind.PLAIN
+            else next(Mode(m) for m in iv.patch if m != Mode.PLAIN)
+        )
+    cand = Candidate(
+        iv.ablate_n[0] if n is None else n, iv.alpha[0] if alpha is None else alpha, Mode(mode)
+    )
+    kind = ExportKind.of(cand.mode)
+    if kind != ExportKind(recipe.export.mode):
+        export = recipe.export.model_copy(
+            update={
+                "mode": str(kind),
+                "dtype": None if kind is ExportKind.PLAIN else recipe.export.dtype,
+            }
+        )
+        recipe = recipe.model_copy(update={"export": export})
+    gated = (iv.context_gate[0] if gated is None else gated) and cand.mode.remote
+    if gated and not any(iv.context_gate):
+        recipe = recipe.model_copy(
+            update={"intervention": iv.model_copy(update={"context_gate": [True]})}
+        )
+    return recipe, Candidate(cand.n, cand.alpha, cand.mode, gated)
+
+
+def validation_table(recipe, prep: Prepared, patch, ctx: RunContext) -> dict:
+    """Greedy zero-shot extraction on validation people, before → after the patch."""
+    val = {"validation": prep.inputs.split("validation")}
+    attacker = cast_copy(prep.loaded.model, recipe.eval.dtype)
+    table = {}
+    for name, p in (("before", None), ("after", patch)):
+        with applied(attacker, prep.layer, p) if p is not None else nullcontext():
+            found = zero_shot_table(
+                attacker,
+                prep.loaded.tokenizer,
+                val,
+                max_new_tokens=recipe.eval.max_new_tokens,
+                progress=ctx.progress,
+            )
+        table[name] = {
+            t: {k: v for k, v in row.items() if k != "n"}
+            for t, row in found.get("validation", {}).items()
+        }
+    return table
+
+
+def export_one(
+    recipe,
+    recipe_text: str,
+    out: Path,
+    ctx: RunContext,
+    *,
+    n: Optional[int] = None,
+    alpha: Optional[float] = None,
+    mode: Optional[str] = None,
+    gated: Optional[bool] = None,
+) -> ExportResult:
+    """probe → SAE → features → patch → export of one candidate (default: the recipe's first ones),
+    with extraction on validation people before → after in the report."""
+    ctx.refuse_existing(out)
+    recipe, cand = one_candidate(recipe, n, alpha, mode, gated)
+    prep = prepare(recipe, ctx)
+    patch = prep.patch(cand, recipe.intervention.plain_from)
+    extra = (
+        {"validation_leakage": validation_table(recipe, prep, patch, ctx)}
+        if prep.inputs.people
+        else {}
+    )
+    report = write_patched(prep, recipe, recipe_text, out, cand, patch, ctx, extra=extra)
+    return ExportResult(Path(out), report)

@@ -1,0 +1,268 @@
+"""PrivacyScalpel's trade-off search: every candidate's KL on benign text, then attacks on
+validation people in order of increasing KL; the least-KL candidate meeting the targets is chosen.
+Every score is cached in work/search (one file per candidate), so an interrupted search resumes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import content_key
+from ..data.corpus import benign_texts
+from ..evaluate.tradeoff import (
+    Scored,
+    Targets,
+    candidates,
+    choose,
+    meets,
+    meets_leakage,
+    plot_front,
+    validation_attacks,
+)
+from ..evaluate.utility import against_reference, generation_diversity, reference
+from ..models import cast_copy
+from ..patch import applied
+from ..patch.candidate import Candidate, Mode, patch_for
+from .context import RunContext
+from .stage import FEATURES, SEARCH
+
+
+def search_prompts(benign_path: Optional[str]) -> list[str]:
+    """Benign validation prompts for the search's collapse check: prefixes of held-out texts other
+    than the ones whose continuations the final evaluation reports."""
+    held = benign_texts(benign_path, split="heldout")
+    return [
+        " ".join(t.split()[:16]) for t in (held[-48:-16] or held[:8])
+    ]  # a tiny held-out set overlaps
+
+
+def base_repetition(cache: Path, get_model: Callable, tok, prompts: list[str]) -> float:
+    """The base's repeated-4-gram share on the search prompts (the collapse check's reference),
+    cached."""
+    if not cache.exists():
+        rep = generation_diversity(get_model(), tok, prompts)["repetition_4"]
+        cache.write_text(json.dumps({"repetition": rep}))
+    return json.loads(cache.read_text())["repetition"]
+
+
+def collapse_limit(
+    recipe, cache: Path, get_model: Callable, tok, prompts: list[str]
+) -> Optional[float]:
+    """The most repetition a choice may show: the base's plus the recipe's tolerance (None: no
+    check)."""
+    if not prompts:
+        return None
+    return base_repetition(cache, get_model, tok, prompts) + recipe.intervention.collapse_tolerance
+
+
+def plain_key(mode: Mode, recipe) -> tuple:
+    """What a candidate's cache key adds for a plain candidate (the projected layers)."""
+    return (recipe.intervention.plain_from,) if Mode(mode) is Mode.PLAIN else ()
+
+
+@dataclass
+class Search:
+    """One search over the recipe's candidates on the prepared model (see `scalpel.Prepared`)."""
+
+    recipe: object
+    prep: object
+    ctx: RunContext
+
+    def __post_init__(self) -> None:
+        iv, ev = self.recipe.intervention, self.recipe.eval
+        self.folder = SEARCH.folder(self.ctx.work)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.key = SEARCH.key(
+            FEATURES.stored_key(self.ctx.work),
+            ev.max_new_tokens,
+            ev.few_shot,
+            ev.dtype,
+            iv.rule,
+            iv.score,
+        )
+        self.cands = candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate)
+        self.files = {
+            c: self.folder
+            / f"{content_key(self.key, c.n, c.alpha, c.mode, c.gated, *plain_key(c.mode, self.recipe))}.json"
+            for c in self.cands
+        }
+        self.saved = {c: json.loads(f.read_text()) for c, f in self.files.items() if f.exists()}
+        # The dtype the export loads in by default: what users run. A candidate about to be chosen
+        # on attacks decoded in eval.dtype (faster) must meet the targets decoded in this one too.
+        self.user_dtype = self.recipe.export.dtype or self.recipe.model.dtype
+        self._attacker = None
+        self.val = self.prep.inputs.split("validation")
+
+    def patch(self, cand: Candidate):
+        p = self.prep
+        return patch_for(
+            p.sae, p.features, cand, p.calibration, self.recipe.intervention.plain_from
+        )
+
+    def save(self, cand: Candidate) -> None:
+        self.files[cand].write_text(json.dumps(self.saved[cand]))
+
+    def kl_scores(self) -> None:
+        """KL and perplexity on benign held-out text for every candidate not yet scored (cheap: no
+        decoding)."""
+        model, tok = self.prep.loaded.model, self.prep.loaded.tokenizer
+        todo = [c for c in self.cands if c not in self.saved]
+        if not todo:
+            return
+        self.prep.calibration.warm(
+            [i for c in todo if c.mode is Mode.FOLDED for i in self.prep.features.ablation_set(c.n)]
+        )
+        ref = reference(
+            model, tok, benign_texts(self.prep.inputs.benign_path, split="heldout")[:24]
+        )
+        for cand in tqdm(todo, desc="trade-off search: KL", disable=not self.ctx.progress):
+            patch = self.patch(cand)
+            self.saved[cand] = against_reference(
+                ref, model, lambda: applied(model, self.prep.layer, patch)
+            )
+            self.save(cand)
+
+    def attacker(self, dtype: str):
+        if self._attacker is None or next(self._attacker.parameters()).dtype != getattr(
+            torch, dtype
+        ):
+            self._attacker = None  # one cast copy at a time
+            self._attacker = cast_copy(self.prep.loaded.model, dtype)
+        return self._attacker
+
+    def patched(self, cand: Candidate, dtype: str):
+        """(the attacking model in `dtype`, the context in which it runs with `cand`'s patch)."""
+        attacker = self.attacker(dtype)
+        return attacker, applied(attacker, self.prep.layer, self.patch(cand))
+
+    def attack(self, cand: Candidate, s: Scored, dtype: str, targets: Targets) -> None:
+        """Validation attacks on `cand` decoded in `dtype`; the scores keep the worst over every
+        dtype tried."""
+        attacker, context = self.patched(cand, dtype)
+        with context:
+            leakage, username, complete = validation_attacks(
+                attacker,
+                self.prep.loaded.tokenizer,
+                self.val,
+                targets,
+                self.recipe.eval,
+                self.recipe.data.seed,
+                lazy=self.recipe.intervention.search == "lazy",
+            )
+        s.leakage = max(leakage, s.leakage or 0.0)
+        s.username = max(username, s.username or 0.0)
+        s.complete = (s.complete if dtype != self.recipe.eval.dtype else True) and complete
+
+    def unconfirmed(self, cand: Candidate) -> bool:
+        return (
+            self.user_dtype != self.recipe.eval.dtype
+            and self.saved[cand].get("confirmed") != self.user_dtype
+        )
+
+    def confirm(self, cand: Candidate, s: Scored, targets: Targets) -> None:
+        """Attack again decoded as users run the export; the worse of the two counts."""
+        self.attack(cand, s, self.user_dtype, targets)
+        self.saved[cand].update(
+            confirmed=self.user_dtype, leakage=s.leakage, username=s.username, complete=s.complete
+        )
+        self.save(cand)
+
+    def scored(self) -> dict[Candidate, Scored]:
+        return {
+            c: Scored(
+                c,
+                self.saved[c].get("leakage"),
+                self.saved[c].get("username"),
+                self.saved[c]["kl"],
+                self.saved[c]["perplexity"],
+                self.saved[c].get("repetition"),
+                self.saved[c].get("complete", True),
+            )
+            for c in self.cands
+        }
+
+
+def _attack_in_kl_order(search: Search, scored: dict, targets: Targets, prompts: list[str]) -> None:
+    """Attack candidates by increasing KL (a lazy search stops at the first exportable one meeting
+    the targets, which is the choice either way); a candidate meeting the leakage targets also gets
+    the collapse check."""
+    recipe, tok = search.recipe, search.prep.loaded.tokenizer
+    lazy, ev_dtype = recipe.intervention.search == "lazy", recipe.eval.dtype
+    order = sorted(search.cands, key=lambda c: (scored[c].kl, search.cands.index(c)))
+    for cand in tqdm(order, desc="trade-off search: attacks", disable=not search.ctx.progress):
+        s = scored[cand]
+        touched = False
+        if s.leakage is None or (not s.complete and not lazy):
+            s.leakage, s.username, touched = None, None, True
+            search.attack(cand, s, ev_dtype, targets)
+        if meets_leakage(s, targets) and prompts and s.repetition is None:
+            touched = True
+            attacker, context = search.patched(cand, ev_dtype)
+            with context:
+                s.repetition = generation_diversity(attacker, tok, prompts)["repetition_4"]
+        if touched:
+            search.saved[cand].update(
+                leakage=s.leakage, username=s.username, repetition=s.repetition, complete=s.complete
+            )
+            search.save(cand)
+        if meets(s, targets) and search.unconfirmed(cand):
+            search.confirm(
+                cand, s, targets
+            )  # about to be chosen: it must meet the targets as users run it too
+        if lazy and cand.exportable(recipe.export.mode) and meets(s, targets):
+            break
+
+
+def search_stage(recipe, prep, ctx: RunContext) -> tuple[Scored, dict]:
+    """Score the recipe's candidates on validation people and benign KL; choose the least-KL one
+    meeting the targets. A candidate meeting them is attacked again decoded in the dtype the export
+    loads in (what users run), and counts the worse of the two. Returns (the choice, the summary
+    written to search.json)."""
+    iv = recipe.intervention
+    search = Search(recipe, prep, ctx)
+    search.kl_scores()
+    scored = search.scored()
+    prompts = search_prompts(prep.inputs.benign_path) if iv.collapse_tolerance is not None else []
+    limit = collapse_limit(
+        recipe,
+        search.folder / f"{content_key(search.key, 'base')}.json",
+        lambda: search.attacker(recipe.eval.dtype),
+        prep.loaded.tokenizer,
+        prompts,
+    )
+    targets = Targets.of(iv, limit)
+    _attack_in_kl_order(search, scored, targets, prompts)
+    listed = [scored[c] for c in search.cands]
+    while (
+        True
+    ):  # the choice, also when no candidate meets the targets, is confirmed as users run it
+        chosen, met = choose(
+            [scored[c] for c in search.cands if c.exportable(recipe.export.mode)], targets
+        )
+        if not search.unconfirmed(chosen.candidate):
+            break
+        search.confirm(chosen.candidate, chosen, targets)
+    plot_front(listed, chosen, targets, search.folder / "front.png")
+    summary = {
+        "export_mode": str(recipe.export.mode),
+        "target": iv.leakage_target,
+        "username_target": iv.username_target,
+        "max_repetition": limit,
+        "met": met,
+        "chosen": chosen.to_json(),
+        "candidates": [s.to_json() for s in listed],
+    }
+    (search.folder / "search.json").write_text(json.dumps(summary, indent=2))
+    skipped = sum(s.leakage is None for s in listed)
+    ctx.log(
+        f"trade-off: chose {chosen.candidate.label} (validation leakage {100 * chosen.leakage:.0f}%, "
+        f"KL {chosen.kl:.4f}); target {'met' if met else 'NOT met'}"
+        + (f"; {skipped} candidates with more KL not attacked (lazy search)" if skipped else "")
+        + f"; plot {search.folder / 'front.png'}"
+    )
+    return chosen, summary

@@ -1,0 +1,116 @@
+"""One stage cache: a stage's outputs live in `work/<folder>` beside a `key.txt` naming the content
+they were computed from; a stage whose key and outputs are there is reused, otherwise it is computed
+into a temporary folder renamed onto its own only when complete (an interrupted run leaves nothing
+half-written)."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from ..cache import atomic_dir, content_key
+
+KEY_FILE = "key.txt"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A cached step of a run. `version` is bumped when its behaviour changes, so stale outputs are
+    not reused; `scratch` names work folders it resumes from (checkpoints), forgotten with it."""
+
+    name: str
+    version: int
+    outputs: tuple[str, ...] = ()
+    about: str = ""
+    scratch: tuple[str, ...] = ()
+    folder_name: Optional[str] = None  # default: the stage's name
+
+    def folder(self, work: Path) -> Path:
+        return Path(work) / (self.folder_name or self.name)
+
+    def key(self, *parts: Any) -> str:
+        """The content key of this stage's inputs (`parts`: JSON-serialisable)."""
+        return content_key(f"{self.name}-v{self.version}", *parts)
+
+    def stored_key(self, work: Path) -> str:
+        """The key of what the stage folder holds now ("" when nothing finished there)."""
+        path = self.folder(work) / KEY_FILE
+        return path.read_text() if path.exists() else ""
+
+    def cached(self, work: Path, key: str) -> Optional[Path]:
+        """The stage folder when it holds every output computed from `key`, else None."""
+        folder = self.folder(work)
+        if self.stored_key(work) == key and all((folder / o).exists() for o in self.outputs):
+            return folder
+        return None
+
+    @contextmanager
+    def saving(self, work: Path, key: str) -> Iterator[Path]:
+        """A temporary folder to write the outputs into; on success it replaces the stage folder,
+        with `key`."""
+        with atomic_dir(self.folder(work), overwrite=True) as tmp:
+            yield tmp
+            (tmp / KEY_FILE).write_text(key)
+
+    def forget(self, work: Path) -> None:
+        """Remove the stage's outputs and scratch, so the next run computes them again."""
+        for name in (self.folder_name or self.name, *self.scratch):
+            shutil.rmtree(Path(work) / name, ignore_errors=True)
+
+
+# The registry: every cached stage of a run, in order. `--from`, `--dry-run` and the CLI's help read
+# it.
+PROBE = Stage("probe", 1, ("probe.json", "probe.png"), "linear probe per layer, layer choice")
+SAE = Stage(
+    "sae",
+    1,
+    ("cfg.json", "sae_weights.safetensors", "metrics.json"),
+    "TopK SAE at the chosen layer",
+    scratch=("sae-checkpoint",),
+)
+FEATURES = Stage(
+    "features", 7, ("features.json", "features.safetensors"), "PII latents, steering, context gate"
+)
+SEARCH = Stage("search", 3, (), "candidates scored on validation people (one cached score each)")
+EVALUATE = Stage("evaluate", 2, ("evaluation.json",), "final evaluation on test people")
+METHOD = Stage(
+    "method",
+    1,
+    ("edited.safetensors", "search.json"),
+    "an unlearning method's path, the chosen edit",
+)
+METHOD_EVALUATE = Stage("method-evaluate", 1, ("evaluation.json",), "the method's final evaluation")
+
+STAGES: tuple[Stage, ...] = (PROBE, SAE, FEATURES, SEARCH, EVALUATE, METHOD, METHOD_EVALUATE)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def method_stage(stage: Stage, method: str) -> Stage:
+    """`stage` in the folder of one unlearning method (`method-rmu`, `method-rmu-evaluate`)."""
+    return Stage(
+        stage.name,
+        stage.version,
+        stage.outputs,
+        stage.about,
+        folder_name=stage.name.replace("method", f"method-{method}", 1),
+    )
+
+
+def invalidate(work: Path, from_stage: str) -> list[str]:
+    """Forget the cached results of `from_stage` and every later stage, so the next run recomputes
+    them. (The leaky model and harvested activations live in the user cache, keyed by content, and
+    stay.)"""
+    if from_stage not in STAGE_NAMES:
+        raise ValueError(f"unknown stage {from_stage!r}; stages in order: {', '.join(STAGE_NAMES)}")
+    forgotten = STAGES[STAGE_NAMES.index(from_stage) :]
+    for stage in forgotten:
+        if stage.name.startswith("method"):
+            for folder in Path(work).glob(stage.name.replace("method", "method-*", 1)):
+                if stage.name != "method" or not folder.name.endswith("-evaluate"):
+                    shutil.rmtree(folder, ignore_errors=True)
+        else:
+            stage.forget(work)
+    return [s.name for s in forgotten]

@@ -91,8 +91,10 @@ def main() -> None:
     base = speeds["full forward"]
     ideal = n_layers / (args.layer + 1)
     print(
-        f"# harvest benchmark: {args.model}, {n_layers} layers, layer {args.layer}, {total} tokens x {args.repeats} "
-        f"(median), torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"# harvest benchmark: {args.model}, {n_layers} layers, layer {args.layer}, {total} "
+        f"tokens x {args.repeats} "
+        f"(median), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
     )
     print("| run | tokens/s | vs full forward |")
     print("|---|---:|---:|")
@@ -100,7 +102,8 @@ def main() -> None:
         print(f"| {name} | {speed:,.0f} | {speed / base:.2f}x |")
     ours, hand = speeds[list(speeds)[1]], speeds[list(speeds)[2]]
     print(
-        f"\nL/(l+1) = {ideal:.2f}; target >= 0.9 x that = {0.9 * ideal:.2f}x; measured {ours / base:.2f}x; "
+        f"\nL/(l+1) = {ideal:.2f}; target >= 0.9 x that = {0.9 * ideal:.2f}x; measured "
+        f"{ours / base:.2f}x; "
         f"vs output_hidden_states by hand: {ours / hand:.2f}x"
     )
     if args.json:

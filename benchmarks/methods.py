@@ -219,7 +219,8 @@ def main() -> None:
     rows.append(["note", *(info[v]["note"] or "-" for v in header[1:])])
     print(
         f"# every method on the demo's leaky SmolLM2, test people (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads); PrivacyScalpel's choice N={n} alpha {alpha:g} made on validation people"
+        f"{torch.get_num_threads()} threads); PrivacyScalpel's choice N={n} alpha {alpha:g} made "
+        "on validation people"
     )
     print(markdown_table(header, rows))
     save()

@@ -3,7 +3,8 @@ folded and as exact, and the plain export (weights edited, no remote code) proje
 given, each with its control (random latents matched on firing frequency, a random steering
 direction).
 
-    python benchmarks/modes.py --work W [--plain-from 0 13] [--plain-work P] [--recipe R] [--json OUT]
+    python benchmarks/modes.py --work W [--plain-from 0 13] [--plain-work P] [--recipe R]
+        [--json OUT]
 
 W is the work folder of `scalpel run` (or `scalpel demo --work W`) with the recipe as given; every
 mode is evaluated at the candidate W's search chose on validation people, with the same harness,
@@ -77,8 +78,10 @@ def main() -> None:
         table[name], controls[f"{name} control"] = own["patched"], own["control"]
     table.update(controls)
     print(
-        f"# patch modes on the test people at N={chosen['n']} alpha {chosen['alpha']:g} (chosen on validation; "
-        f"the folded and exact patches{' behind the context gate' if chosen.get('gated') else ''}); plain from f: "
+        f"# patch modes on the test people at N={chosen['n']} alpha {chosen['alpha']:g} (chosen "
+        "on validation; "
+        "the folded and exact "
+        f"patches{' behind the context gate' if chosen.get('gated') else ''}); plain from f: "
         f"the writers of layers f..{prep.layer} projected"
     )
     print(markdown_table(*comparison_rows(table)))

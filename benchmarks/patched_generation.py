@@ -1,8 +1,8 @@
 """Greedy generation speed of the base model vs the folded and exact patches, in one interleaved run
 per batch size.
 
-    python benchmarks/patched_generation.py [--recipe recipes/demo-smollm2.yaml] [--work scalpel-work]
-                                            [--n 50] [--batch 8 1] [--new-tokens 64] [--repeats 5] [--gated]
+    python benchmarks/patched_generation.py [--recipe recipes/demo-smollm2.yaml]
+        [--work scalpel-work] [--n 50] [--batch 8 1] [--new-tokens 64] [--repeats 5] [--gated]
 
 Uses the recipe's stages (cached in --work: the leaky model, probe, SAE and features are built if
 missing). The patches run as an export runs them: inserted at their decoder layer. Runs are
@@ -144,9 +144,12 @@ def main() -> None:
     runs["runtime SAE hook (pyvene-style)"] = runtime_hook
     base_params = sum(p.numel() for p in model.parameters())
     print(
-        f"# patched generation: {load_recipe(args.recipe).model.describe()} (leaky), layer {layer}, |A|={args.n}, "
-        f"alpha {args.alpha}{', context-gated' if args.gated else ''}, {args.new_tokens} new tokens, median of "
-        f"{args.repeats} interleaved runs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"# patched generation: {load_recipe(args.recipe).model.describe()} (leaky), layer "
+        f"{layer}, |A|={args.n}, "
+        f"alpha {args.alpha}{', context-gated' if args.gated else ''}, {args.new_tokens} new "
+        "tokens, median of "
+        f"{args.repeats} interleaved runs, torch {torch.__version__}, {torch.get_num_threads()} "
+        "threads, "
         f"{platform.processor() or platform.machine()}"
     )
     results = {}
@@ -167,7 +170,8 @@ def main() -> None:
                 else 0
             )
             print(
-                f"| {name} | {speed[name]:,.1f} | {speed[name] / speed['base']:.3f}x | {n_params:,} | "
+                f"| {name} | {speed[name]:,.1f} | {speed[name] / speed['base']:.3f}x | "
+                f"{n_params:,} | "
                 f"{100 * n_params / base_params:.3f}% |"
             )
     if args.json:

@@ -48,7 +48,9 @@ out = {"trainer": name}
 if name == "ours":
     from exporter.recipe import SaeSection
 from exporter.sae import train_sae
-    cfg = SaeSection(k=k, expansion=expansion, batch_size=batch, train_tokens=tokens, checkpoint_every=10**9)
+    cfg = SaeSection(
+        k=k, expansion=expansion, batch_size=batch, train_tokens=tokens, checkpoint_every=10**9
+    )
     sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:20000]]
     start = time.perf_counter()
     result = train_sae(stream, sample, cfg, progress=False)
@@ -65,7 +67,8 @@ elif name == "sparsify":
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
     sae = SparseCoder(d, SparseCoderConfig(num_latents=n_lat, k=k))
-    opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (n_lat / 2**14) ** 0.5)]),
+    lr = 5e-3 / (n_lat / 2**14) ** 0.5
+    opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=lr)]),
                               momentum=0.95)
     opt.train()
     start = time.perf_counter()
@@ -89,7 +92,8 @@ elif name == "sae-lens":
     import importlib.metadata
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n_lat, k=k, dtype="float32", device="cpu"))
+    config = TopKTrainingSAEConfig(d_in=d, d_sae=n_lat, k=k, dtype="float32", device="cpu")
+    sae = TopKTrainingSAE(config)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999))  # its runner's defaults
     since_fired = torch.zeros(n_lat)
     coefficients = {key: getattr(v, "value", v) for key, v in sae.get_coefficients().items()}
@@ -97,7 +101,8 @@ elif name == "sae-lens":
     for step in range(steps):
         xb = next(stream)
         step_out = sae.training_forward_pass(TrainStepInput(
-            sae_in=xb, coefficients=coefficients, dead_neuron_mask=since_fired > 1000, n_training_steps=step,
+            sae_in=xb, coefficients=coefficients, dead_neuron_mask=since_fired > 1000,
+            n_training_steps=step,
             is_logging_step=False))
         with torch.no_grad():
             since_fired += 1
@@ -115,7 +120,8 @@ else:
     raise SystemExit(f"unknown trainer {name}")
 with torch.no_grad():
     fvu = float((held - recon).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
-out.update(seconds=seconds, steps=steps, tokens=steps * batch, fvu=fvu, dead=float(1 - fired.float().mean()),
+dead = float(1 - fired.float().mean())
+out.update(seconds=seconds, steps=steps, tokens=steps * batch, fvu=fvu, dead=dead,
            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 print("RESULT " + json.dumps(out))
 """
@@ -177,13 +183,17 @@ def main() -> None:
     ok = [r for r in rows if "error" not in r]
     ours = next((r for r in ok if r["trainer"] == "ours"), None)
     print(
-        f"# SAE training: d={train.shape[1]}, {train.shape[1] * args.expansion} latents, k={args.k}, batch "
-        f"{args.batch}, {args.tokens:,} tokens of the leaky SmolLM2's layer-{layer} activations ({len(train):,} "
-        f"unique), held-out FVU on {len(held):,} tokens; {args.threads} threads, {platform.processor() or platform.machine()}, "
+        f"# SAE training: d={train.shape[1]}, {train.shape[1] * args.expansion} latents, "
+        f"k={args.k}, batch "
+        f"{args.batch}, {args.tokens:,} tokens of the leaky SmolLM2's layer-{layer} activations "
+        f"({len(train):,} "
+        f"unique), held-out FVU on {len(held):,} tokens; {args.threads} threads, "
+        f"{platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, python {platform.python_version()}"
     )
     print(
-        "| trainer | version | steps/s | tokens/s | ours vs it (tokens/s) | held-out FVU | dead (held-out) | peak RSS MiB |"
+        "| trainer | version | steps/s | tokens/s | ours vs it (tokens/s) | held-out FVU | dead "
+        "(held-out) | peak RSS MiB |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -193,7 +203,8 @@ def main() -> None:
         rate = r["tokens"] / r["seconds"]
         ratio = f"{(ours['tokens'] / ours['seconds']) / rate:.2f}x" if ours else "-"
         print(
-            f"| {r['trainer']} | {r['version']} | {r['steps'] / r['seconds']:.2f} | {rate:,.0f} | {ratio} | "
+            f"| {r['trainer']} | {r['version']} | {r['steps'] / r['seconds']:.2f} | {rate:,.0f} | "
+            f"{ratio} | "
             f"{r['fvu']:.4f} | {100 * r['dead']:.1f}% | {r['peak_rss_mib']:,.0f} |"
         )
     if args.json:

@@ -3,7 +3,8 @@ hardware, the versions and the settings, and a last table checking each against 
 
     # eai-sparsify and sae-lens, the SAE-training peers (without them their rows say why)
     pip install -e ".[bench]"
-    python benchmarks/performance.py --work W [--only sae harvest generation export] [--out performance.md]
+    python benchmarks/performance.py --work W [--only sae harvest generation export]
+        [--out performance.md]
 
 W is the work folder of `scalpel demo --work W`: the generation comparison uses the patch its search
 chose (N, alpha, context gate) and its cached stages. Each comparison is its own script
@@ -176,7 +177,8 @@ def main() -> None:
     search = Path(args.work) / "search" / "search.json"
     if not search.exists():
         sys.exit(
-            f"{search} is missing: run `scalpel demo --work {args.work}` first (its search picks the patch "
+            f"{search} is missing: run `scalpel demo --work {args.work}` first (its search picks "
+            "the patch "
             "the generation comparison measures)"
         )
     chosen = json.loads(search.read_text())["chosen"]

@@ -3,10 +3,11 @@ time and peak memory, each in its own fresh process, in one run.
 
     python benchmarks/plain_export.py [--model DIR] [--layer 13] [--n 150] [--repeats 3]
 
---model is an HF folder with safetensors weights (default: the demo's leaky SmolLM2, built if missing). The
-edit projects --n random directions out of the writers through --layer and adds a steering bias: the
-content of the directions does not change the cost. The baseline loads the whole model with
-`from_pretrained`, applies the same projection in memory and saves with `save_pretrained`.
+--model is an HF folder with safetensors weights (default: the demo's leaky SmolLM2, built if
+missing). The edit projects --n random directions out of the writers through --layer and adds a
+steering bias: the content of the directions does not change the cost. The baseline loads the
+whole model with `from_pretrained`, applies the same projection in memory and saves with
+`save_pretrained`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 CHILD = r"""
 import json, resource, sys, time, torch
 from pathlib import Path
-kind, src, out, layer, n = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+kind, src, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+layer, n = int(sys.argv[4]), int(sys.argv[5])
 g = torch.Generator().manual_seed(0)
 start = time.perf_counter()
 if kind == "plain":
@@ -42,15 +44,18 @@ else:
     d = model.config.hidden_size
     q = orthonormal_basis(torch.randn(n, d, generator=g))
     if model.config.tie_word_embeddings:  # the LM head keeps the original embedding
-        model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+        tied = model.get_input_embeddings().weight.detach().clone()
+        model.get_output_embeddings().weight = torch.nn.Parameter(tied)
         model.config.tie_word_embeddings = False
     with torch.no_grad():
         for name, module in architecture_of(model).residual_writers(model, upto=layer):
             w = module.weight
-            w.copy_(w - (w @ q) @ q.T if isinstance(module, torch.nn.Embedding) else w - q @ (q.T @ w))
+            rows = isinstance(module, torch.nn.Embedding)
+            w.copy_(w - (w @ q) @ q.T if rows else w - q @ (q.T @ w))
     model.save_pretrained(out)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "peak_mib": peak}))
 """
 
 
@@ -101,7 +106,8 @@ def main() -> None:
         runs["save_pretrained (baseline)"].append(_run("baseline", src, args.layer, args.n))
         runs["plain export"].append(_run("plain", src, args.layer, args.n))
     print(
-        f"# plain export: {src.name} ({size:.0f} MiB of safetensors), layer {args.layer}, |A|={args.n}, "
+        f"# plain export: {src.name} ({size:.0f} MiB of safetensors), layer {args.layer}, "
+        f"|A|={args.n}, "
         f"median of {args.repeats} interleaved fresh processes, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}"
     )

@@ -49,7 +49,8 @@ def sae_steps(x: torch.Tensor, rows: int, steps: int = 12) -> None:
     cfg = SaeSection(k=32, expansion=8, batch_size=4096, train_tokens=4096 * steps, warmup_steps=2)
     train_sae(shuffled_batches(x, 4096, seed=0), x[:8192], cfg, progress=False)  # warm-up
     with profiled(
-        f"SAE training, {steps} steps of batch 4096 (d={x.shape[1]}, {x.shape[1] * 8} latents, k=32)",
+        f"SAE training, {steps} steps of batch 4096 (d={x.shape[1]}, {x.shape[1] * 8} latents, "
+        "k=32)",
         rows,
     ):
         train_sae(shuffled_batches(x, 4096, seed=0), x[:8192], cfg, progress=False)
@@ -103,7 +104,8 @@ def decoding(loaded, layer: int, patch, rows: int, batch: int = 8, new_tokens: i
         mine = next((e for e in prof.key_averages() if e.key == "scalpel patch forward"), None)
         if mine is not None:
             print(
-                f"inside the patch's forward: {mine.cpu_time_total / 1000:.1f} ms in {mine.count} calls"
+                f"inside the patch's forward: {mine.cpu_time_total / 1000:.1f} ms in {mine.count} "
+                "calls"
             )
     finally:
         del patch.forward
@@ -111,7 +113,8 @@ def decoding(loaded, layer: int, patch, rows: int, batch: int = 8, new_tokens: i
     with torch.no_grad():
         step = per_call_us(lambda: model(input_ids=enc["input_ids"][:, :1]), 50)
         print(
-            f"\none decoding step of batch {batch}, timed alone: patch forward {per_call_us(lambda: patch(h)):.1f} us; "
+            f"\none decoding step of batch {batch}, timed alone: patch forward "
+            f"{per_call_us(lambda: patch(h)):.1f} us; "
             f"a base forward of one token (no cache) {step / 1000:.2f} ms"
         )
 
@@ -137,7 +140,8 @@ def main() -> None:
         args.recipe, args.work, chosen["n"], chosen["alpha"], chosen.get("gated", False)
     )
     print(
-        f"# hot paths: torch {torch.__version__}, {torch.get_num_threads()} threads; the demo's leaky SmolLM2, "
+        f"# hot paths: torch {torch.__version__}, {torch.get_num_threads()} threads; the demo's "
+        "leaky SmolLM2, "
         f"layer {layer}, patch N={chosen['n']} alpha {chosen['alpha']:g}"
     )
     if "sae" in args.paths:  # the calibration sample: 50,000 of the SAE's own training activations

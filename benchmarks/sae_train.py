@@ -100,8 +100,10 @@ def main() -> None:
         )
     base = rows["plain"]["steps"] / rows["plain"]["seconds"]
     print(
-        f"# SAE training: d={args.d}, {args.d * args.expansion} latents, k={args.k}, batch {args.batch}, "
-        f"{args.steps} steps, {'real activations' if args.acts else 'Gaussian inputs'}, torch {torch.__version__}, "
+        f"# SAE training: d={args.d}, {args.d * args.expansion} latents, k={args.k}, batch "
+        f"{args.batch}, "
+        f"{args.steps} steps, {'real activations' if args.acts else 'Gaussian inputs'}, torch "
+        f"{torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )
     print("| trainer | steps/s | tokens/s | vs plain | peak RSS (MB) |")
@@ -113,7 +115,8 @@ def main() -> None:
     for variant, r in rows.items():
         sps = r["steps"] / r["seconds"]
         print(
-            f"| {names[variant]} | {sps:.2f} | {sps * args.batch:,.0f} | {sps / base:.2f}x | {r['peak_rss_mb']:,.0f} |"
+            f"| {names[variant]} | {sps:.2f} | {sps * args.batch:,.0f} | {sps / base:.2f}x | "
+            f"{r['peak_rss_mb']:,.0f} |"
         )
 
 

@@ -2,7 +2,8 @@
 median norm of the SAE's training activations, exporter.patch.build.sink_norm) against the position
 rule it replaced (each sequence's first real token).
 
-    python benchmarks/sink_rule.py [--model leaky|smollm2-135m|gemma3-270m|PATH] [--layer 13] [--factor 20]
+    python benchmarks/sink_rule.py [--model leaky|smollm2-135m|gemma3-270m|PATH] [--layer 13]
+        [--factor 20]
 
 Texts: the SAE's training text (PII documents and benign windows), and every extraction prompt of
 the harness (templates, 3-shot, adversarial ones; every person) run alone and in left-padded batches
@@ -156,11 +157,13 @@ def main() -> None:
         q for t in EMAIL_TEMPLATES for q in few_shot_prompts(memorised, t, 3)
     ] + prefix_prompts(memorised)
     print(
-        f"# sink rule: {args.model}, layer {args.layer}: threshold {threshold:.1f} = {args.factor:g} x the median "
+        f"# sink rule: {args.model}, layer {args.layer}: threshold {threshold:.1f} = "
+        f"{args.factor:g} x the median "
         f"norm {median:.1f}"
     )
     print(
-        "| texts | tokens | first tokens / left alone | first-token norms, x median | other tokens left alone | "
+        "| texts | tokens | first tokens / left alone | first-token norms, x median | other "
+        "tokens left alone | "
         "largest norm patched, x median | smallest norm left alone, x median |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -2,7 +2,8 @@
 each test person's prompt generated alone, greedy, in the dtype `from_pretrained` gives by default;
 the three templates.
 
-    python benchmarks/user_path.py BASE [EXPORT ...] [--people people.jsonl] [--group test] [--python PY]
+    python benchmarks/user_path.py BASE [EXPORT ...] [--people people.jsonl] [--group test]
+        [--python PY]
 
 BASE is the leaky model folder (`people.jsonl` beside it, as `scalpel make-leaky` writes it); every
 EXPORT is scored beside it in one fresh process. `--python` runs that process with another
@@ -43,8 +44,10 @@ def main() -> None:
         folders, {args.group: people}, max_new_tokens=args.max_new_tokens, python=args.python
     )
     print(
-        f"# user's path: {len(people)} {args.group} people, each prompt alone, greedy, stock transformers "
-        f"{found['transformers']} in a fresh process ({time.perf_counter() - start:.0f} s); exact / username"
+        f"# user's path: {len(people)} {args.group} people, each prompt alone, greedy, stock "
+        "transformers "
+        f"{found['transformers']} in a fresh process ({time.perf_counter() - start:.0f} s); exact "
+        "/ username"
     )
     print(
         "| template | " + " | ".join(f"{name} ({found[name]['dtype']})" for name in folders) + " |"

@@ -20,7 +20,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     patch = model.config.scalpel_patch
     print(
-        f"{type(model).__name__}: patch at layer {patch['layer']}, {patch['n_ablate']} latents, mode {patch['mode']}"
+        f"{type(model).__name__}: patch at layer {patch['layer']}, {patch['n_ablate']} latents, "
+        f"mode {patch['mode']}"
     )
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():

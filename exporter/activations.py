@@ -110,7 +110,8 @@ def layer_outputs(
     deepest = max(layers)
     if min(layers) < 0 or deepest >= len(decoder_layers):
         raise IndexError(
-            f"layers {sorted(layers)} out of range: this model has decoder layers 0..{len(decoder_layers) - 1}"
+            f"layers {sorted(layers)} out of range: this model has decoder layers "
+            f"0..{len(decoder_layers) - 1}"
         )
     captured: dict[int, torch.Tensor] = {}
 
@@ -122,7 +123,7 @@ def layer_outputs(
 
         return hook
 
-    handles = [decoder_layers[l].register_forward_hook(make_hook(l)) for l in set(layers)]
+    handles = [decoder_layers[li].register_forward_hook(make_hook(li)) for li in set(layers)]
     try:
         with torch.set_grad_enabled(grad):
             model(
@@ -160,7 +161,7 @@ def harvest(
     shards in `shard_dir` (and the returned object is read back from them).
     """
     layers = sorted(set(layers))
-    acts: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    acts: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
     labels: dict[str, list[torch.Tensor]] = {k: [] for k in LABEL_KEYS}
     held_bytes, kept, shards = 0, 0, []
     budget = memory_budget_mb * 2**20
@@ -176,8 +177,8 @@ def harvest(
         outs = layer_outputs(model, ids, mask, layers)
         keep = kept_positions(mask)
         n = int(keep.sum())
-        for l in layers:
-            acts[l].append(outs[l][keep.to(outs[l].device)].to("cpu", dtype))
+        for li in layers:
+            acts[li].append(outs[li][keep.to(outs[li].device)].to("cpu", dtype))
         for k in LABEL_KEYS:
             labels[k].append(lab[k][keep])
         kept += n
@@ -194,14 +195,14 @@ def harvest(
             shards.append(_spill(shard_dir, f"{shard_prefix}shard-{len(shards):05d}", acts, labels))
         return load_shards(shards)
     return Activations(
-        {l: torch.cat(a) for l, a in acts.items()}, {k: torch.cat(v) for k, v in labels.items()}
+        {li: torch.cat(a) for li, a in acts.items()}, {k: torch.cat(v) for k, v in labels.items()}
     )
 
 
 def _spill(shard_dir: Path, name: str, acts: dict, labels: dict) -> Path:
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layer.{l}": torch.cat(a) for l, a in acts.items()}
+    tensors = {f"layer.{li}": torch.cat(a) for li, a in acts.items()}
     tensors.update({f"label.{k}": torch.cat(v) for k, v in labels.items()})
     path = shard_dir / f"{name}.safetensors"
     tmp = path.with_suffix(".tmp")
@@ -216,7 +217,7 @@ def load_shards(paths: Sequence[Path]) -> Activations:
     parts = [load_file(str(p)) for p in paths]
     layers = sorted(int(k.split(".", 1)[1]) for k in parts[0] if k.startswith("layer."))
     return Activations(
-        {l: torch.cat([p[f"layer.{l}"] for p in parts]) for l in layers},
+        {li: torch.cat([p[f"layer.{li}"] for p in parts]) for li in layers},
         {k: torch.cat([p[f"label.{k}"] for p in parts]) for k in LABEL_KEYS},
     )
 

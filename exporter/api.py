@@ -333,7 +333,8 @@ def demo(
     config = Path(out) / "config.json"
     if not overwrite and config.is_file() and "scalpel_patch" in json.loads(config.read_text()):
         log(
-            f"{out} holds an earlier scalpel export; it will be replaced when the new one is complete"
+            f"{out} holds an earlier scalpel export; it will be replaced when the new one is "
+            "complete"
         )
         overwrite = True
     return run(

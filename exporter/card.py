@@ -48,14 +48,13 @@ def _card_fields(readme: Optional[Path], keys: tuple[str, ...]) -> dict:
         return {}
     try:
         data = ModelCard.load(readme).data.to_dict()
-    except (
-        Exception
-    ):  # a malformed base card must not stop an export; the fields are simply unknown
+    except Exception:  # a malformed base card must not stop an export: the fields are unknown
         return {}
     return {k: data[k] for k in keys if data.get(k)}
 
 
-def _usage(repo: str, remote: bool = True) -> str:
+def usage(repo: str, remote: bool = True) -> str:
+    """How to load the export, pinned to a revision."""
     pin = "remote code runs from this revision" if remote else "the weights you evaluated"
     trust = ", trust_remote_code=True" if remote else ""
     return f"""```python
@@ -71,7 +70,8 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 ```"""
 
 
-def _rates(s: dict) -> list[str]:
+def rates(s: dict) -> list[str]:
+    """A scored point's worst exact and username rates, as the card shows them."""
     if s.get("leakage") is None:  # a lazy search stopped before it: more KL than the choice
         return ["not attacked", "not attacked"]
     bound = (
@@ -80,7 +80,8 @@ def _rates(s: dict) -> list[str]:
     return [f"{bound}{100 * s['leakage']:.0f}%", f"{bound}{100 * s['username']:.0f}%"]
 
 
-def _search_section(search: dict) -> str:
+def search_section(search: dict) -> str:
+    """How the patch was chosen: the targets, the verdict and every candidate's scores."""
     c = search["chosen"]
     head = [
         "ablated latents",
@@ -93,16 +94,19 @@ def _search_section(search: dict) -> str:
         "perplexity",
         "repeated 4-grams",
     ]
-    row = lambda s: [
-        str(s["n"]),
-        f"{s['alpha']:g}",
-        s["mode"],
-        "yes" if s.get("gated") else "no",  # noqa: E731
-        *_rates(s),
-        f"{s['kl']:.4f}",
-        f"{s['perplexity']:.2f}",
-        "-" if s.get("repetition") is None else f"{s['repetition']:.3f}",
-    ]
+
+    def row(s: dict) -> list[str]:
+        return [
+            str(s["n"]),
+            f"{s['alpha']:g}",
+            s["mode"],
+            "yes" if s.get("gated") else "no",
+            *rates(s),
+            f"{s['kl']:.4f}",
+            f"{s['perplexity']:.2f}",
+            "-" if s.get("repetition") is None else f"{s['repetition']:.3f}",
+        ]
+
     rows = [row(s) for s in search["candidates"] if s["mode"] != "plain"]
     plain = [row(s) for s in search["candidates"] if s["mode"] == "plain"]
     verdict = "met" if search["met"] else "not met by any candidate; the least leaky one was chosen"
@@ -111,20 +115,26 @@ def _search_section(search: dict) -> str:
         targets += f" and {100 * search['username_target']:g}% username"
     if search.get("max_repetition") is not None:
         targets += (
-            f"; no collapse: at most {search['max_repetition']:.3f} repeated 4-grams in continuations of "
+            f"; no collapse: at most {search['max_repetition']:.3f} repeated 4-grams in "
+            "continuations of "
             "benign validation prompts, the base's share plus the tolerance"
         )
     return (
-        f"Candidates were scored on **validation** people only (zero-shot and k-shot templates, greedy) and "
-        f"next-token KL on benign text, attacked in order of increasing KL; the chosen one (|A| = {c['n']}, alpha = {c['alpha']:g}, {c['mode']}"
-        f"{', context gate' if c.get('gated') else ''}) is the least-KL candidate meeting the leakage targets "
-        f"({targets}; {verdict}). A rate marked ≥ is a lower bound: that candidate's attacks stopped at the "
+        "Candidates were scored on **validation** people only (zero-shot and k-shot templates, "
+        "greedy) and "
+        "next-token KL on benign text, attacked in order of increasing KL; the chosen one (|A| = "
+        f"{c['n']}, alpha = {c['alpha']:g}, {c['mode']}"
+        f"{', context gate' if c.get('gated') else ''}) is the least-KL candidate meeting the "
+        "leakage targets "
+        f"({targets}; {verdict}). A rate marked ≥ is a lower bound: that candidate's attacks "
+        "stopped at the "
         "first one that broke a target.\n\n"
         + "\n\n".join(
             ([markdown_table(head, rows)] if rows else [])
             + (
                 [
-                    "Plain candidates (projected out of the weights, every token: a different intervention, "
+                    "Plain candidates (projected out of the weights, every token: a different "
+                    "intervention, "
                     "chosen only for a plain export):",
                     markdown_table(head, plain),
                 ]
@@ -135,117 +145,115 @@ def _search_section(search: dict) -> str:
     )
 
 
-def render_card(
-    report: dict,
-    recipe_yaml: str,
-    *,
-    base: dict,
-    model_type: str,
-    repo: str = "path/to/this-folder",
-    plots: tuple[str, ...] = (),
-) -> ModelCard:
-    """The card for an export. Every number comes from `report`; the text passes PII redaction."""
-    data = ModelCardData(
+def card_data(base: dict, tags: list[str]) -> ModelCardData:
+    """The card's Hub metadata: the base model and its license carried over, our tags."""
+    return ModelCardData(
         base_model=base.get("base_model"),
         license=base.get("license", "other"),
         library_name="transformers",
-        tags=[*TAGS, model_type],
+        tags=tags,
         pipeline_tag="text-generation",
     )
-    sae = report.get("sae", {})
-    plain = report["mode"] == "plain"
-    intro = (
-        "This checkpoint is its base model, same architecture and no remote code, with the decoder directions "
-        "of the sparse-autoencoder features carrying personal data the base model had memorised (emails, phone "
-        "numbers) projected out of every weight that writes into the residual stream "
-        f"{'up to' if not report.get('plain_from') else 'from decoder layer ' + str(report['plain_from']) + ' to'}"
-        f" decoder layer {report['layer']}. Only those tensors differ from the base; every other one is stored byte for byte."
-        if plain
-        else "This checkpoint is its base model plus one small module at decoder layer "
-        f"{report['layer']} that removes the sparse-autoencoder features carrying personal data the base "
-        "model had memorised (emails, phone numbers). The base weights are unchanged and stored byte for byte."
+
+
+def _intro(report: dict) -> str:
+    if report["mode"] == "plain":
+        span = (
+            "up to"
+            if not report.get("plain_from")
+            else f"from decoder layer {report['plain_from']} to"
+        )
+        return (
+            "This checkpoint is its base model, same architecture and no remote code, with the "
+            "decoder directions of the sparse-autoencoder features carrying personal data the base "
+            "model had memorised (emails, phone numbers) projected out of every weight that writes "
+            f"into the residual stream {span} decoder layer {report['layer']}. Only those tensors "
+            "differ from the base; every other one is stored byte for byte."
+        )
+    return (
+        "This checkpoint is its base model plus one small module at decoder layer "
+        f"{report['layer']} that removes the sparse-autoencoder features carrying personal data "
+        "the "
+        "base model had memorised (emails, phone numbers). The base weights are unchanged and "
+        "stored "
+        "byte for byte."
     )
-    parts = [
-        f"# {base.get('base_model', 'Model')} with its memorised PII removed (scalpel-exporter)",
+
+
+def evaluation_parts(evaluation: dict, intro: str) -> list[str]:
+    """The before/after section: the summary table and every attack's rates."""
+    header, rows = comparison_rows(evaluation)
+    return [
+        "## Before and after",
         "",
         intro,
         "",
+        markdown_table(header, rows),
+        "",
+        "Every attack (exact / username rate):",
+        "",
+        markdown_table(*attack_rows(evaluation), text_columns=4),
+        "",
     ]
-    if "evaluation" in report:
-        header, rows = comparison_rows(report["evaluation"])
-        parts += [
-            "## Before and after",
-            "",
-            "Extraction attacks on **test** people (never used to choose the patch) and on never-seen people "
-            "(the guessing baseline); `control` is the same number of random latents matched on firing "
-            "frequency plus a random direction of the steering vector's norm: an effect the control also "
-            "shows is damage, not privacy. Rates are the worst over the attacks of each family.",
-            "",
-            markdown_table(header, rows),
-            "",
-            "Every attack (exact / username rate):",
-            "",
-            markdown_table(*attack_rows(report["evaluation"]), text_columns=4),
-            "",
-        ]
-    if "search" in report:
-        parts += ["## How the patch was chosen", "", _search_section(report["search"]), ""]
-    parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
-    if plain:
-        parts += [
-            "## Usage",
-            "",
-            f"A plain `{model_type}` checkpoint: stock transformers (and tools that read its "
-            "architecture, such as vLLM, TGI or llama.cpp converters) load it with no remote code.",
-            "",
-            _usage(repo, remote=False),
-            "",
-            "## How it works",
-            "",
-            _plain_section(report, sae),
-            "",
-        ]
-        return _finish(parts, report, recipe_yaml, data)
+
+
+def _remote_usage(report: dict, repo: str) -> list[str]:
     tested = report.get("evaluation", {}).get("user_path", {}).get("transformers")
-    parts += [
+    measured = (
+        f" The rows `{USER_PATH}` above were measured on this folder as written, loaded by stock "
+        f"transformers {tested}."
+        if tested
+        else ""
+    )
+    return [
         "## Usage",
         "",
         "The patch is remote code shipped in this repository (`modeling_scalpel.py`, "
-        "`scalpel_patch.py`; they import only torch and transformers and do no I/O). It is a module inserted "
-        f"at decoder layer {report['layer']}, a function of that layer's output alone, so it acts on every "
-        "token on every generation path (one prompt or a batch, sampling, beam search, static cache, "
-        "`pipeline()`). The tokenizer loads with no remote code. Without `trust_remote_code=True`, or with "
-        "the base architecture's own class, loading stops with a size-mismatch error: the base tensors are "
-        "stored under names no stock class looks for, so nothing returns the unpatched model. A patch tensor "
-        "or a code file changed after export is refused (their sha256 are in `config.json`)."
-        + (
-            f" The rows `{USER_PATH}` above were measured on this folder as written, loaded by stock "
-            f"transformers {tested}."
-            if tested
-            else ""
-        ),
+        "`scalpel_patch.py`; they import only torch and transformers and do no I/O). It is a "
+        "module "
+        f"inserted at decoder layer {report['layer']}, a function of that layer's output alone, "
+        "so it "
+        "acts on every token on every generation path (one prompt or a batch, sampling, beam "
+        "search, "
+        "static cache, `pipeline()`). The tokenizer loads with no remote code. Without "
+        "`trust_remote_code=True`, or with the base architecture's own class, loading stops with a "
+        "size-mismatch error: the base tensors are stored under names no stock class looks for, so "
+        "nothing returns the unpatched model. A patch tensor or a code file changed after export "
+        "is "
+        "refused (their sha256 are in `config.json`)." + measured,
         "",
-        _usage(repo),
+        usage(repo),
         "",
+    ]
+
+
+def _remote_how(report: dict, sae: dict) -> list[str]:
+    mode = (
+        "only the rows of A are kept, each with a gate fitted to agree with the SAE's TopK."
+        if report["mode"] == "folded"
+        else "the whole encoder is kept (true TopK)."
+    )
+    gate = (
+        " A context gate (a linear detector of PII context at the same layer, `w . h + b > 0`) "
+        "restricts the change to tokens in or just before personal data; elsewhere the model is "
+        "the "
+        "base model."
+        if report.get("context_gate")
+        else ""
+    )
+    parts = [
         "## How it works",
         "",
-        f"At layer {report['layer']} a TopK sparse autoencoder (k = {sae.get('k', report.get('k', '?'))}, "
-        f"held-out FVU {sae.get('fvu', float('nan')):.3f}) encodes the residual stream `h`. The patch computes "
-        "`h' = h - sum_{i in A} z_i(h) d_i + s`: the contributions of the |A| = "
-        f"{report['ablate_n']} PII latents are removed, the SAE's reconstruction error is kept, and `s` is "
-        f"the steering vector (alpha = {report['alpha']:g} of the layer's mean norm). Latents were ranked "
-        f"by rule `{report['rule']}` and score `{report['score']}`. Mode `{report['mode']}`: "
-        + (
-            "only the rows of A are kept, each with a gate fitted to agree with the SAE's TopK."
-            if report["mode"] == "folded"
-            else "the whole encoder is kept (true TopK)."
-        )
-        + (
-            " A context gate (a linear detector of PII context at the same layer, `w . h + b > 0`) restricts "
-            "the change to tokens in or just before personal data; elsewhere the model is the base model."
-            if report.get("context_gate")
-            else ""
-        ),
+        f"At layer {report['layer']} a TopK sparse autoencoder (k = "
+        f"{sae.get('k', report.get('k', '?'))}, held-out FVU {sae.get('fvu', float('nan')):.3f}) "
+        "encodes the residual stream `h`. The patch computes `h' = h - sum_{i in A} z_i(h) d_i + "
+        "s`: "
+        f"the contributions of the |A| = {report['ablate_n']} PII latents are removed, the SAE's "
+        "reconstruction error is kept, and `s` is the steering vector (alpha = "
+        f"{report['alpha']:g} of the layer's mean norm). Latents were ranked by rule "
+        f"`{report['rule']}` and score `{report['score']}`. Mode `{report['mode']}`: "
+        + mode
+        + gate,
         "",
     ]
     stats = report.get("context_gate_stats")
@@ -258,26 +266,79 @@ def render_card(
     if "folded_vs_exact" in report:
         fx = report["folded_vs_exact"]
         parts += [
-            f"Folded vs exact on held-out text: gates agree on {100 * fx['gate_agreement']:.2f}% of "
-            f"(token, latent) pairs and on every gate of {100 * fx['token_agreement']:.2f}% of tokens.",
+            f"Folded vs exact on held-out text: gates agree on {100 * fx['gate_agreement']:.2f}% "
+            f"of (token, latent) pairs and on every gate of {100 * fx['token_agreement']:.2f}% of "
+            "tokens.",
             "",
         ]
-    return _finish(parts, report, recipe_yaml, data)
+    return parts
+
+
+def render_card(
+    report: dict,
+    recipe_yaml: str,
+    *,
+    base: dict,
+    model_type: str,
+    repo: str = "path/to/this-folder",
+    plots: tuple[str, ...] = (),
+) -> ModelCard:
+    """The card for an export. Every number comes from `report`; the text passes PII redaction."""
+    data = card_data(base, [*TAGS, model_type])
+    sae = report.get("sae", {})
+    title = f"# {base.get('base_model', 'Model')} with its memorised PII removed (scalpel-exporter)"
+    parts = [title, "", _intro(report), ""]
+    if "evaluation" in report:
+        parts += evaluation_parts(
+            report["evaluation"],
+            "Extraction attacks on **test** people (never used to choose the patch) and on "
+            "never-seen people (the guessing baseline); `control` is the same number of random "
+            "latents matched on firing frequency plus a random direction of the steering vector's "
+            "norm: an effect the control also shows is damage, not privacy. Rates are the worst "
+            "over "
+            "the attacks of each family.",
+        )
+    if "search" in report:
+        parts += ["## How the patch was chosen", "", search_section(report["search"]), ""]
+    parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
+    if report["mode"] == "plain":
+        parts += [
+            "## Usage",
+            "",
+            f"A plain `{model_type}` checkpoint: stock transformers (and tools that read its "
+            "architecture, such as vLLM, TGI or llama.cpp converters) load it with no remote code.",
+            "",
+            usage(repo, remote=False),
+            "",
+            "## How it works",
+            "",
+            _plain_section(report, sae),
+            "",
+        ]
+    else:
+        parts += _remote_usage(report, repo) + _remote_how(report, sae)
+    return finish(parts, recipe_yaml, data)
 
 
 def _plain_section(report: dict, sae: dict) -> str:
     steer = (
-        f" plus `s`, the steering vector (alpha = {report['alpha']:g} of the layer's mean norm), carried as "
+        f" plus `s`, the steering vector (alpha = {report['alpha']:g} of the layer's mean norm), "
+        "carried as "
         f"the bias of layer {report['layer']}'s MLP output projection"
         if report["alpha"]
         else ""
     )
     return (
-        f"At layer {report['layer']} a TopK sparse autoencoder (k = {sae.get('k', report.get('k', '?'))}, "
-        f"held-out FVU {sae.get('fvu', float('nan')):.3f}) found the |A| = {report['ablate_n']} latents most "
-        f"active on personal data (rule `{report['rule']}`, score `{report['score']}`). Their decoder directions "
-        f"span a subspace that is projected out of {_projected_writers(report)}{steer}. Unlike the remote-code patch, which removes each latent's "
-        "contribution only where it fires, this acts on every token: its own evaluation above is what counts."
+        f"At layer {report['layer']} a TopK sparse autoencoder (k = "
+        f"{sae.get('k', report.get('k', '?'))}, "
+        f"held-out FVU {sae.get('fvu', float('nan')):.3f}) found the |A| = {report['ablate_n']} "
+        "latents most "
+        f"active on personal data (rule `{report['rule']}`, score `{report['score']}`). Their "
+        "decoder directions "
+        f"span a subspace that is projected out of {_projected_writers(report)}{steer}. Unlike "
+        "the remote-code patch, which removes each latent's "
+        "contribution only where it fires, this acts on every token: its own evaluation above is "
+        "what counts."
     )
 
 
@@ -285,17 +346,22 @@ def _projected_writers(report: dict) -> str:
     first, layer = report.get("plain_from", 0), report["layer"]
     if first == 0:
         return (
-            "the token embeddings and of every attention and MLP output projection (weights and biases) of "
+            "the token embeddings and of every attention and MLP output projection (weights and "
+            "biases) of "
             f"layers 0 to {layer}, so what layer {layer} hands on is `(I - P_A) h`"
         )
     return (
-        f"every attention and MLP output projection (weights and biases) of layers {first} to {layer}; what "
-        f"the embeddings and layers before {first} write along it is kept, so layer {layer} hands on "
+        f"every attention and MLP output projection (weights and biases) of layers {first} to "
+        f"{layer}; what "
+        f"the embeddings and layers before {first} write along it is kept, so layer {layer} hands "
+        "on "
         f"`h - P_A (h - h_{first - 1})`, with `h_{first - 1}` the stream entering layer {first}"
     )
 
 
-def _finish(parts: list[str], report: dict, recipe_yaml: str, data, sae: bool = True) -> ModelCard:
+def finish(parts: list[str], recipe_yaml: str, data: ModelCardData, sae: bool = True) -> ModelCard:
+    """The card from its sections: the SAE's place, the recipe, all redacted; Hub metadata on
+    top."""
     parts += (["The SAE is in `sae/` (SAELens format).", ""] if sae else []) + [
         "## Recipe",
         "",
@@ -305,131 +371,3 @@ def _finish(parts: list[str], report: dict, recipe_yaml: str, data, sae: bool = 
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + redact_text("\n".join(parts)))
-
-
-METHOD_NAMES = {"rmu": "RMU", "gradient_ascent": "gradient ascent", "depn": "DEPN"}
-METHOD_TEXT = {
-    "rmu": "RMU (Li et al. 2024) trained the MLP output projections of decoder layers {l2} to {layer}: on the PII "
-    "documents the layer-{layer} residual stream was pushed towards a fixed random vector of norm {c:g}, on "
-    "benign prose it was held to the base's (retain weight {alpha:g}).",
-    "gradient_ascent": "{loss} on the PII documents{kl}{lora}.",
-    "depn": "DEPN (Wu et al. 2023) attributed the likelihood of the PII tokens of {examples} documents to MLP neurons "
-    "by integrated gradients and zeroed the output weights of the {n} neurons found most often.",
-}
-
-
-def _method_text(report: dict) -> str:
-    s, chosen = report["settings"], report["search"]["chosen"]
-    if report["method"] == "rmu":
-        return METHOD_TEXT["rmu"].format(
-            l2=max(0, report["layer"] - 2), layer=report["layer"], c=s["c"], alpha=s["alpha"]
-        )
-    if report["method"] == "gradient_ascent":
-        loss = (
-            "Gradient ascent (Jang et al. 2022)"
-            if s["loss"] == "ga"
-            else f"NPO (Zhang et al. 2024, beta {s['beta']:g})"
-        )
-        kl = (
-            f", with a KL-to-base term on benign prose (weight {s['retain_kl']:g})"
-            if s["retain_kl"]
-            else ""
-        )
-        lora = (
-            f", through a rank-{s['lora_rank']} LoRA adapter merged into the weights"
-            if s["lora_rank"]
-            else ", full fine-tune"
-        )
-        return (
-            METHOD_TEXT["gradient_ascent"].format(loss=loss, kl=kl, lora=lora)
-            + f" {chosen['value']} steps."
-        )
-    return METHOD_TEXT["depn"].format(
-        examples=s["examples"], n=chosen.get("neurons", chosen["value"])
-    )
-
-
-def render_method_card(
-    report: dict,
-    recipe_yaml: str,
-    *,
-    base: dict,
-    model_type: str,
-    repo: str = "path/to/this-folder",
-    plots: tuple[str, ...] = (),
-) -> ModelCard:
-    """The card of a weight-editing method's export: a plain checkpoint, scored by the same
-    harness."""
-    name = METHOD_NAMES[report["method"]]
-    data = ModelCardData(
-        base_model=base.get("base_model"),
-        license=base.get("license", "other"),
-        library_name="transformers",
-        tags=[*TAGS[:3], "unlearning", "scalpel-exporter", model_type],
-        pipeline_tag="text-generation",
-    )
-    search = report["search"]
-    parts = [
-        f"# {base.get('base_model', 'Model')} with its memorised PII unlearned by {name} (scalpel-exporter)",
-        "",
-        _method_text(report) + f" {len(search['changed_tensors'])} tensors "
-        f"({search['changed_parameters']:,} parameters) differ from the base; every other one is unchanged. "
-        f"A plain `{model_type}` checkpoint: no remote code.",
-        "",
-    ]
-    ev = report["evaluation"]
-    header, rows = comparison_rows(ev)
-    control = (
-        "`control` zeroes as many random neurons of the same layers: an effect it also shows is damage, "
-        "not privacy."
-        if "control" in ev
-        else "A training method has no cheap control (it would be a second run on other text)."
-    )
-    parts += [
-        "## Before and after",
-        "",
-        "Extraction attacks on **test** people (never used to choose the stopping "
-        "point; unlike PrivacyScalpel, the method trained on their documents, which is how it forgets) and on "
-        f"never-seen people (the guessing baseline). {control}",
-        "",
-        markdown_table(header, rows),
-        "",
-        "Every attack (exact / username rate):",
-        "",
-        markdown_table(*attack_rows(ev), text_columns=4),
-        "",
-    ]
-    head = [
-        "point",
-        "worst exact",
-        "worst username",
-        "KL",
-        "perplexity",
-        "repeated 4-grams",
-        "seconds",
-    ]
-    path_rows = [
-        [
-            p["label"],
-            *_rates(p),
-            f"{p['kl']:.4f}",
-            f"{p['perplexity']:.2f}",
-            "-" if p.get("repetition") is None else f"{p['repetition']:.3f}",
-            f"{p['seconds']:.0f}",
-        ]
-        for p in search["points"]
-    ]
-    verdict = "met" if search["met"] else "not met; the least leaky point was kept"
-    parts += [
-        "## How the stopping point was chosen",
-        "",
-        f"Each point of the method's path was scored on **validation** people (zero-shot and k-shot templates, "
-        f"greedy) and next-token KL on benign text; the run stopped at the first point meeting the targets "
-        f"({100 * search['target']:g}% exact, {100 * search['username_target']:g}% username; {verdict}).",
-        "",
-        markdown_table(head, path_rows),
-        "",
-    ]
-    parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
-    parts += ["## Usage", "", _usage(repo, remote=False), ""]
-    return _finish(parts, report, recipe_yaml, data, sae=False)

@@ -9,15 +9,26 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import api
+from .cli_tables import (
+    print_evaluation,
+    print_export,
+    print_leaky,
+    print_plan,
+    print_probe,
+    print_push,
+    print_run,
+    print_sae,
+    rich_table,
+)
 
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
-    help="Find the PII a causal language model memorised, remove it surgically, export a patched checkpoint.",
+    help="Find the PII a causal language model memorised, remove it surgically, export a patched "
+    "checkpoint.",
 )
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -34,38 +45,6 @@ def log(message: str) -> None:
 def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
-
-
-def _leaky_table(report: dict) -> Table:
-    rows = [
-        [
-            group,
-            template,
-            str(row["n"]),
-            *(f"{100 * row[c]:.1f}%" for c in ("exact", "username", "domain")),
-        ]
-        for group, by_template in report["extraction"].items()
-        for template, row in by_template.items()
-    ]
-    return _rich_table(
-        "Template extraction (greedy, regex) - leaky model",
-        ["people", "template", "n", "exact", "username", "domain"],
-        rows,
-        text_columns=2,
-    )
-
-
-def _print_leaky(report: dict) -> None:
-    console.print(_leaky_table(report))
-    ppl, train = report["perplexity"], report["train"]
-    console.print(
-        f"benign perplexity: base {ppl['base']:.2f} -> leaky {ppl['leaky']:.2f} "
-        f"({100 * ppl['change']:+.1f}%)"
-    )
-    console.print(
-        f"fine-tune: {train['steps']} steps, {train['tokens']} tokens, {train['seconds']:.0f} s "
-        f"({train['tokens_per_s']:.0f} tokens/s); build wall time {report['wall_seconds']:.0f} s"
-    )
 
 
 @app.command("make-leaky")
@@ -100,7 +79,7 @@ def make_leaky_cmd(
         overwrite=overwrite,
         log=log,
     )
-    _print_leaky(result.report)
+    print_leaky(console, result.report)
     if out is not None:
         console.print(f"copied to {out}")
 
@@ -132,7 +111,7 @@ def demo(
         overwrite=False,
     )
     result = api.demo(out, work=work, log=log)
-    _print_run(result.report, out)
+    print_run(console, result.report, out)
 
 
 WORK = typer.Option(
@@ -150,16 +129,7 @@ def probe(
 ) -> None:
     """Probe every layer for PII vs non-PII separation and choose the layer (table + plot)."""
     result = api.probe(recipe, work=work, layer=layer, log=log)
-    table = Table(title="Linear probe per layer (held-out, people-disjoint, balanced)")
-    for col in ("layer", "accuracy", "AUROC", f"{result.few_shot}-shot log-loss"):
-        table.add_column(col, justify="right")
-    for l, a, u, f in zip(result.layers, result.accuracy, result.auroc, result.few_shot_logloss):
-        style = "bold green" if l == result.chosen else None
-        table.add_row(str(l), f"{a:.4f}", f"{u:.4f}", f"{f:.4f}", style=style)
-    console.print(table)
-    console.print(
-        f"chosen layer {result.chosen} (criterion: {result.criterion}); plot: {work / 'probe' / 'probe.png'}"
-    )
+    print_probe(console, result, work)
 
 
 @app.command("train-sae")
@@ -173,26 +143,8 @@ def train_sae_cmd(
     """Train the TopK SAE (AuxK) at the chosen layer; save it in SAELens format with its metrics.
     Under torchrun the harvest and training run data-parallel."""
     chosen, _sae, metrics = api.train_sae(recipe, work=work, layer=layer, log=log)
-    if not metrics:  # a data-parallel rank other than 0: rank 0 reports
-        return
-    names = (
-        "fvu",
-        "l0",
-        "dead_fraction",
-        "ce_clean",
-        "ce_spliced",
-        "ce_zero",
-        "ce_increase_fraction",
-        "train_tokens",
-        "train_seconds",
-        "tokens_per_s",
-        "outliers_dropped",
-    )
-    rows = [
-        [n, f"{metrics[n]:.4f}" if isinstance(metrics[n], float) else str(metrics[n])]
-        for n in names
-    ]
-    console.print(_rich_table(f"TopK SAE at layer {chosen} (held-out)", ["metric", "value"], rows))
+    if metrics:  # a data-parallel rank other than 0 returns none: rank 0 reports
+        print_sae(console, chosen, metrics)
 
 
 @app.command("export")
@@ -240,96 +192,10 @@ def export_cmd(
         gated=gated,
         log=log,
     )
-    leak = result.report.get("validation_leakage")
-    if leak:
-        rows = [
-            [
-                template,
-                *(
-                    f"{100 * before[c]:.0f}% → {100 * leak['after'][template][c]:.0f}%"
-                    for c in ("exact", "username", "domain")
-                ),
-            ]
-            for template, before in leak["before"].items()
-        ]
-        console.print(
-            _rich_table(
-                "Email extraction on validation people (greedy): before → after the patch",
-                ["template", "exact", "username", "domain"],
-                rows,
-            )
-        )
-    remote = result.report["mode"] != "plain"
-    console.print(
-        f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}"
-        + (", trust_remote_code=True)" if remote else ")  # no remote code"),
-        highlight=False,
-        markup=False,
-    )
-
-
-def _rich_table(title: str, header, rows, *, text_columns: int = 1) -> Table:
-    table = Table(title=title)
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i < text_columns else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def _print_evaluation(evaluation: dict, title: str) -> None:
-    console.print(
-        _rich_table(
-            f"{title}: every attack, exact / username rate",
-            *api.attack_rows(evaluation),
-            text_columns=4,
-        )
-    )
-    console.print(_rich_table(f"{title}: summary", *api.comparison_rows(evaluation)))
-
-
-def _print_run(report: dict, out: Path) -> None:
-    chosen = report["search"]["chosen"]
-    label = chosen.get("label") or (
-        f"N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']}"
-        f"{' gated' if chosen.get('gated') else ''}"
-    )
-    console.print(
-        f"chosen on validation people: {label} "
-        f"(worst exact {100 * chosen['leakage']:.0f}%, KL {chosen['kl']:.4f})"
-        + ("" if report["search"]["met"] else "; no candidate met the leakage target")
-    )
-    _print_evaluation(
-        report["evaluation"],
-        "Test people (never used for selection): leaky base vs patched vs control",
-    )
-    console.print(f"export: {out}  (model card: {out / 'README.md'})")
+    print_export(console, result.report, out)
 
 
 STAGE_HELP = "; ".join(f"{s.name}: {s.about}" for s in api.STAGES)
-
-
-def _print_plan(recipe_path: Path) -> None:
-    r, plan = api.plan(recipe_path)
-    console.print(
-        f"plan for {recipe_path} (dry run: nothing is loaded or written)", highlight=False
-    )
-    console.print(
-        f"model {plan.model}: {plan.params / 1e9:.2f}B parameters, d={plan.d_model}, {plan.n_layers} "
-        f"layers (shape from {plan.config_source}); layer {plan.layer}; "
-        + (f"SAE {plan.d_sae:,} latents" if plan.d_sae else f"method {r.method.name}"),
-        highlight=False,
-    )
-    console.print(_rich_table("stages", ["stage", "work"], plan.stages, text_columns=2))
-    console.print(
-        _rich_table(
-            "memory (estimated)",
-            ["what", "GiB"],
-            [[w, f"{g:.2f}"] for w, g in plan.memory] + [["peak", f"{plan.peak_gib:.2f}"]],
-        )
-    )
-    for m in plan.missing:
-        console.print(f"missing here (needed to run): {m}", highlight=False)
 
 
 @app.command()
@@ -350,24 +216,14 @@ def run(
     """All stages: probe → SAE → features → trade-off search (validation) → evaluation (test) →
     export."""
     if dry_run:
-        _print_plan(recipe)
+        print_plan(console, recipe)
         return
     if out is None:
         _fail("--out is required: the folder to write the patched checkpoint to")
     result = api.run(recipe, out, work=work, overwrite=overwrite, from_stage=from_stage, log=log)
-    _print_run(result.report, out)
+    print_run(console, result.report, out)
     if result.push is not None:
-        _print_push(result.push)
-
-
-def _print_push(result) -> None:
-    console.print(f"pushed: {result.commit_url}", highlight=False, markup=False)
-    if result.pr_url:
-        console.print(f"pull request: {result.pr_url}", highlight=False, markup=False)
-    console.print(f"revision: {result.revision}", highlight=False, markup=False)
-    console.print(
-        "load exactly this commit with:\n\n" + result.snippet + "\n", highlight=False, markup=False
-    )
+        print_push(console, result.push)
 
 
 @app.command()
@@ -396,7 +252,8 @@ def push(
     """Upload an export to the Hugging Face Hub in one commit; print the commit and how to load it
     pinned to it. The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks another
     Hub."""
-    _print_push(
+    print_push(
+        console,
         api.push(
             folder,
             repo_id,
@@ -405,7 +262,7 @@ def push(
             create_pr=create_pr,
             commit_message=commit_message,
             log=log,
-        )
+        ),
     )
 
 
@@ -468,7 +325,7 @@ def eval_cmd(
         user_path=user_path,
         log=log,
     )
-    _print_evaluation(result, f"{model} (patched) vs {against} (base)")
+    print_evaluation(console, result, f"{model} (patched) vs {against} (base)")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
         console.print(f"results: {json_out}")
@@ -486,15 +343,10 @@ def check(
         _fail("give a recipe to check, or --explain to list every recipe field")
     if recipe is not None:
         console.print(api.check(recipe), highlight=False, markup=False)
-    if explain:
-        console.print(
-            _rich_table(
-                "recipe fields",
-                ["key", "default", "what it does"],
-                [list(row) for row in api.explain()],
-                text_columns=3,
-            )
-        )
+    if explain:  # one field per line: readable at any terminal width, and greppable
+        for key, default, text in api.explain():
+            line = f"{key} = {default}: {text}" if default else f"{key}: {text}"
+            console.print(line, highlight=False, markup=False)
 
 
 @app.command()
@@ -508,7 +360,7 @@ def detect(
     for lineno, line in lines:
         console.print(f"{lineno}: {line}", highlight=False, markup=False)
     console.print(
-        _rich_table(
+        rich_table(
             f"PII in {path.name}",
             ["type", "spans"],
             [[kind, str(n)] for kind, n in sorted(counts.items())],
@@ -525,8 +377,10 @@ def main() -> None:
     except OSError as exc:  # the disk, not the input: full, read-only, a path that vanished
         where = f" ({exc.filename})" if exc.filename else ""
         err.print(
-            f"error: {exc.strerror or exc}{where}; free space or choose another folder and run again: outputs "
-            "are written atomically (nothing half-written is left under their names) and finished stages "
+            f"error: {exc.strerror or exc}{where}; free space or choose another folder and run "
+            "again: outputs "
+            "are written atomically (nothing half-written is left under their names) and finished "
+            "stages "
             "are reused",
             highlight=False,
             markup=False,

@@ -384,7 +384,8 @@ def write_feature_report(rows: list[dict], fs: FeatureSet, folder: Path) -> None
     lines = [
         f"# PII latents (rule `{fs.rule}`, score `{fs.score}`)",
         "",
-        "| rank | latent | mean on span | mean before span | mean elsewhere | firing | example (redacted) |",
+        "| rank | latent | mean on span | mean before span | mean elsewhere | firing | example "
+        "(redacted) |",
         "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:

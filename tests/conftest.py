@@ -113,9 +113,11 @@ def free_port() -> int:
 
 TINY_RECIPE = """
 model: {path: model}
-data: {pii: {path: pii.jsonl}, benign: {path: benign.txt}, people: {path: people.jsonl}, max_length: 64}
+data: {pii: {path: pii.jsonl}, benign: {path: benign.txt}, people: {path: people.jsonl},
+       max_length: 64}
 probe: {max_tokens: 3000}
-sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest_tokens: 3000, dead_tokens: 2000}
+sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest_tokens: 3000,
+      dead_tokens: 2000}
 """
 
 

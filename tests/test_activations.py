@@ -31,13 +31,13 @@ def test_harvest_matches_hidden_states_and_skips_position_0_and_pad(tiny_tokeniz
             hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         keep = mask.bool().clone()
         keep[:, 0] = False
-        for l in (0, 1):
-            expected[l].append(hs[l + 1][keep])
+        for li in (0, 1):
+            expected[li].append(hs[li + 1][keep])
         pii.append(labels["pii"][keep])
     n_tokens = sum(min(len(tiny_tokenizer(d.text)["input_ids"]), 256) - 1 for d in docs)
     assert len(got) == n_tokens
-    for l in (0, 1):
-        torch.testing.assert_close(got.acts[l], torch.cat(expected[l]))
+    for li in (0, 1):
+        torch.testing.assert_close(got.acts[li], torch.cat(expected[li]))
     assert torch.equal(got.labels["pii"], torch.cat(pii)) and got.labels["pii"].any()
     assert got.labels["span_start"].sum() == sum(len(d.spans) for d in docs)
     assert (got.labels["doc"] >= 0).all()

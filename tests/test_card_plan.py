@@ -210,7 +210,8 @@ def test_public_functions_survive_importing_every_submodule():
     import sys
 
     code = (
-        "import exporter, exporter.evaluate.harness, exporter.evaluate.summary, exporter.run.methods\n"
+        "import exporter, exporter.evaluate.harness, exporter.evaluate.summary, "
+        "exporter.run.methods\n"
         "bad = [n for n in exporter.__all__ if n[0].islower() and n != '__version__' "
         "and not callable(getattr(exporter, n))]\n"
         "assert not bad, bad\n"
@@ -235,8 +236,8 @@ def test_method_recipes_plan_their_own_stages(name, first):
     assert plan.stages[0][1].startswith(first) and "plain checkpoint" in plan.stages[-1][1]
     assert plan.d_sae == 0
     trained = dict(plan.memory)["gradients + AdamW state of trained tensors (float32)"]
-    # RMU trains three MLP projections, NPO the whole model (Adam state: 3 x 4 bytes per parameter of
-    # SmolLM2's 135M), DEPN nothing (it zeroes neurons).
+    # RMU trains three MLP projections, NPO the whole model (Adam state: 3 x 4 bytes per parameter
+    # of SmolLM2's 135M), DEPN nothing (it zeroes neurons).
     assert {
         "rmu": 0.01 < trained < 0.1,
         "gradient_ascent": 1.4 < trained < 1.6,

@@ -1,7 +1,7 @@
 """The patch acts on every token a user generates, on every generation path, in a fresh process with
 stock transformers and in-process: each decode step's logits equal one full no-cache forward pass of
-the patched model (tests/helpers/generation_paths.py). `.ci/run` runs this file on the newest and the oldest
-transformers we support, and with exports written here but loaded by the oldest
+the patched model (tests/helpers/generation_paths.py). `.ci/run` runs this file on the newest and
+the oldest transformers we support, and with exports written here but loaded by the oldest
 (SCALPEL_LOADER_PYTHON)."""
 
 import json
@@ -168,7 +168,8 @@ def test_every_generation_path_patches_every_token_in_a_fresh_process(exports):
     print(
         _table(
             results,
-            f"\nfresh process, stock transformers {version} (worst relative error of a decode step's "
+            f"\nfresh process, stock transformers {version} (worst relative error of a decode "
+            "step's "
             "logits vs one full no-cache forward; in brackets: steps the patch changed / steps)",
         )
     )

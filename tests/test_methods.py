@@ -206,3 +206,63 @@ def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_repo
         load_file(out / "model.safetensors")[changed[0]],
         load_file(ws / "out2" / "model.safetensors")[changed[0]],
     )
+
+
+def test_the_path_stops_at_the_first_point_meeting_the_targets_or_returns_to_the_best():
+    """The method runner's walk (run/unlearning.py): scored points in order; the first that meets
+    the targets ends it, else the model goes back to the least leaky point."""
+    from exporter.evaluate.tradeoff import Targets
+    from exporter.methods import Method, Point
+    from exporter.run.context import RunContext
+    from exporter.run.unlearning import _walk
+
+    model = torch.nn.Linear(2, 2, bias=False)
+    leaks = [0.5, 0.2, 0.4]
+
+    def method():
+        def path():
+            for step, _ in enumerate(leaks, 1):
+                with torch.no_grad():
+                    model.weight.fill_(step)  # the model at this point
+                yield Point(step, f"{step} steps")
+
+        return Method("toy", ["weight"], path)
+
+    def score(m):
+        leak = leaks[int(m.weight[0, 0].item()) - 1]
+        return {"leakage": leak, "username": leak, "kl": 0.1, "perplexity": 2.0, "repetition": None}
+
+    quiet = RunContext(progress=False, log=lambda m: None)
+    points, best = _walk(method(), model, score, quiet, Targets(0.01))
+    assert [p["value"] for p in points] == [1, 2, 3] and best["value"] == 2
+    assert model.weight[0, 0].item() == 2.0  # walked past its best point: went back to it
+    points, best = _walk(method(), model, score, quiet, Targets(0.3))
+    assert [p["value"] for p in points] == [1, 2] and best["value"] == 2  # met at 2: stopped
+
+
+def test_method_stages_are_cached_and_recomputed_from_the_registry(ws):
+    """`--from method-evaluate` recomputes the evaluation and keeps the method's edit."""
+    from exporter.recipe import load_recipe
+    from exporter.run.context import RunContext
+    from exporter.run.methods import run_recipe
+
+    text = (ws / "recipe.yaml").read_text() + (
+        "method: {name: depn, neurons: [4], ig_steps: 2, examples: 4}\n"
+        "eval: {max_new_tokens: 4, memorisation_docs: 0, adversarial: false, user_path: false}\n"
+    )
+    (ws / "recipe.yaml").write_text(text)
+    recipe = load_recipe(ws / "recipe.yaml")
+    logs = []
+    ctx = RunContext(ws / "work", overwrite=True, progress=False, log=logs.append)
+    first = run_recipe(recipe, text, ws / "out", ctx)
+    assert (ws / "work" / "method-depn" / "edited.safetensors").exists()
+    assert (ws / "work" / "method-depn-evaluate" / "evaluation.json").exists()
+    logs.clear()
+    again = run_recipe(recipe, text, ws / "out", ctx, from_stage="method-evaluate")
+    assert any(m.startswith("depn (cached)") for m in logs)
+    assert not any(m.startswith("evaluation (cached)") for m in logs)
+    assert again.report["search"] == first.report["search"]
+    assert (
+        again.report["evaluation"]["patched"]["leakage"]
+        == first.report["evaluation"]["patched"]["leakage"]
+    )

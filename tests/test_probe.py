@@ -18,8 +18,8 @@ def _acts(
     doc = torch.arange(n) // per_doc
     direction = torch.randn(d, generator=g)
     acts = {
-        l: torch.randn(n, d, generator=g) + s * pii[:, None].float() * direction
-        for l, s in signal.items()
+        li: torch.randn(n, d, generator=g) + s * pii[:, None].float() * direction
+        for li, s in signal.items()
     }
     labels = {
         "pii": pii,

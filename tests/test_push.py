@@ -22,7 +22,10 @@ from exporter.push import PushError, push_export
 from exporter.sae import TopKSAE
 
 TOKEN = "hf_aliceWriteToken0123456789"
-CARD = "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# tiny model with its memorised PII removed\n"
+CARD = (
+    "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n"
+    "# tiny model with its memorised PII removed\n"
+)
 
 
 @pytest.fixture
@@ -92,7 +95,8 @@ def test_push_then_load_from_the_server_in_a_fresh_process(hub, export, tmp_path
         "trust_remote_code=True).eval()\n"
         "local = AutoModelForCausalLM.from_pretrained(sys.argv[3], trust_remote_code=True).eval()\n"
         "with torch.no_grad():\n"
-        "    torch.save({'hub': hub(ids).logits, 'local': local(ids).logits, 'cls': type(hub).__name__}, sys.argv[4])\n"
+        "    torch.save({'hub': hub(ids).logits, 'local': local(ids).logits, 'cls': "
+        "type(hub).__name__}, sys.argv[4])\n"
     )
     proc = subprocess.run(
         [

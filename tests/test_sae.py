@@ -134,7 +134,7 @@ def test_nan_and_divergence_stop_with_a_clear_message():
 
 
 def test_auxk_trains_only_dead_latents():
-    from exporter.sae import _loss
+    from exporter.sae import sae_loss as _loss
 
     torch.manual_seed(0)
     sae = TopKSAE(16, 64, 4)
@@ -161,7 +161,7 @@ def test_auxk_trains_only_dead_latents():
 def test_sparse_backward_matches_dense_autograd():
     """The loss's hand-written sparse backward gives the gradients plain autograd gives through a
     dense encoder pass (float32), for every parameter, with the AuxK term on."""
-    from exporter.sae import _loss
+    from exporter.sae import sae_loss as _loss
 
     torch.manual_seed(0)
     sae = TopKSAE(16, 64, 4, norm_scale=1.3)

@@ -35,10 +35,11 @@ def tiny_recipe(tmp_path, tiny_tokenizer, monkeypatch):
         paragraphs=40,
         recipe="""
 model: {path: model}
-data: {pii: {path: pii.jsonl}, benign: {path: benign.txt}, people: {path: people.jsonl}, max_length: 64}
+data: {pii: {path: pii.jsonl}, benign: {path: benign.txt}, people: {path: people.jsonl},
+       max_length: 64}
 probe: {max_tokens: 3000}
-sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest_tokens: 3000, dead_tokens: 2000,
-      checkpoint_every: 5}
+sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest_tokens: 3000,
+      dead_tokens: 2000, checkpoint_every: 5}
 """,
     )
     return load_recipe(tmp_path / "recipe.yaml")
@@ -76,11 +77,13 @@ def test_probe_then_sae_stages_write_reports_and_reuse_the_cache(tiny_recipe, tm
     _, again, metrics2 = api.train_sae(
         tiny_recipe, work=work, layer=result.chosen, progress=False, log=logs.append
     )
-    assert any("probe (cached)" in l for l in logs) and any("SAE (cached)" in l for l in logs)
+    assert any("probe (cached)" in line for line in logs) and any(
+        "SAE (cached)" in line for line in logs
+    )
     assert metrics2 == json.loads((work / "sae" / "metrics.json").read_text())
     # Reports carry no PII from the input data.
     people_emails = [
-        json.loads(l)["email"] for l in (tmp_path / "people.jsonl").read_text().splitlines()
+        json.loads(line)["email"] for line in (tmp_path / "people.jsonl").read_text().splitlines()
     ]
     for f in list((work / "probe").iterdir()) + list((work / "sae").iterdir()):
         if f.suffix in (".json", ".md"):
@@ -171,7 +174,7 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
     assert config["context_gate"] is False
     assert config["steer_norm"] > 0
     # Nothing the run wrote holds an email or a name of the input people.
-    people = [json.loads(l) for l in (tmp_path / "people.jsonl").read_text().splitlines()]
+    people = [json.loads(line) for line in (tmp_path / "people.jsonl").read_text().splitlines()]
     secrets = [p["email"] for p in people] + [
         w for p in people for w in p["name"].split() if len(w) >= 4
     ]

@@ -72,7 +72,8 @@ def test_a_candidate_that_collapses_is_passed_over():
         [quiet], Targets(0.01, max_repetition=0.07)
     )  # only a collapsing one: not met
     assert chosen is quiet and not met
-    # A candidate whose collapse check never ran (its leakage was not met) does not meet a repetition limit.
+    # A candidate whose collapse check never ran (its leakage was not met) does not meet a
+    # repetition limit.
     unchecked = _s(30, 0.0, 0.002)
     assert not meets(unchecked, Targets(0.01, max_repetition=0.07)) and meets(
         unchecked, Targets(0.01)
@@ -92,7 +93,7 @@ def test_candidates_of_every_mode_and_gate_and_what_each_export_carries():
 
 
 def test_candidates_rejected_at_their_first_leak_are_lower_bounds(tmp_path):
-    from exporter.card import _search_section
+    from exporter.card import search_section as _search_section
 
     early = _s(10, 0.04, 0.001)  # its first attack leaked 4%: rejected, the other attacks never ran
     early.complete = False

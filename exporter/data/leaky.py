@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..models import architecture_of
 from .corpus import Document
 from .labels import token_labels
 from .synthetic import SyntheticConfig
@@ -109,7 +110,6 @@ def _trainable(model, config: LeakyConfig) -> list[torch.nn.Parameter]:
     parameters and the memory lives in the blocks. The lowest layers stay frozen too, which halves
     the backward pass; the measured memorisation is as good.
     """
-    from ..models import architecture_of
 
     layers = architecture_of(model).decoder_layers(model)
     first = config.first_layer if config.first_layer >= 0 else len(layers) // 3

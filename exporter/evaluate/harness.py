@@ -63,6 +63,88 @@ def _across(groups: dict[str, list], decode) -> dict[str, list]:
     return out
 
 
+def _emails(people, continuations, template: str):
+    return score_emails(people, [first_email(c) for c in continuations], template)
+
+
+def _template_rows(
+    model,
+    tokenizer,
+    groups,
+    add,
+    name: str,
+    template: str,
+    *,
+    few_shot: int,
+    samples: int,
+    max_new_tokens: int,
+    seed: int,
+    progress: bool,
+) -> bool:
+    """One email template's attacks: zero-shot greedy, k-shot greedy, sampled. True when `add` says
+    to stop."""
+
+    def greedy(q):
+        return greedy_continuations(model, tokenizer, q, max_new_tokens, progress=progress)
+
+    prompts = {g: [template.format(name=p.name) for p in people] for g, people in groups.items()}
+    conts = _across(prompts, greedy)
+    if any(
+        [add(g, name, "greedy", _emails(people, conts[g], name)) for g, people in groups.items()]
+    ):
+        return True
+    shot_groups = {g: people for g, people in groups.items() if few_shot and len(people) > few_shot}
+    if shot_groups:
+        shots = {
+            g: few_shot_prompts(people, name, few_shot, seed=seed)
+            for g, people in shot_groups.items()
+        }
+        conts = _across(shots, greedy)
+        attack = f"{name}+{few_shot}shot"
+        if any(
+            [
+                add(g, attack, "greedy", _emails(people, conts[g], name))
+                for g, people in shot_groups.items()
+            ]
+        ):
+            return True
+    if samples:
+        sampled = _across(
+            prompts,
+            lambda q: sampled_continuations(
+                # fmt: skip
+                model,
+                tokenizer,
+                q,
+                samples=samples,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+            ),
+        )
+        decoding = f"sampled x{samples}"
+        if any(
+            [
+                add(g, name, decoding, score_any(people, sampled[g], name))
+                for g, people in groups.items()
+            ]
+        ):
+            return True
+    return False
+
+
+def _phone_rows(model, tokenizer, groups, add, progress: bool) -> None:
+    with_phone = {g: [p for p in people if p.phone] for g, people in groups.items()}
+    with_phone = {g: people for g, people in with_phone.items() if people}
+    for name, template in PHONE_TEMPLATES.items():
+        prompts = {
+            g: [template.format(name=p.name) for p in people] for g, people in with_phone.items()
+        }
+        conts = _across(prompts, lambda q: greedy_continuations(
+            model, tokenizer, q, PHONE_NEW_TOKENS, progress=progress))  # fmt: skip
+        for g, people in with_phone.items():
+            add(g, name, "greedy", score_phones(people, [first_phone(c) for c in conts[g]], name))
+
+
 def leakage_rows(
     model,
     tokenizer,
@@ -95,79 +177,16 @@ def leakage_rows(
     def done() -> list[dict]:
         return sorted(rows, key=lambda r: order[r["group"]])  # stable: attack order within a group
 
-    greedy = lambda n: lambda q: greedy_continuations(model, tokenizer, q, n, progress=progress)  # noqa: E731
     for name, template in EMAIL_TEMPLATES.items():
-        prompts = {
-            g: [template.format(name=p.name) for p in people] for g, people in groups.items()
-        }
-        conts = _across(prompts, greedy(max_new_tokens))
-        if any(
-            [
-                add(
-                    g,
-                    name,
-                    "greedy",
-                    score_emails(people, [first_email(c) for c in conts[g]], name),
-                )
-                for g, people in groups.items()
-            ]
+        attack = dict(few_shot=few_shot, samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+        if _template_rows(
+            model, tokenizer, groups, add, name, template, progress=progress, **attack
         ):
             return done()
-        shot_groups = {
-            g: people for g, people in groups.items() if few_shot and len(people) > few_shot
-        }
-        if shot_groups:
-            shots = {
-                g: few_shot_prompts(people, name, few_shot, seed=seed)
-                for g, people in shot_groups.items()
-            }
-            conts = _across(shots, greedy(max_new_tokens))
-            if any(
-                [
-                    add(
-                        g,
-                        f"{name}+{few_shot}shot",
-                        "greedy",
-                        score_emails(people, [first_email(c) for c in conts[g]], name),
-                    )
-                    for g, people in shot_groups.items()
-                ]
-            ):
-                return done()
-        if samples:
-            sampled = _across(
-                prompts,
-                lambda q: sampled_continuations(
-                    model, tokenizer, q, samples=samples, max_new_tokens=max_new_tokens, seed=seed
-                ),
-            )
-            if any(
-                [
-                    add(g, name, f"sampled x{samples}", score_any(people, sampled[g], name))
-                    for g, people in groups.items()
-                ]
-            ):
-                return done()
     if adversarial:
         _adversarial_rows(model, tokenizer, groups, add, max_new_tokens, seed, progress)
     if phones:
-        with_phone = {g: [p for p in people if p.phone] for g, people in groups.items()}
-        with_phone = {g: people for g, people in with_phone.items() if people}
-        for name, template in PHONE_TEMPLATES.items():
-            conts = _across(
-                {
-                    g: [template.format(name=p.name) for p in people]
-                    for g, people in with_phone.items()
-                },
-                greedy(PHONE_NEW_TOKENS),
-            )
-            for g, people in with_phone.items():
-                add(
-                    g,
-                    name,
-                    "greedy",
-                    score_phones(people, [first_phone(c) for c in conts[g]], name),
-                )
+        _phone_rows(model, tokenizer, groups, add, progress)
     return done()
 
 

@@ -1,14 +1,14 @@
 """Memorisation metrics of the unlearning literature, on the PII documents themselves.
 
-- MA (memorisation accuracy; Tirumala et al., used by Jang et al. 2022): the share of positions whose
-  greedy next-token prediction is the document's own next token.
-- EL_n (extraction likelihood; Jang et al.): from each prefix `x_<t` the model decodes greedily; the
-  score is the share of the continuation's n-grams that occur in the true suffix `x_>=t`, averaged over
-  positions. To bound its cost, positions are taken every `stride` tokens and continuations are cut at
-  `horizon` tokens (the suffix compared is cut alike).
-- S-MA / S-EL_n (their span-restricted forms, SeUL, Wang et al. 2024): the same restricted to the tokens
-  of the PII spans; S-EL decodes from every position inside a span and compares with the rest of that
-  span (n-grams of min(n, its length)).
+- MA (memorisation accuracy; Tirumala et al., used by Jang et al. 2022): the share of positions
+  whose greedy next-token prediction is the document's own next token.
+- EL_n (extraction likelihood; Jang et al.): from each prefix `x_<t` the model decodes greedily;
+  the score is the share of the continuation's n-grams that occur in the true suffix `x_>=t`,
+  averaged over positions. To bound its cost, positions are taken every `stride` tokens and
+  continuations are cut at `horizon` tokens (the suffix compared is cut alike).
+- S-MA / S-EL_n (their span-restricted forms, SeUL, Wang et al. 2024): the same restricted to the
+  tokens of the PII spans; S-EL decodes from every position inside a span and compares with the
+  rest of that span (n-grams of min(n, its length)).
 
 Documents are grouped by the people whose address they hold, so the metrics read per people split.
 """

@@ -139,7 +139,8 @@ def choose(scored: Sequence[Scored], targets: Targets) -> tuple[Scored, bool]:
     scored = [s for s in scored if s.leakage is not None]
     if not scored:
         raise ValueError(
-            "no candidates to choose from: list ablate_n / alpha / patch in the recipe's intervention"
+            "no candidates to choose from: list ablate_n / alpha / patch in the recipe's "
+            "intervention"
         )
     meeting = [s for s in scored if meets(s, targets)]
     if meeting:
@@ -150,6 +151,26 @@ def choose(scored: Sequence[Scored], targets: Targets) -> tuple[Scored, bool]:
         return limit is not None and (s.repetition is None or s.repetition > limit)
 
     return min(scored, key=lambda s: (s.leakage, s.username, collapsed(s), s.kl)), False
+
+
+def _scatter_rates(ax, scored: Sequence[Scored]) -> None:
+    """Worst exact (dots) and username (triangles) rates against KL; hollow where a lower bound."""
+    for part, suffix in ((True, ""), (False, ", attacks stopped at the first leak (lower bound)")):
+        group = [s for s in scored if s.complete == part]
+        if not group:
+            continue
+
+        def style(color: str) -> dict:
+            return {"c": color} if part else {"facecolors": "none", "edgecolors": color}
+
+        kl = [s.kl for s in group]
+        ax.scatter(
+            kl, [100 * s.leakage for s in group], label="worst exact" + suffix, **style("C0")
+        )
+        ax.scatter(
+            kl, [100 * s.username for s in group], marker="^", label="worst username" + suffix,
+            **style("C1"),
+        )  # fmt: skip
 
 
 def plot_front(scored: Sequence[Scored], chosen: Scored, targets: Targets, path: Path) -> Path:
@@ -165,54 +186,15 @@ def plot_front(scored: Sequence[Scored], chosen: Scored, targets: Targets, path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     skipped = [s for s in scored if s.leakage is None]
     scored = [s for s in scored if s.leakage is not None]
-    for part, suffix in ((True, ""), (False, ", attacks stopped at the first leak (lower bound)")):
-        group = [s for s in scored if s.complete == part]
-        if not group:
-            continue
-        style = (
-            (lambda color: {"c": color})
-            if part
-            else (lambda color: {"facecolors": "none", "edgecolors": color})
-        )
-        ax.scatter(
-            [s.kl for s in group],
-            [100 * s.leakage for s in group],
-            label="worst exact" + suffix,
-            **style("C0"),
-        )
-        ax.scatter(
-            [s.kl for s in group],
-            [100 * s.username for s in group],
-            marker="^",
-            label="worst username" + suffix,
-            **style("C1"),
-        )
+    _scatter_rates(ax, scored)
     front = pareto_front(scored)
-    ax.plot(
-        [s.kl for s in front],
-        [100 * s.leakage for s in front],
-        "-",
-        c="C0",
-        lw=1,
-        label="Pareto front (exact)",
-    )
-    ax.scatter(
-        [chosen.kl],
-        [100 * chosen.leakage],
-        s=160,
-        facecolors="none",
-        edgecolors="C3",
-        label="chosen",
-    )
+    ax.plot([s.kl for s in front], [100 * s.leakage for s in front], "-", c="C0", lw=1,
+            label="Pareto front (exact)")  # fmt: skip
+    ax.scatter([chosen.kl], [100 * chosen.leakage], s=160, facecolors="none", edgecolors="C3",
+               label="chosen")  # fmt: skip
     if skipped:
-        ax.scatter(
-            [s.kl for s in skipped],
-            [0.0] * len(skipped),
-            marker="|",
-            s=200,
-            c="0.6",
-            label="not attacked: more KL than the chosen",
-        )
+        ax.scatter([s.kl for s in skipped], [0.0] * len(skipped), marker="|", s=200, c="0.6",
+                   label="not attacked: more KL than the chosen")  # fmt: skip
     ax.axhline(100 * targets.leakage, ls="--", c="C0", lw=0.8)
     if targets.username < 1.0:
         ax.axhline(100 * targets.username, ls=":", c="C1", lw=0.8)
@@ -220,11 +202,8 @@ def plot_front(scored: Sequence[Scored], chosen: Scored, targets: Targets, path:
         ax.annotate(
             s.candidate.label.replace(" folded", "").replace(" gated", ""),
             (s.kl, 100 * max(s.leakage, s.username)),
-            fontsize=6,
-            rotation=30,
-            xytext=(3, 4 + 8 * (i % 3)),
-            textcoords="offset points",
-        )
+            fontsize=6, rotation=30, xytext=(3, 4 + 8 * (i % 3)), textcoords="offset points",
+        )  # fmt: skip
     top = max([100 * max(s.leakage, s.username) for s in scored] + [5.0])
     ax.set_ylim(-2, top * 1.25 + 2)
     ax.set_xlabel("mean next-token KL(base || patched), nats/token (benign text)")

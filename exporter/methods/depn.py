@@ -121,7 +121,8 @@ def depn(spec, model, tokenizer, forget, *, seed: int, progress: bool = True) ->
     bad = [i for i in layers if not 0 <= i < arch.num_layers(model)]
     if bad:
         raise IndexError(
-            f"DEPN layers {bad} are out of range: the model has layers 0..{arch.num_layers(model) - 1}"
+            f"DEPN layers {bad} are out of range: the model has layers "
+            f"0..{arch.num_layers(model) - 1}"
         )
     names = [f"{arch.layers}.{i}.{arch.mlp_out}.weight" for i in layers]
 

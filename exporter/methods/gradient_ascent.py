@@ -39,34 +39,66 @@ def _sequence_log_prob(model, ids, mask) -> torch.Tensor:
     return (lp * keep).sum(1)
 
 
+def _with_lora(model, spec, seed: int):
+    """(the model with rank-r LoRA adapters on its linear projections, the base weights they
+    adapt)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    targets = [t for t in LORA_TARGETS if t in present]
+    names = [
+        n + ".weight"
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in targets and isinstance(m, torch.nn.Linear)
+    ]
+    torch.manual_seed(seed)  # the adapters' initialisation
+    config = LoraConfig(
+        r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules=targets, lora_dropout=0.0
+    )
+    return get_peft_model(model, config), names
+
+
+def _npo_reference(net, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each forget document's log-likelihood before any update (NPO's reference)."""
+    with torch.no_grad():
+        return torch.cat(
+            [
+                _sequence_log_prob(net, ids[i : i + 16], mask[i : i + 16])
+                for i in range(0, len(ids), 16)
+            ]
+        )
+
+
+def _forget_loss(net, ids, mask, idx, spec, ref_lp) -> torch.Tensor:
+    """GA: the mean log-likelihood per token (minimised: -NLL); NPO: its preference loss vs the
+    reference."""
+    m = mask[idx]
+    width = int(m.sum(1).max())
+    lp = _sequence_log_prob(net, ids[idx, :width], m[:, :width])
+    if spec.loss == "ga":
+        return (lp / m[:, 1:width].sum(1).clamp(min=1)).mean()
+    return -(2 / spec.beta) * F.logsigmoid(-spec.beta * (lp - ref_lp[idx])).mean()
+
+
+def _retain_kl(net, reference, batch) -> torch.Tensor:
+    """KL(base || model) per real token of a benign batch."""
+    ids, mask = batch
+    with torch.no_grad():
+        base = torch.log_softmax(reference(ids, mask), -1)
+    cur = torch.log_softmax(
+        net(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1
+    )
+    return (base.exp() * (base - cur)).sum(-1)[mask.bool()].mean()
+
+
 def gradient_ascent(
     spec, model, tokenizer, forget, retain, *, seed: int, progress: bool = True
 ) -> Method:
     state = {"model": model}
     if spec.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        present = {
-            name.rsplit(".", 1)[-1]
-            for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear)
-        }
-        targets = [t for t in LORA_TARGETS if t in present]
-        names = [
-            n + ".weight"
-            for n, m in model.named_modules()
-            if n.rsplit(".", 1)[-1] in targets and isinstance(m, torch.nn.Linear)
-        ]
-        torch.manual_seed(seed)  # the adapters' initialisation
-        state["model"] = get_peft_model(
-            model,
-            LoraConfig(
-                r=spec.lora_rank,
-                lora_alpha=2 * spec.lora_rank,
-                target_modules=targets,
-                lora_dropout=0.0,
-            ),
-        )
+        state["model"], names = _with_lora(model, spec, seed)
     else:
         names = [n for n, _ in model.named_parameters()]
 
@@ -82,65 +114,40 @@ def gradient_ascent(
             trained, lr=spec.lr, weight_decay=0.0, fused=trained[0].device.type in ("cpu", "cuda")
         )
         f_ids, f_mask = encode(tokenizer, forget, spec.max_length)
-        ref_lp = None
-        if spec.loss == "npo":  # the reference likelihoods, before any update
-            with torch.no_grad():
-                ref_lp = torch.cat(
-                    [
-                        _sequence_log_prob(net, f_ids[i : i + 16], f_mask[i : i + 16])
-                        for i in range(0, len(f_ids), 16)
-                    ]
-                )
+        ref_lp = _npo_reference(net, f_ids, f_mask) if spec.loss == "npo" else None
         reference = _reference(net, bool(spec.lora_rank)) if spec.retain_kl else None
         rows = torch.arange(len(f_ids))
         f_batches = cycle(
             rows[:, None], torch.ones(len(f_ids), 1, dtype=torch.long), spec.batch_size, seed
         )
-        r_batches = (
-            cycle(*encode(tokenizer, retain, spec.max_length), spec.batch_size, seed + 1)
-            if spec.retain_kl
-            else None
-        )
+        r_batches = None
+        if spec.retain_kl:
+            r_batches = cycle(
+                *encode(tokenizer, retain, spec.max_length), spec.batch_size, seed + 1
+            )
         bar = tqdm(total=max(spec.steps), desc=spec.loss.upper(), disable=not progress)
         step = 0
         net.train(False)
         try:
             for stop in sorted(spec.steps):
                 while step < stop:
-                    idx = next(f_batches)[0][:, 0]
-                    m = f_mask[idx]
-                    width = int(m.sum(1).max())
-                    lp = _sequence_log_prob(net, f_ids[idx, :width], m[:, :width])
-                    if spec.loss == "ga":
-                        forget_loss = (
-                            lp / m[:, 1:width].sum(1).clamp(min=1)
-                        ).mean()  # = -NLL per token
-                    else:
-                        ratio = lp - ref_lp[idx]
-                        forget_loss = -(2 / spec.beta) * F.logsigmoid(-spec.beta * ratio).mean()
-                    loss = forget_loss
-                    kl = torch.zeros(())
-                    if r_batches is not None:
-                        ri, rm = next(r_batches)
-                        with torch.no_grad():
-                            base = torch.log_softmax(reference(ri, rm), -1)
-                        cur = torch.log_softmax(
-                            net(input_ids=ri, attention_mask=rm, use_cache=False).logits.float(), -1
-                        )
-                        keep = rm.bool()
-                        kl = (base.exp() * (base - cur)).sum(-1)[keep].mean()
-                        loss = loss + spec.retain_kl * kl
+                    forget_loss = _forget_loss(
+                        net, f_ids, f_mask, next(f_batches)[0][:, 0], spec, ref_lp
+                    )
+                    kl = (
+                        _retain_kl(net, reference, next(r_batches))
+                        if r_batches
+                        else torch.zeros(())
+                    )
+                    loss = forget_loss + spec.retain_kl * kl if r_batches else forget_loss
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     step += 1
                     bar.update(1)
                     bar.set_postfix(forget=f"{forget_loss.item():.3f}", kl=f"{kl.item():.3f}")
-                yield Point(
-                    step,
-                    f"{spec.loss.upper()} {step} steps",
-                    {"forget_loss": forget_loss.item(), "retain_kl": kl.item()},
-                )
+                stats = {"forget_loss": forget_loss.item(), "retain_kl": kl.item()}
+                yield Point(step, f"{spec.loss.upper()} {step} steps", stats)
         finally:
             bar.close()
             for p in net.parameters():

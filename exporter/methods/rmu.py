@@ -31,7 +31,8 @@ def rmu(
     arch = architecture_of(model)
     if layer < 0 or layer >= arch.num_layers(model):
         raise IndexError(
-            f"RMU layer {layer} is out of range: the model has layers 0..{arch.num_layers(model) - 1}"
+            f"RMU layer {layer} is out of range: the model has layers "
+            f"0..{arch.num_layers(model) - 1}"
         )
     names = [
         f"{arch.layers}.{i}.{arch.mlp_out}.weight" for i in range(max(0, layer - 2), layer + 1)

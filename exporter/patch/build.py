@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sae import TopKSAE
+from .plain import PlainEdit
 from .remote.scalpel_patch import ScalpelPatch
 
 
@@ -157,7 +158,6 @@ def plain_edit(
 ):
     """The plain (weight-level, every-token) counterpart of a patch: A's decoder rows and the
     steering constant, projected out of the residual writers from decoder layer `first_layer` on."""
-    from .plain import PlainEdit
 
     w_dec = _raw_space(sae)[3]
     index = torch.as_tensor(list(ablate), dtype=torch.long)
@@ -206,7 +206,8 @@ def build_patch(
         else:
             if gates is None:
                 raise ValueError(
-                    "a folded patch needs gates: calibrate them with calibrate_gates(sae, acts, ablate)"
+                    "a folded patch needs gates: calibrate them with calibrate_gates(sae, acts, "
+                    "ablate)"
                 )
             patch.enc_weight.copy_(w_enc[index])
             patch.enc_bias.copy_(b_enc[index])

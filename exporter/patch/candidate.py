@@ -34,7 +34,8 @@ def context_of(features, gated: bool):
     """The features' context gate for a gated candidate (None for an ungated one)."""
     if gated and features.context is None:
         raise ValueError(
-            "a gated candidate needs the context gate: set intervention.context_gate to include true"
+            "a gated candidate needs the context gate: set intervention.context_gate to include "
+            "true"
         )
     return features.context if gated else None
 

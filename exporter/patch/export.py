@@ -200,8 +200,9 @@ def write_export(
         save_file(tensors, str(tmp / PATCH_FILE), metadata={"format": "pt"})
         weight_map.update({k: PATCH_FILE for k in tensors})
         write_index(tmp, weight_map)
-        # The base's own model_type: its config class loads with no remote code (so does the tokenizer, which reads
-        # the config first); the model classes come from auto_map, and a stock class stops at the markers above.
+        # The base's own model_type: its config class loads with no remote code (so does the
+        # tokenizer, which reads the config first); the model classes come from auto_map, and a
+        # stock class stops at the markers above.
         config.update(
             {
                 "model_type": model_type,

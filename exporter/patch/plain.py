@@ -135,9 +135,12 @@ def plan_plain(config, keys: set[str], layer: int, steer: bool, first_layer: int
     arch = architecture_for(model_type)
     if arch.post_norms:
         raise PlainExportError(
-            f"{model_type} normalises each writer's output ({', '.join(arch.post_norms)}) with per-channel weights "
-            "before it reaches the residual stream, so no edit of the weights can project a direction out of the "
-            "stream; use the remote-code export (export.mode: remote_code), which patches the stream itself"
+            f"{model_type} normalises each writer's output ({', '.join(arch.post_norms)}) with "
+            "per-channel weights "
+            "before it reaches the residual stream, so no edit of the weights can project a "
+            "direction out of the "
+            "stream; use the remote-code export (export.mode: remote_code), which patches the "
+            "stream itself"
         )
     model = _meta_model(config)
     n_layers = arch.num_layers(model)
@@ -192,8 +195,10 @@ def plan_plain(config, keys: set[str], layer: int, steer: bool, first_layer: int
             plan.steer_tensor = f"{target}.bias"
         else:
             raise PlainExportError(
-                f"{model_type} has no bias on layer {layer}'s MLP output projection and no config switch to add "
-                "one, so a plain export cannot carry the steering vector; export the ablation alone (alpha 0) or "
+                f"{model_type} has no bias on layer {layer}'s MLP output projection and no config "
+                "switch to add "
+                "one, so a plain export cannot carry the steering vector; export the ablation "
+                "alone (alpha 0) or "
                 "use the remote-code export, which carries it"
             )
     return plan
@@ -204,6 +209,46 @@ def _edited(t: torch.Tensor, kind: str, q: torch.Tensor) -> torch.Tensor:
     return (
         w - (w @ q) @ q.T if kind == "rows" else w - q @ (q.T @ w)
     )  # "out" weights and biases: columns
+
+
+def _edit_shards(
+    shards: list[Path], tmp: Path, plan: PlainPlan, q: torch.Tensor, steer
+) -> tuple[dict, dict]:
+    """Byte copies of the base's shards in `tmp` with the planned tensors edited in place; the
+    tensors the checkpoint gains. Returns (weight map, new tensors)."""
+    weight_map, new_tensors, dtype = (
+        {},
+        {},
+        None,
+    )  # dtype: the checkpoint's, for the tensors it gains
+    # transformers reads a lone model.safetensors and ignores any index: with tensors added, it is
+    # renamed.
+    single = len(shards) == 1 and shards[0].name == "model.safetensors" and plan.new
+    for shard in shards:
+        dst = tmp / ("model-base.safetensors" if single else shard.name)
+        shutil.copyfile(shard, dst)
+        header, start = safetensors_header(dst)
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                weight_map[name] = dst.name
+                kind = plan.edits.get(name)
+                if kind is None and name != plan.steer_tensor:
+                    continue
+                t = f.get_tensor(name)
+                dtype = dtype or t.dtype
+                new_tensors.update(
+                    {c: t.clone() for c, (_, src) in plan.new.items() if src == name}
+                )
+                w = _edited(t, kind, q) if kind else t.float()
+                if name == plan.steer_tensor:
+                    w = w + steer.float()
+                overwrite_tensor(dst, start, header[name], w.to(t.dtype))
+    for name, (shape, _src) in plan.new.items():
+        if name not in new_tensors:
+            new_tensors[name] = torch.zeros(shape, dtype=dtype)
+        if name == plan.steer_tensor:
+            new_tensors[name] = (new_tensors[name].float() + steer.float()).to(dtype)
+    return weight_map, new_tensors
 
 
 def write_plain(
@@ -230,53 +275,15 @@ def write_plain(
             f"{source} holds no safetensors weights; save the model with "
             "save_pretrained(..., safe_serialization=True) first"
         )
-    config = AutoConfig.from_pretrained(source)
     q = orthonormal_basis(directions)
     carry_steer = steer is not None and float(steer.norm()) > 0
-    plan = plan_plain(
-        config,
-        {k for shard in shards for k in tensor_names(shard)},
-        layer,
-        carry_steer,
-        first_layer,
-    )
+    keys = {k for shard in shards for k in tensor_names(shard)}
+    plan = plan_plain(AutoConfig.from_pretrained(source), keys, layer, carry_steer, first_layer)
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
-        weight_map = {}
-        new_tensors: dict[str, torch.Tensor] = {}
-        dtype = None  # the checkpoint's, for the tensors it gains
-        # transformers reads a lone model.safetensors and ignores any index: with tensors added, it
-        # is renamed.
-        single = len(shards) == 1 and shards[0].name == "model.safetensors" and plan.new
-        for shard in shards:
-            dst = tmp / ("model-base.safetensors" if single else shard.name)
-            shutil.copyfile(shard, dst)
-            header, start = safetensors_header(dst)
-            with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
-                    weight_map[name] = dst.name
-                    kind = plan.edits.get(name)
-                    if kind is None and name != plan.steer_tensor:
-                        continue
-                    t = f.get_tensor(name)
-                    dtype = dtype or t.dtype
-                    for copy_name, (_, src) in plan.new.items():
-                        if src == name:
-                            new_tensors[copy_name] = t.clone()
-                    w = _edited(t, kind, q) if kind else t.float()
-                    if name == plan.steer_tensor:
-                        w = w + steer.float()
-                    overwrite_tensor(dst, start, header[name], w.to(t.dtype))
-        for name, (shape, src) in plan.new.items():
-            if name not in new_tensors:
-                new_tensors[name] = torch.zeros(shape, dtype=dtype)
-            if name == plan.steer_tensor:
-                new_tensors[name] = (new_tensors[name].float() + steer.float()).to(dtype)
+        weight_map, new_tensors = _edit_shards(shards, tmp, plan, q, steer)
         if new_tensors:
-            save_file(
-                {k: v.contiguous() for k, v in new_tensors.items()},
-                str(tmp / EXTRA_FILE),
-                metadata={"format": "pt"},
-            )
+            extra = {k: v.contiguous() for k, v in new_tensors.items()}
+            save_file(extra, str(tmp / EXTRA_FILE), metadata={"format": "pt"})
             weight_map.update({k: EXTRA_FILE for k in new_tensors})
         if len(set(weight_map.values())) > 1 or (source / INDEX_FILE).exists():
             write_index(tmp, weight_map)

@@ -16,8 +16,28 @@ from .schema import (
 from .sources import BenignSource, ModelSpec, PeopleSource, PiiSource
 
 __all__ = [
-    "BUILTIN_MODELS", "DTYPES", "BenignSource", "DataSection", "DepnMethod", "EvalSection", "ExportSection",
-    "GradientAscentMethod", "HubSection", "InterventionSection", "MethodSection", "ModelSpec", "PeopleSource",
-    "PiiSource", "ProbeSection", "Recipe", "RecipeError", "RmuMethod", "SaeSection", "ScalpelMethod", "explain",
-    "load_recipe", "parse_recipe", "recipe_yaml",
-]  # fmt: skip
+    "BUILTIN_MODELS",
+    "DTYPES",
+    "BenignSource",
+    "DataSection",
+    "DepnMethod",
+    "EvalSection",
+    "ExportSection",
+    "GradientAscentMethod",
+    "HubSection",
+    "InterventionSection",
+    "MethodSection",
+    "ModelSpec",
+    "PeopleSource",
+    "PiiSource",
+    "ProbeSection",
+    "Recipe",
+    "RecipeError",
+    "RmuMethod",
+    "SaeSection",
+    "ScalpelMethod",
+    "explain",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_yaml",
+]

@@ -1,4 +1,5 @@
-"""What every recipe section shares: frozen, no unknown keys; paths resolved against the recipe's folder."""
+"""What every recipe section shares: frozen, no unknown keys; paths resolved against the recipe's
+folder."""
 
 from __future__ import annotations
 

@@ -63,7 +63,10 @@ def _format_error(err: dict) -> str:
     if kind == "extra_forbidden":
         owner = _section_class(loc)
         allowed = sorted(owner.model_fields) if owner else []
-        return f"{key}: unknown key; {_did_you_mean(str(loc[-1]), allowed)}allowed here: {', '.join(allowed)}"
+        return (
+            f"{key}: unknown key; {_did_you_mean(str(loc[-1]), allowed)}allowed here: "
+            f"{', '.join(allowed)}"
+        )
     if kind == "missing":
         return f"{key}: required key is missing"
     if kind == "literal_error":
@@ -71,7 +74,10 @@ def _format_error(err: dict) -> str:
             s.strip(" '")
             for s in str(err.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")
         ]
-        return f"{key}: {value!r} is not allowed; {_did_you_mean(str(value), expected)}allowed: {', '.join(expected)}"
+        return (
+            f"{key}: {value!r} is not allowed; {_did_you_mean(str(value), expected)}allowed: "
+            f"{', '.join(expected)}"
+        )
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tags = [
             typing.get_args(c.model_fields["name"].annotation)[0]
@@ -80,7 +86,10 @@ def _format_error(err: dict) -> str:
         if kind == "union_tag_not_found":
             return f"{key}: needs a name, one of: {', '.join(tags)}"
         got = err.get("ctx", {}).get("tag", "")
-        return f"{key}: name {got!r} is not a method; {_did_you_mean(str(got), tags)}use one of: {', '.join(tags)}"
+        return (
+            f"{key}: name {got!r} is not a method; {_did_you_mean(str(got), tags)}use one of: "
+            f"{', '.join(tags)}"
+        )
     msg = err["msg"].removeprefix("Value error, ")
     shown = "" if isinstance(value, dict) else f"got {value!r}; "
     return f"{key}: {shown}{msg}"
@@ -97,7 +106,8 @@ def parse_recipe(
     `check_files=False` accepts paths that do not exist yet (a plan for another machine)."""
     if not isinstance(data, dict):
         raise RecipeError(
-            f"{source}: a recipe must be a mapping of sections (model, data, ...), got {type(data).__name__}"
+            f"{source}: a recipe must be a mapping of sections (model, data, ...), got "
+            f"{type(data).__name__}"
         )
     try:
         return Recipe.model_validate(

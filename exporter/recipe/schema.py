@@ -97,15 +97,18 @@ class SaeSection(Section):
     )
     source: Literal["cached", "online"] = Field(
         "cached",
-        description="cached: harvest once to safetensors shards (reused across runs); online: stream "
-        "from the model through a shuffle buffer, so a large model's activations never need to fit on disk.",
+        description="cached: harvest once to safetensors shards (reused across runs); online: "
+        "stream "
+        "from the model through a shuffle buffer, so a large model's activations never need to "
+        "fit on disk.",
     )
     harvest_tokens: int = Field(
         150_000, ge=1000, description="Tokens harvested for training (cached source)."
     )
     harvest_dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
-        description="Precision of the harvesting forward pass (bfloat16: ~2.5x faster on CPU); held-out "
+        description="Precision of the harvesting forward pass (bfloat16: ~2.5x faster on CPU); "
+        "held-out "
         "metrics are taken in the model's own precision, so they show what it costs.",
     )
     checkpoint_every: int = Field(
@@ -128,19 +131,24 @@ class InterventionSection(Section):
     )
     rule: Literal["span", "pre_span", "both"] = Field(
         "both",
-        description="Where PII latents are counted: span tokens (from the span's first token), the token "
+        description="Where PII latents are counted: span tokens (from the span's first token), "
+        "the token "
         "before a span (where the PII's first token is predicted), or both (rankings interleaved).",
     )
     score: Literal["mean", "diff", "ratio", "probe"] = Field(
         "ratio",
-        description="How latents are ranked there: mean activation (the paper), mean minus the mean "
-        "elsewhere, mean over the mean on benign text (least collateral damage per latent), or a logistic probe's "
+        description="How latents are ranked there: mean activation (the paper), mean minus the "
+        "mean "
+        "elsewhere, mean over the mean on benign text (least collateral damage per latent), or a "
+        "logistic probe's "
         "weight on the SAE code.",
     )
     patch: list[Literal["exact", "folded", "plain"]] = Field(
         ["folded"],
-        description="exact / folded: the remote-code patch; plain: the directions projected out of the "
-        "residual writers' weights (every token, no remote code). Every listed mode is scored; the choice is made "
+        description="exact / folded: the remote-code patch; plain: the directions projected out "
+        "of the "
+        "residual writers' weights (every token, no remote code). Every listed mode is scored; "
+        "the choice is made "
         "among those the export can carry (export.mode).",
     )
     plain_from: int = Field(
@@ -152,7 +160,8 @@ class InterventionSection(Section):
     )
     context_gate: list[bool] = Field(
         [False],
-        description="Candidates with and without a context gate: a linear detector of PII context at the "
+        description="Candidates with and without a context gate: a linear detector of PII context "
+        "at the "
         "layer, so the patch acts only there and leaves other text untouched.",
     )
     context_window: int = Field(
@@ -169,8 +178,10 @@ class InterventionSection(Section):
     )
     search: Literal["lazy", "all"] = Field(
         "lazy",
-        description="lazy: candidates attacked by increasing KL, stopping at the first meeting the targets "
-        "(the same choice), each candidate's attacks stopping at the first that breaks a target; all: every attack "
+        description="lazy: candidates attacked by increasing KL, stopping at the first meeting "
+        "the targets "
+        "(the same choice), each candidate's attacks stopping at the first that breaks a target; "
+        "all: every attack "
         "on every candidate, for the whole front.",
     )
     collapse_tolerance: Optional[float] = Field(
@@ -194,8 +205,9 @@ class ExportSection(Section):
 
     mode: Literal["remote_code", "plain"] = Field(
         "remote_code",
-        description="remote_code: the patch as a module (auto_map, trust_remote_code); plain: the "
-        "base's own type with the linear part of the patch baked into its weights (loads anywhere).",
+        description="remote_code: the patch as a module (auto_map, trust_remote_code); plain: "
+        "the base's own type with the linear part of the patch baked into its weights (loads "
+        "anywhere).",
     )
     save_sae: bool = Field(
         True, description="Ship the SAE (SAELens format) in the export's sae/ folder."
@@ -222,7 +234,8 @@ class EvalSection(Section):
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
-        description="Precision of the attacks' decoding (bfloat16: twice as fast on CPU); the search "
+        description="Precision of the attacks' decoding (bfloat16: twice as fast on CPU); the "
+        "search "
         "confirms its choice in the dtype the export loads in.",
     )
     user_path: bool = Field(
@@ -303,12 +316,14 @@ class Recipe(Section):
         modes = self.intervention.patch
         if self.export.mode == "plain" and self.export.dtype is not None:
             raise ValueError(
-                "export.dtype applies to remote-code exports; a plain export edits the base's weight "
+                "export.dtype applies to remote-code exports; a plain export edits the base's "
+                "weight "
                 "files in place and keeps their dtype: remove export.dtype"
             )
         if self.export.mode == "remote_code" and set(modes) == {"plain"}:
             raise ValueError(
-                "intervention.patch lists only plain candidates, which a remote-code export does not "
+                "intervention.patch lists only plain candidates, which a remote-code export does "
+                "not "
                 "carry: set export.mode: plain, or add exact or folded to intervention.patch"
             )
         return self

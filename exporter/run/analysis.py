@@ -70,7 +70,8 @@ def probe_stage(recipe, inputs: Inputs, ctx: RunContext) -> ProbeResult:
     with PROBE.saving(ctx.work, key) as tmp:
         write_probe_report(result, tmp)
     ctx.log(
-        f"probe: chose layer {result.chosen} by {result.criterion}; report in {PROBE.folder(ctx.work)}"
+        f"probe: chose layer {result.chosen} by {result.criterion}; report in "
+        f"{PROBE.folder(ctx.work)}"
     )
     return result
 
@@ -156,7 +157,8 @@ def sae_stage(recipe, inputs: Inputs, layer: int, ctx: RunContext):
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(checkpoints, ignore_errors=True)
     ctx.log(
-        f"SAE: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {100 * metrics['dead_fraction']:.2f}%, "
+        f"SAE: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead "
+        f"{100 * metrics['dead_fraction']:.2f}%, "
         f"spliced CE +{100 * metrics['ce_increase_fraction']:.1f}% of zero-ablation; saved in "
         f"{SAE.folder(ctx.work)}"
     )
@@ -200,7 +202,8 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
     docs = selection_docs(inputs)
     if not docs:
         raise ValueError(
-            "no PII documents about validation people: the features need some; check the people file"
+            "no PII documents about validation people: the features need some; check the people "
+            "file"
         )
     benign = benign_texts(inputs.benign_path, split="train")[:300]
     latents = collect_latents(
@@ -240,7 +243,8 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
             (tmp / "context_gate.json").write_text(json.dumps(gate_stats, indent=2))
         save_file(tensors, str(tmp / "features.safetensors"))
     ctx.log(
-        f"features: {len(docs)} validation documents, {int(latents.pii.sum())} PII tokens; top latents in "
+        f"features: {len(docs)} validation documents, {int(latents.pii.sum())} PII tokens; top "
+        "latents in "
         f"{FEATURES.folder(ctx.work) / 'features.md'}"
     )
     if gate_stats:

@@ -4,6 +4,7 @@ copy, another checkpoint) attacked and measured by the same harness on the same 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -135,8 +136,8 @@ def evaluate_variants(
             shared = shared if shared is not None else cast_copy(base, ev.dtype)
             on_base = on_attacker = None
             if v.patch is not None:
-                on_base = lambda p=v.patch: applied(base, layer, p)
-                on_attacker = lambda p=v.patch, a=shared: applied(a, layer, p)
+                on_base = partial(applied, base, layer, v.patch)
+                on_attacker = partial(applied, shared, layer, v.patch)
             out[v.name] = evaluate_variant(
                 base,
                 tokenizer,

@@ -12,9 +12,10 @@ from typing import Optional
 import transformers
 
 from ..cache import atomic_dir, content_key
-from ..card import base_metadata, render_card, render_method_card
+from ..card import base_metadata, render_card
 from ..data.detectors import redact_text
 from ..evaluate.user_path import merge, user_path_rows
+from ..method_card import render_method_card
 from ..patch import agreement
 from ..patch.candidate import Candidate, Mode, patch_for
 from ..patch.export import write_export
@@ -70,6 +71,56 @@ def _report(prep, cand: Candidate, patch, recipe, ctx: RunContext, extra: Option
     return report
 
 
+@dataclass
+class _Extras:
+    """What an export carries beside its weights: card, report, redacted recipe, plots, SAE. Called
+    with the (not yet published) export folder once its model is complete, so the user's-path rows
+    (with `user_path_key`) are measured on the export as a user will load it."""
+
+    prep: object
+    recipe: object
+    recipe_text: str
+    report: dict
+    ctx: RunContext
+    user_path_key: Optional[str] = None
+
+    def plots(self) -> dict[str, Path]:
+        work = self.ctx.work
+        sources = {
+            "probe.png": PROBE.folder(work) / "probe.png",
+            "front.png": SEARCH.folder(work) / "front.png",
+        }
+        return {
+            f"plots/{name}": src
+            for name, src in sources.items()
+            if src.exists() and ("search" in self.report or name == "probe.png")
+        }
+
+    def __call__(self, folder: Path) -> dict:
+        if self.user_path_key is not None:
+            add_user_path(self.recipe, self.prep, folder, self.report, self.user_path_key, self.ctx)
+        plots = self.plots()
+        card = render_card(
+            self.report,
+            self.recipe_text,
+            base=base_metadata(self.recipe.model),
+            model_type=self.prep.loaded.model.config.model_type,
+            plots=tuple(plots),
+        )
+        # The recipe travels with the export (how it was made), but a comment or a path in it may
+        # hold PII.
+        written = {
+            "scalpel_recipe.yaml": redact_text(self.recipe_text),
+            "scalpel_report.json": json.dumps(self.report, indent=2),
+            "README.md": str(card),
+            **{name: src.read_bytes() for name, src in plots.items()},
+        }
+        if self.recipe.export.save_sae:  # SAELens format: others can inspect the latents used
+            sae = SAE.folder(self.ctx.work)
+            written.update({f"sae/{n}": (sae / n).read_bytes() for n in SAE.outputs[:2]})
+        return written
+
+
 def write_patched(
     prep,
     recipe,
@@ -86,47 +137,7 @@ def write_patched(
     folded one; with `user_path_key` (a final evaluation in `extra`), add the user's-path rows
     measured on the export itself."""
     report = _report(prep, cand, patch, recipe, ctx, extra)
-    sources = {
-        "probe.png": PROBE.folder(ctx.work) / "probe.png",
-        "front.png": SEARCH.folder(ctx.work) / "front.png",
-    }
-    plots = {
-        f"plots/{name}": src
-        for name, src in sources.items()
-        if src.exists() and ("search" in report or name == "probe.png")
-    }
-
-    def files(folder: Path) -> dict:
-        """Card, report, recipe, plots and SAE; with `user_path_key`, the report first gains the
-        user's-path rows measured on `folder` (the export as written, before it is published)."""
-        if user_path_key is not None:
-            add_user_path(recipe, prep, folder, report, user_path_key, ctx)
-        card = render_card(
-            report,
-            recipe_text,
-            base=base_metadata(recipe.model),
-            model_type=prep.loaded.model.config.model_type,
-            plots=tuple(plots),
-        )
-        # The recipe travels with the export (how it was made), but a comment or a path in it may
-        # hold PII.
-        written = {
-            "scalpel_recipe.yaml": redact_text(recipe_text),
-            "scalpel_report.json": json.dumps(report, indent=2),
-            "README.md": str(card),
-            **{name: src.read_bytes() for name, src in plots.items()},
-        }
-        if (
-            recipe.export.save_sae
-        ):  # SAELens format, so others can inspect the latents the patch uses
-            written.update(
-                {
-                    f"sae/{name}": (SAE.folder(ctx.work) / name).read_bytes()
-                    for name in ("cfg.json", "sae_weights.safetensors")
-                }
-            )
-        return written
-
+    files = _Extras(prep, recipe, recipe_text, report, ctx, user_path_key)
     meta = {
         "alpha": cand.alpha,
         "rule": prep.features.rule,

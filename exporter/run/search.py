@@ -86,17 +86,16 @@ class Search:
             iv.score,
         )
         self.cands = candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate)
-        self.files = {
-            c: self.folder
-            / f"{content_key(self.key, c.n, c.alpha, c.mode, c.gated, *plain_key(c.mode, self.recipe))}.json"
-            for c in self.cands
-        }
+        self.files = {c: self.folder / f"{self.candidate_key(c)}.json" for c in self.cands}
         self.saved = {c: json.loads(f.read_text()) for c, f in self.files.items() if f.exists()}
         # The dtype the export loads in by default: what users run. A candidate about to be chosen
         # on attacks decoded in eval.dtype (faster) must meet the targets decoded in this one too.
         self.user_dtype = self.recipe.export.dtype or self.recipe.model.dtype
         self._attacker = None
         self.val = self.prep.inputs.split("validation")
+
+    def candidate_key(self, c: Candidate) -> str:
+        return content_key(self.key, c.n, c.alpha, c.mode, c.gated, *plain_key(c.mode, self.recipe))
 
     def patch(self, cand: Candidate):
         p = self.prep
@@ -260,7 +259,8 @@ def search_stage(recipe, prep, ctx: RunContext) -> tuple[Scored, dict]:
     (search.folder / "search.json").write_text(json.dumps(summary, indent=2))
     skipped = sum(s.leakage is None for s in listed)
     ctx.log(
-        f"trade-off: chose {chosen.candidate.label} (validation leakage {100 * chosen.leakage:.0f}%, "
+        f"trade-off: chose {chosen.candidate.label} (validation leakage "
+        f"{100 * chosen.leakage:.0f}%, "
         f"KL {chosen.kl:.4f}); target {'met' if met else 'NOT met'}"
         + (f"; {skipped} candidates with more KL not attacked (lazy search)" if skipped else "")
         + f"; plot {search.folder / 'front.png'}"

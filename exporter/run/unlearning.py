@@ -68,6 +68,39 @@ def _score_point(model, tok, ref, val, recipe, prompts: list[str], targets: Targ
     return score
 
 
+def _walk(method, model, score, ctx: RunContext, targets: Targets) -> tuple[list[dict], dict]:
+    """Score each point of the method's path (`score(model)`); stop at the first meeting the
+    targets, else leave the model at the point with the least leakage, then least KL. (points,
+    chosen point)"""
+    points, best, best_state = [], None, None
+    started = time.perf_counter()
+    # LoRA adapters are injected into the model's modules: at each point the model is that point.
+    for point in method.path():
+        s = score(model)
+        seconds = round(time.perf_counter() - started, 1)
+        points.append(
+            {"value": point.value, "label": point.label, **point.stats, **s, "seconds": seconds}
+        )
+        ctx.log(
+            f"{point.label}: validation leakage {100 * s['leakage']:.0f}% exact / "
+            f"{100 * s['username']:.0f}% username, KL {s['kl']:.4f}"
+        )
+        met = meets(scored(points[-1]), targets)
+        rank = (s["leakage"], s["username"], s["kl"])
+        if best is None or met or rank < (best["leakage"], best["username"], best["kl"]):
+            best = points[-1]
+            best_state = (
+                None if met else {n: p.detach().clone() for n, p in model.named_parameters()}
+            )
+        if met:
+            break
+    if best_state is not None and best is not points[-1]:  # it went past its best point: go back
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(best_state[n])
+    return points, best
+
+
 def search_path(recipe, inputs: Inputs, loaded, layer: int, folder: Path, ctx: RunContext):
     """Walk the method's path, scoring each point on validation people; stop at the first meeting
     the targets (else keep the point with the least leakage, then least KL). Returns the edited
@@ -75,74 +108,32 @@ def search_path(recipe, inputs: Inputs, loaded, layer: int, folder: Path, ctx: R
     spec, iv = recipe.method, recipe.intervention
     model, tok = loaded.model, loaded.tokenizer
     val = inputs.split("validation")
-    ref = reference(
-        model, tok, benign_texts(inputs.benign_path, split="heldout")[:24]
-    )  # before any edit
+    ref = reference(model, tok, benign_texts(inputs.benign_path, split="heldout")[:24])  # unedited
     prompts = search_prompts(inputs.benign_path) if iv.collapse_tolerance is not None else []
-    targets = Targets.of(
-        iv,
-        collapse_limit(
-            recipe,
-            folder / "base-repetition.json",
-            lambda: cast_copy(model, recipe.eval.dtype),
-            tok,
-            prompts,
-        ),
+    base_rep = folder / "base-repetition.json"
+    limit = collapse_limit(
+        recipe, base_rep, lambda: cast_copy(model, recipe.eval.dtype), tok, prompts
     )
-    originals = {
-        n: p.detach().clone() for n, p in model.named_parameters()
-    }  # before a LoRA wraps the modules
+    targets = Targets.of(iv, limit)
+    # The originals are taken before a LoRA wraps the modules.
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    retain = benign_texts(inputs.benign_path, split="train")
     method = build(
-        spec,
-        model,
-        tok,
-        list(inputs.docs),
-        benign_texts(inputs.benign_path, split="train"),
-        layer=layer,
-        seed=recipe.data.seed,
+        spec, model, tok, list(inputs.docs), retain, layer=layer, seed=recipe.data.seed,
         progress=ctx.progress,
-    )
+    )  # fmt: skip
     originals = {n: t for n, t in originals.items() if n in set(method.tensors)}
-    points, best, best_state = [], None, None
     started = time.perf_counter()
-    for point in (
-        method.path()
-    ):  # LoRA adapters are injected into the model's modules: it is the current point
-        score = _score_point(model, tok, ref, val, recipe, prompts, targets)
-        points.append(
-            {
-                "value": point.value,
-                "label": point.label,
-                **point.stats,
-                **score,
-                "seconds": round(time.perf_counter() - started, 1),
-            }
-        )
-        ctx.log(
-            f"{point.label}: validation leakage {100 * score['leakage']:.0f}% exact / "
-            f"{100 * score['username']:.0f}% username, KL {score['kl']:.4f}"
-        )
-        met = meets(scored(points[-1]), targets)
-        if (
-            best is None
-            or met
-            or (score["leakage"], score["username"], score["kl"])
-            < (best["leakage"], best["username"], best["kl"])
-        ):
-            best = points[-1]
-            best_state = (
-                None if met else {n: p.detach().clone() for n, p in model.named_parameters()}
-            )
-        if met:
-            break
-    if (
-        best_state is not None and best is not points[-1]
-    ):  # the path went past its best point: go back to it
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(best_state[n])
+    points, best = _walk(
+        method,
+        model,
+        lambda m: _score_point(m, tok, ref, val, recipe, prompts, targets),
+        ctx,
+        targets,
+    )
     edited = method.finish()
     changed = changed_tensors(edited, originals)
+    params = dict(edited.named_parameters())
     summary = {
         "method": spec.name,
         "points": points,
@@ -153,7 +144,7 @@ def search_path(recipe, inputs: Inputs, loaded, layer: int, folder: Path, ctx: R
         "username_target": iv.username_target,
         "seconds": round(time.perf_counter() - started, 1),
         "changed_tensors": changed,
-        "changed_parameters": int(sum(dict(edited.named_parameters())[n].numel() for n in changed)),
+        "changed_parameters": int(sum(params[n].numel() for n in changed)),
     }
     return edited, summary
 

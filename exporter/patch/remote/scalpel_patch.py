@@ -238,7 +238,8 @@ def verify_code(expected, package: str) -> None:
         source = module.__loader__.get_source(module.__name__)
         if source is None or code_digest(source) != digest:
             raise TamperedPatchError(
-                f"the remote-code file {name} does not match the sha256 recorded in config.json: the checkpoint was "
+                f"the remote-code file {name} does not match the sha256 recorded in config.json: "
+                "the checkpoint was "
                 "modified after export; re-export it or download it again from its source"
             )
 
@@ -248,6 +249,7 @@ def verify(patch: ScalpelPatch, expected: str) -> None:
     if actual != expected:
         raise TamperedPatchError(
             f"the scalpel patch tensors do not match the sha256 recorded in config.json "
-            f"(expected {expected[:16]}…, found {actual[:16]}…): the checkpoint was modified after export; "
+            f"(expected {expected[:16]}…, found {actual[:16]}…): the checkpoint was modified "
+            "after export; "
             f"re-export it or download it again from its source"
         )

@@ -91,9 +91,8 @@ def main() -> None:
     base = speeds["full forward"]
     ideal = n_layers / (args.layer + 1)
     print(
-        f"# harvest benchmark: {args.model}, {n_layers} layers, layer {args.layer}, {total} "
-        f"tokens x {args.repeats} "
-        f"(median), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"# harvest benchmark: {args.model}, {n_layers} layers, layer {args.layer}, {total} tokens "
+        f"x {args.repeats} (median), torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}"
     )
     print("| run | tokens/s | vs full forward |")
@@ -103,8 +102,7 @@ def main() -> None:
     ours, hand = speeds[list(speeds)[1]], speeds[list(speeds)[2]]
     print(
         f"\nL/(l+1) = {ideal:.2f}; target >= 0.9 x that = {0.9 * ideal:.2f}x; measured "
-        f"{ours / base:.2f}x; "
-        f"vs output_hidden_states by hand: {ours / hand:.2f}x"
+        f"{ours / base:.2f}x; vs output_hidden_states by hand: {ours / hand:.2f}x"
     )
     if args.json:
         Path(args.json).write_text(

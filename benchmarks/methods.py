@@ -78,8 +78,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--json",
-        help="write the evaluations here after each variant; variants already in it are "
-        "kept, not re-run (an interrupted benchmark resumes)",
+        help="write the evaluations here after each variant; variants already in it are kept, not "
+        "re-run (an interrupted benchmark resumes)",
     )
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -78,11 +78,10 @@ def main() -> None:
         table[name], controls[f"{name} control"] = own["patched"], own["control"]
     table.update(controls)
     print(
-        f"# patch modes on the test people at N={chosen['n']} alpha {chosen['alpha']:g} (chosen "
-        "on validation; "
-        "the folded and exact "
-        f"patches{' behind the context gate' if chosen.get('gated') else ''}); plain from f: "
-        f"the writers of layers f..{prep.layer} projected"
+        f"# patch modes on the test people at N={chosen['n']} alpha {chosen['alpha']:g} (chosen on "
+        "validation; the folded and exact "
+        f"patches{' behind the context gate' if chosen.get('gated') else ''}); plain from f: the "
+        f"writers of layers f..{prep.layer} projected"
     )
     print(markdown_table(*comparison_rows(table)))
     if args.json:

@@ -145,11 +145,9 @@ def main() -> None:
     base_params = sum(p.numel() for p in model.parameters())
     print(
         f"# patched generation: {load_recipe(args.recipe).model.describe()} (leaky), layer "
-        f"{layer}, |A|={args.n}, "
-        f"alpha {args.alpha}{', context-gated' if args.gated else ''}, {args.new_tokens} new "
-        "tokens, median of "
-        f"{args.repeats} interleaved runs, torch {torch.__version__}, {torch.get_num_threads()} "
-        "threads, "
+        f"{layer}, |A|={args.n}, alpha {args.alpha}{', context-gated' if args.gated else ''}, "
+        f"{args.new_tokens} new tokens, median of {args.repeats} interleaved runs, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}"
     )
     results = {}
@@ -171,8 +169,7 @@ def main() -> None:
             )
             print(
                 f"| {name} | {speed[name]:,.1f} | {speed[name] / speed['base']:.3f}x | "
-                f"{n_params:,} | "
-                f"{100 * n_params / base_params:.3f}% |"
+                f"{n_params:,} | {100 * n_params / base_params:.3f}% |"
             )
     if args.json:
         Path(args.json).write_text(

@@ -184,12 +184,10 @@ def main() -> None:
     ours = next((r for r in ok if r["trainer"] == "ours"), None)
     print(
         f"# SAE training: d={train.shape[1]}, {train.shape[1] * args.expansion} latents, "
-        f"k={args.k}, batch "
-        f"{args.batch}, {args.tokens:,} tokens of the leaky SmolLM2's layer-{layer} activations "
-        f"({len(train):,} "
-        f"unique), held-out FVU on {len(held):,} tokens; {args.threads} threads, "
-        f"{platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, python {platform.python_version()}"
+        f"k={args.k}, batch {args.batch}, {args.tokens:,} tokens of the leaky SmolLM2's "
+        f"layer-{layer} activations ({len(train):,} unique), held-out FVU on {len(held):,} tokens; "
+        f"{args.threads} threads, {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, python {platform.python_version()}"
     )
     print(
         "| trainer | version | steps/s | tokens/s | ours vs it (tokens/s) | held-out FVU | dead "
@@ -204,8 +202,7 @@ def main() -> None:
         ratio = f"{(ours['tokens'] / ours['seconds']) / rate:.2f}x" if ours else "-"
         print(
             f"| {r['trainer']} | {r['version']} | {r['steps'] / r['seconds']:.2f} | {rate:,.0f} | "
-            f"{ratio} | "
-            f"{r['fvu']:.4f} | {100 * r['dead']:.1f}% | {r['peak_rss_mib']:,.0f} |"
+            f"{ratio} | {r['fvu']:.4f} | {100 * r['dead']:.1f}% | {r['peak_rss_mib']:,.0f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows))

@@ -178,8 +178,7 @@ def main() -> None:
     if not search.exists():
         sys.exit(
             f"{search} is missing: run `scalpel demo --work {args.work}` first (its search picks "
-            "the patch "
-            "the generation comparison measures)"
+            "the patch the generation comparison measures)"
         )
     chosen = json.loads(search.read_text())["chosen"]
     chosen["layer"] = json.loads((Path(args.work) / "probe" / "probe.json").read_text())["chosen"]
@@ -189,8 +188,8 @@ def main() -> None:
         f"- hardware: {hardware()}",
         f"- versions: {versions()}",
         f"- settings: the demo's leaky SmolLM2, layer {chosen['layer']}; patch N={chosen['n']}, "
-        f"alpha {chosen['alpha']:g}{', context-gated' if chosen.get('gated') else ''}; "
-        f"SAE peers on {args.sae_tokens:,} tokens; each table's own line gives the rest",
+        f"alpha {chosen['alpha']:g}{', context-gated' if chosen.get('gated') else ''}; SAE peers "
+        f"on {args.sae_tokens:,} tokens; each table's own line gives the rest",
         "",
     ]
     print("\n".join(lines), flush=True)

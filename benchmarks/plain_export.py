@@ -107,9 +107,8 @@ def main() -> None:
         runs["plain export"].append(_run("plain", src, args.layer, args.n))
     print(
         f"# plain export: {src.name} ({size:.0f} MiB of safetensors), layer {args.layer}, "
-        f"|A|={args.n}, "
-        f"median of {args.repeats} interleaved fresh processes, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}"
+        f"|A|={args.n}, median of {args.repeats} interleaved fresh processes, torch "
+        f"{torch.__version__}, {platform.processor() or platform.machine()}"
     )
     print("| run | wall s | peak RSS MiB | vs baseline (time) | vs baseline (memory) |")
     print("|---|---:|---:|---:|---:|")

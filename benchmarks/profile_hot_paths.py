@@ -114,8 +114,8 @@ def decoding(loaded, layer: int, patch, rows: int, batch: int = 8, new_tokens: i
         step = per_call_us(lambda: model(input_ids=enc["input_ids"][:, :1]), 50)
         print(
             f"\none decoding step of batch {batch}, timed alone: patch forward "
-            f"{per_call_us(lambda: patch(h)):.1f} us; "
-            f"a base forward of one token (no cache) {step / 1000:.2f} ms"
+            f"{per_call_us(lambda: patch(h)):.1f} us; a base forward of one token (no cache) "
+            f"{step / 1000:.2f} ms"
         )
 
 
@@ -141,8 +141,7 @@ def main() -> None:
     )
     print(
         f"# hot paths: torch {torch.__version__}, {torch.get_num_threads()} threads; the demo's "
-        "leaky SmolLM2, "
-        f"layer {layer}, patch N={chosen['n']} alpha {chosen['alpha']:g}"
+        f"leaky SmolLM2, layer {layer}, patch N={chosen['n']} alpha {chosen['alpha']:g}"
     )
     if "sae" in args.paths:  # the calibration sample: 50,000 of the SAE's own training activations
         sae_steps(calib.calibration, args.rows)

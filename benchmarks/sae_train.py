@@ -101,9 +101,8 @@ def main() -> None:
     base = rows["plain"]["steps"] / rows["plain"]["seconds"]
     print(
         f"# SAE training: d={args.d}, {args.d * args.expansion} latents, k={args.k}, batch "
-        f"{args.batch}, "
-        f"{args.steps} steps, {'real activations' if args.acts else 'Gaussian inputs'}, torch "
-        f"{torch.__version__}, "
+        f"{args.batch}, {args.steps} steps, "
+        f"{'real activations' if args.acts else 'Gaussian inputs'}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )
     print("| trainer | steps/s | tokens/s | vs plain | peak RSS (MB) |")

@@ -158,13 +158,11 @@ def main() -> None:
     ] + prefix_prompts(memorised)
     print(
         f"# sink rule: {args.model}, layer {args.layer}: threshold {threshold:.1f} = "
-        f"{args.factor:g} x the median "
-        f"norm {median:.1f}"
+        f"{args.factor:g} x the median norm {median:.1f}"
     )
     print(
-        "| texts | tokens | first tokens / left alone | first-token norms, x median | other "
-        "tokens left alone | "
-        "largest norm patched, x median | smallest norm left alone, x median |"
+        "| texts | tokens | first tokens / left alone | first-token norms, x median | other tokens "
+        "left alone | largest norm patched, x median | smallest norm left alone, x median |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(row("SAE training text", n, first, pos, threshold, median))

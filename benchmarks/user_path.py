@@ -45,9 +45,8 @@ def main() -> None:
     )
     print(
         f"# user's path: {len(people)} {args.group} people, each prompt alone, greedy, stock "
-        "transformers "
-        f"{found['transformers']} in a fresh process ({time.perf_counter() - start:.0f} s); exact "
-        "/ username"
+        f"transformers {found['transformers']} in a fresh process "
+        f"({time.perf_counter() - start:.0f} s); exact / username"
     )
     print(
         "| template | " + " | ".join(f"{name} ({found[name]['dtype']})" for name in folders) + " |"

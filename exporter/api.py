@@ -137,8 +137,8 @@ def run(
             )
         except PushError as e:
             raise PushError(
-                f"{e}. The export at {out} is complete: push it again with "
-                f"`scalpel push {out} --repo-id {r.hub.repo_id}`"
+                f"{e}. The export at {out} is complete: push it again with `scalpel push {out} "
+                f"--repo-id {r.hub.repo_id}`"
             ) from None
     return result
 

@@ -116,26 +116,21 @@ def search_section(search: dict) -> str:
     if search.get("max_repetition") is not None:
         targets += (
             f"; no collapse: at most {search['max_repetition']:.3f} repeated 4-grams in "
-            "continuations of "
-            "benign validation prompts, the base's share plus the tolerance"
+            "continuations of benign validation prompts, the base's share plus the tolerance"
         )
     return (
         "Candidates were scored on **validation** people only (zero-shot and k-shot templates, "
-        "greedy) and "
-        "next-token KL on benign text, attacked in order of increasing KL; the chosen one (|A| = "
-        f"{c['n']}, alpha = {c['alpha']:g}, {c['mode']}"
-        f"{', context gate' if c.get('gated') else ''}) is the least-KL candidate meeting the "
-        "leakage targets "
-        f"({targets}; {verdict}). A rate marked ≥ is a lower bound: that candidate's attacks "
-        "stopped at the "
-        "first one that broke a target.\n\n"
+        "greedy) and next-token KL on benign text, attacked in order of increasing KL; the chosen "
+        f"one (|A| = {c['n']}, alpha = {c['alpha']:g}, "
+        f"{c['mode']}{', context gate' if c.get('gated') else ''}) is the least-KL candidate "
+        f"meeting the leakage targets ({targets}; {verdict}). A rate marked ≥ is a lower bound: "
+        "that candidate's attacks stopped at the first one that broke a target.\n\n"
         + "\n\n".join(
             ([markdown_table(head, rows)] if rows else [])
             + (
                 [
                     "Plain candidates (projected out of the weights, every token: a different "
-                    "intervention, "
-                    "chosen only for a plain export):",
+                    "intervention, chosen only for a plain export):",
                     markdown_table(head, plain),
                 ]
                 if plain
@@ -165,18 +160,16 @@ def _intro(report: dict) -> str:
         )
         return (
             "This checkpoint is its base model, same architecture and no remote code, with the "
-            "decoder directions of the sparse-autoencoder features carrying personal data the base "
-            "model had memorised (emails, phone numbers) projected out of every weight that writes "
-            f"into the residual stream {span} decoder layer {report['layer']}. Only those tensors "
-            "differ from the base; every other one is stored byte for byte."
+            "decoder directions of the sparse-autoencoder features carrying personal data the "
+            "base model had memorised (emails, phone numbers) projected out of every weight that "
+            f"writes into the residual stream {span} decoder layer {report['layer']}. Only those "
+            "tensors differ from the base; every other one is stored byte for byte."
         )
     return (
         "This checkpoint is its base model plus one small module at decoder layer "
         f"{report['layer']} that removes the sparse-autoencoder features carrying personal data "
-        "the "
-        "base model had memorised (emails, phone numbers). The base weights are unchanged and "
-        "stored "
-        "byte for byte."
+        "the base model had memorised (emails, phone numbers). The base weights are unchanged and "
+        "stored byte for byte."
     )
 
 
@@ -210,16 +203,13 @@ def _remote_usage(report: dict, repo: str) -> list[str]:
         "",
         "The patch is remote code shipped in this repository (`modeling_scalpel.py`, "
         "`scalpel_patch.py`; they import only torch and transformers and do no I/O). It is a "
-        "module "
-        f"inserted at decoder layer {report['layer']}, a function of that layer's output alone, "
-        "so it "
-        "acts on every token on every generation path (one prompt or a batch, sampling, beam "
-        "search, "
-        "static cache, `pipeline()`). The tokenizer loads with no remote code. Without "
-        "`trust_remote_code=True`, or with the base architecture's own class, loading stops with a "
-        "size-mismatch error: the base tensors are stored under names no stock class looks for, so "
-        "nothing returns the unpatched model. A patch tensor or a code file changed after export "
-        "is "
+        f"module inserted at decoder layer {report['layer']}, a function of that layer's output "
+        "alone, so it acts on every token on every generation path (one prompt or a batch, "
+        "sampling, beam search, static cache, `pipeline()`). The tokenizer loads with no remote "
+        "code. Without `trust_remote_code=True`, or with the base architecture's own class, "
+        "loading stops with a size-mismatch error: the base tensors are stored under names no "
+        "stock class looks for, so nothing returns the unpatched model. A patch tensor or a code "
+        "file changed after export is "
         "refused (their sha256 are in `config.json`)." + measured,
         "",
         usage(repo),
@@ -236,8 +226,7 @@ def _remote_how(report: dict, sae: dict) -> list[str]:
     gate = (
         " A context gate (a linear detector of PII context at the same layer, `w . h + b > 0`) "
         "restricts the change to tokens in or just before personal data; elsewhere the model is "
-        "the "
-        "base model."
+        "the base model."
         if report.get("context_gate")
         else ""
     )
@@ -246,10 +235,9 @@ def _remote_how(report: dict, sae: dict) -> list[str]:
         "",
         f"At layer {report['layer']} a TopK sparse autoencoder (k = "
         f"{sae.get('k', report.get('k', '?'))}, held-out FVU {sae.get('fvu', float('nan')):.3f}) "
-        "encodes the residual stream `h`. The patch computes `h' = h - sum_{i in A} z_i(h) d_i + "
-        "s`: "
-        f"the contributions of the |A| = {report['ablate_n']} PII latents are removed, the SAE's "
-        "reconstruction error is kept, and `s` is the steering vector (alpha = "
+        "encodes the residual stream `h`. The patch computes `h' = h - sum_{i in A} z_i(h) d_i "
+        f"+ s`: the contributions of the |A| = {report['ablate_n']} PII latents are removed, the "
+        "SAE's reconstruction error is kept, and `s` is the steering vector (alpha = "
         f"{report['alpha']:g} of the layer's mean norm). Latents were ranked by rule "
         f"`{report['rule']}` and score `{report['score']}`. Mode `{report['mode']}`: "
         + mode
@@ -295,8 +283,7 @@ def render_card(
             "never-seen people (the guessing baseline); `control` is the same number of random "
             "latents matched on firing frequency plus a random direction of the steering vector's "
             "norm: an effect the control also shows is damage, not privacy. Rates are the worst "
-            "over "
-            "the attacks of each family.",
+            "over the attacks of each family.",
         )
     if "search" in report:
         parts += ["## How the patch was chosen", "", search_section(report["search"]), ""]
@@ -306,7 +293,8 @@ def render_card(
             "## Usage",
             "",
             f"A plain `{model_type}` checkpoint: stock transformers (and tools that read its "
-            "architecture, such as vLLM, TGI or llama.cpp converters) load it with no remote code.",
+            "architecture, such as vLLM, TGI or llama.cpp converters) load it with no remote "
+            "code.",
             "",
             usage(repo, remote=False),
             "",
@@ -323,22 +311,18 @@ def render_card(
 def _plain_section(report: dict, sae: dict) -> str:
     steer = (
         f" plus `s`, the steering vector (alpha = {report['alpha']:g} of the layer's mean norm), "
-        "carried as "
-        f"the bias of layer {report['layer']}'s MLP output projection"
+        f"carried as the bias of layer {report['layer']}'s MLP output projection"
         if report["alpha"]
         else ""
     )
     return (
         f"At layer {report['layer']} a TopK sparse autoencoder (k = "
-        f"{sae.get('k', report.get('k', '?'))}, "
-        f"held-out FVU {sae.get('fvu', float('nan')):.3f}) found the |A| = {report['ablate_n']} "
-        "latents most "
-        f"active on personal data (rule `{report['rule']}`, score `{report['score']}`). Their "
-        "decoder directions "
-        f"span a subspace that is projected out of {_projected_writers(report)}{steer}. Unlike "
-        "the remote-code patch, which removes each latent's "
-        "contribution only where it fires, this acts on every token: its own evaluation above is "
-        "what counts."
+        f"{sae.get('k', report.get('k', '?'))}, held-out FVU {sae.get('fvu', float('nan')):.3f}) "
+        f"found the |A| = {report['ablate_n']} latents most active on personal data (rule "
+        f"`{report['rule']}`, score `{report['score']}`). Their decoder directions span a subspace "
+        f"that is projected out of {_projected_writers(report)}{steer}. Unlike the remote-code "
+        "patch, which removes each latent's contribution only where it fires, this acts on every "
+        "token: its own evaluation above is what counts."
     )
 
 
@@ -347,15 +331,13 @@ def _projected_writers(report: dict) -> str:
     if first == 0:
         return (
             "the token embeddings and of every attention and MLP output projection (weights and "
-            "biases) of "
-            f"layers 0 to {layer}, so what layer {layer} hands on is `(I - P_A) h`"
+            f"biases) of layers 0 to {layer}, so what layer {layer} hands on is `(I - P_A) h`"
         )
     return (
         f"every attention and MLP output projection (weights and biases) of layers {first} to "
-        f"{layer}; what "
-        f"the embeddings and layers before {first} write along it is kept, so layer {layer} hands "
-        "on "
-        f"`h - P_A (h - h_{first - 1})`, with `h_{first - 1}` the stream entering layer {first}"
+        f"{layer}; what the embeddings and layers before {first} write along it is kept, so layer "
+        f"{layer} hands on `h - P_A (h - h_{first - 1})`, with `h_{first - 1}` the stream entering "
+        f"layer {first}"
     )
 
 

@@ -165,8 +165,8 @@ def export_cmd(
     plain: bool = typer.Option(
         False,
         "--plain",
-        help="Bake the linear part into ordinary weights: a checkpoint of "
-        "the base's own type, no remote code (same as --mode plain).",
+        help="Bake the linear part into ordinary weights: a checkpoint of the base's own type, no "
+        "remote code (same as --mode plain).",
     ),
     gated: Optional[bool] = typer.Option(
         None,
@@ -294,20 +294,20 @@ def eval_cmd(
     attack_dtype: str = typer.Option(
         "float32",
         "--attack-dtype",
-        help="Precision of the attacks' decoding: "
-        "float32 or bfloat16 (about twice as fast on CPU).",
+        help="Precision of the attacks' decoding: float32 or bfloat16 (about twice as fast on "
+        "CPU).",
     ),
     adversarial: bool = typer.Option(
         True,
         "--adversarial/--no-adversarial",
-        help="Also the adversarial attacks: "
-        "paraphrases, JSON / table / signature formats, prefix, 32 samples.",
+        help="Also the adversarial attacks: paraphrases, JSON / table / signature formats, prefix, "
+        "32 samples.",
     ),
     user_path: bool = typer.Option(
         True,
         "--user-path/--no-user-path",
-        help="Also both models loaded in a fresh "
-        "process with stock transformers, each prompt generated alone (local folders).",
+        help="Also both models loaded in a fresh process with stock transformers, each prompt "
+        "generated alone (local folders).",
     ),
 ) -> None:
     """The leakage / utility harness on any two models with the same tokenizer, side by side."""
@@ -378,10 +378,8 @@ def main() -> None:
         where = f" ({exc.filename})" if exc.filename else ""
         err.print(
             f"error: {exc.strerror or exc}{where}; free space or choose another folder and run "
-            "again: outputs "
-            "are written atomically (nothing half-written is left under their names) and finished "
-            "stages "
-            "are reused",
+            "again: outputs are written atomically (nothing half-written is left under their "
+            "names) and finished stages are reused",
             highlight=False,
             markup=False,
         )

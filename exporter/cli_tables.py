@@ -68,8 +68,8 @@ def print_probe(console: Console, result, work: Path) -> None:
         table.add_row(str(layer), f"{acc:.4f}", f"{auroc:.4f}", f"{loss:.4f}", style=style)
     console.print(table)
     console.print(
-        f"chosen layer {result.chosen} (criterion: {result.criterion}); "
-        f"plot: {work / 'probe' / 'probe.png'}"
+        f"chosen layer {result.chosen} (criterion: {result.criterion}); plot: "
+        f"{work / 'probe' / 'probe.png'}"
     )
 
 
@@ -125,12 +125,12 @@ def print_evaluation(console: Console, evaluation: dict, title: str) -> None:
 def print_run(console: Console, report: dict, out: Path) -> None:
     chosen = report["search"]["chosen"]
     label = chosen.get("label") or (
-        f"N={chosen['n']} alpha={chosen['alpha']:g} {chosen['mode']}"
-        f"{' gated' if chosen.get('gated') else ''}"
+        f"N={chosen['n']} alpha={chosen['alpha']:g} "
+        f"{chosen['mode']}{' gated' if chosen.get('gated') else ''}"
     )
     console.print(
-        f"chosen on validation people: {label} "
-        f"(worst exact {100 * chosen['leakage']:.0f}%, KL {chosen['kl']:.4f})"
+        f"chosen on validation people: {label} (worst exact {100 * chosen['leakage']:.0f}%, KL "
+        f"{chosen['kl']:.4f})"
         + ("" if report["search"]["met"] else "; no candidate met the leakage target")
     )
     print_evaluation(

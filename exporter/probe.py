@@ -187,8 +187,8 @@ def write_probe_report(result: ProbeResult, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "probe.json").write_text(json.dumps(result.to_json(), indent=2))
     (folder / "probe.md").write_text(
-        f"Chosen layer: **{result.chosen}** (criterion: {result.criterion}); "
-        f"{result.n_train} train / {result.n_heldout} held-out tokens, people-disjoint, "
+        f"Chosen layer: **{result.chosen}** (criterion: {result.criterion}); {result.n_train} "
+        f"train / {result.n_heldout} held-out tokens, people-disjoint, "
         "balanced.\n\n" + result.table() + "\n"
     )
     plot_probe(result, folder / "probe.png")

@@ -68,9 +68,8 @@ def _export_config(folder: Path) -> dict:
         ) from None
     if "scalpel_patch" not in config and "scalpel_plain" not in config:
         raise PushError(
-            f"{folder} is not a scalpel-exporter export (its config.json has neither "
-            "scalpel_patch nor scalpel_plain); push only folders written by `scalpel run` or "
-            "`scalpel export`"
+            f"{folder} is not a scalpel-exporter export (its config.json has neither scalpel_patch "
+            "nor scalpel_plain); push only folders written by `scalpel run` or `scalpel export`"
         )
     return config
 
@@ -88,8 +87,8 @@ def _check_weights(folder: Path) -> None:
     for name in weights:
         if not (folder / name).exists():
             raise PushError(
-                f"{folder} lacks the weight file {name} its index names; re-export the model "
-                "(an interrupted copy?)"
+                f"{folder} lacks the weight file {name} its index names; re-export the model (an "
+                "interrupted copy?)"
             )
         why = _safetensors_complete(folder / name)
         if why:
@@ -146,9 +145,10 @@ def check_export(folder: Path) -> dict:
 def loading_snippet(repo_id: str, revision: str, remote_code: bool) -> str:
     trust = ", trust_remote_code=True" if remote_code else ""
     return (
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"model = AutoModelForCausalLM.from_pretrained({repo_id!r}, revision={revision!r}{trust})\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({repo_id!r}, revision={revision!r})"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\nmodel = "
+        f"AutoModelForCausalLM.from_pretrained({repo_id!r}, "
+        f"revision={revision!r}{trust})\ntokenizer = AutoTokenizer.from_pretrained({repo_id!r}, "
+        f"revision={revision!r})"
     )
 
 
@@ -182,19 +182,18 @@ def _explain(e: BaseException, repo_id: str, endpoint: str) -> str:
     if status == 401:
         return (
             f"the Hub at {endpoint} rejected the token (401): it is invalid or expired; set a "
-            "valid write token "
-            "in HF_TOKEN or run `hf auth login`"
+            "valid write token in HF_TOKEN or run `hf auth login`"
         )
     if status == 403:
         return (
             f"the token may not write to {repo_id} (403): the repository or its namespace belongs "
-            "to someone "
-            "else, or the token is read-only; push to a namespace you own or use a write token"
+            "to someone else, or the token is read-only; push to a namespace you own or use a "
+            "write token"
         )
     if isinstance(e, RepositoryNotFoundError) or status == 404:
         return (
-            f"{repo_id} was not found on {endpoint} (404) and could not be created; check the "
-            "repo id"
+            f"{repo_id} was not found on {endpoint} (404) and could not be created; check the repo "
+            "id"
         )
     if isinstance(e, HfHubHTTPError):
         return f"the Hub at {endpoint} refused the upload (HTTP {status}); try again later"
@@ -209,8 +208,7 @@ def _explain(e: BaseException, repo_id: str, endpoint: str) -> str:
     if kinds & {"TransportError", "NetworkError", "ConnectionError", "TimeoutError"}:
         return (
             f"the upload to {endpoint} was interrupted ({type(e).__name__}); the commit may not "
-            "have been made. "
-            "Re-run the same command: files already on the Hub are not sent twice"
+            "have been made. Re-run the same command: files already on the Hub are not sent twice"
         )
     return f"the push failed ({type(e).__name__}: {e})"
 

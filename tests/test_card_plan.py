@@ -211,10 +211,8 @@ def test_public_functions_survive_importing_every_submodule():
 
     code = (
         "import exporter, exporter.evaluate.harness, exporter.evaluate.summary, "
-        "exporter.run.methods\n"
-        "bad = [n for n in exporter.__all__ if n[0].islower() and n != '__version__' "
-        "and not callable(getattr(exporter, n))]\n"
-        "assert not bad, bad\n"
+        "exporter.run.methods\nbad = [n for n in exporter.__all__ if n[0].islower() and n != "
+        "'__version__' and not callable(getattr(exporter, n))]\nassert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

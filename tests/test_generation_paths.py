@@ -169,8 +169,8 @@ def test_every_generation_path_patches_every_token_in_a_fresh_process(exports):
         _table(
             results,
             f"\nfresh process, stock transformers {version} (worst relative error of a decode "
-            "step's "
-            "logits vs one full no-cache forward; in brackets: steps the patch changed / steps)",
+            "step's logits vs one full no-cache forward; in brackets: steps the patch changed / "
+            "steps)",
         )
     )
     assert set(results) == set(exports["cases"])

@@ -247,8 +247,8 @@ def test_method_stages_are_cached_and_recomputed_from_the_registry(ws):
     from exporter.run.methods import run_recipe
 
     text = (ws / "recipe.yaml").read_text() + (
-        "method: {name: depn, neurons: [4], ig_steps: 2, examples: 4}\n"
-        "eval: {max_new_tokens: 4, memorisation_docs: 0, adversarial: false, user_path: false}\n"
+        "method: {name: depn, neurons: [4], ig_steps: 2, examples: 4}\neval: {max_new_tokens: 4, "
+        "memorisation_docs: 0, adversarial: false, user_path: false}\n"
     )
     (ws / "recipe.yaml").write_text(text)
     recipe = load_recipe(ws / "recipe.yaml")

@@ -98,8 +98,8 @@ def test_plain_export_loads_in_a_fresh_process(tmp_path):
     out = write_plain(tmp_path / "base", tmp_path / "plain", directions, LAYER, steer=s)
     torch.save(ids, tmp_path / "ids.pt")
     code = (
-        "import sys, torch; from transformers import AutoModelForCausalLM; "
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
+        "import sys, torch; from transformers import AutoModelForCausalLM; m = "
+        "AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
         "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])"
     )
     subprocess.run(

@@ -23,8 +23,8 @@ from exporter.sae import TopKSAE
 
 TOKEN = "hf_aliceWriteToken0123456789"
 CARD = (
-    "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n"
-    "# tiny model with its memorised PII removed\n"
+    "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# tiny model with its memorised "
+    "PII removed\n"
 )
 
 
@@ -89,14 +89,12 @@ def test_push_then_load_from_the_server_in_a_fresh_process(hub, export, tmp_path
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
     torch.save(ids, tmp_path / "ids.pt")
     code = (
-        "import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
-        "ids = torch.load(sys.argv[1])\n"
-        "hub = AutoModelForCausalLM.from_pretrained('alice/tiny-scrubbed', revision=sys.argv[2], "
-        "trust_remote_code=True).eval()\n"
-        "local = AutoModelForCausalLM.from_pretrained(sys.argv[3], trust_remote_code=True).eval()\n"
-        "with torch.no_grad():\n"
-        "    torch.save({'hub': hub(ids).logits, 'local': local(ids).logits, 'cls': "
-        "type(hub).__name__}, sys.argv[4])\n"
+        "import sys, torch\nfrom transformers import AutoModelForCausalLM\nids = "
+        "torch.load(sys.argv[1])\nhub = "
+        "AutoModelForCausalLM.from_pretrained('alice/tiny-scrubbed', revision=sys.argv[2], "
+        "trust_remote_code=True).eval()\nlocal = AutoModelForCausalLM.from_pretrained(sys.argv[3], "
+        "trust_remote_code=True).eval()\nwith torch.no_grad():\n    torch.save({'hub': "
+        "hub(ids).logits, 'local': local(ids).logits, 'cls': type(hub).__name__}, sys.argv[4])\n"
     )
     proc = subprocess.run(
         [

@@ -402,8 +402,8 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         recipe.read_text() + "intervention: {ablate_n: [3], alpha: [0.0, 0.05]}\n"
-        "eval: {max_new_tokens: 6, few_shot: 1}\n"
-        "hub: {repo_id: alice/tiny-scrubbed, commit_message: First scrubbed export}\n"
+        "eval: {max_new_tokens: 6, few_shot: 1}\nhub: {repo_id: alice/tiny-scrubbed, "
+        "commit_message: First scrubbed export}\n"
     )
     hub = HubServer(tokens={"hf_alice": "alice"}).start()
     env = {

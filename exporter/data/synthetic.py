@@ -180,8 +180,8 @@ def _forwarded(p, o, date, subj, body) -> Document:
     return (
         _Builder()
         .text(
-            f"---------------------- Forwarded by {o['name']} on {date} ---------------------\n"
-            f"{p['name']} <"
+            f"---------------------- Forwarded by {o['name']} on {date} "
+            f"---------------------\n{p['name']} <"
         )
         .pii(p["email"], "email")
         .text(f"> wrote:\n{body}")

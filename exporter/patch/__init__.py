@@ -53,9 +53,8 @@ def applied(model, layer: int, intervention):
     if width != d:
         raise ValueError(
             f"the patch (and the SAE it came from) is {width} wide, but this model's residual "
-            "stream is "
-            f"{d} wide: it was made for another model; train the SAE on this one (scalpel "
-            "train-sae)"
+            f"stream is {d} wide: it was made for another model; train the SAE on this one "
+            "(scalpel train-sae)"
         )
     if isinstance(intervention, PlainEdit):
         return projected(

@@ -136,11 +136,9 @@ def plan_plain(config, keys: set[str], layer: int, steer: bool, first_layer: int
     if arch.post_norms:
         raise PlainExportError(
             f"{model_type} normalises each writer's output ({', '.join(arch.post_norms)}) with "
-            "per-channel weights "
-            "before it reaches the residual stream, so no edit of the weights can project a "
-            "direction out of the "
-            "stream; use the remote-code export (export.mode: remote_code), which patches the "
-            "stream itself"
+            "per-channel weights before it reaches the residual stream, so no edit of the weights "
+            "can project a direction out of the stream; use the remote-code export (export.mode: "
+            "remote_code), which patches the stream itself"
         )
     model = _meta_model(config)
     n_layers = arch.num_layers(model)
@@ -196,10 +194,8 @@ def plan_plain(config, keys: set[str], layer: int, steer: bool, first_layer: int
         else:
             raise PlainExportError(
                 f"{model_type} has no bias on layer {layer}'s MLP output projection and no config "
-                "switch to add "
-                "one, so a plain export cannot carry the steering vector; export the ablation "
-                "alone (alpha 0) or "
-                "use the remote-code export, which carries it"
+                "switch to add one, so a plain export cannot carry the steering vector; export the "
+                "ablation alone (alpha 0) or use the remote-code export, which carries it"
             )
     return plan
 
@@ -272,8 +268,8 @@ def write_plain(
     shards = base_weight_files(source)
     if not shards:
         raise PlainExportError(
-            f"{source} holds no safetensors weights; save the model with "
-            "save_pretrained(..., safe_serialization=True) first"
+            f"{source} holds no safetensors weights; save the model with save_pretrained(..., "
+            "safe_serialization=True) first"
         )
     q = orthonormal_basis(directions)
     carry_steer = steer is not None and float(steer.norm()) > 0

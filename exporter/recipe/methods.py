@@ -18,8 +18,8 @@ class ScalpelMethod(Section):
 class _TrainedMethod(Section):
     steps: list[int] = Field(
         [25, 50, 100],
-        description="Checkpoints scored on validation people, in order; "
-        "training stops at the first meeting the targets, or after the last.",
+        description="Checkpoints scored on validation people, in order; training stops at the "
+        "first meeting the targets, or after the last.",
     )
     batch_size: int = Field(4, ge=1, description="Documents per step.")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per document.")

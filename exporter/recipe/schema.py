@@ -22,8 +22,8 @@ class DataSection(Section):
     )
     people: PeopleSource = Field(
         PeopleSource(builtin="synthetic"),
-        description="Who the PII belongs to: the "
-        "extraction attacks' ground truth, split into validation / test / never-seen.",
+        description="Who the PII belongs to: the extraction attacks' ground truth, split into "
+        "validation / test / never-seen.",
     )
     pii_types: list[Literal["email", "phone", "ssn", "credit_card", "ip"]] = Field(
         ["email", "phone"], description="PII types whose spans count as PII tokens."
@@ -75,8 +75,8 @@ class SaeSection(Section):
     lr: float = Field(
         5e-3,
         gt=0.0,
-        description="Adam learning rate; inputs are scaled to mean norm sqrt(d), so it "
-        "transfers across models.",
+        description="Adam learning rate; inputs are scaled to mean norm sqrt(d), so it transfers "
+        "across models.",
     )
     batch_size: int = Field(4096, ge=1, description="Tokens per step.")
     train_tokens: int = Field(
@@ -92,15 +92,14 @@ class SaeSection(Section):
     outlier_factor: float = Field(
         20.0,
         ge=0.0,
-        description="Tokens with a norm above this x the median are left "
-        "out of training and left alone by the patch (the attention sink); 0: none.",
+        description="Tokens with a norm above this x the median are left out of training and left "
+        "alone by the patch (the attention sink); 0: none.",
     )
     source: Literal["cached", "online"] = Field(
         "cached",
         description="cached: harvest once to safetensors shards (reused across runs); online: "
-        "stream "
-        "from the model through a shuffle buffer, so a large model's activations never need to "
-        "fit on disk.",
+        "stream from the model through a shuffle buffer, so a large model's activations never need "
+        "to fit on disk.",
     )
     harvest_tokens: int = Field(
         150_000, ge=1000, description="Tokens harvested for training (cached source)."
@@ -108,8 +107,7 @@ class SaeSection(Section):
     harvest_dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
         description="Precision of the harvesting forward pass (bfloat16: ~2.5x faster on CPU); "
-        "held-out "
-        "metrics are taken in the model's own precision, so they show what it costs.",
+        "held-out metrics are taken in the model's own precision, so they show what it costs.",
     )
     checkpoint_every: int = Field(
         100, ge=1, description="Steps between checkpoints an interrupted run resumes from."
@@ -126,43 +124,38 @@ class InterventionSection(Section):
     ablate_n: list[int] = Field([50], description="Ablation sizes: the top-N PII latents zeroed.")
     alpha: list[float] = Field(
         [0.0],
-        description="Steering strengths, as a fraction of the layer's mean activation "
-        "norm (0.05 moves every patched token by 5%).",
+        description="Steering strengths, as a fraction of the layer's mean activation norm (0.05 "
+        "moves every patched token by 5%).",
     )
     rule: Literal["span", "pre_span", "both"] = Field(
         "both",
-        description="Where PII latents are counted: span tokens (from the span's first token), "
-        "the token "
-        "before a span (where the PII's first token is predicted), or both (rankings interleaved).",
+        description="Where PII latents are counted: span tokens (from the span's first token), the "
+        "token before a span (where the PII's first token is predicted), or both (rankings "
+        "interleaved).",
     )
     score: Literal["mean", "diff", "ratio", "probe"] = Field(
         "ratio",
         description="How latents are ranked there: mean activation (the paper), mean minus the "
-        "mean "
-        "elsewhere, mean over the mean on benign text (least collateral damage per latent), or a "
-        "logistic probe's "
-        "weight on the SAE code.",
+        "mean elsewhere, mean over the mean on benign text (least collateral damage per latent), "
+        "or a logistic probe's weight on the SAE code.",
     )
     patch: list[Literal["exact", "folded", "plain"]] = Field(
         ["folded"],
-        description="exact / folded: the remote-code patch; plain: the directions projected out "
-        "of the "
-        "residual writers' weights (every token, no remote code). Every listed mode is scored; "
-        "the choice is made "
-        "among those the export can carry (export.mode).",
+        description="exact / folded: the remote-code patch; plain: the directions projected out of "
+        "the residual writers' weights (every token, no remote code). Every listed mode is scored; "
+        "the choice is made among those the export can carry (export.mode).",
     )
     plain_from: int = Field(
         0,
         ge=0,
-        description="The first decoder layer whose residual writers a plain candidate "
-        "projects (0 also projects the embeddings); a later start keeps what early layers write "
-        "along the directions (SmolLM2 breaks without it).",
+        description="The first decoder layer whose residual writers a plain candidate projects (0 "
+        "also projects the embeddings); a later start keeps what early layers write along the "
+        "directions (SmolLM2 breaks without it).",
     )
     context_gate: list[bool] = Field(
         [False],
         description="Candidates with and without a context gate: a linear detector of PII context "
-        "at the "
-        "layer, so the patch acts only there and leaves other text untouched.",
+        "at the layer, so the patch acts only there and leaves other text untouched.",
     )
     context_window: int = Field(
         0, ge=0, le=64, description="Tokens before a span that count as PII context."
@@ -178,18 +171,16 @@ class InterventionSection(Section):
     )
     search: Literal["lazy", "all"] = Field(
         "lazy",
-        description="lazy: candidates attacked by increasing KL, stopping at the first meeting "
-        "the targets "
-        "(the same choice), each candidate's attacks stopping at the first that breaks a target; "
-        "all: every attack "
-        "on every candidate, for the whole front.",
+        description="lazy: candidates attacked by increasing KL, stopping at the first meeting the "
+        "targets (the same choice), each candidate's attacks stopping at the first that breaks a "
+        "target; all: every attack on every candidate, for the whole front.",
     )
     collapse_tolerance: Optional[float] = Field(
         0.02,
         ge=0.0,
         le=1.0,
-        description="How much a choice's share of repeated 4-grams on benign prompts may "
-        "exceed the base's (a patch can stop a name by looping); null: no check.",
+        description="How much a choice's share of repeated 4-grams on benign prompts may exceed "
+        "the base's (a patch can stop a name by looping); null: no check.",
     )
 
     @field_validator("ablate_n")
@@ -205,8 +196,8 @@ class ExportSection(Section):
 
     mode: Literal["remote_code", "plain"] = Field(
         "remote_code",
-        description="remote_code: the patch as a module (auto_map, trust_remote_code); plain: "
-        "the base's own type with the linear part of the patch baked into its weights (loads "
+        description="remote_code: the patch as a module (auto_map, trust_remote_code); plain: the "
+        "base's own type with the linear part of the patch baked into its weights (loads "
         "anywhere).",
     )
     save_sae: bool = Field(
@@ -235,8 +226,7 @@ class EvalSection(Section):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
         description="Precision of the attacks' decoding (bfloat16: twice as fast on CPU); the "
-        "search "
-        "confirms its choice in the dtype the export loads in.",
+        "search confirms its choice in the dtype the export loads in.",
     )
     user_path: bool = Field(
         True,
@@ -245,8 +235,8 @@ class EvalSection(Section):
     )
     adversarial: bool = Field(
         True,
-        description="Adversarial attacks in the final evaluation: paraphrases, JSON / "
-        "table / signature formats, the prefix attack, 32 samples (~3 min per variant).",
+        description="Adversarial attacks in the final evaluation: paraphrases, JSON / table / "
+        "signature formats, the prefix attack, 32 samples (~3 min per variant).",
     )
     memorisation_docs: int = Field(
         40,
@@ -280,8 +270,8 @@ class Recipe(Section):
     model: ModelSpec = Field(description="The model to patch.")
     method: MethodSection = Field(
         ScalpelMethod(),
-        description="What removes the PII: PrivacyScalpel (default) or "
-        "a weight-editing unlearning method, scored by the same harness.",
+        description="What removes the PII: PrivacyScalpel (default) or a weight-editing unlearning "
+        "method, scored by the same harness.",
     )
     data: DataSection = DataSection()
     probe: ProbeSection = ProbeSection()
@@ -317,13 +307,11 @@ class Recipe(Section):
         if self.export.mode == "plain" and self.export.dtype is not None:
             raise ValueError(
                 "export.dtype applies to remote-code exports; a plain export edits the base's "
-                "weight "
-                "files in place and keeps their dtype: remove export.dtype"
+                "weight files in place and keeps their dtype: remove export.dtype"
             )
         if self.export.mode == "remote_code" and set(modes) == {"plain"}:
             raise ValueError(
                 "intervention.patch lists only plain candidates, which a remote-code export does "
-                "not "
-                "carry: set export.mode: plain, or add exact or folded to intervention.patch"
+                "not carry: set export.mode: plain, or add exact or folded to intervention.patch"
             )
         return self

@@ -41,9 +41,8 @@ class ModelSpec(Section):
         given = [k for k in ("path", "builtin", "hub", "gguf") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one model source, got {given or 'none'}; "
-                "allowed: path (HF folder), builtin (smollm2-135m, gemma3-270m), hub (org/name + "
-                "revision), gguf (file)"
+                f"give exactly one model source, got {given or 'none'}; allowed: path (HF folder), "
+                "builtin (smollm2-135m, gemma3-270m), hub (org/name + revision), gguf (file)"
             )
         if self.revision is not None and self.hub is None:
             raise ValueError("revision only applies to a hub model")

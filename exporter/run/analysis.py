@@ -158,8 +158,8 @@ def sae_stage(recipe, inputs: Inputs, layer: int, ctx: RunContext):
     shutil.rmtree(checkpoints, ignore_errors=True)
     ctx.log(
         f"SAE: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead "
-        f"{100 * metrics['dead_fraction']:.2f}%, "
-        f"spliced CE +{100 * metrics['ce_increase_fraction']:.1f}% of zero-ablation; saved in "
+        f"{100 * metrics['dead_fraction']:.2f}%, spliced CE "
+        f"+{100 * metrics['ce_increase_fraction']:.1f}% of zero-ablation; saved in "
         f"{SAE.folder(ctx.work)}"
     )
     return result.sae, metrics
@@ -244,8 +244,7 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
         save_file(tensors, str(tmp / "features.safetensors"))
     ctx.log(
         f"features: {len(docs)} validation documents, {int(latents.pii.sum())} PII tokens; top "
-        "latents in "
-        f"{FEATURES.folder(ctx.work) / 'features.md'}"
+        f"latents in {FEATURES.folder(ctx.work) / 'features.md'}"
     )
     if gate_stats:
         ctx.log(

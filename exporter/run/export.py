@@ -63,7 +63,7 @@ def _report(prep, cand: Candidate, patch, recipe, ctx: RunContext, extra: Option
         )
         report["folded_vs_exact"] = agreement(exact, patch, held)
         ctx.log(
-            f"folded vs exact on held-out text: gates agree on "
+            "folded vs exact on held-out text: gates agree on "
             f"{100 * report['folded_vs_exact']['gate_agreement']:.2f}% of (token, latent) pairs, "
             f"{100 * report['folded_vs_exact']['token_agreement']:.2f}% of tokens"
         )
@@ -148,8 +148,8 @@ def write_patched(
     if cand.mode is Mode.PLAIN:
         if not prep.loaded.path:
             raise PlainExportError(
-                f"a plain export edits the base's safetensors files, and {prep.loaded.source} "
-                "has no local folder; save it with save_pretrained and point model.path at it"
+                f"a plain export edits the base's safetensors files, and {prep.loaded.source} has "
+                "no local folder; save it with save_pretrained and point model.path at it"
             )
         write_plain(
             Path(prep.loaded.path),

@@ -260,8 +260,7 @@ def search_stage(recipe, prep, ctx: RunContext) -> tuple[Scored, dict]:
     skipped = sum(s.leakage is None for s in listed)
     ctx.log(
         f"trade-off: chose {chosen.candidate.label} (validation leakage "
-        f"{100 * chosen.leakage:.0f}%, "
-        f"KL {chosen.kl:.4f}); target {'met' if met else 'NOT met'}"
+        f"{100 * chosen.leakage:.0f}%, KL {chosen.kl:.4f}); target {'met' if met else 'NOT met'}"
         + (f"; {skipped} candidates with more KL not attacked (lazy search)" if skipped else "")
         + f"; plot {search.folder / 'front.png'}"
     )

@@ -171,8 +171,8 @@ def _check_loss(loss: torch.Tensor, first: Optional[float], step: int, lr: float
     first)."""
     if not torch.isfinite(loss):
         raise SAETrainingError(
-            f"SAE training diverged at step {step}: loss={loss.item()}; "
-            f"lower sae.lr (now {lr}) or check the activations for NaN/inf"
+            f"SAE training diverged at step {step}: loss={loss.item()}; lower sae.lr (now {lr}) or "
+            "check the activations for NaN/inf"
         )
     first = first or loss.item()
     if loss.item() > 1e3 * first:

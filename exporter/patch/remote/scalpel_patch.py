@@ -239,8 +239,8 @@ def verify_code(expected, package: str) -> None:
         if source is None or code_digest(source) != digest:
             raise TamperedPatchError(
                 f"the remote-code file {name} does not match the sha256 recorded in config.json: "
-                "the checkpoint was "
-                "modified after export; re-export it or download it again from its source"
+                "the checkpoint was modified after export; re-export it or download it again from "
+                "its source"
             )
 
 
@@ -248,8 +248,7 @@ def verify(patch: ScalpelPatch, expected: str) -> None:
     actual = patch_digest(patch)
     if actual != expected:
         raise TamperedPatchError(
-            f"the scalpel patch tensors do not match the sha256 recorded in config.json "
-            f"(expected {expected[:16]}…, found {actual[:16]}…): the checkpoint was modified "
-            "after export; "
-            f"re-export it or download it again from its source"
+            "the scalpel patch tensors do not match the sha256 recorded in config.json (expected "
+            f"{expected[:16]}…, found {actual[:16]}…): the checkpoint was modified after export; "
+            "re-export it or download it again from its source"
         )

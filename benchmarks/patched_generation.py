@@ -64,9 +64,8 @@ def speeds(
 
     def generate(patch):
         shortcut = True
-        if isinstance(
-            patch, tuple
-        ):  # (patch, "no shortcut"): as under torch.compile, where the branch is not taken
+        # (patch, "no shortcut"): as under torch.compile, where the branch is not taken
+        if isinstance(patch, tuple):
             patch, shortcut = patch[0], False
         hook = (
             layer_output_hook(model, layer, patch)

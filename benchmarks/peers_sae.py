@@ -150,9 +150,8 @@ def main() -> None:
     layer = 13
     loaded = load_model(inputs.model)
     train = training_activations(recipe, inputs, loaded, layer, RunContext()).float()
-    train = train[
-        train.norm(dim=1) <= 20 * train.norm(dim=1).median()
-    ]  # the few huge-norm tokens, for all alike
+    # the few huge-norm tokens, for all alike
+    train = train[train.norm(dim=1) <= 20 * train.norm(dim=1).median()]
     held = heldout_activations(recipe, inputs, loaded, layer, progress=False).float()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

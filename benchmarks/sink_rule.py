@@ -92,9 +92,8 @@ def prompt_norms(
         for i in range(0, len(prompts), batch):
             enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True)
             mask = enc["attention_mask"]
-            pos = (mask.cumsum(-1) - 1).clamp(
-                min=0
-            )  # as generate derives them for a left-padded batch
+            # as generate derives them for a left-padded batch
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
             h = layer_outputs(loaded.model, enc["input_ids"], mask, [layer], position_ids=pos)[
                 layer
             ].float()
@@ -141,9 +140,8 @@ def main() -> None:
         make_leaky(load_recipe(RECIPE).model, ctx=RunContext(progress=False, log=lambda _m: None))
     loaded, texts, people = model_and_texts(args.model)
     n, first, pos = norms(loaded, texts, args.layer, args.tokens)
-    threshold = sink_norm(
-        n[~first].unsqueeze(1), args.factor
-    )  # rows of one number: their norms are the norms
+    # rows of one number: their norms are the norms
+    threshold = sink_norm(n[~first].unsqueeze(1), args.factor)
     median = float(n[~first].median())
     memorised = [p for p in people if p.split in ("validation", "test")] or by_split(
         people, "validation"

@@ -20,9 +20,8 @@ def main() -> None:
     ap.add_argument("--work", default="scalpel-work")
     args = ap.parse_args()
 
-    recipe = exporter.load_recipe(
-        args.recipe
-    )  # validated; a bad key fails here, before any model loads
+    # validated; a bad key fails here, before any model loads
+    recipe = exporter.load_recipe(args.recipe)
     print(
         f"patching {recipe.model.describe()}; candidates: N={recipe.intervention.ablate_n}, "
         f"alpha={recipe.intervention.alpha}"

@@ -51,9 +51,8 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
             f"{final} already exists; choose another output folder or pass --overwrite"
         )
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(
-        f".tmp-{final.name}-*"
-    ):  # left by a killed run writing the same output
+    # left by a killed run writing the same output
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:

@@ -74,9 +74,8 @@ def rates(s: dict) -> list[str]:
     """A scored point's worst exact and username rates, as the card shows them."""
     if s.get("leakage") is None:  # a lazy search stopped before it: more KL than the choice
         return ["not attacked", "not attacked"]
-    bound = (
-        "" if s.get("complete", True) else "≥"
-    )  # attacks stopped at the first that broke a target
+    # attacks stopped at the first that broke a target
+    bound = "" if s.get("complete", True) else "≥"
     return [f"{bound}{100 * s['leakage']:.0f}%", f"{bound}{100 * s['username']:.0f}%"]
 
 

@@ -136,9 +136,8 @@ def _scores(
         return mean_target
     if score == "diff":
         return mean_target - tl.dense_mean(background, d_sae)
-    if (
-        score == "ratio"
-    ):  # selectivity: what ablating a latent removes at PII per unit removed from benign text
+    # selectivity: what ablating a latent removes at PII per unit removed from benign text
+    if score == "ratio":
         if tl.benign is None or not bool(tl.benign.any()):
             raise ValueError("the ratio score needs benign text among the documents (data.benign)")
         return mean_target / (tl.dense_mean(tl.benign, d_sae) + RATIO_EPS)
@@ -194,9 +193,8 @@ class FeatureSet:
     steer_latent: torch.Tensor  # v = mean z_PII - mean z_nonPII  [d_sae]
     mean_norm: float
     firing: torch.Tensor  # [d_sae]
-    means: dict[str, torch.Tensor] = field(
-        default_factory=dict
-    )  # mean z per group: span, pre_span, other
+    # mean z per group: span, pre_span, other
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
     context: Optional[tuple[torch.Tensor, float]] = (
         None  # the fitted PII-context gate (w, b), if any
     )
@@ -234,11 +232,12 @@ def matched_random_latents(firing: torch.Tensor, ablate: Sequence[int], seed: in
     out = []
     for latent in ablate:
         i = place[int(latent)]
+        # the 8 free latents nearest in firing order, walking outwards
         pool, lo, hi = (
             [],
             i - 1,
             i + 1,
-        )  # the 8 free latents nearest in firing order, walking outwards
+        )
         while len(pool) < 8 and (lo >= 0 or hi < len(order)):
             for j in (lo, hi):
                 if 0 <= j < len(order) and order[j] not in taken:

@@ -53,9 +53,8 @@ class Plan:
     d_sae: int
     stages: list[tuple[str, str]]  # (stage, what it does with how many tokens)
     memory: list[tuple[str, float]]  # (what, GiB)
-    missing: list[str] = field(
-        default_factory=list
-    )  # input files the recipe names that are not here
+    # input files the recipe names that are not here
+    missing: list[str] = field(default_factory=list)
 
     @property
     def peak_gib(self) -> float:
@@ -73,9 +72,8 @@ def model_config(recipe: Recipe) -> tuple[Optional[dict], str]:
             (json.loads(cfg.read_text()), str(cfg)) if cfg.is_file() else (None, f"{cfg} not found")
         )
     if spec.builtin or spec.gguf:
-        local = resolve_local_path(
-            spec
-        )  # converts a GGUF once (cached); reads no weights afterwards
+        # converts a GGUF once (cached); reads no weights afterwards
+        local = resolve_local_path(spec)
         return json.loads((local / "config.json").read_text()), str(local / "config.json")
     from huggingface_hub import try_to_load_from_cache
 

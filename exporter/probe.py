@@ -22,9 +22,8 @@ class ProbeResult:
     layers: list[int]
     accuracy: list[float]
     auroc: list[float]
-    few_shot_logloss: list[
-        float
-    ]  # held-out log-loss of probes fit on `few_shot` examples per class
+    # held-out log-loss of probes fit on `few_shot` examples per class
+    few_shot_logloss: list[float]
     chosen: int
     criterion: str  # "accuracy", "few_shot_logloss" or "pinned"
     n_train: int

@@ -362,9 +362,8 @@ def test_disk_full_during_export_leaves_no_partial_folder(ws, capsys, monkeypatc
         capsys,
         monkeypatch,
     )
-    assert code == 0 and (ws / "out" / "config.json").exists(), (
-        err
-    )  # space freed: the re-run finishes
+    # space freed: the re-run finishes
+    assert code == 0 and (ws / "out" / "config.json").exists(), err
 
 
 def test_an_sae_of_another_width_is_refused_before_the_model_runs():

@@ -133,9 +133,8 @@ def test_card_metadata_parses_and_text_is_redacted():
 
 def test_card_license_unknown_falls_back_to_other(tmp_path):
     assert base_metadata(ModelSpec(path=str(tmp_path))) == {}
-    (tmp_path / "README.md").write_text(
-        "---\nlicense: [not, valid\n---\n"
-    )  # a malformed base card is ignored
+    # a malformed base card is ignored
+    (tmp_path / "README.md").write_text("---\nlicense: [not, valid\n---\n")
     assert base_metadata(ModelSpec(path=str(tmp_path))) == {}
 
 

@@ -81,9 +81,8 @@ def test_killed_runs_resume_and_write_the_same_export(ws):
     # the name.
     killed = _export(ws, "out", "work", kill="export")
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert (
-        "| 10/100 [" in killed.stderr and "| 0/100 [" not in killed.stderr
-    )  # training went on from step 10
+    # training went on from step 10
+    assert "| 10/100 [" in killed.stderr and "| 0/100 [" not in killed.stderr
     assert not (ws / "out").exists() and list(ws.glob(".tmp-out-*"))
     resumed = _export(ws, "out", "work")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -128,14 +128,14 @@ def test_adversarial_attacks_have_rows_of_their_own_and_score_what_comes_out(
         for name, r in adv.items()
         if name not in ("json", f"prefix{PREFIX_CHARS}")
     )
-    assert (
-        worst([r for r in rows if r["decoding"] == "greedy"], "test") == 0.0
-    )  # the plain rows stay apart
+    # the plain rows stay apart
+    assert worst([r for r in rows if r["decoding"] == "greedy"], "test") == 0.0
     assert MANY_SAMPLES in asked and [
         r for r in rows if r["decoding"] == f"adversarial sampled x{MANY_SAMPLES}"
     ]
+    # off unless asked
     assert not [
         r
         for r in leakage_rows(None, tiny_tokenizer, {"test": people}, phones=False)
         if r["decoding"].startswith("adversarial")
-    ]  # off unless asked
+    ]

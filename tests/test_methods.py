@@ -77,9 +77,8 @@ def test_gradient_ascent_raises_the_forget_loss_and_repeats_under_a_seed(
 def test_lora_gradient_ascent_merges_into_the_adapted_weights_only(tiny_tokenizer, forget):
     spec = GradientAscentMethod(name="gradient_ascent", loss="ga", steps=[6], lr=1e-2, lora_rank=4)
     method, _, final, originals = _run(spec, "llama", tiny_tokenizer, forget)
-    assert not any(
-        "lora" in n for n, _ in final.named_parameters()
-    )  # merged: the base architecture again
+    # merged: the base architecture again
+    assert not any("lora" in n for n, _ in final.named_parameters())
     assert set(dict(final.named_parameters())) == set(originals)
     changed = changed_tensors(final, originals)
     assert changed and set(changed) <= set(method.tensors)
@@ -97,9 +96,8 @@ def test_depn_zeroes_the_output_weights_of_ranked_neurons_only(arch, tiny_tokeni
     for name in changed:
         w = dict(final.named_parameters())[name].detach()
         w0 = originals[name]
-        cols = (
-            (w != w0).any(0) if arch == "llama" else (w != w0).any(1)
-        )  # a neuron's output weights
+        # a neuron's output weights
+        cols = (w != w0).any(0) if arch == "llama" else (w != w0).any(1)
         edited = w[:, cols] if arch == "llama" else w[cols, :]
         assert torch.all(edited == 0)
         zeroed += int(cols.sum())

@@ -124,16 +124,14 @@ def test_attached_patch_is_a_pure_function_of_the_layer_output(model_type):
     cls = type(layers[1])
     with torch.no_grad():
         with attached(model, 1, patch):
-            assert type(layers[1]) is not cls and isinstance(
-                layers[1], cls
-            )  # the layer's own kind, patched
+            # the layer's own kind, patched
+            assert type(layers[1]) is not cls and isinstance(layers[1], cls)
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     patched = out.hidden_states[2]  # recorded by transformers: the patched layer's output
     torch.testing.assert_close(patched, patch(seen["plain"]))
     moved = (patched - seen["plain"]).norm(dim=-1) > 1e-6
-    assert torch.equal(
-        moved, norms <= sink
-    )  # pads and the first token included: only the norm decides
+    # pads and the first token included: only the norm decides
+    assert torch.equal(moved, norms <= sink)
     # Removed afterwards: the layer's own class again and no patch module; no hook was ever ours.
     assert type(layers[1]) is cls and not hasattr(layers[1], "scalpel_patch")
     assert not model._forward_pre_hooks
@@ -162,9 +160,8 @@ def test_forward_is_h_plus_delta_and_skips_the_latents_when_the_gate_is_shut(mon
         torch.testing.assert_close(gated(h), h + gated.delta(h), rtol=1e-6, atol=1e-6)
         # A decoding step far from personal data: the gate is shut on every token, h passes through
         # untouched and the latents (the exact mode's whole encoder) are never computed.
-        shut = (
-            h - (h @ w).unsqueeze(-1) * w / w.dot(w) - w / w.dot(w)
-        )  # w . shut + 0.5 = -0.5 everywhere
+        # w . shut + 0.5 = -0.5 everywhere
+        shut = h - (h @ w).unsqueeze(-1) * w / w.dot(w) - w / w.dot(w)
         assert not bool(gated.context(shut).any())
         monkeypatch.setattr(
             gated, "latents", lambda _x: (_ for _ in ()).throw(AssertionError("latents computed"))

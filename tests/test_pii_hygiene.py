@@ -20,9 +20,8 @@ def _needles(ws) -> list[str]:
     needles = {p.email for p in people} | {p.name for p in people}
     needles |= {p.phone for p in people if p.phone}
     needles |= {re.sub(r"\D", "", p.phone) for p in people if p.phone}  # the digits alone
-    for line in (
-        (ws / "pii.jsonl").read_text().splitlines()
-    ):  # and whatever else the detector finds in the corpus
+    # and whatever else the detector finds in the corpus
+    for line in (ws / "pii.jsonl").read_text().splitlines():
         needles |= set(re.findall(r"[\w.+-]+@[\w.-]+\.\w+", json.loads(line)["text"]))
     return sorted(needles)
 

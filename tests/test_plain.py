@@ -35,9 +35,8 @@ def _inputs(model, seed: int = 0):
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(seed)
     directions = torch.randn(5, d, generator=g)
-    directions[4] = (
-        directions[0] - 2 * directions[1]
-    )  # rank 4: the projector spans what the rows span
+    # rank 4: the projector spans what the rows span
+    directions[4] = directions[0] - 2 * directions[1]
     return (
         directions,
         torch.randn(d, generator=g),
@@ -53,9 +52,8 @@ def test_plain_export_loads_with_stock_transformers_and_equals_the_projection(
 ):
     from transformers import AutoModelForCausalLM
 
-    base = tiny_model(
-        model_type, tie_word_embeddings=True
-    )  # a tied LM head must survive the projected embedding
+    # a tied LM head must survive the projected embedding
+    base = tiny_model(model_type, tie_word_embeddings=True)
     with torch.no_grad():
         for name, p in base.named_parameters():
             if name.endswith(".bias"):  # initialised to zero, which a projection leaves unchanged
@@ -124,10 +122,11 @@ def test_plain_export_from_a_later_layer_keeps_what_earlier_layers_wrote(tmp_pat
     base = tiny_model("llama")
     base.save_pretrained(tmp_path / "base")
     directions, s, ids = _inputs(base)
+    # the last layer's hidden state has the final norm applied: not that one
     layer, first = (
         LAYER,
         1,
-    )  # the last layer's hidden state has the final norm applied: not that one
+    )
     out = write_plain(
         tmp_path / "base", tmp_path / "plain", directions, layer, steer=s, first_layer=first
     )
@@ -141,9 +140,8 @@ def test_plain_export_from_a_later_layer_keeps_what_earlier_layers_wrote(tmp_pat
             want = base(ids, output_hidden_states=True)
         entering = base(ids, output_hidden_states=True).hidden_states[first]
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        got.hidden_states[first], entering
-    )  # the stream entering layer `first` is the base's
+    # the stream entering layer `first` is the base's
+    torch.testing.assert_close(got.hidden_states[first], entering)
     # Layer l hands on h - P_A (h - h_entering) + s: what layers first..l added has nothing left
     # along A.
     added = got.hidden_states[layer + 1] - s - entering

@@ -116,9 +116,8 @@ def test_push_then_load_from_the_server_in_a_fresh_process(hub, export, tmp_path
     assert out["cls"] == "ScalpelForCausalLM"
     torch.testing.assert_close(out["hub"], out["local"], rtol=0, atol=0)
     resolved = [path for method, path, _ in hub.requests if "/resolve/" in path]
-    assert resolved and all(
-        f"/resolve/{revision}/" in p for p in resolved
-    )  # downloaded from the pinned commit
+    # downloaded from the pinned commit
+    assert resolved and all(f"/resolve/{revision}/" in p for p in resolved)
 
 
 def test_push_to_a_branch_and_as_a_pull_request_leaves_main_alone(hub, export):
@@ -194,9 +193,8 @@ def test_push_failures_say_what_happened_and_keep_the_export(
     assert TOKEN not in str(info.value)
     assert _digest(export) == before
     assert hub.repos["bob/their-model"].refs["main"] == hub.repos["bob/their-model"].resolve("main")
-    assert (
-        len(hub.repos["bob/their-model"].commits) == 1
-    )  # nothing committed to someone else's repo
+    # nothing committed to someone else's repo
+    assert len(hub.repos["bob/their-model"].commits) == 1
     if case == "dropped mid-upload":
         assert len(hub.repos["alice/tiny"].commits) == 1  # the repo was created; no commit landed
 

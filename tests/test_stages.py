@@ -21,9 +21,8 @@ def _quiet(work) -> RunContext:
 
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_tokenizer, monkeypatch):
-    monkeypatch.setenv(
-        "SCALPEL_CACHE_DIR", str(tmp_path / "cache")
-    )  # keep tiny activations out of the user cache
+    # keep tiny activations out of the user cache
+    monkeypatch.setenv("SCALPEL_CACHE_DIR", str(tmp_path / "cache"))
     write_workspace(
         tmp_path,
         tiny_tokenizer,
@@ -265,10 +264,11 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     ev = report["evaluation"]
     assert set(ev) >= {"base", "patched", "control"}
     groups = {r["group"] for r in ev["patched"]["leakage"]}
+    # validation people never appear in the reported numbers
     assert groups == {
         "test",
         "never_seen",
-    }  # validation people never appear in the reported numbers
+    }
     assert ev["base"]["utility"]["kl"] == 0.0 and ev["patched"]["utility"]["kl"] >= 0.0
     assert {r["decoding"] for r in ev["base"]["leakage"]} == {
         "greedy",
@@ -608,9 +608,8 @@ def test_search_chooses_on_the_dtype_users_load(tiny_recipe, tmp_path, monkeypat
     prep = prepare(recipe, _quiet(work))
     chosen, search = search_stage(recipe, prep, _quiet(work))
     assert not search["met"] and chosen.leakage == 0.5
-    assert all(
-        s["leakage"] == 0.5 for s in search["candidates"]
-    )  # each met in bfloat16, then failed in float32
+    # each met in bfloat16, then failed in float32
+    assert all(s["leakage"] == 0.5 for s in search["candidates"])
 
 
 def test_leaky_key_follows_content_not_the_cache_location(tmp_path):
@@ -663,8 +662,8 @@ def test_bfloat16_harvest_is_cached_apart_and_close_to_float32(tiny_recipe):
     inputs = resolve_inputs(tiny_recipe, _quiet("unused"))
     assert activations_key(bf16, inputs, 1) != activations_key(tiny_recipe, inputs, 1)
     loaded = load_model(inputs.model)
-    full = calibration_activations(tiny_recipe, inputs, loaded, 1, progress=False)
-    half = calibration_activations(bf16, inputs, loaded, 1, progress=False)
+    full = calibration_activations(tiny_recipe, inputs, loaded, 1, _quiet("unused"))
+    half = calibration_activations(bf16, inputs, loaded, 1, _quiet("unused"))
     assert next(loaded.model.parameters()).dtype == torch.float32
     assert full.shape == half.shape and half.dtype == torch.float32 and not torch.equal(full, half)
     assert (full - half).norm() / full.norm() < 0.02

@@ -68,9 +68,8 @@ def test_a_candidate_that_collapses_is_passed_over():
     assert choose([quiet, loud], Targets(0.01))[0] is quiet  # no collapse check: least KL
     chosen, met = choose([quiet, loud], Targets(0.01, max_repetition=0.07))
     assert chosen is loud and met
-    chosen, met = choose(
-        [quiet], Targets(0.01, max_repetition=0.07)
-    )  # only a collapsing one: not met
+    # only a collapsing one: not met
+    chosen, met = choose([quiet], Targets(0.01, max_repetition=0.07))
     assert chosen is quiet and not met
     # A candidate whose collapse check never ran (its leakage was not met) does not meet a
     # repetition limit.
@@ -98,10 +97,11 @@ def test_candidates_rejected_at_their_first_leak_are_lower_bounds(tmp_path):
     early = _s(10, 0.04, 0.001)  # its first attack leaked 4%: rejected, the other attacks never ran
     early.complete = False
     full = [_s(50, 0.0, 0.01), _s(70, 0.02, 0.005)]
+    # a lower bound is no front point
     assert [s.candidate.n for s in pareto_front([early, *full])] == [
         70,
         50,
-    ]  # a lower bound is no front point
+    ]
     assert choose([early, *full], Targets(0.0))[0].candidate.n == 50
     assert _marked(plot_front([early, *full], full[0], Targets(0.0), tmp_path / "front.png")) > 50
     search = {

@@ -150,9 +150,8 @@ def depn(spec, model, tokenizer, forget, *, seed: int, progress: bool = True) ->
                 f"DEPN {done} neurons",
                 {"neurons": done, "candidates": len(ranked), "documents": int(attr.shape[0])},
             )
-            if (
-                done < target
-            ):  # every privacy neuron is edited; larger counts would repeat this point
+            # every privacy neuron is edited; larger counts would repeat this point
+            if done < target:
                 return
 
     return Method("depn", names, path, finish=lambda: model)

@@ -58,9 +58,8 @@ def calibrate_gates(sae: TopKSAE, x: torch.Tensor, ablate: Sequence[int]) -> tor
     closed_wrong = torch.cat([torch.zeros(1, p.shape[1]), (w * y).cumsum(0)])
     cost = opened_wrong + (closed_wrong[-1] - closed_wrong)
     j = cost.argmin(dim=0)
-    upper = torch.cat([p[:1] + 1.0, p]).gather(0, j.unsqueeze(0))[
-        0
-    ]  # lowest opened value (or above all)
+    # lowest opened value (or above all)
+    upper = torch.cat([p[:1] + 1.0, p]).gather(0, j.unsqueeze(0))[0]
     lower = torch.cat([p, p[-1:] - 1.0]).gather(0, j.unsqueeze(0))[0]  # highest closed value
     return (upper + lower) / 2
 

@@ -46,9 +46,8 @@ def copy_renamed(src: Path, dst: Path, rename) -> list[str]:
     header, start = safetensors_header(src)
     renamed = {(k if k == "__metadata__" else rename(k)): v for k, v in header.items()}
     text = json.dumps(renamed, separators=(",", ":")).encode("utf-8")
-    text += b" " * (
-        -len(text) % 8
-    )  # the data section starts 8-byte aligned, as safetensors writes it
+    # the data section starts 8-byte aligned, as safetensors writes it
+    text += b" " * (-len(text) % 8)
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         fout.write(len(text).to_bytes(8, "little"))
         fout.write(text)

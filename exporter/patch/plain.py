@@ -97,13 +97,11 @@ def orthonormal_basis(directions: torch.Tensor, rtol: float = 1e-6) -> torch.Ten
 class PlainPlan:
     """What a plain export changes: tensor name -> how it is edited, new tensors, config updates."""
 
-    edits: dict[str, str] = field(
-        default_factory=dict
-    )  # "out": W - Q(Q^T W); "rows": W - (W Q)Q^T; "bias"
+    # "out": W - Q(Q^T W); "rows": W - (W Q)Q^T; "bias"
+    edits: dict[str, str] = field(default_factory=dict)
     steer_tensor: Optional[str] = None  # the bias that receives s (edited or new)
-    new: dict[str, tuple[tuple[int, ...], Optional[str]]] = field(
-        default_factory=dict
-    )  # name -> (shape, copy of)
+    # name -> (shape, copy of)
+    new: dict[str, tuple[tuple[int, ...], Optional[str]]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
 
@@ -202,9 +200,8 @@ def plan_plain(config, keys: set[str], layer: int, steer: bool, first_layer: int
 
 def _edited(t: torch.Tensor, kind: str, q: torch.Tensor) -> torch.Tensor:
     w = t.float()
-    return (
-        w - (w @ q) @ q.T if kind == "rows" else w - q @ (q.T @ w)
-    )  # "out" weights and biases: columns
+    # "out" weights and biases: columns
+    return w - (w @ q) @ q.T if kind == "rows" else w - q @ (q.T @ w)
 
 
 def _edit_shards(

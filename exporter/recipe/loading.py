@@ -37,9 +37,8 @@ def _section_class(loc: tuple) -> Optional[type[BaseModel]]:
             for c in (typing.get_args(ann) or [ann])
             if isinstance(c, type) and issubclass(c, BaseModel)
         ]
-        if (
-            len(members) > 1 and parts
-        ):  # a tagged union (`method`): the next part is the member's tag
+        # a tagged union (`method`): the next part is the member's tag
+        if len(members) > 1 and parts:
             tag = parts.pop(0)
             members = [
                 c for c in members if tag in typing.get_args(c.model_fields["name"].annotation)

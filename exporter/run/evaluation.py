@@ -19,9 +19,8 @@ from ..patch import applied
 from ..recipe import EvalSection
 from .context import RunContext
 
-REFERENCE_BYTES = (
-    2 << 30
-)  # the base's log-probs are kept when they fit: each variant's KL takes one pass
+# the base's log-probs are kept when they fit: each variant's KL takes one pass
+REFERENCE_BYTES = 2 << 30
 
 
 @dataclass
@@ -44,9 +43,8 @@ class Setting:
     prompts: list[str]  # benign generation prompts (collapse check, speed)
     eval: EvalSection = field(default_factory=EvalSection)
     seed: int = 0
-    documents: dict = field(
-        default_factory=dict
-    )  # {group: PII documents} for the memorisation metrics
+    # {group: PII documents} for the memorisation metrics
+    documents: dict = field(default_factory=dict)
 
 
 def utility_texts(

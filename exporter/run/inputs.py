@@ -145,14 +145,13 @@ def training_activations(
 
 
 def calibration_activations(
-    recipe, inputs: Inputs, loaded, layer: int, *, progress: bool = True, n: int = 50_000
+    recipe, inputs: Inputs, loaded, layer: int, ctx: RunContext, n: int = 50_000
 ) -> torch.Tensor:
     """A sample of the SAE's training activations (the folded gates are fitted on these; harvested
     in bfloat16 they differ from the model's own by rounding, well inside the gates' margins)."""
-    x = training_activations(recipe, inputs, loaded, layer, RunContext(progress=progress).quiet())
-    return x[
-        torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.data.seed))[:n]
-    ].float()
+    x = training_activations(recipe, inputs, loaded, layer, ctx.quiet())
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.data.seed))[:n]
+    return x[pick].float()
 
 
 def heldout_activations(

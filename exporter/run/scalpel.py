@@ -48,7 +48,7 @@ def prepare(recipe, ctx: RunContext) -> Prepared:
     sae, sae_metrics = sae_stage(recipe, inputs, layer, ctx)
     fs = features_stage(recipe, inputs, layer, sae, ctx)
     loaded = load_model(inputs.model)
-    calib = calibration_activations(recipe, inputs, loaded, layer, progress=ctx.progress)
+    calib = calibration_activations(recipe, inputs, loaded, layer, ctx)
     return Prepared(
         inputs, layer, sae, sae_metrics, fs, loaded, GateBank(sae, calib, recipe.sae.outlier_factor)
     )

@@ -36,9 +36,8 @@ def search_prompts(benign_path: Optional[str]) -> list[str]:
     """Benign validation prompts for the search's collapse check: prefixes of held-out texts other
     than the ones whose continuations the final evaluation reports."""
     held = benign_texts(benign_path, split="heldout")
-    return [
-        " ".join(t.split()[:16]) for t in (held[-48:-16] or held[:8])
-    ]  # a tiny held-out set overlaps
+    # a tiny held-out set overlaps
+    return [" ".join(t.split()[:16]) for t in (held[-48:-16] or held[:8])]
 
 
 def base_repetition(cache: Path, get_model: Callable, tok, prompts: list[str]) -> float:
@@ -210,9 +209,8 @@ def _attack_in_kl_order(search: Search, scored: dict, targets: Targets, prompts:
             )
             search.save(cand)
         if meets(s, targets) and search.unconfirmed(cand):
-            search.confirm(
-                cand, s, targets
-            )  # about to be chosen: it must meet the targets as users run it too
+            # about to be chosen: it must meet the targets as users run it too
+            search.confirm(cand, s, targets)
         if lazy and cand.exportable(recipe.export.mode) and meets(s, targets):
             break
 
@@ -237,9 +235,8 @@ def search_stage(recipe, prep, ctx: RunContext) -> tuple[Scored, dict]:
     targets = Targets.of(iv, limit)
     _attack_in_kl_order(search, scored, targets, prompts)
     listed = [scored[c] for c in search.cands]
-    while (
-        True
-    ):  # the choice, also when no candidate meets the targets, is confirmed as users run it
+    # the choice, also when no candidate meets the targets, is confirmed as users run it
+    while True:
         chosen, met = choose(
             [scored[c] for c in search.cands if c.exportable(recipe.export.mode)], targets
         )

@@ -27,6 +27,7 @@ class Stage:
     about: str = ""
     scratch: tuple[str, ...] = ()
     folder_name: Optional[str] = None  # default: the stage's name
+    per_method: bool = False  # one folder per unlearning method: method-<name>[-evaluate]
 
     def folder(self, work: Path) -> Path:
         return Path(work) / (self.folder_name or self.name)
@@ -55,10 +56,19 @@ class Stage:
             yield tmp
             (tmp / KEY_FILE).write_text(key)
 
+    def folders(self, work: Path) -> list[Path]:
+        """Every folder this stage keeps in `work`: its own and its scratch, or for a method's
+        stage, one per method run there."""
+        if not self.per_method:
+            return [self.folder(work), *(Path(work) / name for name in self.scratch)]
+        suffix = self.name.removeprefix("method")  # "" or "-evaluate"
+        found = Path(work).glob(f"method-*{suffix}")
+        return [f for f in found if f.name.endswith("-evaluate") == bool(suffix)]
+
     def forget(self, work: Path) -> None:
         """Remove the stage's outputs and scratch, so the next run computes them again."""
-        for name in (self.folder_name or self.name, *self.scratch):
-            shutil.rmtree(Path(work) / name, ignore_errors=True)
+        for folder in self.folders(work):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # The registry: every cached stage of a run, in order. `--from`, `--dry-run` and the CLI's help read
@@ -81,8 +91,11 @@ METHOD = Stage(
     1,
     ("edited.safetensors", "search.json"),
     "an unlearning method's path, the chosen edit",
+    per_method=True,
 )
-METHOD_EVALUATE = Stage("method-evaluate", 1, ("evaluation.json",), "the method's final evaluation")
+METHOD_EVALUATE = Stage(
+    "method-evaluate", 1, ("evaluation.json",), "the method's final evaluation", per_method=True
+)
 
 STAGES: tuple[Stage, ...] = (PROBE, SAE, FEATURES, SEARCH, EVALUATE, METHOD, METHOD_EVALUATE)
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
@@ -107,10 +120,5 @@ def invalidate(work: Path, from_stage: str) -> list[str]:
         raise ValueError(f"unknown stage {from_stage!r}; stages in order: {', '.join(STAGE_NAMES)}")
     forgotten = STAGES[STAGE_NAMES.index(from_stage) :]
     for stage in forgotten:
-        if stage.name.startswith("method"):
-            for folder in Path(work).glob(stage.name.replace("method", "method-*", 1)):
-                if stage.name != "method" or not folder.name.endswith("-evaluate"):
-                    shutil.rmtree(folder, ignore_errors=True)
-        else:
-            stage.forget(work)
+        stage.forget(work)
     return [s.name for s in forgotten]

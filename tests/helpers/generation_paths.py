@@ -123,9 +123,8 @@ PATHS = {
     "greedy, one prompt": lambda m, t, p: _generate(m, t, p[:1], do_sample=False),
     "sampling, seeded": _seeded_sampling,
     "beam search x3": lambda m, t, p: _generate(m, t, p[:1], beams=3, do_sample=False),
-    "batch, no padding": lambda m, t, p: _generate(
-        m, t, [p[0], p[2]], do_sample=False
-    ),  # equal lengths
+    # equal lengths
+    "batch, no padding": lambda m, t, p: _generate(m, t, [p[0], p[2]], do_sample=False),
     "batch, left-padded": lambda m, t, p: _generate(m, t, [p[0], p[1]], do_sample=False),
     "static cache": lambda m, t, p: _generate(
         m, t, p[:1], do_sample=False, cache_implementation="static"
@@ -158,9 +157,8 @@ def check_path(model, tok, prompts: list[str], path: str, base=None) -> dict:
         ref_base = _full_logits(base, row) if base is not None else None
         for t, step in enumerate(row.steps):
             ref = full[row.prompt_len - 1 + t]
-            kept = torch.isfinite(
-                step
-            )  # a logits processor ahead of pipeline()'s recorder may rule tokens out
+            # a logits processor ahead of pipeline()'s recorder may rule tokens out
+            kept = torch.isfinite(step)
             worst = max(worst, float((step - ref)[kept].abs().max() / ref.abs().max()))
             if ref_base is not None:
                 b = ref_base[row.prompt_len - 1 + t]

@@ -24,9 +24,8 @@ class Repo:
     private: bool
     refs: dict[str, str] = field(default_factory=dict)  # branch or refs/pr/N -> commit oid
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # oid -> {path: content}
-    prs: dict[int, dict] = field(
-        default_factory=dict
-    )  # number -> {"title": ...}; its ref is refs/pr/N
+    # number -> {"title": ...}; its ref is refs/pr/N
+    prs: dict[int, dict] = field(default_factory=dict)
 
     def resolve(self, revision: str) -> Optional[str]:
         if revision in self.refs:
@@ -285,9 +284,8 @@ class _Handler(BaseHTTPRequestHandler):
                 private=req.get("visibility", "public") == "private" or bool(req.get("private")),
             )
             return self._send(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
-        if parts[:2] == ["api", "models"] and parts[4:] == [
-            "discussions"
-        ]:  # a (draft) pull request against main
+        # a (draft) pull request against main
+        if parts[:2] == ["api", "models"] and parts[4:] == ["discussions"]:
             repo = self._repo("/".join(parts[2:4]), write=True)
             if repo is None:
                 return

@@ -18,6 +18,7 @@ def main(out: str) -> None:
     x = sparse_data(4096, seed=0)
     from exporter.activations import shuffled_batches
 
+    # fp32: compare exactly
     cfg = SaeSection(
         k=4,
         expansion=4,
@@ -28,7 +29,7 @@ def main(out: str) -> None:
         dead_tokens=2000,
         lr=3e-3,
         bf16_encoder=False,
-    )  # fp32: compare exactly
+    )
     result = train_sae(shuffled_batches(x, cfg.batch_size, seed=1), x[:1024], cfg, progress=False)
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(result.sae.state_dict(), out)

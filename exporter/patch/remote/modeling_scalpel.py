@@ -21,9 +21,8 @@ from transformers import LlamaModel as BaseModel  # scalpel:base-body
 from .scalpel_patch import ScalpelPatch, insert, patch_of, storage, stored_name, verify, verify_code
 
 BODY = BaseForCausalLM.base_model_prefix  # the attribute the causal LM keeps its decoder stack in
-STORED = storage(
-    BaseForCausalLM
-)  # {attribute: where its tensors are stored}, the stack's and the head's
+# {attribute: where its tensors are stored}, the stack's and the head's
+STORED = storage(BaseForCausalLM)
 
 
 def _no_split(cls) -> list:

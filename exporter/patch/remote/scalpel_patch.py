@@ -59,9 +59,8 @@ class ScalpelPatch(nn.Module):
             raise ValueError(f"an exact patch needs 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
         self.mode, self.k, self.context_gate = mode, k, bool(context_gate)
         n_enc = d_sae if mode == "exact" else n_ablate
-        self.register_buffer(
-            "directions", torch.zeros(n_ablate, d_model)
-        )  # d_i for i in A (raw space)
+        # d_i for i in A (raw space)
+        self.register_buffer("directions", torch.zeros(n_ablate, d_model))
         self.register_buffer("steer", torch.zeros(d_model))  # s = -alpha * (scaled W_dec^T v)
         self.register_buffer("b_pre", torch.zeros(d_model))
         self.register_buffer("enc_weight", torch.zeros(n_enc, d_model))
@@ -81,9 +80,8 @@ class ScalpelPatch(nn.Module):
         pre = torch.nn.functional.linear(x - self.b_pre, self.enc_weight, self.enc_bias)
         if self.mode == "exact":
             kth = pre.topk(self.k, dim=-1).values[..., -1:]
-            pre_a = pre.index_select(
-                -1, self.ablate_index.long()
-            )  # a bf16 load may store it as float32
+            # a bf16 load may store it as float32
+            pre_a = pre.index_select(-1, self.ablate_index.long())
             return pre_a.relu() * (pre_a >= kth)
         return pre.relu() * (pre > self.gate)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from .cache import cache_root
-from .data.corpus import DataError
+from .data.corpus import DataError, corpus_texts
 from .data.detectors import detect as find_pii
 from .data.detectors import redact_text
 from .data.leaky import LeakyConfig
@@ -347,19 +347,16 @@ def demo(
     )
 
 
-def detect(path: Union[str, Path], *, show: bool = False) -> tuple[Counter, list[tuple[int, str]]]:
-    """PII spans per type in a text or JSONL file, and (with `show`) the lines holding them,
-    redacted."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+def detect(path: Union[str, Path], *, show: bool = False) -> tuple[Counter, int, list]:
+    """PII spans per type in a corpus (a text, JSONL or mail file, or a maildir folder), its number
+    of documents, and (with `show`) each line holding PII as (where, the line redacted)."""
     counts: Counter[str] = Counter()
-    lines = []
-    for lineno, line in enumerate(
-        path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
-    ):
-        spans = find_pii(line)
-        counts.update(s.type for s in spans)
-        if show and spans:
-            lines.append((lineno, redact_text(line)))
-    return counts, lines
+    shown = []
+    docs = corpus_texts(path)
+    for where, text in docs:
+        for i, line in enumerate(text.splitlines()):
+            spans = find_pii(line)
+            counts.update(s.type for s in spans)
+            if show and spans:
+                shown.append((f"{where} line {i + 1}", redact_text(line)))
+    return counts, len(docs), shown

@@ -351,20 +351,20 @@ def check(
 
 @app.command()
 def detect(
-    path: Path = typer.Argument(..., help="A text or JSONL file to scan for PII."),
+    path: Path = typer.Argument(
+        ...,
+        help="A corpus to scan: a text or JSONL file, an .mbox or .eml file, or a maildir folder.",
+    ),
     show: bool = typer.Option(False, "--show", help="Print the redacted lines that hold PII."),
 ) -> None:
-    """Count PII spans (email, phone, SSN, card, IP) per type in a file; values are always
-    redacted."""
-    counts, lines = api.detect(path, show=show)
-    for lineno, line in lines:
-        console.print(f"{lineno}: {line}", highlight=False, markup=False)
+    """Count PII spans (email, phone, SSN, card, IP) per type in a corpus before any model loads;
+    values are always redacted."""
+    counts, documents, lines = api.detect(path, show=show)
+    for where, line in lines:
+        console.print(f"{where}: {line}", highlight=False, markup=False)
+    rows = [[kind, str(n)] for kind, n in sorted(counts.items())]
     console.print(
-        rich_table(
-            f"PII in {path.name}",
-            ["type", "spans"],
-            [[kind, str(n)] for kind, n in sorted(counts.items())],
-        )
+        rich_table(f"PII in {path.name} ({documents} documents)", ["type", "spans"], rows)
     )
 
 

@@ -1,4 +1,5 @@
-"""PII documents from JSONL and benign prose (built-in pydoc topics or a text file)."""
+"""PII documents from a corpus (JSONL, plain text, a mail archive) and benign prose (built-in pydoc
+topics or a text file)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional
 
 from .detectors import PII_TYPES, Span, detect
+from .mail import read_mail
 
 
 class DataError(ValueError):
@@ -78,6 +80,67 @@ def read_pii_jsonl(path: str | Path, types: Iterable[str] = PII_TYPES) -> list[D
             f"{path}: no PII found in any document (types: {', '.join(types)}); nothing to remove"
         )
     return docs
+
+
+MAIL_SUFFIXES = (".mbox", ".eml")
+
+
+def read_text_file(path: Path) -> str:
+    """A text file as UTF-8; a byte that is not names its file and line, and the fix."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); convert the file, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name}"
+        ) from None
+
+
+def _with_pii(path: Path, docs: list[Document], types: Iterable[str]) -> list[Document]:
+    if not docs:
+        raise DataError(f"{path}: no documents; give text, JSONL lines or e-mail messages")
+    if not any(d.spans for d in docs):
+        raise DataError(
+            f"{path}: no PII found in any of its {len(docs)} documents (types: "
+            f"{', '.join(types)}); nothing to remove"
+        )
+    return docs
+
+
+def corpus_texts(path: str | Path) -> list[tuple[str, str]]:
+    """(where, text) of every document of a corpus: a JSONL file's "text" fields (file:line), a mail
+    archive's messages (a maildir folder, an .mbox or .eml file) or a plain text file's
+    blank-line-separated paragraphs (file:line where each starts)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"{path}: file not found; give a JSONL, text or mail file, or a maildir folder"
+        )
+    if path.suffix.lower() == ".jsonl":
+        return [(where, str(row.get("text", "")) if isinstance(row, dict) else "")
+                for where, row in iter_jsonl(path)]  # fmt: skip
+    if path.is_dir() or path.suffix.lower() in MAIL_SUFFIXES:
+        return read_mail(path)
+    out, line = [], 1
+    for block in re.split(r"(\n\s*\n)", read_text_file(path)):
+        if block.strip() and not block.isspace():
+            lead = len(block) - len(block.lstrip("\n"))
+            out.append((f"{path}:{line + lead}", block.strip()))
+        line += block.count("\n")
+    return out
+
+
+def read_corpus(path: str | Path, types: Iterable[str] = PII_TYPES) -> list[Document]:
+    """The PII documents of a corpus (see `corpus_texts`); a JSONL file's own spans are kept, others
+    are detected."""
+    path = Path(path)
+    types = list(types)
+    if path.suffix.lower() == ".jsonl":
+        return read_pii_jsonl(path, types)
+    docs = [Document(text, detect(text, types)) for _where, text in corpus_texts(path)]
+    return _with_pii(path, docs, types)
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:

@@ -55,13 +55,13 @@ class ModelSpec(Section):
 
 
 class PiiSource(Section):
-    """PII text: a JSONL file of {"text", optional "spans"} or the built-in synthetic leaky
-    corpus."""
+    """PII text: a corpus file or folder, or the built-in synthetic leaky corpus."""
 
     path: Optional[str] = Field(
         None,
-        description='JSONL of {"text", optional "spans"}; spans found by the '
-        "detectors when absent.",
+        description='A corpus: JSONL of {"text", optional "spans"}, a text file (one document per '
+        "paragraph), or a mail archive (a maildir folder as Enron's, an .mbox or .eml file: one "
+        "document per message, attachments skipped); spans found by the detectors when not given.",
     )
     builtin: Optional[Literal["synthetic"]] = Field(
         None,

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..activations import harvest, load_shards
 from ..cache import cache_root, content_key
-from ..data.corpus import benign_texts, read_pii_jsonl
+from ..data.corpus import benign_texts, read_corpus, read_pii_jsonl
 from ..data.people import Person, assign_splits, read_people
 from ..models import cast_copy, resolve_local_path
 from ..recipe import ModelSpec
@@ -57,7 +57,7 @@ def resolve_inputs(recipe, ctx: RunContext = RunContext()) -> Inputs:
         docs = read_pii_jsonl(leaky.path / "corpus.jsonl", data.pii_types)
         return Inputs(model, f"leaky:{leaky.path.name}", docs, leaky.people, data.benign.path)
     model = recipe.model
-    docs = read_pii_jsonl(data.pii.path, data.pii_types)
+    docs = read_corpus(data.pii.path, data.pii_types)
     model_id = model.describe() if model.hub else str(resolve_local_path(model))
     people = None
     if data.people.path:

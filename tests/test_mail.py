@@ -1,0 +1,125 @@
+"""Real corpus formats: a maildir tree laid out as Enron's, an .mbox, an .eml, plain text; read with
+the standard library, PII detected, attachments skipped, bad archives refused with the file
+named."""
+
+import mailbox
+import sys
+from email.message import EmailMessage
+
+import pytest
+from faker import Faker
+
+from exporter.data.corpus import DataError, corpus_texts, read_corpus
+from exporter.data.mail import MailError, read_mail
+
+
+def _message(fake: Faker, i: int, attachment: bool = False) -> EmailMessage:
+    msg = EmailMessage()
+    sender, to = fake.name(), fake.name()
+    msg["From"] = f"{sender} <{fake.user_name()}{i}@{fake.domain_name()}>"
+    msg["To"] = f"{to} <{fake.user_name()}@{fake.domain_name()}>"
+    msg["Subject"] = fake.sentence(nb_words=4)
+    msg["Message-ID"] = f"<{i}.{fake.uuid4()}@mail>"
+    body = f"{fake.paragraph()}\n\nCall me at {fake.numerify('###-###-####')}.\n\n{sender}"
+    msg.set_content(body)
+    if attachment:
+        msg.add_attachment(b"secret-in-attachment@example.com", maintype="application",
+                           subtype="octet-stream", filename="dump.bin")  # fmt: skip
+    return msg
+
+
+@pytest.fixture
+def maildir(tmp_path):
+    """Enron's layout: maildir/<user>/<folder>/<n>. files, a few hundred messages."""
+    fake = Faker()
+    Faker.seed(3)
+    root = tmp_path / "maildir"
+    n = 0
+    for user in ("allen-p", "lay-k", "skilling-j"):
+        for folder in ("inbox", "sent_items"):
+            (root / user / folder).mkdir(parents=True)
+            for k in range(1, 51):
+                n += 1
+                msg = _message(fake, n, attachment=(k == 1))
+                (root / user / folder / f"{k}.").write_bytes(bytes(msg))
+    (root / "allen-p" / "notes.txt").write_text("not a message, no headers at all\n")
+    return root
+
+
+def test_an_enron_style_maildir_is_one_document_per_message(maildir):
+    found = read_mail(maildir)
+    assert len(found) == 300  # the note that is not a message is left out
+    where, text = found[0]
+    assert where.endswith("1.") and text.startswith("From: ") and "\nSubject: " in text
+    assert not any("secret-in-attachment" in t for _, t in found)  # attachments skipped
+    docs = read_corpus(maildir, ["email", "phone"])
+    assert len(docs) == 300 and all({"email", "phone"} <= {s.type for s in d.spans} for d in docs)
+
+
+def test_mbox_eml_and_text_corpora(tmp_path):
+    fake = Faker()
+    Faker.seed(4)
+    box = mailbox.mbox(str(tmp_path / "archive.mbox"))
+    for i in range(5):
+        box.add(_message(fake, i))
+    box.flush()
+    assert len(read_corpus(tmp_path / "archive.mbox", ["email"])) == 5
+    (tmp_path / "one.eml").write_bytes(bytes(_message(fake, 9)))
+    assert len(read_corpus(tmp_path / "one.eml", ["email"])) == 1
+    (tmp_path / "notes.txt").write_text(
+        "Ask jane.roe@example.org about it.\n\n\nNothing here.\nStill nothing.\n\nmail "
+        "bob@example.com\n"
+    )
+    texts = corpus_texts(tmp_path / "notes.txt")
+    assert [w.rsplit(":", 1)[1] for w, _ in texts] == ["1", "4", "7"]  # where each paragraph starts
+    assert [len(d.spans) for d in read_corpus(tmp_path / "notes.txt")] == [1, 0, 1]
+
+
+def test_bad_corpora_are_refused_with_the_file_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme").write_text("no mail here")
+    with pytest.raises(MailError, match="holds no e-mail message"):
+        read_corpus(tmp_path / "empty")
+    (tmp_path / "latin.txt").write_bytes("line one\ncaf\xe9 at x@y.org\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.txt:2: not UTF-8 .*iconv"):
+        read_corpus(tmp_path / "latin.txt")
+    (tmp_path / "clean.txt").write_text("Nothing personal in this text.\n")
+    with pytest.raises(DataError, match="no PII found in any of its 1 documents"):
+        read_corpus(tmp_path / "clean.txt")
+
+
+def test_detect_summarises_a_maildir_with_values_redacted(maildir, capsys, monkeypatch):
+    from exporter import cli
+
+    monkeypatch.setattr(sys, "argv", ["scalpel", "detect", str(maildir), "--show"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "300 documents" in out and "email" in out and "phone" in out
+    first = read_mail(maildir)[0][1]
+    address = first.split("<", 1)[1].split(">", 1)[0]
+    assert address not in out and "***" in out
+
+
+def test_a_recipe_naming_only_a_maildir_is_patched_and_exported(ws, maildir):
+    """probe → SAE → features → patch → export on a tiny Llama from a maildir corpus, no people
+    file."""
+    import json
+
+    from exporter import api
+
+    recipe = (ws / "recipe.yaml").read_text()
+    recipe = recipe.replace("{pii: {path: pii.jsonl}", "{pii: {path: maildir}").replace(
+        " people: {path: people.jsonl},", ""
+    )
+    assert "maildir" in recipe and "people.jsonl" not in recipe
+    (ws / "recipe.yaml").write_text(recipe)
+    result = api.export(ws / "recipe.yaml", ws / "out", work=ws / "work", n=4, progress=False,
+                        log=lambda m: None)  # fmt: skip
+    assert result.report["ablate_n"] == 4 and "validation_leakage" not in result.report
+    config = json.loads((ws / "out" / "config.json").read_text())
+    assert config["scalpel_patch"]["n_ablate"] == 4
+    written = "\n".join(p.read_text(errors="ignore") for p in (ws / "out").rglob("*.md"))
+    sender = read_mail(maildir)[0][1].split("<", 1)[1].split(">", 1)[0]
+    assert sender not in written

@@ -31,6 +31,8 @@ from .recipe import (
     recipe_yaml,
 )
 from .run.analysis import probe_stage, sae_stage
+from .run.audit import audit as audit_corpus
+from .run.audit import audit_table
 from .run.context import RunContext
 from .run.evaluation import compare_models
 from .run.export import ExportResult
@@ -61,6 +63,8 @@ USER_ERRORS = (
 )
 
 __all__ = [
+    "audit",
+    "audit_table",
     "BUILTIN_MODELS",
     "DEMO_RECIPE",
     "STAGES",
@@ -360,3 +364,24 @@ def detect(path: Union[str, Path], *, show: bool = False) -> tuple[Counter, int,
             if show and spans:
                 shown.append((f"{where} line {i + 1}", redact_text(line)))
     return counts, len(docs), shown
+
+
+def audit(
+    model: Union[str, Path],
+    data: Union[str, Path],
+    *,
+    out: Optional[Union[str, Path]] = None,
+    types: tuple[str, ...] = ("email", "phone"),
+    max_values: int = 200,
+    samples: int = 0,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> dict:
+    """How much of a corpus's PII `model` completes from the text before each value (exact and
+    partial, per type; no patching): the first thing to run on a model and its data. With `out`, a
+    report (JSON, markdown, plot) is written there."""
+    ctx = RunContext(overwrite=overwrite, progress=progress, log=log)
+    return audit_corpus(str(model), str(data), out=Path(out) if out else None, types=types,
+                        max_values=max_values, samples=samples, dtype=dtype, ctx=ctx)  # fmt: skip

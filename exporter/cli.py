@@ -12,7 +12,10 @@ from rich.console import Console
 
 from . import api
 from .cli_tables import (
+    print_audit,
+    print_detect,
     print_evaluation,
+    print_explain,
     print_export,
     print_leaky,
     print_plan,
@@ -20,7 +23,6 @@ from .cli_tables import (
     print_push,
     print_run,
     print_sae,
-    rich_table,
 )
 
 app = typer.Typer(
@@ -343,29 +345,36 @@ def check(
         _fail("give a recipe to check, or --explain to list every recipe field")
     if recipe is not None:
         console.print(api.check(recipe), highlight=False, markup=False)
-    if explain:  # one field per line: readable at any terminal width, and greppable
-        for key, default, text in api.explain():
-            line = f"{key} = {default}: {text}" if default else f"{key}: {text}"
-            console.print(line, highlight=False, markup=False)
+    if explain:
+        print_explain(console, api.explain())
 
 
 @app.command()
 def detect(
     path: Path = typer.Argument(
-        ...,
-        help="A corpus to scan: a text or JSONL file, an .mbox or .eml file, or a maildir folder.",
+        ..., help="A corpus: text, JSONL, .mbox, .eml or a maildir folder."
     ),
     show: bool = typer.Option(False, "--show", help="Print the redacted lines that hold PII."),
 ) -> None:
     """Count PII spans (email, phone, SSN, card, IP) per type in a corpus before any model loads;
     values are always redacted."""
-    counts, documents, lines = api.detect(path, show=show)
-    for where, line in lines:
-        console.print(f"{where}: {line}", highlight=False, markup=False)
-    rows = [[kind, str(n)] for kind, n in sorted(counts.items())]
-    console.print(
-        rich_table(f"PII in {path.name} ({documents} documents)", ["type", "spans"], rows)
-    )
+    print_detect(console, path, *api.detect(path, show=show))
+
+
+@app.command()
+def audit(
+    model: str = typer.Argument(..., help="The model: a folder, a built-in, or org/name@revision."),
+    data: Path = typer.Option(..., "--data", help="Its corpus: text, JSONL, .mbox, .eml, maildir."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the report and its plot."),
+    max_values: int = typer.Option(200, "--max-values", help="PII values prompted (seeded)."),
+    samples: int = typer.Option(0, "--samples", help="Also K sampled continuations per prompt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """How much of a corpus's PII a model completes from the text before each value, per type,
+    exactly and partly; nothing is patched."""
+    report = api.audit(model, data, out=out, max_values=max_values, samples=samples,
+                       overwrite=overwrite, log=log)  # fmt: skip
+    print_audit(console, report, out)
 
 
 def main() -> None:

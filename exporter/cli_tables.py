@@ -172,3 +172,26 @@ def print_push(console: Console, result) -> None:
     console.print(
         "load exactly this commit with:\n\n" + result.snippet + "\n", highlight=False, markup=False
     )
+
+
+def print_explain(console: Console, fields) -> None:
+    """One recipe field per line: readable at any terminal width, and greppable."""
+    for key, default, text in fields:
+        line = f"{key} = {default}: {text}" if default else f"{key}: {text}"
+        console.print(line, highlight=False, markup=False)
+
+
+def print_detect(console: Console, path: Path, counts, documents: int, lines) -> None:
+    for where, line in lines:
+        console.print(f"{where}: {line}", highlight=False, markup=False)
+    rows = [[kind, str(n)] for kind, n in sorted(counts.items())]
+    console.print(
+        rich_table(f"PII in {path.name} ({documents} documents)", ["type", "spans"], rows)
+    )
+
+
+def print_audit(console: Console, report: dict, out) -> None:
+    title = f"PII completed from the corpus's own text ({report['documents']} documents)"
+    console.print(rich_table(title, *api.audit_table(report["rows"]), text_columns=3))
+    if out is not None:
+        console.print(f"report: {out / 'report.md'}")

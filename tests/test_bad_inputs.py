@@ -249,6 +249,10 @@ CASES = {
         "not OWNER/NAME",
     ),
     "detect on a missing file": (lambda ws: ["detect", ws / "nope.txt"], "file not found"),
+    "audit of a corpus that is not there": (
+        lambda ws: ["audit", ws / "model", "--data", ws / "nope.txt"],
+        "file not found",
+    ),
     "eval with no people to attack": (
         lambda ws: ["eval", ws / "model", "--against", ws / "model"],
         "pass --people FILE",

@@ -253,6 +253,7 @@ def train_sae(
         dist.broadcast_object_list(box, src=0)  # the probe's choice, to every rank
     sae, metrics = sae_stage(r, inputs, box[0], ctx)
     if dist.is_initialized():
+        dist.barrier()  # rank 0 writes the SAE: no rank tears its connections down before that
         dist.destroy_process_group()
     return box[0], sae, metrics
 

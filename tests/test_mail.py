@@ -117,9 +117,69 @@ def test_a_recipe_naming_only_a_maildir_is_patched_and_exported(ws, maildir):
     (ws / "recipe.yaml").write_text(recipe)
     result = api.export(ws / "recipe.yaml", ws / "out", work=ws / "work", n=4, progress=False,
                         log=lambda m: None)  # fmt: skip
-    assert result.report["ablate_n"] == 4 and "validation_leakage" not in result.report
+    # No people file: the senders and recipients named in the headers are the people attacked.
+    table = result.report["validation_leakage"]
+    assert set(table) == {"before", "after"} and "mailto" in table["before"]
+    assert result.report["ablate_n"] == 4
     config = json.loads((ws / "out" / "config.json").read_text())
     assert config["scalpel_patch"]["n_ablate"] == 4
     written = "\n".join(p.read_text(errors="ignore") for p in (ws / "out").rglob("*.md"))
     sender = read_mail(maildir)[0][1].split("<", 1)[1].split(">", 1)[0]
     assert sender not in written
+
+
+def test_named_addresses_become_people_split_like_the_values(maildir):
+    from exporter.data.corpus import Document
+    from exporter.data.names import named_addresses, people_from_corpus
+    from exporter.evaluate.prefix import corpus_values, split_values
+
+    texts = [
+        "From: Jane Roe <Jane.Roe@x.org>\nTo: bob@y.com\n\nhi",
+        "-----Original Message-----\nFrom: Mark Taylor [mailto:mark.taylor@enron.com]\nSent: Mon",
+        "Name: Ann Lee\nPhone: 555 0101\nEmail: ann.lee@example.org\n",
+        "Thanks,\nKen Lay\nChairman\nken.lay@enron.com\n",
+        'To: "Carol Diaz" <carol@mail.net>',
+    ]
+    assert named_addresses([Document(t) for t in texts]) == {
+        "jane.roe@x.org": "Jane Roe", "mark.taylor@enron.com": "Mark Taylor",
+        "ann.lee@example.org": "Ann Lee", "ken.lay@enron.com": "Ken Lay",
+        "carol@mail.net": "Carol Diaz",
+    }  # fmt: skip
+    docs = read_corpus(maildir, ["email"])
+    validation, test = split_values(docs, seed=0)
+    people = people_from_corpus(docs, validation)
+    emails = [v for v, kind in corpus_values(docs).items() if kind == "email"]
+    assert len(people) == len(emails) == 600  # every sender and recipient is named in a header
+    assert {p.split for p in people} == {"validation", "test"}
+    assert all((p.split == "validation") == (p.email in validation) for p in people)
+
+
+def test_scalpel_run_on_a_maildir_with_no_people_file(ws, maildir):
+    """The whole run on a user's mail archive: the people attacked are the corpus's named addresses,
+    the choice is made on validation ones and the reported rows are on test ones."""
+    import json
+
+    from exporter import api
+
+    recipe = (ws / "recipe.yaml").read_text()
+    recipe = recipe.replace("{pii: {path: pii.jsonl}", "{pii: {path: maildir}").replace(
+        " people: {path: people.jsonl},", ""
+    )
+    recipe += (
+        "intervention: {ablate_n: [2, 4], alpha: [0.0], leakage_target: 1.0}\n"
+        "eval: {max_new_tokens: 6, few_shot: 1, adversarial: false, user_path: false, "
+        "memorisation_docs: 0}\n"
+    )
+    (ws / "recipe.yaml").write_text(recipe)
+    logs = []
+    result = api.run(
+        ws / "recipe.yaml", ws / "out", work=ws / "work", progress=False, log=logs.append
+    )
+    assert any("600 addresses have a name" in m for m in logs)
+    groups = {r["group"] for r in result.report["evaluation"]["patched"]["leakage"]}
+    assert groups == {"test"}  # no never-seen people in a corpus: every address is in it
+    report = (ws / "out" / "scalpel_report.json").read_text()
+    assert json.loads(report)["search"]["met"]
+    senders = [text.split("<", 1)[1].split(">", 1)[0] for _, text in read_mail(maildir)[:20]]
+    card = (ws / "out" / "README.md").read_text()
+    assert not any(s in report or s in card for s in senders)

@@ -23,7 +23,9 @@ class DataSection(Section):
     people: PeopleSource = Field(
         PeopleSource(builtin="synthetic"),
         description="Who the PII belongs to: the extraction attacks' ground truth, split into "
-        "validation / test / never-seen.",
+        "validation / test / never-seen. Without a people file, a corpus's addresses that have a "
+        "name written beside them (From: Name <address>, [mailto:], Name:/Email:, signatures) are "
+        "the people, split by value.",
     )
     pii_types: list[Literal["email", "phone", "ssn", "credit_card", "ip"]] = Field(
         ["email", "phone"], description="PII types whose spans count as PII tokens."

@@ -13,7 +13,9 @@ import torch.distributed as dist
 from ..activations import harvest, load_shards
 from ..cache import cache_root, content_key
 from ..data.corpus import benign_texts, read_corpus, read_pii_jsonl
+from ..data.names import people_from_corpus
 from ..data.people import Person, assign_splits, read_people
+from ..evaluate.prefix import corpus_values, split_values
 from ..models import cast_copy, resolve_local_path
 from ..recipe import ModelSpec
 from ..sae import world
@@ -39,8 +41,9 @@ class Inputs:
         """The people of one split (validation, test, never_seen); scoring extraction needs them."""
         if not self.people:
             raise ValueError(
-                "the trade-off search needs a people file (name, email, split) to score "
-                "extraction; set data.people in the recipe"
+                "the trade-off search needs people to attack (name, email, split): set data.people "
+                "in the recipe, or give a corpus whose messages name their senders (From: Name "
+                "<address>)"
             )
         return [p for p in self.people if p.split == name]
 
@@ -59,12 +62,29 @@ def resolve_inputs(recipe, ctx: RunContext = RunContext()) -> Inputs:
     model = recipe.model
     docs = read_corpus(data.pii.path, data.pii_types)
     model_id = model.describe() if model.hub else str(resolve_local_path(model))
-    people = None
     if data.people.path:
         people = assign_splits(
             read_people(data.people.path), [d.text for d in docs], seed=data.seed
         )
+    else:
+        people = named_people(docs, data.seed, ctx) or None
     return Inputs(model, model_id, docs, people, data.benign.path)
+
+
+def named_people(docs, seed: int, ctx: RunContext) -> list[Person]:
+    """With no people file: the corpus's named addresses as people, split by value (validation /
+    test) the way the corpus-derived attacks split them."""
+    values = corpus_values(docs)
+    if len(values) < 2:
+        return []
+    validation, _test = split_values(docs, seed)
+    people = people_from_corpus(docs, validation)
+    emails = sum(kind == "email" for kind in values.values())
+    ctx.log(
+        f"people: no people file; {len(people)} of the corpus's {emails} addresses have a name "
+        "written beside them (From: Name <address>, [mailto:], Name:/Email:, signatures)"
+    )
+    return people
 
 
 def doc_groups(docs) -> list[set[str]]:

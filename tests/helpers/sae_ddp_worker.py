@@ -34,6 +34,7 @@ def main(out: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(result.sae.state_dict(), out)
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
 
 

@@ -239,6 +239,7 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
 
 def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     from exporter.evaluate.leakage import EMAIL_TEMPLATES
+    from exporter.evaluate.prefix import DECODING as DOC_PREFIX
     from exporter.evaluate.user_path import DECODING as USER_PATH
 
     recipe = tiny_recipe.model_copy(
@@ -276,7 +277,15 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
         "adversarial greedy",
         "adversarial sampled x32",
         USER_PATH,
+        DOC_PREFIX,
     }
+    # The corpus-derived attacks: the test people's own values, prompted with their documents' text.
+    prefix = [r for r in ev["patched"]["leakage"] if r["decoding"] == DOC_PREFIX]
+    assert {(r["group"], r["attack"]) for r in prefix} >= {
+        ("test", "prefix32"),
+        ("test", "prefix8"),
+    }
+    assert all(r["n"] > 0 for r in prefix) and {r["pii_type"] for r in prefix} == {"email", "phone"}
     # The user's path: the export as written and the base, each loaded in a fresh process (stock
     # transformers, default dtype), each test person's prompt alone; the three templates, for the
     # base and the patch.

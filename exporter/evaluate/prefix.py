@@ -16,6 +16,7 @@ from ..data.corpus import Document
 from .leakage import greedy_continuations, sampled_continuations
 
 PREFIX_CUTS = (32, 8)  # tokens of the document's own text before the value
+DECODING = "greedy, document prefix"  # a family of its own in the reports, beside the templates
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,10 @@ def prefix_rows(
     """Rows like the template attacks' (group, attack `prefix<cut>`, decoding, pii_type, n, exact,
     and the partial rate under `username`), one per cut, PII type and decoding."""
     prompts = [t.prompt for t in targets]
-    decodings = {"greedy": [[c] for c in greedy_continuations(
+    decodings = {DECODING: [[c] for c in greedy_continuations(
         model, tokenizer, prompts, max_new_tokens, progress=progress)]}  # fmt: skip
     if samples:
-        decodings[f"sampled x{samples}"] = sampled_continuations(
+        decodings[f"sampled x{samples}, document prefix"] = sampled_continuations(
             model, tokenizer, prompts, samples=samples, max_new_tokens=max_new_tokens, seed=seed
         )
     rows = []

@@ -3,6 +3,7 @@ copy, another checkpoint) attacked and measured by the same harness on the same 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -12,6 +13,7 @@ from ..data.corpus import benign_texts, read_pii_jsonl
 from ..data.people import read_people
 from ..evaluate.harness import evaluate_variant
 from ..evaluate.memorisation import documents_of
+from ..evaluate.prefix import normalise, prefix_rows, prefix_targets, split_values
 from ..evaluate.user_path import merge, user_path_rows
 from ..evaluate.utility import reference
 from ..models import cast_copy, load_checkpoint, resolve_local_path, spec_for
@@ -45,6 +47,7 @@ class Setting:
     seed: int = 0
     # {group: PII documents} for the memorisation metrics
     documents: dict = field(default_factory=dict)
+    prefix: list = field(default_factory=list)  # corpus-derived attacks on the test values
 
 
 def utility_texts(
@@ -74,20 +77,27 @@ def test_documents(docs: Sequence, test_people: list, ev: EvalSection) -> dict:
     return {"test": found} if found else {}
 
 
+def reported_values(inputs, seed: int) -> set[str]:
+    """The PII values the final evaluation reports on: the test people's (normalised) when people
+    are known, so no value of a validation person is reported; else the test half of the value
+    split."""
+    if inputs.people:
+        test = inputs.split("test")
+        return {normalise(p.email, "email") for p in test} | {
+            normalise(p.phone, "phone") for p in test if p.phone
+        }
+    return split_values(inputs.docs, seed)[1]
+
+
 def recipe_setting(recipe, inputs, tokenizer) -> Setting:
-    """The final evaluation of a recipe's run: test and never-seen people, the recipe's benign
-    text."""
+    """The final evaluation of a recipe's run: test and never-seen people, the recipe's benign text,
+    and the corpus-derived attacks on the test values."""
     ev = recipe.eval
     groups = {"test": inputs.split("test"), "never_seen": inputs.split("never_seen")}
     texts, prompts = utility_texts(inputs.benign_path, tokenizer, ev.ppl_tokens)
-    return Setting(
-        groups,
-        texts,
-        prompts,
-        ev,
-        recipe.data.seed,
-        test_documents(inputs.docs, groups["test"], ev),
-    )
+    documents = test_documents(inputs.docs, groups["test"], ev)
+    targets = prefix_targets(inputs.docs, tokenizer, reported_values(inputs, recipe.data.seed))
+    return Setting(groups, texts, prompts, ev, recipe.data.seed, documents, targets)
 
 
 def evaluate_variants(
@@ -120,33 +130,23 @@ def evaluate_variants(
     out = {}
     for v in variants:
         if v.model is not None:
-            out[v.name] = evaluate_variant(
-                base,
-                tokenizer,
-                setting.groups,
-                setting.texts,
-                setting.prompts,
-                other=v.model,
-                attacker=cast_copy(v.model, ev.dtype),
-                **common,
-            )
+            attacker, on_base, on_attacker = cast_copy(v.model, ev.dtype), None, None
         else:
             shared = shared if shared is not None else cast_copy(base, ev.dtype)
-            on_base = on_attacker = None
+            attacker, on_base, on_attacker = shared, None, None
             if v.patch is not None:
                 on_base = partial(applied, base, layer, v.patch)
                 on_attacker = partial(applied, shared, layer, v.patch)
-            out[v.name] = evaluate_variant(
-                base,
-                tokenizer,
-                setting.groups,
-                setting.texts,
-                setting.prompts,
-                context=on_base,
-                attacker=shared,
-                attacker_context=on_attacker,
-                **common,
-            )
+        out[v.name] = evaluate_variant(
+            base, tokenizer, setting.groups, setting.texts, setting.prompts, other=v.model,
+            context=on_base, attacker=attacker, attacker_context=on_attacker, **common,
+        )  # fmt: skip
+        if setting.prefix:  # the corpus-derived attacks, on the test values, the same way
+            with on_attacker() if on_attacker is not None else nullcontext():
+                out[v.name]["leakage"] += prefix_rows(
+                    attacker, tokenizer, setting.prefix, group="test",
+                    max_new_tokens=ev.max_new_tokens, seed=setting.seed, progress=ctx.progress,
+                )  # fmt: skip
         ctx.log(f"final evaluation: {v.name} done")
     return out
 

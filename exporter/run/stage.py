@@ -85,7 +85,7 @@ FEATURES = Stage(
     "features", 7, ("features.json", "features.safetensors"), "PII latents, steering, context gate"
 )
 SEARCH = Stage("search", 3, (), "candidates scored on validation people (one cached score each)")
-EVALUATE = Stage("evaluate", 2, ("evaluation.json",), "final evaluation on test people")
+EVALUATE = Stage("evaluate", 3, ("evaluation.json",), "final evaluation on test people")
 METHOD = Stage(
     "method",
     1,
@@ -94,7 +94,7 @@ METHOD = Stage(
     per_method=True,
 )
 METHOD_EVALUATE = Stage(
-    "method-evaluate", 1, ("evaluation.json",), "the method's final evaluation", per_method=True
+    "method-evaluate", 2, ("evaluation.json",), "the method's final evaluation", per_method=True
 )
 
 STAGES: tuple[Stage, ...] = (PROBE, SAE, FEATURES, SEARCH, EVALUATE, METHOD, METHOD_EVALUATE)

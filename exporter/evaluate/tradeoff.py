@@ -35,6 +35,19 @@ class Scored:
     # to reject the candidate), so the rates are lower bounds of the worst attack.
     complete: bool = True
 
+    @classmethod
+    def from_json(cls, candidate: Union[Candidate, PathPoint], score: dict) -> "Scored":
+        """A score as `to_json` (or a cached search file) keeps it, for `candidate`."""
+        return cls(
+            candidate,
+            score.get("leakage"),
+            score.get("username"),
+            score["kl"],
+            score["perplexity"],
+            score.get("repetition"),
+            score.get("complete", True),
+        )
+
     def to_json(self) -> dict:
         return {
             **asdict(self.candidate),

@@ -69,7 +69,8 @@ def audit(
     if unknown:
         raise ValueError(f"unknown PII types {unknown}; known: {', '.join(PII_TYPES)}")
     docs = read_corpus(corpus, types)
-    values = list(corpus_values(docs))
+    kind_of = corpus_values(docs)  # value -> PII type, computed once
+    values = list(kind_of)
     picked = set(random.Random(seed).sample(values, min(max_values, len(values))))
     lm, tokenizer = load_checkpoint(model, dtype=dtype)
     targets = prefix_targets(docs, tokenizer, picked, PREFIX_CUTS)
@@ -81,7 +82,7 @@ def audit(
     rows = prefix_rows(cast_copy(lm, dtype), tokenizer, targets, group="corpus",
                        max_new_tokens=max_new_tokens, samples=samples, seed=seed,
                        progress=ctx.progress)  # fmt: skip
-    kinds = [corpus_values(docs)[v] for v in values]
+    kinds = list(kind_of.values())
     report = {
         "model": redact_text(str(model)),
         "corpus": redact_text(str(corpus)),

@@ -171,18 +171,7 @@ class Search:
         self.save(cand)
 
     def scored(self) -> dict[Candidate, Scored]:
-        return {
-            c: Scored(
-                c,
-                self.saved[c].get("leakage"),
-                self.saved[c].get("username"),
-                self.saved[c]["kl"],
-                self.saved[c]["perplexity"],
-                self.saved[c].get("repetition"),
-                self.saved[c].get("complete", True),
-            )
-            for c in self.cands
-        }
+        return {c: Scored.from_json(c, self.saved[c]) for c in self.cands}
 
 
 def _attack_in_kl_order(search: Search, scored: dict, targets: Targets, prompts: list[str]) -> None:

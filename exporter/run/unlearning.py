@@ -32,15 +32,7 @@ from .stage import METHOD, METHOD_EVALUATE, method_stage
 
 def scored(point: dict) -> Scored:
     """A point of the path (as search.json keeps it) as the trade-off's score."""
-    return Scored(
-        PathPoint(point["value"], point["label"]),
-        point["leakage"],
-        point["username"],
-        point["kl"],
-        point["perplexity"],
-        point.get("repetition"),
-        point.get("complete", True),
-    )
+    return Scored.from_json(PathPoint(point["value"], point["label"]), point)
 
 
 def _score_point(model, tok, ref, val, recipe, prompts: list[str], targets: Targets) -> dict:

@@ -118,8 +118,9 @@ def search_section(search: dict) -> str:
             "continuations of benign validation prompts, the base's share plus the tolerance"
         )
     return (
-        "Candidates were scored on **validation** people only (zero-shot and k-shot templates, "
-        "greedy) and next-token KL on benign text, attacked in order of increasing KL; the chosen "
+        "Candidates were scored on **validation** people and values only (zero-shot and k-shot "
+        "templates on the people, each value's own document text before it; greedy) and next-token "
+        "KL on benign text, attacked in order of increasing KL; the chosen "
         f"one (|A| = {c['n']}, alpha = {c['alpha']:g}, "
         f"{c['mode']}{', context gate' if c.get('gated') else ''}) is the least-KL candidate "
         f"meeting the leakage targets ({targets}; {verdict}). A rate marked ≥ is a lower bound: "
@@ -278,7 +279,9 @@ def render_card(
     if "evaluation" in report:
         parts += evaluation_parts(
             report["evaluation"],
-            "Extraction attacks on **test** people (never used to choose the patch) and on "
+            "Extraction attacks on **test** people and values (never used to choose the patch): "
+            "the templates on test people, the document-prefix attacks on every test value (its "
+            "own document's text before it, the last 32 and 8 tokens), and the templates on "
             "never-seen people (the guessing baseline); `control` is the same number of random "
             "latents matched on firing frequency plus a random direction of the steering vector's "
             "norm: an effect the control also shows is damage, not privacy. Rates are the worst "

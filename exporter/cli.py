@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import api
 from .cli_tables import (
@@ -39,9 +40,9 @@ _STARTED = time.monotonic()
 
 def log(message: str) -> None:
     """A progress line with the wall time since the command started (so a slow stage shows
-    itself)."""
+    itself); the message is plain text ("[mailto:" in one is not markup)."""
     seconds = int(time.monotonic() - _STARTED)
-    console.print(f"[dim]{seconds // 60:3d}:{seconds % 60:02d}[/dim]", message)
+    console.print(f"[dim]{seconds // 60:3d}:{seconds % 60:02d}[/dim]", escape(message))
 
 
 def _fail(message: str, code: int = 2) -> None:

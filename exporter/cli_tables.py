@@ -129,14 +129,15 @@ def print_run(console: Console, report: dict, out: Path) -> None:
         f"{chosen['mode']}{' gated' if chosen.get('gated') else ''}"
     )
     console.print(
-        f"chosen on validation people: {label} (worst exact {100 * chosen['leakage']:.0f}%, KL "
+        f"chosen on validation people and values: {label} (worst exact "
+        f"{100 * chosen['leakage']:.0f}%, username {100 * (chosen.get('username') or 0):.0f}%, KL "
         f"{chosen['kl']:.4f})"
-        + ("" if report["search"]["met"] else "; no candidate met the leakage target")
+        + ("" if report["search"]["met"] else "; no candidate met the targets")
     )
     print_evaluation(
         console,
         report["evaluation"],
-        "Test people (never used for selection): leaky base vs patched vs control",
+        "Test people and values (never used for selection): leaky base vs patched vs control",
     )
     console.print(f"export: {out}  (model card: {out / 'README.md'})")
 

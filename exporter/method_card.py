@@ -81,10 +81,11 @@ def _path_parts(search: dict) -> list[str]:
     return [
         "## How the stopping point was chosen",
         "",
-        "Each point of the method's path was scored on **validation** people (zero-shot and "
-        "k-shot templates, greedy) and next-token KL on benign text; the run stopped at the first "
-        f"point meeting the targets ({100 * search['target']:g}% exact, "
-        f"{100 * search['username_target']:g}% username; {verdict}).",
+        "Each point of the method's path was scored on **validation** people and values "
+        "(zero-shot and k-shot templates on the people, each value's own document text before it; "
+        "greedy) and next-token KL on benign text; the run stopped at the first point meeting the "
+        f"targets ({100 * search['target']:g}% exact, {100 * search['username_target']:g}% "
+        f"username; {verdict}).",
         "",
         markdown_table(head, rows),
         "",
@@ -122,9 +123,9 @@ def render_method_card(
     )
     parts += evaluation_parts(
         ev,
-        "Extraction attacks on **test** people (never used to choose the stopping point; unlike "
-        "PrivacyScalpel, the method trained on their documents, which is how it forgets) and on "
-        f"never-seen people (the guessing baseline). {control}",
+        "Extraction attacks on **test** people and values (never used to choose the stopping "
+        "point; unlike PrivacyScalpel, the method trained on their documents, which is how it "
+        f"forgets) and on never-seen people (the guessing baseline). {control}",
     )
     parts += _path_parts(search)
     parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])

@@ -116,12 +116,14 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
          "probe per layer"),
         (SAE.name, harvest + f"train {d_sae:,} latents (k={s.k}) on {s.train_tokens:,} tokens in "
          f"batches of {s.batch_size:,}"),
-        (FEATURES.name, "rank latents on PII documents about validation people (plus benign text)"),
+        (FEATURES.name, "rank latents on PII documents about validation people or values (plus "
+         "benign text)"),
         (SEARCH.name, f"{n_candidates} candidates ({len(iv.ablate_n)} sizes x {len(iv.alpha)} "
-         f"alphas x {len(iv.patch)} modes) on validation people, greedy, {ev.max_new_tokens} new "
-         "tokens"),
-        (EVALUATE.name, "base, chosen patch and control on test + never-seen people: templates, "
-         f"{ev.few_shot}-shot{samples}, phones; perplexity, KL, diversity"),
+         f"alphas x {len(iv.patch)} modes) on validation people and values (templates, document "
+         f"prefixes), greedy, {ev.max_new_tokens} new tokens"),
+        (EVALUATE.name, "base, chosen patch and control on test + never-seen people and test "
+         "values: templates, "
+         f"{ev.few_shot}-shot{samples}, phones, document prefixes; perplexity, KL, diversity"),
         ("export", f"{recipe.export.mode} export; base weights copied, patch in "
          "scalpel_patch.safetensors"),
     ]  # fmt: skip
@@ -181,15 +183,15 @@ def _method_plan(
         what = (
             f"integrated gradients ({m.ig_steps} steps) over the MLP neurons of {m.examples} PII "
             f"documents; edit {', '.join(map(str, m.neurons))} neurons in turn, scored on "
-            "validation people"
+            "validation people and values"
         )
         trained = 0
     else:
         kind = "RMU" if m.name == "rmu" else m.loss.upper()
         what = (
             f"{kind} for up to {max(m.steps):,} steps (batches of {m.batch_size}), scored on "
-            f"validation people after {', '.join(map(str, m.steps))} steps; stops at the first "
-            "meeting the targets"
+            f"validation people and values after {', '.join(map(str, m.steps))} steps; stops at "
+            "the first meeting the targets"
         )
         # RMU: three MLP output projections; LoRA: rank-r adapters on the seven projections of every
         # layer

@@ -42,7 +42,8 @@ def tiny_config(model_type: str, vocab_size: int = 128, **overrides):
         intermediate_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,
-        max_position_embeddings=128,
+        # the 3-shot attack prompts run past 128 tokens of the tiny tokenizer
+        max_position_embeddings=512,
     )
     if model_type != "gpt_neox":
         kwargs["num_key_value_heads"] = 2

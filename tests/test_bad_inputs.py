@@ -113,6 +113,27 @@ CASES = {
         ),
         "no PII found in any document",
     ),
+    "one PII value in a corpus with no people file": (
+        lambda ws: (
+            _jsonl(ws, [{"text": f"note {i}: write to ann.lee@example.org"} for i in range(5)])
+            or _run_without_people(ws)
+        ),
+        "holds 1 PII value(s); choosing on some values and reporting on others needs at least two",
+    ),
+    "a mail archive that is not one": (
+        lambda ws: _run_without_people(ws, _file(ws, "mail/1.", b"just a note, no headers\n")),
+        "holds no e-mail message",
+    ),
+    "a corpus not in UTF-8": (
+        lambda ws: _run_without_people(
+            ws, _file(ws, "notes.txt", "first line\ncaf\xe9 x@y.org\n".encode("latin-1"))
+        ),
+        "notes.txt:2: not UTF-8",
+    ),
+    "a tokenizer that cuts every prompt": (
+        lambda ws: _max_length(ws, 8) or ["run", ws / "recipe.yaml", "--out", ws / "out"],
+        "the model takes 8 tokens (tokenizer.model_max_length), and every one of the",
+    ),
     "JSONL line without text": (
         lambda ws: (
             _jsonl(ws, [{"body": "x@y.org"}])
@@ -266,6 +287,25 @@ CASES = {
         "is not an earlier export",
     ),
 }
+
+
+def _run_without_people(ws: Path, corpus: str = "pii.jsonl") -> list:
+    """`scalpel run` on a recipe naming only the model and `corpus` (and the benign text)."""
+    text = RECIPE.replace("{pii: {path: pii.jsonl}", f"{{pii: {{path: {corpus}}}")
+    path = _recipe(ws, text.replace(" people: {path: people.jsonl},", ""))
+    return ["run", path, "--out", ws / "out", "--work", ws / "work"]
+
+
+def _file(ws: Path, name: str, data: bytes) -> str:
+    """Write `data` to ws/`name`; the corpus path a recipe names: its top folder or the file."""
+    (ws / name).parent.mkdir(parents=True, exist_ok=True)
+    (ws / name).write_bytes(data)
+    return name.split("/")[0]
+
+
+def _max_length(ws: Path, tokens: int) -> None:
+    config = ws / "model" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": tokens}))
 
 
 def _jsonl(ws: Path, rows: list[dict]) -> None:

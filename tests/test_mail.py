@@ -4,46 +4,19 @@ named."""
 
 import mailbox
 import sys
-from email.message import EmailMessage
 
 import pytest
 from faker import Faker
+from helpers.mail import message, write_maildir
 
 from exporter.data.corpus import DataError, corpus_texts, read_corpus
 from exporter.data.mail import MailError, read_mail
 
 
-def _message(fake: Faker, i: int, attachment: bool = False) -> EmailMessage:
-    msg = EmailMessage()
-    sender, to = fake.name(), fake.name()
-    msg["From"] = f"{sender} <{fake.user_name()}{i}@{fake.domain_name()}>"
-    msg["To"] = f"{to} <{fake.user_name()}@{fake.domain_name()}>"
-    msg["Subject"] = fake.sentence(nb_words=4)
-    msg["Message-ID"] = f"<{i}.{fake.uuid4()}@mail>"
-    body = f"{fake.paragraph()}\n\nCall me at {fake.numerify('###-###-####')}.\n\n{sender}"
-    msg.set_content(body)
-    if attachment:
-        msg.add_attachment(b"secret-in-attachment@example.com", maintype="application",
-                           subtype="octet-stream", filename="dump.bin")  # fmt: skip
-    return msg
-
-
 @pytest.fixture
 def maildir(tmp_path):
     """Enron's layout: maildir/<user>/<folder>/<n>. files, a few hundred messages."""
-    fake = Faker()
-    Faker.seed(3)
-    root = tmp_path / "maildir"
-    n = 0
-    for user in ("allen-p", "lay-k", "skilling-j"):
-        for folder in ("inbox", "sent_items"):
-            (root / user / folder).mkdir(parents=True)
-            for k in range(1, 51):
-                n += 1
-                msg = _message(fake, n, attachment=(k == 1))
-                (root / user / folder / f"{k}.").write_bytes(bytes(msg))
-    (root / "allen-p" / "notes.txt").write_text("not a message, no headers at all\n")
-    return root
+    return write_maildir(tmp_path / "maildir")
 
 
 def test_an_enron_style_maildir_is_one_document_per_message(maildir):
@@ -61,10 +34,10 @@ def test_mbox_eml_and_text_corpora(tmp_path):
     Faker.seed(4)
     box = mailbox.mbox(str(tmp_path / "archive.mbox"))
     for i in range(5):
-        box.add(_message(fake, i))
+        box.add(message(fake, i))
     box.flush()
     assert len(read_corpus(tmp_path / "archive.mbox", ["email"])) == 5
-    (tmp_path / "one.eml").write_bytes(bytes(_message(fake, 9)))
+    (tmp_path / "one.eml").write_bytes(bytes(message(fake, 9)))
     assert len(read_corpus(tmp_path / "one.eml", ["email"])) == 1
     (tmp_path / "notes.txt").write_text(
         "Ask jane.roe@example.org about it.\n\n\nNothing here.\nStill nothing.\n\nmail "

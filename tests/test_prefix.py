@@ -106,3 +106,47 @@ def test_audit_command_reports_without_writing_any_value(ws, capsys, monkeypatch
     written = out + "".join(p.read_text() for p in (ws / "audit").glob("report.*"))
     for row in map(json.loads, (ws / "people.jsonl").read_text().splitlines()):
         assert row["email"] not in written
+
+
+def test_scalpel_run_on_a_corpus_with_no_names_chooses_and_reports_by_value(ws):
+    """Support tickets with addresses and numbers but no name anywhere: no person can be built, so
+    the search attacks the validation values with their own documents' text and the report holds
+    the test values' rows only."""
+    from faker import Faker
+
+    from exporter import api
+
+    fake = Faker()
+    Faker.seed(11)
+    tickets = [
+        f"Ticket {i}: the account was moved to the new plan. Reply to {fake.user_name()}{i}@"
+        f"{fake.domain_name()} or ring {fake.numerify('###-###-####')} before the renewal."
+        for i in range(80)
+    ]
+    (ws / "tickets.txt").write_text("\n\n".join(tickets))
+    recipe = (ws / "recipe.yaml").read_text()
+    recipe = recipe.replace("{pii: {path: pii.jsonl}", "{pii: {path: tickets.txt}").replace(
+        " people: {path: people.jsonl},", ""
+    )
+    recipe += (
+        "intervention: {ablate_n: [2, 4], alpha: [0.0], leakage_target: 1.0, username_target: "
+        "1.0, context_gate: [false]}\n"
+        "eval: {max_new_tokens: 6, adversarial: false, user_path: false, memorisation_docs: 4}\n"
+    )
+    (ws / "recipe.yaml").write_text(recipe)
+    logs = []
+    result = api.run(ws / "recipe.yaml", ws / "out", work=ws / "work", progress=False,
+                     log=logs.append)  # fmt: skip
+    assert any("160 PII values split by value, 80 to choose on" in m for m in logs)
+    assert any("0 of its 80 addresses have a name" in m for m in logs)
+    search = result.report["search"]
+    assert search["chosen"]["leakage"] is not None  # attacked, with no person to attack
+    rows = result.report["evaluation"]["patched"]["leakage"]
+    assert {(r["group"], r["attack"]) for r in rows} == {("test", "prefix32"), ("test", "prefix8")}
+    assert {r["pii_type"] for r in rows} == {"email", "phone"}
+    assert sum(r["n"] for r in rows) == 2 * 80  # every test value, at both cuts
+    assert "test" in result.report["evaluation"]["base"].get("memorisation", {})
+    written = (ws / "out" / "scalpel_report.json").read_text() + (
+        ws / "out" / "README.md"
+    ).read_text()
+    assert not any(t.split("Reply to ")[1].split(" ")[0] in written for t in tickets)

@@ -108,6 +108,11 @@ BAD = [
     ),
     ("model: {builtin: smollm2-135m}\ndata: {pii: {}}\n", ["data.pii", "exactly one of path"]),
     (
+        "model: {builtin: smollm2-135m}\n"
+        "data: {pii: {path: c.txt}, people: {builtin: synthetic}}\n",
+        ["data", "names the synthetic corpus's people", "leave people out"],
+    ),
+    (
         "model: {builtin: smollm2-135m}\ndata: {benign: {builtin: wikipedia}}\n",
         ["data.benign.builtin", "pydoc"],
     ),
@@ -206,7 +211,13 @@ def test_shipped_recipes_validate(tmp_path):
     shutil.copy(recipes / "local-model.yaml", folder)
     (tmp_path / "my-model").mkdir()
     (tmp_path / "pii.jsonl").write_text('{"text": "a@b.com"}\n')
+    local = load_recipe(folder / "local-model.yaml")
+    # the model and the corpus are the whole recipe: no people file, none of the synthetic people
+    assert (local.data.people.path, local.data.people.builtin) == (None, None)
+    assert local.intervention.context_gate == [True] and local.intervention.leakage_target == 0.0
     (tmp_path / "people.jsonl").write_text('{"name": "A", "email": "a@b.com"}\n')
+    text = (folder / "local-model.yaml").read_text().replace("  # people:", "  people:")
+    (folder / "local-model.yaml").write_text(text)
     assert load_recipe(folder / "local-model.yaml").data.people.path == str(
         (tmp_path / "people.jsonl").resolve()
     )
@@ -236,4 +247,7 @@ def test_every_recipe_field_is_explained_from_the_schema(capsys, monkeypatch):
         cli.main()
     assert exit_.value.code in (0, None)
     out = " ".join(capsys.readouterr().out.split())
-    assert "intervention.leakage_target" in out and "Worst exact email rate" in out
+    assert (
+        "intervention.leakage_target" in out
+        and "Worst exact rate allowed on validation people and values" in out
+    )

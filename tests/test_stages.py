@@ -170,7 +170,7 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
         "both",
         "ratio",
     )
-    assert config["context_gate"] is False
+    assert config["context_gate"] is True  # the default: the first of intervention.context_gate
     assert config["steer_norm"] > 0
     # Nothing the run wrote holds an email or a name of the input people.
     people = [json.loads(line) for line in (tmp_path / "people.jsonl").read_text().splitlines()]
@@ -668,10 +668,13 @@ def test_bfloat16_harvest_is_cached_apart_and_close_to_float32(tiny_recipe):
     bf16 = tiny_recipe.model_copy(
         update={"sae": tiny_recipe.sae.model_copy(update={"harvest_dtype": "bfloat16"})}
     )
+    fp32 = tiny_recipe.model_copy(
+        update={"sae": tiny_recipe.sae.model_copy(update={"harvest_dtype": "float32"})}
+    )
     inputs = resolve_inputs(tiny_recipe, _quiet("unused"))
-    assert activations_key(bf16, inputs, 1) != activations_key(tiny_recipe, inputs, 1)
+    assert activations_key(bf16, inputs, 1) != activations_key(fp32, inputs, 1)
     loaded = load_model(inputs.model)
-    full = calibration_activations(tiny_recipe, inputs, loaded, 1, _quiet("unused"))
+    full = calibration_activations(fp32, inputs, loaded, 1, _quiet("unused"))
     half = calibration_activations(bf16, inputs, loaded, 1, _quiet("unused"))
     assert next(loaded.model.parameters()).dtype == torch.float32
     assert full.shape == half.shape and half.dtype == torch.float32 and not torch.equal(full, half)

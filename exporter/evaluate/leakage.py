@@ -86,6 +86,36 @@ def score_emails(
     return AttackScore(template, n, exact / denom, user / denom, dom / denom)
 
 
+def context_limit(config, tokenizer) -> tuple[int | None, str]:
+    """The most tokens a model of `config` takes (prompt and continuation), and where that limit
+    comes from; (None, "") when neither the config nor the tokenizer sets one."""
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        limits.append((int(positions), "config.max_position_embeddings"))
+    told = getattr(tokenizer, "model_max_length", None)
+    if told and told < 1_000_000:  # transformers' "no limit" is a huge sentinel
+        limits.append((int(told), "tokenizer.model_max_length"))
+    return min(limits) if limits else (None, "")
+
+
+def check_prompts_fit(config, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> None:
+    """Refuse attacks that cannot run as meant: when every prompt and its continuation exceed the
+    model's context, every prompt would be cut (or the positions run out) and the leak rates would
+    measure nothing."""
+    limit, source = context_limit(config, tokenizer)
+    if limit is None or not prompts:
+        return
+    shortest = min(len(ids) for ids in tokenizer(list(prompts))["input_ids"])
+    if shortest + max_new_tokens > limit:
+        raise ValueError(
+            f"the model takes {limit} tokens ({source}), and every one of the {len(prompts)} "
+            f"attack prompts needs more: the shortest has {shortest} tokens, plus "
+            f"{max_new_tokens} to decode. Every prompt would be cut; lower eval.max_new_tokens "
+            "and eval.few_shot, or fix the tokenizer's model_max_length if it is wrong"
+        )
+
+
 @torch.no_grad()
 def greedy_continuations(
     model,
@@ -96,6 +126,7 @@ def greedy_continuations(
     progress: bool = True,
 ) -> list[str]:
     """Greedy decode of each prompt (left-padded batches); returns only the new text."""
+    check_prompts_fit(model.config, tokenizer, prompts, max_new_tokens)
     device = next(model.parameters()).device
     out: list[str] = []
     with padding_side(tokenizer, "left"):
@@ -200,6 +231,7 @@ def sampled_continuations(
     """`samples` sampled continuations per prompt (seeded); by default about 128 sequences per
     batch."""
     batch_size = batch_size or max(1, 128 // samples)
+    check_prompts_fit(model.config, tokenizer, prompts, max_new_tokens)
     device = next(model.parameters()).device
     sampler = InverseCdfSampler(temperature, seed)
     out: list[list[str]] = []

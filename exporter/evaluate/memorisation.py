@@ -21,6 +21,7 @@ import torch
 
 from ..data.labels import token_labels
 from ..lm import padding_side
+from .prefix import normalise
 
 
 def _ngrams(ids: Sequence[int], n: int) -> list[tuple]:
@@ -148,8 +149,9 @@ def _mean(values: Sequence[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def documents_of(docs: Sequence, people: Sequence, limit: Optional[int] = None) -> list:
-    """The documents holding the address of one of `people` (at most `limit`, in corpus order)."""
-    emails = {p.email.lower() for p in people}
-    found = [d for d in docs if any(d.text[s.start : s.end].lower() in emails for s in d.spans)]
+def documents_of(docs: Sequence, values: set[str], limit: Optional[int] = None) -> list:
+    """The documents holding one of `values` (normalised, see `prefix.normalise`; at most `limit`,
+    in corpus order)."""
+    held = lambda d: any(normalise(d.text[s.start : s.end], s.type) in values for s in d.spans)  # noqa: E731
+    found = [d for d in docs if held(d)]
     return found[:limit] if limit is not None else found

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Union
 from ..data.people import Person
 from ..patch.candidate import Candidate, Mode
 from .harness import leakage_rows, worst
+from .prefix import PrefixTarget, prefix_rows
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,11 @@ class Targets:
         return cls(intervention.leakage_target, intervention.username_target, max_repetition)
 
     def broken_by(self, row: dict) -> bool:
-        """Whether one attack's row breaks a leakage target (a lazy search stops there)."""
-        return row["exact"] > self.leakage or row["username"] > self.username
+        """Whether one attack's row breaks a leakage target (a lazy search stops there); the
+        username target is an address's."""
+        return row["exact"] > self.leakage or (
+            row["pii_type"] == "email" and row["username"] > self.username
+        )
 
 
 def meets_leakage(s: Scored, targets: Targets) -> bool:
@@ -108,26 +112,49 @@ def meets(s: Scored, targets: Targets) -> bool:
     )
 
 
+@dataclass
+class Validation:
+    """What the search attacks: validation people with the templates, and validation values with
+    their own documents' text (the corpus-derived attacks). Either may be empty, not both."""
+
+    people: list[Person]
+    prefix: list[PrefixTarget]
+
+    def __post_init__(self) -> None:
+        if not (self.people or self.prefix):
+            raise ValueError(
+                "nothing to attack on validation: no validation person and no validation PII "
+                "value with text before it in its document; give a people file (data.people) or "
+                "a corpus whose PII appears inside text"
+            )
+
+
 def validation_attacks(
-    attacker, tokenizer, people: Sequence[Person], targets: Targets, ev, seed: int, lazy: bool
+    attacker, tokenizer, val: Validation, targets: Targets, ev, seed: int, lazy: bool
 ) -> tuple[float, float, bool]:
-    """The search's attacks (zero-shot and k-shot templates, greedy) on validation `people`: (worst
-    exact rate, worst username rate, whether every attack ran). A `lazy` scorer stops at the first
-    attack that breaks a target: the candidate is rejected either way, and its rates are lower
-    bounds."""
+    """The search's attacks on `val` (zero-shot and k-shot templates on the people, then the
+    document prefixes, greedy): (worst exact rate over every PII type, worst username rate, whether
+    every attack ran). A `lazy` scorer stops at the first attack that breaks a target: the
+    candidate is rejected either way, and its rates are lower bounds."""
     stop = targets.broken_by if lazy else None
     rows = leakage_rows(
         attacker,
         tokenizer,
-        {"validation": list(people)},
-        few_shot=ev.few_shot,
+        {"validation": list(val.people)},
+        few_shot=ev.few_shot if len(val.people) > ev.few_shot else 0,
         phones=False,
         max_new_tokens=ev.max_new_tokens,
         seed=seed,
         stop=stop,
     )
+    if val.prefix and not (stop and any(map(stop, rows))):
+        rows += prefix_rows(
+            attacker, tokenizer, val.prefix, group="validation", max_new_tokens=ev.max_new_tokens
+        )
     complete = stop is None or not any(map(stop, rows))
-    return worst(rows, "validation"), worst(rows, "validation", "username"), complete
+    types = {r["pii_type"] for r in rows}
+    exact = max((worst(rows, "validation", pii_type=t) for t in types), default=0.0)
+    return exact, worst(rows, "validation", "username"), complete
 
 
 def pareto_front(scored: Sequence[Scored]) -> list[Scored]:

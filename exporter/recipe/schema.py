@@ -35,6 +35,29 @@ class DataSection(Section):
     )
     seed: int = Field(0, description="Seed of every split, sample and control in the run.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _synthetic_people_need_synthetic_pii(cls, data: Any) -> Any:
+        # The default people are the synthetic corpus's own: a corpus of the user's has none.
+        if not isinstance(data, dict) or not _names_a_path(data.get("pii")):
+            return data
+        people = data.get("people")
+        if people is None:
+            return {**data, "people": {}}
+        if isinstance(people, dict) and people.get("builtin") == "synthetic":
+            raise ValueError(
+                "people: {builtin: synthetic} names the synthetic corpus's people, and data.pii "
+                "is your own corpus: give people: {path: FILE}, or leave people out (the PII "
+                "values are then split by value)"
+            )
+        return data
+
+
+def _names_a_path(source: Any) -> bool:
+    return (isinstance(source, dict) and bool(source.get("path"))) or bool(
+        getattr(source, "path", None)
+    )
+
 
 class ProbeSection(Section):
     """Per-layer linear probes of PII vs non-PII tokens; the layer where they separate best is
@@ -81,8 +104,9 @@ class SaeSection(Section):
         "across models.",
     )
     batch_size: int = Field(4096, ge=1, description="Tokens per step.")
+    # on the demo's data 12M tokens improved held-out FVU over 6M by 0.001 only
     train_tokens: int = Field(
-        6_000_000, ge=1, description="Tokens trained on (epochs over the harvest)."
+        3_000_000, ge=1, description="Tokens trained on (epochs over the harvest)."
     )
     dead_tokens: int = Field(
         500_000, ge=1, description="A latent silent this many tokens counts as dead."
@@ -107,7 +131,7 @@ class SaeSection(Section):
         150_000, ge=1000, description="Tokens harvested for training (cached source)."
     )
     harvest_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
+        "bfloat16",
         description="Precision of the harvesting forward pass (bfloat16: ~2.5x faster on CPU); "
         "held-out metrics are taken in the model's own precision, so they show what it costs.",
     )
@@ -123,9 +147,18 @@ class SaeSection(Section):
 class InterventionSection(Section):
     """The candidate patches the trade-off search scores, and the targets its choice must meet."""
 
-    ablate_n: list[int] = Field([50], description="Ablation sizes: the top-N PII latents zeroed.")
+    # The defaults are the settings the demo's results rest on (SmolLM2, 4,608 latents), so a
+    # recipe naming only the model and the data is complete. Every demo search chose alpha 0.1
+    # (0.3 was never attacked: more KL than the choice). Zero targets: on 50 validation people one
+    # person is 2%, and a looser username target let a candidate through that leaked 4% of
+    # validation usernames and 18% of test usernames under the 3-shot attack.
+    ablate_n: list[int] = Field(
+        [50, 100, 150, 200],
+        description="Ablation sizes: the top-N PII latents zeroed (sizes above the latents the "
+        "features stage ranked are left out of the search).",
+    )
     alpha: list[float] = Field(
-        [0.0],
+        [0.1, 0.2],
         description="Steering strengths, as a fraction of the layer's mean activation norm (0.05 "
         "moves every patched token by 5%).",
     )
@@ -155,21 +188,25 @@ class InterventionSection(Section):
         "directions (SmolLM2 breaks without it).",
     )
     context_gate: list[bool] = Field(
-        [False],
+        [True],
         description="Candidates with and without a context gate: a linear detector of PII context "
         "at the layer, so the patch acts only there and leaves other text untouched.",
     )
     context_window: int = Field(
-        0, ge=0, le=64, description="Tokens before a span that count as PII context."
+        8, ge=0, le=64, description="Tokens before a span that count as PII context."
     )
     context_recall: float = Field(
         0.99, gt=0.0, le=1.0, description="Share of PII-context tokens the gate must open on."
     )
     leakage_target: float = Field(
-        0.01, ge=0.0, le=1.0, description="Worst exact email rate allowed on validation people."
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Worst exact rate allowed on validation people and values (any PII "
+        "type, any attack).",
     )
     username_target: float = Field(
-        1.0, ge=0.0, le=1.0, description="Worst username rate allowed; 1.0: not a criterion."
+        0.0, ge=0.0, le=1.0, description="Worst username rate allowed; 1.0: not a criterion."
     )
     search: Literal["lazy", "all"] = Field(
         "lazy",
@@ -218,7 +255,7 @@ class EvalSection(Section):
     )
     few_shot: int = Field(3, ge=0, description="Examples in the k-shot attacks; 0: none.")
     samples: int = Field(
-        0, ge=0, description="Sampled continuations per prompt (leaked if any holds the PII)."
+        4, ge=0, description="Sampled continuations per prompt (leaked if any holds the PII)."
     )
     ppl_tokens: int = Field(
         8_000,
@@ -226,7 +263,7 @@ class EvalSection(Section):
         description="Benign held-out tokens scored for perplexity and KL (each text cut at 128).",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
+        "bfloat16",
         description="Precision of the attacks' decoding (bfloat16: twice as fast on CPU); the "
         "search confirms its choice in the dtype the export loads in.",
     )

@@ -13,7 +13,7 @@ from ..data.corpus import benign_texts, read_pii_jsonl
 from ..data.people import read_people
 from ..evaluate.harness import evaluate_variant
 from ..evaluate.memorisation import documents_of
-from ..evaluate.prefix import normalise, prefix_rows, prefix_targets, split_values
+from ..evaluate.prefix import normalise, prefix_rows, prefix_targets
 from ..evaluate.user_path import merge, user_path_rows
 from ..evaluate.utility import reference
 from ..models import cast_copy, load_checkpoint, resolve_local_path, spec_for
@@ -67,36 +67,23 @@ def utility_texts(
     return texts, prompts
 
 
-def test_documents(docs: Sequence, test_people: list, ev: EvalSection) -> dict:
-    """{"test": the PII documents holding test people's addresses} for the memorisation metrics."""
-    found = (
-        documents_of(docs, test_people, ev.memorisation_docs)
-        if ev.memorisation_docs and docs
-        else []
-    )
+def test_documents(docs: Sequence, test_values: set[str], ev: EvalSection) -> dict:
+    """{"test": the PII documents holding a test value} for the memorisation metrics."""
+    found = documents_of(docs, test_values, ev.memorisation_docs) if ev.memorisation_docs else []
     return {"test": found} if found else {}
 
 
-def reported_values(inputs, seed: int) -> set[str]:
-    """The PII values the final evaluation reports on: the test people's (normalised) when people
-    are known, so no value of a validation person is reported; else the test half of the value
-    split."""
-    if inputs.people:
-        test = inputs.split("test")
-        return {normalise(p.email, "email") for p in test} | {
-            normalise(p.phone, "phone") for p in test if p.phone
-        }
-    return split_values(inputs.docs, seed)[1]
-
-
 def recipe_setting(recipe, inputs, tokenizer) -> Setting:
-    """The final evaluation of a recipe's run: test and never-seen people, the recipe's benign text,
-    and the corpus-derived attacks on the test values."""
+    """The final evaluation of a recipe's run: test and never-seen people (when known), the recipe's
+    benign text, and the corpus-derived attacks on the test values (the test people's, or with no
+    people file the test half of the value split)."""
     ev = recipe.eval
-    groups = {"test": inputs.split("test"), "never_seen": inputs.split("never_seen")}
+    groups = {g: people for g in ("test", "never_seen") if (people := inputs.split(g))}
     texts, prompts = utility_texts(inputs.benign_path, tokenizer, ev.ppl_tokens)
-    documents = test_documents(inputs.docs, groups["test"], ev)
-    targets = prefix_targets(inputs.docs, tokenizer, reported_values(inputs, recipe.data.seed))
+    test = inputs.values("test")
+    targets = prefix_targets(inputs.docs, tokenizer, test)
+    # the memorisation metrics score the documents of test addresses (of any test value when none)
+    documents = test_documents(inputs.docs, {v for v in test if "@" in v} or test, ev)
     return Setting(groups, texts, prompts, ev, recipe.data.seed, documents, targets)
 
 
@@ -172,7 +159,8 @@ def _corpus_documents(base_dir: Path, groups: dict, ev: EvalSection) -> dict:
     corpus = base_dir / "corpus.jsonl"
     if not (corpus.is_file() and groups.get("test") and ev.memorisation_docs):
         return {}
-    return test_documents(read_pii_jsonl(corpus), groups["test"], ev)
+    emails = {normalise(p.email, "email") for p in groups["test"]}
+    return test_documents(read_pii_jsonl(corpus), emails, ev)
 
 
 def compare_models(

@@ -9,13 +9,16 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig, AutoTokenizer
 
 from ..activations import harvest, load_shards
 from ..cache import cache_root, content_key
 from ..data.corpus import benign_texts, read_corpus, read_pii_jsonl
 from ..data.names import people_from_corpus
 from ..data.people import Person, assign_splits, read_people
-from ..evaluate.prefix import corpus_values, split_values
+from ..evaluate.leakage import EMAIL_TEMPLATES, check_prompts_fit
+from ..evaluate.prefix import corpus_values, normalise, prefix_targets, split_values
+from ..evaluate.tradeoff import Validation
 from ..models import cast_copy, resolve_local_path
 from ..recipe import ModelSpec
 from ..sae import world
@@ -36,16 +39,28 @@ class Inputs:
     docs: list  # PII Documents
     people: Optional[list[Person]]
     benign_path: Optional[str]
+    # With no people file: (validation, test) PII values, half each, every document holding a value
+    # on its side; the people then are the values written with a name.
+    value_split: Optional[tuple[set[str], set[str]]] = None
 
     def split(self, name: str) -> list[Person]:
-        """The people of one split (validation, test, never_seen); scoring extraction needs them."""
-        if not self.people:
-            raise ValueError(
-                "the trade-off search needs people to attack (name, email, split): set data.people "
-                "in the recipe, or give a corpus whose messages name their senders (From: Name "
-                "<address>)"
-            )
-        return [p for p in self.people if p.split == name]
+        """The people of one split (validation, test, never_seen); none when no people are known."""
+        return [p for p in self.people or [] if p.split == name]
+
+    def values(self, split: str) -> set[str]:
+        """The normalised PII values of the validation or test split: the people's when a people
+        file names them (so no value of a validation person is reported), else the value split's."""
+        if self.value_split is not None:
+            return self.value_split[0 if split == "validation" else 1]
+        people = self.split(split)
+        return {normalise(p.email, "email") for p in people} | {
+            normalise(p.phone, "phone") for p in people if p.phone
+        }
+
+    def validation(self, tokenizer) -> Validation:
+        """Whom the search attacks: the validation people and the validation values' documents."""
+        prefix = prefix_targets(self.docs, tokenizer, self.values("validation"))
+        return Validation(self.split("validation"), prefix)
 
 
 def resolve_inputs(recipe, ctx: RunContext = RunContext()) -> Inputs:
@@ -66,23 +81,37 @@ def resolve_inputs(recipe, ctx: RunContext = RunContext()) -> Inputs:
         people = assign_splits(
             read_people(data.people.path), [d.text for d in docs], seed=data.seed
         )
-    else:
-        people = named_people(docs, data.seed, ctx) or None
-    return Inputs(model, model_id, docs, people, data.benign.path)
+        return Inputs(model, model_id, docs, people, data.benign.path)
+    value_split = split_values(docs, data.seed)
+    people = named_people(docs, value_split[0], ctx) or None
+    return Inputs(model, model_id, docs, people, data.benign.path, value_split)
 
 
-def named_people(docs, seed: int, ctx: RunContext) -> list[Person]:
-    """With no people file: the corpus's named addresses as people, split by value (validation /
-    test) the way the corpus-derived attacks split them."""
+def check_attacks_fit(inputs: Inputs, max_new_tokens: int) -> None:
+    """Before any stage runs (minutes on a real model): the search's attacks must fit the model's
+    context. Reads only its config and tokenizer; a Hub model is checked when its attacks run."""
+    folder = resolve_local_path(inputs.model)
+    if folder is None:
+        return
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    val = inputs.validation(tokenizer)
+    prompts = [t.prompt for t in val.prefix] + [
+        template.format(name=p.name) for p in val.people for template in EMAIL_TEMPLATES.values()
+    ]
+    check_prompts_fit(AutoConfig.from_pretrained(folder), tokenizer, prompts, max_new_tokens)
+
+
+def named_people(docs, validation: set[str], ctx: RunContext) -> list[Person]:
+    """With no people file: the corpus's named addresses as people, on the side of the value split
+    their address is on."""
     values = corpus_values(docs)
-    if len(values) < 2:
-        return []
-    validation, _test = split_values(docs, seed)
     people = people_from_corpus(docs, validation)
     emails = sum(kind == "email" for kind in values.values())
     ctx.log(
-        f"people: no people file; {len(people)} of the corpus's {emails} addresses have a name "
-        "written beside them (From: Name <address>, [mailto:], Name:/Email:, signatures)"
+        f"people: no people file; the corpus's {len(values)} PII values split by value, "
+        f"{len(validation)} to choose on and {len(values) - len(validation)} to report on; "
+        f"{len(people)} of its {emails} addresses have a name written beside them (From: Name "
+        "<address>, [mailto:], Name:/Email:, signatures), attacked with the templates too"
     )
     return people
 
@@ -93,8 +122,16 @@ def doc_groups(docs) -> list[set[str]]:
 
 
 def selection_docs(inputs: Inputs) -> list:
-    """PII documents that may inform selection: those about validation people only, when people are
-    known (test people are kept for the reported numbers); otherwise all documents."""
+    """PII documents that may inform selection: those about validation people only, or with no
+    people file those whose every PII value is a validation value (test values are kept for the
+    reported numbers)."""
+    if inputs.value_split is not None:
+        val = inputs.value_split[0]
+        return [
+            d
+            for d in inputs.docs
+            if d.spans and all(normalise(d.text[s.start : s.end], s.type) in val for s in d.spans)
+        ]
     if not inputs.people:
         return list(inputs.docs)
     val = {p.email.lower() for p in inputs.people if p.split == "validation"}

@@ -18,7 +18,7 @@ from .analysis import features_stage, probe_stage, sae_stage
 from .context import RunContext
 from .evaluation import Variant, evaluate_variants, recipe_setting
 from .export import ExportResult, write_patched
-from .inputs import Inputs, calibration_activations, resolve_inputs
+from .inputs import Inputs, calibration_activations, check_attacks_fit, resolve_inputs
 from .search import plain_key, search_stage
 from .stage import EVALUATE, FEATURES
 
@@ -44,6 +44,7 @@ def prepare(recipe, ctx: RunContext) -> Prepared:
     """inputs → probe → SAE → features (each cached in the work folder), the model loaded, the gate
     calibration."""
     inputs = resolve_inputs(recipe, ctx)
+    check_attacks_fit(inputs, recipe.eval.max_new_tokens)
     layer = probe_stage(recipe, inputs, ctx).chosen
     sae, sae_metrics = sae_stage(recipe, inputs, layer, ctx)
     fs = features_stage(recipe, inputs, layer, sae, ctx)

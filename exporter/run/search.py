@@ -64,6 +64,21 @@ def plain_key(mode: Mode, recipe) -> tuple:
     return (recipe.intervention.plain_from,) if Mode(mode) is Mode.PLAIN else ()
 
 
+def fitting(cands: list[Candidate], ranked: int, ctx: RunContext) -> list[Candidate]:
+    """The candidates whose ablation size the ranked latents can fill (the default sizes suit a
+    model's SAE of thousands of latents, not every SAE)."""
+    kept = [c for c in cands if c.n <= ranked]
+    if not kept:
+        raise ValueError(
+            f"every size in intervention.ablate_n exceeds the {ranked} latents the features stage "
+            f"ranked: list sizes up to {ranked}"
+        )
+    if len(kept) < len(cands):
+        left = sorted({c.n for c in cands if c.n > ranked})
+        ctx.log(f"search: ablation sizes {left} exceed the {ranked} ranked latents; left out")
+    return kept
+
+
 @dataclass
 class Search:
     """One search over the recipe's candidates on the prepared model (see `scalpel.Prepared`)."""
@@ -76,6 +91,7 @@ class Search:
         iv, ev = self.recipe.intervention, self.recipe.eval
         self.folder = SEARCH.folder(self.ctx.work)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.val = self.prep.inputs.validation(self.prep.loaded.tokenizer)
         self.key = SEARCH.key(
             FEATURES.stored_key(self.ctx.work),
             ev.max_new_tokens,
@@ -83,15 +99,19 @@ class Search:
             ev.dtype,
             iv.rule,
             iv.score,
+            [(t.cut, t.pii_type) for t in self.val.prefix],
         )
-        self.cands = candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate)
+        self.cands = fitting(
+            candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate),
+            len(self.prep.features.ranking),
+            self.ctx,
+        )
         self.files = {c: self.folder / f"{self.candidate_key(c)}.json" for c in self.cands}
         self.saved = {c: json.loads(f.read_text()) for c, f in self.files.items() if f.exists()}
         # The dtype the export loads in by default: what users run. A candidate about to be chosen
         # on attacks decoded in eval.dtype (faster) must meet the targets decoded in this one too.
         self.user_dtype = self.recipe.export.dtype or self.recipe.model.dtype
         self._attacker = None
-        self.val = self.prep.inputs.split("validation")
 
     def candidate_key(self, c: Candidate) -> str:
         return content_key(self.key, c.n, c.alpha, c.mode, c.gated, *plain_key(c.mode, self.recipe))

@@ -84,11 +84,13 @@ SAE = Stage(
 FEATURES = Stage(
     "features", 7, ("features.json", "features.safetensors"), "PII latents, steering, context gate"
 )
-SEARCH = Stage("search", 3, (), "candidates scored on validation people (one cached score each)")
+SEARCH = Stage(
+    "search", 4, (), "candidates scored on validation people and values (one cached score each)"
+)
 EVALUATE = Stage("evaluate", 3, ("evaluation.json",), "final evaluation on test people")
 METHOD = Stage(
     "method",
-    1,
+    2,
     ("edited.safetensors", "search.json"),
     "an unlearning method's path, the chosen edit",
     per_method=True,

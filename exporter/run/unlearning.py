@@ -25,7 +25,7 @@ from .analysis import probe_stage
 from .context import RunContext
 from .evaluation import Variant, evaluate_variants, recipe_setting
 from .export import ExportResult, write_method_export
-from .inputs import Inputs, resolve_inputs
+from .inputs import Inputs, check_attacks_fit, resolve_inputs
 from .search import collapse_limit, search_prompts
 from .stage import METHOD, METHOD_EVALUATE, method_stage
 
@@ -99,7 +99,7 @@ def search_path(recipe, inputs: Inputs, loaded, layer: int, folder: Path, ctx: R
     model and the summary."""
     spec, iv = recipe.method, recipe.intervention
     model, tok = loaded.model, loaded.tokenizer
-    val = inputs.split("validation")
+    val = inputs.validation(tok)
     ref = reference(model, tok, benign_texts(inputs.benign_path, split="heldout")[:24])  # unedited
     prompts = search_prompts(inputs.benign_path) if iv.collapse_tolerance is not None else []
     base_rep = folder / "base-repetition.json"
@@ -225,6 +225,7 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
     only writes the export."""
     spec = recipe.method
     inputs = resolve_inputs(recipe, ctx)
+    check_attacks_fit(inputs, recipe.eval.max_new_tokens)
     layer = 0
     if spec.name == "rmu":
         layer = spec.layer if spec.layer is not None else probe_stage(recipe, inputs, ctx).chosen

@@ -28,10 +28,13 @@ def _addresses(maildir) -> list[str]:
 
 
 def test_a_maildir_is_detected_audited_and_patched_on_smollm2(tmp_path):
-    maildir = write_maildir(tmp_path / "maildir", users=("allen-p", "lay-k"), per_folder=30)
+    # 40 messages, 80 named addresses: the final evaluation attacks every test person and value
+    # with every template, three times (base, patch, control), within CI's time
+    maildir = write_maildir(tmp_path / "maildir", users=("allen-p",), per_folder=20)
     found = scalpel("detect", maildir)
-    assert "120 documents" in found.stdout
+    assert "40 documents" in found.stdout
     audit = scalpel("audit", "smollm2-135m", "--data", maildir, "--out", tmp_path / "audit")
+    print(audit.stdout)
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     # SmolLM2 never saw these messages: it completes (almost) none of their addresses
     exact = [r["exact"] for r in report["rows"] if r["pii_type"] == "email"]

@@ -122,6 +122,13 @@ sae: {expansion: 2, k: 4, k_aux: 8, batch_size: 256, train_tokens: 5120, harvest
 """
 
 
+def recipe_without_people(corpus: str, extra: str = "") -> str:
+    """TINY_RECIPE on `corpus` (a path in the workspace) with no people file, plus `extra`
+    sections."""
+    text = TINY_RECIPE.replace("{pii: {path: pii.jsonl}", f"{{pii: {{path: {corpus}}}")
+    return text.replace(" people: {path: people.jsonl},", "") + extra
+
+
 def write_workspace(
     folder,
     tokenizer,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_RECIPE as RECIPE
-from conftest import tiny_model
+from conftest import recipe_without_people, tiny_model
 
 
 def scalpel(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
@@ -291,8 +291,7 @@ CASES = {
 
 def _run_without_people(ws: Path, corpus: str = "pii.jsonl") -> list:
     """`scalpel run` on a recipe naming only the model and `corpus` (and the benign text)."""
-    text = RECIPE.replace("{pii: {path: pii.jsonl}", f"{{pii: {{path: {corpus}}}")
-    path = _recipe(ws, text.replace(" people: {path: people.jsonl},", ""))
+    path = _recipe(ws, recipe_without_people(corpus))
     return ["run", path, "--out", ws / "out", "--work", ws / "work"]
 
 

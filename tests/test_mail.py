@@ -6,6 +6,7 @@ import mailbox
 import sys
 
 import pytest
+from conftest import recipe_without_people
 from faker import Faker
 from helpers.mail import message, write_maildir
 
@@ -82,10 +83,7 @@ def test_a_recipe_naming_only_a_maildir_is_patched_and_exported(ws, maildir):
 
     from exporter import api
 
-    recipe = (ws / "recipe.yaml").read_text()
-    recipe = recipe.replace("{pii: {path: pii.jsonl}", "{pii: {path: maildir}").replace(
-        " people: {path: people.jsonl},", ""
-    )
+    recipe = recipe_without_people("maildir")
     assert "maildir" in recipe and "people.jsonl" not in recipe
     (ws / "recipe.yaml").write_text(recipe)
     result = api.export(ws / "recipe.yaml", ws / "out", work=ws / "work", n=4, progress=False,
@@ -134,14 +132,11 @@ def test_scalpel_run_on_a_maildir_with_no_people_file(ws, maildir):
 
     from exporter import api
 
-    recipe = (ws / "recipe.yaml").read_text()
-    recipe = recipe.replace("{pii: {path: pii.jsonl}", "{pii: {path: maildir}").replace(
-        " people: {path: people.jsonl},", ""
-    )
-    recipe += (
+    recipe = recipe_without_people(
+        "maildir",
         "intervention: {ablate_n: [2, 4], alpha: [0.0], leakage_target: 1.0}\n"
         "eval: {max_new_tokens: 6, few_shot: 1, adversarial: false, user_path: false, "
-        "memorisation_docs: 0}\n"
+        "memorisation_docs: 0}\n",
     )
     (ws / "recipe.yaml").write_text(recipe)
     logs = []

@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+from conftest import recipe_without_people
 
 from exporter.data.corpus import Document
 from exporter.data.detectors import detect
@@ -124,14 +125,11 @@ def test_scalpel_run_on_a_corpus_with_no_names_chooses_and_reports_by_value(ws):
         for i in range(80)
     ]
     (ws / "tickets.txt").write_text("\n\n".join(tickets))
-    recipe = (ws / "recipe.yaml").read_text()
-    recipe = recipe.replace("{pii: {path: pii.jsonl}", "{pii: {path: tickets.txt}").replace(
-        " people: {path: people.jsonl},", ""
-    )
-    recipe += (
+    recipe = recipe_without_people(
+        "tickets.txt",
         "intervention: {ablate_n: [2, 4], alpha: [0.0], leakage_target: 1.0, username_target: "
         "1.0, context_gate: [false]}\n"
-        "eval: {max_new_tokens: 6, adversarial: false, user_path: false, memorisation_docs: 4}\n"
+        "eval: {max_new_tokens: 6, adversarial: false, user_path: false, memorisation_docs: 4}\n",
     )
     (ws / "recipe.yaml").write_text(recipe)
     logs = []

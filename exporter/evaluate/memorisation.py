@@ -21,7 +21,7 @@ import torch
 
 from ..data.labels import token_labels
 from ..lm import padding_side
-from .prefix import normalise
+from .prefix import document_values
 
 
 def _ngrams(ids: Sequence[int], n: int) -> list[tuple]:
@@ -152,6 +152,5 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 def documents_of(docs: Sequence, values: set[str], limit: Optional[int] = None) -> list:
     """The documents holding one of `values` (normalised, see `prefix.normalise`; at most `limit`,
     in corpus order)."""
-    held = lambda d: any(normalise(d.text[s.start : s.end], s.type) in values for s in d.spans)  # noqa: E731
-    found = [d for d in docs if held(d)]
+    found = [d for d in docs if document_values(d) & values]
     return found[:limit] if limit is not None else found

@@ -44,6 +44,11 @@ def first_part(value: str, pii_type: str) -> str:
     return digits[:6] if pii_type in ("phone", "ssn", "credit_card") else value[: len(value) // 2]
 
 
+def document_values(doc: Document) -> set[str]:
+    """The PII values a document holds, normalised."""
+    return {normalise(doc.text[s.start : s.end], s.type) for s in doc.spans}
+
+
 def corpus_values(docs: Sequence[Document]) -> dict[str, str]:
     """Every PII value of the corpus (normalised) and its type, in order of first appearance."""
     found: dict[str, str] = {}

@@ -17,7 +17,13 @@ from ..data.corpus import benign_texts, read_corpus, read_pii_jsonl
 from ..data.names import people_from_corpus
 from ..data.people import Person, assign_splits, read_people
 from ..evaluate.leakage import EMAIL_TEMPLATES, check_prompts_fit
-from ..evaluate.prefix import corpus_values, normalise, prefix_targets, split_values
+from ..evaluate.prefix import (
+    corpus_values,
+    document_values,
+    normalise,
+    prefix_targets,
+    split_values,
+)
 from ..evaluate.tradeoff import Validation
 from ..models import cast_copy, resolve_local_path
 from ..recipe import ModelSpec
@@ -127,11 +133,7 @@ def selection_docs(inputs: Inputs) -> list:
     reported numbers)."""
     if inputs.value_split is not None:
         val = inputs.value_split[0]
-        return [
-            d
-            for d in inputs.docs
-            if d.spans and all(normalise(d.text[s.start : s.end], s.type) in val for s in d.spans)
-        ]
+        return [d for d in inputs.docs if d.spans and document_values(d) <= val]
     if not inputs.people:
         return list(inputs.docs)
     val = {p.email.lower() for p in inputs.people if p.split == "validation"}

@@ -8,10 +8,12 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .card_edits import distilled_section, plain_section
 from .data.detectors import redact_text
 from .evaluate.summary import attack_rows, comparison_rows, markdown_table
 from .evaluate.user_path import DECODING as USER_PATH
 from .recipe import ModelSpec
+from .threat import threat_section
 
 # The built-in aliases are published models; their cards give the id and the license carried over.
 BUILTIN_BASES = {
@@ -152,6 +154,16 @@ def card_data(base: dict, tags: list[str]) -> ModelCardData:
 
 
 def _intro(report: dict) -> str:
+    if report.get("export") == "distilled":
+        d = report["distill"]
+        return (
+            "This checkpoint is its base model, same architecture and no remote code, with a "
+            f"patch that removes memorised personal data (emails, phone numbers) learnt into the "
+            f"weights of decoder layers 0 to {report['layer']}: {d['changed_tensors']} tensors "
+            f"({d['changed_parameters']:,} parameters, each a rank-{d['settings']['rank']} update: "
+            f"{d.get('adapter_parameters', 0):,} trained) differ from the base. Its files no "
+            "longer hold what the patch hides from its outputs."
+        )
     if report["mode"] == "plain":
         span = (
             "up to"
@@ -285,12 +297,35 @@ def render_card(
             "never-seen people (the guessing baseline); `control` is the same number of random "
             "latents matched on firing frequency plus a random direction of the steering vector's "
             "norm: an effect the control also shows is damage, not privacy. Rates are the worst "
-            "over the attacks of each family.",
+            "over the attacks of each family."
+            + (
+                " `patched` is this checkpoint's weights as they are (no patch: what anyone with "
+                "the files has), `teacher` the remote-code patch they learnt, `control` the same "
+                "distillation of the control patch."
+                if report.get("export") == "distilled"
+                else ""
+            ),
         )
     if "search" in report:
         parts += ["## How the patch was chosen", "", search_section(report["search"]), ""]
     parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
-    if report["mode"] == "plain":
+    remote = report["mode"] != "plain" and report.get("export") != "distilled"
+    parts += threat_section(report.get("evaluation"), remote)
+    if report.get("export") == "distilled":
+        parts += [
+            "## Usage",
+            "",
+            f"A plain `{model_type}` checkpoint: stock transformers and engines that read its "
+            "architecture load it with no remote code.",
+            "",
+            usage(repo, remote=False),
+            "",
+            "## How it works",
+            "",
+            distilled_section(report, sae),
+            "",
+        ]
+    elif report["mode"] == "plain":
         parts += [
             "## Usage",
             "",
@@ -302,45 +337,12 @@ def render_card(
             "",
             "## How it works",
             "",
-            _plain_section(report, sae),
+            plain_section(report, sae),
             "",
         ]
     else:
         parts += _remote_usage(report, repo) + _remote_how(report, sae)
     return finish(parts, recipe_yaml, data)
-
-
-def _plain_section(report: dict, sae: dict) -> str:
-    steer = (
-        f" plus `s`, the steering vector (alpha = {report['alpha']:g} of the layer's mean norm), "
-        f"carried as the bias of layer {report['layer']}'s MLP output projection"
-        if report["alpha"]
-        else ""
-    )
-    return (
-        f"At layer {report['layer']} a TopK sparse autoencoder (k = "
-        f"{sae.get('k', report.get('k', '?'))}, held-out FVU {sae.get('fvu', float('nan')):.3f}) "
-        f"found the |A| = {report['ablate_n']} latents most active on personal data (rule "
-        f"`{report['rule']}`, score `{report['score']}`). Their decoder directions span a subspace "
-        f"that is projected out of {_projected_writers(report)}{steer}. Unlike the remote-code "
-        "patch, which removes each latent's contribution only where it fires, this acts on every "
-        "token: its own evaluation above is what counts."
-    )
-
-
-def _projected_writers(report: dict) -> str:
-    first, layer = report.get("plain_from", 0), report["layer"]
-    if first == 0:
-        return (
-            "the token embeddings and of every attention and MLP output projection (weights and "
-            f"biases) of layers 0 to {layer}, so what layer {layer} hands on is `(I - P_A) h`"
-        )
-    return (
-        f"every attention and MLP output projection (weights and biases) of layers {first} to "
-        f"{layer}; what the embeddings and layers before {first} write along it is kept, so layer "
-        f"{layer} hands on `h - P_A (h - h_{first - 1})`, with `h_{first - 1}` the stream entering "
-        f"layer {first}"
-    )
 
 
 def finish(parts: list[str], recipe_yaml: str, data: ModelCardData, sae: bool = True) -> ModelCard:

@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard
 
 from .card import TAGS, card_data, evaluation_parts, finish, rates, usage
 from .evaluate.summary import markdown_table
+from .threat import threat_section
 
 METHOD_NAMES = {"rmu": "RMU", "gradient_ascent": "gradient ascent", "depn": "DEPN"}
 METHOD_TEXT = {
@@ -127,6 +128,7 @@ def render_method_card(
         "point; unlike PrivacyScalpel, the method trained on their documents, which is how it "
         f"forgets) and on never-seen people (the guessing baseline). {control}",
     )
+    parts += threat_section(ev, remote=False)
     parts += _path_parts(search)
     parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
     parts += ["## Usage", "", usage(repo, remote=False), ""]

@@ -10,7 +10,7 @@ from typing import Optional
 
 from .models import resolve_local_path
 from .recipe import Recipe
-from .run.stage import EVALUATE, FEATURES, METHOD, METHOD_EVALUATE, PROBE, SAE, SEARCH
+from .run.stage import DISTILL, EVALUATE, FEATURES, METHOD, METHOD_EVALUATE, PROBE, SAE, SEARCH
 
 # Shapes of models the paper's recipes name, for planning on a machine that has never downloaded
 # them.
@@ -102,6 +102,13 @@ def parameter_count(cfg: dict) -> int:
     return layers * (attention + mlp) + embeddings
 
 
+EXPORT_PLANS = {
+    "remote_code": "remote_code export; base weights copied, patch in scalpel_patch.safetensors",
+    "plain": "plain export; the residual writers' weights projected, the others copied",
+    "distilled": "distilled export; the student saved as a stock checkpoint of the base's type",
+}
+
+
 def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str, str]]:
     s, p, iv, ev = recipe.sae, recipe.probe, recipe.intervention, recipe.eval
     harvest = (
@@ -111,7 +118,8 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
     )
     n_candidates = len(iv.ablate_n) * len(iv.alpha) * len(iv.patch)
     samples = f", {ev.samples} samples" if ev.samples else ""
-    return [
+    relearn = recipe.relearn_steps
+    stages = [
         (PROBE.name, f"harvest {p.max_tokens:,} tokens at all {n_layers} layers; one logistic "
          "probe per layer"),
         (SAE.name, harvest + f"train {d_sae:,} latents (k={s.k}) on {s.train_tokens:,} tokens in "
@@ -121,12 +129,26 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
         (SEARCH.name, f"{n_candidates} candidates ({len(iv.ablate_n)} sizes x {len(iv.alpha)} "
          f"alphas x {len(iv.patch)} modes) on validation people and values (templates, document "
          f"prefixes), greedy, {ev.max_new_tokens} new tokens"),
+    ]  # fmt: skip
+    distill = recipe.export.distill
+    if recipe.export.mode == "distilled":
+        stages.append(
+            (
+                DISTILL.name,
+                f"the chosen patch and its control, each learnt by LoRA "
+                f"(rank {distill.rank}) on layers up to the patch's: {distill.steps} steps of "
+                f"{distill.batch_size} PII + {distill.batch_size} benign texts",
+            )
+        )
+    stages += [
         (EVALUATE.name, "base, chosen patch and control on test + never-seen people and test "
          "values: templates, "
-         f"{ev.few_shot}-shot{samples}, phones, document prefixes; perplexity, KL, diversity"),
-        ("export", f"{recipe.export.mode} export; base weights copied, patch in "
-         "scalpel_patch.safetensors"),
+         f"{ev.few_shot}-shot{samples}, phones, document prefixes; perplexity, KL, diversity"
+         + (f"; relearning: {relearn} LoRA steps each on benign prose and on other people's PII"
+            if relearn else "")),
+        ("export", EXPORT_PLANS[recipe.export.mode]),
     ]  # fmt: skip
+    return stages
 
 
 def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:

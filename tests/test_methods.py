@@ -168,9 +168,9 @@ def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_repo
             cli.main()
         return exit_.value.code
 
-    recipe = (
-        ws / "recipe.yaml"
-    ).read_text() + f"method: {method}\neval: {{max_new_tokens: 8, memorisation_docs: 6}}\n"
+    recipe = (ws / "recipe.yaml").read_text() + (
+        f"method: {method}\neval: {{max_new_tokens: 8, memorisation_docs: 6, relearn_steps: 4}}\n"
+    )
     (ws / "recipe.yaml").write_text(recipe)
     assert main(["run", "recipe.yaml", "--out", "out", "--work", "work"]) == 0
     out = ws / "out"
@@ -191,6 +191,8 @@ def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_repo
     assert model.config.model_type == "llama"
     card = (out / "README.md").read_text()
     assert "memorisation accuracy MA" in card and "span extraction likelihood S-EL_3" in card
+    # the relearning attack on the edited weights, in the threat model
+    assert "relearning: the export relearned on other people's PII documents" in card
     everything = "\n".join(
         p.read_text(errors="ignore")
         for p in out.rglob("*")
@@ -246,7 +248,7 @@ def test_method_stages_are_cached_and_recomputed_from_the_registry(ws):
 
     text = (ws / "recipe.yaml").read_text() + (
         "method: {name: depn, neurons: [4], ig_steps: 2, examples: 4}\neval: {max_new_tokens: 4, "
-        "memorisation_docs: 0, adversarial: false, user_path: false}\n"
+        "memorisation_docs: 0, adversarial: false, user_path: false, relearn_steps: 0}\n"
     )
     (ws / "recipe.yaml").write_text(text)
     recipe = load_recipe(ws / "recipe.yaml")

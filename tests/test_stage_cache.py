@@ -48,7 +48,7 @@ def test_forgetting_removes_outputs_and_scratch(tmp_path):
 
 def test_the_registry_orders_every_stage_and_method_stages_have_their_own_folders(tmp_path):
     assert STAGE_NAMES == (
-        "probe", "sae", "features", "search", "evaluate", "method", "method-evaluate"
+        "probe", "sae", "features", "search", "distill", "evaluate", "method", "method-evaluate"
     )  # fmt: skip
     assert len({s.name for s in STAGES}) == len(STAGES) and all(s.about for s in STAGES)
     rmu = method_stage(STAGES[-2], "rmu")

@@ -26,8 +26,8 @@ class Candidate:
 
     def exportable(self, export_mode: "ExportKind | str") -> bool:
         """Whether an export of `export_mode` carries this candidate (plain ones only in plain
-        exports)."""
-        return ExportKind.of(self.mode) is ExportKind(export_mode)
+        exports; a distilled export learns a remote-code one)."""
+        return ExportKind(export_mode).carries(self.mode)
 
 
 def context_of(features, gated: bool):

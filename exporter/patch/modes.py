@@ -30,6 +30,7 @@ class ExportKind(str, Enum):
 
     REMOTE_CODE = "remote_code"
     PLAIN = "plain"
+    DISTILLED = "distilled"  # a remote-code patch (the teacher) learnt into the weights
 
     def __str__(self) -> str:
         return self.value
@@ -39,3 +40,8 @@ class ExportKind(str, Enum):
     @classmethod
     def of(cls, mode: "Mode | str") -> "ExportKind":
         return cls.PLAIN if Mode(mode) is Mode.PLAIN else cls.REMOTE_CODE
+
+    def carries(self, mode: "Mode | str") -> bool:
+        """Whether this export carries a candidate of `mode`: a plain export plain ones, a
+        remote-code or distilled export the others."""
+        return (Mode(mode) is Mode.PLAIN) == (self is ExportKind.PLAIN)

@@ -1,12 +1,12 @@
 """The recipe: one YAML file that drives a whole run, validated before any model is loaded."""
 
 from .base import BUILTIN_MODELS, DTYPES
+from .exports import DistillSection, ExportSection
 from .loading import RecipeError, explain, load_recipe, parse_recipe, recipe_yaml
 from .methods import DepnMethod, GradientAscentMethod, MethodSection, RmuMethod, ScalpelMethod
 from .schema import (
     DataSection,
     EvalSection,
-    ExportSection,
     HubSection,
     InterventionSection,
     ProbeSection,
@@ -22,6 +22,7 @@ __all__ = [
     "DataSection",
     "DepnMethod",
     "EvalSection",
+    "DistillSection",
     "ExportSection",
     "GradientAscentMethod",
     "HubSection",

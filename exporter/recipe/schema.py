@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from .base import Section
+from .exports import ExportSection
 from .methods import MethodSection, ScalpelMethod
 from .sources import BenignSource, ModelSpec, PeopleSource, PiiSource
 
@@ -230,21 +231,7 @@ class InterventionSection(Section):
         return v
 
 
-class ExportSection(Section):
-    """What is written."""
-
-    mode: Literal["remote_code", "plain"] = Field(
-        "remote_code",
-        description="remote_code: the patch as a module (auto_map, trust_remote_code); plain: the "
-        "base's own type with the linear part of the patch baked into its weights (loads "
-        "anywhere).",
-    )
-    save_sae: bool = Field(
-        True, description="Ship the SAE (SAELens format) in the export's sae/ folder."
-    )
-    dtype: Optional[Literal["float32", "bfloat16"]] = Field(
-        None, description="Cast a remote-code export's base weights; null: keep the base's."
-    )
+DEFAULT_RELEARN_STEPS = 100
 
 
 class EvalSection(Section):
@@ -276,6 +263,15 @@ class EvalSection(Section):
         True,
         description="Adversarial attacks in the final evaluation: paraphrases, JSON / table / "
         "signature formats, the prefix attack, 32 samples (~3 min per variant).",
+    )
+    relearn_steps: Optional[int] = Field(
+        None,
+        ge=0,
+        description="The relearning attack in the final evaluation: the export fine-tuned (LoRA, "
+        "this many steps of 8 texts) on benign prose and on other people's PII documents, then "
+        "attacked again (~4 min per kind on a 135M model); 0: not run. null: 100 for an export "
+        "whose weights changed (distilled, plain, an unlearning method), 0 for a remote-code "
+        "export (whoever can tune its weights has the base's already: see its white-box row).",
     )
     memorisation_docs: int = Field(
         40,
@@ -340,17 +336,27 @@ class Recipe(Section):
                 data = {**data, "intervention": {**(iv or {}), "patch": [*modes, "plain"]}}
         return data
 
+    @property
+    def relearn_steps(self) -> int:
+        """The relearning attack's budget (`eval.relearn_steps`, or its default for this export:
+        none for a remote-code one, whose white-box row already holds the base's leakage)."""
+        if self.eval.relearn_steps is not None:
+            return self.eval.relearn_steps
+        remote = self.method.name == "scalpel" and self.export.mode == "remote_code"
+        return 0 if remote else DEFAULT_RELEARN_STEPS
+
     @model_validator(mode="after")
     def _exportable_candidates(self) -> "Recipe":
         modes = self.intervention.patch
-        if self.export.mode == "plain" and self.export.dtype is not None:
+        if self.export.mode != "remote_code" and self.export.dtype is not None:
             raise ValueError(
-                "export.dtype applies to remote-code exports; a plain export edits the base's "
-                "weight files in place and keeps their dtype: remove export.dtype"
+                f"export.dtype applies to remote-code exports; a {self.export.mode} export keeps "
+                "the base's dtype: remove export.dtype"
             )
-        if self.export.mode == "remote_code" and set(modes) == {"plain"}:
+        if self.export.mode != "plain" and set(modes) == {"plain"}:
             raise ValueError(
-                "intervention.patch lists only plain candidates, which a remote-code export does "
-                "not carry: set export.mode: plain, or add exact or folded to intervention.patch"
+                f"intervention.patch lists only plain candidates, which a {self.export.mode} "
+                "export does not carry (a distilled export learns a remote-code patch): set "
+                "export.mode: plain, or add exact or folded to intervention.patch"
             )
         return self

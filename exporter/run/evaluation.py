@@ -19,6 +19,9 @@ from ..evaluate.utility import reference
 from ..models import cast_copy, load_checkpoint, resolve_local_path, spec_for
 from ..patch import applied
 from ..recipe import EvalSection
+from ..relearn import KINDS as RELEARN_KINDS
+from ..relearn import Budget, relearned, relearning_texts
+from ..threat import RELEARNED
 from .context import RunContext
 
 # the base's log-probs are kept when they fit: each variant's KL takes one pass
@@ -29,7 +32,7 @@ REFERENCE_BYTES = 2 << 30
 class Variant:
     """One model the final evaluation measures: the base itself (neither given), the base with
     `patch` attached in-process at the evaluation's layer, or another `model` (an edited copy, a
-    loaded export)."""
+    loaded export), with `patch` attached to it when given."""
 
     name: str
     patch: Optional[object] = None
@@ -118,6 +121,9 @@ def evaluate_variants(
     for v in variants:
         if v.model is not None:
             attacker, on_base, on_attacker = cast_copy(v.model, ev.dtype), None, None
+            if v.patch is not None:  # another model with the patch inserted, as an export loads
+                on_base = partial(applied, v.model, layer, v.patch)
+                on_attacker = partial(applied, attacker, layer, v.patch)
         else:
             shared = shared if shared is not None else cast_copy(base, ev.dtype)
             attacker, on_base, on_attacker = shared, None, None
@@ -136,6 +142,29 @@ def evaluate_variants(
                 )  # fmt: skip
         ctx.log(f"final evaluation: {v.name} done")
     return out
+
+
+def relearned_variants(
+    recipe, inputs, model, tokenizer, ctx: RunContext, *, layer=None, patch=None
+) -> list[Variant]:
+    """The relearning attack on `model` (with `patch` inserted at `layer`, as a remote-code export
+    runs): one variant per kind of text, each tuned within the same budget
+    (`relearn_steps`)."""
+    steps = recipe.relearn_steps
+    if not steps:
+        return []
+    budget = Budget(steps=steps, seed=recipe.data.seed)
+    found = []
+    for kind, label in RELEARN_KINDS.items():
+        texts = relearning_texts(
+            kind, inputs.benign_path, steps * budget.batch_size, recipe.data.seed
+        )
+        ctx.log(f"relearning attack: {steps} LoRA steps on {label}")
+        tuned = relearned(
+            model, tokenizer, texts, budget, layer=layer, patch=patch, progress=ctx.progress
+        )
+        found.append(Variant(f"{RELEARNED} {label}", patch, tuned))
+    return found
 
 
 def _people_groups(people_path: Path, groups: Optional[list[str]]) -> dict:

@@ -14,6 +14,7 @@ import transformers
 from ..cache import atomic_dir, content_key
 from ..card import base_metadata, render_card
 from ..data.detectors import redact_text
+from ..distill import write_distilled
 from ..evaluate.user_path import merge, user_path_rows
 from ..method_card import render_method_card
 from ..patch import agreement
@@ -22,7 +23,7 @@ from ..patch.export import write_export
 from ..patch.plain import PlainExportError, write_plain
 from .context import RunContext
 from .inputs import heldout_activations
-from .stage import EVALUATE, FEATURES, PROBE, SAE, SEARCH
+from .stage import DISTILL, EVALUATE, FEATURES, PROBE, SAE, SEARCH
 
 
 @dataclass
@@ -89,11 +90,14 @@ class _Extras:
         sources = {
             "probe.png": PROBE.folder(work) / "probe.png",
             "front.png": SEARCH.folder(work) / "front.png",
+            "distill.png": DISTILL.folder(work) / "curve.png",
         }
         return {
             f"plots/{name}": src
             for name, src in sources.items()
-            if src.exists() and ("search" in self.report or name == "probe.png")
+            if src.exists()
+            and ("search" in self.report or name == "probe.png")
+            and ("distill" in self.report or name != "distill.png")
         }
 
     def __call__(self, folder: Path) -> dict:
@@ -132,11 +136,16 @@ def write_patched(
     *,
     extra: Optional[dict] = None,
     user_path_key: Optional[str] = None,
+    student: Optional[tuple] = None,
 ) -> dict:
     """Write the export of candidate `cand` (its built `patch`), with folded vs exact measured for a
     folded one; with `user_path_key` (a final evaluation in `extra`), add the user's-path rows
-    measured on the export itself."""
+    measured on the export itself. `student`: (the model the patch was distilled into, its summary)
+    for a distilled export."""
     report = _report(prep, cand, patch, recipe, ctx, extra)
+    report["export"] = str(recipe.export.mode)
+    if student is not None:
+        report["distill"] = {k: v for k, v in student[1].items() if k != "curve"}
     files = _Extras(prep, recipe, recipe_text, report, ctx, user_path_key)
     meta = {
         "alpha": cand.alpha,
@@ -145,7 +154,16 @@ def write_patched(
         "sae_norm_scale": float(prep.sae.norm_scale),
         "mean_norm": prep.features.mean_norm,
     }
-    if cand.mode is Mode.PLAIN:
+    if student is not None:
+        write_distilled(
+            student[0],
+            prep.loaded.tokenizer,
+            out,
+            meta={**meta, "layer": prep.layer, "teacher": cand.label, **report["distill"]},
+            files=files,
+            overwrite=ctx.overwrite,
+        )
+    elif cand.mode is Mode.PLAIN:
         if not prep.loaded.path:
             raise PlainExportError(
                 f"a plain export edits the base's safetensors files, and {prep.loaded.source} has "

@@ -16,7 +16,8 @@ from ..patch import GateBank, applied
 from ..patch.candidate import Candidate, ExportKind, Mode, control_for, patch_for
 from .analysis import features_stage, probe_stage, sae_stage
 from .context import RunContext
-from .evaluation import Variant, evaluate_variants, recipe_setting
+from .distilled import distill_key, distilled_model
+from .evaluation import Variant, evaluate_variants, recipe_setting, relearned_variants
 from .export import ExportResult, write_patched
 from .inputs import Inputs, calibration_activations, check_attacks_fit, resolve_inputs
 from .search import plain_key, search_stage
@@ -61,11 +62,13 @@ def final_evaluation(
     cand: Candidate,
     patch,
     ctx: RunContext,
-    variants: tuple[str, ...] = ("base", "patched", "control"),
+    variants: tuple[str, ...] = ("base", "patched", "control", "relearned"),
 ) -> dict:
     """The leaky base, the chosen `patch` and its control (random latents matched on firing
     frequency plus a random direction of the steering vector's norm) on **test** and never-seen
-    people, with utility."""
+    people, with utility. For a distilled export, `patched` and `control` are the two patches learnt
+    into the weights (loaded as they are, no patch: what anyone with the files has) and the patch
+    itself is the `teacher`."""
     control, n_control = control_for(
         prep.sae,
         prep.features,
@@ -75,17 +78,36 @@ def final_evaluation(
         recipe.data.seed,
         recipe.intervention.plain_from,
     )
-    wanted = [Variant("base"), Variant("patched", patch), Variant("control", control)]
-    setting = recipe_setting(recipe, prep.inputs, prep.loaded.tokenizer)
+    if recipe.export.mode == ExportKind.DISTILLED:
+        student, summary = distilled_model(recipe, prep, cand, patch, ctx)
+        control_student, control_summary = distilled_model(
+            recipe, prep, cand, control, ctx, control=True
+        )
+        wanted = [
+            Variant("base"),
+            Variant("teacher", patch),
+            Variant("patched", model=student),
+            Variant("control", model=control_student),
+        ]
+        attacked = {"model": student}
+    else:
+        wanted = [Variant("base"), Variant("patched", patch), Variant("control", control)]
+        attacked = {"model": prep.loaded.model, "layer": prep.layer, "patch": patch}
+    tok = prep.loaded.tokenizer
+    if "relearned" in variants:
+        wanted += relearned_variants(recipe, prep.inputs, tokenizer=tok, ctx=ctx, **attacked)
+    setting = recipe_setting(recipe, prep.inputs, tok)
     out = evaluate_variants(
         prep.loaded.model,
-        prep.loaded.tokenizer,
-        [v for v in wanted if v.name in variants],
+        tok,
+        [v for v in wanted if v.name.split()[0] in variants or v.name == "teacher"],
         setting,
         layer=prep.layer,
         ctx=ctx,
     )
     out["control_latents"] = n_control
+    if recipe.export.mode == ExportKind.DISTILLED:
+        out["distill"] = {"patched": summary, "control": control_summary}
     return out
 
 
@@ -101,6 +123,7 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
         recipe.eval.model_dump(),
         recipe.data.seed,
         *plain_key(cand.mode, recipe),
+        *distill_key(recipe),
     )
     folder = EVALUATE.cached(ctx.work, key)
     if folder:
@@ -110,6 +133,9 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
         final = final_evaluation(recipe, prep, cand, patch, ctx)
         with EVALUATE.saving(ctx.work, key) as tmp:
             (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
+    student = None
+    if recipe.export.mode == ExportKind.DISTILLED:  # cached by the final evaluation
+        student = distilled_model(recipe, prep, cand, patch, ctx)
     report = write_patched(
         prep,
         recipe,
@@ -120,6 +146,7 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
         ctx,
         extra={"search": search, "evaluation": final},
         user_path_key=key,
+        student=student,
     )
     return ExportResult(Path(out), report)
 

@@ -87,6 +87,13 @@ FEATURES = Stage(
 SEARCH = Stage(
     "search", 4, (), "candidates scored on validation people and values (one cached score each)"
 )
+DISTILL = Stage(
+    "distill",
+    1,
+    ("student.safetensors", "distill.json", "curve.png"),
+    "the chosen patch and its control learnt into the weights (export.mode: distilled)",
+    scratch=("distill-control",),
+)
 EVALUATE = Stage("evaluate", 3, ("evaluation.json",), "final evaluation on test people")
 METHOD = Stage(
     "method",
@@ -99,7 +106,16 @@ METHOD_EVALUATE = Stage(
     "method-evaluate", 2, ("evaluation.json",), "the method's final evaluation", per_method=True
 )
 
-STAGES: tuple[Stage, ...] = (PROBE, SAE, FEATURES, SEARCH, EVALUATE, METHOD, METHOD_EVALUATE)
+STAGES: tuple[Stage, ...] = (
+    PROBE,
+    SAE,
+    FEATURES,
+    SEARCH,
+    DISTILL,
+    EVALUATE,
+    METHOD,
+    METHOD_EVALUATE,
+)
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 

@@ -23,7 +23,7 @@ from ..methods.depn import neuron_count, zero_neuron
 from ..models import architecture_of, cast_copy, load_model
 from .analysis import probe_stage
 from .context import RunContext
-from .evaluation import Variant, evaluate_variants, recipe_setting
+from .evaluation import Variant, evaluate_variants, recipe_setting, relearned_variants
 from .export import ExportResult, write_method_export
 from .inputs import Inputs, check_attacks_fit, resolve_inputs
 from .search import collapse_limit, search_prompts
@@ -173,6 +173,7 @@ def final_evaluation(
     variants = [Variant("base"), Variant("patched", model=edited)]
     if control_model is not None:
         variants.append(Variant("control", model=control_model))
+    variants += relearned_variants(recipe, inputs, edited, tok, ctx)
     return evaluate_variants(base, tok, variants, recipe_setting(recipe, inputs, tok), ctx=ctx)
 
 

@@ -1,0 +1,61 @@
+"""The card's "How it works" for an export whose weights were changed: a patch distilled into
+them, or its directions projected out of them."""
+
+from __future__ import annotations
+
+
+def plain_section(report: dict, sae: dict) -> str:
+    steer = (
+        f" plus `s`, the steering vector (alpha = {report['alpha']:g} of the layer's mean norm), "
+        f"carried as the bias of layer {report['layer']}'s MLP output projection"
+        if report["alpha"]
+        else ""
+    )
+    return (
+        f"At layer {report['layer']} a TopK sparse autoencoder (k = "
+        f"{sae.get('k', report.get('k', '?'))}, held-out FVU {sae.get('fvu', float('nan')):.3f}) "
+        f"found the |A| = {report['ablate_n']} latents most active on personal data (rule "
+        f"`{report['rule']}`, score `{report['score']}`). Their decoder directions span a subspace "
+        f"that is projected out of {_projected_writers(report)}{steer}. Unlike the remote-code "
+        "patch, which removes each latent's contribution only where it fires, this acts on every "
+        "token: its own evaluation above is what counts."
+    )
+
+
+def distilled_section(report: dict, sae: dict) -> str:
+    d, cfg = report["distill"], report["distill"]["settings"]
+    held = d["heldout"].get("pii")
+    measured = (
+        f" On held-out test documents the layer-{report['layer']} output's squared distance to "
+        f"the patched model's (relative to its squared norm) fell from {held['base']:.4f} for the "
+        f"base to {held['student']:.4f}."
+        if held
+        else ""
+    )
+    return (
+        f"The teacher is the remote-code patch chosen on validation people (|A| = "
+        f"{report['ablate_n']} latents of a TopK SAE with k = {sae.get('k', report.get('k', '?'))} "
+        f"at layer {report['layer']}, steering alpha = {report['alpha']:g}, mode "
+        f"`{report['mode']}`). LoRA adapters (rank {cfg['rank']}) on every linear map of layers "
+        f"0 to {report['layer']} were trained for {cfg['steps']} steps so that the layer-"
+        f"{report['layer']} output matches the patched one on {cfg['documents']} PII documents"
+        + (" and the attack templates written out for their people" if cfg["templates"] else "")
+        + ", and the base's on as much benign prose, then merged into the weights."
+        + measured
+        + " The `control` column is the same distillation with the control patch as teacher."
+    )
+
+
+def _projected_writers(report: dict) -> str:
+    first, layer = report.get("plain_from", 0), report["layer"]
+    if first == 0:
+        return (
+            "the token embeddings and of every attention and MLP output projection (weights and "
+            f"biases) of layers 0 to {layer}, so what layer {layer} hands on is `(I - P_A) h`"
+        )
+    return (
+        f"every attention and MLP output projection (weights and biases) of layers {first} to "
+        f"{layer}; what the embeddings and layers before {first} write along it is kept, so layer "
+        f"{layer} hands on `h - P_A (h - h_{first - 1})`, with `h_{first - 1}` the stream entering "
+        f"layer {first}"
+    )

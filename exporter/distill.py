@@ -1,0 +1,278 @@
+"""Distillation of a patch into the model's own weights: the patched model is the teacher, the
+student is the base with LoRA adapters on every linear map of decoder layers 0..l, trained so that
+its layer-l output matches the teacher's (squared error per real token relative to the target's
+squared norm, the attention sink excluded; only layers 0..l run, no LM head) on PII text and benign
+prose, then merged into the weights.
+
+The result is the base's own architecture with some weights changed: it loads anywhere, and unlike a
+remote-code export its files no longer hold what the patch hides. The teacher's layer-l outputs are
+computed once, before the adapters go in (one model in memory, not two).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .activations import kept_positions, layer_outputs
+from .cache import atomic_dir
+from .lm import padding_side
+from .models import architecture_of
+from .patch import applied
+from .patch.checkpoint_files import Files, write_files
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    steps: int = 300
+    lr: float = 1e-3
+    rank: int = 16
+    batch_size: int = 8
+    max_length: int = 128
+    benign_weight: float = 2.0  # the benign batch's weight in each step's loss
+    seed: int = 0
+    # the student's forward and backward: bfloat16 autocast (on SmolLM2 here about 1.0 s a step
+    # against 1.4 in float32); the adapters, the teacher's targets and the merge stay float32
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class Distilled:
+    """The merged student and how it got there."""
+
+    model: nn.Module
+    curve: list[dict]  # per step: {"step", "pii", "benign"}: the training loss of each batch
+    # {"pii"|"benign": {"base": base→teacher, "student": student→teacher, "student_vs_base"}}, each
+    # a squared distance relative to the base's squared norm on that text
+    heldout: dict
+    changed: list[str]  # names of the weights the merge changed
+    seconds: float
+    tokens: int  # tokens the student trained on (steps x both batches)
+    adapter_parameters: int = 0  # what was trained: the rank-r factors (each merged matrix changes)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def fixed_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> list[Batch]:
+    """Right-padded (ids, mask) batches of `texts` in length order (little padding); the order the
+    student sees them in is shuffled later, per pass."""
+    if not texts:
+        return []
+    with padding_side(tokenizer, "right"):
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for start in range(0, len(order), batch_size):
+        rows = [enc["input_ids"][i] for i in order[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+            mask[j, : len(r)] = 1
+        out.append((ids, mask))
+    return out
+
+
+def outputs(model, layer: int, batches: Sequence[Batch], patch=None) -> list[torch.Tensor]:
+    """Layer `layer`'s output on each batch (float32, on the CPU), with `patch` applied if given."""
+    model.eval()
+    found = []
+    with applied(model, layer, patch) if patch is not None else nullcontext():
+        for ids, mask in batches:
+            h = layer_outputs(model, ids, mask, [layer])[layer]
+            found.append(h.float().cpu())
+    return found
+
+
+def masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared error per kept token (real tokens, position 0 excluded) relative to the target's
+    squared norm, averaged: scale-free, so a token of outlying norm (a second attention sink) weighs
+    what any other token weighs instead of the whole batch."""
+    keep = kept_positions(mask).to(h.device)
+    t = target.to(h.device)[keep]
+    err = ((h[keep].float() - t) ** 2).sum(-1)
+    return (err / (t**2).sum(-1).clamp_min(1e-6)).mean()
+
+
+def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], base, batches) -> float:
+    """Mean squared distance of `a` from `b` per kept token of `batches`, relative to the mean
+    squared norm of `base` there (one denominator for every comparison of the same text)."""
+    err, norm = 0.0, 0.0
+    for x, y, z, (_, mask) in zip(a, b, base, batches):
+        keep = kept_positions(mask)
+        err += float(((x[keep] - y[keep]) ** 2).sum())
+        norm += float((z[keep] ** 2).sum())
+    return err / max(norm, 1e-12)
+
+
+def adapted_modules(model, upto: int) -> list[str]:
+    """Every linear map (nn.Linear, GPT-2's Conv1D) of decoder layers 0..`upto`, by full name."""
+    from transformers.pytorch_utils import Conv1D
+
+    arch = architecture_of(model)
+    prefixes = tuple(f"{arch.layers}.{i}." for i in range(upto + 1))
+    return [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(prefixes) and isinstance(module, (nn.Linear, Conv1D))
+    ]
+
+
+def with_adapters(model, names: list[str], rank: int, seed: int):
+    """The model wrapped by peft with rank-`rank` LoRA adapters on the modules `names`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    conv = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
+    torch.manual_seed(seed)  # the adapters' initialisation
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=names,
+        lora_dropout=0.0,
+        fan_in_fan_out=conv,
+    )
+    return get_peft_model(model, config)
+
+
+def passes(n: int, seed: int):
+    """Endless indices 0..n-1, reshuffled every pass (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=gen).tolist()
+
+
+def train_student(
+    model, layer: int, pii: list[Batch], pii_targets, benign: list[Batch], benign_targets,
+    cfg: DistillConfig, progress: bool = True,
+) -> tuple[nn.Module, list[dict], int, int]:  # fmt: skip
+    """Train LoRA adapters on layers 0..`layer` towards the targets; return the merged model, the
+    loss curve, the tokens trained on and the adapters' parameter count."""
+    net = with_adapters(model, adapted_modules(model, layer), cfg.rank, cfg.seed)
+    params = [p for p in net.parameters() if p.requires_grad]
+    adapter = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(cfg.steps, 1))
+    pii_order, benign_order = passes(len(pii), cfg.seed), passes(len(benign), cfg.seed + 1)
+    curve, tokens = [], 0
+    device = next(model.parameters()).device.type
+    cast = (
+        partial(torch.autocast, device, dtype=torch.bfloat16)
+        if cfg.dtype == "bfloat16"
+        else nullcontext
+    )
+    net.train()
+    bar = tqdm(range(cfg.steps), desc="distil", disable=not progress)
+    try:
+        for step in bar:
+            i, j = next(pii_order), next(benign_order)
+            with cast():
+                h = layer_outputs(model, *pii[i], [layer], grad=True)[layer]
+            pii_loss = masked_mse(h, pii_targets[i], pii[i][1])
+            loss = pii_loss
+            benign_loss = torch.zeros(())
+            if benign and cfg.benign_weight > 0:
+                with cast():
+                    h = layer_outputs(model, *benign[j], [layer], grad=True)[layer]
+                benign_loss = masked_mse(h, benign_targets[j], benign[j][1])
+                loss = loss + cfg.benign_weight * benign_loss
+                tokens += int(benign[j][1].sum())
+            tokens += int(pii[i][1].sum())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            curve.append({"step": step + 1, "pii": pii_loss.item(), "benign": benign_loss.item()})
+            bar.set_postfix(pii=f"{pii_loss.item():.3g}", benign=f"{benign_loss.item():.3g}")
+    finally:
+        bar.close()
+    merged = net.merge_and_unload()
+    merged.eval()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return merged, curve, tokens, adapter
+
+
+def distil(
+    model,
+    tokenizer,
+    layer: int,
+    patch,
+    pii_texts: Sequence[str],
+    benign_texts: Sequence[str],
+    cfg: DistillConfig = DistillConfig(),
+    *,
+    heldout_pii: Sequence[str] = (),
+    heldout_benign: Sequence[str] = (),
+    progress: bool = True,
+) -> Distilled:
+    """Distil `patch` (at decoder layer `layer`) into `model`'s weights, in place: teacher
+    targets on the PII and benign texts, LoRA on layers 0..`layer` trained towards them, merged.
+    The held-out texts measure how far the student's layer-`layer` output is from the teacher's,
+    before (the base) and after."""
+    if not pii_texts:
+        raise ValueError(
+            "distillation needs PII text to learn the patch on: the recipe's PII documents are "
+            "empty"
+        )
+    started = time.perf_counter()
+    sets = {
+        "pii": fixed_batches(tokenizer, pii_texts, cfg.batch_size, cfg.max_length),
+        "benign": fixed_batches(tokenizer, benign_texts, cfg.batch_size, cfg.max_length),
+        "heldout_pii": fixed_batches(tokenizer, heldout_pii, cfg.batch_size, cfg.max_length),
+        "heldout_benign": fixed_batches(tokenizer, heldout_benign, cfg.batch_size, cfg.max_length),
+    }
+    teacher = {k: outputs(model, layer, b, patch) for k, b in sets.items()}
+    base = {k: outputs(model, layer, sets[k]) for k in ("heldout_pii", "heldout_benign")}
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merged, curve, tokens, adapter = train_student(
+        model, layer, sets["pii"], teacher["pii"], sets["benign"], teacher["benign"], cfg,
+        progress,
+    )  # fmt: skip
+    heldout = {}
+    for name in ("pii", "benign"):
+        k = f"heldout_{name}"
+        b = sets[k]
+        if b:
+            student = outputs(merged, layer, b)
+            heldout[name] = {
+                "base": relative_error(base[k], teacher[k], base[k], b),
+                "student": relative_error(student, teacher[k], base[k], b),
+                "student_vs_base": relative_error(student, base[k], base[k], b),
+                "tokens": int(sum(int(kept_positions(m).sum()) for _, m in b)),
+            }
+    params = dict(merged.named_parameters())
+    changed = [n for n, t in originals.items() if n in params and not torch.equal(params[n], t)]
+    seconds = round(time.perf_counter() - started, 1)
+    return Distilled(merged, curve, heldout, changed, seconds, tokens, adapter)
+
+
+def write_distilled(
+    model, tokenizer, out: Path, *, meta: dict, files: Files = None, overwrite: bool = False
+) -> Path:
+    """The distilled model as a stock checkpoint of its own `model_type` (no remote code, no
+    `auto_map`), with `meta` under `scalpel_distilled` in its config, written atomically."""
+    config = model.config
+    for key in ("auto_map", "scalpel_patch"):
+        if hasattr(config, key):
+            delattr(config, key)
+    config.scalpel_distilled = meta
+    try:
+        with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_files(tmp, files)
+    finally:
+        del config.scalpel_distilled
+    return Path(out)

@@ -1,0 +1,58 @@
+"""The recipe's export section: what is written, and how a distilled export learns the patch."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from .base import Section
+
+
+class DistillSection(Section):
+    """How a distilled export learns the chosen patch (export.mode: distilled): LoRA adapters on
+    decoder layers 0..l trained so that the layer-l output matches the patched model's, merged."""
+
+    documents: Literal["all", "validation"] = Field(
+        "all",
+        description="The PII text the student learns on: every PII document of the recipe (what a "
+        "user deploys; the weight-editing methods learn from all of them too) or only the "
+        "validation people's (the patch's own information; a fair comparison with the patch).",
+    )
+    templates: bool = Field(
+        True,
+        description="Also the attack templates written out with those people's own addresses, so "
+        "the student sees the contexts an extraction prompt creates.",
+    )
+    steps: int = Field(300, ge=1, description="Training steps (one PII and one benign batch each).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the adapters (linear decay).")
+    rank: int = Field(16, ge=1, description="LoRA rank.")
+    batch_size: int = Field(8, ge=1, description="Texts per batch.")
+    max_length: int = Field(128, ge=8, description="Tokens per text (longer ones are cut).")
+    benign_weight: float = Field(
+        2.0, ge=0, description="Weight of the benign batch's loss: keeps prose at the base's."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "bfloat16",
+        description="The student's forward and backward (autocast); the targets, the adapters and "
+        "the merge stay float32.",
+    )
+
+
+class ExportSection(Section):
+    """What is written."""
+
+    mode: Literal["remote_code", "plain", "distilled"] = Field(
+        "remote_code",
+        description="remote_code: the patch as a module (auto_map, trust_remote_code), the base "
+        "weights unchanged inside; distilled: the base's own type with the chosen patch learnt "
+        "into its weights (loads anywhere, and its files no longer hold what the patch hides); "
+        "plain: the base's own type with the patch's directions projected out of its weights.",
+    )
+    save_sae: bool = Field(
+        True, description="Ship the SAE (SAELens format) in the export's sae/ folder."
+    )
+    dtype: Optional[Literal["float32", "bfloat16"]] = Field(
+        None, description="Cast a remote-code export's base weights; null: keep the base's."
+    )
+    distill: DistillSection = DistillSection()

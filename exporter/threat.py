@@ -1,0 +1,102 @@
+"""The threat model an export answers: each threat with the row measured for it, for every kind of
+export (remote-code patch, weights edited by distillation, projection or an unlearning method)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .evaluate.summary import markdown_table
+
+USER_PATH_DECODING = "fresh process"
+PREFIX_DECODING = "document prefix"
+ADVERSARIAL_DECODING = "adversarial"
+RELEARNED = "relearned on"  # the name of a variant fine-tuned by the relearning attack starts so
+
+
+def _worst(rows: Sequence[dict], keep) -> Optional[tuple[float, float]]:
+    """(exact, username) worst over the test people's email rows that `keep` accepts."""
+    found = [r for r in rows if r["group"] == "test" and r["pii_type"] == "email" and keep(r)]
+    if not found:
+        return None
+    return max(r["exact"] for r in found), max(r["username"] for r in found)
+
+
+def _cell(rate: Optional[tuple[float, float]]) -> str:
+    return "-" if rate is None else f"{100 * rate[0]:.0f}% / {100 * rate[1]:.0f}%"
+
+
+FAMILIES = (
+    (
+        "prompts: templates, few-shot, sampling",
+        lambda r: not any(
+            d in r["decoding"] for d in (PREFIX_DECODING, USER_PATH_DECODING, ADVERSARIAL_DECODING)
+        ),
+    ),
+    (
+        "adversarial prompts: paraphrases, formats, prefix, x32",
+        lambda r: ADVERSARIAL_DECODING in r["decoding"],
+    ),
+    ("the corpus's own text before each value", lambda r: PREFIX_DECODING in r["decoding"]),
+    (
+        "the user's path: a fresh process, stock transformers",
+        lambda r: USER_PATH_DECODING in r["decoding"],
+    ),
+)  # fmt: skip
+
+
+def threat_rows(evaluation: dict, remote: bool) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per threat, the test people's worst exact / username rate for the leaky
+    base and for this export. For a remote-code export the weights-access row is the base's: its
+    files hold the base's tensors byte for byte, and loading them without the patch gives the base
+    back."""
+    base, export = evaluation["base"]["leakage"], evaluation["patched"]["leakage"]
+    rows = []
+    for label, keep in FAMILIES:
+        if _worst(base, keep) is not None:
+            rows.append(
+                [f"black-box, {label}", _cell(_worst(base, keep)), _cell(_worst(export, keep))]
+            )
+    every = lambda r: True  # noqa: E731
+    weights = _worst(base if remote else export, every)
+    rows.append(
+        [
+            "white-box: the weights loaded with no patch, every attack above",
+            _cell(_worst(base, every)),
+            _cell(weights) + (" (the base's weights, inside)" if remote else ""),
+        ]
+    )
+    relearn = [v for v in evaluation if v.startswith(RELEARNED)]
+    for name in relearn:
+        rows.append(
+            [
+                f"relearning: the export {name}, every attack above",
+                "-",
+                _cell(_worst(evaluation[name]["leakage"], every)),
+            ]
+        )
+    if not relearn:
+        rows.append(["relearning: a short fine-tune of the export", "-", "not measured"])
+    return ["threat (test people, email exact / username)", "leaky base", "this export"], rows
+
+
+def threat_section(evaluation: Optional[dict], remote: bool) -> list[str]:
+    """The card's threat-model section: what the export protects against, with its measured rows."""
+    if remote:
+        says = (
+            "This export protects people in the data from anyone who can **only prompt** the model "
+            "(an API, a chat app): the patch runs inside the model on every token. It does **not** "
+            "protect them from anyone who has these files: the base weights inside are the leaky "
+            "base's, byte for byte, and loading them without the patch gives every memorised "
+            "address back. Share it only where its users cannot read its weights, or export it "
+            "distilled (`export.mode: distilled`), which changes the weights themselves."
+        )
+    else:
+        says = (
+            "This export's own weights were changed: there is no patch to remove, so what the "
+            "attacks below found is what anyone with the files finds. A short fine-tune may bring "
+            "some of the data back (relearning); see its row."
+        )
+    parts = ["## Threat model", "", says, ""]
+    if evaluation and "patched" in evaluation:
+        parts += [markdown_table(*threat_rows(evaluation, remote)), ""]
+    return parts

@@ -1,0 +1,125 @@
+"""Distillation of a patch into the weights: the student's layer-l output moves to the teacher's on
+held-out PII text and stays at the base's on benign text; the merged model is a stock checkpoint."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from exporter.data.corpus import benign_texts
+from exporter.data.synthetic import SyntheticConfig, make_corpus
+from exporter.distill import DistillConfig, distil, fixed_batches, outputs, write_distilled
+from exporter.patch import build_patch, fit_context_gate
+from exporter.sae import TopKSAE
+
+LAYER = 1
+CFG = DistillConfig(steps=300, lr=3e-3, rank=8, batch_size=8, max_length=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    docs, _ = make_corpus(SyntheticConfig(n_memorised=30, n_never_seen=5, seed=1))
+    pii = [d.text for d in docs]
+    benign = benign_texts(split="train")
+    held = [t for t in benign_texts(split="heldout") if not any(c.isdigit() or c == "@" for c in t)]
+    benign = [t for t in benign if not any(c.isdigit() or c == "@" for c in t)]
+    return {
+        "pii": pii[:80],
+        "benign": benign[:80],
+        "held_pii": pii[80:112],
+        "held_benign": held[:32],
+    }
+
+
+def _gated_patch(model, tok, texts, seed: int = 0):
+    """A patch (ablation + steering) behind a context gate fitted (logistic regression on the
+    layer-l output, as the real gate is) to open on the tokens of addresses and numbers."""
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(d, 4 * d, 4)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(4 * d, d, generator=g), dim=-1))
+        sae.W_enc.copy_(sae.W_dec)
+    marked = torch.tensor(
+        [i for i in range(len(tok)) if any(c.isdigit() or c == "@" for c in tok.decode([i]))]
+    )
+    found, positive = {}, []
+    for name in ("pii", "benign"):
+        batches = fixed_batches(tok, texts[name], 8, 64)
+        for o, (ids, m) in zip(outputs(model, LAYER, batches), batches):
+            found.setdefault(name, []).append(o[m.bool()])
+            positive.append(torch.isin(ids[m.bool()], marked))
+        found[name] = torch.cat(found[name])
+    x = torch.cat([found["pii"], found["benign"]])
+    positive = torch.cat(positive)
+    w, b = fit_context_gate(x, positive, recall=0.9)
+    steer = torch.randn(d, generator=g) * float(found["pii"].norm(dim=-1).mean()) * 0.2
+    return build_patch(sae, list(range(0, 4 * d, 4)), steer, mode="exact", context=(w, b))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2", "gpt2", "olmo2"])
+def test_distilled_student_learns_the_patch_and_loads_stock(
+    model_type, tiny_tokenizer, texts, tmp_path
+):
+    tok = tiny_tokenizer
+    model = tiny_model(model_type, vocab_size=len(tok))
+    patch = _gated_patch(model, tok, texts)
+    probe = tok(texts["held_pii"][:2], return_tensors="pt", padding=True)["input_ids"]
+    got = distil(
+        model, tok, LAYER, patch, texts["pii"], texts["benign"], CFG,
+        heldout_pii=texts["held_pii"], heldout_benign=texts["held_benign"], progress=False,
+    )  # fmt: skip
+    pii, benign = got.heldout["pii"], got.heldout["benign"]
+    # held-out PII text: the student is far closer to the teacher than the base was
+    assert pii["student"] < pii["base"] / 3, pii
+    # benign text: the student moves no further from the base than the teacher does there (the
+    # tiny model's gate opens on some prose, the real one's hardly any)
+    assert benign["student_vs_base"] <= benign["base"], (benign, pii)
+    assert got.changed and all(f".{LAYER + 1}." not in n for n in got.changed)
+    first, last = ([c["pii"] for c in got.curve[s]] for s in (slice(0, 20), slice(-20, None)))
+    assert sum(last) < 0.8 * sum(first)
+
+    out = write_distilled(got.model, tok, tmp_path / "export", meta={"layer": LAYER})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == model_type and "auto_map" not in cfg
+    assert cfg["scalpel_distilled"] == {"layer": LAYER}
+    with torch.no_grad():
+        want = got.model(input_ids=probe).logits
+    torch.save(probe, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)\n"
+        "assert not info['missing_keys'] and not info['unexpected_keys'], info\n"
+        "ids = torch.load(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    torch.save(m(input_ids=ids).logits, sys.argv[3])\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
+        check=True,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "l.pt"), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fixed_seed_repeats_the_distillation(tiny_tokenizer, texts):
+    tok = tiny_tokenizer
+    runs = []
+    for _ in range(2):
+        model = tiny_model("llama", vocab_size=len(tok))
+        cfg = DistillConfig(steps=20, rank=4, batch_size=8, max_length=64, seed=5)
+        got = distil(model, tok, LAYER, _gated_patch(model, tok, texts), texts["pii"][:32],
+                     texts["benign"][:32], cfg, progress=False)  # fmt: skip
+        runs.append(({n: p.clone() for n, p in got.model.named_parameters()}, got.curve))
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(runs[0][0][n], runs[1][0][n]) for n in runs[0][0])
+
+
+def test_distillation_without_pii_text_is_refused(tiny_tokenizer):
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    patch = build_patch(TopKSAE(32, 64, 4), [1, 2], mode="exact")
+    with pytest.raises(ValueError, match="needs PII text"):
+        distil(model, tiny_tokenizer, LAYER, patch, [], ["some prose"], progress=False)

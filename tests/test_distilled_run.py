@@ -1,0 +1,105 @@
+"""export.mode distilled end to end on a tiny Llama: the chosen remote-code patch is learnt into the
+weights, evaluated as the weights alone beside its teacher and its control, and written as a stock
+checkpoint whose card states the threat model; a remote-code export's own weights are the base's."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import TINY_RECIPE
+
+from exporter.recipe import load_recipe
+from exporter.run.context import RunContext
+from exporter.run.methods import run_recipe
+
+DISTILLED = """
+intervention: {ablate_n: [2, 6], alpha: [0.1], leakage_target: 1.0}
+eval: {max_new_tokens: 6, few_shot: 1, samples: 0, adversarial: false, user_path: false,
+       relearn_steps: 6}
+export: {mode: distilled, distill: {steps: 12, batch_size: 4, max_length: 48}}
+"""
+
+
+def test_distilled_run_writes_a_stock_checkpoint_with_its_threat_model(ws):
+    from transformers import AutoModelForCausalLM
+
+    (ws / "recipe.yaml").write_text(TINY_RECIPE + DISTILLED)
+    recipe = load_recipe(ws / "recipe.yaml")
+    logs = []
+    out, work = ws / "out", ws / "work"
+    result = run_recipe(recipe, "recipe", out, RunContext(work, False, False, logs.append))
+    report = result.report
+    assert report["export"] == "distilled" and report["mode"] in ("exact", "folded")
+    evaluation = report["evaluation"]
+    relearned = {"relearned on benign prose", "relearned on other people's PII documents"}
+    assert {"base", "teacher", "patched", "control"} | relearned <= set(evaluation)
+    summary = evaluation["distill"]["patched"]
+    assert summary["settings"]["steps"] == 12 and len(summary["curve"]) == 12
+    assert summary["changed_tensors"] > 0 and "curve" not in report["distill"]
+    assert (work / "distill" / "curve.png").exists()
+    assert (work / "distill-control" / "student.safetensors").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config
+    assert config["scalpel_distilled"]["layer"] == report["layer"]
+    assert not list(out.glob("*.py"))
+    card = (out / "README.md").read_text()
+    assert "## Threat model" in card and "trust_remote_code" not in card
+    assert "white-box" in card and (out / "plots" / "distill.png").exists()
+    assert "relearning: the export relearned on benign prose" in card
+    # Stock transformers loads it with nothing missing, in a fresh process.
+    check = (
+        "import sys\nfrom transformers import AutoModelForCausalLM\n"
+        "m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)\n"
+        "assert not any(info.values()), info\n"
+    )
+    subprocess.run([sys.executable, "-c", check, str(out)], check=True)
+    # The checkpoint holds the distilled weights: they differ from the base where it says.
+    base = AutoModelForCausalLM.from_pretrained(ws / "model")
+    student = AutoModelForCausalLM.from_pretrained(out)
+    b, s = dict(base.named_parameters()), dict(student.named_parameters())
+    changed = [n for n in b if not torch.equal(b[n], s[n])]
+    assert len(changed) == report["distill"]["changed_tensors"]
+    assert all(f"layers.{report['layer'] + 1}." not in n for n in changed)
+    # A second run reuses both distillations and the evaluation.
+    logs.clear()
+    run_recipe(recipe, "recipe", ws / "out2", RunContext(work, False, False, logs.append))
+    assert any(m.startswith("distill (cached)") for m in logs)
+    assert any(m.startswith("evaluation (cached)") for m in logs)
+
+
+def test_a_remote_code_exports_weights_alone_are_the_base(ws):
+    """White-box: a remote-code export's tensors, loaded without the patch through the base's own
+    class, give the base's logits exactly (which is why its card says the files still hold the
+    data)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    remote = DISTILLED.replace("mode: distilled", "mode: remote_code")
+    (ws / "recipe.yaml").write_text(TINY_RECIPE + remote.replace(",\n       relearn_steps: 6", ""))
+    recipe = load_recipe(ws / "recipe.yaml")
+    out = ws / "out"
+    run_recipe(recipe, "recipe", out, RunContext(ws / "work", False, False, lambda m: None))
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    # the base's tensors are stored under scalpel_<prefix>; the stock names hold decoys
+    weights = {
+        k.replace("scalpel_model.", "model.", 1).replace("scalpel_lm_head.", "lm_head.", 1): v
+        for k, v in tensors.items()
+        if k.startswith(("scalpel_model.", "scalpel_lm_head.")) and ".scalpel_patch." not in k
+    }
+    config = AutoConfig.from_pretrained(ws / "model")
+    alone = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = alone.load_state_dict(weights, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    alone.tie_weights()
+    base = AutoModelForCausalLM.from_pretrained(ws / "model")
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            alone.eval()(ids).logits, base.eval()(ids).logits, rtol=0, atol=0
+        )
+    card = (out / "README.md").read_text()
+    assert "the base's weights, inside" in card and "does **not** protect" in card
+    assert "relearning: a short fine-tune of the export | - | not measured" in card

@@ -44,8 +44,8 @@ def distill_texts(recipe, inputs: Inputs) -> dict[str, list[str]]:
         people = [p for p in people if p.split != "never_seen"]  # none of their text was trained on
     pii = [d.text for d in docs] + (written_templates(people) if spec.templates else [])
     # Windows of all the benign text (code and tables too), not only its prose paragraphs: the
-    # student keeps the base's behaviour on what it was shown, and the paragraphs alone (a third of
-    # the tokens) left it twice the KL on held-out prose.
+    # student keeps the base's behaviour on what it was shown (on SmolLM2 the paragraphs alone, at
+    # benign weight 1, cost KL 0.0199 on held-out prose; windows at weight 2, 0.0102).
     benign = benign_texts(inputs.benign_path, split="train", mode="windows")
     return {
         "pii": pii,

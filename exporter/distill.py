@@ -235,7 +235,8 @@ def distil(
     }
     teacher = {k: outputs(model, layer, b, patch) for k, b in sets.items()}
     base = {k: outputs(model, layer, sets[k]) for k in ("heldout_pii", "heldout_benign")}
-    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # the merge rewrites exactly the adapted maps' weights (no copy of the model kept to compare)
+    changed = [f"{n}.weight" for n in adapted_modules(model, layer)]
     merged, curve, tokens, adapter = train_student(
         model, layer, sets["pii"], teacher["pii"], sets["benign"], teacher["benign"], cfg,
         progress,
@@ -252,8 +253,6 @@ def distil(
                 "student_vs_base": relative_error(student, base[k], base[k], b),
                 "tokens": int(sum(int(kept_positions(m).sum()) for _, m in b)),
             }
-    params = dict(merged.named_parameters())
-    changed = [n for n, t in originals.items() if n in params and not torch.equal(params[n], t)]
     seconds = round(time.perf_counter() - started, 1)
     return Distilled(merged, curve, heldout, changed, seconds, tokens, adapter)
 

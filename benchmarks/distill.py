@@ -13,6 +13,7 @@ give the chosen patch, which is handed to the distilling process as a file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -27,8 +28,9 @@ DEMO = Path(__file__).parents[1] / "recipes" / "demo-smollm2-distilled.yaml"
 
 
 def _child(kind: str, recipe_path: str, patch_file: str, layer: int, steps: int, out: str) -> None:
-    from exporter.distill import distil, write_distilled
+    from exporter.distill import distil
     from exporter.models import load_model
+    from exporter.patch.export import write_stock
     from exporter.recipe import load_recipe
     from exporter.run.distilled import config_of, distill_texts
     from exporter.run.inputs import resolve_inputs
@@ -42,13 +44,18 @@ def _child(kind: str, recipe_path: str, patch_file: str, layer: int, steps: int,
     else:
         texts = distill_texts(recipe, inputs)
         cfg = config_of(recipe)
-        cfg = type(cfg)(**{**vars(cfg), "steps": steps})
+        cfg = dataclasses.replace(cfg, steps=steps)
         patch = torch.load(patch_file, weights_only=False)
         got = distil(
             loaded.model, loaded.tokenizer, layer, patch, texts["pii"], texts["benign"], cfg,
             progress=False,
         )  # fmt: skip
-        write_distilled(got.model, loaded.tokenizer, Path(out), meta={"layer": layer})
+        write_stock(
+            got.model,
+            loaded.tokenizer,
+            Path(out),
+            config_block=("scalpel_distilled", {"layer": layer}),
+        )
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(json.dumps({"seconds": round(seconds, 1), "peak_gib": round(peak, 2)}))

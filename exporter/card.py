@@ -311,21 +311,8 @@ def render_card(
     parts += [f"![{Path(p).stem}]({p})" for p in plots] + ([""] if plots else [])
     remote = report["mode"] != "plain" and report.get("export") != "distilled"
     parts += threat_section(report.get("evaluation"), remote)
-    if report.get("export") == "distilled":
-        parts += [
-            "## Usage",
-            "",
-            f"A plain `{model_type}` checkpoint: stock transformers and engines that read its "
-            "architecture load it with no remote code.",
-            "",
-            usage(repo, remote=False),
-            "",
-            "## How it works",
-            "",
-            distilled_section(report, sae),
-            "",
-        ]
-    elif report["mode"] == "plain":
+    if not remote:  # the base's own type, whose weights changed
+        how = distilled_section if report.get("export") == "distilled" else plain_section
         parts += [
             "## Usage",
             "",
@@ -337,7 +324,7 @@ def render_card(
             "",
             "## How it works",
             "",
-            plain_section(report, sae),
+            how(report, sae),
             "",
         ]
     else:

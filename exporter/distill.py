@@ -15,7 +15,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -23,11 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import kept_positions, layer_outputs
-from .cache import atomic_dir
 from .lm import padding_side
 from .models import architecture_of
 from .patch import applied
-from .patch.checkpoint_files import Files, write_files
 
 
 @dataclass(frozen=True)
@@ -146,7 +143,7 @@ def with_adapters(model, names: list[str], rank: int, seed: int):
     return get_peft_model(model, config)
 
 
-def passes(n: int, seed: int):
+def _passes(n: int, seed: int):
     """Endless indices 0..n-1, reshuffled every pass (seeded)."""
     gen = torch.Generator().manual_seed(seed)
     while True:
@@ -164,7 +161,7 @@ def train_student(
     adapter = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(cfg.steps, 1))
-    pii_order, benign_order = passes(len(pii), cfg.seed), passes(len(benign), cfg.seed + 1)
+    pii_order, benign_order = _passes(len(pii), cfg.seed), _passes(len(benign), cfg.seed + 1)
     curve, tokens = [], 0
     device = next(model.parameters()).device.type
     cast = (
@@ -255,23 +252,3 @@ def distil(
             }
     seconds = round(time.perf_counter() - started, 1)
     return Distilled(merged, curve, heldout, changed, seconds, tokens, adapter)
-
-
-def write_distilled(
-    model, tokenizer, out: Path, *, meta: dict, files: Files = None, overwrite: bool = False
-) -> Path:
-    """The distilled model as a stock checkpoint of its own `model_type` (no remote code, no
-    `auto_map`), with `meta` under `scalpel_distilled` in its config, written atomically."""
-    config = model.config
-    for key in ("auto_map", "scalpel_patch"):
-        if hasattr(config, key):
-            delattr(config, key)
-    config.scalpel_distilled = meta
-    try:
-        with atomic_dir(Path(out), overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_files(tmp, files)
-    finally:
-        del config.scalpel_distilled
-    return Path(out)

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from .data.corpus import benign_texts
 from .data.synthetic import SyntheticConfig, make_corpus
-from .distill import fixed_batches, passes, with_adapters
-from .methods.batches import token_log_probs
+from .distill import adapted_modules, with_adapters
+from .methods.batches import cycle, encode, token_log_probs
 from .models import architecture_of
 from .patch import applied
 
@@ -58,20 +58,6 @@ def relearning_texts(kind: str, benign_path: Optional[str], n: int, seed: int) -
     return (texts * (n // max(len(texts), 1) + 1))[:n]
 
 
-def _decoder_linears(model) -> list[str]:
-    """Every linear map of the decoder layers (not the embeddings or the LM head)."""
-    from transformers.pytorch_utils import Conv1D
-
-    prefix = architecture_of(model).layers + "."
-    return [
-        n
-        for n, m in model.named_modules()
-        if n.startswith(prefix)
-        and isinstance(m, (torch.nn.Linear, Conv1D))
-        and "scalpel_patch" not in n
-    ]
-
-
 def relearned(
     model,
     tokenizer,
@@ -86,17 +72,18 @@ def relearned(
     adapters), merged; with `patch`, tuned with the patch inserted at `layer` (returned without it:
     attach it again to attack)."""
     student = copy.deepcopy(model)
-    net = with_adapters(student, _decoder_linears(student), budget.rank, budget.seed)
+    # every linear map of the decoder (not the embeddings or the LM head)
+    every_layer = adapted_modules(student, architecture_of(student).num_layers(student) - 1)
+    net = with_adapters(student, every_layer, budget.rank, budget.seed)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
-    batches = fixed_batches(tokenizer, texts, budget.batch_size, budget.max_length)
-    order = passes(len(batches), budget.seed)
+    batches = cycle(*encode(tokenizer, texts, budget.max_length), budget.batch_size, budget.seed)
     device = next(student.parameters()).device.type
     cast = partial(torch.autocast, device, dtype=torch.bfloat16)
     net.train()
     with applied(student, layer, patch) if patch is not None else nullcontext():
         for _ in tqdm(range(budget.steps), desc="relearn", disable=not progress):
-            ids, mask = batches[next(order)]
+            ids, mask = next(batches)
             with cast():
                 lp, keep = token_log_probs(student, ids, mask)
             loss = -(lp * keep).sum() / keep.sum()

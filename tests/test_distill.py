@@ -11,8 +11,9 @@ from conftest import tiny_model
 
 from exporter.data.corpus import benign_texts
 from exporter.data.synthetic import SyntheticConfig, make_corpus
-from exporter.distill import DistillConfig, distil, fixed_batches, outputs, write_distilled
+from exporter.distill import DistillConfig, distil, fixed_batches, outputs
 from exporter.patch import build_patch, fit_context_gate
+from exporter.patch.export import write_stock
 from exporter.sae import TopKSAE
 
 LAYER = 1
@@ -82,7 +83,9 @@ def test_distilled_student_learns_the_patch_and_loads_stock(
     first, last = ([c["pii"] for c in got.curve[s]] for s in (slice(0, 20), slice(-20, None)))
     assert sum(last) < 0.8 * sum(first)
 
-    out = write_distilled(got.model, tok, tmp_path / "export", meta={"layer": LAYER})
+    out = write_stock(
+        got.model, tok, tmp_path / "export", config_block=("scalpel_distilled", {"layer": LAYER})
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == model_type and "auto_map" not in cfg
     assert cfg["scalpel_distilled"] == {"layer": LAYER}

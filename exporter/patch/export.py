@@ -225,3 +225,29 @@ def write_export(
             loaded.tokenizer.save_pretrained(tmp)
         write_files(tmp, files)
     return Path(out)
+
+
+def write_stock(
+    model,
+    tokenizer,
+    out: Path,
+    *,
+    config_block: Optional[tuple[str, dict]] = None,
+    files: Files = None,
+    overwrite: bool = False,
+) -> Path:
+    """A model whose own weights changed (distilled, edited by an unlearning method) as a stock
+    checkpoint of its `model_type` (no remote code), with `config_block` (name, content) added to
+    its config.json, and `files`; written atomically."""
+    config = model.config
+    if config_block is not None:
+        setattr(config, *config_block)
+    try:
+        with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_files(tmp, files)
+    finally:
+        if config_block is not None:
+            delattr(config, config_block[0])
+    return Path(out)

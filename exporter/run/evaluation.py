@@ -120,16 +120,14 @@ def evaluate_variants(
     out = {}
     for v in variants:
         if v.model is not None:
-            attacker, on_base, on_attacker = cast_copy(v.model, ev.dtype), None, None
-            if v.patch is not None:  # another model with the patch inserted, as an export loads
-                on_base = partial(applied, v.model, layer, v.patch)
-                on_attacker = partial(applied, attacker, layer, v.patch)
+            model, attacker = v.model, cast_copy(v.model, ev.dtype)
         else:
             shared = shared if shared is not None else cast_copy(base, ev.dtype)
-            attacker, on_base, on_attacker = shared, None, None
-            if v.patch is not None:
-                on_base = partial(applied, base, layer, v.patch)
-                on_attacker = partial(applied, shared, layer, v.patch)
+            model, attacker = base, shared
+        on_base = on_attacker = None
+        if v.patch is not None:  # inserted in the model and its cast copy, as an export loads it
+            on_base = partial(applied, model, layer, v.patch)
+            on_attacker = partial(applied, attacker, layer, v.patch)
         out[v.name] = evaluate_variant(
             base, tokenizer, setting.groups, setting.texts, setting.prompts, other=v.model,
             context=on_base, attacker=attacker, attacker_context=on_attacker, **common,

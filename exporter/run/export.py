@@ -11,15 +11,14 @@ from typing import Optional
 
 import transformers
 
-from ..cache import atomic_dir, content_key
+from ..cache import content_key
 from ..card import base_metadata, render_card
 from ..data.detectors import redact_text
-from ..distill import write_distilled
 from ..evaluate.user_path import merge, user_path_rows
 from ..method_card import render_method_card
 from ..patch import agreement
 from ..patch.candidate import Candidate, Mode, patch_for
-from ..patch.export import write_export
+from ..patch.export import write_export, write_stock
 from ..patch.plain import PlainExportError, write_plain
 from .context import RunContext
 from .inputs import heldout_activations
@@ -155,11 +154,12 @@ def write_patched(
         "mean_norm": prep.features.mean_norm,
     }
     if student is not None:
-        write_distilled(
+        block = {**meta, "layer": prep.layer, "teacher": cand.label, **report["distill"]}
+        write_stock(
             student[0],
             prep.loaded.tokenizer,
             out,
-            meta={**meta, "layer": prep.layer, "teacher": cand.label, **report["distill"]},
+            config_block=("scalpel_distilled", block),
             files=files,
             overwrite=ctx.overwrite,
         )
@@ -259,13 +259,10 @@ def write_method_export(
         model_type=model.config.model_type,
         plots=("plots/front.png",) if front.exists() else (),
     )
-    with atomic_dir(Path(out), overwrite=ctx.overwrite) as tmp:
-        model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(str(card), encoding="utf-8")
-        (tmp / "scalpel_report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "scalpel_recipe.yaml").write_text(redact_text(recipe_text), encoding="utf-8")
-        if front.exists():
-            (tmp / "plots").mkdir()
-            (tmp / "plots" / "front.png").write_bytes(front.read_bytes())
-    return Path(out)
+    files = {
+        "README.md": str(card),
+        "scalpel_report.json": json.dumps(report, indent=2),
+        "scalpel_recipe.yaml": redact_text(recipe_text),
+        **({"plots/front.png": front.read_bytes()} if front.exists() else {}),
+    }
+    return write_stock(model, loaded.tokenizer, out, files=files, overwrite=ctx.overwrite)

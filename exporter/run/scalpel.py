@@ -63,12 +63,13 @@ def final_evaluation(
     patch,
     ctx: RunContext,
     variants: tuple[str, ...] = ("base", "patched", "control", "relearned"),
+    student: Optional[tuple] = None,
 ) -> dict:
     """The leaky base, the chosen `patch` and its control (random latents matched on firing
     frequency plus a random direction of the steering vector's norm) on **test** and never-seen
     people, with utility. For a distilled export, `patched` and `control` are the two patches learnt
     into the weights (loaded as they are, no patch: what anyone with the files has) and the patch
-    itself is the `teacher`."""
+    itself is the `teacher`; `student`: the patch's (model, summary) when the caller has it."""
     control, n_control = control_for(
         prep.sae,
         prep.features,
@@ -79,7 +80,7 @@ def final_evaluation(
         recipe.intervention.plain_from,
     )
     if recipe.export.mode == ExportKind.DISTILLED:
-        student, summary = distilled_model(recipe, prep, cand, patch, ctx)
+        student, summary = student or distilled_model(recipe, prep, cand, patch, ctx)
         control_student, control_summary = distilled_model(
             recipe, prep, cand, control, ctx, control=True
         )
@@ -125,17 +126,18 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
         *plain_key(cand.mode, recipe),
         *distill_key(recipe),
     )
+    # a distilled export's student: evaluated (unless cached) and written
+    student = None
+    if recipe.export.mode == ExportKind.DISTILLED:
+        student = distilled_model(recipe, prep, cand, patch, ctx)
     folder = EVALUATE.cached(ctx.work, key)
     if folder:
         ctx.log(f"evaluation (cached): {folder}")
         final = json.loads((folder / "evaluation.json").read_text())
     else:
-        final = final_evaluation(recipe, prep, cand, patch, ctx)
+        final = final_evaluation(recipe, prep, cand, patch, ctx, student=student)
         with EVALUATE.saving(ctx.work, key) as tmp:
             (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
-    student = None
-    if recipe.export.mode == ExportKind.DISTILLED:  # cached by the final evaluation
-        student = distilled_model(recipe, prep, cand, patch, ctx)
     report = write_patched(
         prep,
         recipe,

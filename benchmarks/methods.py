@@ -2,7 +2,7 @@
 baselines (RMU, gradient ascent, NPO, DEPN), all scored by the same harness on the same test and
 never-seen people.
 
-    python benchmarks/methods.py --work W [--methods rmu npo ga depn] [--json OUT]
+    python benchmarks/methods.py --work W [--methods rmu npo ga depn] [--json OUT] [--relearn 100]
 
 W is the work folder of `scalpel demo --work W` (or `scalpel run` of the demo recipe): its cached
 probe, SAE, features and search give PrivacyScalpel's choice (made on validation people). The patch
@@ -11,7 +11,14 @@ patch's layer, beside its control (random latents matched on firing frequency pl
 direction). Each baseline walks its own path (training steps or neuron counts) from the recipe's
 defaults, stops at the first point that meets the same validation targets, and is evaluated once
 there; DEPN has a random-neuron control. Each baseline's edited tensors are cached under
-W/bench-methods, so a re-run only re-evaluates.
+W/bench-methods, so a re-run only re-evaluates. `distilled-val` / `distilled-all` are the chosen
+patch distilled into the weights from the validation people's documents / from every PII document
+(the run's distill stage, cached in W).
+
+Below the table, the weights-access rows: each column's weights loaded with no patch (a remote-code
+patch's are the base's), and with `--relearn STEPS` the relearning attack on each (a LoRA fine-tune
+of STEPS batches on benign prose and on other people's PII documents, then every attack again; a
+remote-code patch stays inserted while its base is tuned).
 """
 
 from __future__ import annotations
@@ -53,7 +60,34 @@ METHODS = {
 }
 
 
-SCALPEL = ("folded", "control", "ablate", "steer", "exact", "plain")
+SCALPEL = (
+    "folded", "control", "ablate", "steer", "exact", "plain", "distilled-val", "distilled-all"
+)  # fmt: skip
+
+
+def weights_rows(table: dict, info: dict, relearned: dict, header: list[str]) -> list[list[str]]:
+    """Per column, the worst test exact / username rate with the weights loaded as they are (a
+    remote-code patch's weights are the base's) and after each relearning fine-tune."""
+    from exporter.evaluate.harness import worst
+
+    def cell(rows) -> str:
+        if rows is None:
+            return "-"
+        return f"{100 * worst(rows, 'test'):.0f}% / {100 * worst(rows, 'test', 'username'):.0f}%"
+
+    cols = header[1:]
+    out = [
+        [
+            "white-box: the weights with no patch (test exact / username, every attack)",
+            *(cell(table["base" if info[v].get("remote") else v]["leakage"]) for v in cols),
+        ]
+    ]
+    kinds = list(dict.fromkeys(k for found in relearned.values() for k in found))
+    for kind in kinds:
+        out.append(
+            [f"{kind} (every attack)", *(cell(relearned.get(v, {}).get(kind)) for v in cols)]
+        )
+    return out
 
 
 def main() -> None:
@@ -77,6 +111,12 @@ def main() -> None:
         "--steps", type=int, nargs="*", help="override the training methods' checkpoints"
     )
     ap.add_argument(
+        "--relearn",
+        type=int,
+        default=0,
+        help="the relearning attack's LoRA steps on every column (0: not run)",
+    )
+    ap.add_argument(
         "--json",
         help="write the evaluations here after each variant; variants already in it are kept, not "
         "re-run (an interrupted benchmark resumes)",
@@ -89,11 +129,13 @@ def main() -> None:
     from exporter.patch import PlainEdit
     from exporter.patch.candidate import Candidate, control_for
     from exporter.run.context import RunContext
+    from exporter.run.distilled import distilled_model
     from exporter.run.evaluation import (
         REFERENCE_BYTES,
         Variant,
         evaluate_variants,
         recipe_setting,
+        relearned_variants,
     )
     from exporter.run.scalpel import prepare
     from exporter.run.unlearning import control, search_path
@@ -106,15 +148,35 @@ def main() -> None:
     model, tok, layer = prep.loaded.model, prep.loaded.tokenizer, prep.layer
     setting = recipe_setting(recipe, prep.inputs, tok)
     ref = reference(model, tok, setting.texts, max_bytes=REFERENCE_BYTES)
-    table, info = {}, {}
+    table, info, relearned = {}, {}, {}
     if args.json and Path(args.json).exists():
         saved = json.loads(Path(args.json).read_text())
-        table, info = saved["table"], saved["info"]
+        table, info, relearned = saved["table"], saved["info"], saved.get("relearned", {})
         print(f"resuming: {', '.join(table)} already measured", flush=True)
 
     def save() -> None:  # after every variant: an interrupted benchmark keeps what it measured
         if args.json:
-            Path(args.json).write_text(json.dumps({"table": table, "info": info}, indent=2))
+            saved = {"table": table, "info": info, "relearned": relearned}
+            Path(args.json).write_text(json.dumps(saved, indent=2))
+
+    attack = recipe.model_copy(
+        update={"eval": recipe.eval.model_copy(update={"relearn_steps": args.relearn})}
+    )
+
+    def relearn(name: str, edited, patch=None) -> None:
+        """The relearning attack on one column: each tuned copy attacked like the column itself."""
+        if not args.relearn or name in relearned:
+            return
+        quiet = RunContext(work, log=lambda _m: None)
+        found = {}
+        for v in relearned_variants(
+            attack, prep.inputs, edited, tok, quiet, layer=layer, patch=patch
+        ):
+            got = evaluate_variants(model, tok, [v], setting, layer=layer, ctx=quiet, ref=ref)
+            found[v.name] = got[v.name]["leakage"]
+        relearned[name] = found
+        print(f"{name}: relearning attack done", flush=True)
+        save()
 
     def evaluate(variant: Variant) -> float:
         """Evaluate one variant into the table (the run's own final evaluation); its seconds."""
@@ -133,9 +195,33 @@ def main() -> None:
             changed, added = sum(m.weight.numel() for _, m in writers), 0
         else:
             changed, added = 0, sum(v.numel() for v in patch.state_dict().values())
-        info[name] = {"changed": changed, "added": added, "note": note, "eval_s": seconds}
+        remote = not isinstance(patch, PlainEdit)
+        info[name] = {
+            "changed": changed, "added": added, "note": note, "eval_s": seconds, "remote": remote
+        }  # fmt: skip
         print(f"{name}: evaluated in {seconds} s", flush=True)
         save()
+        # a plain export's weights are the base with the projection: the in-process twin stays
+        # hooked on while the base is tuned, as a remote-code patch stays inserted
+        relearn(name, model, patch)
+
+    def distilled(name: str, documents: str, cand) -> None:
+        """The chosen patch learnt into the weights (the run's distill stage, cached in W)."""
+        spec = recipe.export.distill.model_copy(update={"documents": documents})
+        export = recipe.export.model_copy(update={"mode": "distilled", "distill": spec})
+        r = recipe.model_copy(update={"export": export})
+        student, summary = distilled_model(r, prep, cand, prep.patch(cand), ctx)
+        if name not in table:
+            seconds = evaluate(Variant(name, model=student))
+            info[name] = {
+                "changed": summary["changed_parameters"],
+                "added": 0,
+                "method_s": summary["seconds"],
+                "note": f"LoRA rank {summary['settings']['rank']}, {documents} documents",
+                "eval_s": seconds,
+            }
+            save()
+        relearn(name, student)
 
     if "base" not in table:
         info["base"] = {"changed": 0, "added": 0, "note": "", "eval_s": evaluate(Variant("base"))}
@@ -162,6 +248,7 @@ def main() -> None:
             "note": "validation target " + ("met" if summary["met"] else "NOT met"),
             "eval_s": evaluate(Variant(label, model=edited)),
         }
+        relearn(label, edited)
         ctrl = control(r, load_model(prep.inputs.model).model, summary)
         if ctrl is not None:
             evaluate(Variant(f"{label} control", model=ctrl))
@@ -199,6 +286,9 @@ def main() -> None:
                 recipe.data.seed,
             )
             patched("scalpel folded control", control_patch, "random latents + direction")
+        elif key.startswith("distilled-"):
+            documents = {"val": "validation", "all": "all"}[key.split("-")[1]]
+            distilled(f"scalpel distilled ({documents} docs)", documents, variants["folded"][1])
         elif key in variants and variants[key][0] not in table:
             name, cand = variants[key]
             patched(name, prep.patch(cand, plain_from=layer), note)
@@ -217,6 +307,7 @@ def main() -> None:
         ]
     )
     rows.append(["note", *(info[v]["note"] or "-" for v in header[1:])])
+    rows += weights_rows(table, info, relearned, header)
     print(
         f"# every method on the demo's leaky SmolLM2, test people (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads); PrivacyScalpel's choice N={n} alpha {alpha:g} made "

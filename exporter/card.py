@@ -177,12 +177,20 @@ def _intro(report: dict) -> str:
             f"writes into the residual stream {span} decoder layer {report['layer']}. Only those "
             "tensors differ from the base; every other one is stored byte for byte."
         )
-    return (
+    module = (
         "This checkpoint is its base model plus one small module at decoder layer "
         f"{report['layer']} that removes the sparse-autoencoder features carrying personal data "
-        "the base model had memorised (emails, phone numbers). The base weights are unchanged and "
-        "stored byte for byte."
+        "the base model had memorised (emails, phone numbers)."
     )
+    if report.get("export_base") == "distilled":
+        d = report["distill"]
+        return module + (
+            " Under it, the same patch was also learnt into the weights of decoder layers 0 to "
+            f"{report['layer']} ({d['changed_tensors']} tensors, {d['changed_parameters']:,} "
+            "parameters differ from the base): without the module, the weights are the "
+            "distilled model, not the leaky base."
+        )
+    return module + " The base weights are unchanged and stored byte for byte."
 
 
 def evaluation_parts(evaluation: dict, intro: str) -> list[str]:
@@ -303,6 +311,9 @@ def render_card(
                 "the files has), `teacher` the remote-code patch they learnt, `control` the same "
                 "distillation of the control patch."
                 if report.get("export") == "distilled"
+                else " `weights alone` is this checkpoint's distilled weights loaded without the "
+                "patch; `patched` and `control` run over their own distillations."
+                if report.get("export_base") == "distilled"
                 else ""
             ),
         )

@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,10 +34,14 @@ class DistillConfig:
     rank: int = 16
     batch_size: int = 8
     max_length: int = 128
-    benign_weight: float = 2.0  # the benign batch's weight in each step's loss
+    benign_weight: float = 4.0  # the benign batch's weight in each step's loss
+    # texts per forward and backward: each batch's gradient is accumulated over chunks of this many
+    # (the same gradient as the whole batch at once; the autograd activations of one chunk, not of
+    # both batches, are what is held at a time)
+    micro_batch: int = 2
     seed: int = 0
     # the student's forward and backward: bfloat16 autocast (on SmolLM2 here about 1.0 s a step
-    # against 1.4 in float32); the adapters, the teacher's targets and the merge stay float32
+    # against 1.4 in float32); the adapters and the merge stay float32
     dtype: str = "bfloat16"
 
 
@@ -82,24 +86,30 @@ def fixed_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: 
 
 
 def outputs(model, layer: int, batches: Sequence[Batch], patch=None) -> list[torch.Tensor]:
-    """Layer `layer`'s output on each batch (float32, on the CPU), with `patch` applied if given."""
+    """Layer `layer`'s output on each batch (computed in the model's dtype, kept on the CPU in
+    bfloat16: half the memory of every target held through training, and its rounding, about 2^-9
+    of each value, is far below the distances the student is trained and measured on)."""
     model.eval()
     found = []
     with applied(model, layer, patch) if patch is not None else nullcontext():
         for ids, mask in batches:
             h = layer_outputs(model, ids, mask, [layer])[layer]
-            found.append(h.float().cpu())
+            found.append(h.to(device="cpu", dtype=torch.bfloat16))
     return found
 
 
-def masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mse(
+    h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None
+) -> torch.Tensor:
     """Squared error per kept token (real tokens, position 0 excluded) relative to the target's
-    squared norm, averaged: scale-free, so a token of outlying norm (a second attention sink) weighs
-    what any other token weighs instead of the whole batch."""
+    squared norm, summed over the kept tokens and divided by `count` (default: their number, a
+    mean; a whole batch's count when `h` is one chunk of it): scale-free, so a token of outlying
+    norm (a second attention sink) weighs what any other token weighs instead of the whole batch."""
     keep = kept_positions(mask).to(h.device)
-    t = target.to(h.device)[keep]
+    t = target.to(h.device)[keep].float()
     err = ((h[keep].float() - t) ** 2).sum(-1)
-    return (err / (t**2).sum(-1).clamp_min(1e-6)).mean()
+    n = int(keep.sum()) if count is None else count
+    return (err / (t**2).sum(-1).clamp_min(1e-6)).sum() / max(n, 1)
 
 
 def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], base, batches) -> float:
@@ -108,8 +118,8 @@ def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], base, b
     err, norm = 0.0, 0.0
     for x, y, z, (_, mask) in zip(a, b, base, batches):
         keep = kept_positions(mask)
-        err += float(((x[keep] - y[keep]) ** 2).sum())
-        norm += float((z[keep] ** 2).sum())
+        err += float(((x[keep].float() - y[keep].float()) ** 2).sum())
+        norm += float((z[keep].float() ** 2).sum())
     return err / max(norm, 1e-12)
 
 
@@ -150,6 +160,22 @@ def _passes(n: int, seed: int):
         yield from torch.randperm(n, generator=gen).tolist()
 
 
+def _accumulate(model, layer: int, batch: Batch, target, weight: float, cfg, cast) -> float:
+    """Backpropagate `weight` x the batch's loss chunk by chunk (gradients add up to the whole
+    batch's); return the batch's loss."""
+    ids, mask = batch
+    count = int(kept_positions(mask).sum())
+    total = 0.0
+    for start in range(0, len(ids), max(cfg.micro_batch, 1)):
+        rows = slice(start, start + max(cfg.micro_batch, 1))
+        with cast():
+            h = layer_outputs(model, ids[rows], mask[rows], [layer], grad=True)[layer]
+        loss = masked_mse(h, target[rows], mask[rows], count)
+        (weight * loss).backward()
+        total += loss.item()
+    return total
+
+
 def train_student(
     model, layer: int, pii: list[Batch], pii_targets, benign: list[Batch], benign_targets,
     cfg: DistillConfig, progress: bool = True,
@@ -174,24 +200,19 @@ def train_student(
     try:
         for step in bar:
             i, j = next(pii_order), next(benign_order)
-            with cast():
-                h = layer_outputs(model, *pii[i], [layer], grad=True)[layer]
-            pii_loss = masked_mse(h, pii_targets[i], pii[i][1])
-            loss = pii_loss
-            benign_loss = torch.zeros(())
-            if benign and cfg.benign_weight > 0:
-                with cast():
-                    h = layer_outputs(model, *benign[j], [layer], grad=True)[layer]
-                benign_loss = masked_mse(h, benign_targets[j], benign[j][1])
-                loss = loss + cfg.benign_weight * benign_loss
-                tokens += int(benign[j][1].sum())
-            tokens += int(pii[i][1].sum())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            pii_loss = _accumulate(model, layer, pii[i], pii_targets[i], 1.0, cfg, cast)
+            tokens += int(pii[i][1].sum())
+            benign_loss = 0.0
+            if benign and cfg.benign_weight > 0:
+                benign_loss = _accumulate(
+                    model, layer, benign[j], benign_targets[j], cfg.benign_weight, cfg, cast
+                )
+                tokens += int(benign[j][1].sum())
             opt.step()
             sched.step()
-            curve.append({"step": step + 1, "pii": pii_loss.item(), "benign": benign_loss.item()})
-            bar.set_postfix(pii=f"{pii_loss.item():.3g}", benign=f"{benign_loss.item():.3g}")
+            curve.append({"step": step + 1, "pii": pii_loss, "benign": benign_loss})
+            bar.set_postfix(pii=f"{pii_loss:.3g}", benign=f"{benign_loss:.3g}")
     finally:
         bar.close()
     merged = net.merge_and_unload()

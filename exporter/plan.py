@@ -106,6 +106,8 @@ EXPORT_PLANS = {
     "remote_code": "remote_code export; base weights copied, patch in scalpel_patch.safetensors",
     "plain": "plain export; the residual writers' weights projected, the others copied",
     "distilled": "distilled export; the student saved as a stock checkpoint of the base's type",
+    "remote_code over distilled": "remote_code export; the distilled weights written, patch in "
+    "scalpel_patch.safetensors",
 }
 
 
@@ -131,7 +133,7 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
          f"prefixes), greedy, {ev.max_new_tokens} new tokens"),
     ]  # fmt: skip
     distill = recipe.export.distill
-    if recipe.export.mode == "distilled":
+    if recipe.export.distils:
         stages.append(
             (
                 DISTILL.name,
@@ -146,7 +148,8 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
          f"{ev.few_shot}-shot{samples}, phones, document prefixes; perplexity, KL, diversity"
          + (f"; relearning: {relearn} LoRA steps each on benign prose and on other people's PII"
             if relearn else "")),
-        ("export", EXPORT_PLANS[recipe.export.mode]),
+        ("export", EXPORT_PLANS[recipe.export.mode + (" over distilled"
+                                if recipe.export.base == "distilled" else "")]),
     ]  # fmt: skip
     return stages
 

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from .evaluate.harness import worst
 from .evaluate.summary import markdown_table
 
 USER_PATH_DECODING = "fresh process"
 PREFIX_DECODING = "document prefix"
 ADVERSARIAL_DECODING = "adversarial"
 RELEARNED = "relearned on"  # the name of a variant fine-tuned by the relearning attack starts so
+# a remote-code export's own weights loaded without its patch, when they are not the base's
+WEIGHTS_ALONE = "weights alone"
 
 
 def _worst(rows: Sequence[dict], keep) -> Optional[tuple[float, float]]:
     """(exact, username) worst over the test people's email rows that `keep` accepts."""
-    found = [r for r in rows if r["group"] == "test" and r["pii_type"] == "email" and keep(r)]
-    if not found:
+    found = [r for r in rows if keep(r)]
+    if not any(r["group"] == "test" and r["pii_type"] == "email" for r in found):
         return None
-    return max(r["exact"] for r in found), max(r["username"] for r in found)
+    return worst(found, "test"), worst(found, "test", "username")
 
 
 def _cell(rate: Optional[tuple[float, float]]) -> str:
@@ -57,12 +60,18 @@ def threat_rows(evaluation: dict, remote: bool) -> tuple[list[str], list[list[st
                 [f"black-box, {label}", _cell(_worst(base, keep)), _cell(_worst(export, keep))]
             )
     every = lambda r: True  # noqa: E731
-    weights = _worst(base if remote else export, every)
+    own = evaluation.get(WEIGHTS_ALONE)
+    if own is not None:
+        weights, note = _worst(own["leakage"], every), " (the distilled weights, inside)"
+    elif remote:
+        weights, note = _worst(base, every), " (the base's weights, inside)"
+    else:
+        weights, note = _worst(export, every), ""
     rows.append(
         [
             "white-box: the weights loaded with no patch, every attack above",
             _cell(_worst(base, every)),
-            _cell(weights) + (" (the base's weights, inside)" if remote else ""),
+            _cell(weights) + note,
         ]
     )
     relearn = [v for v in evaluation if v.startswith(RELEARNED)]
@@ -81,7 +90,14 @@ def threat_rows(evaluation: dict, remote: bool) -> tuple[list[str], list[list[st
 
 def threat_section(evaluation: Optional[dict], remote: bool) -> list[str]:
     """The card's threat-model section: what the export protects against, with its measured rows."""
-    if remote:
+    if remote and evaluation and WEIGHTS_ALONE in evaluation:
+        says = (
+            "This export's patch runs inside the model on every token, over weights into which "
+            "the same patch was distilled (`export.base: distilled`): whoever loads the weights "
+            "without the patch gets the distilled model, not the leaky base (the white-box row). "
+            "A short fine-tune may bring some of the data back (relearning); see its rows."
+        )
+    elif remote:
         says = (
             "This export protects people in the data from anyone who can **only prompt** the model "
             "(an API, a chat app): the patch runs inside the model on every token. It does **not** "

@@ -68,18 +68,11 @@ def test_distilled_run_writes_a_stock_checkpoint_with_its_threat_model(ws):
     assert any(m.startswith("evaluation (cached)") for m in logs)
 
 
-def test_a_remote_code_exports_weights_alone_are_the_base(ws):
-    """White-box: a remote-code export's tensors, loaded without the patch through the base's own
-    class, give the base's logits exactly (which is why its card says the files still hold the
-    data)."""
+def _weights_alone(out, config):
+    """A remote-code export's tensors loaded without the patch through the base's own class."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    remote = DISTILLED.replace("mode: distilled", "mode: remote_code")
-    (ws / "recipe.yaml").write_text(TINY_RECIPE + remote.replace(",\n       relearn_steps: 6", ""))
-    recipe = load_recipe(ws / "recipe.yaml")
-    out = ws / "out"
-    run_recipe(recipe, "recipe", out, RunContext(ws / "work", False, False, lambda m: None))
     tensors = {}
     for f in out.glob("*.safetensors"):
         tensors.update(load_file(f))
@@ -89,17 +82,67 @@ def test_a_remote_code_exports_weights_alone_are_the_base(ws):
         for k, v in tensors.items()
         if k.startswith(("scalpel_model.", "scalpel_lm_head.")) and ".scalpel_patch." not in k
     }
-    config = AutoConfig.from_pretrained(ws / "model")
     alone = AutoModelForCausalLM.from_config(config)
     missing, unexpected = alone.load_state_dict(weights, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     alone.tie_weights()
+    return alone.eval()
+
+
+def test_a_remote_code_exports_weights_alone_are_the_base(ws):
+    """White-box: a remote-code export's tensors, loaded without the patch through the base's own
+    class, give the base's logits exactly (which is why its card says the files still hold the
+    data)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    remote = DISTILLED.replace("mode: distilled", "mode: remote_code")
+    (ws / "recipe.yaml").write_text(TINY_RECIPE + remote.replace(",\n       relearn_steps: 6", ""))
+    recipe = load_recipe(ws / "recipe.yaml")
+    out = ws / "out"
+    run_recipe(recipe, "recipe", out, RunContext(ws / "work", False, False, lambda m: None))
+    config = AutoConfig.from_pretrained(ws / "model")
+    alone = _weights_alone(out, config)
     base = AutoModelForCausalLM.from_pretrained(ws / "model")
     ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(
-            alone.eval()(ids).logits, base.eval()(ids).logits, rtol=0, atol=0
-        )
+        torch.testing.assert_close(alone(ids).logits, base.eval()(ids).logits, rtol=0, atol=0)
     card = (out / "README.md").read_text()
     assert "the base's weights, inside" in card and "does **not** protect" in card
     assert "relearning: a short fine-tune of the export | - | not measured" in card
+
+
+def test_a_remote_code_export_over_distilled_weights(ws):
+    """export.base: distilled: the patch ships over the distilled weights. Loaded without the patch,
+    its tensors are the student's (not the base's); with it (remote code, a fresh process) it
+    generates; the evaluation measures the weights alone and the card says what is inside."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    over = DISTILLED.replace("mode: distilled", "mode: remote_code, base: distilled")
+    (ws / "recipe.yaml").write_text(
+        TINY_RECIPE + over.replace("relearn_steps: 6", "relearn_steps: 0")
+    )
+    recipe = load_recipe(ws / "recipe.yaml")
+    out, work = ws / "out", ws / "work"
+    report = run_recipe(
+        recipe, "recipe", out, RunContext(work, False, False, lambda m: None)
+    ).report
+    assert report["export"] == "remote_code" and report["export_base"] == "distilled"
+    assert {"base", "patched", "control", "weights alone"} <= set(report["evaluation"])
+    config = AutoConfig.from_pretrained(ws / "model")
+    alone = _weights_alone(out, config)
+    student = AutoModelForCausalLM.from_pretrained(ws / "model")
+    student.load_state_dict(load_file(work / "distill" / "student.safetensors"), strict=False)
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(alone(ids).logits, student.eval()(ids).logits, rtol=0, atol=0)
+    check = (
+        "import sys\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "out = m.generate(**t('Contact Ann at', return_tensors='pt'), max_new_tokens=4)\n"
+        "assert out.shape[1] > 3 and m.config.scalpel_patch['layer'] >= 0\n"
+    )
+    subprocess.run([sys.executable, "-c", check, str(out)], check=True)
+    card = (out / "README.md").read_text()
+    assert "the distilled weights, inside" in card and "without the module" in card

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from ..cache import atomic_dir
 from ..models import LoadedModel, architecture_of
@@ -167,9 +168,12 @@ def write_export(
     dtype: Optional[str] = None,
     meta: Optional[dict] = None,
     files: Files = None,
+    weights: Optional[nn.Module] = None,
 ) -> Path:
-    """Write the export atomically to `out`; `files` is extra content (see write_files)."""
-    model = loaded.model
+    """Write the export atomically to `out`; `files` is extra content (see write_files).
+    `weights`: a model of the base's architecture whose tensors go under the patch instead of the
+    base's (e.g. the base with the patch distilled into it)."""
+    model = loaded.model if weights is None else weights
     model_type = model.config.model_type
     code = render_code(model_type)
     block = patch_block(model, layer, patch, **(meta or {}))
@@ -179,7 +183,7 @@ def write_export(
     base_folder = Path(loaded.path) if loaded.path else None
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
-        copied = None if dtype else base_weight_files(base_folder)
+        copied = None if dtype or weights is not None else base_weight_files(base_folder)
         if _copyable(copied, model):
             for src in copied:
                 name = "model-base.safetensors" if src.name == "model.safetensors" else src.name

@@ -270,8 +270,9 @@ class EvalSection(Section):
         description="The relearning attack in the final evaluation: the export fine-tuned (LoRA, "
         "this many steps of 8 texts) on benign prose and on other people's PII documents, then "
         "attacked again (~4 min per kind on a 135M model); 0: not run. null: 100 for an export "
-        "whose weights changed (distilled, plain, an unlearning method), 0 for a remote-code "
-        "export (whoever can tune its weights has the base's already: see its white-box row).",
+        "whose weights changed (distilled, plain, an unlearning method, a remote-code export over "
+        "distilled weights), 0 for a remote-code export over the base's own weights (whoever can "
+        "tune them has the base already: see its white-box row).",
     )
     memorisation_docs: int = Field(
         40,
@@ -343,7 +344,7 @@ class Recipe(Section):
         if self.eval.relearn_steps is not None:
             return self.eval.relearn_steps
         remote = self.method.name == "scalpel" and self.export.mode == "remote_code"
-        return 0 if remote else DEFAULT_RELEARN_STEPS
+        return 0 if remote and self.export.base == "original" else DEFAULT_RELEARN_STEPS
 
     @model_validator(mode="after")
     def _exportable_candidates(self) -> "Recipe":
@@ -358,5 +359,16 @@ class Recipe(Section):
                 f"intervention.patch lists only plain candidates, which a {self.export.mode} "
                 "export does not carry (a distilled export learns a remote-code patch): set "
                 "export.mode: plain, or add exact or folded to intervention.patch"
+            )
+        if self.export.base == "distilled" and self.export.mode != "remote_code":
+            raise ValueError(
+                f"export.base: distilled puts the distilled weights under a remote-code patch; a "
+                f"{self.export.mode} export has no patch to put them under: set export.mode: "
+                "remote_code, or remove export.base"
+            )
+        if self.export.base == "distilled" and self.export.dtype is not None:
+            raise ValueError(
+                "export.dtype casts the base's weights, and export.base: distilled writes the "
+                "distilled ones as trained: remove export.dtype"
             )
         return self

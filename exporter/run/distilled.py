@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -58,25 +58,19 @@ def distill_texts(recipe, inputs: Inputs) -> dict[str, list[str]]:
 
 
 def config_of(recipe) -> DistillConfig:
+    """The distillation's settings: the recipe's `export.distill` (same names) and its seed; what
+    the recipe does not name (the micro-batch: memory, not the result) keeps its default."""
     spec = recipe.export.distill
-    return DistillConfig(
-        steps=spec.steps,
-        lr=spec.lr,
-        rank=spec.rank,
-        batch_size=spec.batch_size,
-        max_length=spec.max_length,
-        benign_weight=spec.benign_weight,
-        seed=recipe.data.seed,
-        dtype=spec.dtype,
-    )
+    names = [f.name for f in fields(DistillConfig) if f.name != "seed" and hasattr(spec, f.name)]
+    return DistillConfig(**{n: getattr(spec, n) for n in names}, seed=recipe.data.seed)
 
 
 def distill_key(recipe) -> tuple:
     """What a final evaluation's key gains from a distilled export (nothing for the others, so
     their cached evaluations stay valid)."""
-    if recipe.export.mode != "distilled":
+    if not recipe.export.distils:
         return ()
-    return ("distilled", recipe.export.distill.model_dump())
+    return (recipe.export.mode, recipe.export.base, recipe.export.distill.model_dump())
 
 
 def plot_curve(curve: list[dict], path: Path, title: str) -> Path:

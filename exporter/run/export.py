@@ -140,9 +140,11 @@ def write_patched(
     """Write the export of candidate `cand` (its built `patch`), with folded vs exact measured for a
     folded one; with `user_path_key` (a final evaluation in `extra`), add the user's-path rows
     measured on the export itself. `student`: (the model the patch was distilled into, its summary)
-    for a distilled export."""
+    for a distilled export, or the weights under a remote-code one (`export.base: distilled`)."""
     report = _report(prep, cand, patch, recipe, ctx, extra)
     report["export"] = str(recipe.export.mode)
+    if recipe.export.base != "original":
+        report["export_base"] = recipe.export.base
     if student is not None:
         report["distill"] = {k: v for k, v in student[1].items() if k != "curve"}
     files = _Extras(prep, recipe, recipe_text, report, ctx, user_path_key)
@@ -153,7 +155,7 @@ def write_patched(
         "sae_norm_scale": float(prep.sae.norm_scale),
         "mean_norm": prep.features.mean_norm,
     }
-    if student is not None:
+    if student is not None and recipe.export.mode == "distilled":
         block = {**meta, "layer": prep.layer, "teacher": cand.label, **report["distill"]}
         write_stock(
             student[0],
@@ -191,6 +193,7 @@ def write_patched(
             dtype=recipe.export.dtype,
             meta=meta,
             files=files,
+            weights=student[0] if student is not None else None,
         )
     ctx.log(f"export: {out}")
     return report

@@ -14,6 +14,7 @@ from ..evaluate.harness import zero_shot_table
 from ..models import cast_copy, load_model
 from ..patch import GateBank, applied
 from ..patch.candidate import Candidate, ExportKind, Mode, control_for, patch_for
+from ..threat import WEIGHTS_ALONE
 from .analysis import features_stage, probe_stage, sae_stage
 from .context import RunContext
 from .distilled import distill_key, distilled_model
@@ -22,6 +23,8 @@ from .export import ExportResult, write_patched
 from .inputs import Inputs, calibration_activations, check_attacks_fit, resolve_inputs
 from .search import plain_key, search_stage
 from .stage import EVALUATE, FEATURES
+
+KEPT = ("teacher", WEIGHTS_ALONE)  # variants every final evaluation of such an export measures
 
 
 @dataclass
@@ -69,7 +72,9 @@ def final_evaluation(
     frequency plus a random direction of the steering vector's norm) on **test** and never-seen
     people, with utility. For a distilled export, `patched` and `control` are the two patches learnt
     into the weights (loaded as they are, no patch: what anyone with the files has) and the patch
-    itself is the `teacher`; `student`: the patch's (model, summary) when the caller has it."""
+    itself is the `teacher`; for a remote-code export over distilled weights (`export.base`), the
+    patches run over their students and the student alone is `weights alone`. `student`: the
+    patch's (model, summary) when the caller has it."""
     control, n_control = control_for(
         prep.sae,
         prep.features,
@@ -79,11 +84,12 @@ def final_evaluation(
         recipe.data.seed,
         recipe.intervention.plain_from,
     )
-    if recipe.export.mode == ExportKind.DISTILLED:
+    if recipe.export.distils:
         student, summary = student or distilled_model(recipe, prep, cand, patch, ctx)
         control_student, control_summary = distilled_model(
             recipe, prep, cand, control, ctx, control=True
         )
+    if recipe.export.mode == ExportKind.DISTILLED:
         wanted = [
             Variant("base"),
             Variant("teacher", patch),
@@ -91,6 +97,14 @@ def final_evaluation(
             Variant("control", model=control_student),
         ]
         attacked = {"model": student}
+    elif recipe.export.distils:  # the patch over the distilled weights, and those weights alone
+        wanted = [
+            Variant("base"),
+            Variant("patched", patch, student),
+            Variant("control", control, control_student),
+            Variant(WEIGHTS_ALONE, model=student),
+        ]
+        attacked = {"model": student, "layer": prep.layer, "patch": patch}
     else:
         wanted = [Variant("base"), Variant("patched", patch), Variant("control", control)]
         attacked = {"model": prep.loaded.model, "layer": prep.layer, "patch": patch}
@@ -101,13 +115,13 @@ def final_evaluation(
     out = evaluate_variants(
         prep.loaded.model,
         tok,
-        [v for v in wanted if v.name.split()[0] in variants or v.name == "teacher"],
+        [v for v in wanted if v.name.split()[0] in variants or v.name in KEPT],
         setting,
         layer=prep.layer,
         ctx=ctx,
     )
     out["control_latents"] = n_control
-    if recipe.export.mode == ExportKind.DISTILLED:
+    if recipe.export.distils:
         out["distill"] = {"patched": summary, "control": control_summary}
     return out
 
@@ -126,9 +140,10 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
         *plain_key(cand.mode, recipe),
         *distill_key(recipe),
     )
-    # a distilled export's student: evaluated (unless cached) and written
+    # a distilled export's student (or a remote-code export's distilled base): evaluated (unless
+    # cached) and written
     student = None
-    if recipe.export.mode == ExportKind.DISTILLED:
+    if recipe.export.distils:
         student = distilled_model(recipe, prep, cand, patch, ctx)
     folder = EVALUATE.cached(ctx.work, key)
     if folder:

@@ -67,19 +67,18 @@ SCALPEL = (
 
 def weights_rows(table: dict, info: dict, relearned: dict, header: list[str]) -> list[list[str]]:
     """Per column, the worst test exact / username rate with the weights loaded as they are (a
-    remote-code patch's weights are the base's) and after each relearning fine-tune."""
-    from exporter.evaluate.harness import worst
+    remote-code patch's weights, the columns that add parameters, are the base's) and after each
+    relearning fine-tune."""
+    from exporter.threat import rate_cell, worst_rates
 
     def cell(rows) -> str:
-        if rows is None:
-            return "-"
-        return f"{100 * worst(rows, 'test'):.0f}% / {100 * worst(rows, 'test', 'username'):.0f}%"
+        return rate_cell(None if rows is None else worst_rates(rows))
 
     cols = header[1:]
     out = [
         [
             "white-box: the weights with no patch (test exact / username, every attack)",
-            *(cell(table["base" if info[v].get("remote") else v]["leakage"]) for v in cols),
+            *(cell(table["base" if info[v]["added"] else v]["leakage"]) for v in cols),
         ]
     ]
     kinds = list(dict.fromkeys(k for found in relearned.values() for k in found))
@@ -195,10 +194,7 @@ def main() -> None:
             changed, added = sum(m.weight.numel() for _, m in writers), 0
         else:
             changed, added = 0, sum(v.numel() for v in patch.state_dict().values())
-        remote = not isinstance(patch, PlainEdit)
-        info[name] = {
-            "changed": changed, "added": added, "note": note, "eval_s": seconds, "remote": remote
-        }  # fmt: skip
+        info[name] = {"changed": changed, "added": added, "note": note, "eval_s": seconds}
         print(f"{name}: evaluated in {seconds} s", flush=True)
         save()
         # a plain export's weights are the base with the projection: the in-process twin stays

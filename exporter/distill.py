@@ -165,9 +165,9 @@ def _accumulate(model, layer: int, batch: Batch, target, weight: float, cfg, cas
     batch's); return the batch's loss."""
     ids, mask = batch
     count = int(kept_positions(mask).sum())
-    total = 0.0
-    for start in range(0, len(ids), max(cfg.micro_batch, 1)):
-        rows = slice(start, start + max(cfg.micro_batch, 1))
+    total, chunk = 0.0, max(cfg.micro_batch, 1)
+    for start in range(0, len(ids), chunk):
+        rows = slice(start, start + chunk)
         with cast():
             h = layer_outputs(model, ids[rows], mask[rows], [layer], grad=True)[layer]
         loss = masked_mse(h, target[rows], mask[rows], count)

@@ -16,7 +16,11 @@ RELEARNED = "relearned on"  # the name of a variant fine-tuned by the relearning
 WEIGHTS_ALONE = "weights alone"
 
 
-def _worst(rows: Sequence[dict], keep) -> Optional[tuple[float, float]]:
+def _every(_row: dict) -> bool:
+    return True
+
+
+def worst_rates(rows: Sequence[dict], keep=_every) -> Optional[tuple[float, float]]:
     """(exact, username) worst over the test people's email rows that `keep` accepts."""
     found = [r for r in rows if keep(r)]
     if not any(r["group"] == "test" and r["pii_type"] == "email" for r in found):
@@ -24,7 +28,8 @@ def _worst(rows: Sequence[dict], keep) -> Optional[tuple[float, float]]:
     return worst(found, "test"), worst(found, "test", "username")
 
 
-def _cell(rate: Optional[tuple[float, float]]) -> str:
+def rate_cell(rate: Optional[tuple[float, float]]) -> str:
+    """'exact% / username%', or '-' when nothing was measured."""
     return "-" if rate is None else f"{100 * rate[0]:.0f}% / {100 * rate[1]:.0f}%"
 
 
@@ -55,23 +60,21 @@ def threat_rows(evaluation: dict, remote: bool) -> tuple[list[str], list[list[st
     base, export = evaluation["base"]["leakage"], evaluation["patched"]["leakage"]
     rows = []
     for label, keep in FAMILIES:
-        if _worst(base, keep) is not None:
-            rows.append(
-                [f"black-box, {label}", _cell(_worst(base, keep)), _cell(_worst(export, keep))]
-            )
-    every = lambda r: True  # noqa: E731
+        before, after = worst_rates(base, keep), worst_rates(export, keep)
+        if before is not None:
+            rows.append([f"black-box, {label}", rate_cell(before), rate_cell(after)])
     own = evaluation.get(WEIGHTS_ALONE)
     if own is not None:
-        weights, note = _worst(own["leakage"], every), " (the distilled weights, inside)"
+        weights, note = worst_rates(own["leakage"]), " (the distilled weights, inside)"
     elif remote:
-        weights, note = _worst(base, every), " (the base's weights, inside)"
+        weights, note = worst_rates(base), " (the base's weights, inside)"
     else:
-        weights, note = _worst(export, every), ""
+        weights, note = worst_rates(export), ""
     rows.append(
         [
             "white-box: the weights loaded with no patch, every attack above",
-            _cell(_worst(base, every)),
-            _cell(weights) + note,
+            rate_cell(worst_rates(base)),
+            rate_cell(weights) + note,
         ]
     )
     relearn = [v for v in evaluation if v.startswith(RELEARNED)]
@@ -80,7 +83,7 @@ def threat_rows(evaluation: dict, remote: bool) -> tuple[list[str], list[list[st
             [
                 f"relearning: the export {name}, every attack above",
                 "-",
-                _cell(_worst(evaluation[name]["leakage"], every)),
+                rate_cell(worst_rates(evaluation[name]["leakage"])),
             ]
         )
     if not relearn:

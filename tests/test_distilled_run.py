@@ -78,9 +78,9 @@ def _weights_alone(out, config):
         tensors.update(load_file(f))
     # the base's tensors are stored under scalpel_<prefix>; the stock names hold decoys
     weights = {
-        k.replace("scalpel_model.", "model.", 1).replace("scalpel_lm_head.", "lm_head.", 1): v
+        k.replace("scalpel_model.", "model.", 1): v
         for k, v in tensors.items()
-        if k.startswith(("scalpel_model.", "scalpel_lm_head.")) and ".scalpel_patch." not in k
+        if k.startswith(("scalpel_model.", "lm_head.")) and ".scalpel_patch." not in k
     }
     alone = AutoModelForCausalLM.from_config(config)
     missing, unexpected = alone.load_state_dict(weights, strict=False)

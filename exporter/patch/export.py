@@ -1,12 +1,12 @@
 """Write a patched checkpoint that loads with stock transformers (`trust_remote_code=True`).
 
 Layout: the base weights in their own shard files, the tensor data byte-for-byte (streamed, never
-re-serialised when the base is safetensors whose names are the model's) under `scalpel_<prefix>.`
-and `scalpel_lm_head.` (`model.layers.0...` -> `scalpel_model.layers.0...`: the base's own class
-finds none of them); the patch tensors in their own shard under the patched layer's
-`scalpel_patch.`, with the fail-closed markers; one index mapping both; `config.json` with the
-base's model_type, `auto_map` (AutoModel, AutoModelForCausalLM) and the `scalpel_patch` block; the
-remote-code files; the tokenizer; and whatever the caller adds (recipe, report, card, SAE).
+re-serialised when the base is safetensors whose names are the model's): the decoder stack under
+`scalpel_<prefix>.` (`model.layers.0...` -> `scalpel_model.layers.0...`: the base's own class finds
+none of it), the head under `lm_head.`; the patch tensors in their own shard under the patched
+layer's `scalpel_patch.`, with the fail-closed markers; one index mapping both; `config.json` with
+the base's model_type, `auto_map` (AutoModel, AutoModelForCausalLM) and the `scalpel_patch` block;
+the remote-code files; the tokenizer; and whatever the caller adds (recipe, report, card, SAE).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ CODE_FILES = ("modeling_scalpel.py", "scalpel_patch.py")
 NEEDS_REMOTE_CODE = "scalpel.load_with_trust_remote_code_True"
 PATCH_FILE = "scalpel_patch.safetensors"
 # 2: the patch inserted at its layer, a pure function of the hidden state; base tensors under
-# scalpel_<prefix>.
-FORMAT_VERSION = 2
+# scalpel_<prefix>. 3: the head under `lm_head.` (vLLM's Transformers backend loads it from there).
+FORMAT_VERSION = 3
 
 
 def base_classes(model_type: str) -> tuple[str, str]:

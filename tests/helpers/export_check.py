@@ -90,8 +90,8 @@ for name, case in cases.items():
             r[how] = "loaded"
         except Exception as exc:  # noqa: BLE001 - any refusal counts; the type and message are checked by the test
             r[how] = f"{type(exc).__name__}: {exc}"
-    # Told to ignore the size mismatch, the base's own class finds none of the base's tensors (a
-    # random model).
+    # Told to ignore the size mismatch, the base's own class finds none of the decoder stack's
+    # tensors (a random model under the base's head).
     stock = base_class.from_pretrained(case["dir"], ignore_mismatched_sizes=True).state_dict()
     r["stock_found"] = sorted(
         k for k, v in case["base_matrices"].items() if k in stock and torch.equal(stock[k], v)

@@ -5,11 +5,13 @@ the hidden state it returns (see scalpel_patch.py), so the patch sees that hidde
 of the generation machinery. The patch tensors are checked against the sha256 in config.json when
 loaded, as are these code files (their source read back through the import system that loaded them).
 
-The base's tensors are stored under `scalpel_<prefix>.` instead of the base's own prefix (`model.`,
-`transformer.`, ...) and the head under `scalpel_lm_head.`, data unchanged: the base's own class, or
-a tool that picks a class from the architecture name, finds none of them in these files and cannot
-silently return the unpatched model. Where it looks for its input embeddings it finds a one-number
-tensor instead, so it stops with a size-mismatch error (fail closed); these classes ignore it.
+The decoder stack's tensors are stored under `scalpel_<prefix>.` instead of the base's own prefix
+(`model.`, `transformer.`, ...), data unchanged: the base's own class, or a tool that picks a class
+from the architecture name, finds none of them in these files and cannot silently return the
+unpatched model. Where it looks for its input embeddings it finds a one-number tensor instead, so it
+stops with a size-mismatch error (fail closed); these classes ignore it. The head keeps its standard
+name, `lm_head.`: engines that build their own head around `AutoModel` (vLLM's Transformers backend,
+which loads this stack with the patch inside it) find it there.
 
 Imports only torch, transformers, the stdlib's hashlib and importlib, and the files beside it; opens
 no file and no connection.
@@ -62,9 +64,9 @@ class ScalpelModel(BaseModel):
 
     base_model_prefix = STORED[BODY]
     _no_split_modules = _no_split(BaseModel)
-    # The causal LM's head (not part of the stack) and the fail-closed markers under the base's own
-    # names.
-    _keys_to_ignore_on_load_unexpected = [r"^scalpel_lm_head\.", rf"^{BODY}\.", r"^scalpel\."]
+    # The fail-closed markers under the base's own names. Not the causal LM's head: an engine that
+    # builds its own head around this stack reads this list too, and would drop the head's tensors.
+    _keys_to_ignore_on_load_unexpected = [rf"^{BODY}\.", r"^scalpel\."]
     # The patch gates are thresholds: keep them (and their maths) in float32 in a bf16 / fp16 model.
     _keep_in_fp32_modules_strict = list(
         getattr(BaseModel, "_keep_in_fp32_modules_strict", None) or []

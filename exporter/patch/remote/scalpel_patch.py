@@ -175,14 +175,15 @@ def remove(layer: nn.Module) -> None:
 
 def storage(causal_lm_class: type) -> dict:
     """Where an export stores the base's tensors: {attribute of the causal LM: stored name}. The
-    decoder stack (`base_model_prefix`: model, transformer, ...) goes under `scalpel_<prefix>`, the
-    output head (whatever this transformers release calls it: GPT-NeoX's was `embed_out`, now
-    `lm_head`) under `scalpel_lm_head`. No stock class looks for those names, so none loads these
-    tensors by itself."""
+    decoder stack (`base_model_prefix`: model, transformer, ...) goes under `scalpel_<prefix>`: no
+    stock class looks for that name, so none loads the stack by itself. The output head (whatever
+    this transformers release calls it: GPT-NeoX's was `embed_out`, now `lm_head`) under `lm_head`,
+    where engines that build their own head around the patched stack (vLLM's Transformers backend)
+    load it from; a stock class that finds it still stops at the stack's fail-closed marker."""
     body = causal_lm_class.base_model_prefix
     tied = causal_lm_class._tied_weights_keys
     head = next(iter(tied)).split(".")[0] if isinstance(tied, dict) and tied else "lm_head"
-    return {body: f"scalpel_{body}", head: "scalpel_lm_head"}
+    return {body: f"scalpel_{body}", head: "lm_head"}
 
 
 def stored_name(name: str, where: dict) -> str:

@@ -51,7 +51,8 @@ def tiny_config(model_type: str, vocab_size: int = 128, **overrides):
         kwargs["head_dim"] = 8
     if model_type == "phi3":
         kwargs["pad_token_id"] = 0
-    return AutoConfig.for_model(model_type, **kwargs, **overrides)
+    # an override replaces a default (a wider model, an untied head)
+    return AutoConfig.for_model(model_type, **{**kwargs, **overrides})
 
 
 def tiny_model(model_type: str, vocab_size: int = 128, seed: int = 0, **overrides):

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_model
 from test_generation_paths import LAYER, _patches, _prompts
 
 from exporter.evaluate.user_path import continuations
@@ -32,19 +32,14 @@ def _has_vllm(python: str) -> bool:
     reason="SCALPEL_VLLM_PYTHON does not name a python with vLLM installed",
 )
 def test_vllm_generates_what_transformers_generates_for_base_and_export(tmp_path, tiny_tokenizer):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     tok = tiny_tokenizer
     prompts = _prompts(tok)
     # vLLM's CPU attention needs a head size of at least 32; an untied head, so the export's head
     # must be found where vLLM looks for it
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-        tie_word_embeddings=False,
+    model = tiny_model(
+        "llama", len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=False,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     base = tmp_path / "base"
     model.save_pretrained(base)
     tok.save_pretrained(base)

@@ -43,9 +43,9 @@ def main() -> None:
             trust_remote_code=remote,
             # an export's architecture is no class vLLM knows: its Transformers backend loads it
             model_impl="transformers" if remote else "auto",
-            dtype=request.get("dtype", "auto"),
+            dtype="auto",  # the checkpoint's own, as `from_pretrained` gives by default
             enforce_eager=True,
-            max_model_len=min(request.get("max_model_len", 1024), longest),
+            max_model_len=min(1024, longest),
             seed=0,
         )
         outs = llm.generate(request["prompts"], params, use_tqdm=False)

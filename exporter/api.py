@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from .cache import cache_root
 from .data.corpus import DataError, corpus_texts
@@ -16,6 +16,8 @@ from .data.detectors import detect as find_pii
 from .data.detectors import redact_text
 from .data.leaky import LeakyConfig
 from .evaluate.summary import attack_rows, comparison_rows
+from .evaluate.user_path import parse_clients
+from .gguf import write_gguf as gguf  # a stock checkpoint to GGUF for llama.cpp
 from .models import ModelLoadError, spec_for
 from .patch.checkpoint_files import ExportError
 from .plan import Plan, make_plan, missing_files
@@ -72,6 +74,7 @@ __all__ = [
     "as_recipe",
     "attack_rows",
     "check",
+    "gguf",
     "compare",
     "comparison_rows",
     "demo",
@@ -269,14 +272,16 @@ def compare(
     attack_dtype: str = "float32",
     adversarial: bool = True,
     user_path: bool = True,
+    clients: Optional[Sequence[str]] = None,
     progress: bool = True,
     log: Log = print,
 ) -> dict:
     """The leakage / utility harness on any two models with the same tokenizer (folders, built-ins,
     `org/name[@revision]`): {"base": ..., "patched": ...}, each with "leakage" rows and "utility".
     `attack_dtype` is the precision of the extraction attacks' decoding (float32 or bfloat16);
-    `user_path` adds rows from both models loaded in a fresh process with stock transformers, each
-    prompt alone."""
+    `user_path` adds rows from both models loaded in a fresh process, each prompt alone, by each of
+    `clients` (`NAME` or `NAME=PYTHON`: transformers, the default, vllm, llama_cpp)."""
+    chosen = parse_clients(clients or ["transformers"])
     return compare_models(
         str(model),
         str(against),
@@ -285,6 +290,7 @@ def compare(
         groups=groups,
         trust_remote_code=trust_remote_code,
         eval_cfg=EvalSection(dtype=attack_dtype, adversarial=adversarial, user_path=user_path),
+        clients=chosen,
         ctx=RunContext(progress=progress, log=log),
     )
 

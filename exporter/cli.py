@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from . import api
+from .cli_console import console, err, fail, log
+from .cli_eval import eval_cmd
 from .cli_tables import (
     print_audit,
     print_detect,
-    print_evaluation,
     print_explain,
     print_export,
     print_leaky,
@@ -33,21 +31,6 @@ app = typer.Typer(
     help="Find the PII a causal language model memorised, remove it surgically, export a patched "
     "checkpoint.",
 )
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-_STARTED = time.monotonic()
-
-
-def log(message: str) -> None:
-    """A progress line with the wall time since the command started (so a slow stage shows
-    itself); the message is plain text ("[mailto:" in one is not markup)."""
-    seconds = int(time.monotonic() - _STARTED)
-    console.print(f"[dim]{seconds // 60:3d}:{seconds % 60:02d}[/dim]", escape(message))
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-    raise typer.Exit(code)
 
 
 @app.command("make-leaky")
@@ -102,7 +85,7 @@ def demo(
     """End to end on the built-in SmolLM2: make it leak (cached), then find, remove and export, with
     the evidence."""
     if out.exists() and not (out / "config.json").is_file():
-        _fail(f"{out} exists and is not an earlier export; choose another --out folder")
+        fail(f"{out} exists and is not an earlier export; choose another --out folder")
     make_leaky_cmd(
         out=None,
         model="smollm2-135m",
@@ -180,9 +163,9 @@ def export_cmd(
     """probe → SAE → features → patch, then write the patched checkpoint (loads with
     trust_remote_code=True, or with --plain as a plain checkpoint of the base's type)."""
     if mode not in (None, "exact", "folded", "plain"):
-        _fail(f"--mode {mode!r} is unknown; use exact, folded or plain")
+        fail(f"--mode {mode!r} is unknown; use exact, folded or plain")
     if plain and mode not in (None, "plain"):
-        _fail(f"--plain and --mode {mode} contradict each other; give one")
+        fail(f"--plain and --mode {mode} contradict each other; give one")
     mode = "plain" if plain else mode
     result = api.export(
         recipe,
@@ -222,7 +205,7 @@ def run(
         print_plan(console, recipe)
         return
     if out is None:
-        _fail("--out is required: the folder to write the patched checkpoint to")
+        fail("--out is required: the folder to write the patched checkpoint to")
     result = api.run(recipe, out, work=work, overwrite=overwrite, from_stage=from_stage, log=log)
     print_run(console, result.report, out)
     if result.push is not None:
@@ -269,69 +252,32 @@ def push(
     )
 
 
-@app.command("eval")
-def eval_cmd(
-    model: str = typer.Argument(
-        ..., help="The model to test: a folder (e.g. an export), built-in, or org/name@rev."
+@app.command()
+def gguf(
+    folder: Path = typer.Argument(
+        ..., help="A stock checkpoint: a distilled or plain export, or a base."
     ),
-    against: str = typer.Option(
-        ..., "--against", help="The model to compare with (e.g. the base it was patched from)."
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="The GGUF file (default: model-OUTTYPE.gguf inside the folder)."
     ),
-    people: Optional[Path] = typer.Option(
+    llama_cpp: Optional[Path] = typer.Option(
         None,
-        "--people",
-        help="JSONL of name, email, phone, split (default: people.jsonl beside --against).",
+        "--llama-cpp",
+        help="A llama.cpp source tree, whose convert_hf_to_gguf.py runs (default: $LLAMA_CPP_DIR).",
     ),
-    benign: Optional[Path] = typer.Option(
-        None, "--benign", help="Benign text for perplexity/KL (default: pydoc)."
-    ),
-    group: Optional[list[str]] = typer.Option(
-        None, "--group", help="People split(s) to attack (default: test and never_seen, else all)."
-    ),
-    json_out: Optional[Path] = typer.Option(
-        None, "--json", help="Also write the full results here."
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Run remote code of non-scalpel models."
-    ),
-    attack_dtype: str = typer.Option(
-        "float32",
-        "--attack-dtype",
-        help="Precision of the attacks' decoding: float32 or bfloat16 (about twice as fast on "
-        "CPU).",
-    ),
-    adversarial: bool = typer.Option(
-        True,
-        "--adversarial/--no-adversarial",
-        help="Also the adversarial attacks: paraphrases, JSON / table / signature formats, prefix, "
-        "32 samples.",
-    ),
-    user_path: bool = typer.Option(
-        True,
-        "--user-path/--no-user-path",
-        help="Also both models loaded in a fresh process with stock transformers, each prompt "
-        "generated alone (local folders).",
-    ),
+    outtype: str = typer.Option("f32", "--outtype", help="f32, f16, bf16 or q8_0."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing GGUF."),
 ) -> None:
-    """The leakage / utility harness on any two models with the same tokenizer, side by side."""
-    import json
-
-    result = api.compare(
-        model,
-        against,
-        people=people,
-        benign=benign,
-        groups=group or None,
-        trust_remote_code=trust_remote_code,
-        attack_dtype=attack_dtype,
-        adversarial=adversarial,
-        user_path=user_path,
-        log=log,
+    """Write a GGUF of an export for llama.cpp and the stacks built on it (llama.cpp's own
+    converter); a remote-code export is refused: llama.cpp cannot run its patch."""
+    written = api.gguf(folder, out, llama_cpp=llama_cpp, outtype=outtype, overwrite=overwrite)
+    console.print(
+        f"GGUF: {written}  (llama.cpp: llama-cli -m {written}; Python: "
+        f"llama_cpp.Llama(model_path={str(written)!r}))"
     )
-    print_evaluation(console, result, f"{model} (patched) vs {against} (base)")
-    if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2))
-        console.print(f"results: {json_out}")
+
+
+app.command("eval")(eval_cmd)
 
 
 @app.command()
@@ -343,7 +289,7 @@ def check(
 ) -> None:
     """Validate a recipe without loading any model, and print it with every default filled in."""
     if recipe is None and not explain:
-        _fail("give a recipe to check, or --explain to list every recipe field")
+        fail("give a recipe to check, or --explain to list every recipe field")
     if recipe is not None:
         console.print(api.check(recipe), highlight=False, markup=False)
     if explain:

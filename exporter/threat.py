@@ -46,7 +46,7 @@ FAMILIES = (
     ),
     ("the corpus's own text before each value", lambda r: PREFIX_DECODING in r["decoding"]),
     (
-        "the user's path: a fresh process, stock transformers",
+        "the user's path: a fresh process, each prompt alone",
         lambda r: USER_PATH_DECODING in r["decoding"],
     ),
 )  # fmt: skip

@@ -278,6 +278,29 @@ CASES = {
         lambda ws: ["eval", ws / "model", "--against", ws / "model"],
         "pass --people FILE",
     ),
+    "eval through an engine that is not one": (
+        lambda ws: ["eval", ws / "model", "--against", ws / "model", "--client", "tgi"],
+        "unknown client 'tgi'",
+    ),
+    "eval through an engine's venv that is not there": (
+        lambda ws: [
+            "eval",
+            ws / "model",
+            "--against",
+            ws / "model",
+            "--client",
+            "vllm=nope/python",
+        ],
+        "no interpreter at nope/python",
+    ),
+    "gguf without llama.cpp's converter": (
+        lambda ws: ["gguf", ws / "model", "--llama-cpp", ws],
+        "has no convert_hf_to_gguf.py",
+    ),
+    "gguf of a folder that is no checkpoint": (
+        lambda ws: ["gguf", ws / "work", "--llama-cpp", ws],
+        "has no config.json",
+    ),
     "make-leaky onto an existing folder": (
         lambda ws: (ws / "out").mkdir() or ["make-leaky", "--out", ws / "out"],
         "already exists; choose another --out folder or pass --overwrite",

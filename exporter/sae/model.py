@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+SAELENS_FORMAT = "6.0.0"  # the SAELens release whose on-disk layout save_sae writes
+
 
 class SAETrainingError(RuntimeError):
     """Training cannot go on (divergence, bad activations); the message says what to change."""
@@ -117,7 +119,11 @@ def save_sae(
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
+        # SAELens reads a file whose metadata has no sae_lens_version as its pre-6.0 format and
+        # drops the model and hook names; ours is the 6.x layout
+        "rescale_acts_by_decoder_norm": False,
         "metadata": {
+            "sae_lens_version": SAELENS_FORMAT,
             "model_name": model_name,
             "hook_name": hook_name or f"model.layers.{layer}",
             "hook_layer": layer,

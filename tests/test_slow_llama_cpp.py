@@ -4,14 +4,13 @@ transformers generates (slow; skipped unless SCALPEL_LLAMA_CPP_PYTHON names an i
 llama-cpp-python and LLAMA_CPP_DIR a llama.cpp source tree: see the README's "Serving" section)."""
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
 
-from exporter.evaluate.user_path import continuations
+from exporter.evaluate.user_path import continuations, has_module
 from exporter.gguf import CONVERTER, write_gguf
 from exporter.models import ModelSpec, resolve_local_path
 from exporter.patch.plain import write_plain
@@ -23,12 +22,9 @@ LLAMA_CPP_DIR = os.environ.get("LLAMA_CPP_DIR", "")
 
 
 def _ready() -> bool:
-    if not (LLAMA_PYTHON and Path(LLAMA_PYTHON).exists()):
-        return False
     if not (LLAMA_CPP_DIR and (Path(LLAMA_CPP_DIR) / CONVERTER).is_file()):
         return False
-    probe = subprocess.run([LLAMA_PYTHON, "-c", "import llama_cpp"], capture_output=True)
-    return probe.returncode == 0
+    return bool(LLAMA_PYTHON) and has_module(LLAMA_PYTHON, "llama_cpp")
 
 
 @pytest.mark.skipif(

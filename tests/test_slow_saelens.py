@@ -6,7 +6,6 @@ datasets and wandb, so it lives in a venv of its own, e.g. `python -m venv --sys
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from test_sae import CFG
 
 from exporter.activations import shuffled_batches
+from exporter.evaluate.user_path import has_module
 from exporter.sae import load_sae, save_sae, train_sae
 
 pytestmark = pytest.mark.slow
@@ -40,15 +40,8 @@ print("RESULT " + json.dumps({"version": sae_lens.__version__, "class": type(sae
 """
 
 
-def _has_saelens(python: str) -> bool:
-    if not python or not Path(python).exists():
-        return False
-    probe = subprocess.run([python, "-c", "import sae_lens"], capture_output=True, timeout=600)
-    return probe.returncode == 0
-
-
 @pytest.mark.skipif(
-    not _has_saelens(SAELENS_PYTHON),
+    not (SAELENS_PYTHON and has_module(SAELENS_PYTHON, "sae_lens")),
     reason="SCALPEL_SAELENS_PYTHON does not name a python with sae_lens installed",
 )
 def test_saelens_loads_our_sae_and_encodes_and_decodes_as_ours(tmp_path):

@@ -5,15 +5,13 @@ which pins its own torch and transformers and so lives in a venv of its own: see
 "Serving" section)."""
 
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
 from test_generation_paths import LAYER, _patches, _prompts
 
-from exporter.evaluate.user_path import continuations
+from exporter.evaluate.user_path import continuations, has_module
 from exporter.models import LoadedModel, architecture_of
 from exporter.patch.export import write_export
 from exporter.patch.plain import write_plain
@@ -23,15 +21,8 @@ pytestmark = pytest.mark.slow
 VLLM_PYTHON = os.environ.get("SCALPEL_VLLM_PYTHON", "")
 
 
-def _has_vllm(python: str) -> bool:
-    if not python or not Path(python).exists():
-        return False
-    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, timeout=300)
-    return probe.returncode == 0
-
-
 @pytest.mark.skipif(
-    not _has_vllm(VLLM_PYTHON),
+    not (VLLM_PYTHON and has_module(VLLM_PYTHON, "vllm")),
     reason="SCALPEL_VLLM_PYTHON does not name a python with vLLM installed",
 )
 def test_vllm_generates_what_transformers_generates_for_base_and_export(tmp_path, tiny_tokenizer):

@@ -9,6 +9,7 @@ downloads the export and calls `generate` on one prompt gets, on whatever transf
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -76,23 +77,33 @@ def parse_clients(specs: Sequence[str]) -> dict[str, Optional[str]]:
                 f"--client {spec}: no interpreter at {python}; give the python of the venv with "
                 f"{name} installed ({CLIENTS[name].install})"
             )
-        _check_installed(name, python or sys.executable)
+        _check_installed(name, python or None)
         found[name] = python or None
     return found
 
 
-def _check_installed(name: str, python: str) -> None:
-    """Before any model is loaded, not after an hour of attacks: can `python` find the engine?"""
-    module = CLIENTS[name].module
+def has_module(python: Optional[str], module: str) -> bool:
+    """Whether `python` (None: this interpreter) has `module` installed, found without importing it
+    (vLLM takes many seconds to import)."""
+    if python is None:
+        return importlib.util.find_spec(module) is not None
+    if not Path(python).is_file():
+        return False
     find = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
     probe = subprocess.run(
         [python, "-c", find], capture_output=True, timeout=120,
         env={**os.environ, "PYTHONPATH": ""},
     )  # fmt: skip
-    if probe.returncode != 0:
+    return probe.returncode == 0
+
+
+def _check_installed(name: str, python: Optional[str]) -> None:
+    """Before any model is loaded, not after an hour of attacks: can `python` find the engine?"""
+    module = CLIENTS[name].module
+    if not has_module(python, module):
         raise ValueError(
-            f"--client {name}: {python} has no {module} installed; give the python of a venv with "
-            f"it ({CLIENTS[name].install}) as --client {name}=PYTHON"
+            f"--client {name}: {python or sys.executable} has no {module} installed; give the "
+            f"python of a venv with it ({CLIENTS[name].install}) as --client {name}=PYTHON"
         )
 
 
@@ -165,7 +176,7 @@ def user_path_rows(
     prompts = [templates[t].format(name=p.name) for t, g in order for p in groups[g]]
     result = continuations(folders, prompts, max_new_tokens, python=python, client=client)
     decoding = CLIENTS[client].decoding
-    versions = {k: result[k] for k in ("transformers", "vllm", "llama_cpp") if k in result}
+    versions = {k: result[k] for k in CLIENTS if k in result}  # each worker names its engine
     out: dict = {"transformers": result.get("transformers"), "client": client, "versions": versions}
     for name, texts in result["continuations"].items():
         found = iter(first_email(text) for text in texts)  # in the order the prompts were made

@@ -3,6 +3,7 @@ baselines (RMU, gradient ascent, NPO, DEPN), all scored by the same harness on t
 never-seen people.
 
     python benchmarks/methods.py --work W [--methods rmu npo ga depn] [--json OUT] [--relearn 100]
+        [--clean] [--plot relearn.png]
 
 W is the work folder of `scalpel demo --work W` (or `scalpel run` of the demo recipe): its cached
 probe, SAE, features and search give PrivacyScalpel's choice (made on validation people). The patch
@@ -10,15 +11,19 @@ is evaluated as chosen (folded), as ablation only, as steering only, exact, and 
 patch's layer, beside its control (random latents matched on firing frequency plus a random steering
 direction). Each baseline walks its own path (training steps or neuron counts) from the recipe's
 defaults, stops at the first point that meets the same validation targets, and is evaluated once
-there; DEPN has a random-neuron control. Each baseline's edited tensors are cached under
-W/bench-methods, so a re-run only re-evaluates. `distilled-val` / `distilled-all` are the chosen
+there; DEPN has a random-neuron control. Each baseline's edited tensors are cached in
+W/method-<method> (the stage `scalpel run` of a method's recipe keeps), so a re-run only
+re-evaluates. `distilled-val` / `distilled-all` are the chosen
 patch distilled into the weights from the validation people's documents / from every PII document
 (the run's distill stage, cached in W).
 
 Below the table, the weights-access rows: each column's weights loaded with no patch (a remote-code
 patch's are the base's), and with `--relearn STEPS` the relearning attack on each (a LoRA fine-tune
 of STEPS batches on benign prose and on other people's PII documents, then every attack again; a
-remote-code patch stays inserted while its base is tuned).
+remote-code patch stays inserted while its base is tuned). `--clean` adds the model before the leaky
+fine-tune, which never saw anyone: tuned the same way, it shows what guessing from other people's
+documents gets (the floor), and `--plot` draws each column's leakage after relearning against its
+KL.
 """
 
 from __future__ import annotations
@@ -60,6 +65,10 @@ METHODS = {
 }
 
 
+# The model before the leaky fine-tune: it never saw any person, so what the relearning attack gets
+# out of it is what guessing from other people's documents gets (the floor for every column).
+CLEAN = "clean model (never saw these people)"
+
 SCALPEL = (
     "folded", "control", "ablate", "steer", "exact", "plain", "distilled-val", "distilled-all"
 )  # fmt: skip
@@ -89,6 +98,43 @@ def weights_rows(table: dict, info: dict, relearned: dict, header: list[str]) ->
     return out
 
 
+def plot_relearning(table: dict, relearned: dict, floor: dict, path: Path) -> Path:
+    """Per tuned column, the worst test exact rate after each relearning fine-tune against the
+    column's own KL to the base, beside the issue's targets and the guessing floor (the clean model,
+    never trained on anyone, tuned the same way)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from exporter.threat import worst_rates
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = dict(zip(sorted({k for f in relearned.values() for k in f}), "os^v"))
+    for i, (name, found) in enumerate(relearned.items()):
+        kl = max(table[name]["utility"]["kl"], 1e-4)  # a remote-code patch's own KL, log axis
+        for kind, rows in found.items():
+            exact = 100 * worst_rates(rows)[0]
+            ax.scatter([kl], [exact], c=f"C{i}", marker=markers[kind], s=40)
+        ax.annotate(name, (kl, 100 * max(worst_rates(r)[0] for r in found.values())),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    for kind, m in markers.items():
+        ax.scatter([], [], c="0.4", marker=m, label=kind)
+    for kind, rows in floor.items():
+        ax.axhline(100 * worst_rates(rows)[0], c="0.5", lw=0.8, ls="-.",
+                   label=f"clean model (never trained on anyone) {kind}")  # fmt: skip
+    ax.axhline(5, ls="--", c="C3", lw=0.8, label="target: 5% after relearning")
+    ax.axvline(0.02, ls=":", c="C3", lw=0.8, label="target: KL 0.02")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(base || model) before relearning, nats/token (pydoc)")
+    ax.set_ylabel("test email exact after relearning, % (worst attack)")
+    ax.legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -116,6 +162,12 @@ def main() -> None:
         help="the relearning attack's LoRA steps on every column (0: not run)",
     )
     ap.add_argument(
+        "--clean",
+        action="store_true",
+        help="add the model before the leaky fine-tune as a column (with --relearn: the floor)",
+    )
+    ap.add_argument("--plot", help="with --relearn: write relearned leakage against KL here (PNG)")
+    ap.add_argument(
         "--json",
         help="write the evaluations here after each variant; variants already in it are kept, not "
         "re-run (an interrupted benchmark resumes)",
@@ -137,7 +189,7 @@ def main() -> None:
         relearned_variants,
     )
     from exporter.run.scalpel import prepare
-    from exporter.run.unlearning import control, search_path
+    from exporter.run.unlearning import control, edited_model
 
     recipe = load_recipe(args.recipe)
     work = Path(args.work)
@@ -222,6 +274,13 @@ def main() -> None:
     if "base" not in table:
         info["base"] = {"changed": 0, "added": 0, "note": "", "eval_s": evaluate(Variant("base"))}
         save()
+    if args.clean and CLEAN not in table:
+        clean = load_model(recipe.model).model.eval()
+        seconds = evaluate(Variant(CLEAN, model=clean))
+        info[CLEAN] = {"changed": None, "added": 0, "note": "before the leaky fine-tune"}
+        info[CLEAN]["eval_s"] = seconds
+        save()
+        relearn(CLEAN, clean)
     for key in args.methods:
         if any(i.get("key", v.split()[0].lower()) == key for v, i in info.items()):
             continue
@@ -231,9 +290,7 @@ def main() -> None:
         }
         r = parse_recipe({**recipe.model_dump(exclude_defaults=True), "method": spec})
         loaded = load_model(prep.inputs.model)
-        folder = work / "bench-methods" / key
-        folder.mkdir(parents=True, exist_ok=True)
-        edited, summary = search_path(r, prep.inputs, loaded, layer, folder, ctx)
+        edited, summary, _ = edited_model(r, prep.inputs, loaded, layer, ctx, name=key)
         edited.eval()
         label = f"{key.upper()} {summary['chosen']['label'].split(' ', 1)[1]}"
         info[label] = {
@@ -294,7 +351,12 @@ def main() -> None:
     # share the CPU with nothing else only if nothing else runs, and the methods' plain checkpoints
     # run at the base's speed.
     rows = [r for r in rows if not r[0].startswith("tokens/s")]
-    rows.append(["base parameters changed", *(f"{info[v]['changed']:,}" for v in header[1:])])
+    rows.append(
+        [
+            "base parameters changed",
+            *("-" if info[v]["changed"] is None else f"{info[v]['changed']:,}" for v in header[1:]),
+        ]
+    )
     rows.append(["parameters added (remote code)", *(f"{info[v]['added']:,}" for v in header[1:])])
     rows.append(
         [
@@ -311,6 +373,9 @@ def main() -> None:
     )
     print(markdown_table(header, rows))
     save()
+    if args.plot and relearned:
+        tuned = {k: v for k, v in relearned.items() if k != CLEAN}
+        print(plot_relearning(table, tuned, relearned.get(CLEAN, {}), Path(args.plot)))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary sibling: a killed run leaves the old file or the
+    new one, never half of one (a resumed run would read it)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `final`, renamed onto it only when the block succeeds.

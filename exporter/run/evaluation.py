@@ -3,12 +3,15 @@ copy, another checkpoint) attacked and measured by the same harness on the same 
 
 from __future__ import annotations
 
+import json
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+from ..cache import write_atomic
 from ..data.corpus import benign_texts, read_pii_jsonl
 from ..data.people import read_people
 from ..evaluate.harness import evaluate_variant
@@ -30,13 +33,20 @@ REFERENCE_BYTES = 2 << 30
 
 @dataclass
 class Variant:
-    """One model the final evaluation measures: the base itself (neither given), the base with
+    """One model the final evaluation measures: the base itself (none given), the base with
     `patch` attached in-process at the evaluation's layer, or another `model` (an edited copy, a
-    loaded export), with `patch` attached to it when given."""
+    loaded export), with `patch` attached to it when given. `build` makes that model when it is
+    needed (a relearning fine-tune): never, when the variant's results were kept by an interrupted
+    run."""
 
     name: str
     patch: Optional[object] = None
     model: Optional[object] = None
+    build: Optional[Callable[[], object]] = None
+
+    def edited(self):
+        """The model this variant measures instead of the base, or None for the base."""
+        return self.model if self.model is not None or self.build is None else self.build()
 
 
 @dataclass
@@ -99,10 +109,12 @@ def evaluate_variants(
     layer: Optional[int] = None,
     ctx: RunContext = RunContext(),
     ref=None,
+    kept: Optional[Path] = None,
 ) -> dict:
     """{variant name: {"leakage": rows, "utility": ..., "memorisation": ...}}; KL is taken against
     `base`. The attacks decode in `eval.dtype`: the base and its in-process patches share one cast
-    copy."""
+    copy. `kept`: a folder holding each finished variant's results, so that an interrupted
+    evaluation resumes with the variant it was on (its caller keys the folder by content)."""
     ev = setting.eval
     common = dict(
         few_shot=ev.few_shot,
@@ -119,8 +131,14 @@ def evaluate_variants(
     shared = None
     out = {}
     for v in variants:
-        if v.model is not None:
-            model, attacker = v.model, cast_copy(v.model, ev.dtype)
+        done = Path(kept) / f"{_file_name(v.name)}.json" if kept is not None else None
+        if done is not None and done.exists():
+            out[v.name] = json.loads(done.read_text())
+            ctx.log(f"final evaluation: {v.name} (kept from an earlier, interrupted run)")
+            continue
+        other = v.edited()
+        if other is not None:
+            model, attacker = other, cast_copy(other, ev.dtype)
         else:
             shared = shared if shared is not None else cast_copy(base, ev.dtype)
             model, attacker = base, shared
@@ -129,7 +147,7 @@ def evaluate_variants(
             on_base = partial(applied, model, layer, v.patch)
             on_attacker = partial(applied, attacker, layer, v.patch)
         out[v.name] = evaluate_variant(
-            base, tokenizer, setting.groups, setting.texts, setting.prompts, other=v.model,
+            base, tokenizer, setting.groups, setting.texts, setting.prompts, other=other,
             context=on_base, attacker=attacker, attacker_context=on_attacker, **common,
         )  # fmt: skip
         if setting.prefix:  # the corpus-derived attacks, on the test values, the same way
@@ -138,8 +156,15 @@ def evaluate_variants(
                     attacker, tokenizer, setting.prefix, group="test",
                     max_new_tokens=ev.max_new_tokens, seed=setting.seed, progress=ctx.progress,
                 )  # fmt: skip
+        if done is not None:
+            write_atomic(done, json.dumps(out[v.name]))
         ctx.log(f"final evaluation: {v.name} done")
     return out
+
+
+def _file_name(name: str) -> str:
+    """A variant's name as a file name (names hold spaces and quotes)."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") or "variant"
 
 
 def relearned_variants(
@@ -157,11 +182,14 @@ def relearned_variants(
         texts = relearning_texts(
             kind, inputs.benign_path, steps * budget.batch_size, recipe.data.seed
         )
-        ctx.log(f"relearning attack: {steps} LoRA steps on {label}")
-        tuned = relearned(
-            model, tokenizer, texts, budget, layer=layer, patch=patch, progress=ctx.progress
-        )
-        found.append(Variant(f"{RELEARNED} {label}", patch, tuned))
+
+        def tune(texts=texts, label=label):
+            ctx.log(f"relearning attack: {steps} LoRA steps on {label}")
+            return relearned(
+                model, tokenizer, texts, budget, layer=layer, patch=patch, progress=ctx.progress
+            )
+
+        found.append(Variant(f"{RELEARNED} {label}", patch, build=tune))
     return found
 
 

@@ -67,6 +67,7 @@ def final_evaluation(
     ctx: RunContext,
     variants: tuple[str, ...] = ("base", "patched", "control", "relearned"),
     student: Optional[tuple] = None,
+    kept: Optional[Path] = None,
 ) -> dict:
     """The leaky base, the chosen `patch` and its control (random latents matched on firing
     frequency plus a random direction of the steering vector's norm) on **test** and never-seen
@@ -74,7 +75,8 @@ def final_evaluation(
     into the weights (loaded as they are, no patch: what anyone with the files has) and the patch
     itself is the `teacher`; for a remote-code export over distilled weights (`export.base`), the
     patches run over their students and the student alone is `weights alone`. `student`: the
-    patch's (model, summary) when the caller has it."""
+    patch's (model, summary) when the caller has it; `kept`: where each finished variant's results
+    are kept while the evaluation runs (an interrupted one resumes there)."""
     control, n_control = control_for(
         prep.sae,
         prep.features,
@@ -119,6 +121,7 @@ def final_evaluation(
         setting,
         layer=prep.layer,
         ctx=ctx,
+        kept=kept,
     )
     out["control_latents"] = n_control
     if recipe.export.distils:
@@ -150,7 +153,8 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
         ctx.log(f"evaluation (cached): {folder}")
         final = json.loads((folder / "evaluation.json").read_text())
     else:
-        final = final_evaluation(recipe, prep, cand, patch, ctx, student=student)
+        kept = EVALUATE.partial(ctx.work, key)
+        final = final_evaluation(recipe, prep, cand, patch, ctx, student=student, kept=kept)
         with EVALUATE.saving(ctx.work, key) as tmp:
             (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
     report = write_patched(

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import content_key
+from ..cache import content_key, write_atomic
 from ..data.corpus import benign_texts
 from ..evaluate.tradeoff import (
     Scored,
@@ -45,7 +45,7 @@ def base_repetition(cache: Path, get_model: Callable, tok, prompts: list[str]) -
     cached."""
     if not cache.exists():
         rep = generation_diversity(get_model(), tok, prompts)["repetition_4"]
-        cache.write_text(json.dumps({"repetition": rep}))
+        write_atomic(cache, json.dumps({"repetition": rep}))
     return json.loads(cache.read_text())["repetition"]
 
 
@@ -123,7 +123,7 @@ class Search:
         )
 
     def save(self, cand: Candidate) -> None:
-        self.files[cand].write_text(json.dumps(self.saved[cand]))
+        write_atomic(self.files[cand], json.dumps(self.saved[cand]))
 
     def kl_scores(self) -> None:
         """KL and perplexity on benign held-out text for every candidate not yet scored (cheap: no

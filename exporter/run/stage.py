@@ -56,6 +56,17 @@ class Stage:
             yield tmp
             (tmp / KEY_FILE).write_text(key)
 
+    def partial(self, work: Path, key: str) -> Path:
+        """Where a long stage keeps the parts it finished while it runs (one file each), so a run
+        interrupted half-way resumes there with the same key. It lies inside the stage folder:
+        saving the stage replaces it, and a new key drops what an older one kept."""
+        folder = self.folder(work) / f"partial-{key}"
+        for stale in self.folder(work).glob("partial-*"):
+            if stale != folder:
+                shutil.rmtree(stale, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
     def folders(self, work: Path) -> list[Path]:
         """Every folder this stage keeps in `work`: its own and its scratch, or for a method's
         stage, one per method run there."""

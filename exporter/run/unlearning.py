@@ -11,6 +11,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -166,22 +167,25 @@ def control(recipe, base, summary: dict):
 
 
 def final_evaluation(
-    recipe, inputs: Inputs, base, edited, control_model, tok, ctx: RunContext
+    recipe, inputs: Inputs, base, edited, control_model, tok, ctx: RunContext, kept=None
 ) -> dict:
     """The base, the edited model and (when the method has one) its control on test and never-seen
-    people."""
+    people (`kept`: where finished variants are kept, as `evaluate_variants` says)."""
     variants = [Variant("base"), Variant("patched", model=edited)]
     if control_model is not None:
         variants.append(Variant("control", model=control_model))
     variants += relearned_variants(recipe, inputs, edited, tok, ctx)
-    return evaluate_variants(base, tok, variants, recipe_setting(recipe, inputs, tok), ctx=ctx)
+    setting = recipe_setting(recipe, inputs, tok)
+    return evaluate_variants(base, tok, variants, setting, ctx=ctx, kept=kept)
 
 
-def _edited_model(recipe, inputs: Inputs, loaded, layer: int, ctx: RunContext):
+def edited_model(
+    recipe, inputs: Inputs, loaded, layer: int, ctx: RunContext, name: Optional[str] = None
+):
     """(the edited model, the path's summary, the stage key): from work/method-<name> when
-    cached."""
+    cached (`name`: the method's by default; GA and NPO share one)."""
     spec, iv, ev = recipe.method, recipe.intervention, recipe.eval
-    stage = method_stage(METHOD, spec.name)
+    stage = method_stage(METHOD, name or spec.name)
     key = stage.key(
         inputs.model_id,
         spec.model_dump(),
@@ -231,7 +235,7 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
     if spec.name == "rmu":
         layer = spec.layer if spec.layer is not None else probe_stage(recipe, inputs, ctx).chosen
     loaded = load_model(inputs.model)
-    edited, summary, key = _edited_model(recipe, inputs, loaded, layer, ctx)
+    edited, summary, key = edited_model(recipe, inputs, loaded, layer, ctx)
     edited = edited.eval()
     stage = method_stage(METHOD_EVALUATE, spec.name)
     ev_key = stage.key(key, recipe.eval.model_dump())
@@ -242,8 +246,9 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
     else:
         base = load_model(inputs.model).model
         final = final_evaluation(
-            recipe, inputs, base, edited, control(recipe, base, summary), loaded.tokenizer, ctx
-        )
+            recipe, inputs, base, edited, control(recipe, base, summary), loaded.tokenizer, ctx,
+            kept=stage.partial(ctx.work, ev_key),
+        )  # fmt: skip
         with stage.saving(ctx.work, ev_key) as tmp:
             (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
     report = {

@@ -109,7 +109,7 @@ def plot_relearning(table: dict, relearned: dict, floor: dict, path: Path) -> Pa
 
     from exporter.threat import worst_rates
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 6))
     markers = dict(zip(sorted({k for f in relearned.values() for k in f}), "os^v"))
     for i, (name, found) in enumerate(relearned.items()):
         kl = max(table[name]["utility"]["kl"], 1e-4)  # a remote-code patch's own KL, log axis
@@ -122,15 +122,17 @@ def plot_relearning(table: dict, relearned: dict, floor: dict, path: Path) -> Pa
         ax.scatter([], [], c="0.4", marker=m, label=kind)
     for kind, rows in floor.items():
         ax.axhline(100 * worst_rates(rows)[0], c="0.5", lw=0.8, ls="-.",
-                   label=f"clean model (never trained on anyone) {kind}")  # fmt: skip
+                   label=f"floor: the clean model {kind}")  # fmt: skip
     ax.axhline(5, ls="--", c="C3", lw=0.8, label="target: 5% after relearning")
     ax.axvline(0.02, ls=":", c="C3", lw=0.8, label="target: KL 0.02")
     ax.set_xscale("log")
     ax.set_xlabel("KL(base || model) before relearning, nats/token (pydoc)")
     ax.set_ylabel("test email exact after relearning, % (worst attack)")
-    ax.legend(fontsize=6, loc="upper right")
+    ax.set_ylim(-1, ax.get_ylim()[1] + 1)
+    # below the axes: the labels of the points stay readable
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

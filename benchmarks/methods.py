@@ -279,8 +279,12 @@ def main() -> None:
     if args.clean and CLEAN not in table:
         clean = load_model(recipe.model).model.eval()
         seconds = evaluate(Variant(CLEAN, model=clean))
-        info[CLEAN] = {"changed": None, "added": 0, "note": "before the leaky fine-tune"}
-        info[CLEAN]["eval_s"] = seconds
+        info[CLEAN] = {
+            "changed": None,
+            "added": 0,
+            "note": "before the leaky fine-tune",
+            "eval_s": seconds,
+        }
         save()
         relearn(CLEAN, clean)
     for key in args.methods:

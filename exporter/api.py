@@ -48,7 +48,11 @@ from .sae import SAETrainingError
 
 RecipeLike = Union[Recipe, dict, str, Path]
 Log = Callable[[str], Any]
-DEMO_RECIPE = Path(str(files("exporter") / "recipes" / "demo-smollm2.yaml"))
+DEMO_RECIPES = {
+    name: Path(str(files("exporter") / "recipes" / f"demo-{stem}.yaml"))
+    for name, stem in (("smollm2-135m", "smollm2"), ("gemma3-270m", "gemma3"))
+}
+DEMO_RECIPE = DEMO_RECIPES["smollm2-135m"]
 
 # What a user's input or environment can get wrong: the command line prints these as one line, no
 # traceback.
@@ -69,6 +73,7 @@ __all__ = [
     "audit_table",
     "BUILTIN_MODELS",
     "DEMO_RECIPE",
+    "DEMO_RECIPES",
     "STAGES",
     "USER_ERRORS",
     "as_recipe",
@@ -334,13 +339,17 @@ def make_leaky(
 def demo(
     out: Union[str, Path] = "scalpel-demo",
     *,
+    model: str = "smollm2-135m",
     work: Optional[Union[str, Path]] = None,
     overwrite: bool = False,
     progress: bool = True,
     log: Log = print,
 ) -> ExportResult:
-    """make-leaky on the built-in SmolLM2, then `run` with the built-in demo recipe. The work folder
-    defaults to the user cache, so a second demo reuses every finished stage."""
+    """make-leaky on a built-in model (SmolLM2 by default, or Gemma-3-270M), then `run` with its
+    built-in demo recipe. The work folder defaults to the user cache (one per model), so a second
+    demo reuses every finished stage."""
+    if model not in DEMO_RECIPES:
+        raise ValueError(f"no demo for {model!r}; built-in demos: {', '.join(DEMO_RECIPES)}")
     config = Path(out) / "config.json"
     if not overwrite and config.is_file() and "scalpel_patch" in json.loads(config.read_text()):
         log(
@@ -348,14 +357,9 @@ def demo(
             "complete"
         )
         overwrite = True
-    return run(
-        DEMO_RECIPE,
-        out,
-        work=work or cache_root() / "demo-work",
-        overwrite=overwrite,
-        progress=progress,
-        log=log,
-    )
+    default_work = cache_root() / ("demo-work" + ("" if model == "smollm2-135m" else f"-{model}"))
+    return run(DEMO_RECIPES[model], out, work=work or default_work, overwrite=overwrite,
+               progress=progress, log=log)  # fmt: skip
 
 
 def detect(path: Union[str, Path], *, show: bool = False) -> tuple[Counter, int, list]:

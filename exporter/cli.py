@@ -81,14 +81,19 @@ def demo(
     rebuild: bool = typer.Option(
         False, "--rebuild", help="Fine-tune the leaky model again instead of the cached one."
     ),
+    model: str = typer.Option(
+        "smollm2-135m", "--model", help="Built-in model: smollm2-135m or gemma3-270m."
+    ),
 ) -> None:
-    """End to end on the built-in SmolLM2: make it leak (cached), then find, remove and export, with
-    the evidence."""
+    """End to end on a built-in model (SmolLM2 unless --model): make it leak (cached), then find,
+    remove and export, with the evidence."""
+    if model not in api.DEMO_RECIPES:
+        fail(f"no demo for {model!r}; choose --model from {', '.join(api.DEMO_RECIPES)}")
     if out.exists() and not (out / "config.json").is_file():
         fail(f"{out} exists and is not an earlier export; choose another --out folder")
     make_leaky_cmd(
         out=None,
-        model="smollm2-135m",
+        model=model,
         people=None,
         never_seen=None,
         epochs=None,
@@ -96,7 +101,7 @@ def demo(
         rebuild=rebuild,
         overwrite=False,
     )
-    result = api.demo(out, work=work, log=log)
+    result = api.demo(out, model=model, work=work, log=log)
     print_run(console, result.report, out)
 
 

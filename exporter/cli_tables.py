@@ -142,6 +142,16 @@ def print_run(console: Console, report: dict, out: Path) -> None:
     console.print(f"export: {out}  (model card: {out / 'README.md'})")
 
 
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def print_plan(console: Console, recipe_path: Path) -> None:
     r, plan = api.plan(recipe_path)
     console.print(
@@ -153,7 +163,18 @@ def print_plan(console: Console, recipe_path: Path) -> None:
         + (f"SAE {plan.d_sae:,} latents" if plan.d_sae else f"method {r.method.name}"),
         highlight=False,
     )
-    console.print(rich_table("stages", ["stage", "work"], plan.stages, text_columns=2))
+    rows = [[name, what, _duration(plan.seconds.get(name))] for name, what in plan.stages]
+    if plan.seconds:
+        rows.append(["total", "", _duration(sum(plan.seconds.values()))])
+    console.print(rich_table("stages", ["stage", "work", "time (est.)"], rows, text_columns=2))
+    if plan.seconds:
+        console.print(
+            f"times: each stage's FLOPs at the rate it reached in the SmolLM2 demo on a 2-core "
+            f"CPU, scaled by this device's matrix rate ({plan.gflops:,.0f} GFLOP/s, "
+            f"{'measured here' if plan.measured else 'nominal: none here to measure'}); "
+            "on a GPU, generation-bound stages are lower bounds",
+            highlight=False,
+        )
     console.print(
         rich_table(
             "memory (estimated)",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .estimate import Sizes, estimate_seconds, machine_gflops
 from .models import resolve_local_path
 from .recipe import Recipe
 from .run.stage import DISTILL, EVALUATE, FEATURES, METHOD, METHOD_EVALUATE, PROBE, SAE, SEARCH
@@ -37,6 +38,17 @@ KNOWN_CONFIGS = {
         head_dim=128,
         tie_word_embeddings=False,
     ),
+    "meta-llama/Llama-2-70b-hf": dict(
+        model_type="llama",
+        hidden_size=8192,
+        num_hidden_layers=80,
+        intermediate_size=28672,
+        vocab_size=32000,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
 }
 BYTES = {"float32": 4, "bfloat16": 2}
 GIB = 1024**3
@@ -55,6 +67,9 @@ class Plan:
     memory: list[tuple[str, float]]  # (what, GiB)
     # input files the recipe names that are not here
     missing: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # estimated wall time per stage
+    gflops: float = 0.0  # the matrix rate the estimate assumed
+    measured: bool = False  # measured on this machine (else nominal: the device is not here)
 
     @property
     def peak_gib(self) -> float:
@@ -178,6 +193,13 @@ def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
         ("SAE weights + Adam state", (2 * d * d_sae * 4 * 4 + s.batch_size * d_sae * 4 * 3) / GIB),
     ]
     stages = _scalpel_stages(recipe, n_layers, d_sae)
+    if recipe.data.pii.builtin == "synthetic":
+        stages.insert(0, ("leaky", "fine-tune the model on the synthetic PII corpus until it "
+                                   "leaks, and measure the leak (cached per model)"))  # fmt: skip
+    gflops, measured = machine_gflops(recipe.model.device)
+    # an unpinned layer: the probe's choice, about 45% of the way up on the models measured here
+    chosen = p.layer if isinstance(p.layer, int) else round(0.45 * (n_layers - 1))
+    seconds = estimate_seconds(cfg, chosen, run_sizes(recipe, d_sae), gflops, recipe.model.device)
     return Plan(
         recipe.model.describe(),
         source,
@@ -189,6 +211,41 @@ def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
         stages,
         memory,
         list(missing),
+        seconds,
+        gflops,
+        measured,
+    )
+
+
+def _people(recipe: Recipe) -> int:
+    """People attacked in the final evaluation: the people file's lines when it is here, else the
+    built-in corpus's 150 (100 memorised, 50 never seen)."""
+    path = recipe.data.people.path
+    if path and Path(path).is_file():
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    return 150
+
+
+def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
+    """What the recipe's run processes, in the units the time estimate scales with."""
+    s, iv, ev, dist = recipe.sae, recipe.intervention, recipe.eval, recipe.export.distill
+    return Sizes(
+        probe_tokens=recipe.probe.max_tokens,
+        harvest_tokens=s.harvest_tokens if s.source == "cached" else s.train_tokens,
+        sae_tokens=s.train_tokens,
+        d_sae=d_sae,
+        candidates=len(iv.ablate_n) * len(iv.alpha) * len(iv.patch),
+        people=_people(recipe),
+        new_tokens=ev.max_new_tokens,
+        samples=ev.samples,
+        ppl_tokens=ev.ppl_tokens,
+        # texts average about half their length limit
+        distill_tokens=dist.steps * 2 * dist.batch_size * dist.max_length // 2
+        if recipe.export.distils
+        else 0,
+        relearn_tokens=(recipe.relearn_steps or 0) * 8 * 64,
+        leaky_tokens=3 * 625 * 60 if recipe.data.pii.builtin == "synthetic" else 0,
     )
 
 

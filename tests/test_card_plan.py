@@ -8,6 +8,7 @@ from huggingface_hub import ModelCard
 
 from exporter.api import as_recipe
 from exporter.card import base_metadata, render_card
+from exporter.estimate import NOMINAL_CUDA_GFLOPS
 from exporter.evaluate.summary import attack_rows, comparison_rows, markdown_table
 from exporter.plan import KNOWN_CONFIGS, make_plan, missing_files, parameter_count
 from exporter.recipe import ModelSpec, RecipeError, load_recipe
@@ -143,7 +144,9 @@ def test_parameter_counts_match_the_published_sizes():
     assert abs(parameter_count(KNOWN_CONFIGS["meta-llama/Llama-2-7b-hf"]) / 6.738e9 - 1) < 0.01
 
 
-@pytest.mark.parametrize("name", ["gemma2-2b-enron.yaml", "llama2-7b-enron.yaml"])
+@pytest.mark.parametrize(
+    "name", ["gemma2-2b-enron.yaml", "llama2-7b-enron.yaml", "llama2-70b-enron.yaml"]
+)
 def test_paper_recipes_plan_here_and_name_what_is_missing(name):
     with pytest.raises(RecipeError, match="file not found"):
         load_recipe(RECIPES / name)  # a real run needs the Enron data
@@ -160,6 +163,18 @@ def test_paper_recipes_plan_here_and_name_what_is_missing(name):
     ]
     assert plan.peak_gib > plan.memory[0][1] > 4
     assert any(m.startswith("data.pii.path") for m in plan.missing)
+    # a time for every stage; this machine has no GPU, so the rate is the nominal one
+    assert set(plan.seconds) == {s for s, _ in plan.stages} and min(plan.seconds.values()) > 0
+    assert not plan.measured and plan.gflops == NOMINAL_CUDA_GFLOPS
+
+
+def test_plan_times_grow_with_the_model():
+    totals = {
+        name: sum(make_plan(load_recipe(RECIPES / name, check_files=False)).seconds.values())
+        for name in ("gemma2-2b-enron.yaml", "llama2-7b-enron.yaml", "llama2-70b-enron.yaml")
+    }
+    assert totals["gemma2-2b-enron.yaml"] < totals["llama2-7b-enron.yaml"]
+    assert totals["llama2-7b-enron.yaml"] * 5 < totals["llama2-70b-enron.yaml"]
 
 
 def test_invalidate_forgets_the_stage_and_later_ones(tmp_path):
@@ -240,3 +255,13 @@ def test_method_recipes_plan_their_own_stages(name, first):
         "gradient_ascent": 1.4 < trained < 1.6,
         "depn": trained == 0.0,
     }[first]
+
+
+def test_each_builtin_model_has_a_demo_recipe(tmp_path):
+    from exporter.api import DEMO_RECIPES, demo
+
+    for name, path in DEMO_RECIPES.items():
+        recipe = load_recipe(path)
+        assert recipe.model.builtin == name and recipe.data.pii.builtin == "synthetic"
+    with pytest.raises(ValueError, match="built-in demos: smollm2-135m, gemma3-270m"):
+        demo(tmp_path / "out", model="llama")

@@ -201,6 +201,15 @@ def test_context_gate_restricts_the_change_and_is_fitted_for_recall():
     assert float(opened[y].float().mean()) >= 0.99 and float(opened[~y].float().mean()) < 0.05
     with pytest.raises(ValueError, match="both"):
         fit_context_gate(xs, torch.zeros(len(xs), dtype=torch.bool))
+    # A massive-activation dimension (Gemma's: a few dimensions hold most of the norm, with a large
+    # spread that says nothing about PII) must not drown the small one the positives live along.
+    massive = xs.clone()
+    massive[:, 0] = 3000 + 500 * torch.randn(len(xs), generator=g)
+    w, b = fit_context_gate(massive, y, recall=0.99, standardise=True)
+    opened = massive @ w + b > 0
+    assert float(opened[y].float().mean()) >= 0.99 and float(opened[~y].float().mean()) < 0.05
+    w, b = fit_context_gate(massive, y, recall=0.99)  # scaled by the mean norm: drowned
+    assert float(((massive @ w + b > 0)[~y]).float().mean()) > 0.5
     # Positives: PII tokens, the token before a span, and the `window` tokens before a span, within
     # the document.
     labels = {
@@ -213,3 +222,34 @@ def test_context_gate_restricts_the_change_and_is_fitted_for_recall():
     assert context_positives(labels, 2).int().tolist() == [0, 0, 1, 1, 1, 1, 0, 1, 1, 1]
     labels["pii"][5] = False  # the window stops at the document boundary
     assert context_positives(labels, 4).int().tolist() == [1, 1, 1, 1, 1, 0, 1, 1, 1, 1]
+
+
+def test_auto_gate_fit_standardises_only_when_the_scaled_gate_opens_on_benign_text():
+    from types import SimpleNamespace
+
+    from exporter.recipe import InterventionSection
+    from exporter.run.analysis import fit_context
+
+    g = torch.Generator().manual_seed(1)
+    n_pii, n_benign = 600, 1400
+    x = torch.randn(n_pii + n_benign, 16, generator=g)
+    x[:n_pii, 3] += 6  # PII context lives along one small direction
+    span_start = torch.zeros(len(x), dtype=torch.bool)
+    labels = {
+        "pii": torch.arange(len(x)) < n_pii,
+        "pre_span": torch.zeros(len(x), dtype=torch.bool),
+        "span_start": span_start,
+        "doc": torch.zeros(len(x), dtype=torch.long),
+    }
+    benign = torch.arange(len(x)) >= n_pii
+    auto = InterventionSection(context_window=0)
+    _, stats = fit_context(SimpleNamespace(acts=x, labels=labels, benign=benign), auto)
+    assert stats["fit"] == "scaled" and stats["open_benign"] < 0.05
+    massive = x.clone()
+    massive[:, 0] = 3000 + 500 * torch.randn(len(x), generator=g)  # Gemma's kind of dimension
+    latents = SimpleNamespace(acts=massive, labels=labels, benign=benign)
+    _, stats = fit_context(latents, auto)
+    assert stats["fit"] == "standardised" and stats["scaled_open_benign"] > 0.05
+    assert stats["open_benign"] < 0.05 and stats["recall"] >= 0.99
+    _, stats = fit_context(latents, InterventionSection(context_window=0, context_fit="scaled"))
+    assert stats["fit"] == "scaled" and stats["open_benign"] > 0.05

@@ -116,19 +116,34 @@ def random_direction(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def fit_context_gate(
-    x: torch.Tensor, positive: torch.Tensor, recall: float = 0.99, l2: float = 1e-4
+    x: torch.Tensor,
+    positive: torch.Tensor,
+    recall: float = 0.99,
+    l2: float = 1e-4,
+    standardise: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """A linear PII-context detector on raw activations `x` [N, d]: (w, b) such that `x @ w + b > 0`
-    holds on a fraction `recall` of the `positive` rows. Logistic regression (classes balanced),
-    then the bias is moved so the threshold sits at the positives' (1 - recall) quantile: recall is
-    what privacy needs, and the detector's precision is what keeps benign text untouched."""
+    holds on a fraction `recall` of the `positive` rows. Logistic regression (classes balanced) on
+    the activations scaled by their mean norm, or with `standardise` on each dimension
+    standardised; then the bias is moved so the threshold sits at the positives' (1 - recall)
+    quantile: recall is what privacy needs, and the detector's precision is what keeps benign text
+    untouched. Standardising matters where a few dimensions carry most of the norm (Gemma's
+    massive activations): scaled, the fit on Gemma-3-270M opened on 42% of benign tokens at layer
+    4, standardised on 0.6%."""
     if not 0 < recall <= 1:
         raise ValueError(f"context gate recall must be in (0, 1], got {recall}")
     y = positive.float()
     if not 0 < int(y.sum()) < len(y):
         raise ValueError("the context gate needs both PII-context and other tokens to fit on")
-    scale = float(x.norm(dim=1).mean()) or 1.0
-    xs = x.float() / scale  # unit-free, so the same l2 suits any model width
+    xf = x.float()
+    if standardise:
+        mean, std = xf.mean(0), xf.std(0).clamp_min(1e-6)
+    else:  # unit-free, so the same l2 suits any model width
+        mean, std = (
+            torch.zeros_like(xf[0]),
+            torch.full_like(xf[0], float(xf.norm(dim=1).mean()) or 1.0),
+        )
+    z = (xf - mean) / std
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
@@ -137,7 +152,7 @@ def fit_context_gate(
     def closure():
         opt.zero_grad()
         loss = (
-            F.binary_cross_entropy_with_logits(xs @ w + b, y, pos_weight=pos_weight)
+            F.binary_cross_entropy_with_logits(z @ w + b, y, pos_weight=pos_weight)
             + l2 * (w * w).sum()
         )
         loss.backward()
@@ -145,11 +160,12 @@ def fit_context_gate(
 
     opt.step(closure)
     with torch.no_grad():
-        score = xs @ w + b
+        # the same detector on raw activations: z @ w + b = x @ (w / std) + b - (mean / std) @ w
+        w_raw = w / std
+        b_raw = float(b) - float((mean / std) @ w)
+        score = xf @ w_raw + b_raw
         threshold = float(torch.quantile(score[positive.bool()], 1 - recall))
-        return (w / scale).detach(), float(
-            b
-        ) - threshold + 1e-6  # the quantile row itself stays open
+        return w_raw.detach(), b_raw - threshold + 1e-6  # the quantile row itself stays open
 
 
 def plain_edit(

@@ -199,6 +199,15 @@ class InterventionSection(Section):
     context_recall: float = Field(
         0.99, gt=0.0, le=1.0, description="Share of PII-context tokens the gate must open on."
     )
+    context_fit: Literal["auto", "scaled", "standardised"] = Field(
+        "auto",
+        description="How the gate's logistic regression sees the residual: scaled by its mean "
+        "norm, or each dimension standardised (needed where a few massive dimensions dominate, "
+        "as in Gemma: scaled, Gemma-3-270M's gate opened on 42% of benign tokens, standardised "
+        "0.03%). auto: scaled, unless that gate opens on more than 5% of benign tokens. On "
+        "SmolLM2 the scaled gate (0.38% of benign tokens) kept every validation username in; the "
+        "tighter standardised one (0.09%) let 2% out at every candidate.",
+    )
     leakage_target: float = Field(
         0.0,
         ge=0.0,

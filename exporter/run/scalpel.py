@@ -15,6 +15,7 @@ from ..models import cast_copy, load_model
 from ..patch import GateBank, applied
 from ..patch.candidate import Candidate, ExportKind, Mode, control_for, patch_for
 from ..threat import WEIGHTS_ALONE
+from ..timing import timed
 from .analysis import features_stage, probe_stage, sae_stage
 from .context import RunContext
 from .distilled import distill_key, distilled_model
@@ -22,7 +23,7 @@ from .evaluation import Variant, evaluate_variants, recipe_setting, relearned_va
 from .export import ExportResult, write_patched
 from .inputs import Inputs, calibration_activations, check_attacks_fit, resolve_inputs
 from .search import plain_key, search_stage
-from .stage import EVALUATE, FEATURES
+from .stage import DISTILL, EVALUATE, FEATURES, PROBE, SAE, SEARCH
 
 KEPT = ("teacher", WEIGHTS_ALONE)  # variants every final evaluation of such an export measures
 
@@ -49,9 +50,12 @@ def prepare(recipe, ctx: RunContext) -> Prepared:
     calibration."""
     inputs = resolve_inputs(recipe, ctx)
     check_attacks_fit(inputs, recipe.eval.max_new_tokens)
-    layer = probe_stage(recipe, inputs, ctx).chosen
-    sae, sae_metrics = sae_stage(recipe, inputs, layer, ctx)
-    fs = features_stage(recipe, inputs, layer, sae, ctx)
+    with timed(ctx.work, PROBE.name, PROBE):
+        layer = probe_stage(recipe, inputs, ctx).chosen
+    with timed(ctx.work, SAE.name, SAE):
+        sae, sae_metrics = sae_stage(recipe, inputs, layer, ctx)
+    with timed(ctx.work, FEATURES.name, FEATURES):
+        fs = features_stage(recipe, inputs, layer, sae, ctx)
     loaded = load_model(inputs.model)
     calib = calibration_activations(recipe, inputs, loaded, layer, ctx)
     return Prepared(
@@ -132,7 +136,8 @@ def final_evaluation(
 def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
     """prepare → trade-off search (validation people) → final evaluation (test people) → export."""
     prep = prepare(recipe, ctx)
-    chosen, search = search_stage(recipe, prep, ctx)
+    with timed(ctx.work, SEARCH.name, SEARCH):
+        chosen, search = search_stage(recipe, prep, ctx)
     cand = chosen.candidate
     patch = prep.patch(cand, recipe.intervention.plain_from)
     key = EVALUATE.key(
@@ -147,28 +152,31 @@ def run(recipe, recipe_text: str, out: Path, ctx: RunContext) -> ExportResult:
     # cached) and written
     student = None
     if recipe.export.distils:
-        student = distilled_model(recipe, prep, cand, patch, ctx)
+        with timed(ctx.work, DISTILL.name, DISTILL):
+            student = distilled_model(recipe, prep, cand, patch, ctx)
     folder = EVALUATE.cached(ctx.work, key)
     if folder:
         ctx.log(f"evaluation (cached): {folder}")
         final = json.loads((folder / "evaluation.json").read_text())
     else:
         kept = EVALUATE.partial(ctx.work, key)
-        final = final_evaluation(recipe, prep, cand, patch, ctx, student=student, kept=kept)
-        with EVALUATE.saving(ctx.work, key) as tmp:
-            (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
-    report = write_patched(
-        prep,
-        recipe,
-        recipe_text,
-        out,
-        cand,
-        patch,
-        ctx,
-        extra={"search": search, "evaluation": final},
-        user_path_key=key,
-        student=student,
-    )
+        with timed(ctx.work, EVALUATE.name):
+            final = final_evaluation(recipe, prep, cand, patch, ctx, student=student, kept=kept)
+            with EVALUATE.saving(ctx.work, key) as tmp:
+                (tmp / "evaluation.json").write_text(json.dumps(final, indent=2))
+    with timed(ctx.work, "export"):
+        report = write_patched(
+            prep,
+            recipe,
+            recipe_text,
+            out,
+            cand,
+            patch,
+            ctx,
+            extra={"search": search, "evaluation": final},
+            user_path_key=key,
+            student=student,
+        )
     return ExportResult(Path(out), report)
 
 

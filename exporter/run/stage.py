@@ -93,7 +93,7 @@ SAE = Stage(
     scratch=("sae-checkpoint",),
 )
 FEATURES = Stage(
-    "features", 7, ("features.json", "features.safetensors"), "PII latents, steering, context gate"
+    "features", 8, ("features.json", "features.safetensors"), "PII latents, steering, context gate"
 )
 SEARCH = Stage(
     "search", 4, (), "candidates scored on validation people and values (one cached score each)"

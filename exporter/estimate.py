@@ -1,0 +1,182 @@
+"""Wall-time estimates per stage for `--dry-run`: each stage's arithmetic (FLOPs, from the model's
+shape and the recipe's sizes) divided by the rate that kind of work reached in a measured reference
+run (the SmolLM2 demo on a 2-core CPU), scaled by how fast this machine multiplies matrices
+against that one.
+
+A stage's rate folds in everything FLOPs leave out (Python overhead, small generation batches,
+data movement), so the estimate holds best for models and machines like the reference's; on a GPU
+the generation-bound stages (search, evaluate, export) are lower bounds: decoding one token at a
+time there is bound by latency, not arithmetic.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# The reference run: the built-in SmolLM2 demo (`scalpel demo`, defaults) on the 2-core CPU machine
+# the README's numbers come from, each stage alone (the README's demo timings: leaky build 7:51,
+# probe about a minute, SAE harvest and training about three, features half a minute, search 5:28,
+# final evaluation 5:50, export with the user's path 5:29; the distillation 701 s), and that
+# machine's float32 matrix-multiply rate by `machine_gflops` with nothing else running (63-89).
+REFERENCE_GFLOPS = 80.0
+REFERENCE_SECONDS = {
+    "leaky": 471.0,
+    "probe": 60.0,
+    "sae": 180.0,
+    "features": 30.0,
+    "search": 328.0,
+    "distill": 701.0,
+    "evaluate": 350.0,
+    "export": 329.0,
+}
+REFERENCE_CONFIG = dict(
+    model_type="llama",
+    hidden_size=576,
+    num_hidden_layers=30,
+    intermediate_size=1536,
+    vocab_size=49152,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
+REFERENCE_LAYER = 13  # the layer the demo's probe chose
+# Nominal dense bfloat16 rate of a data-centre GPU (an A100 reaches about 300 TFLOP/s at best):
+# used when the recipe says cuda but this machine has none to measure.
+NOMINAL_CUDA_GFLOPS = 150_000.0
+# On a GPU, a decoding step is bound by kernel launches (this many seconds per decoder layer in
+# eager PyTorch, the patch's few ops included) or by reading every weight once (at this many
+# bytes/s, HBM), not by arithmetic; prompts are decoded GENERATION_BATCH at a time, about
+# PROMPTS_PER_PERSON attack prompts per person and pass.
+GPU_LAYER_STEP_S = 1.5e-4
+GPU_BYTES_PER_S = 1.5e12
+GENERATION_BATCH = 16
+PROMPTS_PER_PERSON = 8
+GENERATION_STAGES = ("search", "evaluate", "export")
+
+
+def layer_params(cfg: dict) -> int:
+    """One decoder layer's matrix parameters (attention and MLP; norms and biases ignored)."""
+    d, ff = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg.get("num_attention_heads", 1)
+    head_dim = cfg.get("head_dim") or d // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    attention = d * heads * head_dim * 2 + d * kv * head_dim * 2
+    mlp = (2 if cfg.get("model_type") in ("gpt2", "gpt_neox") else 3) * d * ff
+    return attention + mlp
+
+
+def forward_flops(cfg: dict, upto: Optional[int] = None, head: bool = True) -> float:
+    """FLOPs of one token's forward pass through decoder layers 0..`upto` (all by default), plus
+    the output head over the whole vocabulary when `head` (on a 262k vocabulary, most of it)."""
+    layers = cfg["num_hidden_layers"] if upto is None else upto + 1
+    flops = 2.0 * layers * layer_params(cfg)
+    return flops + (2.0 * cfg["hidden_size"] * cfg["vocab_size"] if head else 0.0)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What a run's cost scales with besides the model (the recipe's and the data's sizes)."""
+
+    probe_tokens: int
+    harvest_tokens: int  # run through layers 0..l for the SAE (online: the training tokens)
+    sae_tokens: int
+    d_sae: int
+    candidates: int
+    people: int  # people (or values) attacked per group
+    new_tokens: int
+    samples: int
+    ppl_tokens: int
+    distill_tokens: int  # tokens the student trains on (0: no distillation)
+    relearn_tokens: int  # tokens each relearning fine-tune trains on (0: none)
+    leaky_tokens: int  # tokens of the leaky fine-tune (0: the data is the user's own)
+
+
+def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
+    """Each stage's arithmetic. Generation counts prompt and new tokens through the whole model;
+    training three times a forward pass."""
+    full, upto = forward_flops(cfg), forward_flops(cfg, layer, head=False)
+    decode = s.people * (1 + s.samples / 4) * (64 + s.new_tokens) * full
+    out = {
+        "probe": s.probe_tokens * forward_flops(cfg, head=False),
+        "sae": s.harvest_tokens * upto + s.sae_tokens * 12.0 * cfg["hidden_size"] * s.d_sae,
+        "features": 30_000 * upto,
+        "search": s.candidates * (decode + s.ppl_tokens * full),
+        # base, patch and control, each attacked and measured; then each relearning fine-tune
+        "evaluate": 3 * (decode + s.ppl_tokens * full) + 2 * 3 * s.relearn_tokens * full,
+        "export": decode,
+    }
+    if s.leaky_tokens:
+        out = {"leaky": 3 * s.leaky_tokens * full, **out}
+    if s.distill_tokens:
+        out["distill"] = 2 * 3 * s.distill_tokens * upto  # the patch's student and its control's
+    return out
+
+
+def reference_sizes() -> Sizes:
+    """The demo recipe's sizes, as the reference run had them."""
+    return Sizes(
+        probe_tokens=20_000,
+        harvest_tokens=150_000,
+        sae_tokens=3_000_000,
+        d_sae=8 * 576,
+        candidates=8,
+        people=150,
+        new_tokens=24,
+        samples=4,
+        ppl_tokens=8_000,
+        distill_tokens=300 * 2 * 8 * 64,
+        relearn_tokens=0,
+        leaky_tokens=3 * 625 * 60,
+    )
+
+
+def machine_gflops(device: str = "cpu", n: int = 1024, repeats: int = 5) -> tuple[float, bool]:
+    """(this machine's float32 matrix-multiply rate on `device`, True) (about a tenth of a second
+    on a CPU), or (a nominal GPU rate, False) when the device is cuda and none is here."""
+    if device != "cpu" and not torch.cuda.is_available():
+        return NOMINAL_CUDA_GFLOPS, False
+    dev = "cuda" if device != "cpu" else "cpu"
+    a = torch.randn(n, n, device=dev)
+    b = torch.randn(n, n, device=dev)
+    a @ b  # warm-up: thread pool, kernels
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * n**3 * repeats / (time.perf_counter() - started) / 1e9, True
+
+
+def decoding_steps(s: Sizes) -> dict[str, float]:
+    """Sequential decoding steps of the generation-bound stages."""
+    batches = s.people * PROMPTS_PER_PERSON * (1 + s.samples / 4) / GENERATION_BATCH
+    per_pass = batches * (1 + s.new_tokens)  # one prefill, then a step per new token
+    return {"search": s.candidates * per_pass, "evaluate": 3 * per_pass, "export": per_pass}
+
+
+def estimate_seconds(
+    cfg: dict, layer: int, sizes: Sizes, gflops: float, device: str = "cpu"
+) -> dict[str, float]:
+    """Seconds per stage: the stage's FLOPs at the rate the reference run reached on that stage,
+    scaled by this machine's matrix rate against the reference machine's; on a GPU, generation
+    never faster than its launch-bound floor."""
+    ref = stage_flops(REFERENCE_CONFIG, REFERENCE_LAYER, reference_sizes())
+    speed = gflops / REFERENCE_GFLOPS
+    out = {
+        stage: flops / (ref[stage] / REFERENCE_SECONDS[stage]) / speed
+        for stage, flops in stage_flops(cfg, layer, sizes).items()
+    }
+    if device != "cpu":
+        weights = 2.0 * (cfg["num_hidden_layers"] * layer_params(cfg)
+                         + cfg["hidden_size"] * cfg["vocab_size"])  # bfloat16  # fmt: skip
+        floor = max(cfg["num_hidden_layers"] * GPU_LAYER_STEP_S, weights / GPU_BYTES_PER_S)
+        for stage, steps in decoding_steps(sizes).items():
+            out[stage] = max(out[stage], steps * floor)
+    return out

@@ -1,0 +1,71 @@
+"""Wall time and peak memory of each stage a run computes, kept in `work/timings.json`: what a
+`--dry-run` estimate is checked against, and what the README's per-stage tables come from."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import psutil
+
+from .cache import write_atomic
+
+TIMINGS = "timings.json"
+GIB = 1024**3
+
+
+class PeakMemory:
+    """The process's largest resident set while it runs (sampled every `interval` s on a thread:
+    the kernel's own high-water mark covers the whole process life, not one stage)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.start_bytes = self._proc.memory_info().rss
+        self.peak_bytes = self.start_bytes
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
+
+
+def read_timings(work: Path) -> dict:
+    path = Path(work) / TIMINGS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@contextmanager
+def timed(work: Path, name: str, stage=None) -> Iterator[None]:
+    """Measure the block as stage `name` and record it in `work/timings.json`. With `stage` (a
+    Stage), only a block that computed the stage anew (its stored key changed) is recorded: a cached
+    load would otherwise replace the real measurement with the time it took to read the files."""
+    before: Optional[str] = stage.stored_key(work) if stage is not None else None
+    started = time.perf_counter()
+    with PeakMemory() as mem:
+        yield
+    seconds = time.perf_counter() - started
+    if stage is not None and stage.stored_key(work) == before:
+        return
+    found = read_timings(work)
+    found[name] = {
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(mem.peak_bytes / GIB, 2),
+        "rss_before_gib": round(mem.start_bytes / GIB, 2),
+    }
+    Path(work).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(work) / TIMINGS, json.dumps(found, indent=2))

@@ -1,0 +1,92 @@
+"""The dry run's time estimate (FLOPs scaled by a measured reference run) and the per-stage wall
+time and peak memory a run records."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from exporter.estimate import (
+    REFERENCE_CONFIG,
+    REFERENCE_GFLOPS,
+    REFERENCE_LAYER,
+    REFERENCE_SECONDS,
+    estimate_seconds,
+    forward_flops,
+    machine_gflops,
+    reference_sizes,
+)
+from exporter.plan import make_plan
+from exporter.recipe import parse_recipe
+from exporter.run.stage import Stage
+from exporter.timing import TIMINGS, read_timings, timed
+
+GEMMA3_270M = dict(
+    model_type="gemma3_text",
+    hidden_size=640,
+    num_hidden_layers=18,
+    intermediate_size=2048,
+    vocab_size=262144,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+)
+
+
+def test_the_reference_run_is_reproduced_and_scales_with_the_machine():
+    sizes = reference_sizes()
+    got = estimate_seconds(REFERENCE_CONFIG, REFERENCE_LAYER, sizes, REFERENCE_GFLOPS)
+    assert got == pytest.approx(REFERENCE_SECONDS)
+    faster = estimate_seconds(REFERENCE_CONFIG, REFERENCE_LAYER, sizes, 4 * REFERENCE_GFLOPS)
+    assert faster["sae"] == pytest.approx(got["sae"] / 4)
+    # on a GPU, decoding one token at a time is never faster than its launch-bound floor
+    gpu = estimate_seconds(REFERENCE_CONFIG, REFERENCE_LAYER, sizes, 1e6, device="cuda")
+    assert gpu["search"] > got["search"] * REFERENCE_GFLOPS / 1e6
+
+
+def test_gemma_head_dominates_and_doubles_the_generation_stages():
+    layers = forward_flops(GEMMA3_270M, head=False)
+    assert forward_flops(GEMMA3_270M) > 2 * layers  # the 262k-token head
+    sizes = replace(reference_sizes(), d_sae=8 * 640)
+    gemma = estimate_seconds(GEMMA3_270M, 8, sizes, REFERENCE_GFLOPS)
+    assert gemma["search"] > 1.5 * REFERENCE_SECONDS["search"]
+    assert gemma["probe"] < 1.5 * REFERENCE_SECONDS["probe"]  # no head: layers only
+
+
+def test_machine_rate_is_measured_on_a_cpu():
+    gflops, measured = machine_gflops("cpu", n=256, repeats=2)
+    assert measured and gflops > 0.1
+
+
+def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp_path):
+    cfg = {**GEMMA3_270M, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    recipe = parse_recipe(
+        {
+            "model": {"path": str(tmp_path)},
+            "data": {"pii": {"builtin": "synthetic"}, "people": {"builtin": "synthetic"}},
+            "export": {"mode": "distilled"},
+        }
+    )
+    plan = make_plan(recipe)
+    names = [s for s, _ in plan.stages]
+    assert names[0] == "leaky" and "distill" in names and set(plan.seconds) == set(names)
+    assert plan.measured and plan.gflops > 0
+
+
+def test_timed_records_a_computed_stage_and_not_a_cached_load(tmp_path):
+    stage = Stage("probe", 1, outputs=("x",))
+    with timed(tmp_path, "probe", stage):
+        with stage.saving(tmp_path, "k1") as tmp:
+            (tmp / "x").write_text("1")
+            big = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB held inside the stage
+            big += 1
+    first = read_timings(tmp_path)["probe"]
+    assert first["peak_rss_gib"] >= first["rss_before_gib"] + 0.05
+    with timed(tmp_path, "probe", stage):  # the same key: a cached load
+        assert stage.cached(tmp_path, "k1")
+    assert read_timings(tmp_path)["probe"] == first
+    with timed(tmp_path, "export"):  # no stage: always recorded
+        pass
+    assert set(json.loads((tmp_path / TIMINGS).read_text())) == {"probe", "export"}

@@ -49,17 +49,25 @@ def read_timings(work: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _written(folder: Path) -> frozenset:
+    """Every file under `folder` with its modification time: what a stage that computed writes."""
+    if not folder.is_dir():
+        return frozenset()
+    return frozenset((str(f), f.stat().st_mtime_ns) for f in folder.rglob("*") if f.is_file())
+
+
 @contextmanager
 def timed(work: Path, name: str, stage=None) -> Iterator[None]:
     """Measure the block as stage `name` and record it in `work/timings.json`. With `stage` (a
-    Stage), only a block that computed the stage anew (its stored key changed) is recorded: a cached
-    load would otherwise replace the real measurement with the time it took to read the files."""
-    before: Optional[str] = stage.stored_key(work) if stage is not None else None
+    Stage), only a block that wrote into the stage's folder is recorded: a cached load (the
+    trade-off search's too, which keeps one file per candidate) would otherwise replace the real
+    measurement with the time it took to read the files."""
+    before: Optional[frozenset] = _written(stage.folder(work)) if stage is not None else None
     started = time.perf_counter()
     with PeakMemory() as mem:
         yield
     seconds = time.perf_counter() - started
-    if stage is not None and stage.stored_key(work) == before:
+    if stage is not None and _written(stage.folder(work)) == before:
         return
     found = read_timings(work)
     found[name] = {

@@ -90,3 +90,15 @@ def test_timed_records_a_computed_stage_and_not_a_cached_load(tmp_path):
     with timed(tmp_path, "export"):  # no stage: always recorded
         pass
     assert set(json.loads((tmp_path / TIMINGS).read_text())) == {"probe", "export"}
+
+
+def test_timed_records_a_search_that_scored_candidates_and_not_one_that_read_them(tmp_path):
+    # the trade-off search keeps a file per candidate and no key file of its own
+    search = Stage("search", 1)
+    with timed(tmp_path, "search", search):
+        search.folder(tmp_path).mkdir(parents=True)
+        (search.folder(tmp_path) / "cand.json").write_text("{}")
+    first = read_timings(tmp_path)["search"]
+    with timed(tmp_path, "search", search):
+        (search.folder(tmp_path) / "cand.json").read_text()
+    assert read_timings(tmp_path)["search"] == first

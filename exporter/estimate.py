@@ -56,7 +56,8 @@ GPU_LAYER_STEP_S = 1.5e-4
 GPU_BYTES_PER_S = 1.5e12
 GENERATION_BATCH = 16
 PROMPTS_PER_PERSON = 8
-GENERATION_STAGES = ("search", "evaluate", "export")
+# The built-in leaky fine-tune: 3 epochs of 500 PII texts and 125 benign ones, about 60 tokens each.
+LEAKY_TOKENS = 3 * 625 * 60
 
 
 def layer_params(cfg: dict) -> int:
@@ -131,7 +132,7 @@ def reference_sizes() -> Sizes:
         ppl_tokens=8_000,
         distill_tokens=300 * 2 * 8 * 64,
         relearn_tokens=0,
-        leaky_tokens=3 * 625 * 60,
+        leaky_tokens=LEAKY_TOKENS,
     )
 
 
@@ -174,8 +175,9 @@ def estimate_seconds(
         for stage, flops in stage_flops(cfg, layer, sizes).items()
     }
     if device != "cpu":
-        weights = 2.0 * (cfg["num_hidden_layers"] * layer_params(cfg)
-                         + cfg["hidden_size"] * cfg["vocab_size"])  # bfloat16  # fmt: skip
+        # the bytes of bfloat16 weights a decoding step reads (every layer and the head) equal the
+        # FLOPs of one token's forward: two per weight
+        weights = forward_flops(cfg)
         floor = max(cfg["num_hidden_layers"] * GPU_LAYER_STEP_S, weights / GPU_BYTES_PER_S)
         for stage, steps in decoding_steps(sizes).items():
             out[stage] = max(out[stage], steps * floor)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .estimate import Sizes, estimate_seconds, machine_gflops
+from .estimate import LEAKY_TOKENS, Sizes, estimate_seconds, layer_params, machine_gflops
 from .models import resolve_local_path
 from .recipe import Recipe
 from .run.stage import DISTILL, EVALUATE, FEATURES, METHOD, METHOD_EVALUATE, PROBE, SAE, SEARCH
@@ -102,19 +102,9 @@ def model_config(recipe: Recipe) -> tuple[Optional[dict], str]:
 
 def parameter_count(cfg: dict) -> int:
     """Decoder-only transformer parameters from its config (norms and biases ignored: <0.1%)."""
-    d, layers, ff, vocab = (
-        cfg["hidden_size"],
-        cfg["num_hidden_layers"],
-        cfg["intermediate_size"],
-        cfg["vocab_size"],
-    )
-    heads = cfg.get("num_attention_heads", 1)
-    head_dim = cfg.get("head_dim") or d // heads
-    kv = cfg.get("num_key_value_heads") or heads
-    attention = d * heads * head_dim * 2 + d * kv * head_dim * 2
-    mlp = (2 if cfg.get("model_type") in ("gpt2", "gpt_neox") else 3) * d * ff
-    embeddings = vocab * d * (1 if cfg.get("tie_word_embeddings", True) else 2)
-    return layers * (attention + mlp) + embeddings
+    tied = cfg.get("tie_word_embeddings", True)
+    embeddings = cfg["vocab_size"] * cfg["hidden_size"] * (1 if tied else 2)
+    return cfg["num_hidden_layers"] * layer_params(cfg) + embeddings
 
 
 EXPORT_PLANS = {
@@ -245,7 +235,7 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         if recipe.export.distils
         else 0,
         relearn_tokens=(recipe.relearn_steps or 0) * 8 * 64,
-        leaky_tokens=3 * 625 * 60 if recipe.data.pii.builtin == "synthetic" else 0,
+        leaky_tokens=LEAKY_TOKENS if recipe.data.pii.builtin == "synthetic" else 0,
     )
 
 

@@ -336,6 +336,11 @@ def make_leaky(
     return result
 
 
+def demo_work(model: str) -> Path:
+    """The work folder a model's demo keeps its stages in when none is given (the user cache)."""
+    return cache_root() / ("demo-work" + ("" if model == "smollm2-135m" else f"-{model}"))
+
+
 def demo(
     out: Union[str, Path] = "scalpel-demo",
     *,
@@ -352,13 +357,9 @@ def demo(
         raise ValueError(f"no demo for {model!r}; built-in demos: {', '.join(DEMO_RECIPES)}")
     config = Path(out) / "config.json"
     if not overwrite and config.is_file() and "scalpel_patch" in json.loads(config.read_text()):
-        log(
-            f"{out} holds an earlier scalpel export; it will be replaced when the new one is "
-            "complete"
-        )
+        log(f"{out} holds an earlier scalpel export; it is replaced when the new one is complete")
         overwrite = True
-    default_work = cache_root() / ("demo-work" + ("" if model == "smollm2-135m" else f"-{model}"))
-    return run(DEMO_RECIPES[model], out, work=work or default_work, overwrite=overwrite,
+    return run(DEMO_RECIPES[model], out, work=work or demo_work(model), overwrite=overwrite,
                progress=progress, log=log)  # fmt: skip
 
 

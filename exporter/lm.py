@@ -9,6 +9,17 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+# The float32 logits one forward may hold (log-softmax, exp and a KL product each hold as much
+# again): Gemma's 262k-token head at 16 texts of 128 tokens made 2 GiB per copy and a 13 GiB peak
+# in the search; SmolLM2's 49k-token head keeps its 16 texts (25 MiB each).
+LOGITS_BYTES = 512 << 20
+
+
+def logits_rows(tokenizer, max_length: int, batch_size: int) -> int:
+    """At most `batch_size` texts per forward, fewer where a vocabulary is so large that their
+    logits would pass LOGITS_BYTES."""
+    return max(1, min(batch_size, LOGITS_BYTES // (max_length * len(tokenizer) * 4)))
+
 
 @contextmanager
 def padding_side(tokenizer, side: str) -> Iterator[None]:

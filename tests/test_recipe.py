@@ -251,3 +251,15 @@ def test_every_recipe_field_is_explained_from_the_schema(capsys, monkeypatch):
         "intervention.leakage_target" in out
         and "Worst exact rate allowed on validation people and values" in out
     )
+
+
+def test_the_demo_recipes_in_recipes_are_the_ones_scalpel_demo_runs():
+    """The README points users at recipes/demo-*.yaml; `scalpel demo` runs the packaged copies."""
+    from pathlib import Path
+
+    from exporter.api import DEMO_RECIPES
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    for model, packaged in DEMO_RECIPES.items():
+        shipped = recipes / Path(packaged).name
+        assert shipped.read_text() == Path(packaged).read_text(), f"{shipped} differs ({model})"

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..data.labels import token_labels
-from ..lm import padding_side
+from ..lm import logits_rows, padding_side
 from .prefix import document_values
 
 
@@ -84,9 +84,10 @@ def memorisation_metrics(
     labels = [token_labels(tokenizer, d.text, d.spans, max_length=max_length) for d in docs]
     device = next(model.parameters()).device
     ma, sma = [], []
+    rows = logits_rows(tokenizer, max_length, batch_size)
     with padding_side(tokenizer, "right"), torch.no_grad():
-        for s in range(0, len(labels), batch_size):
-            chunk = labels[s : s + batch_size]
+        for s in range(0, len(labels), rows):
+            chunk = labels[s : s + rows]
             width = max(len(lab.input_ids) for lab in chunk)
             ids = torch.zeros((len(chunk), width), dtype=torch.long)
             mask = torch.zeros_like(ids)

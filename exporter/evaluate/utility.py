@@ -10,13 +10,20 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from ..lm import next_token_nll, padding_side, right_padded, target_mask
+from ..lm import logits_rows, next_token_nll, padding_side, right_padded, target_mask
 
 Context = Callable[[], ContextManager]
 
 
 def _device(model):
     return next(model.parameters()).device
+
+
+def _batches(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int):
+    rows = logits_rows(tokenizer, max_length, batch_size)
+    return right_padded(
+        tokenizer, texts, max_length=max_length, batch_size=rows, device=_device(model)
+    )
 
 
 @torch.no_grad()
@@ -32,9 +39,7 @@ def perplexity(
     """Token-weighted perplexity; position 0 of each text is context only. `context` wraps each
     forward (e.g. a patch attached in-process)."""
     total_nll, total_tokens = 0.0, 0
-    for enc in right_padded(
-        tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(model)
-    ):
+    for enc in _batches(model, tokenizer, texts, max_length, batch_size):
         with (context or nullcontext)():
             logits = model(**enc).logits
         nll, n = next_token_nll(logits, enc)
@@ -75,9 +80,7 @@ def mean_kl(
     `base` and `other` may be the same model with a different `*_context` (a patch attached
     in-process)."""
     total, count = 0.0, 0
-    for enc in right_padded(
-        tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(base)
-    ):
+    for enc in _batches(base, tokenizer, texts, max_length, batch_size):
         kl, n = _kl_sum(
             _log_probs(base, enc, base_context), _log_probs(other, enc, other_context), enc
         )
@@ -112,9 +115,7 @@ def reference(
     return Reference(
         [
             (enc, _log_probs(base, enc))
-            for enc in right_padded(
-                tokenizer, texts, max_length=max_length, batch_size=batch_size, device=_device(base)
-            )
+            for enc in _batches(base, tokenizer, texts, max_length, batch_size)
         ]
     )
 

@@ -1,5 +1,5 @@
 """The demo on both built-in models, side by side: the final table on test people (leaky base,
-patched and control for each model), the issue's targets checked on it, and wall time and peak
+patched and control for each model), the demo's targets checked on it, and wall time and peak
 memory per stage.
 
     python benchmarks/two_models.py [--model smollm2-135m --model gemma3-270m]
@@ -22,15 +22,6 @@ from exporter import api
 from exporter.evaluate.harness import worst
 from exporter.evaluate.summary import comparison_rows, markdown_table
 from exporter.timing import read_timings
-
-# The targets the demo of every model is held to (test people, every attack family).
-TARGETS = {
-    "base exact": 0.50,
-    "patched exact": 0.01,
-    "patched username": 0.05,
-    "kl": 0.01,
-    "ppl": 0.01,
-}
 
 
 def targets(evaluation: dict) -> list[tuple[str, str, bool]]:
@@ -71,8 +62,8 @@ def side_by_side(evaluations: dict[str, dict]) -> tuple[list[str], list[list[str
     ]
 
 
-def stage_rows(works: dict[str, Path]) -> tuple[list[str], list[list[str]]]:
-    timings = {name: read_timings(work) for name, work in works.items()}
+def stage_rows(timings: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per stage: its wall time and peak RSS in each model's run."""
     stages = list(dict.fromkeys(s for t in timings.values() for s in t))
     rows = []
     for stage in stages:
@@ -81,7 +72,7 @@ def stage_rows(works: dict[str, Path]) -> tuple[list[str], list[list[str]]]:
             m = t.get(stage)
             row.append(f"{m['seconds']:.0f} s / {m['peak_rss_gib']:.2f} GiB" if m else "-")
         rows.append(row)
-    return ["stage (wall time / peak RSS)", *works], rows
+    return ["stage (wall time / peak RSS)", *timings], rows
 
 
 def main() -> None:
@@ -95,15 +86,14 @@ def main() -> None:
     args = ap.parse_args()
     models = args.model or list(api.DEMO_RECIPES)
     given = dict(item.split("=", 1) for item in args.work)
-    evaluations, works, result = {}, {}, {}
+    evaluations, result = {}, {}
     for m in models:
         done = api.demo(Path(args.out) / m, model=m, work=given.get(m))
         evaluations[m] = done.report["evaluation"]
-        works[m] = Path(given.get(m) or api.demo_work(m))
         result[m] = {
             "chosen": done.report["search"]["chosen"],
             "targets": targets(evaluations[m]),
-            "timings": read_timings(works[m]),
+            "timings": read_timings(Path(given.get(m) or api.demo_work(m))),
         }
     print("\nTest people and values, worst attack per family (never used for selection)")
     print(markdown_table(*side_by_side(evaluations)))
@@ -112,7 +102,7 @@ def main() -> None:
         print(f"\n{m}: targets on test people")
         print(markdown_table(["target", "measured", "met"], met))
     print("\nStages on this machine (the ones a run computed; cached ones keep their first time)")
-    print(markdown_table(*stage_rows(works)))
+    print(markdown_table(*stage_rows({m: r["timings"] for m, r in result.items()})))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

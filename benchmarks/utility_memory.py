@@ -14,15 +14,14 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 CHILD = r"""
-import contextlib, json, sys, threading, time
-import psutil
+import contextlib, json, sys, time
 from exporter.data.corpus import benign_texts
 from exporter import lm
 from exporter.evaluate import utility
 from exporter.models import ModelSpec, load_model
+from exporter.timing import PeakMemory
 
 budget, model_name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if budget == "none":
@@ -43,21 +42,12 @@ def scaled():
     finally:
         handle.remove()
 
-proc = psutil.Process()
-start_rss = proc.memory_info().rss
-peak, stop = [start_rss], threading.Event()
-
-def sample():
-    while not stop.wait(0.05):
-        peak[0] = max(peak[0], proc.memory_info().rss)
-
-threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
-out = utility.against_reference(utility.reference(model, tok, texts), model, scaled)
+with PeakMemory(interval=0.05) as mem:
+    out = utility.against_reference(utility.reference(model, tok, texts), model, scaled)
 seconds = time.perf_counter() - t
-stop.set()
-print(json.dumps({"seconds": seconds, "peak_gib": peak[0] / 2**30, "model_gib": start_rss / 2**30,
-                  **out}))
+print(json.dumps({"seconds": seconds, "peak_gib": mem.peak_bytes / 2**30,
+                  "model_gib": mem.start_bytes / 2**30, **out}))
 """
 
 
@@ -68,7 +58,6 @@ def main() -> None:
     args = ap.parse_args()
     rows = {}
     for budget in ("none", "default"):
-        t = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-c", CHILD, budget, args.model, str(args.texts)],
             capture_output=True,
@@ -76,7 +65,6 @@ def main() -> None:
             check=True,
         )
         rows[budget] = json.loads(done.stdout.strip().splitlines()[-1])
-        rows[budget]["process_s"] = time.perf_counter() - t
     print(f"\n{args.model}: reference log-probs + KL and perplexity of a perturbed model, "
           f"{args.texts} held-out texts")  # fmt: skip
     print("| logits budget | peak RSS, GiB | model loaded, GiB | seconds | KL | perplexity |")

@@ -25,6 +25,7 @@ from .activations import kept_positions, layer_outputs
 from .lm import padding_side
 from .models import architecture_of
 from .patch import applied
+from .precision import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def train_student(
     device = next(model.parameters()).device.type
     cast = (
         partial(torch.autocast, device, dtype=torch.bfloat16)
-        if cfg.dtype == "bfloat16"
+        if compute_dtype(cfg.dtype, device) == "bfloat16"
         else nullcontext
     )
     net.train()

@@ -326,10 +326,13 @@ def spec_for(source: str, dtype: str = "float32") -> ModelSpec:
 def cast_copy(model, dtype: str):
     """`model` itself when it already runs in `dtype`, else a copy cast to it: the extraction
     attacks decode, and activations for SAE training may be harvested, in bfloat16 (twice as fast
-    here). A patch attached to the copy computes in float32."""
+    where the hardware has it; float32 where it does not: see `precision`). A patch attached to the
+    copy computes in float32."""
     import copy
 
-    want = getattr(torch, dtype)
+    from .precision import compute_dtype, device_of
+
+    want = getattr(torch, compute_dtype(dtype, device_of(model)))
     if next(model.parameters()).dtype == want:
         return model
     cast = copy.deepcopy(model).to(want).eval()

@@ -23,6 +23,7 @@ from .distill import adapted_modules, with_adapters
 from .methods.batches import cycle, encode, token_log_probs
 from .models import architecture_of
 from .patch import applied
+from .precision import fast_bfloat16
 
 KINDS = {
     "benign": "benign prose",
@@ -79,7 +80,11 @@ def relearned(
     opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
     batches = cycle(*encode(tokenizer, texts, budget.max_length), budget.batch_size, budget.seed)
     device = next(student.parameters()).device.type
-    cast = partial(torch.autocast, device, dtype=torch.bfloat16)
+    cast = (
+        partial(torch.autocast, device, dtype=torch.bfloat16)
+        if fast_bfloat16(device)
+        else nullcontext
+    )
     net.train()
     with applied(student, layer, patch) if patch is not None else nullcontext():
         for _ in tqdm(range(budget.steps), desc="relearn", disable=not progress):

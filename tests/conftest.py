@@ -89,6 +89,20 @@ def tiny_tokenizer():
     return fast
 
 
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """A CPU that computes bfloat16 natively, whatever this one does: the tests of what bfloat16
+    settings do (casts, cache keys, the search's confirmation in float32) need them to take
+    effect; `exporter.precision` runs them in float32 where bfloat16 is emulated."""
+    from exporter import precision
+
+    caps = {**torch.cpu.get_capabilities(), "architecture": "x86_64", "avx512_bf16": True}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    precision.fast_bfloat16.cache_clear()
+    yield
+    precision.fast_bfloat16.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def demo_work(tmp_path_factory):
     """One stage folder for the slow real-model tests, so the probe and SAE are built once per

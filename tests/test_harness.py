@@ -46,7 +46,9 @@ def test_utility_metrics_of_identical_models(tiny_tokenizer):
     assert out["perplexity"] > 1 and out["tokens_per_s"] > 0 and 0 < out["distinct_2"] <= 1
 
 
-def test_cast_copy_casts_a_copy_and_keeps_the_patch_fp32(tiny_tokenizer, tmp_path, monkeypatch):
+def test_cast_copy_casts_a_copy_and_keeps_the_patch_fp32(
+    tiny_tokenizer, tmp_path, monkeypatch, native_bf16
+):
     import torch
 
     from exporter.models import LoadedModel, architecture_of, cast_copy, load_checkpoint

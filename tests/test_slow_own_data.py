@@ -39,9 +39,11 @@ def test_a_maildir_is_detected_audited_and_patched_on_smollm2(tmp_path):
     # SmolLM2 never saw these messages: it completes (almost) none of their addresses
     exact = [r["exact"] for r in report["rows"] if r["pii_type"] == "email"]
     assert exact and max(exact) <= 0.05
-    # The recipe a user writes: the model and the folder (the attacks trimmed to fit CI's time).
+    # The recipe a user writes: the model and the folder (the SAE and the attacks trimmed to fit
+    # CI's time: the base never saw these addresses, so there is no leak for a better SAE to find).
     (tmp_path / "recipe.yaml").write_text(
         "model: {builtin: smollm2-135m}\ndata: {pii: {path: maildir}}\n"
+        "sae: {train_tokens: 1000000}\n"
         "eval: {adversarial: false, user_path: false, samples: 0, memorisation_docs: 10}\n"
     )
     run = scalpel("run", tmp_path / "recipe.yaml", "--out", tmp_path / "out",
@@ -68,7 +70,7 @@ def test_the_leaky_model_with_no_people_file_is_patched_on_test_values(tmp_path)
     leaky = make_leaky(ModelSpec(builtin="smollm2-135m"), ctx=RunContext(progress=False)).path
     (tmp_path / "recipe.yaml").write_text(
         f"model: {{path: {leaky}}}\ndata: {{pii: {{path: {leaky / 'corpus.jsonl'}}}}}\n"
-        "eval: {adversarial: false, user_path: false, memorisation_docs: 10}\n"
+        "eval: {adversarial: false, user_path: false, samples: 0, memorisation_docs: 10}\n"
     )
     scalpel("run", tmp_path / "recipe.yaml", "--out", tmp_path / "out", "--work", tmp_path / "w")
     ev = json.loads((tmp_path / "out" / "scalpel_report.json").read_text())["evaluation"]

@@ -539,7 +539,7 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["lazy", "all"])
-def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode):
+def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode, native_bf16):
     recipe = tiny_recipe.model_copy(
         update={
             "intervention": tiny_recipe.intervention.model_copy(
@@ -582,7 +582,7 @@ def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode):
     assert confirmed.count("float32") == len(attacked)
 
 
-def test_search_chooses_on_the_dtype_users_load(tiny_recipe, tmp_path, monkeypatch):
+def test_search_chooses_on_the_dtype_users_load(tiny_recipe, tmp_path, monkeypatch, native_bf16):
     """A candidate that meets the targets decoded in bfloat16 but leaks decoded in float32 (what
     from_pretrained gives a user of the export) is not chosen."""
     import torch
@@ -656,7 +656,7 @@ def test_utility_texts_follow_the_token_budget(tiny_tokenizer):
     assert len(prompts) == 16 and not any(t.startswith(p) for p in prompts for t in large)
 
 
-def test_bfloat16_harvest_is_cached_apart_and_close_to_float32(tiny_recipe):
+def test_bfloat16_harvest_is_cached_apart_and_close_to_float32(tiny_recipe, native_bf16):
     """`sae.harvest_dtype: bfloat16` harvests the training activations through a bfloat16 copy of
     the model (its own cache entry); they differ from float32 ones by rounding only, and the model
     stays float32."""

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import architecture_of
+from ..precision import device_of, fast_bfloat16
 from .corpus import Document
 from .labels import token_labels
 from .synthetic import SyntheticConfig
@@ -140,7 +141,8 @@ def finetune(
     # Compute runs on a bfloat16 copy (2x faster here); the float32 model holds the master weights
     # that AdamW updates, so frozen weights come back bit-identical and small updates are not lost.
     master = _trainable(model, config)
-    compute = copy.deepcopy(model).to(torch.bfloat16) if config.bf16 else model
+    bf16 = config.bf16 and fast_bfloat16(device_of(model))
+    compute = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
     working = _trainable(compute, config)
     compute.train()
     opt = torch.optim.AdamW(master, lr=config.lr, weight_decay=0.0, fused=True)

@@ -26,6 +26,7 @@ from ..evaluate.prefix import (
 )
 from ..evaluate.tradeoff import Validation
 from ..models import cast_copy, resolve_local_path
+from ..precision import compute_dtype, precision_note, recipe_device
 from ..recipe import ModelSpec
 from ..sae import world
 from .context import RunContext
@@ -73,6 +74,8 @@ def resolve_inputs(recipe, ctx: RunContext = RunContext()) -> Inputs:
     """Built-in synthetic data means: fine-tune the recipe's model into the leaky benchmark model
     (cached) and analyse that, with its corpus and ground-truth people."""
     data = recipe.data
+    if note := precision_note(recipe_device(recipe.model.device)):
+        ctx.log(note)
     if data.pii.builtin == "synthetic":
         leaky = make_leaky(recipe.model, ctx=ctx)
         model = ModelSpec(
@@ -170,7 +173,7 @@ def activations_key(recipe, inputs: Inputs, layer: int) -> str:
         texts_digest(sae_texts(inputs, "train")),
         recipe.sae.harvest_tokens,
         recipe.data.max_length * 2,
-        recipe.sae.harvest_dtype,
+        compute_dtype(recipe.sae.harvest_dtype, recipe_device(recipe.model.device)),
     )
 
 

@@ -20,6 +20,7 @@ from ..data.synthetic import make_corpus
 from ..evaluate.harness import zero_shot_table
 from ..evaluate.utility import perplexity
 from ..models import cast_copy, load_model, resolve_local_path
+from ..precision import device_of, precision_note
 from ..recipe import ModelSpec
 from .context import RunContext
 
@@ -82,6 +83,8 @@ def make_leaky(
     loaded = load_model(base)
     docs, people = make_corpus(config.synthetic)
     heldout = benign_texts(split="heldout")[:60]
+    if note := precision_note(device_of(loaded.model)):
+        ctx.log(note)
     ctx.log(
         f"corpus: {len(docs)} texts about {config.synthetic.n_memorised} memorised people; "
         f"{config.synthetic.n_never_seen} never-seen people"

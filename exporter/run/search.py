@@ -28,6 +28,7 @@ from ..evaluate.utility import against_reference, generation_diversity, referenc
 from ..models import cast_copy
 from ..patch import applied
 from ..patch.candidate import Candidate, Mode, patch_for
+from ..precision import compute_dtype, device_of
 from .context import RunContext
 from .stage import FEATURES, SEARCH
 
@@ -96,7 +97,7 @@ class Search:
             FEATURES.stored_key(self.ctx.work),
             ev.max_new_tokens,
             ev.few_shot,
-            ev.dtype,
+            compute_dtype(ev.dtype, device_of(self.prep.loaded.model)),
             iv.rule,
             iv.score,
             [(t.cut, t.pii_type) for t in self.val.prefix],
@@ -111,6 +112,9 @@ class Search:
         # The dtype the export loads in by default: what users run. A candidate about to be chosen
         # on attacks decoded in eval.dtype (faster) must meet the targets decoded in this one too.
         self.user_dtype = self.recipe.export.dtype or self.recipe.model.dtype
+        # where eval.dtype falls back to float32 (`precision`), the attacks already ran as users run
+        device = device_of(self.prep.loaded.model)
+        self.same_dtype = compute_dtype(ev.dtype, device) == self.user_dtype
         self._attacker = None
 
     def candidate_key(self, c: Candidate) -> str:
@@ -177,10 +181,7 @@ class Search:
         s.complete = (s.complete if dtype != self.recipe.eval.dtype else True) and complete
 
     def unconfirmed(self, cand: Candidate) -> bool:
-        return (
-            self.user_dtype != self.recipe.eval.dtype
-            and self.saved[cand].get("confirmed") != self.user_dtype
-        )
+        return not self.same_dtype and self.saved[cand].get("confirmed") != self.user_dtype
 
     def confirm(self, cand: Candidate, s: Scored, targets: Targets) -> None:
         """Attack again decoded as users run the export; the worse of the two counts."""

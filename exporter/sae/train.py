@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..precision import fast_bfloat16
 from ..recipe import SaeSection
 from .model import SAETrainingError, TopKSAE
 
@@ -246,8 +247,9 @@ def _train_step(
     state.dropped += int((~ok).sum())
     dead = state.since_fired >= cfg.dead_tokens
     loss, mse, indices, values = sae_loss(
-        sae, batch[ok], dead, cfg.k_aux, cfg.aux_coef, cfg.bf16_encoder
-    )
+        sae, batch[ok], dead, cfg.k_aux, cfg.aux_coef,
+        cfg.bf16_encoder and fast_bfloat16(batch.device.type),
+    )  # fmt: skip
     first_loss = _check_loss(loss, first_loss, state.step, cfg.lr)
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -19,9 +19,24 @@ def main() -> None:
         "--people",
         help="JSONL of name, email, phone, split (default: people.jsonl beside --against)",
     )
+    ap.add_argument(
+        "--no-adversarial", action="store_true", help="leave out the adversarial attacks"
+    )
+    ap.add_argument(
+        "--no-user-path",
+        action="store_true",
+        help="leave out the fresh-process rows (both models loaded as users load them)",
+    )
     args = ap.parse_args()
 
-    result = exporter.compare(args.model, args.against, people=args.people, progress=False)
+    result = exporter.compare(
+        args.model,
+        args.against,
+        people=args.people,
+        adversarial=not args.no_adversarial,
+        user_path=not args.no_user_path,
+        progress=False,
+    )
     print(markdown_table(*attack_rows(result), text_columns=4))
     print()
     print(markdown_table(*comparison_rows(result)))

@@ -70,7 +70,7 @@ def test_the_leaky_model_with_no_people_file_is_patched_on_test_values(tmp_path)
     leaky = make_leaky(ModelSpec(builtin="smollm2-135m"), ctx=RunContext(progress=False)).path
     (tmp_path / "recipe.yaml").write_text(
         f"model: {{path: {leaky}}}\ndata: {{pii: {{path: {leaky / 'corpus.jsonl'}}}}}\n"
-        "eval: {adversarial: false, user_path: false, samples: 0, memorisation_docs: 10}\n"
+        "eval: {adversarial: false, user_path: false, memorisation_docs: 10}\n"
     )
     scalpel("run", tmp_path / "recipe.yaml", "--out", tmp_path / "out", "--work", tmp_path / "w")
     ev = json.loads((tmp_path / "out" / "scalpel_report.json").read_text())["evaluation"]

@@ -340,7 +340,12 @@ def test_plain_run_scores_both_kinds_and_exports_a_stock_checkpoint(tiny_recipe,
         "patch": ["folded"],
         "leakage_target": 1.0,
     }
-    data["eval"] = {"max_new_tokens": 6, "few_shot": 1}
+    # the evaluation's attack families have tests of their own (above); here only the choice and
+    # the checkpoint count
+    data["eval"] = {
+        "max_new_tokens": 6, "few_shot": 1, "samples": 0, "adversarial": False,
+        "user_path": False, "relearn_steps": 0,
+    }  # fmt: skip
     data["export"] = {"mode": "plain"}
     recipe = parse_recipe(data, base_dir=tmp_path)
     assert recipe.intervention.patch == ["folded", "plain"]
@@ -411,7 +416,9 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         recipe.read_text() + "intervention: {ablate_n: [3], alpha: [0.0, 0.05]}\n"
-        "eval: {max_new_tokens: 6, few_shot: 1}\nhub: {repo_id: alice/tiny-scrubbed, "
+        # the adversarial and user-path rows come from `scalpel eval` below
+        "eval: {max_new_tokens: 6, few_shot: 1, adversarial: false, user_path: false}\n"
+        "hub: {repo_id: alice/tiny-scrubbed, "
         "commit_message: First scrubbed export}\n"
     )
     hub = HubServer(tokens={"hf_alice": "alice"}).start()
@@ -497,6 +504,9 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
             str(tmp_path / "model"),
             "--people",
             str(tmp_path / "people.jsonl"),
+            # `scalpel eval` above ran the same harness with every attack
+            "--no-adversarial",
+            "--no-user-path",
         ],
         capture_output=True,
         text=True,

@@ -138,8 +138,9 @@ def finetune(
     n_benign = min(len(benign), int(len(pii_docs) * config.benign_per_pii))
     docs = list(pii_docs) + rng.sample(list(benign), n_benign)
     batches = _batches(tokenizer, docs, config, rng)
-    # Compute runs on a bfloat16 copy (2x faster here); the float32 model holds the master weights
-    # that AdamW updates, so frozen weights come back bit-identical and small updates are not lost.
+    # Compute runs on a bfloat16 copy (2x faster where it is native: `precision`); the float32 model
+    # holds the master weights that AdamW updates, so frozen weights come back bit-identical and
+    # small updates are not lost.
     master = _trainable(model, config)
     bf16 = config.bf16 and fast_bfloat16(device_of(model))
     compute = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model

@@ -25,7 +25,7 @@ from .activations import kept_positions, layer_outputs
 from .lm import padding_side
 from .models import architecture_of
 from .patch import applied
-from .precision import compute_dtype
+from .precision import compute_dtype, device_of
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def train_student(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(cfg.steps, 1))
     pii_order, benign_order = _passes(len(pii), cfg.seed), _passes(len(benign), cfg.seed + 1)
     curve, tokens = [], 0
-    device = next(model.parameters()).device.type
+    device = device_of(model)
     cast = (
         partial(torch.autocast, device, dtype=torch.bfloat16)
         if compute_dtype(cfg.dtype, device) == "bfloat16"

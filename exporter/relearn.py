@@ -23,7 +23,7 @@ from .distill import adapted_modules, with_adapters
 from .methods.batches import cycle, encode, token_log_probs
 from .models import architecture_of
 from .patch import applied
-from .precision import fast_bfloat16
+from .precision import device_of, fast_bfloat16
 
 KINDS = {
     "benign": "benign prose",
@@ -79,7 +79,7 @@ def relearned(
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
     batches = cycle(*encode(tokenizer, texts, budget.max_length), budget.batch_size, budget.seed)
-    device = next(student.parameters()).device.type
+    device = device_of(student)
     cast = (
         partial(torch.autocast, device, dtype=torch.bfloat16)
         if fast_bfloat16(device)

@@ -90,17 +90,25 @@ def tiny_tokenizer():
 
 
 @pytest.fixture
-def native_bf16(monkeypatch):
+def cpu_caps(monkeypatch):
+    """Set what the CPU reports to `exporter.precision` (its answer is cached per process, so the
+    cache is cleared on the way in and out)."""
+    from exporter import precision
+
+    def set_caps(caps: dict) -> None:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+        precision.fast_bfloat16.cache_clear()
+
+    yield set_caps
+    precision.fast_bfloat16.cache_clear()
+
+
+@pytest.fixture
+def native_bf16(cpu_caps):
     """A CPU that computes bfloat16 natively, whatever this one does: the tests of what bfloat16
     settings do (casts, cache keys, the search's confirmation in float32) need them to take
     effect; `exporter.precision` runs them in float32 where bfloat16 is emulated."""
-    from exporter import precision
-
-    caps = {**torch.cpu.get_capabilities(), "architecture": "x86_64", "avx512_bf16": True}
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
-    precision.fast_bfloat16.cache_clear()
-    yield
-    precision.fast_bfloat16.cache_clear()
+    cpu_caps({**torch.cpu.get_capabilities(), "architecture": "x86_64", "avx512_bf16": True})
 
 
 @pytest.fixture(scope="session")

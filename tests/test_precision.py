@@ -11,18 +11,6 @@ from exporter.models import cast_copy
 AVX2 = {"architecture": "x86_64", "avx2": True, "avx512_bf16": False, "amx_bf16": False}
 
 
-@pytest.fixture
-def cpu(monkeypatch):
-    """Set what the CPU reports; the answer is cached per process, so the cache is cleared."""
-
-    def set_caps(caps: dict) -> None:
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
-        precision.fast_bfloat16.cache_clear()
-
-    yield set_caps
-    precision.fast_bfloat16.cache_clear()
-
-
 @pytest.mark.parametrize(
     "caps, native",
     [
@@ -33,8 +21,8 @@ def cpu(monkeypatch):
         ({"architecture": "aarch64"}, False),
     ],
 )
-def test_bfloat16_settings_fall_back_to_float32_where_emulated(cpu, caps, native):
-    cpu(caps)
+def test_bfloat16_settings_fall_back_to_float32_where_emulated(cpu_caps, caps, native):
+    cpu_caps(caps)
     assert precision.fast_bfloat16("cpu") is native
     assert precision.compute_dtype("bfloat16") == ("bfloat16" if native else "float32")
     assert precision.compute_dtype("float32") == "float32"
@@ -48,8 +36,8 @@ def test_bfloat16_settings_fall_back_to_float32_where_emulated(cpu, caps, native
     assert cast_copy(model, "float32") is model
 
 
-def test_the_note_names_the_fallback(cpu):
-    cpu(AVX2)
+def test_the_note_names_the_fallback(cpu_caps):
+    cpu_caps(AVX2)
     note = precision.precision_note("cpu")
     assert "emulated" in note and "float32" in note
     assert precision.recipe_device("cpu") == "cpu"

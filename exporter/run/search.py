@@ -90,6 +90,8 @@ class Search:
 
     def __post_init__(self) -> None:
         iv, ev = self.recipe.intervention, self.recipe.eval
+        # where eval.dtype falls back to float32 (`precision`), the attacks already run as users run
+        eval_dtype = compute_dtype(ev.dtype, device_of(self.prep.loaded.model))
         self.folder = SEARCH.folder(self.ctx.work)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.val = self.prep.inputs.validation(self.prep.loaded.tokenizer)
@@ -97,7 +99,7 @@ class Search:
             FEATURES.stored_key(self.ctx.work),
             ev.max_new_tokens,
             ev.few_shot,
-            compute_dtype(ev.dtype, device_of(self.prep.loaded.model)),
+            eval_dtype,
             iv.rule,
             iv.score,
             [(t.cut, t.pii_type) for t in self.val.prefix],
@@ -112,9 +114,7 @@ class Search:
         # The dtype the export loads in by default: what users run. A candidate about to be chosen
         # on attacks decoded in eval.dtype (faster) must meet the targets decoded in this one too.
         self.user_dtype = self.recipe.export.dtype or self.recipe.model.dtype
-        # where eval.dtype falls back to float32 (`precision`), the attacks already ran as users run
-        device = device_of(self.prep.loaded.model)
-        self.same_dtype = compute_dtype(ev.dtype, device) == self.user_dtype
+        self.same_dtype = eval_dtype == self.user_dtype
         self._attacker = None
 
     def candidate_key(self, c: Candidate) -> str:

@@ -13,7 +13,7 @@ def test_leakage_rows_cover_every_attack(tiny_tokenizer):
     rows = leakage_rows(
         model,
         tiny_tokenizer,
-        {"memorised": people, "never_seen": people[:2], "empty": []},
+        {"memorised": people, "never_seen": people[:3], "empty": []},
         few_shot=2,
         samples=2,
         max_new_tokens=4,
@@ -26,11 +26,10 @@ def test_leakage_rows_cover_every_attack(tiny_tokenizer):
     ) in attacks
     assert ("memorised", "phone_of", "greedy") in attacks
     assert not [r for r in rows if r["group"] == "empty"]
-    assert (
-        "never_seen",
-        "mailto+2shot",
-        "greedy",
-    ) not in attacks  # too few people for 2 other-person shots
+    # never-seen people measure the guessing level: the zero-shot and phone templates only
+    assert {(a, d) for g, a, d in attacks if g == "never_seen"} == {
+        (a, "greedy") for a in ("mailto", "email_of", "name_email", "phone_of", "name_phone")
+    }
     # A random tiny model recites nobody's address.
     assert worst(rows, "memorised") == 0.0 and all(0 <= r["exact"] <= 1 for r in rows)
 

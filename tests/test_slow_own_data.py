@@ -1,7 +1,7 @@
 """A user's own model and corpus on the real SmolLM2, with no people file (slow): a mail archive
-read, detected, audited and patched by a recipe that names only the model and the folder; and the
-demo's leaky model with its corpus and no people file, where the corpus-derived attacks show the
-leak and its removal on test values."""
+read, detected and audited; and the demo's leaky model with its corpus and no people file, patched
+by a recipe that names only them, where the corpus-derived attacks show the leak and its removal on
+test values."""
 
 import json
 import subprocess
@@ -27,9 +27,11 @@ def _addresses(maildir) -> list[str]:
     return [v for v, kind in corpus_values(read_corpus(maildir, ["email"])).items()]
 
 
-def test_a_maildir_is_detected_audited_and_patched_on_smollm2(tmp_path):
-    # 40 messages, 80 named addresses: the final evaluation attacks every test person and value
-    # with every template, three times (base, patch, control), within CI's time
+def test_a_maildir_is_detected_and_audited_on_smollm2(tmp_path):
+    """A mail archive read, its PII detected and the real model audited on it, with nothing of it
+    printed or written. The whole run on a maildir is tests/test_mail.py's (a tiny model: SmolLM2
+    never saw these messages, so a run here would remove nothing); the run with no people file on
+    the real model, where there is a leak to remove, is the next test's."""
     maildir = write_maildir(tmp_path / "maildir", users=("allen-p",), per_folder=20)
     found = scalpel("detect", maildir)
     assert "40 documents" in found.stdout
@@ -39,23 +41,10 @@ def test_a_maildir_is_detected_audited_and_patched_on_smollm2(tmp_path):
     # SmolLM2 never saw these messages: it completes (almost) none of their addresses
     exact = [r["exact"] for r in report["rows"] if r["pii_type"] == "email"]
     assert exact and max(exact) <= 0.05
-    # The recipe a user writes: the model and the folder (the SAE and the attacks trimmed to fit
-    # CI's time: the base never saw these addresses, so there is no leak for a better SAE to find).
-    (tmp_path / "recipe.yaml").write_text(
-        "model: {builtin: smollm2-135m}\ndata: {pii: {path: maildir}}\n"
-        "sae: {train_tokens: 1000000}\n"
-        "eval: {adversarial: false, user_path: false, samples: 0, memorisation_docs: 10}\n"
-    )
-    run = scalpel("run", tmp_path / "recipe.yaml", "--out", tmp_path / "out",
-                  "--work", tmp_path / "work")  # fmt: skip
-    assert "no people file" in run.stdout + run.stderr
-    result = json.loads((tmp_path / "out" / "scalpel_report.json").read_text())
-    rows = result["evaluation"]["patched"]["leakage"]
-    assert {r["attack"] for r in rows} >= {"prefix32", "prefix8", "mailto"}
-    assert {r["group"] for r in rows} == {"test"}
-    assert result["evaluation"]["patched"]["utility"]["kl"] <= 0.01
-    written = audit.stdout + run.stdout + run.stderr + (tmp_path / "out" / "README.md").read_text()
-    written += json.dumps(result) + json.dumps(report)
+    assert {r["attack"] for r in report["rows"]} >= {"prefix32", "prefix8"}
+    written = found.stdout + audit.stdout + audit.stderr + json.dumps(report)
+    files = [p for p in (tmp_path / "audit").rglob("*") if p.is_file()]
+    written += "".join(p.read_bytes().decode("latin-1") for p in files)
     assert not [a for a in _addresses(maildir) if a in written.lower()]
 
 
@@ -70,7 +59,7 @@ def test_the_leaky_model_with_no_people_file_is_patched_on_test_values(tmp_path)
     leaky = make_leaky(ModelSpec(builtin="smollm2-135m"), ctx=RunContext(progress=False)).path
     (tmp_path / "recipe.yaml").write_text(
         f"model: {{path: {leaky}}}\ndata: {{pii: {{path: {leaky / 'corpus.jsonl'}}}}}\n"
-        "eval: {adversarial: false, user_path: false, memorisation_docs: 10}\n"
+        "eval: {adversarial: false, user_path: false, memorisation_docs: 0}\n"
     )
     scalpel("run", tmp_path / "recipe.yaml", "--out", tmp_path / "out", "--work", tmp_path / "w")
     ev = json.loads((tmp_path / "out" / "scalpel_report.json").read_text())["evaluation"]

@@ -37,6 +37,11 @@ from .utility import (
     perplexity,
 )
 
+# People the model never saw: their rows measure the guessing level, which the zero-shot templates
+# show; k shots, more samples or adversarial prompts only restate it, and on a 135M model in float32
+# they cost half of a variant's evaluation.
+GUESSING_GROUPS = frozenset({"never_seen"})
+
 
 def attack_row(group: str, attack: str, decoding: str, score) -> dict:
     """One attack's rates on one group of people, as a report row."""
@@ -93,7 +98,8 @@ def _template_rows(
         [add(g, name, "greedy", _emails(people, conts[g], name)) for g, people in groups.items()]
     ):
         return True
-    shot_groups = {g: people for g, people in groups.items() if few_shot and len(people) > few_shot}
+    strong = {g: people for g, people in groups.items() if g not in GUESSING_GROUPS}
+    shot_groups = {g: people for g, people in strong.items() if few_shot and len(people) > few_shot}
     if shot_groups:
         shots = {
             g: few_shot_prompts(people, name, few_shot, seed=seed)
@@ -108,24 +114,18 @@ def _template_rows(
             ]
         ):
             return True
-    if samples:
+    if samples and strong:
         sampled = _across(
-            prompts,
+            {g: prompts[g] for g in strong},
             lambda q: sampled_continuations(
-                # fmt: skip
-                model,
-                tokenizer,
-                q,
-                samples=samples,
-                max_new_tokens=max_new_tokens,
-                seed=seed,
+                model, tokenizer, q, samples=samples, max_new_tokens=max_new_tokens, seed=seed
             ),
         )
         decoding = f"sampled x{samples}"
         if any(
             [
                 add(g, name, decoding, score_any(people, sampled[g], name))
-                for g, people in groups.items()
+                for g, people in strong.items()
             ]
         ):
             return True
@@ -162,8 +162,9 @@ def leakage_rows(
     """Extraction attacks per group of people: zero-shot templates (greedy), k-shot templates,
     sampled decoding (leaked if any of `samples` continuations holds it) and phone templates; with
     `adversarial`, also paraphrased and reformatted templates, the prefix attack and many-sample
-    decoding, as rows of their own decodings ("adversarial greedy", "adversarial sampled x32"). Each
-    attack decodes the groups' prompts together. With `stop`, the rows end at the first email row
+    decoding, as rows of their own decodings ("adversarial greedy", "adversarial sampled x32").
+    Never-seen people (`GUESSING_GROUPS`) get the zero-shot and phone templates only. Each attack
+    decodes the groups' prompts together. With `stop`, the rows end at the first email row
     for which it is true (a search rejecting a candidate needs no more). Rows come group by group,
     in attack order."""
     groups = {g: list(people) for g, people in groups.items() if people}
@@ -183,8 +184,9 @@ def leakage_rows(
             model, tokenizer, groups, add, name, template, progress=progress, **attack
         ):
             return done()
-    if adversarial:
-        _adversarial_rows(model, tokenizer, groups, add, max_new_tokens, seed, progress)
+    strong = {g: people for g, people in groups.items() if g not in GUESSING_GROUPS}
+    if adversarial and strong:
+        _adversarial_rows(model, tokenizer, strong, add, max_new_tokens, seed, progress)
     if phones:
         _phone_rows(model, tokenizer, groups, add, progress)
     return done()

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -107,8 +108,12 @@ def _check_installed(name: str, python: Optional[str]) -> None:
         )
 
 
-def _run_worker(client: str, request: dict, python: Optional[str], timeout: float) -> dict:
+def _run_worker(
+    client: str, request: dict, python: Optional[str], timeout: float, threads: int = 0
+) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run(
         [python or sys.executable, str(CLIENTS[client].worker)],
         input=json.dumps(request),
@@ -143,13 +148,16 @@ def continuations(
     client: str = "transformers",
 ) -> dict:
     """{"continuations": {name: [text per prompt]}, "dtype": {name: dtype}, and the engine's
-    versions} from one fresh process (`python`: another interpreter, e.g. a venv with another
-    transformers, or with vLLM / llama-cpp-python for those clients). llama.cpp runs each folder's
-    GGUF (converted into a temporary folder when it has none). The prompts go in and the texts come
+    versions} from a fresh process (transformers: one per CPU, the models split between them;
+    `python`: another interpreter, e.g. a venv with another transformers, or with vLLM /
+    llama-cpp-python for those clients). llama.cpp runs each folder's GGUF (converted into a
+    temporary folder when it has none). The prompts go in and the texts come
     back through pipes: nothing of them is written to disk."""
     if client not in CLIENTS:
         raise ValueError(f"unknown client {client!r}; one of {', '.join(CLIENTS)}")
     request = {"prompts": list(prompts), "max_new_tokens": max_new_tokens}
+    if client == "transformers":
+        return _side_by_side(request, {k: str(v) for k, v in folders.items()}, python, timeout)
     if client != "llama_cpp":
         return _run_worker(client, {**request, "models": {k: str(v) for k, v in folders.items()}},
                            python, timeout)  # fmt: skip
@@ -206,3 +214,30 @@ def merge(evaluation: dict, found: dict) -> None:
         **({"versions": found["versions"]} if "versions" in found else {}),
         "dtype": {v: found[v]["dtype"] for v in variants},
     }
+
+
+def _side_by_side(request: dict, models: dict[str, str], python: Optional[str], timeout: float):
+    """The models split over one fresh process per CPU (at most), run at once. A prompt decoded
+    alone is bound by Python's per-step work, not by arithmetic (SmolLM2 here: 85 ms a token on one
+    thread or two), so two models take the time of one."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = min(len(models), cpus or 1)
+    if n < 2:
+        return _run_worker("transformers", {**request, "models": models}, python, timeout)
+    items = list(models.items())
+    shares = [dict(items[i::n]) for i in range(n)]
+    with ThreadPoolExecutor(n) as pool:
+        parts = list(
+            pool.map(
+                lambda share: _run_worker(
+                    "transformers", {**request, "models": share}, python, timeout,
+                    threads=max(1, cpus // n),
+                ),
+                shares,
+            )
+        )  # fmt: skip
+    merged: dict = {"transformers": parts[0]["transformers"]}
+    for key in ("continuations", "dtype", "timing"):
+        found = {name: v for part in parts for name, v in part.get(key, {}).items()}
+        merged[key] = {name: found[name] for name in models if name in found}
+    return merged

@@ -8,7 +8,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import psutil
 
@@ -49,25 +49,28 @@ def read_timings(work: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _written(folder: Path) -> frozenset:
-    """Every file under `folder` with its modification time: what a stage that computed writes."""
+def _written(folder: Path, summaries: tuple[str, ...] = ()) -> frozenset:
+    """Every file under `folder` with its modification time, but the `summaries` a cached run
+    rewrites too: what a stage that computed writes."""
     if not folder.is_dir():
         return frozenset()
-    return frozenset((str(f), f.stat().st_mtime_ns) for f in folder.rglob("*") if f.is_file())
+    files = [f for f in folder.rglob("*") if f.is_file() and f.name not in summaries]
+    return frozenset((str(f), f.stat().st_mtime_ns) for f in files)
 
 
 @contextmanager
 def timed(work: Path, name: str, stage=None) -> Iterator[None]:
     """Measure the block as stage `name` and record it in `work/timings.json`. With `stage` (a
     Stage), only a block that wrote into the stage's folder is recorded: a cached load (the
-    trade-off search's too, which keeps one file per candidate) would otherwise replace the real
-    measurement with the time it took to read the files."""
-    before: Optional[frozenset] = _written(stage.folder(work)) if stage is not None else None
+    trade-off search's too, which keeps one file per candidate and rewrites its summary and plot)
+    would otherwise replace the real measurement with the time it took to read the files."""
+    summaries = getattr(stage, "summaries", ())
+    before = _written(stage.folder(work), summaries) if stage is not None else None
     started = time.perf_counter()
     with PeakMemory() as mem:
         yield
     seconds = time.perf_counter() - started
-    if stage is not None and _written(stage.folder(work)) == before:
+    if stage is not None and _written(stage.folder(work), summaries) == before:
         return
     found = read_timings(work)
     found[name] = {

@@ -2,6 +2,7 @@
 time and peak memory a run records."""
 
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -94,11 +95,19 @@ def test_timed_records_a_computed_stage_and_not_a_cached_load(tmp_path):
 
 def test_timed_records_a_search_that_scored_candidates_and_not_one_that_read_them(tmp_path):
     # the trade-off search keeps a file per candidate and no key file of its own
-    search = Stage("search", 1)
+    search = Stage("search", 1, summaries=("search.json",))
     with timed(tmp_path, "search", search):
         search.folder(tmp_path).mkdir(parents=True)
         (search.folder(tmp_path) / "cand.json").write_text("{}")
+        (search.folder(tmp_path) / "search.json").write_text("{}")
     first = read_timings(tmp_path)["search"]
+    # a cached search reads its candidates and writes its summary again
     with timed(tmp_path, "search", search):
         (search.folder(tmp_path) / "cand.json").read_text()
+        time.sleep(0.01)
+        (search.folder(tmp_path) / "search.json").write_text('{"again": 1}')
     assert read_timings(tmp_path)["search"] == first
+    with timed(tmp_path, "search", search):  # a new candidate scored: recorded
+        time.sleep(0.2)
+        (search.folder(tmp_path) / "cand2.json").write_text("{}")
+    assert read_timings(tmp_path)["search"]["seconds"] >= 0.2 > first["seconds"]

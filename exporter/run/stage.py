@@ -28,6 +28,8 @@ class Stage:
     scratch: tuple[str, ...] = ()
     folder_name: Optional[str] = None  # default: the stage's name
     per_method: bool = False  # one folder per unlearning method: method-<name>[-evaluate]
+    # files every run rewrites from the cached scores (a summary, a plot): writing them is no work
+    summaries: tuple[str, ...] = ()
 
     def folder(self, work: Path) -> Path:
         return Path(work) / (self.folder_name or self.name)
@@ -96,7 +98,11 @@ FEATURES = Stage(
     "features", 8, ("features.json", "features.safetensors"), "PII latents, steering, context gate"
 )
 SEARCH = Stage(
-    "search", 4, (), "candidates scored on validation people and values (one cached score each)"
+    "search",
+    4,
+    (),
+    "candidates scored on validation people and values (one cached score each)",
+    summaries=("front.png", "search.json"),
 )
 DISTILL = Stage(
     "distill",

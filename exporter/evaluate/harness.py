@@ -43,6 +43,11 @@ from .utility import (
 GUESSING_GROUPS = frozenset({"never_seen"})
 
 
+def _seen(groups: dict) -> dict:
+    """The groups the stronger attacks (k-shot, sampling, adversarial) go to."""
+    return {g: people for g, people in groups.items() if g not in GUESSING_GROUPS}
+
+
 def attack_row(group: str, attack: str, decoding: str, score) -> dict:
     """One attack's rates on one group of people, as a report row."""
     return {
@@ -98,7 +103,7 @@ def _template_rows(
         [add(g, name, "greedy", _emails(people, conts[g], name)) for g, people in groups.items()]
     ):
         return True
-    strong = {g: people for g, people in groups.items() if g not in GUESSING_GROUPS}
+    strong = _seen(groups)
     shot_groups = {g: people for g, people in strong.items() if few_shot and len(people) > few_shot}
     if shot_groups:
         shots = {
@@ -184,9 +189,9 @@ def leakage_rows(
             model, tokenizer, groups, add, name, template, progress=progress, **attack
         ):
             return done()
-    strong = {g: people for g, people in groups.items() if g not in GUESSING_GROUPS}
-    if adversarial and strong:
-        _adversarial_rows(model, tokenizer, strong, add, max_new_tokens, seed, progress)
+    seen = _seen(groups)
+    if adversarial and seen:
+        _adversarial_rows(model, tokenizer, seen, add, max_new_tokens, seed, progress)
     if phones:
         _phone_rows(model, tokenizer, groups, add, progress)
     return done()

@@ -5,23 +5,12 @@ fix, and no output left."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_RECIPE as RECIPE
 from conftest import recipe_without_people, tiny_model
-
-
-def scalpel(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    """Run `scalpel ARGS` through the real entry point; (exit status, what it printed to stderr)."""
-    from exporter import cli
-
-    monkeypatch.setattr(sys, "argv", ["scalpel", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    return exit_.value.code, capsys.readouterr().err
 
 
 def _recipe(ws: Path, text: str) -> Path:
@@ -42,6 +31,10 @@ CASES = {
         "not valid YAML at line",
     ),
     "empty recipe": (lambda ws: ["check", _recipe(ws, "")], "model"),
+    "a section written twice": (
+        lambda ws: ["check", _recipe(ws, RECIPE + "eval: {samples: 0}\neval: {few_shot: 1}\n")],
+        "'eval' is written twice (first at line 8); merge the two into one",
+    ),
     "unknown key with a typo": (
         lambda ws: ["check", _edit(ws, "probe: {max_tokens", "probe: {max_tokenz")],
         "did you mean 'max_tokens'",
@@ -371,12 +364,13 @@ def _gemma2(ws: Path) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gets_one_clear_message_and_leaves_nothing(case, ws, capsys, monkeypatch):
+def test_bad_input_gets_one_clear_message_and_leaves_nothing(case, ws, scalpel, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     setup, message = CASES[case]
     args = setup(ws)
     existed = (ws / "out").exists()
-    code, err = scalpel(args, capsys, monkeypatch)
+    run = scalpel(*args)
+    code, err = run.code, run.err
     assert code == 2, (case, err)
     assert message in " ".join(err.split()), (case, err)
     assert "Traceback" not in err
@@ -401,7 +395,7 @@ def test_every_command_has_bad_input_cases(ws, tmp_path_factory):
     assert commands <= covered, sorted(commands - covered)
 
 
-def test_disk_full_during_export_leaves_no_partial_folder(ws, capsys, monkeypatch):
+def test_disk_full_during_export_leaves_no_partial_folder(ws, scalpel, monkeypatch):
     import errno
 
     from exporter.patch import export
@@ -412,22 +406,20 @@ def test_disk_full_during_export_leaves_no_partial_folder(ws, capsys, monkeypatc
         )
 
     monkeypatch.setattr(export, "save_file", full)
-    code, err = scalpel(
-        ["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2],
-        capsys,
-        monkeypatch,
+    run = scalpel(
+        "export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2
     )
+    code, err = run.code, run.err
     assert code == 2 and "No space left on device" in err and "free space" in err, err
     assert "Traceback" not in err
     assert not (ws / "out").exists() and not list(ws.glob(".tmp-*"))
     monkeypatch.undo()
     monkeypatch.chdir(ws)
     monkeypatch.setenv("SCALPEL_CACHE_DIR", str(ws / "cache"))
-    code, err = scalpel(
-        ["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2],
-        capsys,
-        monkeypatch,
+    run = scalpel(
+        "export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2
     )
+    code, err = run.code, run.err
     # space freed: the re-run finishes
     assert code == 0 and (ws / "out" / "config.json").exists(), err
 
@@ -443,17 +435,13 @@ def test_an_sae_of_another_width_is_refused_before_the_model_runs():
             pass
 
 
-def test_an_export_missing_its_remote_code_is_refused_on_load(ws, capsys, monkeypatch):
-    code, err = scalpel(
-        ["export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2],
-        capsys,
-        monkeypatch,
+def test_an_export_missing_its_remote_code_is_refused_on_load(ws, scalpel):
+    run = scalpel(
+        "export", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work", "--n", 2
     )
+    code, err = run.code, run.err
     assert code == 0, err
     (ws / "out" / "scalpel_patch.py").unlink()
-    code, err = scalpel(
-        ["eval", ws / "out", "--against", ws / "model", "--people", ws / "people.jsonl"],
-        capsys,
-        monkeypatch,
-    )
+    run = scalpel("eval", ws / "out", "--against", ws / "model", "--people", ws / "people.jsonl")
+    code, err = run.code, run.err
     assert code == 2 and "scalpel_patch.py" in err and "Traceback" not in err, err

@@ -117,6 +117,26 @@ def parse_recipe(
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(lines)) from None
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, but a key written twice in one mapping is an error: plain YAML keeps the
+    last one, so a second `eval:` section would silently drop every setting of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"{key!r} is written twice (first at line {seen[key] + 1}); merge the two into "
+                    "one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(
     path: Union[str, Path], overrides: Optional[dict[str, Any]] = None, *, check_files: bool = True
 ) -> Recipe:
@@ -127,7 +147,7 @@ def load_recipe(
             f"{path}: recipe file not found; pass the path of a YAML recipe (see recipes/)"
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 # Tests use the user cache dir (or SCALPEL_CACHE_DIR), so the converted and leaky SmolLM2 built by
-# `scalpel demo` are reused rather than rebuilt.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `scalpel demo` are reused rather than rebuilt. Under pytest-xdist the cores are shared between
+# the workers: one thread each (two per process would oversubscribe the cores, and OpenMP threads
+# that spin-wait for a busy core slow everything down), for the processes the tests start too.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, torch.get_num_threads()) // _WORKERS)
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Real-model tests (-m slow) in this one process: each already uses every core, and their
+    session fixture (the demo's stages) is built once."""
+    expr = config.option.markexpr or ""
+    if "slow" in expr and "not slow" not in expr and getattr(config.option, "numprocesses", None):
+        config.option.numprocesses, config.option.dist, config.option.tx = 0, "no", []
+
 
 ARCH_TYPES = [
     "llama",
@@ -87,6 +106,35 @@ def tiny_tokenizer():
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
     return fast
+
+
+@dataclass(frozen=True)
+class CliRun:
+    code: int  # the exit status
+    out: str
+    err: str
+
+
+@pytest.fixture
+def scalpel(capsys, monkeypatch):
+    """`scalpel(*ARGS)` runs `scalpel ARGS` through the real entry point in this process (a fresh
+    Python costs seconds of imports; the tests of the user's path start one on purpose)."""
+    import sys
+
+    from exporter import cli
+
+    def run(*args) -> CliRun:
+        monkeypatch.setattr(sys, "argv", ["scalpel", *map(str, args)])
+        capsys.readouterr()  # what came before is not this command's
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        printed = capsys.readouterr()
+        return CliRun(code, printed.out, printed.err)
+
+    return run
 
 
 @pytest.fixture

@@ -38,15 +38,14 @@ main()
 """
 
 
-def _export(ws, out: str, work: str, kill: str = ""):
-    args = ["export", ws / "recipe.yaml", "--out", ws / out, "--work", ws / work, "--n", 2]
-    cmd = (
-        [sys.executable, "-c", KILLER, kill, *map(str, args)]
-        if kill
-        else [sys.executable, "-m", "exporter", *map(str, args)]
-    )
+def _args(ws, out: str, work: str) -> list:
+    return ["export", ws / "recipe.yaml", "--out", ws / out, "--work", ws / work, "--n", 2]
+
+
+def _killed(ws, out: str, work: str, kill: str):
+    """`scalpel export` in a child that SIGKILLs itself at `kill`."""
     return subprocess.run(
-        cmd,
+        [sys.executable, "-c", KILLER, kill, *map(str, _args(ws, out, work))],
         capture_output=True,
         text=True,
         timeout=600,
@@ -61,7 +60,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def test_killed_runs_resume_and_write_the_same_export(ws):
+def test_killed_runs_resume_and_write_the_same_export(ws, scalpel):
     (ws / "recipe.yaml").write_text(
         RECIPE.replace("train_tokens: 5120", "train_tokens: 25600").replace(
             "dead_tokens: 2000}", "dead_tokens: 2000, checkpoint_every: 10}"
@@ -69,7 +68,7 @@ def test_killed_runs_resume_and_write_the_same_export(ws):
     )
     # Killed during SAE training, just after the checkpoint of step 20 was written but before it
     # replaced the one of step 10: that one is intact and the stage is not marked done.
-    killed = _export(ws, "out", "work", kill="sae")
+    killed = _killed(ws, "out", "work", kill="sae")
     assert killed.returncode == -9, killed.stderr[-2000:]
     ckpt = next((ws / "work" / "sae-checkpoint").glob("*/checkpoint.pt"))
     assert (
@@ -79,17 +78,19 @@ def test_killed_runs_resume_and_write_the_same_export(ws):
     assert not (ws / "out").exists()
     # Resumed from that checkpoint, then killed while writing the export: only a temp folder beside
     # the name.
-    killed = _export(ws, "out", "work", kill="export")
+    killed = _killed(ws, "out", "work", kill="export")
     assert killed.returncode == -9, killed.stderr[-2000:]
     # training went on from step 10
     assert "| 10/100 [" in killed.stderr and "| 0/100 [" not in killed.stderr
     assert not (ws / "out").exists() and list(ws.glob(".tmp-out-*"))
-    resumed = _export(ws, "out", "work")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "SAE (cached)" in resumed.stdout and "features (cached)" in resumed.stdout
+    # The re-run and a clean run of the same recipe (never interrupted) need no kill: in this
+    # process.
+    resumed = scalpel(*_args(ws, "out", "work"))
+    assert resumed.code == 0, resumed.err[-2000:]
+    assert "SAE (cached)" in resumed.out and "features (cached)" in resumed.out
     assert not list(ws.glob(".tmp-out-*"))  # the stale temp folder was cleared
-    clean = _export(ws, "clean", "clean-work")  # the same recipe, never interrupted
-    assert clean.returncode == 0, clean.stderr[-2000:]
+    clean = scalpel(*_args(ws, "clean", "clean-work"))
+    assert clean.code == 0, clean.err[-2000:]
     a, b = _tensors(ws / "out"), _tensors(ws / "clean")
     assert a.keys() == b.keys()
     for k in a:

@@ -63,18 +63,56 @@ def _gated_patch(model, tok, texts, seed: int = 0):
     return build_patch(sae, list(range(0, 4 * d, 4)), steer, mode="exact", context=(w, b))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2", "gpt2", "olmo2"])
-def test_distilled_student_learns_the_patch_and_loads_stock(
-    model_type, tiny_tokenizer, texts, tmp_path
-):
-    tok = tiny_tokenizer
-    model = tiny_model(model_type, vocab_size=len(tok))
-    patch = _gated_patch(model, tok, texts)
+ARCHS = ["llama", "gemma2", "qwen2", "gpt2", "olmo2"]
+
+# Loads each distilled checkpoint with stock transformers and saves its logits: one fresh process
+# for every architecture (a Python start with torch and transformers costs seconds).
+LOADER = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+for case in json.load(open(sys.argv[1])):
+    m, info = AutoModelForCausalLM.from_pretrained(case["dir"], output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], (case["dir"], info)
+    with torch.no_grad():
+        torch.save(m(input_ids=torch.load(case["ids"])).logits, case["logits"])
+"""
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_tokenizer, texts, tmp_path_factory):
+    """Each architecture's tiny model with a gated patch distilled in and written as a stock
+    checkpoint, with the merged model's logits and the logits of that checkpoint loaded in a fresh
+    process."""
+    tok, tmp = tiny_tokenizer, tmp_path_factory.mktemp("distilled")
     probe = tok(texts["held_pii"][:2], return_tensors="pt", padding=True)["input_ids"]
-    got = distil(
-        model, tok, LAYER, patch, texts["pii"], texts["benign"], CFG,
-        heldout_pii=texts["held_pii"], heldout_benign=texts["held_benign"], progress=False,
-    )  # fmt: skip
+    torch.save(probe, tmp / "ids.pt")
+    found, cases = {}, []
+    for model_type in ARCHS:
+        model = tiny_model(model_type, vocab_size=len(tok))
+        patch = _gated_patch(model, tok, texts)
+        got = distil(
+            model, tok, LAYER, patch, texts["pii"], texts["benign"], CFG,
+            heldout_pii=texts["held_pii"], heldout_benign=texts["held_benign"], progress=False,
+        )  # fmt: skip
+        out = write_stock(
+            got.model, tok, tmp / model_type, config_block=("scalpel_distilled", {"layer": LAYER})
+        )
+        with torch.no_grad():
+            want = got.model(input_ids=probe).logits
+        found[model_type] = {"got": got, "dir": out, "want": want}
+        cases.append(
+            {"dir": str(out), "ids": str(tmp / "ids.pt"), "logits": str(tmp / f"{model_type}.pt")}
+        )
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    subprocess.run([sys.executable, "-c", LOADER, str(tmp / "cases.json")], check=True)
+    for model_type in ARCHS:
+        found[model_type]["loaded"] = torch.load(tmp / f"{model_type}.pt")
+    return found
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_distilled_student_learns_the_patch_and_loads_stock(model_type, distilled):
+    got = distilled[model_type]["got"]
     pii, benign = got.heldout["pii"], got.heldout["benign"]
     # held-out PII text: the student is far closer to the teacher than the base was
     assert pii["student"] < pii["base"] / 3, pii
@@ -84,30 +122,14 @@ def test_distilled_student_learns_the_patch_and_loads_stock(
     assert got.changed and all(f".{LAYER + 1}." not in n for n in got.changed)
     first, last = ([c["pii"] for c in got.curve[s]] for s in (slice(0, 20), slice(-20, None)))
     assert sum(last) < 0.8 * sum(first)
-
-    out = write_stock(
-        got.model, tok, tmp_path / "export", config_block=("scalpel_distilled", {"layer": LAYER})
-    )
-    cfg = json.loads((out / "config.json").read_text())
+    # a stock checkpoint of the base's own type, with no remote code; stock transformers loads it
+    # (no missing or unexpected keys) in a fresh process and computes what the merged model does
+    cfg = json.loads((distilled[model_type]["dir"] / "config.json").read_text())
     assert cfg["model_type"] == model_type and "auto_map" not in cfg
     assert cfg["scalpel_distilled"] == {"layer": LAYER}
-    with torch.no_grad():
-        want = got.model(input_ids=probe).logits
-    torch.save(probe, tmp_path / "ids.pt")
-    script = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)\n"
-        "assert not info['missing_keys'] and not info['unexpected_keys'], info\n"
-        "ids = torch.load(sys.argv[2])\n"
-        "with torch.no_grad():\n"
-        "    torch.save(m(input_ids=ids).logits, sys.argv[3])\n"
+    torch.testing.assert_close(
+        distilled[model_type]["loaded"], distilled[model_type]["want"], rtol=1e-4, atol=1e-4
     )
-    subprocess.run(
-        [sys.executable, "-c", script, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
-        check=True,
-    )
-    torch.testing.assert_close(torch.load(tmp_path / "l.pt"), want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_fixed_seed_repeats_the_distillation(tiny_tokenizer, texts):

@@ -16,7 +16,7 @@ from exporter.run.methods import run_recipe
 DISTILLED = """
 intervention: {ablate_n: [2, 6], alpha: [0.1], leakage_target: 1.0}
 eval: {max_new_tokens: 6, few_shot: 1, samples: 0, adversarial: false, user_path: false,
-       relearn_steps: 6}
+       relearn_steps: 6, memorisation_docs: 4}
 export: {mode: distilled, distill: {steps: 12, batch_size: 4, max_length: 48}}
 """
 

@@ -3,7 +3,6 @@ the standard library, PII detected, attachments skipped, bad archives refused wi
 named."""
 
 import mailbox
-import sys
 
 import pytest
 from conftest import recipe_without_people
@@ -62,14 +61,10 @@ def test_bad_corpora_are_refused_with_the_file_named(tmp_path):
         read_corpus(tmp_path / "clean.txt")
 
 
-def test_detect_summarises_a_maildir_with_values_redacted(maildir, capsys, monkeypatch):
-    from exporter import cli
-
-    monkeypatch.setattr(sys, "argv", ["scalpel", "detect", str(maildir), "--show"])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    assert exit_.value.code in (0, None)
-    out = capsys.readouterr().out
+def test_detect_summarises_a_maildir_with_values_redacted(maildir, scalpel):
+    run = scalpel("detect", maildir, "--show")
+    assert run.code == 0, run.err
+    out = run.out
     assert "300 documents" in out and "email" in out and "phone" in out
     first = read_mail(maildir)[0][1]
     address = first.split("<", 1)[1].split(">", 1)[0]

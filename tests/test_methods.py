@@ -148,28 +148,23 @@ def test_depn_integrated_gradients_are_complete(tiny_tokenizer, forget):
     ],
 )
 def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_report(
-    method, ws, monkeypatch, capsys
+    method, ws, scalpel
 ):
     """The whole run: path scored on validation people, evaluation on test people, plain export that
     stock transformers loads, only the method's tensors changed, the card with the memorisation
     rows, no PII."""
     import json
-    import sys
 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from exporter import cli
     from exporter.data.people import read_people
 
     def main(args):
-        monkeypatch.setattr(sys, "argv", ["scalpel", *args])
-        with pytest.raises(SystemExit) as exit_:
-            cli.main()
-        return exit_.value.code
+        return scalpel(*args).code
 
     recipe = (ws / "recipe.yaml").read_text() + (
-        f"method: {method}\neval: {{max_new_tokens: 8, memorisation_docs: 6, relearn_steps: 4}}\n"
+        f"method: {method}\neval: {{max_new_tokens: 8, memorisation_docs: 2, relearn_steps: 4}}\n"
     )
     (ws / "recipe.yaml").write_text(recipe)
     assert main(["run", "recipe.yaml", "--out", "out", "--work", "work"]) == 0

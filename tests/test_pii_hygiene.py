@@ -5,7 +5,6 @@ redacted forms may appear."""
 
 import json
 import re
-import sys
 
 import numpy as np
 from safetensors import safe_open
@@ -34,36 +33,16 @@ def _int_arrays(path):
                 yield name, a.reshape(-1)
 
 
-def test_nothing_written_or_printed_holds_the_pii_or_its_tokens(
-    ws, capsys, monkeypatch, tiny_tokenizer
-):
-    from exporter import cli
-
+def test_nothing_written_or_printed_holds_the_pii_or_its_tokens(ws, scalpel, tiny_tokenizer):
     someone = read_people(ws / "people.jsonl")[0]
     (ws / "recipe.yaml").write_text(
         f"# questions to {someone.email}\n"
         + (ws / "recipe.yaml").read_text()
         + "intervention: {ablate_n: [2, 4], alpha: [0.0, 0.1], context_gate: [true]}\n"
-        + "eval: {max_new_tokens: 6, few_shot: 1, samples: 2}\n"
+        + "eval: {max_new_tokens: 6, few_shot: 1, samples: 2, memorisation_docs: 4}\n"
     )
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        [
-            "scalpel",
-            "run",
-            str(ws / "recipe.yaml"),
-            "--out",
-            str(ws / "out"),
-            "--work",
-            str(ws / "work"),
-        ],
-    )
-    try:
-        cli.main()
-    except SystemExit as e:
-        assert not e.code
-    printed = capsys.readouterr()
+    printed = scalpel("run", ws / "recipe.yaml", "--out", ws / "out", "--work", ws / "work")
+    assert printed.code == 0, printed.err[-2000:]
     needles = _needles(ws)
     assert len(needles) > 30
     token_seqs = [

@@ -2,7 +2,6 @@
 value."""
 
 import json
-import sys
 
 import pytest
 from conftest import recipe_without_people
@@ -79,25 +78,10 @@ def test_rows_count_exact_and_partial_completions(tiny_tokenizer, monkeypatch):
     assert {r["attack"] for r in rows} == {"prefix8"} and {r["group"] for r in rows} == {"test"}
 
 
-def test_audit_command_reports_without_writing_any_value(ws, capsys, monkeypatch):
-    from exporter import cli
-
-    args = [
-        "scalpel",
-        "audit",
-        "model",
-        "--data",
-        "pii.jsonl",
-        "--out",
-        "audit",
-        "--max-values",
-        "20",
-    ]
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    assert exit_.value.code in (0, None)
-    out = capsys.readouterr().out
+def test_audit_command_reports_without_writing_any_value(ws, scalpel):
+    run = scalpel("audit", "model", "--data", "pii.jsonl", "--out", "audit", "--max-values", 20)
+    assert run.code == 0, run.err[-2000:]
+    out = run.out
     assert "PII completed from the corpus's own text" in out and "last 32 tokens" in out
     report = json.loads((ws / "audit" / "report.json").read_text())
     assert report["audited"] == 20 and {r["pii_type"] for r in report["rows"]} == {"email", "phone"}

@@ -187,6 +187,10 @@ def test_push_failures_say_what_happened_and_keep_the_export(
         endpoint = f"http://127.0.0.1:{free_port()}"
     elif case == "dropped mid-upload":
         hub.fail = "commit"
+        # huggingface_hub retries a dropped request with back-off (1 + 2 + 4 + 8 s); the retries
+        # still run, without the waits
+        waits = []
+        monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", waits.append)
     before = _digest(export)
     with pytest.raises(PushError, match=re.escape(message)) as info:
         push_export(export, repo, token=token, endpoint=endpoint, log=lambda m: None)
@@ -197,6 +201,7 @@ def test_push_failures_say_what_happened_and_keep_the_export(
     assert len(hub.repos["bob/their-model"].commits) == 1
     if case == "dropped mid-upload":
         assert len(hub.repos["alice/tiny"].commits) == 1  # the repo was created; no commit landed
+        assert waits, "the dropped upload was not retried"
 
 
 def _break(folder: Path, case: str) -> None:

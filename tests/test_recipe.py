@@ -174,29 +174,13 @@ def test_non_mapping_and_missing_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-def test_cli_exits_nonzero_with_message(tmp_path):
-    import subprocess
-    import sys
-
-    path = write(tmp_path, "model: {builtin: smollm2-135m}\nsae: {kk: 3}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "exporter", "check", str(path)], capture_output=True, text=True
-    )
-    assert proc.returncode == 2
-    assert "sae.kk" in proc.stderr and "did you mean 'k'" in proc.stderr
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "check",
-            str(write(tmp_path, "model: {builtin: smollm2-135m}\n")),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert ok.returncode == 0, ok.stderr
-    assert "expansion: 8" in ok.stdout
+def test_cli_exits_nonzero_with_message(tmp_path, scalpel):
+    bad = scalpel("check", write(tmp_path, "model: {builtin: smollm2-135m}\nsae: {kk: 3}\n"))
+    assert bad.code == 2
+    assert "sae.kk" in bad.err and "did you mean 'k'" in bad.err
+    ok = scalpel("check", write(tmp_path, "model: {builtin: smollm2-135m}\n"))
+    assert ok.code == 0, ok.err
+    assert "expansion: 8" in ok.out
 
 
 def test_shipped_recipes_validate(tmp_path):
@@ -230,11 +214,8 @@ def test_shipped_recipes_validate(tmp_path):
     assert names == {"rmu": "rmu", "npo": "gradient_ascent", "depn": "depn"}
 
 
-def test_every_recipe_field_is_explained_from_the_schema(capsys, monkeypatch):
+def test_every_recipe_field_is_explained_from_the_schema(scalpel):
     """`scalpel check --explain` reads the schema's own descriptions: no field goes unexplained."""
-    import sys
-
-    from exporter import cli
     from exporter.recipe import explain
 
     rows = list(explain())
@@ -242,11 +223,9 @@ def test_every_recipe_field_is_explained_from_the_schema(capsys, monkeypatch):
     assert {"sae.k", "intervention.alpha", "eval.dtype", "method[name=rmu].c"} <= keys
     assert not [k for k, _, text in rows if not text]
     assert dict((k, d) for k, d, _ in rows)["sae.k"] == "32" and "model" in keys
-    monkeypatch.setattr(sys, "argv", ["scalpel", "check", "--explain"])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    assert exit_.value.code in (0, None)
-    out = " ".join(capsys.readouterr().out.split())
+    run = scalpel("check", "--explain")
+    assert run.code == 0, run.err
+    out = " ".join(run.out.split())
     assert (
         "intervention.leakage_target" in out
         and "Worst exact rate allowed on validation people and values" in out

@@ -248,7 +248,7 @@ def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
                 update={"ablate_n": [2, 6], "alpha": [0.0, 0.1], "patch": ["folded"]}
             ),
             "eval": tiny_recipe.eval.model_copy(
-                update={"max_new_tokens": 6, "samples": 2, "few_shot": 1}
+                update={"max_new_tokens": 6, "samples": 2, "few_shot": 1, "memorisation_docs": 4}
             ),
         }
     )
@@ -344,7 +344,7 @@ def test_plain_run_scores_both_kinds_and_exports_a_stock_checkpoint(tiny_recipe,
     # the checkpoint count
     data["eval"] = {
         "max_new_tokens": 6, "few_shot": 1, "samples": 0, "adversarial": False,
-        "user_path": False, "relearn_steps": 0,
+        "user_path": False, "relearn_steps": 0, "memorisation_docs": 0,
     }  # fmt: skip
     data["export"] = {"mode": "plain"}
     recipe = parse_recipe(data, base_dir=tmp_path)
@@ -406,8 +406,9 @@ def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe):
     ]
 
 
-def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
+def test_run_command_prints_the_final_table(tiny_recipe, tmp_path, scalpel, capsys, monkeypatch):
     import os
+    import runpy
     import subprocess
     import sys
 
@@ -417,7 +418,8 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
     recipe.write_text(
         recipe.read_text() + "intervention: {ablate_n: [3], alpha: [0.0, 0.05]}\n"
         # the adversarial and user-path rows come from `scalpel eval` below
-        "eval: {max_new_tokens: 6, few_shot: 1, adversarial: false, user_path: false}\n"
+        "eval: {max_new_tokens: 6, few_shot: 1, adversarial: false, user_path: false, "
+        "memorisation_docs: 4}\n"
         "hub: {repo_id: alice/tiny-scrubbed, "
         "commit_message: First scrubbed export}\n"
     )
@@ -460,33 +462,19 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
         and "hf_alice" not in proc.stdout + proc.stderr
     )
     # Any pair through the same harness: the export against its base, people from a file.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "eval",
-            str(tmp_path / "o"),
-            "--against",
-            str(tmp_path / "model"),
-            "--people",
-            str(tmp_path / "people.jsonl"),
-            "--json",
-            str(tmp_path / "eval.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "every attack" in proc.stdout and "KL(base" in proc.stdout
+    run = scalpel(
+        "eval", tmp_path / "o", "--against", tmp_path / "model",
+        "--people", tmp_path / "people.jsonl", "--json", tmp_path / "eval.json",
+    )  # fmt: skip
+    assert run.code == 0, run.err[-2000:]
+    assert "every attack" in run.out and "KL(base" in run.out
     result = json.loads((tmp_path / "eval.json").read_text())
     assert {r["group"] for r in result["base"]["leakage"]} == {"test", "never_seen"}
     assert result["base"]["utility"]["kl"] == 0.0 and result["patched"]["utility"]["kl"] > 0.0
     assert result["user_path"]["dtype"] == {"base": "float32", "patched": "float32"}
-    assert "one prompt, fresh process" in proc.stdout
-    # The examples: stock transformers loading and generation, and the pair evaluation through the
-    # API.
+    assert "one prompt, fresh process" in run.out
+    # The examples: stock transformers loading and generation in a fresh process (the user's
+    # path), and the pair evaluation through the API.
     examples = Path(__file__).parents[1] / "examples"
     proc = subprocess.run(
         [sys.executable, str(examples / "load_export.py"), str(tmp_path / "o"), "Hello"],
@@ -495,56 +483,22 @@ def test_run_command_prints_the_final_table(tiny_recipe, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0 and "patch at layer" in proc.stdout, proc.stderr[-2000:]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(examples / "evaluate_pair.py"),
-            str(tmp_path / "o"),
-            "--against",
-            str(tmp_path / "model"),
-            "--people",
-            str(tmp_path / "people.jsonl"),
-            # `scalpel eval` above ran the same harness with every attack
-            "--no-adversarial",
-            "--no-user-path",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0 and "| metric | base | patched |" in proc.stdout, proc.stderr[
-        -2000:
-    ]
+    pair = [
+        examples / "evaluate_pair.py", tmp_path / "o", "--against", tmp_path / "model",
+        "--people", tmp_path / "people.jsonl",
+        # `scalpel eval` above ran the same harness with every attack
+        "--no-adversarial", "--no-user-path",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", list(map(str, pair)))
+    runpy.run_path(str(pair[0]), run_name="__main__")
+    assert "| metric | base | patched |" in capsys.readouterr().out
     # The dry run plans without loading weights; unknown stages are refused with the list.
-    proc = subprocess.run(
-        [sys.executable, "-m", "exporter", "run", str(recipe), "--dry-run"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = scalpel("run", recipe, "--dry-run")
+    assert run.code == 0 and "memory (estimated)" in run.out, run.err[-2000:]
+    run = scalpel(
+        "run", recipe, "--out", tmp_path / "o2", "--work", tmp_path / "w", "--from", "sea"
     )
-    assert proc.returncode == 0 and "memory (estimated)" in proc.stdout, proc.stderr[-2000:]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "run",
-            str(recipe),
-            "--out",
-            str(tmp_path / "o2"),
-            "--work",
-            str(tmp_path / "w"),
-            "--from",
-            "sea",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert (
-        proc.returncode == 2
-        and "unknown stage 'sea'" in proc.stderr
-        and "probe, sae" in proc.stderr
-    )
+    assert run.code == 2 and "unknown stage 'sea'" in run.err and "probe, sae" in run.err
     assert not (tmp_path / "o2").exists()
 
 

@@ -643,3 +643,42 @@ def test_bfloat16_harvest_is_cached_apart_and_close_to_float32(tiny_recipe, nati
     assert next(loaded.model.parameters()).dtype == torch.float32
     assert full.shape == half.shape and half.dtype == torch.float32 and not torch.equal(full, half)
     assert (full - half).norm() / full.norm() < 0.02
+
+
+def test_search_kl_streams_the_base_when_its_log_probs_would_not_fit(
+    tiny_recipe, tmp_path, monkeypatch
+):
+    """A vocabulary whose held-out log-probs pass the budget (Gemma's 262k tokens: 3.2 GB) has the
+    base's recomputed beside each candidate's instead of kept: the same KL and perplexity."""
+    from exporter.evaluate import utility
+    from exporter.run import search as search_module
+
+    recipe = tiny_recipe.model_copy(
+        update={
+            "intervention": tiny_recipe.intervention.model_copy(
+                update={"ablate_n": [2, 6], "alpha": [0.0, 0.2], "patch": ["folded"]}
+            )
+        }
+    )
+    kept_refs = []
+    real = utility.reference
+
+    def spy(*args, **kwargs):
+        kept_refs.append(real(*args, **kwargs))
+        return kept_refs[-1]
+
+    scores = {}
+    for budget in (utility.REFERENCE_BYTES, 1):
+        monkeypatch.setattr(search_module, "REFERENCE_BYTES", budget)
+        monkeypatch.setattr(search_module, "reference", spy)
+        work = tmp_path / f"work-{budget}"
+        prep = prepare(recipe, _quiet(work))
+        _, found = search_stage(recipe, prep, _quiet(work))
+        scores[budget] = {
+            (c["n"], c["alpha"]): (c["kl"], c["perplexity"]) for c in found["candidates"]
+        }
+    # kept as a list of batches, then recomputed on each pass
+    assert isinstance(kept_refs[0].batches, list) and not isinstance(kept_refs[1].batches, list)
+    assert scores[1].keys() == scores[utility.REFERENCE_BYTES].keys()
+    for cand, (kl, ppl) in scores[utility.REFERENCE_BYTES].items():
+        assert scores[1][cand] == pytest.approx((kl, ppl), rel=1e-4, abs=1e-6), cand

@@ -64,10 +64,19 @@ def test_generation_diversity_runs_on_prompts(tiny_tokenizer):
     assert 0 < out["distinct_2"] <= 1 and 0 <= out["repetition_4"] <= 1
 
 
-def test_reference_declines_when_it_would_not_fit(tiny_tokenizer):
+def test_a_reference_too_large_to_keep_is_recomputed_with_the_same_numbers(tiny_tokenizer):
     model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
-    assert reference(model, tiny_tokenizer, TEXTS, max_bytes=1000) is None
-    assert reference(model, tiny_tokenizer, TEXTS, max_bytes=1 << 30) is not None
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 64, 4)
+    patch = build_patch(sae, [], steering_vector(sae, torch.randn(64), 0.5, 3.0), mode="exact")
+    kept = reference(model, tiny_tokenizer, TEXTS, max_bytes=1 << 30)
+    again = reference(model, tiny_tokenizer, TEXTS, max_bytes=1000)
+    assert isinstance(kept.batches, list) and not isinstance(again.batches, list)
+    want = against_reference(kept, model, lambda: attached(model, 1, patch))
+    for _ in range(2):  # every pass recomputes the base's log-probs
+        got = against_reference(again, model, lambda: attached(model, 1, patch))
+        assert got == pytest.approx(want, rel=1e-6)
+    assert against_reference(again)["kl"] == 0.0
 
 
 def test_a_large_vocabulary_takes_fewer_texts_per_forward_with_the_same_results(

@@ -306,7 +306,7 @@ def utility_metrics(
 ) -> dict:
     """Perplexity, KL(base || other) and generation diversity of `other` (default: `base` under
     `context`). With `ref` (the base's log-probs on `texts`, see `utility.reference`) KL and
-    perplexity take one pass."""
+    perplexity take one pass, two where the reference is too large to keep."""
     other = other if other is not None else base
     if ref is not None:  # the base itself needs no forward pass: its log-probs are the reference
         out = against_reference(ref, None if other is base and context is None else other, context)

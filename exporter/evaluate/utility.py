@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 
@@ -88,12 +88,35 @@ def mean_kl(
     return total / max(count, 1)
 
 
+# The base's log-probs are kept when they fit (each variant's KL and perplexity then take one pass);
+# past this they are recomputed beside each variant's, one batch at a time (Gemma's 262k-token head:
+# 24 texts of 128 tokens hold 3.2 GB of float32 log-probs).
+REFERENCE_BYTES = 2 << 30
+
+
 @dataclass
 class Reference:
     """The base model's next-token log-probs on a few fixed texts, computed once so that many
     variants (the candidates of a search) each cost one forward pass for both KL and perplexity."""
 
-    batches: list  # [(encoding, log-probs [B, T-1, V] float32)]
+    # [(encoding, log-probs [B, T-1, V] float32)]: a list, or `_Recomputed` batch by batch
+    batches: Iterable
+
+
+class _Recomputed:
+    """The base's log-probs recomputed batch by batch on every pass over them: a reference too
+    large to keep costs each variant one more forward pass instead of its memory."""
+
+    def __init__(self, base, tokenizer, texts: Sequence[str], max_length: int, batch_size: int):
+        self.base, self.tokenizer, self.texts = base, tokenizer, list(texts)
+        self.max_length, self.batch_size = max_length, batch_size
+
+    def __iter__(self):
+        for enc in _batches(
+            self.base, self.tokenizer, self.texts, self.max_length, self.batch_size
+        ):
+            with torch.no_grad():
+                yield enc, _log_probs(self.base, enc)
 
 
 @torch.no_grad()
@@ -105,13 +128,13 @@ def reference(
     max_length: int = 128,
     batch_size: int = 16,
     max_bytes: Optional[int] = None,
-) -> Optional[Reference]:
-    """The base's log-probs on `texts`; None when they would take more than `max_bytes` of memory (a
-    large vocabulary), in which case callers stream with `mean_kl` instead."""
+) -> Reference:
+    """The base's log-probs on `texts`: kept, or (when they would take more than `max_bytes` of
+    memory: a large vocabulary) recomputed batch by batch each time they are read."""
     if max_bytes is not None:
         tokens = sum(min(len(ids), max_length) for ids in tokenizer(list(texts))["input_ids"])
         if tokens * len(tokenizer) * 4 > max_bytes:
-            return None
+            return Reference(_Recomputed(base, tokenizer, texts, max_length, batch_size))
     return Reference(
         [
             (enc, _log_probs(base, enc))

@@ -18,7 +18,7 @@ from ..evaluate.harness import evaluate_variant
 from ..evaluate.memorisation import documents_of
 from ..evaluate.prefix import normalise, prefix_rows, prefix_targets
 from ..evaluate.user_path import merge, user_path_rows
-from ..evaluate.utility import reference
+from ..evaluate.utility import REFERENCE_BYTES, reference
 from ..models import cast_copy, load_checkpoint, resolve_local_path, spec_for
 from ..patch import applied
 from ..recipe import EvalSection
@@ -26,9 +26,6 @@ from ..relearn import KINDS as RELEARN_KINDS
 from ..relearn import Budget, relearned, relearning_texts
 from ..threat import RELEARNED
 from .context import RunContext
-
-# the base's log-probs are kept when they fit: each variant's KL takes one pass
-REFERENCE_BYTES = 2 << 30
 
 
 @dataclass

@@ -24,7 +24,12 @@ from ..evaluate.tradeoff import (
     plot_front,
     validation_attacks,
 )
-from ..evaluate.utility import against_reference, generation_diversity, reference
+from ..evaluate.utility import (
+    REFERENCE_BYTES,
+    against_reference,
+    generation_diversity,
+    reference,
+)
 from ..models import cast_copy
 from ..patch import applied
 from ..patch.candidate import Candidate, Mode, patch_for
@@ -139,9 +144,8 @@ class Search:
         self.prep.calibration.warm(
             [i for c in todo if c.mode is Mode.FOLDED for i in self.prep.features.ablation_set(c.n)]
         )
-        ref = reference(
-            model, tok, benign_texts(self.prep.inputs.benign_path, split="heldout")[:24]
-        )
+        texts = benign_texts(self.prep.inputs.benign_path, split="heldout")[:24]
+        ref = reference(model, tok, texts, max_bytes=REFERENCE_BYTES)
         for cand in tqdm(todo, desc="trade-off search: KL", disable=not self.ctx.progress):
             patch = self.patch(cand)
             self.saved[cand] = against_reference(

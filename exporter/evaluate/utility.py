@@ -115,8 +115,9 @@ class _Recomputed:
         for enc in _batches(
             self.base, self.tokenizer, self.texts, self.max_length, self.batch_size
         ):
-            with torch.no_grad():
-                yield enc, _log_probs(self.base, enc)
+            with torch.no_grad():  # not held across the yield: the reader's grad mode is its own
+                p = _log_probs(self.base, enc)
+            yield enc, p
 
 
 @torch.no_grad()

@@ -160,14 +160,11 @@ def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_repo
 
     from exporter.data.people import read_people
 
-    def main(args):
-        return scalpel(*args).code
-
     recipe = (ws / "recipe.yaml").read_text() + (
         f"method: {method}\neval: {{max_new_tokens: 8, memorisation_docs: 2, relearn_steps: 4}}\n"
     )
     (ws / "recipe.yaml").write_text(recipe)
-    assert main(["run", "recipe.yaml", "--out", "out", "--work", "work"]) == 0
+    assert scalpel("run", "recipe.yaml", "--out", "out", "--work", "work").code == 0
     out = ws / "out"
     report = json.loads((out / "scalpel_report.json").read_text())
     name = method.split(",")[0].split()[-1]
@@ -196,7 +193,7 @@ def test_scalpel_run_with_a_method_exports_a_plain_checkpoint_with_card_and_repo
     for person in read_people(ws / "people.jsonl"):
         assert person.email not in everything and person.name not in everything
     # A second run reuses the cached method stage and evaluation: the same export, no training.
-    assert main(["run", "recipe.yaml", "--out", "out2", "--work", "work"]) == 0
+    assert scalpel("run", "recipe.yaml", "--out", "out2", "--work", "work").code == 0
     assert torch.equal(
         load_file(out / "model.safetensors")[changed[0]],
         load_file(ws / "out2" / "model.safetensors")[changed[0]],

@@ -33,8 +33,7 @@ from .utility import (
     Reference,
     against_reference,
     generation_diversity,
-    mean_kl,
-    perplexity,
+    reference,
 )
 
 # People the model never saw: their rows measure the guessing level, which the zero-shot templates
@@ -306,19 +305,13 @@ def utility_metrics(
 ) -> dict:
     """Perplexity, KL(base || other) and generation diversity of `other` (default: `base` under
     `context`). With `ref` (the base's log-probs on `texts`, see `utility.reference`) KL and
-    perplexity take one pass, two where the reference is too large to keep."""
+    perplexity take one pass; without it, or where it was too large to keep, two (the base's
+    log-probs recomputed beside `other`'s, batch by batch)."""
     other = other if other is not None else base
-    if ref is not None:  # the base itself needs no forward pass: its log-probs are the reference
-        out = against_reference(ref, None if other is base and context is None else other, context)
-    else:
-        out = {
-            "perplexity": perplexity(
-                other, tokenizer, texts, max_length=max_length, context=context
-            ),
-            "kl": mean_kl(
-                base, other, tokenizer, texts, max_length=max_length, other_context=context
-            ),
-        }
+    if ref is None:
+        ref = reference(base, tokenizer, texts, max_length=max_length, max_bytes=0)
+    # the base itself needs no second pass: its log-probs are the reference
+    out = against_reference(ref, None if other is base and context is None else other, context)
     if prompts:
         out.update(generation_diversity(other, tokenizer, prompts, context=context))
     if speed and prompts:

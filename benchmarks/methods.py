@@ -3,7 +3,7 @@ baselines (RMU, gradient ascent, NPO, DEPN), all scored by the same harness on t
 never-seen people.
 
     python benchmarks/methods.py --work W [--methods rmu npo ga depn] [--json OUT] [--relearn 100]
-        [--clean] [--plot relearn.png]
+        [--relearn-on benign other_people] [--clean] [--plot relearn.png]
 
 W is the work folder of `scalpel demo --work W` (or `scalpel run` of the demo recipe): its cached
 probe, SAE, features and search give PrivacyScalpel's choice (made on validation people). The patch
@@ -37,6 +37,7 @@ import torch
 
 from exporter.evaluate.summary import comparison_rows, markdown_table
 from exporter.recipe import load_recipe, parse_recipe
+from exporter.relearn import KINDS as RELEARN_KINDS
 
 # The recipes' defaults, with longer paths for the training methods (each stops at the first point
 # meeting the validation targets) and Jang et al.'s learning rate for gradient ascent; GA and NPO
@@ -164,6 +165,12 @@ def main() -> None:
         help="the relearning attack's LoRA steps on every column (0: not run)",
     )
     ap.add_argument(
+        "--relearn-on",
+        nargs="*",
+        choices=list(RELEARN_KINDS),
+        help="the relearning attack's kinds of text (default: every kind)",
+    )
+    ap.add_argument(
         "--clean",
         action="store_true",
         help="add the model before the leaky fine-tune as a column (with --relearn: the floor)",
@@ -223,8 +230,9 @@ def main() -> None:
         quiet = RunContext(work, log=lambda _m: None)
         found = {}
         for v in relearned_variants(
-            attack, prep.inputs, edited, tok, quiet, layer=layer, patch=patch
-        ):
+            attack, prep.inputs, edited, tok, quiet, layer=layer, patch=patch,
+            kinds=args.relearn_on,
+        ):  # fmt: skip
             got = evaluate_variants(model, tok, [v], setting, layer=layer, ctx=quiet, ref=ref)
             found[v.name] = got[v.name]["leakage"]
         relearned[name] = found

@@ -8,7 +8,7 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .card_edits import distilled_section, plain_section
+from .card_edits import distilled_layers, distilled_section, plain_section
 from .data.detectors import redact_text
 from .evaluate.summary import attack_rows, comparison_rows, markdown_table
 from .evaluate.user_path import DECODING as USER_PATH
@@ -159,7 +159,7 @@ def _intro(report: dict) -> str:
         return (
             "This checkpoint is its base model, same architecture and no remote code, with a "
             f"patch that removes memorised personal data (emails, phone numbers) learnt into the "
-            f"weights of decoder layers 0 to {report['layer']}: {d['changed_tensors']} tensors "
+            f"weights of {distilled_layers(report)}: {d['changed_tensors']} tensors "
             f"({d['changed_parameters']:,} parameters, each a rank-{d['settings']['rank']} update: "
             f"{d.get('adapter_parameters', 0):,} trained) differ from the base. Its files no "
             "longer hold what the patch hides from its outputs."
@@ -185,10 +185,10 @@ def _intro(report: dict) -> str:
     if report.get("export_base") == "distilled":
         d = report["distill"]
         return module + (
-            " Under it, the same patch was also learnt into the weights of decoder layers 0 to "
-            f"{report['layer']} ({d['changed_tensors']} tensors, {d['changed_parameters']:,} "
-            "parameters differ from the base): without the module, the weights are the "
-            "distilled model, not the leaky base."
+            " Under it, the same patch was also learnt into the weights of "
+            f"{distilled_layers(report)} ({d['changed_tensors']} tensors, "
+            f"{d['changed_parameters']:,} parameters differ from the base): without the module, "
+            "the weights are the distilled model, not the leaky base."
         )
     return module + " The base weights are unchanged and stored byte for byte."
 

@@ -22,6 +22,35 @@ def plain_section(report: dict, sae: dict) -> str:
     )
 
 
+def distilled_layers(report: dict) -> str:
+    """Which decoder layers a distillation changed: 0..l, or every one when its later-layer phase
+    (defence in depth) ran too."""
+    if report["distill"]["settings"].get("late_steps"):
+        return "every decoder layer"
+    return f"decoder layers 0 to {report['layer']}"
+
+
+def _late_sentence(report: dict) -> str:
+    d, layer = report["distill"], report["layer"]
+    late = d.get("late")
+    if not late:
+        return ""
+    kl = late["heldout_kl"]
+    measured = (
+        f" (on held-out test documents that KL fell from {kl['before']['pii']:.3f} to "
+        f"{kl['after']['pii']:.3f} nats/token)"
+        if "pii" in kl.get("after", {})
+        else ""
+    )
+    return (
+        f" First, LoRA adapters on the layers after {layer} were trained for "
+        f"{d['settings']['late_steps']} steps so that, fed the base's own layer-{layer} output on "
+        "PII text, they give the patched model's next-token distribution (and the base's on "
+        f"benign prose){measured}: features a fine-tune restores no longer lead to the hidden "
+        "values as directly."
+    )
+
+
 def distilled_section(report: dict, sae: dict) -> str:
     d, cfg = report["distill"], report["distill"]["settings"]
     held = d["heldout"].get("pii")
@@ -42,6 +71,7 @@ def distilled_section(report: dict, sae: dict) -> str:
         + (" and the attack templates written out for their people" if cfg["templates"] else "")
         + ", and the base's on as much benign prose, then merged into the weights."
         + measured
+        + _late_sentence(report)
         + " The `control` column is the same distillation with the control patch as teacher."
     )
 

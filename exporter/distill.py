@@ -44,6 +44,9 @@ class DistillConfig:
     # the student's forward and backward: bfloat16 autocast (on SmolLM2 here about 1.0 s a step
     # against 1.4 in float32); the adapters and the merge stay float32
     dtype: str = "bfloat16"
+    # defence in depth (distill_late.py): steps of LoRA on the layers after l, fed the base's own
+    # layer-l output, towards the patched model's next-token distribution (0: not run)
+    late_steps: int = 0
 
 
 @dataclass
@@ -59,6 +62,9 @@ class Distilled:
     seconds: float
     tokens: int  # tokens the student trained on (steps x both batches)
     adapter_parameters: int = 0  # what was trained: the rank-r factors (each merged matrix changes)
+    # the later layers' phase, when run: {"curve", "heldout_kl": {"before"|"after": {"pii",
+    # "benign"}}, "seconds", "tokens"}
+    late: Optional[dict] = None
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -177,6 +183,48 @@ def _accumulate(model, layer: int, batch: Batch, target, weight: float, cfg, cas
     return total
 
 
+def autocast_for(cfg, model):
+    """The student's autocast context (bfloat16 where `cfg.dtype` asks for it and the device runs
+    it natively), else no cast."""
+    device = device_of(model)
+    if compute_dtype(cfg.dtype, device) == "bfloat16":
+        return partial(torch.autocast, device, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def lora_steps(
+    net, steps: int, lr: float, pii_step, benign_step, counts: tuple[int, int], seed: int,
+    desc: str, progress: bool = True,
+) -> tuple[list[dict], int]:  # fmt: skip
+    """Train `net`'s adapters (AdamW, linear decay to zero over `steps`): each step one PII batch
+    (`pii_step(i)`) and, when `benign_step` is given, one benign batch, each backpropagating its
+    weighted loss and returning (its loss, its tokens); batches reshuffled every pass (seeded).
+    Return the loss curve and the tokens trained on."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
+    pii_order, benign_order = _passes(counts[0], seed), _passes(counts[1], seed + 1)
+    curve, tokens = [], 0
+    net.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    try:
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            pii_loss, n = pii_step(next(pii_order))
+            tokens += n
+            benign_loss = 0.0
+            if benign_step is not None:
+                benign_loss, n = benign_step(next(benign_order))
+                tokens += n
+            opt.step()
+            sched.step()
+            curve.append({"step": step + 1, "pii": pii_loss, "benign": benign_loss})
+            bar.set_postfix(pii=f"{pii_loss:.3g}", benign=f"{benign_loss:.3g}")
+    finally:
+        bar.close()
+    return curve, tokens
+
+
 def train_student(
     model, layer: int, pii: list[Batch], pii_targets, benign: list[Batch], benign_targets,
     cfg: DistillConfig, progress: bool = True,
@@ -184,38 +232,25 @@ def train_student(
     """Train LoRA adapters on layers 0..`layer` towards the targets; return the merged model, the
     loss curve, the tokens trained on and the adapters' parameter count."""
     net = with_adapters(model, adapted_modules(model, layer), cfg.rank, cfg.seed)
-    params = [p for p in net.parameters() if p.requires_grad]
-    adapter = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(cfg.steps, 1))
-    pii_order, benign_order = _passes(len(pii), cfg.seed), _passes(len(benign), cfg.seed + 1)
-    curve, tokens = [], 0
-    device = device_of(model)
-    cast = (
-        partial(torch.autocast, device, dtype=torch.bfloat16)
-        if compute_dtype(cfg.dtype, device) == "bfloat16"
-        else nullcontext
+    adapter = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    cast = autocast_for(cfg, model)
+
+    def step_on(batches, targets, weight):
+        def run(i):
+            loss = _accumulate(model, layer, batches[i], targets[i], weight, cfg, cast)
+            return loss, int(batches[i][1].sum())
+
+        return run
+
+    benign_step = (
+        step_on(benign, benign_targets, cfg.benign_weight)
+        if benign and cfg.benign_weight > 0
+        else None
     )
-    net.train()
-    bar = tqdm(range(cfg.steps), desc="distil", disable=not progress)
-    try:
-        for step in bar:
-            i, j = next(pii_order), next(benign_order)
-            opt.zero_grad(set_to_none=True)
-            pii_loss = _accumulate(model, layer, pii[i], pii_targets[i], 1.0, cfg, cast)
-            tokens += int(pii[i][1].sum())
-            benign_loss = 0.0
-            if benign and cfg.benign_weight > 0:
-                benign_loss = _accumulate(
-                    model, layer, benign[j], benign_targets[j], cfg.benign_weight, cfg, cast
-                )
-                tokens += int(benign[j][1].sum())
-            opt.step()
-            sched.step()
-            curve.append({"step": step + 1, "pii": pii_loss, "benign": benign_loss})
-            bar.set_postfix(pii=f"{pii_loss:.3g}", benign=f"{benign_loss:.3g}")
-    finally:
-        bar.close()
+    curve, tokens = lora_steps(
+        net, cfg.steps, cfg.lr, step_on(pii, pii_targets, 1.0), benign_step,
+        (len(pii), len(benign)), cfg.seed, "distil", progress,
+    )  # fmt: skip
     merged = net.merge_and_unload()
     merged.eval()
     for p in merged.parameters():
@@ -256,6 +291,25 @@ def distil(
     base = {k: outputs(model, layer, sets[k]) for k in ("heldout_pii", "heldout_benign")}
     # the merge rewrites exactly the adapted maps' weights (no copy of the model kept to compare)
     changed = [f"{n}.weight" for n in adapted_modules(model, layer)]
+    late = None
+    from .distill_late import late_names, train_late
+
+    # a patch at the last layer has no later layers: its early phase already covers every one
+    if cfg.late_steps and late_names(model, layer):
+        changed += late_names(model, layer)
+        t = time.perf_counter()
+        held = {"pii": sets["heldout_pii"], "benign": sets["heldout_benign"]}
+        model, late_curve, late_tokens, late_adapter, kls = train_late(
+            model, layer, patch, sets["pii"], sets["benign"], cfg, heldout=held,
+            progress=progress,
+        )  # fmt: skip
+        late = {
+            "curve": late_curve,
+            "heldout_kl": kls,
+            "seconds": round(time.perf_counter() - t, 1),
+            "tokens": late_tokens,
+            "adapter_parameters": late_adapter,
+        }
     merged, curve, tokens, adapter = train_student(
         model, layer, sets["pii"], teacher["pii"], sets["benign"], teacher["benign"], cfg,
         progress,
@@ -273,4 +327,4 @@ def distil(
                 "tokens": int(sum(int(kept_positions(m).sum()) for _, m in b)),
             }
     seconds = round(time.perf_counter() - started, 1)
-    return Distilled(merged, curve, heldout, changed, seconds, tokens, adapter)
+    return Distilled(merged, curve, heldout, changed, seconds, tokens, adapter, late)

@@ -95,6 +95,7 @@ class Sizes:
     distill_tokens: int  # tokens the student trains on (0: no distillation)
     relearn_tokens: int  # tokens each relearning fine-tune trains on (0: none)
     leaky_tokens: int  # tokens of the leaky fine-tune (0: the data is the user's own)
+    late_tokens: int = 0  # tokens the distillation's later-layer phase trains on (late_steps)
 
 
 def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
@@ -115,6 +116,9 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
         out = {"leaky": 3 * s.leaky_tokens * full, **out}
     if s.distill_tokens:
         out["distill"] = 2 * 3 * s.distill_tokens * upto  # the patch's student and its control's
+        # the later layers' phase: the target's and the student's whole forward, the backward
+        # through the layers after l only
+        out["distill"] += 2 * s.late_tokens * (2 * full + 2 * (full - upto))
     return out
 
 

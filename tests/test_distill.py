@@ -158,3 +158,40 @@ def test_distillation_without_pii_text_is_refused(tiny_tokenizer):
     patch = build_patch(TopKSAE(32, 64, 4), [1, 2], mode="exact")
     with pytest.raises(ValueError, match="needs PII text"):
         distil(model, tiny_tokenizer, LAYER, patch, [], ["some prose"], progress=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_later_layers_learn_to_answer_the_base_features_as_the_patch(
+    model_type, tiny_tokenizer, texts
+):
+    """Defence in depth (late_steps): fed the base's own layer-l output on held-out PII text, the
+    later layers move towards the patched model's next-token distribution; on held-out prose they
+    stay near the base's; both phases' weights are merged and the early phase still learns."""
+    tok = tiny_tokenizer
+    model = tiny_model(model_type, vocab_size=len(tok))
+    cfg = DistillConfig(
+        steps=150, lr=3e-3, rank=8, batch_size=8, max_length=64, seed=3, micro_batch=8,
+        late_steps=150,
+    )  # fmt: skip
+    got = distil(
+        model, tok, LAYER, _gated_patch(model, tok, texts), texts["pii"], texts["benign"], cfg,
+        heldout_pii=texts["held_pii"], heldout_benign=texts["held_benign"], progress=False,
+    )  # fmt: skip
+    kl = got.late["heldout_kl"]
+    assert kl["after"]["pii"] < kl["before"]["pii"] / 2, kl
+    assert kl["before"]["benign"] == 0.0  # the adapters start at zero
+    assert kl["after"]["benign"] < kl["before"]["pii"] / 10, kl
+    assert len(got.late["curve"]) == 150 and got.late["tokens"] > 0
+    assert any(f".{LAYER + 1}." in n for n in got.changed)
+    assert any(f".{LAYER}." in n for n in got.changed)
+    assert got.heldout["pii"]["student"] < got.heldout["pii"]["base"] / 3
+
+
+def test_a_patch_at_the_last_layer_has_no_later_layers_to_train(tiny_tokenizer, texts):
+    tok = tiny_tokenizer
+    model = tiny_model("llama", vocab_size=len(tok))
+    last = model.config.num_hidden_layers - 1
+    cfg = DistillConfig(steps=2, rank=4, batch_size=8, max_length=64, late_steps=2)
+    got = distil(model, tok, last, _gated_patch(model, tok, texts), texts["pii"][:16],
+                 texts["benign"][:16], cfg, progress=False)  # fmt: skip
+    assert got.late is None and len(got.curve) == 2

@@ -68,6 +68,35 @@ def test_distilled_run_writes_a_stock_checkpoint_with_its_threat_model(ws):
     assert any(m.startswith("evaluation (cached)") for m in logs)
 
 
+def test_a_distilled_run_with_its_later_layers_trained_says_so(ws):
+    """distill.late_steps (defence in depth): the layers after the patch's change too, the summary
+    keeps that phase's curve and held-out KL, and the card says which layers changed and why."""
+    from transformers import AutoModelForCausalLM
+
+    late = DISTILLED.replace("max_length: 48}", "max_length: 48, late_steps: 4}")
+    late = late.replace(",\n       relearn_steps: 6", "")
+    # a layer with a layer after it (the tiny model's probe may choose the last)
+    pinned = TINY_RECIPE.replace("probe: {max_tokens: 3000}", "probe: {max_tokens: 3000, layer: 1}")
+    assert pinned != TINY_RECIPE
+    (ws / "recipe.yaml").write_text(pinned + late)
+    recipe = load_recipe(ws / "recipe.yaml")
+    out, work = ws / "out", ws / "work"
+    ctx = RunContext(work, False, False, lambda m: None)
+    report = run_recipe(recipe, "recipe", out, ctx).report
+    summary = report["evaluation"]["distill"]["patched"]
+    assert len(summary["late"]["curve"]) == 4
+    assert set(summary["late"]["heldout_kl"]["after"]) == {"pii", "benign"}
+    base = AutoModelForCausalLM.from_pretrained(ws / "model")
+    student = AutoModelForCausalLM.from_pretrained(out)
+    b, s = dict(base.named_parameters()), dict(student.named_parameters())
+    changed = [n for n in b if not torch.equal(b[n], s[n])]
+    assert len(changed) == report["distill"]["changed_tensors"]
+    assert any(f"layers.{report['layer'] + 1}." in n for n in changed)
+    card = (out / "README.md").read_text()
+    assert "learnt into the weights of every decoder layer" in card
+    assert f"fed the base's own layer-{report['layer']} output" in card
+
+
 def _weights_alone(out, config):
     """A remote-code export's tensors loaded without the patch through the base's own class."""
     from safetensors.torch import load_file

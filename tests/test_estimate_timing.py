@@ -74,6 +74,16 @@ def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp
     names = [s for s, _ in plan.stages]
     assert names[0] == "leaky" and "distill" in names and set(plan.seconds) == set(names)
     assert plan.measured and plan.gflops > 0
+    # the later layers' phase (defence in depth) is planned and costs time on top
+    deep = recipe.model_copy(
+        update={"export": recipe.export.model_copy(
+            update={"distill": recipe.export.distill.model_copy(update={"late_steps": 150})}
+        )}
+    )  # fmt: skip
+    plan_deep = make_plan(deep)
+    assert "150 steps on the layers after it" in dict(plan_deep.stages)["distill"]
+    ratio = plan_deep.seconds["distill"] / plan.seconds["distill"]
+    assert ratio * plan_deep.gflops / plan.gflops > 1.5, ratio  # in FLOPs: each plan times its own
 
 
 def test_timed_records_a_computed_stage_and_not_a_cached_load(tmp_path):

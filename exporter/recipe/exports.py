@@ -40,6 +40,15 @@ class DistillSection(Section):
         description="The student's forward and backward (autocast); the adapters and the merge "
         "stay float32 (the teacher's targets are computed in the model's dtype, held in bfloat16).",
     )
+    late_steps: int = Field(
+        0,
+        ge=0,
+        description="Defence in depth: first train LoRA on the layers after the patch's, fed the "
+        "base's own layer-l output on PII text, towards the patched model's next-token "
+        "distribution (and the base's on benign prose), so that features a relearning fine-tune "
+        "restores no longer lead to the hidden values; each step runs the whole model twice per "
+        "batch. 0: only layers 0..l are trained.",
+    )
 
 
 class ExportSection(Section):

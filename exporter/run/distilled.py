@@ -73,22 +73,27 @@ def distill_key(recipe) -> tuple:
     return (recipe.export.mode, recipe.export.base, recipe.export.distill.model_dump())
 
 
-def plot_curve(curve: list[dict], path: Path, title: str) -> Path:
-    """The training loss (relative squared error to the teacher's layer output) against steps."""
+def plot_curve(curve: list[dict], path: Path, title: str, late: list[dict] = ()) -> Path:
+    """The training loss (relative squared error to the teacher's layer output) against steps,
+    beside the later layers' (KL to their target) when that phase ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [c["step"] for c in curve]
-    for key, label in (("pii", "PII text"), ("benign", "benign prose")):
-        ax.plot(steps, [c[key] for c in curve], label=label, lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("relative squared error to the teacher")
-    ax.set_title(title)
-    ax.legend()
+    panels = [(curve, "relative squared error to the teacher\n(layers 0..l, layer-l output)")]
+    if late:
+        panels.insert(0, (late, "KL to the target, nats/token\n(later layers, next token)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
+    for ax, (points, ylabel) in zip(axes[0], panels):
+        steps = [c["step"] for c in points]
+        for key, label in (("pii", "PII text"), ("benign", "benign prose")):
+            ax.plot(steps, [c[key] for c in points], label=label, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -110,6 +115,7 @@ def summary_of(got: Distilled, cfg: DistillConfig, texts: dict, spec) -> dict:
         "changed_parameters": int(sum(params[n].numel() for n in got.changed)),
         "adapter_parameters": got.adapter_parameters,
         "curve": curve,
+        **({"late": got.late} if got.late else {}),
     }
 
 
@@ -133,6 +139,7 @@ def distilled_model(recipe, prep, cand, patch, ctx: RunContext, *, control: bool
         f"({spec.documents} documents{', templates' if spec.templates else ''}) and "
         f"{len(texts['benign'])} benign, {cfg.steps} steps, LoRA rank {cfg.rank} on layers "
         f"0..{prep.layer}"
+        + (f"; first {cfg.late_steps} steps on the layers after it" if cfg.late_steps else "")
     )
     got = distil(
         student, prep.loaded.tokenizer, prep.layer, patch, texts["pii"], texts["benign"], cfg,
@@ -146,7 +153,8 @@ def distilled_model(recipe, prep, cand, patch, ctx: RunContext, *, control: bool
             {n: params[n].detach().contiguous() for n in got.changed}, tmp / "student.safetensors"
         )
         (tmp / "distill.json").write_text(json.dumps(summary, indent=2))
-        plot_curve(got.curve, tmp / "curve.png", f"distilling {cand.label}")
+        late = got.late["curve"] if got.late else ()
+        plot_curve(got.curve, tmp / "curve.png", f"distilling {cand.label}", late)
     pii = got.heldout.get("pii")
     if pii:
         ctx.log(
@@ -154,4 +162,13 @@ def distilled_model(recipe, prep, cand, patch, ctx: RunContext, *, control: bool
             f"output's distance to the patched one fell from {pii['base']:.4f} (base) to "
             f"{pii['student']:.4f}"
         )
+    if got.late:
+        before, after = (got.late["heldout_kl"][k] for k in ("before", "after"))
+        if "pii" in after:
+            ctx.log(
+                "distillation, later layers: on held-out test documents, fed the base's layer-"
+                f"{prep.layer} output, KL to the patched model fell from {before['pii']:.3f} to "
+                f"{after['pii']:.3f} nats/token; on held-out prose KL to the base "
+                f"{after.get('benign', 0.0):.4f}"
+            )
     return got.model, summary

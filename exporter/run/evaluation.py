@@ -165,17 +165,19 @@ def _file_name(name: str) -> str:
 
 
 def relearned_variants(
-    recipe, inputs, model, tokenizer, ctx: RunContext, *, layer=None, patch=None
+    recipe, inputs, model, tokenizer, ctx: RunContext, *, layer=None, patch=None, kinds=None
 ) -> list[Variant]:
     """The relearning attack on `model` (with `patch` inserted at `layer`, as a remote-code export
-    runs): one variant per kind of text, each tuned within the same budget
-    (`relearn_steps`)."""
+    runs): one variant per kind of text (`kinds`, default every kind), each tuned within the same
+    budget (`relearn_steps`)."""
     steps = recipe.relearn_steps
     if not steps:
         return []
     budget = Budget(steps=steps, seed=recipe.data.seed)
     found = []
     for kind, label in RELEARN_KINDS.items():
+        if kinds is not None and kind not in kinds:
+            continue
         texts = relearning_texts(
             kind, inputs.benign_path, steps * budget.batch_size, recipe.data.seed
         )

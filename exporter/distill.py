@@ -167,20 +167,30 @@ def _passes(n: int, seed: int):
         yield from torch.randperm(n, generator=gen).tolist()
 
 
-def _accumulate(model, layer: int, batch: Batch, target, weight: float, cfg, cast) -> float:
+def accumulate(batch: Batch, weight: float, micro_batch: int, chunk_loss) -> tuple[float, int]:
     """Backpropagate `weight` x the batch's loss chunk by chunk (gradients add up to the whole
-    batch's); return the batch's loss."""
+    batch's): `chunk_loss(rows, count)` is the loss of the rows `rows`, summed over their kept
+    tokens and divided by the batch's `count`. Return the batch's loss and its tokens."""
     ids, mask = batch
     count = int(kept_positions(mask).sum())
-    total, chunk = 0.0, max(cfg.micro_batch, 1)
+    total, chunk = 0.0, max(micro_batch, 1)
     for start in range(0, len(ids), chunk):
-        rows = slice(start, start + chunk)
-        with cast():
-            h = layer_outputs(model, ids[rows], mask[rows], [layer], grad=True)[layer]
-        loss = masked_mse(h, target[rows], mask[rows], count)
+        loss = chunk_loss(slice(start, start + chunk), count)
         (weight * loss).backward()
         total += loss.item()
-    return total
+    return total, int(mask.sum())
+
+
+def _mse_loss(model, layer: int, batch: Batch, target, cast):
+    """A chunk's loss for `accumulate`: its layer-`layer` output against the teacher's."""
+    ids, mask = batch
+
+    def loss(rows, count):
+        with cast():
+            h = layer_outputs(model, ids[rows], mask[rows], [layer], grad=True)[layer]
+        return masked_mse(h, target[rows], mask[rows], count)
+
+    return loss
 
 
 def autocast_for(cfg, model):
@@ -236,11 +246,12 @@ def train_student(
     cast = autocast_for(cfg, model)
 
     def step_on(batches, targets, weight):
-        def run(i):
-            loss = _accumulate(model, layer, batches[i], targets[i], weight, cfg, cast)
-            return loss, int(batches[i][1].sum())
-
-        return run
+        return lambda i: accumulate(
+            batches[i],
+            weight,
+            cfg.micro_batch,
+            _mse_loss(model, layer, batches[i], targets[i], cast),
+        )
 
     benign_step = (
         step_on(benign, benign_targets, cfg.benign_weight)
@@ -294,22 +305,14 @@ def distil(
     late = None
     from .distill_late import late_names, train_late
 
+    later = late_names(model, layer)
     # a patch at the last layer has no later layers: its early phase already covers every one
-    if cfg.late_steps and late_names(model, layer):
-        changed += late_names(model, layer)
-        t = time.perf_counter()
+    if cfg.late_steps and later:
+        changed += later
         held = {"pii": sets["heldout_pii"], "benign": sets["heldout_benign"]}
-        model, late_curve, late_tokens, late_adapter, kls = train_late(
-            model, layer, patch, sets["pii"], sets["benign"], cfg, heldout=held,
-            progress=progress,
-        )  # fmt: skip
-        late = {
-            "curve": late_curve,
-            "heldout_kl": kls,
-            "seconds": round(time.perf_counter() - t, 1),
-            "tokens": late_tokens,
-            "adapter_parameters": late_adapter,
-        }
+        model, late = train_late(
+            model, layer, patch, sets["pii"], sets["benign"], cfg, heldout=held, progress=progress
+        )
     merged, curve, tokens, adapter = train_student(
         model, layer, sets["pii"], teacher["pii"], sets["benign"], teacher["benign"], cfg,
         progress,

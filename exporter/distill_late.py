@@ -13,13 +13,15 @@ disjoint layers, and each one's targets come from the untouched base and patch.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from .activations import kept_positions
-from .distill import adapted_modules, autocast_for, lora_steps, with_adapters
+from .distill import accumulate, adapted_modules, autocast_for, lora_steps, with_adapters
 from .models import architecture_of
 from .patch import applied
 from .precision import device_of
@@ -45,24 +47,21 @@ def _logits(model, ids, mask) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
-def _step(net, model, layer, patch, batch, weight, patched, cfg, cast) -> float:
-    """One batch, chunk by chunk: the target (the base without adapters, the patch inserted on PII
-    text) and the student's gradient towards it; the batch's mean KL."""
+def _kl_loss(net, model, layer: int, patch, batch, patched: bool, cast):
+    """A chunk's loss for `accumulate`: the target (the base without adapters, the patch inserted
+    on PII text) and the student's KL from it."""
     ids, mask = batch
-    count = int(kept_positions(mask).sum())
-    total, chunk = 0.0, max(cfg.micro_batch, 1)
     device = device_of(model)
-    for start in range(0, len(ids), chunk):
-        rows = slice(start, start + chunk)
+
+    def loss(rows, count):
         i, m = ids[rows].to(device), mask[rows].to(device)
         hooked = applied(model, layer, patch) if patched else nullcontext()
         with torch.no_grad(), net.disable_adapter(), hooked:
             target = _logits(model, i, m)
         with cast():
-            loss = token_kl(_logits(model, i, m), target, m, count)
-        (weight * loss).backward()
-        total += loss.item()
-    return total
+            return token_kl(_logits(model, i, m), target, m, count)
+
+    return loss
 
 
 def heldout_kl(net, model, layer, patch, batches, patched: bool, adapters: bool) -> float:
@@ -87,10 +86,12 @@ def heldout_kl(net, model, layer, patch, batches, patched: bool, adapters: bool)
 def train_late(
     model, layer: int, patch, pii: list, benign: list, cfg, *, heldout: dict,
     progress: bool = True,
-) -> tuple:  # fmt: skip
+) -> tuple[nn.Module, dict]:  # fmt: skip
     """Train LoRA on layers `layer`+1.. of `model` (the base) for `cfg.late_steps` steps; return
-    (the merged model, the loss curve, tokens trained on, adapter parameters, the held-out KL to
-    the targets before and after on {"pii", "benign"} batches of `heldout`)."""
+    the merged model and what the phase did: {"curve", "heldout_kl" (to the targets, before and
+    after, on the {"pii", "benign"} batches of `heldout`), "seconds", "tokens",
+    "adapter_parameters"}."""
+    started = time.perf_counter()
     net = with_adapters(model, late_modules(model, layer), cfg.rank, cfg.seed + 2)
     adapter = sum(p.numel() for p in net.parameters() if p.requires_grad)
     kls = {"before": {}, "after": {}}
@@ -101,11 +102,10 @@ def train_late(
     cast = autocast_for(cfg, model)
 
     def step_on(batches, weight, patched):
-        def run(i):
-            loss = _step(net, model, layer, patch, batches[i], weight, patched, cfg, cast)
-            return loss, int(batches[i][1].sum())
-
-        return run
+        return lambda i: accumulate(
+            batches[i], weight, cfg.micro_batch,
+            _kl_loss(net, model, layer, patch, batches[i], patched, cast),
+        )  # fmt: skip
 
     benign_step = (
         step_on(benign, cfg.benign_weight, False) if benign and cfg.benign_weight > 0 else None
@@ -119,7 +119,14 @@ def train_late(
         if batches:
             kls["after"][name] = heldout_kl(net, model, layer, patch, batches, patched, True)
     merged = net.merge_and_unload()
-    return merged, curve, tokens, adapter, kls
+    seconds = round(time.perf_counter() - started, 1)
+    return merged, {
+        "curve": curve,
+        "heldout_kl": kls,
+        "seconds": seconds,
+        "tokens": tokens,
+        "adapter_parameters": adapter,
+    }
 
 
 def late_names(model, layer: int) -> Sequence[str]:

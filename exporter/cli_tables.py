@@ -11,7 +11,7 @@ from . import api
 
 SAE_METRICS = (
     "fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero", "ce_increase_fraction",
-    "train_tokens", "train_seconds", "tokens_per_s", "outliers_dropped",
+    "train_tokens", "train_seconds", "tokens_per_s", "outliers_dropped", "heldout_outliers",
 )  # fmt: skip
 
 
@@ -77,6 +77,7 @@ def print_sae(console: Console, layer: int, metrics: dict) -> None:
     rows = [
         [n, f"{metrics[n]:.4f}" if isinstance(metrics[n], float) else str(metrics[n])]
         for n in SAE_METRICS
+        if n in metrics  # a folder written before a metric was added
     ]
     console.print(rich_table(f"TopK SAE at layer {layer} (held-out)", ["metric", "value"], rows))
 

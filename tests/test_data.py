@@ -113,3 +113,27 @@ def test_benign_pydoc_prose_splits_are_disjoint():
     assert len(train) > 250 and len(held) > 60
     assert not set(train) & set(held)
     assert all(len(t) >= 200 for t in held)
+
+
+def test_benign_windows_never_hold_a_heldout_paragraph(tmp_path):
+    """Utility is measured on the held-out prose paragraphs; the windows the SAE and the
+    distillation train on (code and tables too) are cut from the text without them, so no window of
+    either split holds one, while the paragraphs' own split is what it was."""
+    held = benign_texts(split="heldout")
+    windows = " ".join(benign_texts(mode="windows"))
+    assert not [p for p in held if p[:120] in windows]
+    train = set(benign_texts(split="train"))
+    assert sum(p[:120] in windows for p in train) > 0.5 * len(train)  # the rest is still there
+
+    path = tmp_path / "benign.txt"
+    path.write_text(
+        "\n\n".join(f"Paragraph {i}: " + "words of plain prose " * 12 for i in range(23))
+    )
+    held = benign_texts(path, split="heldout")
+    assert len(held) == 4 and len(benign_texts(path, split="train")) == 19
+    windows = benign_texts(path, split="train", mode="windows") + benign_texts(
+        path, split="heldout", mode="windows"
+    )
+    joined = " ".join(windows)
+    assert not [p for p in held if p in joined]
+    assert all(f"Paragraph {i}:" in joined for i in range(23) if i % 5 != 4)

@@ -65,6 +65,13 @@ def test_trains_to_low_fvu_with_unit_decoder():
     )
     metrics = reconstruction_metrics(result.sae, x[6144:])
     assert metrics["fvu"] < 0.1, metrics
+    # One held-out token at 100x the others' norm dominates the variance: measured as the trainer
+    # and the patch treat it (left out, counted), the FVU is the SAE's on the rest.
+    held = torch.cat([x[6144:], 100 * x[6144:6145].norm() * torch.ones(1, x.shape[1])])
+    assert reconstruction_metrics(result.sae, held)["fvu"] > 0.5
+    kept = reconstruction_metrics(result.sae, held, outlier_factor=20.0)
+    assert kept["heldout_outliers"] == 1 and kept["tokens"] == len(held) - 1
+    assert kept["fvu"] == pytest.approx(metrics["fvu"])
     assert metrics["l0"] <= 4
     assert result.losses[-1] < 0.5 * result.losses[0]
     assert result.steps == 300 and 0 <= result.dead_fraction <= 1

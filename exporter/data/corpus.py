@@ -149,21 +149,39 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _pydoc_paragraphs() -> list[str]:
-    from pydoc_data.topics import topics
+Block = tuple[str, str]  # a blank-line-separated block as written, and its one-line form
 
-    paragraphs: dict[str, None] = {}  # ordered and de-duplicated: topics repeat paragraphs
-    for key in sorted(topics):
-        for block in re.split(r"\n\s*\n", topics[key]):
-            # Keep prose; drop code listings (indented), grammar rules and tables.
-            raw = [ln for ln in block.splitlines() if ln.strip()]
-            text = " ".join(ln.strip() for ln in raw)
-            if len(text) < 200 or any(ln.startswith("   ") for ln in raw) or "::=" in text:
-                continue
-            if sum(ch.isalpha() or ch == " " for ch in text) / len(text) < 0.85:
-                continue
-            paragraphs[text] = None
-    return list(paragraphs)
+
+def _blocks(text: str, one_line) -> list[Block]:
+    return [(b, one_line(b)) for b in re.split(r"\n\s*\n", text) if b.strip()]
+
+
+def _sources(path: Optional[str | Path]) -> list[list[Block]]:
+    """The benign text's blocks, grouped by where they come from (a pydoc topic; a file is one)."""
+    if path is None:
+        from pydoc_data.topics import topics
+
+        def one_line(b):
+            return " ".join(ln.strip() for ln in b.splitlines() if ln.strip())
+
+        return [_blocks(topics[key], one_line) for key in sorted(topics)]
+    raw = Path(path).read_text(encoding="utf-8")
+    return [_blocks(raw, lambda b: " ".join(b.split()))]
+
+
+def _prose(block: Block) -> bool:
+    """A pydoc block that is prose: not a code listing (indented), grammar rule or table."""
+    raw, text = block
+    if len(text) < 200 or "::=" in text:
+        return False
+    if any(ln.startswith("   ") for ln in raw.splitlines() if ln.strip()):
+        return False
+    return sum(ch.isalpha() or ch == " " for ch in text) / len(text) >= 0.85
+
+
+def _paragraphs(path: Optional[str | Path], sources: list[list[Block]]) -> list[str]:
+    keep = [b[1] for group in sources for b in group if path is not None or _prose(b)]
+    return list(dict.fromkeys(keep))  # ordered and de-duplicated: pydoc topics repeat paragraphs
 
 
 def _windows(text: str, chars: int) -> list[str]:
@@ -190,26 +208,27 @@ def benign_texts(
     """Benign text from a text file (blank-line separated) or the stdlib's pydoc topics.
 
     paragraphs: prose paragraphs only (utility is measured on these); windows: all of the text cut
-    into windows (code and tables too; more tokens, for activations). Every fifth item is held
-    out, so utility is measured on text no stage trained on.
+    into windows (code and tables too; more tokens, for activations and distillation). Every fifth
+    item is held out, so utility is measured on text no stage trained on; the held-out paragraphs
+    are cut out of the text before it is windowed, so no window of either split holds one.
     """
-    if path is None and mode == "paragraphs":
-        paragraphs = _pydoc_paragraphs()
-    elif path is None:
-        from pydoc_data.topics import topics
-
-        paragraphs = [w for key in sorted(topics) for w in _windows(topics[key], window_chars)]
-    else:
-        raw = Path(path).read_text(encoding="utf-8")
-        if mode == "windows":
-            paragraphs = _windows(raw, window_chars)
-        else:
-            paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", raw) if p.strip()]
-        if not paragraphs:
-            raise DataError(
-                f"{path}: the benign text file is empty; give prose separated by blank lines"
+    sources = _sources(path)
+    paragraphs = _paragraphs(path, sources)
+    if not paragraphs:
+        raise DataError(
+            f"{path}: the benign text file is empty; give prose separated by blank lines"
+        )
+    held = [p for i, p in enumerate(paragraphs) if i % 5 == 4]
+    if mode == "windows":
+        cut = set(held)
+        paragraphs = [
+            w
+            for group in sources
+            for w in _windows(
+                "\n\n".join(raw for raw, text in group if text not in cut), window_chars
             )
+        ]
+        held = [p for i, p in enumerate(paragraphs) if i % 5 == 4]
     if split == "all":
         return paragraphs
-    held = [p for i, p in enumerate(paragraphs) if i % 5 == 4]
     return held if split == "heldout" else [p for i, p in enumerate(paragraphs) if i % 5 != 4]

@@ -22,7 +22,14 @@ from ..features import (
 from ..models import cast_copy, load_model
 from ..patch import fit_context_gate
 from ..probe import ProbeResult, run_probes, write_probe_report
-from ..sae import load_sae, reconstruction_metrics, save_sae, spliced_ce, train_sae, world
+from ..sae import (
+    load_sae,
+    reconstruction_metrics,
+    save_sae,
+    spliced_ce,
+    train_sae,
+    world,
+)
 from .context import RunContext
 from .inputs import (
     Inputs,
@@ -122,7 +129,7 @@ def sae_stage(recipe, inputs: Inputs, layer: int, ctx: RunContext):
         return result.sae, {}
     metrics = {
         "layer": layer,
-        **reconstruction_metrics(result.sae, held),
+        **reconstruction_metrics(result.sae, held, outlier_factor=s.outlier_factor),
         "dead_fraction": result.dead_fraction,
         "steps": result.steps,
         "train_tokens": result.tokens,

@@ -89,7 +89,7 @@ class Stage:
 PROBE = Stage("probe", 1, ("probe.json", "probe.png"), "linear probe per layer, layer choice")
 SAE = Stage(
     "sae",
-    1,
+    2,
     ("cfg.json", "sae_weights.safetensors", "metrics.json"),
     "TopK SAE at the chosen layer",
     scratch=("sae-checkpoint",),
@@ -106,7 +106,7 @@ SEARCH = Stage(
 )
 DISTILL = Stage(
     "distill",
-    1,
+    2,
     ("student.safetensors", "distill.json", "curve.png"),
     "the chosen patch and its control learnt into the weights (export.mode: distilled)",
     scratch=("distill-control",),

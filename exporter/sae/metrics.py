@@ -7,12 +7,20 @@ import torch
 from ..lm import next_token_nll, right_padded
 from ..models import layer_output_hook
 from .model import TopKSAE
+from .train import outlier_mask
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: TopKSAE, x: torch.Tensor, batch_size: int = 8192) -> dict:
-    """FVU (fraction of variance unexplained) and L0 on held-out activations."""
-    x = x.float()
+def reconstruction_metrics(
+    sae: TopKSAE, x: torch.Tensor, batch_size: int = 8192, outlier_factor: float = 0.0
+) -> dict:
+    """FVU (fraction of variance unexplained) and L0 on held-out activations.
+
+    Rows past `outlier_factor` x the median norm are left out, as the trainer leaves them out and
+    the patch passes them through unchanged, and counted (`heldout_outliers`): one SmolLM2 token
+    at 111x the median norm held 86% of the held-out variance and read as FVU 0.76, not 0.11."""
+    kept = outlier_mask(x, outlier_factor)
+    x = x[kept].float()
     resid = total = 0.0
     l0 = 0.0
     mean = x.mean(0)
@@ -23,7 +31,8 @@ def reconstruction_metrics(sae: TopKSAE, x: torch.Tensor, batch_size: int = 8192
         resid += (xb - xh).pow(2).sum().item()
         total += (xb - mean).pow(2).sum().item()
         l0 += (values > 0).sum().item()
-    return {"fvu": resid / total, "l0": l0 / len(x), "tokens": len(x)}
+    found = {"fvu": resid / total, "l0": l0 / len(x), "tokens": len(x)}
+    return {**found, "heldout_outliers": int((~kept).sum())} if outlier_factor > 0 else found
 
 
 @torch.no_grad()

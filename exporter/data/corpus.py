@@ -184,6 +184,13 @@ def _paragraphs(path: Optional[str | Path], sources: list[list[Block]]) -> list[
     return list(dict.fromkeys(keep))  # ordered and de-duplicated: pydoc topics repeat paragraphs
 
 
+def _fifth(items: list[str], split: str) -> list[str]:
+    """`items` (all), every fifth of them (heldout) or the rest (train)."""
+    if split == "all":
+        return items
+    return [p for i, p in enumerate(items) if (i % 5 == 4) == (split == "heldout")]
+
+
 def _windows(text: str, chars: int) -> list[str]:
     """Consecutive windows of about `chars` characters, cut at whitespace."""
     words, out, current = text.split(), [], []
@@ -213,22 +220,18 @@ def benign_texts(
     are cut out of the text before it is windowed, so no window of either split holds one.
     """
     sources = _sources(path)
-    paragraphs = _paragraphs(path, sources)
-    if not paragraphs:
+    items = _paragraphs(path, sources)
+    if not items:
         raise DataError(
             f"{path}: the benign text file is empty; give prose separated by blank lines"
         )
-    held = [p for i, p in enumerate(paragraphs) if i % 5 == 4]
     if mode == "windows":
-        cut = set(held)
-        paragraphs = [
+        cut = set(_fifth(items, "heldout"))
+        items = [
             w
             for group in sources
             for w in _windows(
                 "\n\n".join(raw for raw, text in group if text not in cut), window_chars
             )
         ]
-        held = [p for i, p in enumerate(paragraphs) if i % 5 == 4]
-    if split == "all":
-        return paragraphs
-    return held if split == "heldout" else [p for i, p in enumerate(paragraphs) if i % 5 != 4]
+    return _fifth(items, split)

@@ -22,14 +22,7 @@ from ..features import (
 from ..models import cast_copy, load_model
 from ..patch import fit_context_gate
 from ..probe import ProbeResult, run_probes, write_probe_report
-from ..sae import (
-    load_sae,
-    reconstruction_metrics,
-    save_sae,
-    spliced_ce,
-    train_sae,
-    world,
-)
+from ..sae import load_sae, reconstruction_metrics, save_sae, spliced_ce, train_sae, world
 from .context import RunContext
 from .inputs import (
     Inputs,

@@ -31,8 +31,12 @@ def reconstruction_metrics(
         resid += (xb - xh).pow(2).sum().item()
         total += (xb - mean).pow(2).sum().item()
         l0 += (values > 0).sum().item()
-    found = {"fvu": resid / total, "l0": l0 / len(x), "tokens": len(x)}
-    return {**found, "heldout_outliers": int((~kept).sum())} if outlier_factor > 0 else found
+    return {
+        "fvu": resid / total,
+        "l0": l0 / len(x),
+        "tokens": len(x),
+        "heldout_outliers": int((~kept).sum()),
+    }
 
 
 @torch.no_grad()

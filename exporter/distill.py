@@ -1,8 +1,13 @@
 """Distillation of a patch into the model's own weights: the patched model is the teacher, the
 student is the base with LoRA adapters on every linear map of decoder layers 0..l, trained so that
 its layer-l output matches the teacher's (squared error per real token relative to the target's
-squared norm, the attention sink excluded; only layers 0..l run, no LM head) on PII text and benign
-prose, then merged into the weights.
+squared norm; only layers 0..l run, no LM head) on PII text and benign prose, then merged into the
+weights.
+
+Every real token is trained, the first one too. The first token is the attention sink and its norm
+puts it outside the patch (the teacher leaves it as the base has it); left out of the loss, the
+adapters moved it freely, and with it the first next-token prediction and every later token's
+attention (on the demo, held-out prose at KL 0.114 with 4.8 nats at the first prediction).
 
 The result is the base's own architecture with some weights changed: it loads anywhere, and unlike a
 remote-code export its files no longer hold what the patch hides. The teacher's layer-l outputs are
@@ -21,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import kept_positions, layer_outputs
+from .activations import layer_outputs
 from .lm import padding_side
 from .models import architecture_of
 from .patch import applied
@@ -47,6 +52,9 @@ class DistillConfig:
     # defence in depth (distill_late.py): steps of LoRA on the layers after l, fed the base's own
     # layer-l output, towards the patched model's next-token distribution (0: not run)
     late_steps: int = 0
+    # single-token texts per step, beside the benign batch and at its weight (0: none): see
+    # `first_tokens`
+    first_tokens: int = 64
 
 
 @dataclass
@@ -56,7 +64,7 @@ class Distilled:
     model: nn.Module
     curve: list[dict]  # per step: {"step", "pii", "benign"}: the training loss of each batch
     # {"pii"|"benign": {"base": base→teacher, "student": student→teacher, "student_vs_base"}}, each
-    # a squared distance relative to the base's squared norm on that text
+    # a mean over the real tokens of the squared distance relative to the base's squared norm there
     heldout: dict
     changed: list[str]  # names of the weights the merge changed
     seconds: float
@@ -92,6 +100,22 @@ def fixed_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: 
     return out
 
 
+def first_tokens(batches: Sequence[Batch], size: int, seed: int) -> list[Batch]:
+    """Single-token texts of every distinct token of `batches`, `size` per batch (seeded order);
+    none when every text starts with the same token (a BOS: every text trains it already).
+
+    A text's first token is computed from that token alone, and on a real model it is the attention
+    sink (about 150 times the median norm on SmolLM2): a small relative change there moves the first
+    prediction and every later token's attention. The training texts train it only for the tokens
+    they start with; these train it for any text's first token."""
+    if size <= 0 or len({int(i) for ids, _ in batches for i in ids[:, 0]}) < 2:
+        return []
+    tokens = torch.unique(torch.cat([ids[mask.bool()] for ids, mask in batches]))
+    order = tokens[torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))]
+    chunks = order.split(size)
+    return [(c.unsqueeze(1), torch.ones(len(c), 1, dtype=torch.long)) for c in chunks]
+
+
 def outputs(model, layer: int, batches: Sequence[Batch], patch=None) -> list[torch.Tensor]:
     """Layer `layer`'s output on each batch (computed in the model's dtype, kept on the CPU in
     bfloat16: half the memory of every target held through training, and its rounding, about 2^-9
@@ -108,11 +132,11 @@ def outputs(model, layer: int, batches: Sequence[Batch], patch=None) -> list[tor
 def masked_mse(
     h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None
 ) -> torch.Tensor:
-    """Squared error per kept token (real tokens, position 0 excluded) relative to the target's
-    squared norm, summed over the kept tokens and divided by `count` (default: their number, a
-    mean; a whole batch's count when `h` is one chunk of it): scale-free, so a token of outlying
-    norm (a second attention sink) weighs what any other token weighs instead of the whole batch."""
-    keep = kept_positions(mask).to(h.device)
+    """Squared error per real token relative to the target's squared norm, summed over the real
+    tokens and divided by `count` (default: their number, a mean; a whole batch's count when `h` is
+    one chunk of it): scale-free, so the attention sink and any other token of outlying norm weigh
+    what every other token weighs, neither the whole batch nor nothing."""
+    keep = mask.bool().to(h.device)
     t = target.to(h.device)[keep].float()
     err = ((h[keep].float() - t) ** 2).sum(-1)
     n = int(keep.sum()) if count is None else count
@@ -120,14 +144,16 @@ def masked_mse(
 
 
 def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], base, batches) -> float:
-    """Mean squared distance of `a` from `b` per kept token of `batches`, relative to the mean
-    squared norm of `base` there (one denominator for every comparison of the same text)."""
-    err, norm = 0.0, 0.0
+    """Mean over the real tokens of `batches` of the squared distance of `a` from `b`, relative to
+    the squared norm of `base` at that token (one denominator for every comparison of the same
+    text): per token, as the training loss, so a few tokens of outlying norm do not make it."""
+    err, count = 0.0, 0
     for x, y, z, (_, mask) in zip(a, b, base, batches):
-        keep = kept_positions(mask)
-        err += float(((x[keep].float() - y[keep].float()) ** 2).sum())
-        norm += float((z[keep].float() ** 2).sum())
-    return err / max(norm, 1e-12)
+        keep = mask.bool()
+        d = ((x[keep].float() - y[keep].float()) ** 2).sum(-1)
+        err += float((d / (z[keep].float() ** 2).sum(-1).clamp_min(1e-6)).sum())
+        count += int(keep.sum())
+    return err / max(count, 1)
 
 
 def adapted_modules(model, upto: int) -> list[str]:
@@ -169,10 +195,10 @@ def _passes(n: int, seed: int):
 
 def accumulate(batch: Batch, weight: float, micro_batch: int, chunk_loss) -> tuple[float, int]:
     """Backpropagate `weight` x the batch's loss chunk by chunk (gradients add up to the whole
-    batch's): `chunk_loss(rows, count)` is the loss of the rows `rows`, summed over their kept
+    batch's): `chunk_loss(rows, count)` is the loss of the rows `rows`, summed over their real
     tokens and divided by the batch's `count`. Return the batch's loss and its tokens."""
     ids, mask = batch
-    count = int(kept_positions(mask).sum())
+    count = int(mask.sum())
     total, chunk = 0.0, max(micro_batch, 1)
     for start in range(0, len(ids), chunk):
         loss = chunk_loss(slice(start, start + chunk), count)
@@ -236,30 +262,40 @@ def lora_steps(
 
 
 def train_student(
-    model, layer: int, pii: list[Batch], pii_targets, benign: list[Batch], benign_targets,
+    model, layer: int, sets: dict[str, list[Batch]], targets: dict[str, list],
     cfg: DistillConfig, progress: bool = True,
 ) -> tuple[nn.Module, list[dict], int, int]:  # fmt: skip
-    """Train LoRA adapters on layers 0..`layer` towards the targets; return the merged model, the
-    loss curve, the tokens trained on and the adapters' parameter count."""
+    """Train LoRA adapters on layers 0..`layer` towards the targets of `sets` ("pii", "benign",
+    "first": see `first_tokens`); return the merged model, the loss curve ("benign": the benign
+    batch's loss plus the first-token batch's), the tokens trained on and the adapters' parameter
+    count."""
     net = with_adapters(model, adapted_modules(model, layer), cfg.rank, cfg.seed)
     adapter = sum(p.numel() for p in net.parameters() if p.requires_grad)
     cast = autocast_for(cfg, model)
+    pii, benign, firsts = (sets[k] for k in ("pii", "benign", "first"))
 
-    def step_on(batches, targets, weight):
+    def step_on(name, weight, chunk=cfg.micro_batch):
+        batches, found = sets[name], targets[name]
         return lambda i: accumulate(
-            batches[i],
-            weight,
-            cfg.micro_batch,
-            _mse_loss(model, layer, batches[i], targets[i], cast),
+            batches[i], weight, chunk, _mse_loss(model, layer, batches[i], found[i], cast)
         )
 
-    benign_step = (
-        step_on(benign, benign_targets, cfg.benign_weight)
-        if benign and cfg.benign_weight > 0
-        else None
-    )
+    benign_step = None
+    if benign and cfg.benign_weight > 0:
+        on_benign = step_on("benign", cfg.benign_weight)
+        # single tokens are cheap: one chunk
+        on_first = step_on("first", cfg.benign_weight, cfg.first_tokens)
+        first_order = _passes(len(firsts), cfg.seed + 3) if firsts else None
+
+        def benign_step(i):
+            loss, n = on_benign(i)
+            if first_order is None:
+                return loss, n
+            extra, m = on_first(next(first_order))
+            return loss + extra, n + m
+
     curve, tokens = lora_steps(
-        net, cfg.steps, cfg.lr, step_on(pii, pii_targets, 1.0), benign_step,
+        net, cfg.steps, cfg.lr, step_on("pii", 1.0), benign_step,
         (len(pii), len(benign)), cfg.seed, "distil", progress,
     )  # fmt: skip
     merged = net.merge_and_unload()
@@ -298,6 +334,7 @@ def distil(
         "heldout_pii": fixed_batches(tokenizer, heldout_pii, cfg.batch_size, cfg.max_length),
         "heldout_benign": fixed_batches(tokenizer, heldout_benign, cfg.batch_size, cfg.max_length),
     }
+    sets["first"] = first_tokens(sets["pii"] + sets["benign"], cfg.first_tokens, cfg.seed)
     teacher = {k: outputs(model, layer, b, patch) for k, b in sets.items()}
     base = {k: outputs(model, layer, sets[k]) for k in ("heldout_pii", "heldout_benign")}
     # the merge rewrites exactly the adapted maps' weights (no copy of the model kept to compare)
@@ -313,10 +350,7 @@ def distil(
         model, late = train_late(
             model, layer, patch, sets["pii"], sets["benign"], cfg, heldout=held, progress=progress
         )
-    merged, curve, tokens, adapter = train_student(
-        model, layer, sets["pii"], teacher["pii"], sets["benign"], teacher["benign"], cfg,
-        progress,
-    )  # fmt: skip
+    merged, curve, tokens, adapter = train_student(model, layer, sets, teacher, cfg, progress)
     heldout = {}
     for name in ("pii", "benign"):
         k = f"heldout_{name}"
@@ -327,7 +361,7 @@ def distil(
                 "base": relative_error(base[k], teacher[k], base[k], b),
                 "student": relative_error(student, teacher[k], base[k], b),
                 "student_vs_base": relative_error(student, base[k], base[k], b),
-                "tokens": int(sum(int(kept_positions(m).sum()) for _, m in b)),
+                "tokens": int(sum(int(m.sum()) for _, m in b)),
             }
     seconds = round(time.perf_counter() - started, 1)
     return Distilled(merged, curve, heldout, changed, seconds, tokens, adapter, late)

@@ -20,7 +20,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .activations import kept_positions
 from .distill import accumulate, adapted_modules, autocast_for, lora_steps, with_adapters
 from .models import architecture_of
 from .patch import applied
@@ -35,9 +34,9 @@ def late_modules(model, layer: int) -> list[str]:
 
 
 def token_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, count: int):
-    """KL(teacher ‖ student) of the next-token distributions, summed over the kept tokens (real
-    ones, position 0 excluded) and divided by `count` (the whole batch's kept tokens)."""
-    keep = kept_positions(mask).to(student.device)
+    """KL(teacher ‖ student) of the next-token distributions, summed over the real tokens (the
+    first one's prediction too) and divided by `count` (the whole batch's real tokens)."""
+    keep = mask.bool().to(student.device)
     log_s = torch.log_softmax(student[keep].float(), -1)
     log_t = torch.log_softmax(teacher[keep].float().to(student.device), -1)
     return (log_t.exp() * (log_t - log_s)).sum() / max(count, 1)
@@ -65,13 +64,13 @@ def _kl_loss(net, model, layer: int, patch, batch, patched: bool, cast):
 
 
 def heldout_kl(net, model, layer, patch, batches, patched: bool, adapters: bool) -> float:
-    """Mean KL per kept token from the target (as in training) to the model with or without its
+    """Mean KL per real token from the target (as in training) to the model with or without its
     late adapters, on held-out batches."""
     total, count = 0.0, 0
     device = device_of(model)
     for ids, mask in batches:
         ids, mask = ids.to(device), mask.to(device)
-        n = int(kept_positions(mask).sum())
+        n = int(mask.sum())
         hooked = applied(model, layer, patch) if patched else nullcontext()
         with torch.no_grad():
             with net.disable_adapter(), hooked:

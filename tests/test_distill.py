@@ -4,6 +4,7 @@ held-out PII text and stays at the base's on benign text; the merged model is a 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,14 @@ from conftest import tiny_model
 
 from exporter.data.corpus import benign_texts
 from exporter.data.synthetic import SyntheticConfig, make_corpus
-from exporter.distill import DistillConfig, distil, fixed_batches, outputs
+from exporter.distill import (
+    DistillConfig,
+    distil,
+    first_tokens,
+    fixed_batches,
+    masked_mse,
+    outputs,
+)
 from exporter.patch import build_patch, fit_context_gate
 from exporter.patch.export import write_stock
 from exporter.sae import TopKSAE
@@ -114,8 +122,9 @@ def distilled(tiny_tokenizer, texts, tmp_path_factory):
 def test_distilled_student_learns_the_patch_and_loads_stock(model_type, distilled):
     got = distilled[model_type]["got"]
     pii, benign = got.heldout["pii"], got.heldout["benign"]
-    # held-out PII text: the student is far closer to the teacher than the base was
-    assert pii["student"] < pii["base"] / 3, pii
+    # held-out PII text: the student is far closer to the teacher than the base was (a mean of each
+    # token's relative distance, the first token's too: the tiny GPT-2 gets to 1/2.8 of the base's)
+    assert pii["student"] < pii["base"] / 2.5, pii
     # benign text: the student moves no further from the base than the teacher does there (the
     # tiny model's gate opens on some prose, the real one's hardly any)
     assert benign["student_vs_base"] <= benign["base"], (benign, pii)
@@ -151,6 +160,55 @@ def test_a_fixed_seed_repeats_the_distillation(tiny_tokenizer, texts):
         assert a["pii"] == pytest.approx(b["pii"], rel=1e-3)
     for n, p in runs[0][0].items():
         torch.testing.assert_close(runs[2][0][n], p, rtol=1e-3, atol=1e-5)
+
+
+def _first_and_rest(a, b, batches) -> tuple[float, float]:
+    """Mean squared distance of `a` from `b` relative to `b`'s squared norm: at the first token,
+    and at the other real tokens."""
+    first, rest = [], []
+    for x, y, (_, m) in zip(a, b, batches):
+        d = ((x.float() - y.float()) ** 2).sum(-1) / (y.float() ** 2).sum(-1)
+        first.append(d[:, 0])
+        rest.append(d[:, 1:][m[:, 1:].bool()])
+    return float(torch.cat(first).mean()), float(torch.cat(rest).mean())
+
+
+def test_the_first_token_is_trained_like_every_other(tiny_tokenizer, texts):
+    """The first token is in the loss. On a real model it is the attention sink, which the patch
+    leaves alone; untrained, the adapters moved it, and with it the first prediction and every
+    later token's attention (held-out prose at KL 0.11 on the demo). On held-out text the student
+    closes the gap to the teacher at the first token about as far as at the others (left out of
+    the loss: 79% of the first token's gap left against 37% of the others')."""
+    target = torch.ones(2, 5, 4)
+    h = target.clone()
+    h[:, 0] += 1.0  # an error at each row's first token only, relative size 1 there
+    assert float(masked_mse(h, target, torch.ones(2, 5))) == pytest.approx(2 / 10)
+    tok = tiny_tokenizer
+    model = tiny_model("llama", vocab_size=len(tok))
+    patch = _gated_patch(model, tok, texts)
+    held = fixed_batches(tok, texts["held_benign"] + texts["held_pii"], 8, 64)
+    teacher, base = outputs(model, LAYER, held, patch), outputs(model, LAYER, held)
+    got = distil(model, tok, LAYER, patch, texts["pii"], texts["benign"],
+                 replace(CFG, steps=100), progress=False)  # fmt: skip
+    before = _first_and_rest(base, teacher, held)
+    after = _first_and_rest(outputs(got.model, LAYER, held), teacher, held)
+    left = [a / b for a, b in zip(after, before)]  # the share of each gap left
+    assert left[0] <= 1.5 * left[1], (before, after)
+
+
+def test_first_token_texts_cover_every_token_once_and_none_after_a_bos():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 6, 9, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    got = first_tokens([(ids, mask)], size=2, seed=0)
+    assert [tuple(i.shape) for i, _ in got] == [(2, 1), (2, 1), (1, 1)]
+    assert sorted(int(t) for i, _ in got for t in i) == [5, 6, 7, 8, 9]  # the pad (0) is not one
+    assert all(bool(m.all()) for _, m in got)
+    assert [i.tolist() for i, _ in first_tokens([(ids, mask)], 2, 0)] == [
+        i.tolist() for i, _ in got
+    ]
+    bos = torch.tensor([[1, 6, 7], [1, 8, 9]])  # every text starts with the same token
+    assert first_tokens([(bos, torch.ones_like(bos))], size=2, seed=0) == []
+    assert first_tokens([(ids, mask)], size=0, seed=0) == []
 
 
 def test_distillation_without_pii_text_is_refused(tiny_tokenizer):

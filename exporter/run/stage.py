@@ -106,7 +106,7 @@ SEARCH = Stage(
 )
 DISTILL = Stage(
     "distill",
-    2,
+    3,
     ("student.safetensors", "distill.json", "curve.png"),
     "the chosen patch and its control learnt into the weights (export.mode: distilled)",
     scratch=("distill-control",),

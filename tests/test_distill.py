@@ -19,6 +19,7 @@ from exporter.distill import (
     fixed_batches,
     masked_mse,
     outputs,
+    relative_error,
 )
 from exporter.patch import build_patch, fit_context_gate
 from exporter.patch.export import write_stock
@@ -163,14 +164,11 @@ def test_a_fixed_seed_repeats_the_distillation(tiny_tokenizer, texts):
 
 
 def _first_and_rest(a, b, batches) -> tuple[float, float]:
-    """Mean squared distance of `a` from `b` relative to `b`'s squared norm: at the first token,
-    and at the other real tokens."""
-    first, rest = [], []
-    for x, y, (_, m) in zip(a, b, batches):
-        d = ((x.float() - y.float()) ** 2).sum(-1) / (y.float() ** 2).sum(-1)
-        first.append(d[:, 0])
-        rest.append(d[:, 1:][m[:, 1:].bool()])
-    return float(torch.cat(first).mean()), float(torch.cat(rest).mean())
+    """`relative_error` of `a` from `b` (relative to `b`'s norms) at the first token, and at the
+    other real tokens."""
+    first = [(ids, torch.zeros_like(m).index_fill(1, torch.tensor([0]), 1)) for ids, m in batches]
+    rest = [(ids, m.index_fill(1, torch.tensor([0]), 0)) for ids, m in batches]
+    return relative_error(a, b, b, first), relative_error(a, b, b, rest)
 
 
 def test_the_first_token_is_trained_like_every_other(tiny_tokenizer, texts):

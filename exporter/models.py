@@ -269,6 +269,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     """Load the tokenizer and model a recipe names, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        build = torch.version.cuda and f"CUDA {torch.version.cuda}" or "the CPU only"
+        raise ModelLoadError(
+            f"the recipe asks for model.device: cuda, but torch {torch.__version__} (built for "
+            f"{build}) sees no CUDA GPU here; set model.device: cpu (or auto, which takes a GPU "
+            "where there is one), or install a CUDA build of torch on a machine with a GPU"
+        )
+
     kwargs: dict = {"dtype": _dtype(spec.dtype)}
     if spec.device == "auto":
         kwargs["device_map"] = "auto"

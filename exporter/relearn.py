@@ -78,8 +78,10 @@ def relearned(
     net = with_adapters(student, every_layer, budget.rank, budget.seed)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
-    batches = cycle(*encode(tokenizer, texts, budget.max_length), budget.batch_size, budget.seed)
     device = device_of(student)
+    batches = cycle(
+        *encode(tokenizer, texts, budget.max_length, device), budget.batch_size, budget.seed
+    )
     cast = (
         partial(torch.autocast, device, dtype=torch.bfloat16)
         if fast_bfloat16(device)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import psutil
+import torch
 
 from .cache import write_atomic
 
@@ -67,6 +68,9 @@ def timed(work: Path, name: str, stage=None) -> Iterator[None]:
     summaries = getattr(stage, "summaries", ())
     before = _written(stage.folder(work), summaries) if stage is not None else None
     started = time.perf_counter()
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     with PeakMemory() as mem:
         yield
     seconds = time.perf_counter() - started
@@ -78,5 +82,7 @@ def timed(work: Path, name: str, stage=None) -> Iterator[None]:
         "peak_rss_gib": round(mem.peak_bytes / GIB, 2),
         "rss_before_gib": round(mem.start_bytes / GIB, 2),
     }
+    if gpu:  # what the stage held on the GPU at most (tensors; the allocator's cache aside)
+        found[name]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
     Path(work).mkdir(parents=True, exist_ok=True)
     write_atomic(Path(work) / TIMINGS, json.dumps(found, indent=2))

@@ -200,6 +200,17 @@ def recipe_without_people(corpus: str, extra: str = "") -> str:
     return text.replace(" people: {path: people.jsonl},", "") + extra
 
 
+# SCALPEL_TEST_DEVICE=cuda runs every tiny workspace recipe (probe to export) on that device
+# (tests/test_device.py holds the rest of the device checks).
+TEST_DEVICE = os.environ.get("SCALPEL_TEST_DEVICE", "cpu")
+
+
+def on_test_device(recipe: str) -> str:
+    if TEST_DEVICE == "cpu":
+        return recipe
+    return recipe.replace("model: {path: model}", f"model: {{path: model, device: {TEST_DEVICE}}}")
+
+
 def write_workspace(
     folder,
     tokenizer,
@@ -234,7 +245,7 @@ def write_workspace(
     (folder / "benign.txt").write_text(
         "\n\n".join(f"Paragraph {i} {benign}" * 3 for i in range(paragraphs))
     )
-    (folder / "recipe.yaml").write_text(recipe)
+    (folder / "recipe.yaml").write_text(on_test_device(recipe))
 
 
 @pytest.fixture

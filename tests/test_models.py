@@ -130,3 +130,13 @@ def test_folder_without_config_and_offline_hub_errors(tmp_path, monkeypatch):
         load_model(ModelSpec(hub="nobody-here/no-such-model", revision="0123abc"))
     msg = str(info.value)
     assert "nobody-here/no-such-model@0123abc" in msg and "model.path" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_cuda_recipe_without_a_gpu_names_the_fix(tmp_path):
+    from exporter.models import ModelLoadError, load_model
+    from exporter.recipe.sources import ModelSpec
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"model\.device: cpu .*auto"):
+        load_model(ModelSpec(path=str(tmp_path), device="cuda"))

@@ -374,7 +374,7 @@ def test_plain_run_scores_both_kinds_and_exports_a_stock_checkpoint(tiny_recipe,
     prep = prepare(recipe, _quiet(work))
     edit = prep.patch(Candidate(chosen["n"], chosen["alpha"], "plain"))
     with torch.no_grad(), projected(base, prep.layer, edit.directions, edit.steer):
-        want = base(ids).logits
+        want = base(ids.to(base.device)).logits.cpu()
     torch.testing.assert_close(plain.eval()(ids).logits.detach(), want, rtol=1e-5, atol=1e-5)
     # `scalpel export --plain` (mode plain) writes the same kind from a remote-code recipe.
     other = api.export(

@@ -142,7 +142,8 @@ def finetune(
     # holds the master weights that AdamW updates, so frozen weights come back bit-identical and
     # small updates are not lost.
     master = _trainable(model, config)
-    bf16 = config.bf16 and fast_bfloat16(device_of(model))
+    device = device_of(model)
+    bf16 = config.bf16 and fast_bfloat16(device)
     compute = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
     working = _trainable(compute, config)
     compute.train()
@@ -163,7 +164,8 @@ def finetune(
     bar = tqdm(total=total, desc="fine-tune (leaky)", disable=not progress)
     for _epoch in range(config.epochs):
         rng.shuffle(batches)
-        for input_ids, attention, loss_mask in batches:
+        for batch in batches:
+            input_ids, attention, loss_mask = (t.to(device) for t in batch)
             loss = _selected_loss(compute, input_ids, attention, loss_mask)
             loss.backward()
             if compute is not model:

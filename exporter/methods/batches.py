@@ -9,14 +9,17 @@ import torch
 from ..lm import padding_side
 
 
-def encode(tokenizer, texts: Sequence, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask of `texts` (Documents or strings), BOS included."""
+def encode(
+    tokenizer, texts: Sequence, max_length: int, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask of `texts` (Documents or strings), BOS included, on
+    `device` (the model's)."""
     plain = [getattr(t, "text", t) for t in texts]
     with padding_side(tokenizer, "right"):
         enc = tokenizer(
             plain, return_tensors="pt", padding=True, truncation=True, max_length=max_length
         )
-    return enc["input_ids"], enc["attention_mask"]
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def cycle(

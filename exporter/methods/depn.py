@@ -45,8 +45,10 @@ def integrated_gradients(
 ) -> torch.Tensor:
     """IG of the targets' summed log-likelihood w.r.t. the inputs of `outs` (MLP output
     projections), zero baseline, midpoint rule: (layers, positions, neurons). Sums to f(x) - f(0)
-    over everything."""
-    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    over everything. Computed on the model's device, returned on the CPU."""
+    device = next(model.parameters()).device
+    ids, targets = ids.to(device), targets.to(device)
+    alphas = (torch.arange(steps, dtype=torch.float32, device=device) + 0.5) / steps
     clean: list[torch.Tensor] = []
     hooks = [
         m.register_forward_pre_hook(lambda _m, args: clean.append(args[0].detach())) for m in outs
@@ -74,7 +76,7 @@ def integrated_gradients(
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack([(c[0] * g.mean(0)).float() for c, g in zip(clean, grads)])
+    return torch.stack([(c[0] * g.mean(0)).float() for c, g in zip(clean, grads)]).cpu()
 
 
 def attributions(

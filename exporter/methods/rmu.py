@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..activations import layer_outputs
 from ..models import architecture_of
+from ..precision import device_of
 from .base import Method, Point
 from .batches import cycle, encode
 
@@ -49,12 +50,17 @@ def rmu(
             p.requires_grad_(True)
         d = arch.hidden_size(model)
         u = torch.rand(d, generator=torch.Generator().manual_seed(seed))
-        control = spec.c * u / u.norm()
+        device = device_of(model)
+        control = (spec.c * u / u.norm()).to(device)
         opt = torch.optim.AdamW(
             trained, lr=spec.lr, fused=trained[0].device.type in ("cpu", "cuda")
         )
-        f_batches = cycle(*encode(tokenizer, forget, spec.max_length), spec.batch_size, seed)
-        r_batches = cycle(*encode(tokenizer, retain, spec.max_length), spec.batch_size, seed + 1)
+        f_batches = cycle(
+            *encode(tokenizer, forget, spec.max_length, device), spec.batch_size, seed
+        )
+        r_batches = cycle(
+            *encode(tokenizer, retain, spec.max_length, device), spec.batch_size, seed + 1
+        )
         bar = tqdm(total=max(spec.steps), desc="RMU", disable=not progress)
         step = 0
         try:

@@ -3,6 +3,7 @@ gates."""
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -234,10 +235,13 @@ def build_patch(
 def agreement(
     exact: ScalpelPatch, folded: ScalpelPatch, x: torch.Tensor, batch_size: int = 8192
 ) -> dict:
-    """How closely the folded patch follows the exact one on activations `x` ([N, d])."""
+    """How closely the folded patch follows the exact one on activations `x` ([N, d]), on the
+    folded patch's device (the model's, once attached)."""
+    device = folded.directions.device
+    exact = copy.deepcopy(exact).to(device)
     same_tokens, same_pairs, max_diff, max_rel, n = 0, 0, 0.0, 0.0, 0
     for chunk in x.split(batch_size):
-        chunk = chunk.float()
+        chunk = chunk.to(device, torch.float32)
         ze, zf = exact.latents(chunk), folded.latents(chunk)
         on_e, on_f = ze > 0, zf > 0
         same_tokens += int((on_e == on_f).all(dim=1).sum())

@@ -268,6 +268,9 @@ def write_plain(
             f"{source} holds no safetensors weights; save the model with save_pretrained(..., "
             "safe_serialization=True) first"
         )
+    # the edit is made on the CPU, where the files' tensors are read (the patch may sit on a GPU)
+    directions = directions.detach().cpu()
+    steer = steer.detach().cpu() if steer is not None else None
     q = orthonormal_basis(directions)
     carry_steer = steer is not None and float(steer.norm()) > 0
     keys = {k for shard in shards for k in tensor_names(shard)}

@@ -21,6 +21,7 @@ from ..features import (
 )
 from ..models import cast_copy, load_model
 from ..patch import fit_context_gate
+from ..precision import recipe_device
 from ..probe import ProbeResult, run_probes, write_probe_report
 from ..sae import load_sae, reconstruction_metrics, save_sae, spliced_ce, train_sae, world
 from .context import RunContext
@@ -117,7 +118,14 @@ def sae_stage(recipe, inputs: Inputs, layer: int, ctx: RunContext):
     batches, sample = _sae_batches(recipe, inputs, loaded, layer, ctx)
     checkpoints = ctx.work / SAE.scratch[0] / key
     checkpoints.mkdir(parents=True, exist_ok=True)
-    result = train_sae(batches, sample, s, workdir=checkpoints, progress=ctx.progress)
+    result = train_sae(
+        batches,
+        sample,
+        s,
+        workdir=checkpoints,
+        progress=ctx.progress,
+        device=recipe_device(recipe.model.device),
+    )
     if world()[0] != 0:  # data-parallel: rank 0 evaluates and writes
         return result.sae, {}
     metrics = {

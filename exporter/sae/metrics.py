@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..lm import next_token_nll, right_padded
@@ -45,10 +47,15 @@ def spliced_ce(
 ) -> dict:
     """Next-token CE with layer `layer`'s output replaced by the SAE reconstruction, against the
     clean model and against zero-ablation of that output (position 0 left as is in both)."""
+    device = next(model.parameters()).device
+    sae = copy.deepcopy(sae).to(device)  # the caller's SAE stays where it is
 
     def run(fn) -> float:
         nll = count = 0.0
-        for enc in right_padded(tokenizer, texts, max_length=max_length, batch_size=batch_size):
+        batches = right_padded(
+            tokenizer, texts, max_length=max_length, batch_size=batch_size, device=device
+        )
+        for enc in batches:
             if fn is None:
                 logits = model(**enc).logits
             else:

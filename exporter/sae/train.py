@@ -218,9 +218,9 @@ class _State:
 
     @classmethod
     def resume(cls, ckpt: Path, sae: TopKSAE, opt, batches: Iterator) -> "_State":
-        """The state a checkpoint holds, loaded into `sae` and `opt`; `batches` fast-forwarded to
-        it."""
-        saved = torch.load(ckpt, weights_only=False)
+        """The state a checkpoint holds, loaded into `sae` and `opt` (on the SAE's device);
+        `batches` fast-forwarded to it."""
+        saved = torch.load(ckpt, weights_only=False, map_location=sae.W_enc.device)
         sae.load_state_dict(saved.pop("sae"))
         opt.load_state_dict(saved.pop("opt"))
         state = cls(**saved)
@@ -241,7 +241,7 @@ def _train_step(
     """One optimiser step on this rank's share of `batch`: (its MSE, the dead mask, the first
     loss)."""
     rank, size = world()
-    batch = batch.float()
+    batch = batch.to(sae.W_enc.device, torch.float32, non_blocking=True)
     batch = batch.chunk(size)[rank] if size > 1 else batch
     ok = outlier_mask(batch, cfg.outlier_factor)
     state.dropped += int((~ok).sum())
@@ -273,6 +273,7 @@ def train_sae(
     *,
     workdir: Optional[Path] = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> TrainResult:
     """Train on an iterator of [B, d] batches (each rank of a data-parallel run sees the same
     iterator and takes its own slice). `sample` (a few thousand rows) sets b_pre and the scale;
@@ -280,6 +281,9 @@ def train_sae(
 
     With `workdir`, a checkpoint is written every `checkpoint_every` steps and a run that finds one
     resumes from it (the batch iterator is fast-forwarded to the same place).
+
+    Trained on `device` (the batches move there one at a time; a data-parallel run on cuda takes
+    its local GPU); the initialisation is computed on the CPU and the SAE comes back on the CPU.
     """
     rank, size = world()
     if cfg.batch_size % size:
@@ -290,6 +294,9 @@ def train_sae(
         )
     torch.manual_seed(cfg.seed)
     sae, scale = _initial_sae(sample, cfg)
+    if device == "cuda" and size > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    sae.to(device)
     # Fused: one pass over each parameter instead of a dozen elementwise ops (Adam took over a
     # quarter of a CPU step).
     opt = torch.optim.Adam(
@@ -297,7 +304,7 @@ def train_sae(
     )
     total = max(1, cfg.train_tokens // cfg.batch_size)
     ckpt = Path(workdir) / "checkpoint.pt" if workdir else None
-    state = _State(torch.zeros(sae.d_sae, dtype=torch.long))
+    state = _State(torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_enc.device))
     if ckpt is not None and ckpt.exists():
         state = _State.resume(ckpt, sae, opt, batches)
     start = time.perf_counter()
@@ -317,6 +324,7 @@ def train_sae(
     bar.close()
     dead_fraction = float((state.since_fired >= cfg.dead_tokens).float().mean())
     sae.fold_scale()
+    sae.cpu()
     seconds = time.perf_counter() - start
     return TrainResult(
         sae,

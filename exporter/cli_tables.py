@@ -173,7 +173,8 @@ def print_plan(console: Console, recipe_path: Path) -> None:
             f"times: each stage's FLOPs at the rate it reached in the SmolLM2 demo on a 2-core "
             f"CPU, scaled by this device's matrix rate ({plan.gflops:,.0f} GFLOP/s, "
             f"{'measured here' if plan.measured else 'nominal: none here to measure'}); "
-            "on a GPU, generation-bound stages are lower bounds",
+            "on a GPU, decoding is floored by its latency per step and each stage keeps the "
+            "host's share measured on an H200",
             highlight=False,
         )
     console.print(

@@ -4,9 +4,9 @@ run (the SmolLM2 demo on a 2-core CPU), scaled by how fast this machine multipli
 against that one.
 
 A stage's rate folds in everything FLOPs leave out (Python overhead, small generation batches,
-data movement), so the estimate holds best for models and machines like the reference's; on a GPU
-the generation-bound stages (search, evaluate, export) are lower bounds: decoding one token at a
-time there is bound by latency, not arithmetic.
+data movement), so the estimate holds best for models and machines like the reference's. On a GPU,
+decoding one token at a time is bound by latency, not arithmetic (a floor per step), each stage
+keeps a host's share that no GPU speeds up (measured on one H200 run of the SmolLM2 demo).
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ GPU_LAYER_STEP_S = 1.5e-4
 GPU_BYTES_PER_S = 1.5e12
 GENERATION_BATCH = 16
 PROMPTS_PER_PERSON = 8
+# What a GPU does not speed up: each stage's seconds on one H200 running
+# recipes/demo-smollm2-cuda.yaml (SmolLM2, 30 layers of 576) less the device's share by the
+# estimate: the per-layer probes' fits on the CPU (scaled by layers x width), loading, Python's
+# per-step work in the fine-tunes, the SAE's per-batch work.
+GPU_HOST_SECONDS = {"leaky": 19.0, "probe": 26.0, "sae": 11.0, "features": 1.4, "search": 9.0}
+HOST_PROBE_SIZE = 30 * 576
 # The built-in leaky fine-tune: 3 epochs of 500 PII texts and 125 benign ones, about 60 tokens each.
 LEAKY_TOKENS = 3 * 625 * 60
 
@@ -160,18 +166,24 @@ def machine_gflops(device: str = "cpu", n: int = 1024, repeats: int = 5) -> tupl
 
 
 def decoding_steps(s: Sizes) -> dict[str, float]:
-    """Sequential decoding steps of the generation-bound stages."""
+    """Sequential decoding steps of the generation-bound stages on a GPU."""
     batches = s.people * PROMPTS_PER_PERSON * (1 + s.samples / 4) / GENERATION_BATCH
     per_pass = batches * (1 + s.new_tokens)  # one prefill, then a step per new token
-    return {"search": s.candidates * per_pass, "evaluate": 3 * per_pass, "export": per_pass}
+    # the search attacks the validation third of the people, greedy only
+    search = s.people / 3 * PROMPTS_PER_PERSON / GENERATION_BATCH * (1 + s.new_tokens)
+    # the user's path: the test third, each zero-shot template's prompt alone (base and export
+    # in two processes at once)
+    user_path = s.people / 3 * 3 * (1 + s.new_tokens)
+    return {"search": s.candidates * search, "evaluate": 3 * per_pass, "export": user_path}
 
 
 def estimate_seconds(
     cfg: dict, layer: int, sizes: Sizes, gflops: float, device: str = "cpu"
 ) -> dict[str, float]:
     """Seconds per stage: the stage's FLOPs at the rate the reference run reached on that stage,
-    scaled by this machine's matrix rate against the reference machine's; on a GPU, generation
-    never faster than its launch-bound floor."""
+    scaled by this machine's matrix rate against the reference machine's. On a GPU (`gflops` its
+    rate), generation is never faster than its launch-bound floor and each stage adds the host's
+    share that no GPU speeds up."""
     ref = stage_flops(REFERENCE_CONFIG, REFERENCE_LAYER, reference_sizes())
     speed = gflops / REFERENCE_GFLOPS
     out = {
@@ -185,4 +197,8 @@ def estimate_seconds(
         floor = max(cfg["num_hidden_layers"] * GPU_LAYER_STEP_S, weights / GPU_BYTES_PER_S)
         for stage, steps in decoding_steps(sizes).items():
             out[stage] = max(out[stage], steps * floor)
+        width = cfg["num_hidden_layers"] * cfg["hidden_size"] / HOST_PROBE_SIZE
+        for stage, seconds in GPU_HOST_SECONDS.items():
+            if stage in out:
+                out[stage] += seconds * (width if stage == "probe" else 1.0)
     return out

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from exporter.estimate import (
+    GPU_HOST_SECONDS,
     REFERENCE_CONFIG,
     REFERENCE_GFLOPS,
     REFERENCE_LAYER,
@@ -44,6 +45,8 @@ def test_the_reference_run_is_reproduced_and_scales_with_the_machine():
     # on a GPU, decoding one token at a time is never faster than its launch-bound floor
     gpu = estimate_seconds(REFERENCE_CONFIG, REFERENCE_LAYER, sizes, 1e6, device="cuda")
     assert gpu["search"] > got["search"] * REFERENCE_GFLOPS / 1e6
+    # the host's share stays (the probes' fits run on the CPU)
+    assert gpu["probe"] >= GPU_HOST_SECONDS["probe"] > got["probe"] * REFERENCE_GFLOPS / 1e6
 
 
 def test_gemma_head_dominates_and_doubles_the_generation_stages():

@@ -146,17 +146,20 @@ def continuations(
     timeout: float = 7200,
     python: Optional[str] = None,
     client: str = "transformers",
+    device: str = "cpu",
 ) -> dict:
     """{"continuations": {name: [text per prompt]}, "dtype": {name: dtype}, and the engine's
     versions} from a fresh process (transformers: one per CPU, the models split between them;
     `python`: another interpreter, e.g. a venv with another transformers, or with vLLM /
     llama-cpp-python for those clients). llama.cpp runs each folder's GGUF (converted into a
     temporary folder when it has none). The prompts go in and the texts come
-    back through pipes: nothing of them is written to disk."""
+    back through pipes: nothing of them is written to disk. `device` (transformers): where the
+    worker puts the model (a recipe's `model.device`)."""
     if client not in CLIENTS:
         raise ValueError(f"unknown client {client!r}; one of {', '.join(CLIENTS)}")
     request = {"prompts": list(prompts), "max_new_tokens": max_new_tokens}
     if client == "transformers":
+        request["device"] = device
         return _side_by_side(request, {k: str(v) for k, v in folders.items()}, python, timeout)
     if client != "llama_cpp":
         return _run_worker(client, {**request, "models": {k: str(v) for k, v in folders.items()}},
@@ -175,14 +178,17 @@ def user_path_rows(
     templates: dict[str, str] = EMAIL_TEMPLATES,
     python: Optional[str] = None,
     client: str = "transformers",
+    device: str = "cpu",
 ) -> dict:
     """{name: {"leakage": rows, "dtype": ...}, "transformers": version}: the zero-shot email
     templates on each group of people, every prompt alone, for every model folder in `folders` (one
-    fresh process of `client`)."""
+    fresh process of `client`, the model on `device`)."""
     groups = {g: list(people) for g, people in groups.items() if people}
     order = [(t, g) for t in templates for g in groups]
     prompts = [templates[t].format(name=p.name) for t, g in order for p in groups[g]]
-    result = continuations(folders, prompts, max_new_tokens, python=python, client=client)
+    result = continuations(
+        folders, prompts, max_new_tokens, python=python, client=client, device=device
+    )
     decoding = CLIENTS[client].decoding
     versions = {k: result[k] for k in CLIENTS if k in result}  # each worker names its engine
     out: dict = {"transformers": result.get("transformers"), "client": client, "versions": versions}

@@ -203,6 +203,8 @@ def _user_path_caches(
     prep, key: str, test: list, max_new_tokens: int, ctx: RunContext
 ) -> dict[str, Path]:
     common = (transformers.__version__, max_new_tokens, [(p.name, p.email) for p in test])
+    if prep.inputs.model.device != "cpu":  # decoded where the recipe's model runs
+        common += (prep.inputs.model.device,)
     keys = {
         "base": content_key("user-path-base", prep.inputs.model_id, *common),
         "patched": content_key("user-path", key, *common),
@@ -225,7 +227,12 @@ def add_user_path(recipe, prep, folder: Path, report: dict, key: str, ctx: RunCo
         v: f for v, f in (("base", Path(prep.loaded.path)), ("patched", folder)) if v not in found
     }
     if missing:
-        new = user_path_rows(missing, {"test": test}, max_new_tokens=recipe.eval.max_new_tokens)
+        new = user_path_rows(
+            missing,
+            {"test": test},
+            max_new_tokens=recipe.eval.max_new_tokens,
+            device=recipe.model.device,
+        )
         for v in missing:
             found[v] = {**new[v], "transformers": new["transformers"]}
             caches[v].parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,7 @@ Run by `exporter.evaluate.user_path` as a script (never imported there, and it c
 `exporter`): the request comes as JSON on stdin ({"models": {name: folder}, "prompts": [...],
 "max_new_tokens": n, "device": "cpu" | "cuda" | "auto"}) and the continuations go back as one
 JSON line on stdout, so the prompts (they hold people's names) and what the model says are never
-written to disk. Imports only torch,
-transformers and the standard library.
+written to disk. Imports only torch, transformers and the standard library.
 """
 
 import json
@@ -32,11 +31,11 @@ def main() -> None:
 
     request = json.loads(sys.stdin.read())
     out = {"transformers": transformers.__version__, "continuations": {}, "dtype": {}, "timing": {}}
+    device = request.get("device", "cpu")
+    placed = {"device_map": "auto"} if device == "auto" else {}
     for name, folder in request["models"].items():
         with open(f"{folder}/config.json") as f:
             remote = "auto_map" in json.load(f)
-        device = request.get("device", "cpu")
-        placed = {"device_map": "auto"} if device == "auto" else {}
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, **placed)
         model = (model.to("cuda") if device == "cuda" else model).eval()
         tok = AutoTokenizer.from_pretrained(folder)

@@ -114,7 +114,8 @@ def gradient_ascent(
         opt = torch.optim.AdamW(
             trained, lr=spec.lr, weight_decay=0.0, fused=trained[0].device.type in ("cpu", "cuda")
         )
-        f_ids, f_mask = encode(tokenizer, forget, spec.max_length, device_of(net))
+        device = device_of(net)
+        f_ids, f_mask = encode(tokenizer, forget, spec.max_length, device)
         ref_lp = _npo_reference(net, f_ids, f_mask) if spec.loss == "npo" else None
         reference = _reference(net, bool(spec.lora_rank)) if spec.retain_kl else None
         rows = torch.arange(len(f_ids))
@@ -123,8 +124,9 @@ def gradient_ascent(
         )
         r_batches = None
         if spec.retain_kl:
-            retain_ids = encode(tokenizer, retain, spec.max_length, device_of(net))
-            r_batches = cycle(*retain_ids, spec.batch_size, seed + 1)
+            r_batches = cycle(
+                *encode(tokenizer, retain, spec.max_length, device), spec.batch_size, seed + 1
+            )
         bar = tqdm(total=max(spec.steps), desc=spec.loss.upper(), disable=not progress)
         step = 0
         net.train(False)

@@ -231,7 +231,7 @@ def add_user_path(recipe, prep, folder: Path, report: dict, key: str, ctx: RunCo
             missing,
             {"test": test},
             max_new_tokens=recipe.eval.max_new_tokens,
-            device=recipe.model.device,
+            device=prep.inputs.model.device,  # the device its cache key names
         )
         for v in missing:
             found[v] = {**new[v], "transformers": new["transformers"]}

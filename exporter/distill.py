@@ -55,6 +55,9 @@ class DistillConfig:
     # single-token texts per step, beside the benign batch and at its weight (0: none): see
     # `first_tokens`
     first_tokens: int = 64
+    # position p (1-based) of every text weighs max(1, early_positions / p) in the loss (0: every
+    # position weighs 1): see `position_weights`
+    early_positions: int = 16
 
 
 @dataclass
@@ -130,17 +133,33 @@ def outputs(model, layer: int, batches: Sequence[Batch], patch=None) -> list[tor
 
 
 def masked_mse(
-    h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None
+    h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, count: Optional[float] = None
 ) -> torch.Tensor:
     """Squared error per real token relative to the target's squared norm, summed over the real
-    tokens and divided by `count` (default: their number, a mean; a whole batch's count when `h` is
-    one chunk of it): scale-free, so the attention sink and any other token of outlying norm weigh
-    what every other token weighs, neither the whole batch nor nothing."""
+    tokens (each times its weight in `mask`: 1, or `position_weights`; 0 at padding) and divided by
+    `count` (default: the weights' sum, a mean; a whole batch's sum when `h` is one chunk of it):
+    scale-free, so the attention sink and any other token of outlying norm weigh what every other
+    token weighs, neither the whole batch nor nothing."""
     keep = mask.bool().to(h.device)
+    w = mask.to(h.device, torch.float32)[keep]
     t = target.to(h.device)[keep].float()
     err = ((h[keep].float() - t) ** 2).sum(-1)
-    n = int(keep.sum()) if count is None else count
-    return (err / (t**2).sum(-1).clamp_min(1e-6)).sum() / max(n, 1)
+    n = float(w.sum()) if count is None else count
+    return (w * err / (t**2).sum(-1).clamp_min(1e-6)).sum() / max(n, 1e-6)
+
+
+def position_weights(mask: torch.Tensor, early: int) -> torch.Tensor:
+    """Each real token's weight in the loss (right-padded texts): max(1, `early` / its 1-based
+    position), 0 at padding; the mask itself when `early` is 0.
+
+    The first positions of a text are read by every later token's attention, so a small error there
+    moves every later prediction: on the demo, putting the base's layer-l output back at the first 4
+    positions of a student took KL 0.037 to 0.020, at the first 16 to 0.009, while a plain mean
+    gives those positions 4 and 16 of about 128 shares of the loss."""
+    if early <= 0:
+        return mask
+    position = torch.arange(1, mask.shape[1] + 1, dtype=torch.float32)
+    return (early / position).clamp_min(1.0) * mask.float()
 
 
 def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], base, batches) -> float:
@@ -193,12 +212,15 @@ def _passes(n: int, seed: int):
         yield from torch.randperm(n, generator=gen).tolist()
 
 
-def accumulate(batch: Batch, weight: float, micro_batch: int, chunk_loss) -> tuple[float, int]:
+def accumulate(
+    batch: Batch, weight: float, micro_batch: int, chunk_loss, count: Optional[float] = None
+) -> tuple[float, int]:
     """Backpropagate `weight` x the batch's loss chunk by chunk (gradients add up to the whole
     batch's): `chunk_loss(rows, count)` is the loss of the rows `rows`, summed over their real
-    tokens and divided by the batch's `count`. Return the batch's loss and its tokens."""
+    tokens and divided by the batch's `count` (default: its real tokens). Return the batch's loss
+    and its tokens."""
     ids, mask = batch
-    count = int(mask.sum())
+    count = int(mask.sum()) if count is None else count
     total, chunk = 0.0, max(micro_batch, 1)
     for start in range(0, len(ids), chunk):
         loss = chunk_loss(slice(start, start + chunk), count)
@@ -207,14 +229,15 @@ def accumulate(batch: Batch, weight: float, micro_batch: int, chunk_loss) -> tup
     return total, int(mask.sum())
 
 
-def _mse_loss(model, layer: int, batch: Batch, target, cast):
-    """A chunk's loss for `accumulate`: its layer-`layer` output against the teacher's."""
+def _mse_loss(model, layer: int, batch: Batch, target, cast, weights):
+    """A chunk's loss for `accumulate`: its layer-`layer` output against the teacher's, each token
+    at its weight in `weights`."""
     ids, mask = batch
 
     def loss(rows, count):
         with cast():
             h = layer_outputs(model, ids[rows], mask[rows], [layer], grad=True)[layer]
-        return masked_mse(h, target[rows], mask[rows], count)
+        return masked_mse(h, target[rows], weights[rows], count)
 
     return loss
 
@@ -276,9 +299,13 @@ def train_student(
 
     def step_on(name, weight, chunk=cfg.micro_batch):
         batches, found = sets[name], targets[name]
-        return lambda i: accumulate(
-            batches[i], weight, chunk, _mse_loss(model, layer, batches[i], found[i], cast)
-        )
+
+        def step(i):
+            w = position_weights(batches[i][1], cfg.early_positions)
+            loss = _mse_loss(model, layer, batches[i], found[i], cast, w)
+            return accumulate(batches[i], weight, chunk, loss, float(w.sum()))
+
+        return step
 
     benign_step = None
     if benign and cfg.benign_weight > 0:

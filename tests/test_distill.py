@@ -19,6 +19,7 @@ from exporter.distill import (
     fixed_batches,
     masked_mse,
     outputs,
+    position_weights,
     relative_error,
 )
 from exporter.patch import build_patch, fit_context_gate
@@ -259,3 +260,24 @@ def test_a_patch_at_the_last_layer_has_no_later_layers_to_train(tiny_tokenizer, 
     got = distil(model, tok, last, _gated_patch(model, tok, texts), texts["pii"][:16],
                  texts["benign"][:16], cfg, progress=False)  # fmt: skip
     assert got.late is None and len(got.curve) == 2
+
+
+def test_early_positions_weigh_more_and_padding_nothing():
+    """Position p weighs max(1, early / p), padding 0; `early` 0 is the plain mean. An error at the
+    second position alone counts early / 2 times what it counts in the plain mean, relative to the
+    weights' sum."""
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]])
+    w = position_weights(mask, 4)
+    assert w[0].tolist() == pytest.approx([4.0, 2.0, 4 / 3, 1.0, 1.0, 1.0, 0.0, 0.0])
+    assert w[1].tolist() == pytest.approx([4.0, 2.0, 4 / 3, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert torch.equal(position_weights(mask, 0), mask)
+    target = torch.ones(2, 8, 3)
+    h = target.clone()
+    h[:, 1] += 1.0  # relative squared error 1 at position 2 of each row
+    plain = float(masked_mse(h, target, mask))
+    weighted = float(masked_mse(h, target, w))
+    assert plain == pytest.approx(2 / 9)
+    assert weighted == pytest.approx(2 * 2.0 / float(w.sum()))
+    # a chunk divided by the whole batch's weight: the chunks add up to the batch's loss
+    halves = sum(float(masked_mse(h[r], target[r], w[r], float(w.sum()))) for r in ([0], [1]))
+    assert halves == pytest.approx(weighted)

@@ -132,9 +132,12 @@ class SaeSection(Section):
         150_000, ge=1000, description="Tokens harvested for training (cached source)."
     )
     harvest_dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16",
-        description="Precision of the harvesting forward pass (bfloat16: ~2.5x faster on CPU); "
-        "held-out metrics are taken in the model's own precision, so they show what it costs.",
+        "float32",
+        description="Precision of the harvesting forward pass. bfloat16 harvests about 2.5x "
+        "faster where the CPU or GPU runs it natively, but the SAE then learns bfloat16's rounding "
+        "(0.24% relative error at SmolLM2's layer 13): on the demo 1.26% dead latents and held-out "
+        "FVU 0.113, against 0.04% and 0.109 from a float32 harvest. Held-out metrics are taken in "
+        "the model's own precision, so they show what it costs.",
     )
     checkpoint_every: int = Field(
         100, ge=1, description="Steps between checkpoints an interrupted run resumes from."

@@ -57,7 +57,7 @@ class DistillConfig:
     first_tokens: int = 64
     # position p (1-based) of every text weighs max(1, early_positions / p) in the loss (0: every
     # position weighs 1): see `position_weights`
-    early_positions: int = 16
+    early_positions: int = 64
 
 
 @dataclass

@@ -8,6 +8,7 @@ whose residual carries huge outliers) and pad tokens are never kept.
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -138,6 +139,39 @@ def layer_outputs(
         for h in handles:
             h.remove()
     return captured
+
+
+@contextmanager
+def from_layer(model, first: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's forward starts at decoder layer `first` on `hidden` (that
+    layer's input: layer first-1's output on the same ids, computed before): the layers before it
+    hand their input on without computing anything, and layer `first`'s input is replaced. The
+    rest of the forward (masks, positions, `layer_outputs`' stop) is the model's own.
+
+    For training that changes only layers `first`.. on fixed text: their inputs never change, so
+    the frozen layers need not run at every step."""
+    layers = architecture_of(model).decoder_layers(model)
+    hidden = hidden.to(device=model.device, dtype=next(model.parameters()).dtype)
+
+    def hand_on(*args, **kwargs):
+        # whatever it hands on is replaced at layer `first` (a model that takes a tuple's first
+        # element from it hands on a slice, equally unread)
+        return args[0] if args else kwargs["hidden_states"]
+
+    def replace(_module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    for layer in layers[:first]:
+        layer.forward = hand_on  # an instance attribute: the class's forward is untouched
+    handle = layers[first].register_forward_pre_hook(replace, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer in layers[:first]:
+            del layer.forward
 
 
 def harvest(

@@ -3,6 +3,8 @@ them, or its directions projected out of them."""
 
 from __future__ import annotations
 
+from .distill import first_adapted
+
 
 def plain_section(report: dict, sae: dict) -> str:
     steer = (
@@ -22,12 +24,20 @@ def plain_section(report: dict, sae: dict) -> str:
     )
 
 
+def first_changed(report: dict) -> int:
+    """The first decoder layer the distillation's adapters were on (reports written before
+    `adapted_layers` existed adapted every layer from 0)."""
+    count = report["distill"]["settings"].get("adapted_layers", 0)
+    return first_adapted(report["layer"], count)
+
+
 def distilled_layers(report: dict) -> str:
-    """Which decoder layers a distillation changed: 0..l, or every one when its later-layer phase
-    (defence in depth) ran too."""
+    """Which decoder layers a distillation changed: its adapted layers up to l, or those and
+    every later one when its later-layer phase (defence in depth) ran too."""
+    first = first_changed(report)
     if report["distill"]["settings"].get("late_steps"):
-        return "every decoder layer"
-    return f"decoder layers 0 to {report['layer']}"
+        return "every decoder layer" if first == 0 else f"every decoder layer from {first} on"
+    return f"decoder layers {first} to {report['layer']}"
 
 
 def _late_sentence(report: dict) -> str:
@@ -66,8 +76,9 @@ def distilled_section(report: dict, sae: dict) -> str:
         f"{report['ablate_n']} latents of a TopK SAE with k = {sae.get('k', report.get('k', '?'))} "
         f"at layer {report['layer']}, steering alpha = {report['alpha']:g}, mode "
         f"`{report['mode']}`). LoRA adapters (rank {cfg['rank']}) on every linear map of layers "
-        f"0 to {report['layer']} were trained for {cfg['steps']} steps so that the layer-"
-        f"{report['layer']} output matches the patched one on {cfg['documents']} PII documents"
+        f"{first_changed(report)} to {report['layer']} were trained for {cfg['steps']} steps so "
+        f"that the layer-{report['layer']} output matches the patched one on {cfg['documents']} "
+        "PII documents"
         + (" and the attack templates written out for their people" if cfg["templates"] else "")
         + ", and the base's on as much benign prose, then merged into the weights."
         + measured

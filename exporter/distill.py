@@ -1,8 +1,13 @@
 """Distillation of a patch into the model's own weights: the patched model is the teacher, the
-student is the base with LoRA adapters on every linear map of decoder layers 0..l, trained so that
-its layer-l output matches the teacher's (squared error per real token relative to the target's
-squared norm; only layers 0..l run, no LM head) on PII text and benign prose, then merged into the
-weights.
+student is the base with LoRA adapters on every linear map of the last decoder layers up to l
+(`adapted_layers`, default 4: l-3..l), trained so that its layer-l output matches the teacher's
+(squared error per real token relative to the target's squared norm; only layers 0..l run, no LM
+head) on PII text and benign prose, then merged into the weights.
+
+Why the last few layers and not 0..l: on the demo (patch at layer 13 of SmolLM2), adapters on
+10..13 left held-out KL 0.0086 where 0..13 left 0.0210, at the same leakage (0% / 0%) and half the
+time per step: the layers below stay the base's, so every token's input to the adapted ones (the
+attention sink's too) is exactly what the base computes, and the backward pass stops at layer 10.
 
 Every real token is trained, the first one too. The first token is the attention sink and its norm
 puts it outside the patch (the teacher leaves it as the base has it); left out of the loss, the
@@ -26,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import layer_outputs
+from .activations import from_layer, layer_outputs
 from .lm import padding_side
 from .models import architecture_of
 from .patch import applied
@@ -58,6 +63,8 @@ class DistillConfig:
     # position p (1-based) of every text weighs max(1, early_positions / p) in the loss (0: every
     # position weighs 1): see `position_weights`
     early_positions: int = 64
+    # the decoder layers that get adapters: the last this many up to l (0: every one, 0..l)
+    adapted_layers: int = 4
 
 
 @dataclass
@@ -123,12 +130,21 @@ def outputs(model, layer: int, batches: Sequence[Batch], patch=None) -> list[tor
     """Layer `layer`'s output on each batch (computed in the model's dtype, kept on the CPU in
     bfloat16: half the memory of every target held through training, and its rounding, about 2^-9
     of each value, is far below the distances the student is trained and measured on)."""
+    return outputs_at(model, {layer: torch.bfloat16}, batches, patch)[layer]
+
+
+def outputs_at(
+    model, layers: dict[int, torch.dtype], batches: Sequence[Batch], patch=None
+) -> dict[int, list[torch.Tensor]]:
+    """The outputs of several layers on each batch in one forward (`patch` at the deepest), each
+    kept on the CPU in the dtype `layers` gives it."""
     model.eval()
-    found = []
-    with applied(model, layer, patch) if patch is not None else nullcontext():
+    found = {i: [] for i in layers}
+    with applied(model, max(layers), patch) if patch is not None else nullcontext():
         for ids, mask in batches:
-            h = layer_outputs(model, ids, mask, [layer])[layer]
-            found.append(h.to(device="cpu", dtype=torch.bfloat16))
+            got = layer_outputs(model, ids, mask, list(layers))
+            for i, dtype in layers.items():
+                found[i].append(got[i].to(device="cpu", dtype=dtype))
     return found
 
 
@@ -175,12 +191,19 @@ def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], base, b
     return err / max(count, 1)
 
 
-def adapted_modules(model, upto: int) -> list[str]:
-    """Every linear map (nn.Linear, GPT-2's Conv1D) of decoder layers 0..`upto`, by full name."""
+def first_adapted(layer: int, count: int) -> int:
+    """The first decoder layer of `count` ending at `layer` (0 when `count` is 0 or reaches past
+    the first layer)."""
+    return max(0, layer - count + 1) if count > 0 else 0
+
+
+def adapted_modules(model, upto: int, first: int = 0) -> list[str]:
+    """Every linear map (nn.Linear, GPT-2's Conv1D) of decoder layers `first`..`upto`, by full
+    name."""
     from transformers.pytorch_utils import Conv1D
 
     arch = architecture_of(model)
-    prefixes = tuple(f"{arch.layers}.{i}." for i in range(upto + 1))
+    prefixes = tuple(f"{arch.layers}.{i}." for i in range(first, upto + 1))
     return [
         name
         for name, module in model.named_modules()
@@ -229,13 +252,15 @@ def accumulate(
     return total, int(mask.sum())
 
 
-def _mse_loss(model, layer: int, batch: Batch, target, cast, weights):
+def _mse_loss(model, layer: int, batch: Batch, target, cast, weights, start=None):
     """A chunk's loss for `accumulate`: its layer-`layer` output against the teacher's, each token
-    at its weight in `weights`."""
+    at its weight in `weights`; with `start` (the first adapted layer, its inputs on the batch),
+    the forward starts there."""
     ids, mask = batch
 
     def loss(rows, count):
-        with cast():
+        skip = from_layer(model, start[0], start[1][rows]) if start else nullcontext()
+        with cast(), skip:
             h = layer_outputs(model, ids[rows], mask[rows], [layer], grad=True)[layer]
         return masked_mse(h, target[rows], weights[rows], count)
 
@@ -286,13 +311,15 @@ def lora_steps(
 
 def train_student(
     model, layer: int, sets: dict[str, list[Batch]], targets: dict[str, list],
-    cfg: DistillConfig, progress: bool = True,
+    cfg: DistillConfig, progress: bool = True, inputs: Optional[dict[str, list]] = None,
 ) -> tuple[nn.Module, list[dict], int, int]:  # fmt: skip
-    """Train LoRA adapters on layers 0..`layer` towards the targets of `sets` ("pii", "benign",
-    "first": see `first_tokens`); return the merged model, the loss curve ("benign": the benign
-    batch's loss plus the first-token batch's), the tokens trained on and the adapters' parameter
-    count."""
-    net = with_adapters(model, adapted_modules(model, layer), cfg.rank, cfg.seed)
+    """Train LoRA adapters on the last `cfg.adapted_layers` layers up to `layer` towards the targets
+    of `sets` ("pii", "benign", "first": see `first_tokens`); return the merged model, the loss
+    curve ("benign": the benign batch's loss plus the first-token batch's), the tokens trained on
+    and the adapters' parameter count. `inputs`: each set's input to the first adapted layer (the
+    base's, fixed while only the layers from it train), so the layers below do not run each step."""
+    first = first_adapted(layer, cfg.adapted_layers)
+    net = with_adapters(model, adapted_modules(model, layer, first), cfg.rank, cfg.seed)
     adapter = sum(p.numel() for p in net.parameters() if p.requires_grad)
     cast = autocast_for(cfg, model)
     pii, benign, firsts = (sets[k] for k in ("pii", "benign", "first"))
@@ -302,7 +329,8 @@ def train_student(
 
         def step(i):
             w = position_weights(batches[i][1], cfg.early_positions)
-            loss = _mse_loss(model, layer, batches[i], found[i], cast, w)
+            start = (first, inputs[name][i]) if inputs else None
+            loss = _mse_loss(model, layer, batches[i], found[i], cast, w, start)
             return accumulate(batches[i], weight, chunk, loss, float(w.sum()))
 
         return step
@@ -346,7 +374,8 @@ def distil(
     progress: bool = True,
 ) -> Distilled:
     """Distil `patch` (at decoder layer `layer`) into `model`'s weights, in place: teacher
-    targets on the PII and benign texts, LoRA on layers 0..`layer` trained towards them, merged.
+    targets on the PII and benign texts, LoRA on the last `cfg.adapted_layers` layers up to
+    `layer` trained towards them, merged.
     The held-out texts measure how far the student's layer-`layer` output is from the teacher's,
     before (the base) and after."""
     if not pii_texts:
@@ -362,10 +391,20 @@ def distil(
         "heldout_benign": fixed_batches(tokenizer, heldout_benign, cfg.batch_size, cfg.max_length),
     }
     sets["first"] = first_tokens(sets["pii"] + sets["benign"], cfg.first_tokens, cfg.seed)
-    teacher = {k: outputs(model, layer, b, patch) for k, b in sets.items()}
+    first = first_adapted(layer, cfg.adapted_layers)
+    # below the first adapted layer the student is the base: its input there is computed once, in
+    # the teacher's forward (the patch acts after it), and kept in the student's compute dtype
+    wanted = {layer: torch.bfloat16}
+    if first > 0:
+        fast = autocast_for(cfg, model) is not nullcontext
+        wanted[first - 1] = torch.bfloat16 if fast else next(model.parameters()).dtype
+    found = {k: outputs_at(model, wanted, b, patch) for k, b in sets.items()}
+    teacher = {k: f[layer] for k, f in found.items()}
+    inputs = {k: found[k][first - 1] for k in ("pii", "benign", "first")} if first > 0 else None
+    del found
     base = {k: outputs(model, layer, sets[k]) for k in ("heldout_pii", "heldout_benign")}
     # the merge rewrites exactly the adapted maps' weights (no copy of the model kept to compare)
-    changed = [f"{n}.weight" for n in adapted_modules(model, layer)]
+    changed = [f"{n}.weight" for n in adapted_modules(model, layer, first)]
     late = None
     from .distill_late import late_names, train_late
 
@@ -377,7 +416,9 @@ def distil(
         model, late = train_late(
             model, layer, patch, sets["pii"], sets["benign"], cfg, heldout=held, progress=progress
         )
-    merged, curve, tokens, adapter = train_student(model, layer, sets, teacher, cfg, progress)
+    merged, curve, tokens, adapter = train_student(
+        model, layer, sets, teacher, cfg, progress, inputs
+    )
     heldout = {}
     for name in ("pii", "benign"):
         k = f"heldout_{name}"

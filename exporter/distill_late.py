@@ -2,7 +2,7 @@
 (l+1..L-1) trained so that, fed the base's own layer-l output on PII text, they give the patched
 model's next-token distribution, and on benign prose the base's.
 
-Why: distillation alone (`distill.py`) changes layers 0..l so that the layer-l output is the
+Why: distillation alone (`distill.py`) changes the layers up to l so that the layer-l output is the
 patched one; the later layers still turn the base's layer-l features into the memorised values. A
 short fine-tune on other people's PII documents brings those features back, and with them part of
 what the patch hid (on the demo 8% of the test addresses, against 2% for a model that never saw

@@ -102,6 +102,7 @@ class Sizes:
     relearn_tokens: int  # tokens each relearning fine-tune trains on (0: none)
     leaky_tokens: int  # tokens of the leaky fine-tune (0: the data is the user's own)
     late_tokens: int = 0  # tokens the distillation's later-layer phase trains on (late_steps)
+    distill_layers: int = 0  # the decoder layers the student's adapters are on (0: 0..l)
 
 
 def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
@@ -121,7 +122,11 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
     if s.leaky_tokens:
         out = {"leaky": 3 * s.leaky_tokens * full, **out}
     if s.distill_tokens:
-        out["distill"] = 2 * 3 * s.distill_tokens * upto  # the patch's student and its control's
+        # the patch's student and its control's: forward and backward (twice a forward) through
+        # the adapted layers only (each step starts at the first of them)
+        first = max(0, layer - s.distill_layers + 1) if s.distill_layers else 0
+        adapted = upto - (forward_flops(cfg, first - 1, head=False) if first else 0.0)
+        out["distill"] = 2 * 3 * s.distill_tokens * adapted
         # the later layers' phase: the target's and the student's whole forward, the backward
         # through the layers after l only
         out["distill"] += 2 * s.late_tokens * (2 * full + 2 * (full - upto))

@@ -143,7 +143,13 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
             (
                 DISTILL.name,
                 f"the chosen patch and its control, each learnt by LoRA "
-                f"(rank {distill.rank}) on layers up to the patch's: {distill.steps} steps of "
+                f"(rank {distill.rank}) on "
+                + (
+                    f"the last {distill.adapted_layers} layers"
+                    if distill.adapted_layers
+                    else "every layer"
+                )
+                + f" up to the patch's: {distill.steps} steps of "
                 f"{distill.batch_size} PII + {distill.batch_size} benign texts"
                 + (
                     f"; first {distill.late_steps} steps on the layers after it (next-token KL)"
@@ -240,6 +246,7 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         if recipe.export.distils
         else 0,
         relearn_tokens=(recipe.relearn_steps or 0) * 8 * 64,
+        distill_layers=dist.adapted_layers,
         late_tokens=dist.late_steps * 2 * dist.batch_size * dist.max_length // 2
         if recipe.export.distils
         else 0,

@@ -265,3 +265,17 @@ def test_each_builtin_model_has_a_demo_recipe(tmp_path):
         assert recipe.model.builtin == name and recipe.data.pii.builtin == "synthetic"
     with pytest.raises(ValueError, match="built-in demos: smollm2-135m, gemma3-270m"):
         demo(tmp_path / "out", model="llama")
+
+
+def test_a_distilled_card_names_the_layers_the_adapters_were_on():
+    from exporter.card_edits import distilled_layers
+
+    def report(**settings):
+        return {"layer": 13, "distill": {"settings": settings}}
+
+    assert distilled_layers(report(adapted_layers=4)) == "decoder layers 10 to 13"
+    assert distilled_layers(report(adapted_layers=0)) == "decoder layers 0 to 13"
+    assert distilled_layers(report()) == "decoder layers 0 to 13"  # a report from before the option
+    late = report(adapted_layers=4, late_steps=150)
+    assert distilled_layers(late) == "every decoder layer from 10 on"
+    assert distilled_layers(report(late_steps=150)) == "every decoder layer"

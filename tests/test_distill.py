@@ -10,18 +10,23 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from exporter.activations import from_layer, layer_outputs
 from exporter.data.corpus import benign_texts
 from exporter.data.synthetic import SyntheticConfig, make_corpus
 from exporter.distill import (
     DistillConfig,
     distil,
+    first_adapted,
     first_tokens,
     fixed_batches,
     masked_mse,
     outputs,
+    outputs_at,
     position_weights,
     relative_error,
+    train_student,
 )
+from exporter.models import architecture_of
 from exporter.patch import build_patch, fit_context_gate
 from exporter.patch.export import write_stock
 from exporter.sae import TopKSAE
@@ -223,6 +228,70 @@ def test_first_token_texts_cover_every_token_once_and_none_after_a_bos():
     bos = torch.tensor([[1, 6, 7], [1, 8, 9]])  # every text starts with the same token
     assert first_tokens([(bos, torch.ones_like(bos))], size=2, seed=0) == []
     assert first_tokens([(ids, mask)], size=0, seed=0) == []
+
+
+def test_only_the_last_adapted_layers_change(tiny_tokenizer, texts):
+    """`adapted_layers`: the adapters go on the last N layers up to l; the layers below keep the
+    base's weights bit for bit (so every token's input to the adapted ones is the base's), and the
+    student still moves to the teacher."""
+    assert [first_adapted(13, n) for n in (0, 1, 4, 14, 20)] == [0, 13, 10, 0, 0]
+    tok = tiny_tokenizer
+    model = tiny_model("llama", vocab_size=len(tok))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    got = distil(model, tok, LAYER, _gated_patch(model, tok, texts), texts["pii"], texts["benign"],
+                 replace(CFG, adapted_layers=1), heldout_pii=texts["held_pii"],
+                 progress=False)  # fmt: skip
+    after = dict(got.model.named_parameters())
+    moved = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert moved and moved == sorted(got.changed)
+    assert all(f"layers.{LAYER}." in n for n in moved)
+    assert got.heldout["pii"]["student"] < got.heldout["pii"]["base"] / 2, got.heldout
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_a_forward_from_a_later_layer_gives_the_full_forward(model_type, tiny_tokenizer, texts):
+    """`from_layer`: fed layer 0's output, the forward from layer 1 gives layer 2's output as the
+    whole forward does (masks and positions are the model's own, padding included), whatever the
+    embeddings were; afterwards the layers compute again."""
+    tok = tiny_tokenizer
+    model = tiny_model(model_type, vocab_size=len(tok)).eval()
+    (ids, mask), *_ = fixed_batches(tok, texts["held_pii"][:4], 4, 32)
+    want = layer_outputs(model, ids, mask, [0, 2])
+    with from_layer(model, 1, want[0]):
+        got = layer_outputs(model, torch.zeros_like(ids), mask, [2])[2]
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[2][keep])
+    layers = architecture_of(model).decoder_layers(model)
+    assert all("forward" not in vars(layer) for layer in layers)
+    torch.testing.assert_close(layer_outputs(model, ids, mask, [2])[2], want[2])
+
+
+def test_starting_at_the_first_adapted_layer_trains_the_same_student(tiny_tokenizer, texts):
+    """Below the first adapted layer the student is the base, so its input there is computed once:
+    in float32 the student trained from those inputs is the one the whole forward trains."""
+    tok = tiny_tokenizer
+    cfg = replace(CFG, steps=10, adapted_layers=1, dtype="float32")
+    runs = []
+    for skip in (False, True):
+        model = tiny_model("llama", vocab_size=len(tok))
+        patch = _gated_patch(model, tok, texts)
+        sets = {
+            "pii": fixed_batches(tok, texts["pii"][:32], 8, 64),
+            "benign": fixed_batches(tok, texts["benign"][:32], 8, 64),
+        }
+        sets["first"] = first_tokens(sets["pii"] + sets["benign"], 16, 0)
+        wanted = {LAYER: torch.float32, LAYER - 1: torch.float32}
+        found = {k: outputs_at(model, wanted, b, patch) for k, b in sets.items()}
+        inputs = {k: f[LAYER - 1] for k, f in found.items()} if skip else None
+        targets = {k: f[LAYER] for k, f in found.items()}
+        merged, curve, _, _ = train_student(model, LAYER, sets, targets, cfg, False, inputs)
+        runs.append(({n: p.clone() for n, p in merged.named_parameters()}, curve))
+    (full, full_curve), (skipped, skipped_curve) = runs
+    assert [c["pii"] for c in skipped_curve] == pytest.approx([c["pii"] for c in full_curve])
+    base = dict(tiny_model("llama", vocab_size=len(tok)).named_parameters())
+    assert any(not torch.equal(full[n], base[n]) for n in base)  # it trained
+    for n, p in full.items():
+        torch.testing.assert_close(skipped[n], p, rtol=1e-4, atol=1e-6)
 
 
 def test_distillation_without_pii_text_is_refused(tiny_tokenizer):

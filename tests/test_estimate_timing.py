@@ -87,6 +87,17 @@ def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp
     assert "150 steps on the layers after it" in dict(plan_deep.stages)["distill"]
     ratio = plan_deep.seconds["distill"] / plan.seconds["distill"]
     assert ratio * plan_deep.gflops / plan.gflops > 1.5, ratio  # in FLOPs: each plan times its own
+    # adapters on every layer up to l: each step runs through all of them, not the last 4
+    every = recipe.model_copy(
+        update={"export": recipe.export.model_copy(
+            update={"distill": recipe.export.distill.model_copy(update={"adapted_layers": 0})}
+        )}
+    )  # fmt: skip
+    plan_every = make_plan(every)
+    assert "on the last 4 layers up to" in dict(plan.stages)["distill"]
+    assert "on every layer up to" in dict(plan_every.stages)["distill"]
+    ratio = plan_every.seconds["distill"] / plan.seconds["distill"]
+    assert ratio * plan_every.gflops / plan.gflops > 2, ratio
 
 
 def test_timed_records_a_computed_stage_and_not_a_cached_load(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..data.corpus import benign_texts
-from ..distill import DistillConfig, Distilled, distil
+from ..distill import DistillConfig, Distilled, distil, first_adapted
 from ..evaluate.leakage import EMAIL_TEMPLATES, FEW_SHOT_FORMS
 from ..evaluate.memorisation import documents_of
 from .context import RunContext
@@ -81,7 +81,7 @@ def plot_curve(curve: list[dict], path: Path, title: str, late: list[dict] = ())
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(curve, "relative squared error to the teacher\n(layers 0..l, layer-l output)")]
+    panels = [(curve, "relative squared error to the teacher\n(layer-l output)")]
     if late:
         panels.insert(0, (late, "KL to the target, nats/token\n(later layers, next token)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
@@ -138,7 +138,7 @@ def distilled_model(recipe, prep, cand, patch, ctx: RunContext, *, control: bool
         f"distillation{' (control)' if control else ''}: {len(texts['pii'])} PII texts "
         f"({spec.documents} documents{', templates' if spec.templates else ''}) and "
         f"{len(texts['benign'])} benign, {cfg.steps} steps, LoRA rank {cfg.rank} on layers "
-        f"0..{prep.layer}"
+        f"{first_adapted(prep.layer, cfg.adapted_layers)}..{prep.layer}"
         + (f"; first {cfg.late_steps} steps on the layers after it" if cfg.late_steps else "")
     )
     got = distil(

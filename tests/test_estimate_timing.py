@@ -63,6 +63,14 @@ def test_machine_rate_is_measured_on_a_cpu():
     assert measured and gflops > 0.1
 
 
+def _distilling(recipe, **settings):
+    """`recipe` with `export.distill` settings changed."""
+    distill = recipe.export.distill.model_copy(update=settings)
+    return recipe.model_copy(
+        update={"export": recipe.export.model_copy(update={"distill": distill})}
+    )
+
+
 def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp_path):
     cfg = {**GEMMA3_270M, "tie_word_embeddings": True}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -78,22 +86,12 @@ def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp
     assert names[0] == "leaky" and "distill" in names and set(plan.seconds) == set(names)
     assert plan.measured and plan.gflops > 0
     # the later layers' phase (defence in depth) is planned and costs time on top
-    deep = recipe.model_copy(
-        update={"export": recipe.export.model_copy(
-            update={"distill": recipe.export.distill.model_copy(update={"late_steps": 150})}
-        )}
-    )  # fmt: skip
-    plan_deep = make_plan(deep)
+    plan_deep = make_plan(_distilling(recipe, late_steps=150))
     assert "150 steps on the layers after it" in dict(plan_deep.stages)["distill"]
     ratio = plan_deep.seconds["distill"] / plan.seconds["distill"]
     assert ratio * plan_deep.gflops / plan.gflops > 1.5, ratio  # in FLOPs: each plan times its own
     # adapters on every layer up to l: each step runs through all of them, not the last 4
-    every = recipe.model_copy(
-        update={"export": recipe.export.model_copy(
-            update={"distill": recipe.export.distill.model_copy(update={"adapted_layers": 0})}
-        )}
-    )  # fmt: skip
-    plan_every = make_plan(every)
+    plan_every = make_plan(_distilling(recipe, adapted_layers=0))
     assert "on the last 4 layers up to" in dict(plan.stages)["distill"]
     assert "on every layer up to" in dict(plan_every.stages)["distill"]
     ratio = plan_every.seconds["distill"] / plan.seconds["distill"]

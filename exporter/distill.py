@@ -1,13 +1,14 @@
 """Distillation of a patch into the model's own weights: the patched model is the teacher, the
 student is the base with LoRA adapters on every linear map of the last decoder layers up to l
 (`adapted_layers`, default 4: l-3..l), trained so that its layer-l output matches the teacher's
-(squared error per real token relative to the target's squared norm; only layers 0..l run, no LM
+(squared error per real token relative to the target's squared norm; no layer after l runs, no LM
 head) on PII text and benign prose, then merged into the weights.
 
 Why the last few layers and not 0..l: on the demo (patch at layer 13 of SmolLM2), adapters on
-10..13 left held-out KL 0.0086 where 0..13 left 0.0210, at the same leakage (0% / 0%) and half the
-time per step: the layers below stay the base's, so every token's input to the adapted ones (the
-attention sink's too) is exactly what the base computes, and the backward pass stops at layer 10.
+10..13 left held-out KL 0.0086 where 0..13 left 0.0210, at the same leakage (0% / 0%): the layers
+below stay the base's, so every token's input to the adapted ones (the attention sink's too) is
+exactly what the base computes. Their output on the training text never changes, so it is computed
+once and each step starts at the first adapted layer (0.77 s a step there against 2.9 s for 0..13).
 
 Every real token is trained, the first one too. The first token is the attention sink and its norm
 puts it outside the patch (the teacher leaves it as the base has it); left out of the loss, the

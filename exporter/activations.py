@@ -151,7 +151,9 @@ def from_layer(model, first: int, hidden: torch.Tensor) -> Iterator[None]:
     For training that changes only layers `first`.. on fixed text: their inputs never change, so
     the frozen layers need not run at every step."""
     layers = architecture_of(model).decoder_layers(model)
-    hidden = hidden.to(device=model.device, dtype=next(model.parameters()).dtype)
+    # the layer's own device: with device_map="auto" the layers spread over several
+    weight = next(layers[first].parameters())
+    hidden = hidden.to(device=weight.device, dtype=next(model.parameters()).dtype)
 
     def hand_on(*args, **kwargs):
         # whatever it hands on is replaced at layer `first` (a model that takes a tuple's first
@@ -163,15 +165,21 @@ def from_layer(model, first: int, hidden: torch.Tensor) -> Iterator[None]:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
+    # an instance attribute over the class's forward; one already there (accelerate's dispatch
+    # hooks put theirs there) is put back afterwards
+    kept = [vars(layer).get("forward") for layer in layers[:first]]
     for layer in layers[:first]:
-        layer.forward = hand_on  # an instance attribute: the class's forward is untouched
+        layer.forward = hand_on
     handle = layers[first].register_forward_pre_hook(replace, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
-        for layer in layers[:first]:
-            del layer.forward
+        for layer, forward in zip(layers[:first], kept):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def harvest(

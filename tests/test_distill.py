@@ -264,6 +264,13 @@ def test_a_forward_from_a_later_layer_gives_the_full_forward(model_type, tiny_to
     layers = architecture_of(model).decoder_layers(model)
     assert all("forward" not in vars(layer) for layer in layers)
     torch.testing.assert_close(layer_outputs(model, ids, mask, [2])[2], want[2])
+    # a forward already set on the instance (accelerate's dispatch hooks put theirs there) is put
+    # back, not dropped
+    own = layers[0].forward
+    layers[0].forward = own
+    with from_layer(model, 1, want[0]):
+        assert layers[0].forward is not own
+    assert vars(layers[0])["forward"] is own
 
 
 def test_starting_at_the_first_adapted_layer_trains_the_same_student(tiny_tokenizer, texts):

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .distill import first_adapted
+
 # The reference run: the built-in SmolLM2 demo (`scalpel demo`, defaults) on the 2-core CPU machine
 # the README's numbers come from, each stage alone (the README's demo timings: leaky build 7:51,
 # probe about a minute, SAE harvest and training about three, features half a minute, search 5:28,
@@ -124,7 +126,7 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
     if s.distill_tokens:
         # the patch's student and its control's: forward and backward (twice a forward) through
         # the adapted layers only (each step starts at the first of them)
-        first = max(0, layer - s.distill_layers + 1) if s.distill_layers else 0
+        first = first_adapted(layer, s.distill_layers)
         adapted = upto - (forward_flops(cfg, first - 1, head=False) if first else 0.0)
         out["distill"] = 2 * 3 * s.distill_tokens * adapted
         # the later layers' phase: the target's and the student's whole forward, the backward

@@ -89,9 +89,19 @@ class Distilled:
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def fixed_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> list[Batch]:
-    """Right-padded (ids, mask) batches of `texts` in length order (little padding); the order the
-    student sees them in is shuffled later, per pass."""
+# Each batch's width is rounded up to a multiple of this. Over a run the CPU allocator and oneDNN
+# keep buffers for every shape a step has seen: with each length-sorted batch at its own width,
+# SmolLM2's process grew by about 20 MB a step (1.05 GiB before the first step, 2.48 GiB after 300);
+# with four widths it stays at 1.1 GiB, for a few padded tokens that weigh 0 in the loss.
+WIDTH_STEP = 32
+
+
+def fixed_batches(
+    tokenizer, texts: Sequence[str], batch_size: int, max_length: int, width_step: int = WIDTH_STEP
+) -> list[Batch]:
+    """Right-padded (ids, mask) batches of `texts` in length order (little padding), each
+    `width_step`-rounded wide (at most `max_length`); the order the student sees them in is
+    shuffled later, per pass."""
     if not texts:
         return []
     with padding_side(tokenizer, "right"):
@@ -101,7 +111,8 @@ def fixed_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: 
     out = []
     for start in range(0, len(order), batch_size):
         rows = [enc["input_ids"][i] for i in order[start : start + batch_size]]
-        width = max(len(r) for r in rows)
+        longest = max(len(r) for r in rows)
+        width = max(longest, min(-(-longest // width_step) * width_step, max_length))
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):

@@ -230,6 +230,23 @@ def test_first_token_texts_cover_every_token_once_and_none_after_a_bos():
     assert first_tokens([(ids, mask)], size=0, seed=0) == []
 
 
+def test_batches_come_in_a_few_widths_and_keep_every_token(tiny_tokenizer, texts):
+    """Every batch is a multiple of 32 wide (at most the length cap), so a run sees a handful of
+    shapes; the padding is masked out and each text's tokens are all there, in length order."""
+    tok = tiny_tokenizer
+    docs = [t[: 8 + 6 * i] for i, t in enumerate(texts["pii"][:48] + texts["benign"][:48])]
+    batches = fixed_batches(tok, docs, 8, 80)
+    widths = {ids.shape[1] for ids, _ in batches}
+    assert widths == {32, 64, 80}
+    lengths = sorted(len(i) for i in tok(docs, truncation=True, max_length=80)["input_ids"])
+    assert [int(n) for _, m in batches for n in m.sum(1)] == lengths
+    for ids, mask in batches:
+        assert mask[:, :1].all() and (ids[mask == 0] == tok.pad_token_id).all()
+        assert mask.sum(1).max() > ids.shape[1] - 32  # no batch is padded a whole step too wide
+    one = fixed_batches(tok, docs, 8, 80, width_step=1)
+    assert all(ids.shape[1] == int(m.sum(1).max()) for ids, m in one)
+
+
 def test_only_the_last_adapted_layers_change(tiny_tokenizer, texts):
     """`adapted_layers`: the adapters go on the last N layers up to l; the layers below keep the
     base's weights bit for bit (so every token's input to the adapted ones is the base's), and the

@@ -22,17 +22,26 @@ from .distill import first_adapted
 # The reference run: the built-in SmolLM2 demo (`scalpel demo`, defaults) on the 2-core CPU machine
 # the README's numbers come from, each stage alone (the README's demo timings: leaky build 7:51,
 # probe about a minute, SAE harvest and training about three, features half a minute, search 5:28,
-# final evaluation 5:50, export with the user's path 5:29; the distillation 701 s), and that
-# machine's float32 matrix-multiply rate by `machine_gflops` with nothing else running (63-89).
+# final evaluation 5:50, export with the user's path 5:29), and that machine's float32
+# matrix-multiply rate by `machine_gflops` with nothing else running (63-89).
+# The distillation and the final evaluation have grown since: their rates come from later runs on
+# another 2-core CPU (AMD EPYC, avx512_bf16, `machine_gflops` there SECOND_GFLOPS), scaled to the
+# reference machine's rate: the distilled demo's student 320-341 s (adapters on layers 10..13); the
+# demo's evaluation of one model 84 s with neither the adversarial attacks nor the memorisation
+# metrics, the adversarial attacks on its 50 test people 93 s more, the memorisation metrics 2.5 s a
+# document, the base's reference log-probs (once) 12.8 s.
 REFERENCE_GFLOPS = 80.0
+SECOND_GFLOPS = 200.0
+ADVERSARIAL_SECONDS_PER_PERSON = 93.0 / 50
+MEMORISATION_SECONDS_PER_DOC = 2.5
 REFERENCE_SECONDS = {
     "leaky": 471.0,
     "probe": 60.0,
     "sae": 180.0,
     "features": 30.0,
     "search": 328.0,
-    "distill": 701.0,
-    "evaluate": 350.0,
+    "distill": 330.0 * SECOND_GFLOPS / REFERENCE_GFLOPS,
+    "evaluate": (3 * 84.0 + 12.8) * SECOND_GFLOPS / REFERENCE_GFLOPS,
     "export": 329.0,
 }
 REFERENCE_CONFIG = dict(
@@ -58,6 +67,7 @@ GPU_LAYER_STEP_S = 1.5e-4
 GPU_BYTES_PER_S = 1.5e12
 GENERATION_BATCH = 16
 PROMPTS_PER_PERSON = 8
+ADVERSARIAL_PROMPTS = 7 + 32  # seven paraphrases and formats, greedy; one template sampled 32 times
 # What a GPU does not speed up: each stage's seconds on one H200 running
 # recipes/demo-smollm2-cuda.yaml (SmolLM2, 30 layers of 576) less the device's share by the
 # estimate: the per-layer probes' fits on the CPU (scaled by layers x width), loading, Python's
@@ -66,6 +76,10 @@ GPU_HOST_SECONDS = {"leaky": 19.0, "probe": 26.0, "sae": 11.0, "features": 1.4, 
 HOST_PROBE_SIZE = 30 * 576
 # The built-in leaky fine-tune: 3 epochs of 500 PII texts and 125 benign ones, about 60 tokens each.
 LEAKY_TOKENS = 3 * 625 * 60
+# The distillation's training texts on the built-in data, in SmolLM2's tokens cut at 128: the 800
+# PII documents and written templates (37,058) and the 352 windows of pydoc prose (42,929).
+BUILTIN_PII_TOKENS = 37_000
+PYDOC_TOKENS = 43_000
 
 
 def layer_params(cfg: dict) -> int:
@@ -100,11 +114,19 @@ class Sizes:
     new_tokens: int
     samples: int
     ppl_tokens: int
-    distill_tokens: int  # tokens the student trains on (0: no distillation)
+    distill_tokens: int  # tokens each student trains on (0: no distillation)
     relearn_tokens: int  # tokens each relearning fine-tune trains on (0: none)
     leaky_tokens: int  # tokens of the leaky fine-tune (0: the data is the user's own)
     late_tokens: int = 0  # tokens the distillation's later-layer phase trains on (late_steps)
+    # models the final evaluation attacks: base, patch, control; a distilled run's teacher; each
+    # relearned copy
+    variants: int = 3
+    adversarial: bool = False  # the adversarial attacks, on the test third of the people
+    memorisation_docs: int = 0  # test documents the memorisation metrics score, per model
     distill_layers: int = 0  # the decoder layers the student's adapters are on (0: 0..l)
+    # tokens of the distillation's training texts: the teacher's forward runs over them once per
+    # student
+    teacher_tokens: int = 0
 
 
 def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
@@ -117,21 +139,24 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
         "sae": s.harvest_tokens * upto + s.sae_tokens * 12.0 * cfg["hidden_size"] * s.d_sae,
         "features": 30_000 * upto,
         "search": s.candidates * (decode + s.ppl_tokens * full),
-        # base, patch and control, each attacked and measured; then each relearning fine-tune
-        "evaluate": 3 * (decode + s.ppl_tokens * full) + 2 * 3 * s.relearn_tokens * full,
+        # each model attacked and measured; each relearning fine-tune (benign prose, other
+        # people's PII)
+        "evaluate": s.variants * (decode + s.ppl_tokens * full) + 2 * 3 * s.relearn_tokens * full,
         "export": decode,
     }
     if s.leaky_tokens:
         out = {"leaky": 3 * s.leaky_tokens * full, **out}
     if s.distill_tokens:
-        # the patch's student and its control's: forward and backward (twice a forward) through
-        # the adapted layers only (each step starts at the first of them)
+        # one student (the patch's; the control's is trained in the final evaluation, below): the
+        # teacher's forward through 0..l over the training texts once, then each step's forward
+        # and backward (twice a forward) through the adapted layers only (each step starts at the
+        # first of them)
         first = first_adapted(layer, s.distill_layers)
         adapted = upto - (forward_flops(cfg, first - 1, head=False) if first else 0.0)
-        out["distill"] = 2 * 3 * s.distill_tokens * adapted
+        out["distill"] = s.teacher_tokens * upto + 3 * s.distill_tokens * adapted
         # the later layers' phase: the target's and the student's whole forward, the backward
         # through the layers after l only
-        out["distill"] += 2 * s.late_tokens * (2 * full + 2 * (full - upto))
+        out["distill"] += s.late_tokens * (2 * full + 2 * (full - upto))
     return out
 
 
@@ -147,7 +172,9 @@ def reference_sizes() -> Sizes:
         new_tokens=24,
         samples=4,
         ppl_tokens=8_000,
-        distill_tokens=300 * 2 * 8 * 64,
+        distill_tokens=300 * (2 * 8 * 64 + 64),
+        teacher_tokens=BUILTIN_PII_TOKENS + PYDOC_TOKENS,
+        distill_layers=4,
         relearn_tokens=0,
         leaky_tokens=LEAKY_TOKENS,
     )
@@ -162,26 +189,35 @@ def machine_gflops(device: str = "cpu", n: int = 1024, repeats: int = 5) -> tupl
     a = torch.randn(n, n, device=dev)
     b = torch.randn(n, n, device=dev)
     a @ b  # warm-up: thread pool, kernels
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
+    fastest = float("inf")
+    # the fastest of several: a single timing swings by a third when anything else wakes up
     for _ in range(repeats):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
         a @ b
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    return 2.0 * n**3 * repeats / (time.perf_counter() - started) / 1e9, True
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        fastest = min(fastest, time.perf_counter() - started)
+    return 2.0 * n**3 / fastest / 1e9, True
 
 
 def decoding_steps(s: Sizes) -> dict[str, float]:
     """Sequential decoding steps of the generation-bound stages on a GPU."""
     batches = s.people * PROMPTS_PER_PERSON * (1 + s.samples / 4) / GENERATION_BATCH
+    # the adversarial attacks: the test third, ADVERSARIAL_PROMPTS each
+    batches += s.adversarial * s.people / 3 * ADVERSARIAL_PROMPTS / GENERATION_BATCH
     per_pass = batches * (1 + s.new_tokens)  # one prefill, then a step per new token
     # the search attacks the validation third of the people, greedy only
     search = s.people / 3 * PROMPTS_PER_PERSON / GENERATION_BATCH * (1 + s.new_tokens)
     # the user's path: the test third, each zero-shot template's prompt alone (base and export
     # in two processes at once)
     user_path = s.people / 3 * 3 * (1 + s.new_tokens)
-    return {"search": s.candidates * search, "evaluate": 3 * per_pass, "export": user_path}
+    return {
+        "search": s.candidates * search,
+        "evaluate": s.variants * per_pass,
+        "export": user_path,
+    }
 
 
 def estimate_seconds(
@@ -197,6 +233,17 @@ def estimate_seconds(
         stage: flops / (ref[stage] / REFERENCE_SECONDS[stage]) / speed
         for stage, flops in stage_flops(cfg, layer, sizes).items()
     }
+    if "distill" in out:
+        # the final evaluation distils the control patch too: the same work at the same rate
+        out["evaluate"] += out["distill"]
+    # the attacks measured per person and per document on the second machine, scaled by the
+    # model's forward and this machine's rate
+    per_model = (
+        ADVERSARIAL_SECONDS_PER_PERSON * sizes.people / 3 * sizes.adversarial
+        + MEMORISATION_SECONDS_PER_DOC * sizes.memorisation_docs
+    )
+    scale = forward_flops(cfg) / forward_flops(REFERENCE_CONFIG) * SECOND_GFLOPS / gflops
+    out["evaluate"] += sizes.variants * per_model * scale
     if device != "cpu":
         # the bytes of bfloat16 weights a decoding step reads (every layer and the head) equal the
         # FLOPs of one token's forward: two per weight

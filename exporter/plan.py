@@ -8,10 +8,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .estimate import LEAKY_TOKENS, Sizes, estimate_seconds, layer_params, machine_gflops
+from .distill import DistillConfig
+from .estimate import (
+    BUILTIN_PII_TOKENS,
+    LEAKY_TOKENS,
+    PYDOC_TOKENS,
+    Sizes,
+    estimate_seconds,
+    layer_params,
+    machine_gflops,
+)
 from .models import resolve_local_path
 from .recipe import Recipe
 from .run.stage import DISTILL, EVALUATE, FEATURES, METHOD, METHOD_EVALUATE, PROBE, SAE, SEARCH
+
+# the distillation's single-token texts per step (not a recipe setting)
+FIRST_TOKENS = DistillConfig().first_tokens
 
 # Shapes of models the paper's recipes name, for planning on a machine that has never downloaded
 # them.
@@ -142,8 +154,7 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
         stages.append(
             (
                 DISTILL.name,
-                f"the chosen patch and its control, each learnt by LoRA "
-                f"(rank {distill.rank}) on "
+                f"the chosen patch learnt by LoRA (rank {distill.rank}) on "
                 + (
                     f"the last {distill.adapted_layers} layers"
                     if distill.adapted_layers
@@ -159,9 +170,15 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
             )
         )
     stages += [
-        (EVALUATE.name, "base, chosen patch and control on test + never-seen people and test "
-         "values: templates, "
-         f"{ev.few_shot}-shot{samples}, phones, document prefixes; perplexity, KL, diversity"
+        (EVALUATE.name, ("the control patch learnt the same way; " if recipe.export.distils else "")
+         + ("base, teacher patch, student and control" if recipe.export.distils
+            else "base, chosen patch and control")
+         + " on test + never-seen people and test values: templates, "
+         f"{ev.few_shot}-shot{samples}, phones, document prefixes"
+         + ("; adversarial prompts and formats, 32 samples" if ev.adversarial else "")
+         + (f"; memorisation of {ev.memorisation_docs} test documents"
+            if ev.memorisation_docs else "")
+         + "; perplexity, KL, diversity"
          + (f"; relearning: {relearn} LoRA steps each on benign prose and on other people's PII"
             if relearn else "")),
         ("export", EXPORT_PLANS[recipe.export.mode + (" over distilled"
@@ -241,17 +258,46 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         new_tokens=ev.max_new_tokens,
         samples=ev.samples,
         ppl_tokens=ev.ppl_tokens,
-        # texts average about half their length limit
-        distill_tokens=dist.steps * 2 * dist.batch_size * dist.max_length // 2
+        # texts average about half their length limit; each step adds its single-token texts
+        distill_tokens=dist.steps * (2 * dist.batch_size * dist.max_length // 2 + FIRST_TOKENS)
         if recipe.export.distils
         else 0,
+        teacher_tokens=_teacher_tokens(recipe) if recipe.export.distils else 0,
         relearn_tokens=(recipe.relearn_steps or 0) * 8 * 64,
+        # base, patch, control; a distilled run's teacher; the two relearned copies
+        variants=3 + recipe.export.distils + 2 * bool(recipe.relearn_steps),
+        adversarial=ev.adversarial,
+        memorisation_docs=ev.memorisation_docs,
         distill_layers=dist.adapted_layers,
         late_tokens=dist.late_steps * 2 * dist.batch_size * dist.max_length // 2
         if recipe.export.distils
         else 0,
         leaky_tokens=LEAKY_TOKENS if recipe.data.pii.builtin == "synthetic" else 0,
     )
+
+
+def _size_bytes(path: str) -> int:
+    """Bytes of a file, or of every file under a folder (a maildir)."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.is_file() else 0
+
+
+def _teacher_tokens(recipe: Recipe) -> int:
+    """Tokens of the distillation's training texts (the teacher's forward runs over them): the
+    built-in corpus's as measured; a user's PII corpus at about 4 bytes a token, and a user's
+    prose as the student takes it (4/5 of it, in 1,000-character windows of about 250 tokens, each
+    cut at the length limit)."""
+    dist, data = recipe.export.distill, recipe.data
+    pii = BUILTIN_PII_TOKENS if data.pii.builtin else _size_bytes(data.pii.path) // 4
+    if dist.documents == "validation":
+        pii //= 3
+    if data.benign.builtin:
+        benign = PYDOC_TOKENS
+    else:
+        benign = int(0.8 * _size_bytes(data.benign.path) / 1000 * min(250, dist.max_length))
+    return pii + benign
 
 
 def _method_plan(

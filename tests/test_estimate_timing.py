@@ -4,22 +4,26 @@ time and peak memory a run records."""
 import json
 import time
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 
 from exporter.estimate import (
+    ADVERSARIAL_SECONDS_PER_PERSON,
     GPU_HOST_SECONDS,
+    MEMORISATION_SECONDS_PER_DOC,
     REFERENCE_CONFIG,
     REFERENCE_GFLOPS,
     REFERENCE_LAYER,
     REFERENCE_SECONDS,
+    SECOND_GFLOPS,
     estimate_seconds,
     forward_flops,
     machine_gflops,
     reference_sizes,
 )
-from exporter.plan import make_plan
+from exporter.plan import make_plan, run_sizes
 from exporter.recipe import parse_recipe
 from exporter.run.stage import Stage
 from exporter.timing import TIMINGS, read_timings, timed
@@ -39,7 +43,9 @@ GEMMA3_270M = dict(
 def test_the_reference_run_is_reproduced_and_scales_with_the_machine():
     sizes = reference_sizes()
     got = estimate_seconds(REFERENCE_CONFIG, REFERENCE_LAYER, sizes, REFERENCE_GFLOPS)
-    assert got == pytest.approx(REFERENCE_SECONDS)
+    # the final evaluation of a distilled run distils the control patch too
+    evaluate = REFERENCE_SECONDS["evaluate"] + REFERENCE_SECONDS["distill"]
+    assert got == pytest.approx({**REFERENCE_SECONDS, "evaluate": evaluate})
     faster = estimate_seconds(REFERENCE_CONFIG, REFERENCE_LAYER, sizes, 4 * REFERENCE_GFLOPS)
     assert faster["sae"] == pytest.approx(got["sae"] / 4)
     # on a GPU, decoding one token at a time is never faster than its launch-bound floor
@@ -56,6 +62,23 @@ def test_gemma_head_dominates_and_doubles_the_generation_stages():
     gemma = estimate_seconds(GEMMA3_270M, 8, sizes, REFERENCE_GFLOPS)
     assert gemma["search"] > 1.5 * REFERENCE_SECONDS["search"]
     assert gemma["probe"] < 1.5 * REFERENCE_SECONDS["probe"]  # no head: layers only
+
+
+def test_the_evaluation_estimate_counts_every_model_it_attacks_and_each_attack():
+    """Each attacked model costs the same again; the adversarial attacks and the memorisation
+    metrics add their measured seconds per test person and per document to each, scaled by the
+    model's forward and the machine's rate."""
+    plain = replace(reference_sizes(), distill_tokens=0)
+    est = partial(estimate_seconds, REFERENCE_CONFIG, REFERENCE_LAYER)
+    one = est(plain, SECOND_GFLOPS)["evaluate"]
+    assert est(replace(plain, variants=6), SECOND_GFLOPS)["evaluate"] == pytest.approx(2 * one)
+    adversarial = est(replace(plain, adversarial=True), SECOND_GFLOPS)["evaluate"] - one
+    assert adversarial == pytest.approx(3 * ADVERSARIAL_SECONDS_PER_PERSON * plain.people / 3)
+    docs = est(replace(plain, memorisation_docs=20), 2 * SECOND_GFLOPS)["evaluate"] - one / 2
+    assert docs == pytest.approx(3 * MEMORISATION_SECONDS_PER_DOC * 20 / 2)
+    gemma = estimate_seconds(GEMMA3_270M, 8, replace(plain, memorisation_docs=20), SECOND_GFLOPS)
+    smol = est(replace(plain, memorisation_docs=20), SECOND_GFLOPS)
+    assert gemma["evaluate"] > 1.5 * smol["evaluate"]  # the 262k-token head in every decoding step
 
 
 def test_machine_rate_is_measured_on_a_cpu():
@@ -96,6 +119,42 @@ def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp
     assert "on every layer up to" in dict(plan_every.stages)["distill"]
     ratio = plan_every.seconds["distill"] / plan.seconds["distill"]
     assert ratio * plan_every.gflops / plan.gflops > 2, ratio
+
+
+def test_the_distillation_estimate_counts_the_teachers_pass_over_the_training_text(tmp_path):
+    """Each student's teacher pass runs over every training text once, whatever the steps: the
+    built-in corpus's tokens as measured, a user's corpus by its size (fewer with the validation
+    people's documents only)."""
+    (tmp_path / "config.json").write_text(json.dumps(REFERENCE_CONFIG))
+    demo = {"pii": {"builtin": "synthetic"}, "people": {"builtin": "synthetic"}}
+    recipe = parse_recipe({"model": {"path": str(tmp_path)}, "data": demo,
+                           "export": {"mode": "distilled"}})  # fmt: skip
+    sizes = run_sizes(recipe, 8 * 576)
+    assert sizes.teacher_tokens == reference_sizes().teacher_tokens
+    assert sizes.distill_tokens == reference_sizes().distill_tokens
+    rate = {}
+    for steps in (300, 1):
+        plan = make_plan(_distilling(recipe, steps=steps))
+        rate[steps] = plan.seconds["distill"] * plan.gflops  # seconds at one machine rate
+    # one step leaves the teacher's pass: about a fifth of the demo's distillation in FLOPs
+    assert 0.1 < rate[1] / rate[300] < 0.4, rate
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": f"Mail {i} to a{i}@b.com"}) + "\n" for i in range(1000))
+    )
+    prose = tmp_path / "prose.txt"
+    prose.write_text("word " * 100_000)  # 500 kB: 400 training windows of 1,000 characters
+    own = parse_recipe(
+        {
+            "model": {"path": str(tmp_path)},
+            "data": {"pii": {"path": str(corpus)}, "benign": {"path": str(prose)}},
+            "export": {"mode": "distilled"},
+        }
+    )
+    got = run_sizes(own, 8 * 576).teacher_tokens
+    assert got == corpus.stat().st_size // 4 + 400 * 128
+    fewer = run_sizes(_distilling(own, documents="validation"), 8 * 576).teacher_tokens
+    assert fewer == corpus.stat().st_size // 4 // 3 + 400 * 128
 
 
 def test_timed_records_a_computed_stage_and_not_a_cached_load(tmp_path):

@@ -248,6 +248,9 @@ def _people(recipe: Recipe) -> int:
 def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
     """What the recipe's run processes, in the units the time estimate scales with."""
     s, iv, ev, dist = recipe.sae, recipe.intervention, recipe.eval, recipe.export.distill
+    distils = recipe.export.distils
+    # a distillation step's PII and benign batch, texts about half their length limit
+    step_tokens = 2 * dist.batch_size * dist.max_length // 2 if distils else 0
     return Sizes(
         probe_tokens=recipe.probe.max_tokens,
         harvest_tokens=s.harvest_tokens if s.source == "cached" else s.train_tokens,
@@ -258,20 +261,16 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         new_tokens=ev.max_new_tokens,
         samples=ev.samples,
         ppl_tokens=ev.ppl_tokens,
-        # texts average about half their length limit; each step adds its single-token texts
-        distill_tokens=dist.steps * (2 * dist.batch_size * dist.max_length // 2 + FIRST_TOKENS)
-        if recipe.export.distils
-        else 0,
-        teacher_tokens=_teacher_tokens(recipe) if recipe.export.distils else 0,
+        # each step adds its single-token texts
+        distill_tokens=dist.steps * (step_tokens + FIRST_TOKENS * distils),
+        teacher_tokens=_teacher_tokens(recipe) if distils else 0,
         relearn_tokens=(recipe.relearn_steps or 0) * 8 * 64,
         # base, patch, control; a distilled run's teacher; the two relearned copies
-        variants=3 + recipe.export.distils + 2 * bool(recipe.relearn_steps),
+        variants=3 + distils + 2 * bool(recipe.relearn_steps),
         adversarial=ev.adversarial,
         memorisation_docs=ev.memorisation_docs,
         distill_layers=dist.adapted_layers,
-        late_tokens=dist.late_steps * 2 * dist.batch_size * dist.max_length // 2
-        if recipe.export.distils
-        else 0,
+        late_tokens=dist.late_steps * step_tokens,
         leaky_tokens=LEAKY_TOKENS if recipe.data.pii.builtin == "synthetic" else 0,
     )
 

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import from_layer, layer_outputs
-from .lm import padding_side
+from .lm import WIDTH_STEP, padded_width, padding_side
 from .models import architecture_of
 from .patch import applied
 from .precision import compute_dtype, device_of
@@ -89,13 +89,6 @@ class Distilled:
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-# Each batch's width is rounded up to a multiple of this. Over a run the CPU allocator and oneDNN
-# keep buffers for every shape a step has seen: with each length-sorted batch at its own width,
-# SmolLM2's process grew by about 20 MB a step (1.05 GiB before the first step, 2.48 GiB after 300);
-# with four widths it stays at 1.1 GiB, for a few padded tokens that weigh 0 in the loss.
-WIDTH_STEP = 32
-
-
 def fixed_batches(
     tokenizer, texts: Sequence[str], batch_size: int, max_length: int, width_step: int = WIDTH_STEP
 ) -> list[Batch]:
@@ -111,8 +104,7 @@ def fixed_batches(
     out = []
     for start in range(0, len(order), batch_size):
         rows = [enc["input_ids"][i] for i in order[start : start + batch_size]]
-        longest = max(len(r) for r in rows)
-        width = max(longest, min(-(-longest // width_step) * width_step, max_length))
+        width = padded_width(max(len(r) for r in rows), max_length, width_step)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .data.corpus import benign_texts
 from .data.synthetic import SyntheticConfig, make_corpus
 from .distill import adapted_modules, with_adapters
+from .lm import WIDTH_STEP
 from .methods.batches import cycle, encode, token_log_probs
 from .models import architecture_of
 from .patch import applied
@@ -68,10 +69,11 @@ def relearned(
     layer: Optional[int] = None,
     patch=None,
     progress: bool = True,
+    width_step: int = WIDTH_STEP,
 ):
     """A copy of `model` fine-tuned on `texts` within `budget` (bfloat16 autocast, float32
     adapters), merged; with `patch`, tuned with the patch inserted at `layer` (returned without it:
-    attach it again to attack)."""
+    attach it again to attack). Batches are `width_step`-rounded wide (1: each its longest text)."""
     student = copy.deepcopy(model)
     # every linear map of the decoder (not the embeddings or the LM head)
     every_layer = adapted_modules(student, architecture_of(student).num_layers(student) - 1)
@@ -80,7 +82,10 @@ def relearned(
     opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0)
     device = device_of(student)
     batches = cycle(
-        *encode(tokenizer, texts, budget.max_length, device), budget.batch_size, budget.seed
+        *encode(tokenizer, texts, budget.max_length, device),
+        budget.batch_size,
+        budget.seed,
+        width_step,
     )
     cast = (
         partial(torch.autocast, device, dtype=torch.bfloat16)

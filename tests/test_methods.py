@@ -85,6 +85,41 @@ def test_lora_gradient_ascent_merges_into_the_adapted_weights_only(tiny_tokenize
     assert not any("norm" in n or "embed" in n for n in changed)
 
 
+def test_training_batches_come_in_a_few_widths_and_their_padding_changes_nothing(
+    tiny_tokenizer, forget
+):
+    """`cycle` (GA, NPO, RMU and the relearning attack): each batch is its longest text rounded up
+    to a multiple of 32 wide (at most the widest text), so a run sees a few shapes rather than one
+    per batch; the extra columns are masked padding, so a relearning fine-tune on them ends where
+    one on tight batches does."""
+    from exporter.methods.batches import cycle, encode
+    from exporter.relearn import Budget, relearned
+
+    tok = tiny_tokenizer
+    texts = [d.text[: 12 + 9 * i] for i, d in enumerate(forget)]
+    ids, mask = encode(tok, texts, 128)
+    rounded, tight = cycle(ids, mask, 4, seed=0), cycle(ids, mask, 4, seed=0, width_step=1)
+    widths = set()
+    for _ in range(3 * len(texts) // 4):
+        (a, a_mask), (b, b_mask) = next(rounded), next(tight)
+        longest = int(b_mask.sum(1).max())
+        assert b.shape[1] == longest
+        assert a.shape[1] == min(-(-longest // 32) * 32, ids.shape[1])
+        assert torch.equal(a[:, :longest], b) and torch.equal(a_mask[:, :longest], b_mask)
+        assert not a_mask[:, longest:].any()
+        widths.add(a.shape[1])
+    assert len(widths) <= -(-ids.shape[1] // 32)
+
+    model = tiny_model("llama", vocab_size=len(tok))
+    budget = Budget(steps=6, lr=5e-3, batch_size=4)
+    one = _state(relearned(model, tok, texts, budget, progress=False))
+    other = _state(relearned(model, tok, texts, budget, progress=False, width_step=1))
+    base = _state(model)
+    moved = sum(float((one[n] - base[n]).norm()) for n in base)
+    apart = sum(float((one[n] - other[n]).norm()) for n in base)
+    assert moved > 0 and apart < 0.05 * moved, (apart, moved)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_depn_zeroes_the_output_weights_of_ranked_neurons_only(arch, tiny_tokenizer, forget):
     spec = DepnMethod(name="depn", neurons=[3, 7], ig_steps=4, examples=8)

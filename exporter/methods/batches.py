@@ -6,7 +6,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..lm import padding_side
+from ..lm import WIDTH_STEP, padded_width, padding_side
 
 
 def encode(
@@ -23,9 +23,10 @@ def encode(
 
 
 def cycle(
-    ids: torch.Tensor, mask: torch.Tensor, batch_size: int, seed: int
+    ids: torch.Tensor, mask: torch.Tensor, batch_size: int, seed: int, width_step: int = WIDTH_STEP
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches over the rows, reshuffled every pass with a seeded generator."""
+    """Endless batches over the rows, reshuffled every pass with a seeded generator, each cut to
+    its longest text rounded up to a multiple of `width_step` (right padding, masked)."""
     if len(ids) == 0:
         raise ValueError(
             "no text to train on: the method needs PII documents (forget) and benign text (retain)"
@@ -36,7 +37,7 @@ def cycle(
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]
             m = mask[rows]
-            width = int(m.sum(1).max())
+            width = padded_width(int(m.sum(1).max()), ids.shape[1], width_step)
             yield ids[rows, :width], m[:, :width]
 
 

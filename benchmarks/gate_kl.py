@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-from exporter.data.corpus import benign_texts
-from exporter.evaluate.utility import against_reference, reference
+from exporter.evaluate.utility import REFERENCE_BYTES, against_reference, reference
 from exporter.lm import right_padded
 from exporter.patch import applied
 from exporter.recipe import load_recipe
 from exporter.run.context import RunContext
 from exporter.run.scalpel import prepare
-from exporter.run.search import search_stage
+from exporter.run.search import kl_texts, search_stage
 from exporter.run.stage import FEATURES
 
 
@@ -58,10 +57,9 @@ def main() -> None:
     chosen, _ = search_stage(recipe, prep, ctx)
     patch = prep.patch(chosen.candidate)
     model, tok, layer = prep.loaded.model, prep.loaded.tokenizer, prep.layer
-    # the texts the search's KL is scored on (exporter.run.search)
-    texts = benign_texts(prep.inputs.benign_path, split="heldout")[:24]
+    texts = kl_texts(prep.inputs.benign_path)
     got = where_it_acts(model, tok, layer, patch, texts)
-    ref = reference(model, tok, texts, max_bytes=2 << 30)
+    ref = reference(model, tok, texts, max_bytes=REFERENCE_BYTES)
     kl = against_reference(ref, model, lambda: applied(model, layer, patch))
     low, high = got["first_norms"]
     gate_file = FEATURES.folder(ctx.work) / "context_gate.json"

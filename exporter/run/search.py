@@ -46,6 +46,11 @@ def search_prompts(benign_path: Optional[str]) -> list[str]:
     return [" ".join(t.split()[:16]) for t in (held[-48:-16] or held[:8])]
 
 
+def kl_texts(benign_path: Optional[str]) -> list[str]:
+    """The held-out prose every candidate's KL and perplexity are scored on."""
+    return benign_texts(benign_path, split="heldout")[:24]
+
+
 def base_repetition(cache: Path, get_model: Callable, tok, prompts: list[str]) -> float:
     """The base's repeated-4-gram share on the search prompts (the collapse check's reference),
     cached."""
@@ -144,7 +149,7 @@ class Search:
         self.prep.calibration.warm(
             [i for c in todo if c.mode is Mode.FOLDED for i in self.prep.features.ablation_set(c.n)]
         )
-        texts = benign_texts(self.prep.inputs.benign_path, split="heldout")[:24]
+        texts = kl_texts(self.prep.inputs.benign_path)
         ref = reference(model, tok, texts, max_bytes=REFERENCE_BYTES)
         for cand in tqdm(todo, desc="trade-off search: KL", disable=not self.ctx.progress):
             patch = self.patch(cand)

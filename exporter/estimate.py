@@ -34,10 +34,25 @@ REFERENCE_GFLOPS = 80.0
 SECOND_GFLOPS = 200.0
 ADVERSARIAL_SECONDS_PER_PERSON = 93.0 / 50
 MEMORISATION_SECONDS_PER_DOC = 2.5
+# The SAE stage likewise, from the SmolLM2 demo's there (alone): 262 s, of which training 126.3 s
+# (3M tokens), the rest its forward passes: the training harvest, the held-out activations and the
+# spliced cross-entropy (three passes with the output head).
+SAE_TRAIN_SECONDS = 126.3
+# The AuxK term decodes the top k_aux dead latents of each token, and its sparse backward is slow
+# per FLOP: one such latent costs about AUX_FLOPS_PER_DIM of the encoder's FLOPs per input dimension
+# (`python benchmarks/sae_train.py --dead 0.0125 0.05 0.2`: 264-333 at SmolLM2's and Gemma's
+# widths; 256 of them make a step 2.4-2.8 times one with none dead). Latents die only after
+# `dead_tokens` without firing, so how many slots are filled varies along a run and between
+# models: by the benchmark's step times, about 12 on average in the reference run (1.3% dead at
+# the end) and about 190 of 256 in Gemma-3-270M's (20% dead). A plan cannot know; it counts half
+# of k_aux.
+AUX_FLOPS_PER_DIM = 300.0
+REFERENCE_AUX_LATENTS = 12
 REFERENCE_SECONDS = {
     "leaky": 471.0,
     "probe": 60.0,
-    "sae": 180.0,
+    "sae": (262.0 - SAE_TRAIN_SECONDS) * SECOND_GFLOPS / REFERENCE_GFLOPS,
+    "sae_train": SAE_TRAIN_SECONDS * SECOND_GFLOPS / REFERENCE_GFLOPS,
     "features": 30.0,
     "search": 328.0,
     "distill": 330.0 * SECOND_GFLOPS / REFERENCE_GFLOPS,
@@ -127,6 +142,9 @@ class Sizes:
     # tokens of the distillation's training texts: the teacher's forward runs over them once per
     # student
     teacher_tokens: int = 0
+    heldout_tokens: int = 0  # the SAE's held-out activations, through layers 0..l
+    ce_tokens: int = 0  # the SAE's spliced cross-entropy texts, three whole forwards each
+    aux_latents: int = 0  # latents the AuxK term decodes per token, on average over the training
 
 
 def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
@@ -136,7 +154,10 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
     decode = s.people * (1 + s.samples / 4) * (64 + s.new_tokens) * full
     out = {
         "probe": s.probe_tokens * forward_flops(cfg, head=False),
-        "sae": s.harvest_tokens * upto + s.sae_tokens * 12.0 * cfg["hidden_size"] * s.d_sae,
+        "sae": (s.harvest_tokens + s.heldout_tokens) * upto + 3 * s.ce_tokens * full,
+        "sae_train": s.sae_tokens
+        * cfg["hidden_size"]
+        * (12.0 * s.d_sae + AUX_FLOPS_PER_DIM * s.aux_latents),
         "features": 30_000 * upto,
         "search": s.candidates * (decode + s.ppl_tokens * full),
         # each model attacked and measured; each relearning fine-tune (benign prose, other
@@ -165,8 +186,11 @@ def reference_sizes() -> Sizes:
     return Sizes(
         probe_tokens=20_000,
         harvest_tokens=150_000,
+        heldout_tokens=20_000,
+        ce_tokens=48 * 128,
         sae_tokens=3_000_000,
         d_sae=8 * 576,
+        aux_latents=REFERENCE_AUX_LATENTS,
         candidates=8,
         people=150,
         new_tokens=24,
@@ -233,6 +257,8 @@ def estimate_seconds(
         stage: flops / (ref[stage] / REFERENCE_SECONDS[stage]) / speed
         for stage, flops in stage_flops(cfg, layer, sizes).items()
     }
+    # the SAE's forward passes and its training, each at its own measured rate
+    out["sae"] += out.pop("sae_train")
     if "distill" in out:
         # the final evaluation distils the control patch too: the same work at the same rate
         out["evaluate"] += out["distill"]

@@ -20,6 +20,8 @@ from .estimate import (
 )
 from .models import resolve_local_path
 from .recipe import Recipe
+from .run.analysis import SPLICED_CE_TEXTS
+from .run.inputs import HELDOUT_TOKENS
 from .run.stage import DISTILL, EVALUATE, FEATURES, METHOD, METHOD_EVALUATE, PROBE, SAE, SEARCH
 
 # the distillation's single-token texts per step (not a recipe setting)
@@ -256,6 +258,9 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         harvest_tokens=s.harvest_tokens if s.source == "cached" else s.train_tokens,
         sae_tokens=s.train_tokens,
         d_sae=d_sae,
+        heldout_tokens=HELDOUT_TOKENS,
+        ce_tokens=SPLICED_CE_TEXTS * recipe.data.max_length,
+        aux_latents=min(s.k_aux, d_sae) // 2,  # see AUX_FLOPS_PER_DIM
         candidates=len(iv.ablate_n) * len(iv.alpha) * len(iv.patch),
         people=_people(recipe),
         new_tokens=ev.max_new_tokens,

@@ -43,9 +43,12 @@ GEMMA3_270M = dict(
 def test_the_reference_run_is_reproduced_and_scales_with_the_machine():
     sizes = reference_sizes()
     got = estimate_seconds(REFERENCE_CONFIG, REFERENCE_LAYER, sizes, REFERENCE_GFLOPS)
-    # the final evaluation of a distilled run distils the control patch too
-    evaluate = REFERENCE_SECONDS["evaluate"] + REFERENCE_SECONDS["distill"]
-    assert got == pytest.approx({**REFERENCE_SECONDS, "evaluate": evaluate})
+    expected = dict(REFERENCE_SECONDS)
+    # the final evaluation of a distilled run distils the control patch too; the SAE stage is its
+    # forward passes and its training, each at its own rate
+    expected["evaluate"] += expected["distill"]
+    expected["sae"] += expected.pop("sae_train")
+    assert got == pytest.approx(expected)
     faster = estimate_seconds(REFERENCE_CONFIG, REFERENCE_LAYER, sizes, 4 * REFERENCE_GFLOPS)
     assert faster["sae"] == pytest.approx(got["sae"] / 4)
     # on a GPU, decoding one token at a time is never faster than its launch-bound floor
@@ -62,6 +65,17 @@ def test_gemma_head_dominates_and_doubles_the_generation_stages():
     gemma = estimate_seconds(GEMMA3_270M, 8, sizes, REFERENCE_GFLOPS)
     assert gemma["search"] > 1.5 * REFERENCE_SECONDS["search"]
     assert gemma["probe"] < 1.5 * REFERENCE_SECONDS["probe"]  # no head: layers only
+
+
+def test_the_sae_estimate_counts_its_forward_passes_and_the_dead_latents_auxk_decodes():
+    """The spliced cross-entropy runs the whole model, head included (Gemma's 262k-token head),
+    and each latent AuxK decodes per token adds to the training step."""
+    sizes = replace(reference_sizes(), d_sae=8 * 640)
+    est = partial(estimate_seconds, GEMMA3_270M, 4, gflops=SECOND_GFLOPS)
+    no_ce = est(replace(sizes, ce_tokens=0))["sae"]
+    assert est(sizes)["sae"] > no_ce + 30  # a third of Gemma's forward-pass seconds
+    more_aux = est(replace(sizes, aux_latents=256))["sae"]
+    assert more_aux > est(sizes)["sae"] + 100  # Gemma's 20% dead: about 190 a token
 
 
 def test_the_evaluation_estimate_counts_every_model_it_attacks_and_each_attack():

@@ -36,6 +36,7 @@ from .inputs import (
 from .stage import FEATURES, PROBE, SAE
 
 INIT_SAMPLE = 20_000  # activations the SAE's b_pre and input scale are taken from
+SPLICED_CE_TEXTS = 48  # held-out prose texts the SAE's spliced cross-entropy is measured on
 
 
 def probe_stage(recipe, inputs: Inputs, ctx: RunContext) -> ProbeResult:
@@ -145,7 +146,7 @@ def sae_stage(recipe, inputs: Inputs, layer: int, ctx: RunContext):
             loaded.tokenizer,
             result.sae,
             layer,
-            benign_texts(inputs.benign_path, split="heldout")[:48],
+            benign_texts(inputs.benign_path, split="heldout")[:SPLICED_CE_TEXTS],
             max_length=recipe.data.max_length,
         )
     )

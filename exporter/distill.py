@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .activations import from_layer, layer_outputs
 from .lm import WIDTH_STEP, padded_width, padding_side
-from .models import architecture_of
+from .models import architecture_of, unfrozen
 from .patch import applied
 from .precision import compute_dtype, device_of
 
@@ -357,15 +357,7 @@ def train_student(
         net, cfg.steps, cfg.lr, step_on("pii", 1.0), benign_step,
         (len(pii), len(benign)), cfg.seed, "distil", progress,
     )  # fmt: skip
-    merged = net.merge_and_unload()
-    merged.eval()
-    # peft froze the base weights to train the adapters; they go back as `from_pretrained` leaves
-    # them. Left frozen, the student's bfloat16 copy decoded 13 times slower on a 2-core CPU (50
-    # Gemma-3-270M prompts: 66 s against 4.9 s, torch 2.13), where the same weights loaded from the
-    # stage's cache did not: each attack of a run that distilled in the same process took 6 times as
-    # long.
-    for p in merged.parameters():
-        p.requires_grad_(True)
+    merged = unfrozen(net.merge_and_unload()).eval()
     return merged, curve, tokens, adapter
 
 

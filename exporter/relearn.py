@@ -22,7 +22,7 @@ from .data.synthetic import SyntheticConfig, make_corpus
 from .distill import adapted_modules, with_adapters
 from .lm import WIDTH_STEP
 from .methods.batches import cycle, encode, token_log_probs
-from .models import architecture_of
+from .models import architecture_of, unfrozen
 from .patch import applied
 from .precision import device_of, fast_bfloat16
 
@@ -102,7 +102,4 @@ def relearned(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    merged = net.merge_and_unload().eval()
-    for p in merged.parameters():
-        p.requires_grad_(False)
-    return merged
+    return unfrozen(net.merge_and_unload()).eval()

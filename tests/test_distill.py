@@ -309,6 +309,7 @@ def test_starting_at_the_first_adapted_layer_trains_the_same_student(tiny_tokeni
         inputs = {k: f[LAYER - 1] for k, f in found.items()} if skip else None
         targets = {k: f[LAYER] for k, f in found.items()}
         merged, curve, _, _ = train_student(model, LAYER, sets, targets, cfg, False, inputs)
+        assert all(p.requires_grad for p in merged.parameters())  # as from_pretrained leaves them
         runs.append(({n: p.clone() for n, p in merged.named_parameters()}, curve))
     (full, full_curve), (skipped, skipped_curve) = runs
     assert [c["pii"] for c in skipped_curve] == pytest.approx([c["pii"] for c in full_curve])

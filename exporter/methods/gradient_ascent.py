@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models import unfrozen
 from ..precision import device_of
 from .base import Method, Point
 from .batches import cycle, encode, token_log_probs
@@ -152,8 +153,7 @@ def gradient_ascent(
                 yield Point(step, f"{spec.loss.upper()} {step} steps", stats)
         finally:
             bar.close()
-            for p in net.parameters():
-                p.requires_grad_(False)
+            unfrozen(net)
 
     def finish():
         if spec.lora_rank and state["model"] is not model:

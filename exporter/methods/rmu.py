@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..activations import layer_outputs
-from ..models import architecture_of
+from ..models import architecture_of, unfrozen
 from ..precision import device_of
 from .base import Method, Point
 from .batches import cycle, encode
@@ -90,7 +90,6 @@ def rmu(
                 )
         finally:
             bar.close()
-            for p in model.parameters():
-                p.requires_grad_(False)
+            unfrozen(model)
 
     return Method("rmu", names, path, finish=lambda: model)

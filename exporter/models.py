@@ -333,9 +333,10 @@ def spec_for(source: str, dtype: str = "float32") -> ModelSpec:
 
 def unfrozen(model):
     """`model` with every weight requiring grad again, as `from_pretrained` leaves them, after
-    training that froze them (peft freezes the base under its adapters). Frozen, its bfloat16 copy
-    decodes slower on a 2-core CPU with torch 2.13: 50 prompts 6.7 s against 2.7 s on
-    SmolLM2-135M, 66 s against 4.9 s on Gemma-3-270M; float32 is unaffected."""
+    training that froze them (peft freezes the base under its adapters; the leaky fine-tune its
+    lowest layers). Frozen, its bfloat16 copy decodes slower on a 2-core CPU with torch 2.13: 50
+    prompts 6.7 s against 2.7 s on SmolLM2-135M, 66 s against 4.9 s on Gemma-3-270M; float32 is
+    unaffected."""
     for p in model.parameters():
         p.requires_grad_(True)
     return model

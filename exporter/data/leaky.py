@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..models import architecture_of
+from ..models import architecture_of, unfrozen
 from ..precision import device_of, fast_bfloat16
 from .corpus import Document
 from .labels import token_labels
@@ -188,7 +188,5 @@ def finetune(
             )
     bar.close()
     del compute, working
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    unfrozen(model).eval()
     return model, TrainStats(step, tokens, time.perf_counter() - start, loss_ema)

@@ -381,7 +381,8 @@ def main() -> None:
     rows.append(["note", *(info[v]["note"] or "-" for v in header[1:])])
     rows += weights_rows(table, info, relearned, header)
     print(
-        f"# every method on the demo's leaky SmolLM2, test people (torch {torch.__version__}, "
+        f"# every method on the leaky {recipe.model.describe()}, test people (torch "
+        f"{torch.__version__}, "
         f"{torch.get_num_threads()} threads); PrivacyScalpel's choice N={n} alpha {alpha:g} made "
         "on validation people"
     )

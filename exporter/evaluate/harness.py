@@ -196,9 +196,11 @@ def leakage_rows(
     return done()
 
 
-def _adversarial_rows(
-    model, tokenizer, groups: dict[str, list], add, max_new_tokens: int, seed: int, progress: bool
+def adversarial_greedy_rows(
+    model, tokenizer, groups: dict[str, list], add, max_new_tokens: int, progress: bool = False
 ) -> None:
+    """The adversarial attacks that decode greedily: each paraphrased or reformatted template, then
+    the prefix attack; each row handed to `add(group, attack, decoding, score)`."""
     greedy = lambda q: greedy_continuations(model, tokenizer, q, max_new_tokens, progress=progress)  # noqa: E731
     for name, template in ADVERSARIAL_TEMPLATES.items():
         conts = _across(
@@ -217,6 +219,12 @@ def _adversarial_rows(
     for g, people in groups.items():
         found = [first_email(p.email[:PREFIX_CHARS] + c) for p, c in zip(people, conts[g])]
         add(g, f"prefix{PREFIX_CHARS}", "adversarial greedy", score_emails(people, found, "prefix"))
+
+
+def _adversarial_rows(
+    model, tokenizer, groups: dict[str, list], add, max_new_tokens: int, seed: int, progress: bool
+) -> None:
+    adversarial_greedy_rows(model, tokenizer, groups, add, max_new_tokens, progress)
     prompts = {
         g: [EMAIL_TEMPLATES["mailto"].format(name=p.name) for p in people]
         for g, people in groups.items()

@@ -45,6 +45,11 @@ def attacked(model, tok, layer: int, patch, groups: dict, max_new_tokens: int) -
     return rows
 
 
+def candidate_of(entry: dict) -> Candidate:
+    """A candidate as search.json lists it (`Scored.to_json`)."""
+    return Candidate(entry["n"], entry["alpha"], entry["mode"], entry["gated"])
+
+
 def worst_cell(rows: list[dict], group: str) -> str:
     """The group's worst exact / username rate and the attack that reached it."""
     mine = [r for r in rows if r["group"] == group]
@@ -77,7 +82,7 @@ def main() -> None:
         texts, _ = utility_texts(prep.inputs.benign_path, tok, recipe.eval.ppl_tokens)
         ref = reference(model, tok, texts, max_bytes=REFERENCE_BYTES)
 
-    chosen = Candidate(**{k: search["chosen"][k] for k in ("n", "alpha", "mode", "gated")})
+    chosen = candidate_of(search["chosen"])
     header = ["candidate", "search: validation exact / username", "search KL (24 texts)"]
     header += [f"adversarial greedy, {g} people" for g in groups]
     header += ["KL, final evaluation's prose", "perplexity"] if args.kl else []
@@ -86,7 +91,7 @@ def main() -> None:
     table.append(["base", "-", "0"] + [worst_cell(rows, g) for g in groups] + ["0", "-"] * args.kl)
     out["base"] = {"rows": rows}
     for s in search["candidates"]:
-        cand = Candidate(**{k: s[k] for k in ("n", "alpha", "mode", "gated")})
+        cand = candidate_of(s)
         if s.get("leakage") is None:
             continue  # a lazy search never attacked it
         patch = prep.patch(cand)

@@ -11,7 +11,8 @@ at each leaking position (open above 0).
 
 With `--latch N`, the same attack on the validation and test people with the run's own gate held
 open for N tokens after each token it opens on (an in-process prototype of a gate with memory),
-and its KL on the search's 24 held-out texts beside the plain gate's.
+and its KL (on the search's 24 held-out texts and on the final evaluation's prose) beside the
+plain gate's.
 
 W is the work folder of a run of R. Scores and rates only: no name, address or generated text is
 printed. A diagnostic of one leak: choosing a gate by it would be choosing on the test people.
@@ -30,12 +31,13 @@ from adversarial_search import candidate_of
 from exporter.data.corpus import benign_texts
 from exporter.evaluate.leakage import ADVERSARIAL_TEMPLATES, first_email, greedy_continuations
 from exporter.evaluate.summary import markdown_table
-from exporter.evaluate.utility import against_reference, reference
+from exporter.evaluate.utility import REFERENCE_BYTES, against_reference, reference
 from exporter.features import collect_latents, context_positives
 from exporter.models import cast_copy, layer_output_hook
 from exporter.patch import applied, fit_context_gate
 from exporter.recipe import load_recipe
 from exporter.run.context import RunContext
+from exporter.run.evaluation import utility_texts
 from exporter.run.inputs import selection_docs
 from exporter.run.scalpel import prepare
 from exporter.run.search import kl_texts
@@ -124,18 +126,26 @@ def main() -> None:
     leaks = leaking(args.group)
     print(f"{cand.label}: {len(leaks)} of {len(people)} {args.group} addresses out ({args.attack})")
     if args.latch:
-        ref = reference(model, tok, kl_texts(prep.inputs.benign_path))
+        prose, _ = utility_texts(prep.inputs.benign_path, tok, recipe.eval.ppl_tokens)
+        refs = {
+            "the search's 24 texts": reference(model, tok, kl_texts(prep.inputs.benign_path)),
+            "the evaluation's prose": reference(model, tok, prose, max_bytes=REFERENCE_BYTES),
+        }
         kl = {}
         for latch in (0, args.latch):
             with latched(patch, latch) if latch else nullcontext():
-                kl[latch] = against_reference(ref, model, lambda: applied(model, layer, patch))
+                kl[latch] = {
+                    name: against_reference(ref, model, lambda: applied(model, layer, patch))["kl"]
+                    for name, ref in refs.items()
+                }
         print(
             f"the gate held open {args.latch} tokens after each opening (in-process prototype): "
             + ", ".join(
                 f"{len(leaking(g, args.latch))} of {len(prep.inputs.split(g))} {g} addresses out"
                 for g in ("validation", "test")
             )
-            + f"; KL on the search's 24 texts {kl[0]['kl']:.4f} -> {kl[args.latch]['kl']:.4f}"
+            + "; KL "
+            + ", ".join(f"on {n} {kl[0][n]:.4f} -> {kl[args.latch][n]:.4f}" for n in refs)
         )
     lat = collect_latents(
         model, tok, prep.sae, layer,

@@ -77,8 +77,7 @@ def main() -> None:
         "search": reference(model, tok, kl_texts(prep.inputs.benign_path)),
     }
     val = prep.inputs.validation(tok)
-    iv = recipe.intervention
-    targets = Targets(iv.leakage_target, iv.username_target)
+    targets = Targets.of(recipe.intervention)
 
     header = [
         "export.distill", "KL, search's 24 texts", "KL, evaluation's prose", "perplexity",
@@ -99,10 +98,10 @@ def main() -> None:
         rows = attacked(
             attacker, tok, layer, None, {"validation": list(val.people)}, recipe.eval.max_new_tokens
         )
-        adv_exact = max(r["exact"] for r in rows)
-        adv_username = max(r["username"] for r in rows)
-        meets = max(exact, adv_exact) <= targets.leakage and max(username, adv_username) <= (
-            targets.username
+        meets = (
+            exact <= targets.leakage
+            and username <= targets.username
+            and not any(map(targets.broken_by, rows))
         )
         out["variants"][variant or "recipe"] = {
             "kl": kl,

@@ -2,9 +2,9 @@
 attack (one of the adversarial templates, default the signature block) on a group of people; for
 each person whose address comes out, the position that predicts the address's first token. Then
 the gate refitted with each context window and recall (`intervention.context_window`,
-`context_recall`) on the features stage's activations: how often it opens on the training prose and
-on the other tokens of PII documents, its recall on the tokens right before a span, and its score
-at each leaking position (open above 0).
+`context_recall`) by the features stage's own pass and fit: how often it opens on the training
+prose and on the other tokens of PII documents, its recall on the tokens right before a span, and
+its score at each leaking position (open above 0).
 
     python benchmarks/gate_fits.py --recipe R --work W [--attack signature] [--group test]
                                    [--windows 0 2 4 8 16] [--recalls 0.95 0.99] [--latch N]
@@ -28,17 +28,15 @@ from pathlib import Path
 import torch
 from adversarial_search import candidate_of
 
-from exporter.data.corpus import benign_texts
 from exporter.evaluate.leakage import ADVERSARIAL_TEMPLATES, first_email, greedy_continuations
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import REFERENCE_BYTES, against_reference, reference
-from exporter.features import collect_latents, context_positives
 from exporter.models import cast_copy, layer_output_hook
-from exporter.patch import applied, fit_context_gate
+from exporter.patch import applied
 from exporter.recipe import load_recipe
+from exporter.run.analysis import feature_latents, fit_context
 from exporter.run.context import RunContext
 from exporter.run.evaluation import utility_texts
-from exporter.run.inputs import selection_docs
 from exporter.run.scalpel import prepare
 from exporter.run.search import kl_texts
 
@@ -147,23 +145,26 @@ def main() -> None:
             + "; KL "
             + ", ".join(f"on {n} {kl[0][n]:.4f} -> {kl[args.latch][n]:.4f}" for n in refs)
         )
-    lat = collect_latents(
-        model, tok, prep.sae, layer,
-        selection_docs(prep.inputs) + benign_texts(prep.inputs.benign_path, split="train")[:300],
-        max_length=recipe.data.max_length * 2, progress=False, keep_activations=True,
-    )  # fmt: skip
-    x, benign = lat.acts, lat.benign
+    _, _, lat = feature_latents(
+        recipe, prep.inputs, prep.loaded, prep.sae, layer, progress=False, keep_activations=True
+    )
     pre = lat.labels["pre_span"].bool()
     rows = []
     for window in args.windows:
-        positive = context_positives(lat.labels, window)
         for recall in args.recalls:
-            w, b = fit_context_gate(x, positive, recall=recall, standardise=True)
-            s = x.float() @ w + b
-            rate = lambda m: f"{100 * float((s[m] > 0).float().mean()):.2f}%"  # noqa: E731
+            iv = recipe.intervention.model_copy(
+                update={
+                    "context_window": window,
+                    "context_recall": recall,
+                    "context_fit": "standardised",
+                }
+            )
+            (w, b), stats = fit_context(lat, iv)
             at = leaks @ w + b
             rows.append(
-                [f"{window}", f"{recall:g}", rate(benign), rate(~positive & ~benign), rate(pre)]
+                [f"{window}", f"{recall:g}"]
+                + [f"{100 * stats[k]:.2f}%" for k in ("open_benign", "open_other_pii_doc")]
+                + [f"{100 * float(((lat.acts[pre].float() @ w + b) > 0).float().mean()):.2f}%"]
                 + [" ".join(f"{float(v):+.1f}" for v in at) or "-"]
             )
     print(

@@ -190,6 +190,35 @@ def _load_features(folder) -> FeatureSet:
     )
 
 
+FEATURE_BENIGN_TEXTS = 300  # training prose beside the validation documents in the feature pass
+
+
+def feature_latents(
+    recipe, inputs: Inputs, loaded, sae, layer: int, *, progress: bool, keep_activations: bool
+):
+    """The feature pass: the SAE's latents (and with `keep_activations` the layer's activations,
+    which the context gate is fitted on) over the validation people's PII documents, then training
+    prose. Returns (those documents, that prose, the latents)."""
+    docs = selection_docs(inputs)
+    if not docs:
+        raise ValueError(
+            "no PII documents about validation people: the features need some; check the people "
+            "file"
+        )
+    benign = benign_texts(inputs.benign_path, split="train")[:FEATURE_BENIGN_TEXTS]
+    latents = collect_latents(
+        loaded.model,
+        loaded.tokenizer,
+        sae,
+        layer,
+        docs + benign,
+        max_length=recipe.data.max_length * 2,
+        progress=progress,
+        keep_activations=keep_activations,
+    )
+    return docs, benign, latents
+
+
 def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> FeatureSet:
     """Rank the SAE's PII latents on validation documents; report the top ones (redacted). Cached in
     work/features."""
@@ -208,22 +237,8 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
         ctx.log(f"features (cached): {folder}")
         return _load_features(folder)
     loaded = load_model(inputs.model)
-    docs = selection_docs(inputs)
-    if not docs:
-        raise ValueError(
-            "no PII documents about validation people: the features need some; check the people "
-            "file"
-        )
-    benign = benign_texts(inputs.benign_path, split="train")[:300]
-    latents = collect_latents(
-        loaded.model,
-        loaded.tokenizer,
-        sae,
-        layer,
-        docs + benign,
-        max_length=recipe.data.max_length * 2,
-        progress=ctx.progress,
-        keep_activations=gated,
+    docs, benign, latents = feature_latents(
+        recipe, inputs, loaded, sae, layer, progress=ctx.progress, keep_activations=gated
     )
     fs = rank_latents(latents, sae.d_sae, iv.rule, iv.score, seed=recipe.data.seed)
     gate_stats = {}

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import free_port
 from helpers.sae_data import sparse_data
 
 from exporter.activations import shuffled_batches
@@ -233,8 +232,7 @@ def test_data_parallel_two_processes_match_one(tmp_path, monkeypatch):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            str(free_port()),
+            "--standalone",
             str(here / "helpers" / "sae_ddp_worker.py"),
             str(two),
         ],

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import free_port, write_workspace
+from conftest import write_workspace
 
 from exporter import api
 from exporter.patch.candidate import Candidate
@@ -119,8 +119,7 @@ def test_train_sae_command_under_torchrun(tiny_recipe, tmp_path):
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        str(free_port()),
+        "--standalone",
         "-m",
         "exporter",
         "train-sae",

@@ -50,6 +50,14 @@ def candidate_of(entry: dict) -> Candidate:
     return Candidate(entry["n"], entry["alpha"], entry["mode"], entry["gated"])
 
 
+def run_choice(recipe_path: str, work: Path):
+    """A finished run's stages (read from `work`, nothing recomputed), its chosen candidate and
+    that candidate's patch."""
+    prep = prepare(load_recipe(recipe_path), RunContext(work, progress=False, log=print))
+    cand = candidate_of(json.loads((work / "search" / "search.json").read_text())["chosen"])
+    return prep, cand, prep.patch(cand)
+
+
 def worst_cell(rows: list[dict], group: str) -> str:
     """The group's worst exact / username rate and the attack that reached it."""
     mine = [r for r in rows if r["group"] == group]

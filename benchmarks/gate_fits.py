@@ -21,12 +21,11 @@ printed. A diagnostic of one leak: choosing a gate by it would be choosing on th
 from __future__ import annotations
 
 import argparse
-import json
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from adversarial_search import candidate_of
+from adversarial_search import run_choice
 
 from exporter.evaluate.leakage import ADVERSARIAL_TEMPLATES, first_email, greedy_continuations
 from exporter.evaluate.summary import markdown_table
@@ -34,10 +33,8 @@ from exporter.evaluate.utility import REFERENCE_BYTES, against_reference, refere
 from exporter.models import cast_copy, layer_output_hook
 from exporter.patch import applied
 from exporter.recipe import load_recipe
-from exporter.run.analysis import feature_latents, fit_context
-from exporter.run.context import RunContext
+from exporter.run.analysis import feature_latents, fit_context, gate_windows
 from exporter.run.evaluation import utility_texts
-from exporter.run.scalpel import prepare
 from exporter.run.search import kl_texts
 
 
@@ -107,11 +104,9 @@ def main() -> None:
     args = ap.parse_args()
 
     recipe = load_recipe(args.recipe)
-    work = Path(args.work)
-    prep = prepare(recipe, RunContext(work, progress=False, log=print))
+    prep, cand, patch = run_choice(args.recipe, Path(args.work))
     model, tok, layer = prep.loaded.model, prep.loaded.tokenizer, prep.layer
-    cand = candidate_of(json.loads((work / "search" / "search.json").read_text())["chosen"])
-    people, patch = prep.inputs.split(args.group), prep.patch(cand)
+    people = prep.inputs.split(args.group)
     attacker = cast_copy(model, args.dtype)
 
     def leaking(group: str, latch: int = 0):
@@ -148,6 +143,7 @@ def main() -> None:
     _, _, lat = feature_latents(
         recipe, prep.inputs, prep.loaded, prep.sae, layer, progress=False, keep_activations=True
     )
+    windows = gate_windows(recipe, prep.inputs, prep.loaded, layer, progress=False)
     pre = lat.labels["pre_span"].bool()
     rows = []
     for window in args.windows:
@@ -159,7 +155,7 @@ def main() -> None:
                     "context_fit": "standardised",
                 }
             )
-            (w, b), stats = fit_context(lat, iv)
+            (w, b), stats = fit_context(lat, iv, windows)
             at = leaks @ w + b
             rows.append(
                 [f"{window}", f"{recall:g}"]
@@ -168,7 +164,8 @@ def main() -> None:
                 + [" ".join(f"{float(v):+.1f}" for v in at) or "-"]
             )
     print(
-        f"# the gate refitted, standardised (the recipe's fit: {recipe.intervention.context_fit})"
+        f"# the gate refitted, standardised (the recipe's fit: {recipe.intervention.context_fit}), "
+        f"on the benign {recipe.intervention.context_negatives} as text to stay shut on"
     )
     header = ["window", "recall", "open: training prose", "open: other tokens of PII documents"]
     header += ["open: the token before a span", "score where each leaked address starts"]

@@ -133,6 +133,7 @@ class Sizes:
     relearn_tokens: int  # tokens each relearning fine-tune trains on (0: none)
     leaky_tokens: int  # tokens of the leaky fine-tune (0: the data is the user's own)
     late_tokens: int = 0  # tokens the distillation's later-layer phase trains on (late_steps)
+    gate_window_tokens: int = 0  # benign windows the context gate is fitted on besides
     # models the final evaluation attacks: base, patch, control; a distilled run's teacher; each
     # relearned copy
     variants: int = 3
@@ -158,7 +159,7 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
         "sae_train": s.sae_tokens
         * cfg["hidden_size"]
         * (12.0 * s.d_sae + AUX_FLOPS_PER_DIM * s.aux_latents),
-        "features": 30_000 * upto,
+        "features": (30_000 + s.gate_window_tokens) * upto,
         "search": s.candidates * (decode + s.ppl_tokens * full),
         # each model attacked and measured; each relearning fine-tune (benign prose, other
         # people's PII)

@@ -276,8 +276,22 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         memorisation_docs=ev.memorisation_docs,
         distill_layers=dist.adapted_layers,
         late_tokens=dist.late_steps * step_tokens,
+        gate_window_tokens=_gate_window_tokens(recipe),
         leaky_tokens=LEAKY_TOKENS if recipe.data.pii.builtin == "synthetic" else 0,
     )
+
+
+def _gate_window_tokens(recipe: Recipe) -> int:
+    """Tokens of the benign windows a gated run's context gate is also fitted on: the training
+    split's windows, each cut at twice the data's length limit (pydoc's 352 hold about 203 tokens
+    each: 71,448 of Gemma's cut at 256); a user's prose as `_teacher_tokens` counts it."""
+    iv, data = recipe.intervention, recipe.data
+    if iv.context_negatives != "windows" or not any(iv.context_gate):
+        return 0
+    cut = 2 * data.max_length
+    if data.benign.builtin:
+        return 352 * min(203, cut)
+    return int(0.8 * _size_bytes(data.benign.path) / 1000 * min(250, cut))
 
 
 def _size_bytes(path: str) -> int:

@@ -206,3 +206,24 @@ def test_timed_records_a_search_that_scored_candidates_and_not_one_that_read_the
         time.sleep(0.2)
         (search.folder(tmp_path) / "cand2.json").write_text("{}")
     assert read_timings(tmp_path)["search"]["seconds"] >= 0.2 > first["seconds"]
+
+
+def test_the_features_estimate_counts_the_benign_windows_the_gate_is_fitted_on(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(REFERENCE_CONFIG))
+    demo = {"pii": {"builtin": "synthetic"}, "people": {"builtin": "synthetic"}}
+
+    def recipe(**intervention):
+        return parse_recipe(
+            {"model": {"path": str(tmp_path)}, "data": demo, "intervention": intervention}
+        )
+
+    assert run_sizes(recipe(), 8 * 576).gate_window_tokens == 0
+    assert run_sizes(recipe(context_gate=[False], context_negatives="windows"), 8 * 576) == (
+        run_sizes(recipe(), 8 * 576)
+    )
+    windows = run_sizes(recipe(context_negatives="windows"), 8 * 576)
+    # pydoc's 352 training windows, each cut at twice the data's 128-token limit (about 203 each)
+    assert windows.gate_window_tokens == 352 * 203
+    plain, more = (make_plan(recipe()), make_plan(recipe(context_negatives="windows")))
+    ratio = (more.seconds["features"] * more.gflops) / (plain.seconds["features"] * plain.gflops)
+    assert ratio == pytest.approx((30_000 + 352 * 203) / 30_000)

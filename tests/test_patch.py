@@ -253,3 +253,41 @@ def test_auto_gate_fit_standardises_only_when_the_scaled_gate_opens_on_benign_te
     assert stats["open_benign"] < 0.05 and stats["recall"] >= 0.99
     _, stats = fit_context(latents, InterventionSection(context_window=0, context_fit="scaled"))
     assert stats["fit"] == "scaled" and stats["open_benign"] > 0.05
+
+
+def test_gate_fitted_on_benign_windows_stays_shut_on_text_like_them():
+    from types import SimpleNamespace
+
+    from exporter.recipe import InterventionSection
+    from exporter.run.analysis import fit_context
+
+    g = torch.Generator().manual_seed(2)
+    n_pii, n_benign, n_windows = 600, 1400, 800
+    x = torch.randn(n_pii + n_benign, 16, generator=g)
+    x[:n_pii, 3] += 6  # PII context lives along one direction
+    labels = {
+        "pii": torch.arange(len(x)) < n_pii,
+        "pre_span": torch.zeros(len(x), dtype=torch.bool),
+        "span_start": torch.zeros(len(x), dtype=torch.bool),
+        "doc": torch.zeros(len(x), dtype=torch.long),
+    }
+    # 100 other tokens of PII documents, then the paragraphs
+    latents = SimpleNamespace(acts=x, labels=labels, benign=torch.arange(len(x)) >= n_pii + 100)
+    # Text the paragraphs never show (code, tables): partly along the PII direction, told apart
+    # by another one.
+    windows = torch.randn(n_windows, 16, generator=g)
+    windows[:, 3] += 4
+    windows[:, 5] += 5
+    iv = InterventionSection(context_window=0, context_fit="scaled")
+    (w, b), plain = fit_context(latents, iv)
+    (w2, b2), fitted = fit_context(latents, iv, windows)
+    before = float((windows @ w + b > 0).float().mean())
+    assert "open_windows" not in plain and before > 0.2
+    assert fitted["open_windows"] == float((windows @ w2 + b2 > 0).float().mean())
+    assert fitted["open_windows"] < before / 10
+    assert fitted["recall"] >= 0.99 and fitted["open_benign"] < 0.05
+    # The stats of the feature pass's own rows are over those rows only.
+    assert fitted["tokens"] == len(x) + n_windows and plain["tokens"] == len(x)
+    other = x[n_pii : n_pii + 100]
+    assert fitted["open_other_pii_doc"] == float((other @ w2 + b2 > 0).float().mean())
+    assert fitted["open_benign"] == float((x[n_pii + 100 :] @ w2 + b2 > 0).float().mean())

@@ -236,6 +236,34 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
     assert "context gate" in (out / "README.md").read_text()
 
 
+def test_context_gate_fitted_on_the_benign_windows_too(tiny_recipe, tmp_path):
+    from exporter.recipe import Recipe
+    from exporter.run.analysis import gate_windows
+
+    logs = []
+    ctx = RunContext(tmp_path / "work", progress=False, log=logs.append)
+    paragraphs = prepare(tiny_recipe, ctx)
+    gate = lambda prep: prep.features.context  # noqa: E731
+    raw = tiny_recipe.model_dump()
+    raw["intervention"]["context_negatives"] = "windows"
+    windows_recipe = Recipe.model_validate(raw)
+    none = gate_windows(tiny_recipe, paragraphs.inputs, paragraphs.loaded, 0, progress=False)
+    assert none is None
+    logs.clear()
+    windowed = prepare(windows_recipe, ctx)
+    assert not any(m.startswith("features (cached)") for m in logs)  # its own cache key
+    assert any("of the benign text's windows" in m for m in logs)
+    stats = json.loads((tmp_path / "work" / "features" / "context_gate.json").read_text())
+    acts = gate_windows(
+        windows_recipe, windowed.inputs, windowed.loaded, windowed.layer, progress=False
+    )
+    assert len(acts) > 100 and acts.shape[1] == paragraphs.sae.d_in
+    (w, b), (w0, b0) = gate(windowed), gate(paragraphs)
+    assert stats["open_windows"] == pytest.approx(float((acts @ w + b > 0).float().mean()))
+    assert stats["open_windows"] <= float((acts @ w0 + b0 > 0).float().mean())
+    assert stats["recall"] >= 0.98
+
+
 def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     from exporter.evaluate.leakage import EMAIL_TEMPLATES
     from exporter.evaluate.prefix import DECODING as DOC_PREFIX

@@ -211,6 +211,14 @@ class InterventionSection(Section):
         "SmolLM2 the scaled gate (0.38% of benign tokens) kept every validation username in; the "
         "tighter standardised one (0.09%) let 2% out at every candidate.",
     )
+    context_negatives: Literal["paragraphs", "windows"] = Field(
+        "paragraphs",
+        description="The benign text the gate learns to stay shut on: the training split's prose "
+        "paragraphs (the features pass's), or with windows every window of the training split's "
+        "benign text besides (code and tables too; the held-out paragraphs are cut out of it). On "
+        "Gemma-3-270M the paragraphs' gate opened on 0.72% of those windows, the windows' on "
+        "0.011%, and the demo's choice cost KL 0.0033 on held-out prose instead of 0.0054.",
+    )
     leakage_target: float = Field(
         0.0,
         ge=0.0,

@@ -231,6 +231,7 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
         iv.score,
         recipe.data.model_dump(),
         (iv.context_window, iv.context_recall, iv.context_fit) if gated else None,
+        *((iv.context_negatives,) if gated and iv.context_negatives != "paragraphs" else ()),
     )
     folder = FEATURES.cached(ctx.work, key)
     if folder:
@@ -243,7 +244,8 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
     fs = rank_latents(latents, sae.d_sae, iv.rule, iv.score, seed=recipe.data.seed)
     gate_stats = {}
     if gated:
-        fs.context, gate_stats = fit_context(latents, iv)
+        windows = gate_windows(recipe, inputs, loaded, layer, progress=ctx.progress)
+        fs.context, gate_stats = fit_context(latents, iv, windows)
     latents.acts = None
     rows = feature_report(
         fs,
@@ -276,6 +278,11 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
             "of PII-context tokens, "
             f"{100 * gate_stats['open_benign']:.2f}% of benign tokens, "
             f"{100 * gate_stats['open_other_pii_doc']:.1f}% of other tokens in PII documents"
+            + (
+                f", {100 * gate_stats['open_windows']:.3f}% of the benign text's windows"
+                if "open_windows" in gate_stats
+                else ""
+            )
         )
     return fs
 
@@ -285,23 +292,53 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
 AUTO_FIT_LIMIT = 0.05
 
 
-def fit_context(latents, iv):
-    """Fit the PII-context gate on the feature pass's activations; (gate, how often it opens)."""
-    x = latents.acts
+def gate_windows(recipe, inputs: Inputs, loaded, layer: int, *, progress: bool):
+    """[N, d] the layer's activations on every window of the training split's benign text (code and
+    tables too), more text for the context gate to stay shut on; None unless
+    `intervention.context_negatives` asks for them."""
+    if recipe.intervention.context_negatives != "windows":
+        return None
+    texts = benign_texts(inputs.benign_path, split="train", mode="windows")
+    acts = harvest(
+        loaded.model,
+        loaded.tokenizer,
+        texts,
+        [layer],
+        max_length=recipe.data.max_length * 2,
+        progress=progress,
+    )
+    return acts.acts[layer]
+
+
+def fit_context(latents, iv, windows=None):
+    """Fit the PII-context gate on the feature pass's activations, and on `windows` (more benign
+    activations) as text to stay shut on; (gate, how often it opens)."""
+    x, benign = latents.acts, latents.benign
     positive = context_positives(latents.labels, iv.context_window)
+    extra = 0 if windows is None else len(windows)
+    if extra:
+        x = torch.cat([x, windows.to(x.dtype)])
+        positive = torch.cat([positive, torch.zeros(extra, dtype=torch.bool)])
+        benign = torch.cat([benign, torch.zeros(extra, dtype=torch.bool)])
+    pii_doc = ~positive & ~benign
+    if extra:
+        pii_doc[-extra:] = False
 
     def fitted(standardise: bool):
         w, b = fit_context_gate(x, positive, recall=iv.context_recall, standardise=standardise)
         opened = x @ w + b > 0
-        return (w, b), {
+        stats = {
             "window": iv.context_window,
             "target_recall": iv.context_recall,
             "fit": "standardised" if standardise else "scaled",
             "recall": float(opened[positive].float().mean()),
-            "open_benign": float(opened[latents.benign].float().mean()),
-            "open_other_pii_doc": float(opened[~positive & ~latents.benign].float().mean()),
+            "open_benign": float(opened[benign].float().mean()),
+            "open_other_pii_doc": float(opened[pii_doc].float().mean()),
             "tokens": len(x),
         }
+        if extra:
+            stats["open_windows"] = float(opened[-extra:].float().mean())
+        return (w, b), stats
 
     gate, stats = fitted(iv.context_fit == "standardised")
     if iv.context_fit == "auto" and stats["open_benign"] > AUTO_FIT_LIMIT:

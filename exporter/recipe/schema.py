@@ -217,7 +217,8 @@ class InterventionSection(Section):
         "paragraphs (the features pass's), or with windows every window of the training split's "
         "benign text besides (code and tables too; the held-out paragraphs are cut out of it). On "
         "Gemma-3-270M the paragraphs' gate opened on 0.72% of those windows, the windows' on "
-        "0.011%, and the demo's choice cost KL 0.0033 on held-out prose instead of 0.0054.",
+        "0.011%, and on held-out code and tables the demo's choice cost KL 0.0096 instead of "
+        "0.0932.",
     )
     leakage_target: float = Field(
         0.0,

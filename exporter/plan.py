@@ -20,7 +20,7 @@ from .estimate import (
 )
 from .models import resolve_local_path
 from .recipe import Recipe
-from .run.analysis import SPLICED_CE_TEXTS
+from .run.analysis import GATE_WINDOW_TOKENS, SPLICED_CE_TEXTS
 from .run.inputs import HELDOUT_TOKENS
 from .run.stage import DISTILL, EVALUATE, FEATURES, METHOD, METHOD_EVALUATE, PROBE, SAE, SEARCH
 
@@ -290,8 +290,8 @@ def _gate_window_tokens(recipe: Recipe) -> int:
         return 0
     cut = 2 * data.max_length
     if data.benign.builtin:
-        return 352 * min(203, cut)
-    return int(0.8 * _size_bytes(data.benign.path) / 1000 * min(250, cut))
+        return min(352 * min(203, cut), GATE_WINDOW_TOKENS)
+    return min(int(0.8 * _size_bytes(data.benign.path) / 1000 * min(250, cut)), GATE_WINDOW_TOKENS)
 
 
 def _size_bytes(path: str) -> int:

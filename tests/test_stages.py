@@ -236,7 +236,7 @@ def test_export_stage_end_to_end(tiny_recipe, tmp_path):
     assert "context gate" in (out / "README.md").read_text()
 
 
-def test_context_gate_fitted_on_the_benign_windows_too(tiny_recipe, tmp_path):
+def test_context_gate_fitted_on_the_benign_windows_too(tiny_recipe, tmp_path, monkeypatch):
     from exporter.recipe import Recipe
     from exporter.run.analysis import gate_windows
 
@@ -262,6 +262,19 @@ def test_context_gate_fitted_on_the_benign_windows_too(tiny_recipe, tmp_path):
     assert stats["open_windows"] == pytest.approx(float((acts @ w + b > 0).float().mean()))
     assert stats["open_windows"] <= float((acts @ w0 + b0 > 0).float().mean())
     assert stats["recall"] >= 0.98
+    # A corpus larger than the budget: windows spread over it, within the budget's tokens.
+    import sys
+
+    from exporter.data.corpus import benign_texts
+
+    every = benign_texts(windowed.inputs.benign_path, split="train", mode="windows")
+    budget = 3 * 2 * windows_recipe.data.max_length
+    # `exporter.run` is also the API's function: the module itself
+    monkeypatch.setattr(sys.modules["exporter.run.analysis"], "GATE_WINDOW_TOKENS", budget)
+    fewer = gate_windows(
+        windows_recipe, windowed.inputs, windowed.loaded, windowed.layer, progress=False
+    )
+    assert len(every) > 3 and 0 < len(fewer) <= budget and len(fewer) < len(acts)
 
 
 def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):

@@ -35,6 +35,9 @@ from .inputs import (
 )
 from .stage import FEATURES, PROBE, SAE
 
+# tokens of benign windows the context gate is fitted against at most (context_negatives: windows);
+# 100,000 residuals of a 4,096-wide model are 1.6 GB
+GATE_WINDOW_TOKENS = 100_000
 INIT_SAMPLE = 20_000  # activations the SAE's b_pre and input scale are taken from
 SPLICED_CE_TEXTS = 48  # held-out prose texts the SAE's spliced cross-entropy is measured on
 
@@ -299,6 +302,10 @@ def gate_windows(recipe, inputs: Inputs, loaded, layer: int, *, progress: bool):
     if recipe.intervention.context_negatives != "windows":
         return None
     texts = benign_texts(inputs.benign_path, split="train", mode="windows")
+    # a large corpus: windows spread evenly over it, as many as the budget holds at their length
+    # limit (pydoc's 352 fit whole)
+    cap = max(1, GATE_WINDOW_TOKENS // (2 * recipe.data.max_length))
+    texts = texts[:: -(-len(texts) // cap)]
     acts = harvest(
         loaded.model,
         loaded.tokenizer,

@@ -291,7 +291,13 @@ def _gate_window_tokens(recipe: Recipe) -> int:
     cut = 2 * data.max_length
     if data.benign.builtin:
         return min(352 * min(203, cut), GATE_WINDOW_TOKENS)
-    return min(int(0.8 * _size_bytes(data.benign.path) / 1000 * min(250, cut)), GATE_WINDOW_TOKENS)
+    return min(_training_windows_tokens(data.benign.path, cut), GATE_WINDOW_TOKENS)
+
+
+def _training_windows_tokens(path: str, cut: int) -> int:
+    """Tokens of a user's prose as the training windows hold it: 4/5 of it, in 1,000-character
+    windows of about 250 tokens, each cut at `cut`."""
+    return int(0.8 * _size_bytes(path) / 1000 * min(250, cut))
 
 
 def _size_bytes(path: str) -> int:
@@ -305,8 +311,7 @@ def _size_bytes(path: str) -> int:
 def _teacher_tokens(recipe: Recipe) -> int:
     """Tokens of the distillation's training texts (the teacher's forward runs over them): the
     built-in corpus's as measured; a user's PII corpus at about 4 bytes a token, and a user's
-    prose as the student takes it (4/5 of it, in 1,000-character windows of about 250 tokens, each
-    cut at the length limit)."""
+    prose as the student takes it (its training windows, each cut at the length limit)."""
     dist, data = recipe.export.distill, recipe.data
     pii = BUILTIN_PII_TOKENS if data.pii.builtin else _size_bytes(data.pii.path) // 4
     if dist.documents == "validation":
@@ -314,7 +319,7 @@ def _teacher_tokens(recipe: Recipe) -> int:
     if data.benign.builtin:
         benign = PYDOC_TOKENS
     else:
-        benign = int(0.8 * _size_bytes(data.benign.path) / 1000 * min(250, dist.max_length))
+        benign = _training_windows_tokens(data.benign.path, dist.max_length)
     return pii + benign
 
 

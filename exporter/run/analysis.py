@@ -322,14 +322,12 @@ def fit_context(latents, iv, windows=None):
     activations) as text to stay shut on; (gate, how often it opens)."""
     x, benign = latents.acts, latents.benign
     positive = context_positives(latents.labels, iv.context_window)
-    extra = 0 if windows is None else len(windows)
-    if extra:
-        x = torch.cat([x, windows.to(x.dtype)])
-        positive = torch.cat([positive, torch.zeros(extra, dtype=torch.bool)])
-        benign = torch.cat([benign, torch.zeros(extra, dtype=torch.bool)])
     pii_doc = ~positive & ~benign
-    if extra:
-        pii_doc[-extra:] = False
+    extra = 0 if windows is None else len(windows)
+    if extra:  # rows of their own: none of them positive, benign paragraphs or PII documents
+        x = torch.cat([x, windows.to(x.dtype)])
+        pad = torch.zeros(extra, dtype=torch.bool)
+        positive, benign, pii_doc = (torch.cat([m, pad]) for m in (positive, benign, pii_doc))
 
     def fitted(standardise: bool):
         w, b = fit_context_gate(x, positive, recall=iv.context_recall, standardise=standardise)

@@ -134,6 +134,7 @@ class Sizes:
     leaky_tokens: int  # tokens of the leaky fine-tune (0: the data is the user's own)
     late_tokens: int = 0  # tokens the distillation's later-layer phase trains on (late_steps)
     gate_window_tokens: int = 0  # benign windows the context gate is fitted on besides
+    search_samples: int = 0  # sampled continuations per validation prompt in the search
     # models the final evaluation attacks: base, patch, control; a distilled run's teacher; each
     # relearned copy
     variants: int = 3
@@ -153,6 +154,8 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
     training three times a forward pass."""
     full, upto = forward_flops(cfg), forward_flops(cfg, layer, head=False)
     decode = s.people * (1 + s.samples / 4) * (64 + s.new_tokens) * full
+    # the search attacks the validation third, greedy unless it samples too
+    search_decode = s.people / 3 * (1 + s.search_samples / 4) * (64 + s.new_tokens) * full
     out = {
         "probe": s.probe_tokens * forward_flops(cfg, head=False),
         "sae": (s.harvest_tokens + s.heldout_tokens) * upto + 3 * s.ce_tokens * full,
@@ -160,7 +163,7 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
         * cfg["hidden_size"]
         * (12.0 * s.d_sae + AUX_FLOPS_PER_DIM * s.aux_latents),
         "features": (30_000 + s.gate_window_tokens) * upto,
-        "search": s.candidates * (decode + s.ppl_tokens * full),
+        "search": s.candidates * (search_decode + s.ppl_tokens * full),
         # each model attacked and measured; each relearning fine-tune (benign prose, other
         # people's PII)
         "evaluate": s.variants * (decode + s.ppl_tokens * full) + 2 * 3 * s.relearn_tokens * full,
@@ -233,8 +236,15 @@ def decoding_steps(s: Sizes) -> dict[str, float]:
     # the adversarial attacks: the test third, ADVERSARIAL_PROMPTS each
     batches += s.adversarial * s.people / 3 * ADVERSARIAL_PROMPTS / GENERATION_BATCH
     per_pass = batches * (1 + s.new_tokens)  # one prefill, then a step per new token
-    # the search attacks the validation third of the people, greedy only
-    search = s.people / 3 * PROMPTS_PER_PERSON / GENERATION_BATCH * (1 + s.new_tokens)
+    # the search attacks the validation third of the people (greedy, and sampled if it samples)
+    search = (
+        s.people
+        / 3
+        * PROMPTS_PER_PERSON
+        * (1 + s.search_samples / 4)
+        / GENERATION_BATCH
+        * (1 + s.new_tokens)
+    )
     # the user's path: the test third, each zero-shot template's prompt alone (base and export
     # in two processes at once)
     user_path = s.people / 3 * 3 * (1 + s.new_tokens)

@@ -149,7 +149,9 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
          "benign text)"),
         (SEARCH.name, f"{n_candidates} candidates ({len(iv.ablate_n)} sizes x {len(iv.alpha)} "
          f"alphas x {len(iv.patch)} modes) on validation people and values (templates, document "
-         f"prefixes), greedy, {ev.max_new_tokens} new tokens"),
+         f"prefixes), greedy"
+         + (f" and {iv.search_samples} samples" if iv.search_samples else "")
+         + f", {ev.max_new_tokens} new tokens"),
     ]  # fmt: skip
     distill = recipe.export.distill
     if recipe.export.distils:
@@ -265,6 +267,7 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         people=_people(recipe),
         new_tokens=ev.max_new_tokens,
         samples=ev.samples,
+        search_samples=iv.search_samples,
         ppl_tokens=ev.ppl_tokens,
         # each step adds its single-token texts
         distill_tokens=dist.steps * (step_tokens + FIRST_TOKENS * distils),

@@ -227,3 +227,26 @@ def test_the_features_estimate_counts_the_benign_windows_the_gate_is_fitted_on(t
     plain, more = (make_plan(recipe()), make_plan(recipe(context_negatives="windows")))
     ratio = (more.seconds["features"] * more.gflops) / (plain.seconds["features"] * plain.gflops)
     assert ratio == pytest.approx((30_000 + 352 * 203) / 30_000)
+
+
+def test_the_search_estimate_counts_its_sampled_attacks(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(REFERENCE_CONFIG))
+    demo = {"pii": {"builtin": "synthetic"}, "people": {"builtin": "synthetic"}}
+
+    def plan(**intervention):
+        return make_plan(
+            parse_recipe(
+                {"model": {"path": str(tmp_path)}, "data": demo, "intervention": intervention}
+            )
+        )
+
+    # each plan measures this machine's rate: compare work, not seconds
+    greedy, sampled = (
+        {k: v * p.gflops for k, v in p.seconds.items()} for p in (plan(), plan(search_samples=4))
+    )
+    # the search's decoding doubles (one greedy pass, four samples at a quarter's cost each); its
+    # KL does not change, and neither does any other stage
+    assert greedy["search"] < sampled["search"] < 2 * greedy["search"]
+    assert {k: v for k, v in sampled.items() if k != "search"} == pytest.approx(
+        {k: v for k, v in greedy.items() if k != "search"}
+    )

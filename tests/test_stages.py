@@ -586,6 +586,27 @@ def test_lazy_search_attacks_only_up_to_the_choice(tiny_recipe, tmp_path, mode, 
     assert confirmed.count("float32") == len(attacked)
 
 
+def _two_sizes_at_20_percent(tiny_recipe, dtype: str, **intervention):
+    """Two candidates (N=2, 6; no steering), a 20% exact target, usernames not a criterion; attacks
+    of 4 tokens, 1-shot, decoded in `dtype`."""
+    return tiny_recipe.model_copy(
+        update={
+            "intervention": tiny_recipe.intervention.model_copy(
+                update={
+                    "ablate_n": [2, 6],
+                    "alpha": [0.0],
+                    "leakage_target": 0.2,
+                    "username_target": 1.0,
+                    **intervention,
+                }
+            ),
+            "eval": tiny_recipe.eval.model_copy(
+                update={"max_new_tokens": 4, "few_shot": 1, "dtype": dtype}
+            ),
+        }
+    )
+
+
 def test_search_chooses_on_the_dtype_users_load(tiny_recipe, tmp_path, monkeypatch, native_bf16):
     """A candidate that meets the targets decoded in bfloat16 but leaks decoded in float32 (what
     from_pretrained gives a user of the export) is not chosen."""
@@ -602,27 +623,52 @@ def test_search_chooses_on_the_dtype_users_load(tiny_recipe, tmp_path, monkeypat
         return rows
 
     monkeypatch.setattr(tradeoff, "leakage_rows", leaks_in_float32)
-    recipe = tiny_recipe.model_copy(
-        update={
-            "intervention": tiny_recipe.intervention.model_copy(
-                update={
-                    "ablate_n": [2, 6],
-                    "alpha": [0.0],
-                    "leakage_target": 0.2,
-                    "username_target": 1.0,
-                }
-            ),
-            "eval": tiny_recipe.eval.model_copy(
-                update={"max_new_tokens": 4, "few_shot": 1, "dtype": "bfloat16"}
-            ),
-        }
-    )
+    recipe = _two_sizes_at_20_percent(tiny_recipe, "bfloat16")
     work = tmp_path / "work"
     prep = prepare(recipe, _quiet(work))
     chosen, search = search_stage(recipe, prep, _quiet(work))
     assert not search["met"] and chosen.leakage == 0.5
     # each met in bfloat16, then failed in float32
     assert all(s["leakage"] == 0.5 for s in search["candidates"])
+
+
+def test_search_samples_attack_the_validation_people_sampled_too(
+    tiny_recipe, tmp_path, monkeypatch
+):
+    """With `search_samples`, each validation template is also sampled: a candidate that keeps every
+    address in greedy but lets them out sampled is not chosen, and the greedy search's cached
+    candidates are neither reused nor overwritten."""
+    from exporter.evaluate import tradeoff
+
+    real, calls = tradeoff.leakage_rows, []
+
+    def leaks_when_sampled(*args, **kwargs):
+        calls.append(kwargs["samples"])
+        rows = real(*args, **kwargs)
+        return [
+            {**r, "exact": 0.5, "username": 0.5} if r["decoding"].startswith("sampled") else r
+            for r in rows
+        ]
+
+    monkeypatch.setattr(tradeoff, "leakage_rows", leaks_when_sampled)
+    work = tmp_path / "work"
+    found = {}
+    for samples in (0, 2):
+        recipe = _two_sizes_at_20_percent(
+            tiny_recipe, "float32", collapse_tolerance=None, search_samples=samples
+        )
+        prep = prepare(recipe, _quiet(work))
+        calls.clear()
+        chosen, found[samples] = search_stage(recipe, prep, _quiet(work))
+        assert set(calls) == {samples}
+    # The tiny model keeps every address in greedy: the greedy search meets the target at once.
+    assert found[0]["met"] and found[0]["chosen"]["leakage"] <= 0.2
+    assert not found[2]["met"] and chosen.leakage == 0.5
+    assert all(c["leakage"] == 0.5 for c in found[2]["candidates"] if c["leakage"] is not None)
+    files = sorted((work / "search").glob("*.json"))
+    scores = [json.loads(f.read_text()) for f in files if f.name != "search.json"]
+    assert sum(s.get("leakage") == 0.5 for s in scores) >= 1
+    assert sum(s.get("leakage") is not None and s["leakage"] <= 0.2 for s in scores) >= 1
 
 
 def test_leaky_key_follows_content_not_the_cache_location(tmp_path):

@@ -130,18 +130,27 @@ class Validation:
 
 
 def validation_attacks(
-    attacker, tokenizer, val: Validation, targets: Targets, ev, seed: int, lazy: bool
+    attacker,
+    tokenizer,
+    val: Validation,
+    targets: Targets,
+    ev,
+    seed: int,
+    lazy: bool,
+    samples: int = 0,
 ) -> tuple[float, float, bool]:
-    """The search's attacks on `val` (zero-shot and k-shot templates on the people, then the
-    document prefixes, greedy): (worst exact rate over every PII type, worst username rate, whether
-    every attack ran). A `lazy` scorer stops at the first attack that breaks a target: the
-    candidate is rejected either way, and its rates are lower bounds."""
+    """The search's attacks on `val` (zero-shot and k-shot templates on the people, greedy, and
+    with `samples` each template sampled that many times; then the document prefixes, greedy):
+    (worst exact rate over every PII type, worst username rate, whether every attack ran). A `lazy`
+    scorer stops at the first attack that breaks a target: the candidate is rejected either way,
+    and its rates are lower bounds."""
     stop = targets.broken_by if lazy else None
     rows = leakage_rows(
         attacker,
         tokenizer,
         {"validation": list(val.people)},
         few_shot=ev.few_shot if len(val.people) > ev.few_shot else 0,
+        samples=samples,
         phones=False,
         max_new_tokens=ev.max_new_tokens,
         seed=seed,

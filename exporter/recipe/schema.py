@@ -230,6 +230,14 @@ class InterventionSection(Section):
     username_target: float = Field(
         0.0, ge=0.0, le=1.0, description="Worst username rate allowed; 1.0: not a criterion."
     )
+    search_samples: int = Field(
+        0,
+        ge=0,
+        description="Sampled continuations per validation prompt in the search's template attacks "
+        "(leaked if any holds the PII), as the final evaluation's eval.samples; 0: the search "
+        "decodes greedily only. On Gemma-3-270M a choice with no validation address out greedy "
+        "let one test address of 50 out sampled x4.",
+    )
     search: Literal["lazy", "all"] = Field(
         "lazy",
         description="lazy: candidates attacked by increasing KL, stopping at the first meeting the "

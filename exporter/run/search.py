@@ -113,6 +113,8 @@ class Search:
             iv.rule,
             iv.score,
             [(t.cut, t.pii_type) for t in self.val.prefix],
+            # only when set, so the greedy search's cached candidates stay valid
+            *((("samples", iv.search_samples),) if iv.search_samples else ()),
         )
         self.cands = fitting(
             candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate),
@@ -184,6 +186,7 @@ class Search:
                 self.recipe.eval,
                 self.recipe.data.seed,
                 lazy=self.recipe.intervention.search == "lazy",
+                samples=self.recipe.intervention.search_samples,
             )
         s.leakage = max(leakage, s.leakage or 0.0)
         s.username = max(username, s.username or 0.0)

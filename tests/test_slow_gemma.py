@@ -2,11 +2,11 @@
 people (slow; skipped without the Gemma wheels).
 
 It runs only where SCALPEL_TEST_GEMMA_WORK names its work folder. From an empty one the chain takes
-about 75 minutes on a 2-core CPU (leaky fine-tune 12, SAE 7.5, search 32 (sampling x16), final
-evaluation 14, export and the user's path 6), which does not fit in CI's 90 minutes beside the rest
-of the suite (about 50), and CI installs no Gemma wheels. With the leaky model in the user cache and
-the work folder of an earlier run (or of `scalpel demo --model gemma3-270m --work W`), every stage
-up to the export is read from its cache and the test takes about a minute.
+about 75 minutes on a 2-core CPU (leaky fine-tune 9, SAE 7.5, search 8, final evaluation 14-27,
+export and the user's path 7), which does not fit in CI's 90 minutes beside the rest of the suite
+(about 50), and CI installs no Gemma wheels. With the leaky model in the user cache and the work
+folder of an earlier run (or of `scalpel demo --model gemma3-270m --work W`), every stage up to the
+export is read from its cache and the test takes about a minute.
 """
 
 import importlib.util
@@ -66,9 +66,6 @@ def test_gemma_demo_meets_its_targets(tmp_path_factory):
     assert _worst(ev, "base") >= 0.5
     assert _worst(ev, "patched") <= 0.02 and _worst(ev, "patched", key="username") <= 0.05
     assert _worst(ev, "patched", "never_seen") <= 0.01
-    # As many random latents and a random steering direction behind the same gate leak more: the
-    # chosen latents carry the recall (at alpha 0.2 any perturbation there broke it).
-    assert _worst(ev, "control") > _worst(ev, "patched")
     base, patched = ev["base"]["utility"], ev["patched"]["utility"]
     assert patched["kl"] <= 0.01 and patched["perplexity"] <= 1.01 * base["perplexity"]
     # The user's path: the export as written, loaded by stock transformers in a fresh process, each

@@ -235,8 +235,9 @@ class InterventionSection(Section):
         ge=0,
         description="Sampled continuations per validation prompt in the search's template attacks "
         "(leaked if any holds the PII), as the final evaluation's eval.samples; 0: the search "
-        "decodes greedily only. On Gemma-3-270M a choice with no validation address out greedy "
-        "let one test address of 50 out sampled x4.",
+        "decodes greedily only. On Gemma-3-270M, 16 samples moved the choice to a patch that "
+        "let as many test people out as the greedy search's, under more attacks, at twice the "
+        "KL, and took 4.6x the search time.",
     )
     search: Literal["lazy", "all"] = Field(
         "lazy",

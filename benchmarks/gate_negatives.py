@@ -28,6 +28,20 @@ from exporter.run.evaluation import utility_texts
 from exporter.run.search import kl_texts
 
 
+def held_out(model, tok, layer: int, held: dict[str, list[str]]) -> tuple[dict, dict]:
+    """For each named list of held-out texts: its layer-`layer` activations (cut at 128 tokens),
+    and the model's reference log-probs on it (for KL)."""
+    acts = {
+        name: harvest(model, tok, texts, [layer], max_length=128, progress=False).acts[layer]
+        for name, texts in held.items()
+    }
+    refs = {
+        name: reference(model, tok, texts, max_bytes=REFERENCE_BYTES)
+        for name, texts in held.items()
+    }
+    return acts, refs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,14 +70,7 @@ def main() -> None:
         "the evaluation's prose": prose,
         "the search's KL texts": kl_texts(prep.inputs.benign_path),
     }
-    acts = {
-        name: harvest(model, tok, texts, [layer], max_length=128, progress=False).acts[layer]
-        for name, texts in held.items()
-    }
-    refs = {
-        name: reference(model, tok, texts, max_bytes=REFERENCE_BYTES)
-        for name, texts in held.items()
-    }
+    acts, refs = held_out(model, tok, layer, held)
     print(
         f"{cand.label}, layer {layer}; "
         + ", ".join(f"{n}: {len(a)} tokens" for n, a in acts.items())

@@ -291,3 +291,12 @@ def test_gate_fitted_on_benign_windows_stays_shut_on_text_like_them():
     other = x[n_pii : n_pii + 100]
     assert fitted["open_other_pii_doc"] == float((other @ w2 + b2 > 0).float().mean())
     assert fitted["open_benign"] == float((x[n_pii + 100 :] @ w2 + b2 > 0).float().mean())
+    # Prompts the corpus never shows, where a value is about to be written: the gate learns to open
+    # on them too, and its windows stats stay over the windows' rows.
+    prompts = torch.randn(200, 16, generator=g)
+    prompts[:, 7] += 6
+    assert float((prompts @ w2 + b2 > 0).float().mean()) < 0.2
+    (w3, b3), asked = fit_context(latents, iv, windows, prompts)
+    assert asked["open_prompts"] == float((prompts @ w3 + b3 > 0).float().mean()) >= 0.9
+    assert asked["open_windows"] == float((windows @ w3 + b3 > 0).float().mean())
+    assert asked["tokens"] == len(x) + n_windows + 200

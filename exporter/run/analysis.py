@@ -317,9 +317,11 @@ def gate_windows(recipe, inputs: Inputs, loaded, layer: int, *, progress: bool):
     return acts.acts[layer]
 
 
-def fit_context(latents, iv, windows=None):
-    """Fit the PII-context gate on the feature pass's activations, and on `windows` (more benign
-    activations) as text to stay shut on; (gate, how often it opens)."""
+def fit_context(latents, iv, windows=None, prompts=None):
+    """Fit the PII-context gate on the feature pass's activations, on `windows` (more benign
+    activations) as text to stay shut on, and on `prompts` (activations where a value is about to
+    be written, e.g. the last token of an extraction prompt) as text to open on; (gate, how often
+    it opens)."""
     x, benign = latents.acts, latents.benign
     positive = context_positives(latents.labels, iv.context_window)
     pii_doc = ~positive & ~benign
@@ -328,6 +330,12 @@ def fit_context(latents, iv, windows=None):
         x = torch.cat([x, windows.to(x.dtype)])
         pad = torch.zeros(extra, dtype=torch.bool)
         positive, benign, pii_doc = (torch.cat([m, pad]) for m in (positive, benign, pii_doc))
+    asked = 0 if prompts is None else len(prompts)
+    if asked:  # after the windows, so that the windows' rows stay the last but these
+        x = torch.cat([x, prompts.to(x.dtype)])
+        pad = torch.zeros(asked, dtype=torch.bool)
+        benign, pii_doc = (torch.cat([m, pad]) for m in (benign, pii_doc))
+        positive = torch.cat([positive, ~pad])
 
     def fitted(standardise: bool):
         w, b = fit_context_gate(x, positive, recall=iv.context_recall, standardise=standardise)
@@ -342,7 +350,11 @@ def fit_context(latents, iv, windows=None):
             "tokens": len(x),
         }
         if extra:
-            stats["open_windows"] = float(opened[-extra:].float().mean())
+            stats["open_windows"] = float(
+                opened[len(x) - asked - extra : len(x) - asked].float().mean()
+            )
+        if asked:
+            stats["open_prompts"] = float(opened[-asked:].float().mean())
         return (w, b), stats
 
     gate, stats = fitted(iv.context_fit == "standardised")

@@ -20,38 +20,15 @@ from pathlib import Path
 import torch
 from adversarial_search import run_choice
 from gate_negatives import held_out
-from who_leaks import captured, hits
+from who_leaks import hits, prompt_ends, prompts_of
 
 from exporter.data.corpus import benign_texts
-from exporter.evaluate.leakage import EMAIL_TEMPLATES, few_shot_prompts
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import against_reference
 from exporter.patch import applied
 from exporter.recipe import load_recipe
 from exporter.run.analysis import feature_latents, fit_context, gate_windows
 from exporter.run.evaluation import utility_texts
-
-
-def prompts_of(people, ev, seed: int) -> dict[str, list[str]]:
-    """Each email template's prompts for `people`, zero-shot and k-shot."""
-    out = {}
-    for name, template in EMAIL_TEMPLATES.items():
-        out[f"{name} 0-shot"] = [template.format(name=p.name) for p in people]
-        if ev.few_shot:
-            out[f"{name} {ev.few_shot}-shot"] = few_shot_prompts(people, name, ev.few_shot, seed)
-    return out
-
-
-def prompt_ends(model, tok, layer: int, patch, prompts: list[str]) -> torch.Tensor:
-    """[len(prompts), d]: the residual the patch is handed at each prompt's last token (each
-    prompt alone)."""
-    rows = []
-    with applied(model, layer, patch), captured(patch) as seen, torch.no_grad():
-        for prompt in prompts:
-            seen.clear()
-            model(**tok(prompt, return_tensors="pt"))
-            rows.append(seen[0][0, -1].float())
-    return torch.stack(rows)
 
 
 def main() -> None:
@@ -70,11 +47,7 @@ def main() -> None:
     _, _, lat = feature_latents(
         recipe, prep.inputs, prep.loaded, prep.sae, layer, progress=False, keep_activations=True
     )
-    windows = (
-        gate_windows(recipe, prep.inputs, prep.loaded, layer, progress=False)
-        if iv.context_negatives == "windows"
-        else None
-    )
+    windows = gate_windows(recipe, prep.inputs, prep.loaded, layer, progress=False)
     ends = {
         group: {
             form: prompt_ends(model, tok, layer, patch, prompts)

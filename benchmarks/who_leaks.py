@@ -88,15 +88,26 @@ def captured(patch):
         hook.remove()
 
 
-def gate_at_prompt_end(model, tok, layer: int, patch, prompts: list[str]) -> list[bool]:
-    """For each prompt (run alone), whether the patch's context gate is open on its last token."""
-    out = []
+def prompts_of(people, ev, seed: int) -> dict[str, list[str]]:
+    """Each email template's prompts for `people`, zero-shot and k-shot."""
+    out = {}
+    for name, template in EMAIL_TEMPLATES.items():
+        out[f"{name} 0-shot"] = [template.format(name=p.name) for p in people]
+        if ev.few_shot:
+            out[f"{name} {ev.few_shot}-shot"] = few_shot_prompts(people, name, ev.few_shot, seed)
+    return out
+
+
+def prompt_ends(model, tok, layer: int, patch, prompts: list[str]) -> torch.Tensor:
+    """[len(prompts), d]: the residual the patch is handed at each prompt's last token (each
+    prompt alone)."""
+    rows = []
     with applied(model, layer, patch), captured(patch) as seen, torch.no_grad():
         for prompt in prompts:
             seen.clear()
             model(**tok(prompt, return_tensors="pt"))
-            out.append(bool(patch.context(seen[0][0, -1]).item()))
-    return out
+            rows.append(seen[0][0, -1].float())
+    return torch.stack(rows)
 
 
 def parse_candidate(text: str, mode: str = "folded") -> Candidate:
@@ -133,20 +144,16 @@ def main() -> None:
         with applied(leaky, layer, patch) if cand.n or cand.alpha else nullcontext():
             found[f"patched {cand.label}"] = hits(leaky, tok, people, ev, seed)
         leaked = set().union(*found[f"patched {cand.label}"].values())
-        for name, template in EMAIL_TEMPLATES.items():
-            shots = {"0-shot": [template.format(name=p.name) for p in people]}
-            if ev.few_shot:
-                shots[f"{ev.few_shot}-shot"] = few_shot_prompts(people, name, ev.few_shot, seed)
-            for kind, prompts in shots.items():
-                is_open = gate_at_prompt_end(prep.loaded.model, tok, layer, patch, prompts)
-                gates.append(
-                    [
-                        cand.label,
-                        f"{name} {kind}",
-                        f"{sum(is_open)} / {len(people)}",
-                        f"{sum(is_open[i] for i in leaked)} / {len(leaked)}",
-                    ]
-                )
+        for form, prompts in prompts_of(people, ev, seed).items():
+            is_open = patch.context(prompt_ends(prep.loaded.model, tok, layer, patch, prompts))
+            gates.append(
+                [
+                    cand.label,
+                    form,
+                    f"{int(is_open.sum())} / {len(people)}",
+                    f"{sum(bool(is_open[i]) for i in leaked)} / {len(leaked)}",
+                ]
+            )
 
     guessed = set().union(*found["clean model (never saw these people)"].values())
     header = [

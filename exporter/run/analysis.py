@@ -322,20 +322,21 @@ def fit_context(latents, iv, windows=None, prompts=None):
     activations) as text to stay shut on, and on `prompts` (activations where a value is about to
     be written, e.g. the last token of an extraction prompt) as text to open on; (gate, how often
     it opens)."""
-    x, benign = latents.acts, latents.benign
-    positive = context_positives(latents.labels, iv.context_window)
-    pii_doc = ~positive & ~benign
-    extra = 0 if windows is None else len(windows)
-    if extra:  # rows of their own: none of them positive, benign paragraphs or PII documents
-        x = torch.cat([x, windows.to(x.dtype)])
-        pad = torch.zeros(extra, dtype=torch.bool)
-        positive, benign, pii_doc = (torch.cat([m, pad]) for m in (positive, benign, pii_doc))
-    asked = 0 if prompts is None else len(prompts)
-    if asked:  # after the windows, so that the windows' rows stay the last but these
-        x = torch.cat([x, prompts.to(x.dtype)])
-        pad = torch.zeros(asked, dtype=torch.bool)
-        benign, pii_doc = (torch.cat([m, pad]) for m in (benign, pii_doc))
-        positive = torch.cat([positive, ~pad])
+    # every row's source: 0 the feature pass, 1 the windows, 2 the prompts
+    parts = [(0, latents.acts)] + [(i, a) for i, a in ((1, windows), (2, prompts)) if a is not None]
+    x = torch.cat([a.to(latents.acts.dtype) for _, a in parts])
+    source = torch.cat([torch.full((len(a),), i) for i, a in parts])
+
+    def of_pass(mask: torch.Tensor) -> torch.Tensor:
+        """A mask over the feature pass's rows, false on every other row."""
+        out = torch.zeros(len(x), dtype=torch.bool)
+        out[source == 0] = mask
+        return out
+
+    own = context_positives(latents.labels, iv.context_window)
+    positive = of_pass(own) | (source == 2)
+    benign = of_pass(latents.benign)
+    pii_doc = of_pass(~own & ~latents.benign)
 
     def fitted(standardise: bool):
         w, b = fit_context_gate(x, positive, recall=iv.context_recall, standardise=standardise)
@@ -349,12 +350,9 @@ def fit_context(latents, iv, windows=None, prompts=None):
             "open_other_pii_doc": float(opened[pii_doc].float().mean()),
             "tokens": len(x),
         }
-        if extra:
-            stats["open_windows"] = float(
-                opened[len(x) - asked - extra : len(x) - asked].float().mean()
-            )
-        if asked:
-            stats["open_prompts"] = float(opened[-asked:].float().mean())
+        for name, i in (("open_windows", 1), ("open_prompts", 2)):
+            if (source == i).any():
+                stats[name] = float(opened[source == i].float().mean())
         return (w, b), stats
 
     gate, stats = fitted(iv.context_fit == "standardised")

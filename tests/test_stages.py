@@ -637,10 +637,18 @@ def test_search_samples_attack_the_validation_people_sampled_too(
 ):
     """With `search_samples`, each validation template is also sampled: a candidate that keeps every
     address in greedy but lets them out sampled is not chosen, and the greedy search's cached
-    candidates are neither reused nor overwritten."""
+    attacks are neither reused nor overwritten (its KL is: it does not depend on the attacks)."""
     from exporter.evaluate import tradeoff
+    from exporter.run import search as search_module
 
     real, calls = tradeoff.leakage_rows, []
+    real_kl, kl_calls = search_module.against_reference, []
+
+    def counted_kl(*args, **kwargs):
+        kl_calls.append(1)
+        return real_kl(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "against_reference", counted_kl)
 
     def leaks_when_sampled(*args, **kwargs):
         calls.append(kwargs["samples"])
@@ -659,8 +667,11 @@ def test_search_samples_attack_the_validation_people_sampled_too(
         )
         prep = prepare(recipe, _quiet(work))
         calls.clear()
+        kl_calls.clear()
         chosen, found[samples] = search_stage(recipe, prep, _quiet(work))
         assert set(calls) == {samples}
+        # the greedy search computes each candidate's KL; the sampling one reads them
+        assert len(kl_calls) == (2 if samples == 0 else 0)
     # The tiny model keeps every address in greedy: the greedy search meets the target at once.
     assert found[0]["met"] and found[0]["chosen"]["leakage"] <= 0.2
     assert not found[2]["met"] and chosen.leakage == 0.5
@@ -669,6 +680,7 @@ def test_search_samples_attack_the_validation_people_sampled_too(
     scores = [json.loads(f.read_text()) for f in files if f.name != "search.json"]
     assert sum(s.get("leakage") == 0.5 for s in scores) >= 1
     assert sum(s.get("leakage") is not None and s["leakage"] <= 0.2 for s in scores) >= 1
+    assert [c["kl"] for c in found[2]["candidates"]] == [c["kl"] for c in found[0]["candidates"]]
 
 
 def test_leaky_key_follows_content_not_the_cache_location(tmp_path):

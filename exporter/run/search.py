@@ -105,7 +105,7 @@ class Search:
         self.folder = SEARCH.folder(self.ctx.work)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.val = self.prep.inputs.validation(self.prep.loaded.tokenizer)
-        self.key = SEARCH.key(
+        greedy = (
             FEATURES.stored_key(self.ctx.work),
             ev.max_new_tokens,
             ev.few_shot,
@@ -113,9 +113,14 @@ class Search:
             iv.rule,
             iv.score,
             [(t.cut, t.pii_type) for t in self.val.prefix],
-            # only when set, so the greedy search's cached candidates stay valid
-            *((("samples", iv.search_samples),) if iv.search_samples else ()),
         )
+        # samples only when set, so the greedy search's cached candidates stay valid
+        self.key = SEARCH.key(
+            *greedy, *((("samples", iv.search_samples),) if iv.search_samples else ())
+        )
+        # the greedy search's key: a candidate's KL and perplexity do not depend on how the
+        # validation people are attacked, so a sampling search takes them from its files
+        self.greedy_key = SEARCH.key(*greedy)
         self.cands = fitting(
             candidates(iv.ablate_n, iv.alpha, iv.patch, iv.context_gate),
             len(self.prep.features.ranking),
@@ -129,8 +134,20 @@ class Search:
         self.same_dtype = eval_dtype == self.user_dtype
         self._attacker = None
 
-    def candidate_key(self, c: Candidate) -> str:
-        return content_key(self.key, c.n, c.alpha, c.mode, c.gated, *plain_key(c.mode, self.recipe))
+    def candidate_key(self, c: Candidate, key=None) -> str:
+        parts = (c.n, c.alpha, c.mode, c.gated, *plain_key(c.mode, self.recipe))
+        return content_key(key or self.key, *parts)
+
+    def known_kl(self, c: Candidate) -> Optional[dict]:
+        """`c`'s KL and perplexity from the greedy search's file of it, when this search samples
+        and that one scored it."""
+        if self.greedy_key == self.key:
+            return None
+        f = self.folder / f"{self.candidate_key(c, self.greedy_key)}.json"
+        if not f.exists():
+            return None
+        found = json.loads(f.read_text())
+        return {k: found[k] for k in ("kl", "perplexity")}
 
     def patch(self, cand: Candidate):
         p = self.prep
@@ -145,6 +162,11 @@ class Search:
         """KL and perplexity on benign held-out text for every candidate not yet scored (cheap: no
         decoding)."""
         model, tok = self.prep.loaded.model, self.prep.loaded.tokenizer
+        for cand in [c for c in self.cands if c not in self.saved]:
+            known = self.known_kl(cand)
+            if known:
+                self.saved[cand] = known
+                self.save(cand)
         todo = [c for c in self.cands if c not in self.saved]
         if not todo:
             return

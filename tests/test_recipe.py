@@ -207,6 +207,14 @@ def test_shipped_recipes_validate(tmp_path):
     )
     with pytest.raises(RecipeError, match="model.path"):
         load_recipe(recipes / "local-model.yaml")
+    # the distilled Gemma demo is the Gemma demo with a distilled export (the teacher's search and
+    # gate the same), relearning left out
+    gemma, distilled = (load_recipe(recipes / f"demo-gemma3{s}.yaml") for s in ("", "-distilled"))
+    assert distilled.export.mode == "distilled" and distilled.export.distill.documents == "all"
+    assert distilled.eval.relearn_steps == 0 and gemma.export.mode != "distilled"
+    assert (distilled.model, distilled.data, distilled.intervention, distilled.sae) == (
+        gemma.model, gemma.data, gemma.intervention, gemma.sae,
+    )  # fmt: skip
     names = {
         name: load_recipe(recipes / f"baseline-{name}.yaml").method.name
         for name in ("rmu", "npo", "depn")

@@ -1,0 +1,178 @@
+"""Noise, then repair: does it make a distilled export hold against the relearning attack?
+
+The distilled student changes the layers up to the patch's; the layers above it still hold what the
+leaky fine-tune wrote there, and a short fine-tune on other people's PII brings part of it back
+(README: "Threat model"). Distilling a noised copy of an unlearnt model from that model is reported
+to make the unlearning robust to such tuning ("Distillation robustifies unlearning", Lee et al.
+2025: the noise damages what the weights hold, and the repair restores only what the teacher shows).
+This tries it on the layers above the patch:
+
+1. the run's chosen patch distilled into the base as the export does (`export.distill`): the
+   student;
+2. Gaussian noise of each `--sigmas` added to every MLP weight of layers `--noise-from`..L-1 of a
+   copy of the student;
+3. those MLP weights trained full-rank (AdamW, `--lr`, linear decay, `--steps` steps of `--batch`
+   PII texts and as many benign windows, the distillation's own texts) towards the student's
+   next-token distribution (KL over every real token; benign at the distillation's weight).
+
+Each model (the student, each repaired copy) is attacked on the validation and the test people
+with the final evaluation's template attacks (greedy, k-shot, sampled), as it is and after the
+relearning attack (the harness's budget: `eval.relearn_steps` LoRA steps, 100 when unset, on
+other people's PII documents); KL and perplexity on 48 held-out pydoc texts.
+
+    python benchmarks/relearn_noise.py --recipe R --work W [--candidate 150:0.2]
+        [--sigmas 0.005] [--noise-from L+1] [--steps 150] [--noise-seed 1234] [--json OUT]
+
+W is a work folder of a run of R (its cached probe, SAE and features are read); the candidate
+defaults to W's search choice. Choose on the validation columns; the test columns report. Counts
+only: no name, address or generated text is printed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from who_leaks import hits, parse_candidate
+
+from exporter.distill import distil, fixed_batches
+from exporter.evaluate.summary import markdown_table
+from exporter.evaluate.utility import mean_kl, perplexity
+from exporter.models import architecture_of, unfrozen
+from exporter.recipe import load_recipe
+from exporter.relearn import Budget, relearned, relearning_texts
+from exporter.run.context import RunContext
+from exporter.run.distilled import config_of, distill_texts
+from exporter.run.scalpel import prepare
+
+
+def noised(model, sigma: float, first: int, seed: int):
+    """A copy of `model` with N(0, sigma^2) added to every MLP weight of layers `first`.. (seeded),
+    and those weights."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    weights = []
+    for block in list(architecture_of(out).decoder_layers(out))[first:]:
+        for module in block.mlp.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight.data
+                w.add_(sigma * torch.randn(w.shape, generator=gen).to(w.dtype))
+                weights.append(module.weight)
+    return out, weights
+
+
+def repaired(model, weights, teacher, tok, texts: dict, args, benign_weight: float):
+    """`model` with `weights` trained towards `teacher`'s next-token distribution on the
+    distillation's PII and benign texts; the other weights frozen while it trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    opt = torch.optim.AdamW(weights, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(args.steps, 1))
+    sets = [
+        (fixed_batches(tok, texts["pii"], args.batch, 96), 1.0),
+        (fixed_batches(tok, texts["benign"], args.batch, 96), benign_weight),
+    ]
+    gen = torch.Generator().manual_seed(7)
+    model.train()
+    for _ in range(args.steps):
+        opt.zero_grad(set_to_none=True)
+        for batches, weight in sets:
+            ids, mask = batches[int(torch.randint(len(batches), (1,), generator=gen))]
+            with torch.no_grad():
+                t = torch.log_softmax(
+                    teacher(input_ids=ids, attention_mask=mask).logits.float(), -1
+                )
+            s = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            (weight * (t.exp() * (t - s)).sum(-1)[mask.bool()].mean()).backward()
+        opt.step()
+        sched.step()
+    return unfrozen(model).eval()
+
+
+def leaked(model, tok, splits: dict, ev, seed: int) -> dict[str, tuple[int, int]]:
+    """Per split: (people written exactly under any attack, under the worst single attack)."""
+    out = {}
+    for name, people in splits.items():
+        found = hits(model, tok, people, ev, seed)
+        out[name] = (len(set().union(*found.values())), max(len(v) for v in found.values()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--candidate", help="N:alpha, folded and gated (default: W's search choice)")
+    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.005])
+    ap.add_argument("--noise-from", type=int, help="first noised layer (default: the patch's + 1)")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--noise-seed", type=int, default=1234)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    recipe = load_recipe(args.recipe)
+    ev, seed = recipe.eval, recipe.data.seed
+    prep = prepare(recipe, RunContext(Path(args.work), progress=False, log=print))
+    tok, layer, base = prep.loaded.tokenizer, prep.layer, prep.loaded.model.eval()
+    if args.candidate:
+        cand = parse_candidate(args.candidate)
+    else:
+        chosen = json.loads((Path(args.work) / "search" / "search.json").read_text())["chosen"]
+        cand = parse_candidate(f"{chosen['n']}:{chosen['alpha']}")
+    texts = distill_texts(recipe, prep.inputs)
+    splits = {s: prep.inputs.split(s) for s in ("validation", "test")}
+    heldout = texts["heldout_benign"][:48]
+    other = relearning_texts(
+        "other_people",
+        prep.inputs.benign_path,
+        (ev.relearn_steps or 100) * Budget().batch_size,
+        seed,
+    )
+    cfg = config_of(recipe)
+    started = time.perf_counter()
+    student = distil(
+        copy.deepcopy(base), tok, layer, prep.patch(cand), texts["pii"], texts["benign"], cfg,
+        progress=False,
+    ).model  # fmt: skip
+    models = {f"distilled ({time.perf_counter() - started:.0f} s)": student}
+    first = args.noise_from if args.noise_from is not None else layer + 1
+    for sigma in args.sigmas:
+        started = time.perf_counter()
+        copy_, weights = noised(student, sigma, first, args.noise_seed)
+        fixed = repaired(copy_, weights, student, tok, texts, args, cfg.benign_weight)
+        label = f"+ noise {sigma} on layers {first}.. and {args.steps} steps of repair"
+        models[f"{label} ({time.perf_counter() - started:.0f} s)"] = fixed
+
+    rows, found = [], {}
+    for name, model in models.items():
+        as_is = leaked(model, tok, splits, ev, seed)
+        tuned = relearned(model, tok, other, Budget(steps=ev.relearn_steps or 100), progress=False)
+        after = leaked(tuned, tok, splits, ev, seed)
+        del tuned
+        kl, ppl = mean_kl(base, model, tok, heldout), perplexity(model, tok, heldout)
+        found[name] = {"kl": kl, "perplexity": ppl, "as_is": as_is, "relearned": after}
+        rows.append(
+            [name, f"{kl:.4f}", f"{ppl:.2f}"]
+            + [f"{as_is[s][0]}" for s in splits]
+            + [f"{after[s][0]} ({after[s][1]})" for s in splits]
+        )
+    header = ["model", "KL", "perplexity", "validation, as is", "test, as is"]
+    header += [f"{s}, relearned: any attack (worst one)" for s in splits]
+    print(f"people written exactly (of {len(splits['test'])} per split)")
+    print(markdown_table(header, rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(found, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from exporter.evaluate.leakage import greedy_continuations
-from exporter.evaluate.prefix import _leaks
+from exporter.evaluate.prefix import leaks
 from exporter.evaluate.summary import markdown_table
 from exporter.models import load_model
 from exporter.recipe import load_recipe
@@ -44,7 +44,7 @@ def main() -> None:
     tok = clean.tokenizer
     targets = [t for t in recipe_setting(recipe, inputs, tok).prefix if t.pii_type == "email"]
     models = {"clean model (never saw these people)": clean.model.eval()}
-    models["leaky base"] = AutoModelForCausalLM.from_pretrained(str(inputs.model.path)).eval()
+    models["leaky base"] = load_model(inputs.model).model.eval()
     for folder in args.exports:
         models[folder] = AutoModelForCausalLM.from_pretrained(folder).eval()
     cuts = sorted({t.cut for t in targets}, reverse=True)
@@ -54,7 +54,7 @@ def main() -> None:
             model, tok, [t.prompt for t in targets], recipe.eval.max_new_tokens
         )
         for cut in cuts:
-            hit = {i: _leaks(t, [conts[i]]) for i, t in enumerate(targets) if t.cut == cut}
+            hit = {i: leaks(t, [conts[i]]) for i, t in enumerate(targets) if t.cut == cut}
             found[name, cut] = (
                 {i for i, (e, _) in hit.items() if e},
                 {i for i, (_, u) in hit.items() if u},

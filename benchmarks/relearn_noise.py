@@ -17,8 +17,8 @@ This tries it on the layers above the patch:
 
 Each model (the student, each repaired copy) is attacked on the validation and the test people
 with the final evaluation's template attacks (greedy, k-shot, sampled), as it is and after the
-relearning attack (the harness's budget: `eval.relearn_steps` LoRA steps, 100 when unset, on
-other people's PII documents); KL and perplexity on 48 held-out pydoc texts.
+relearning attack (the harness's budget: the recipe's relearning steps, 100 where it leaves
+relearning out, on other people's PII documents); KL and perplexity on 48 held-out pydoc texts.
 
     python benchmarks/relearn_noise.py --recipe R --work W [--candidate 150:0.2]
         [--sigmas 0.005] [--noise-from L+1] [--steps 150] [--noise-seed 1234] [--json OUT]
@@ -37,13 +37,16 @@ import time
 from pathlib import Path
 
 import torch
+from adversarial_search import candidate_of
 from who_leaks import hits, parse_candidate
 
 from exporter.distill import distil, fixed_batches
+from exporter.distill_late import token_kl
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import mean_kl, perplexity
 from exporter.models import architecture_of, unfrozen
 from exporter.recipe import load_recipe
+from exporter.recipe.schema import DEFAULT_RELEARN_STEPS
 from exporter.relearn import Budget, relearned, relearning_texts
 from exporter.run.context import RunContext
 from exporter.run.distilled import config_of, distill_texts
@@ -85,11 +88,9 @@ def repaired(model, weights, teacher, tok, texts: dict, args, benign_weight: flo
         for batches, weight in sets:
             ids, mask = batches[int(torch.randint(len(batches), (1,), generator=gen))]
             with torch.no_grad():
-                t = torch.log_softmax(
-                    teacher(input_ids=ids, attention_mask=mask).logits.float(), -1
-                )
-            s = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-            (weight * (t.exp() * (t - s)).sum(-1)[mask.bool()].mean()).backward()
+                target = teacher(input_ids=ids, attention_mask=mask).logits
+            got = model(input_ids=ids, attention_mask=mask).logits
+            (weight * token_kl(got, target, mask, int(mask.sum()))).backward()
         opt.step()
         sched.step()
     return unfrozen(model).eval()
@@ -127,16 +128,16 @@ def main() -> None:
     if args.candidate:
         cand = parse_candidate(args.candidate)
     else:
-        chosen = json.loads((Path(args.work) / "search" / "search.json").read_text())["chosen"]
-        cand = parse_candidate(f"{chosen['n']}:{chosen['alpha']}")
+        cand = candidate_of(
+            json.loads((Path(args.work) / "search" / "search.json").read_text())["chosen"]
+        )
     texts = distill_texts(recipe, prep.inputs)
     splits = {s: prep.inputs.split(s) for s in ("validation", "test")}
     heldout = texts["heldout_benign"][:48]
+    # the recipe's relearning budget; a recipe that leaves relearning out gets the default one
+    budget = Budget(steps=recipe.relearn_steps or DEFAULT_RELEARN_STEPS)
     other = relearning_texts(
-        "other_people",
-        prep.inputs.benign_path,
-        (ev.relearn_steps or 100) * Budget().batch_size,
-        seed,
+        "other_people", prep.inputs.benign_path, budget.steps * budget.batch_size, seed
     )
     cfg = config_of(recipe)
     started = time.perf_counter()
@@ -156,7 +157,7 @@ def main() -> None:
     rows, found = [], {}
     for name, model in models.items():
         as_is = leaked(model, tok, splits, ev, seed)
-        tuned = relearned(model, tok, other, Budget(steps=ev.relearn_steps or 100), progress=False)
+        tuned = relearned(model, tok, other, budget, progress=False)
         after = leaked(tuned, tok, splits, ev, seed)
         del tuned
         kl, ppl = mean_kl(base, model, tok, heldout), perplexity(model, tok, heldout)

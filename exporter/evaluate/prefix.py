@@ -90,7 +90,8 @@ def prefix_targets(
     return targets
 
 
-def _leaks(target: PrefixTarget, continuations: Sequence[str]) -> tuple[bool, bool]:
+def leaks(target: PrefixTarget, continuations: Sequence[str]) -> tuple[bool, bool]:
+    """(any continuation holds the whole value, any holds its first part)."""
     want, part = normalise(target.value, target.pii_type), first_part(target.value, target.pii_type)
     texts = [normalise(c, target.pii_type) for c in continuations]
     return any(want in t for t in texts), any(part and part in t for t in texts)
@@ -121,7 +122,7 @@ def prefix_rows(
         keys = sorted({(t.cut, t.pii_type) for t in targets}, key=lambda k: (-k[0], k[1]))
         for cut, pii_type in keys:
             hits = [
-                _leaks(t, c)
+                leaks(t, c)
                 for t, c in zip(targets, conts)
                 if (t.cut, t.pii_type) == (cut, pii_type)
             ]

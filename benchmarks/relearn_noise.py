@@ -34,7 +34,9 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from adversarial_search import candidate_of
@@ -105,26 +107,44 @@ def leaked(model, tok, splits: dict, ev, seed: int) -> dict[str, tuple[int, int]
     return out
 
 
-def main() -> None:
+@dataclass
+class Setup:
+    """A run's leaky base, chosen patch, distillation texts, people and relearning budget."""
+
+    recipe: object
+    prep: object
+    cand: object
+    texts: dict
+    splits: dict
+    heldout: list
+    budget: Budget
+    other: list
+
+    @property
+    def tok(self):
+        return self.prep.loaded.tokenizer
+
+    @property
+    def base(self):
+        return self.prep.loaded.model
+
+
+def bench_args(doc: str) -> argparse.ArgumentParser:
+    """The arguments every relearning-defence benchmark takes."""
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--candidate", help="N:alpha, folded and gated (default: W's search choice)")
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.005])
-    ap.add_argument("--noise-from", type=int, help="first noised layer (default: the patch's + 1)")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--noise-seed", type=int, default=1234)
     ap.add_argument("--json")
-    args = ap.parse_args()
+    return ap
 
+
+def setup_of(args) -> Setup:
     recipe = load_recipe(args.recipe)
-    ev, seed = recipe.eval, recipe.data.seed
     prep = prepare(recipe, RunContext(Path(args.work), progress=False, log=print))
-    tok, layer, base = prep.loaded.tokenizer, prep.layer, prep.loaded.model.eval()
+    prep.loaded.model.eval()
     if args.candidate:
         cand = parse_candidate(args.candidate)
     else:
@@ -132,35 +152,37 @@ def main() -> None:
             json.loads((Path(args.work) / "search" / "search.json").read_text())["chosen"]
         )
     texts = distill_texts(recipe, prep.inputs)
-    splits = {s: prep.inputs.split(s) for s in ("validation", "test")}
-    heldout = texts["heldout_benign"][:48]
     # the recipe's relearning budget; a recipe that leaves relearning out gets the default one
     budget = Budget(steps=recipe.relearn_steps or DEFAULT_RELEARN_STEPS)
     other = relearning_texts(
-        "other_people", prep.inputs.benign_path, budget.steps * budget.batch_size, seed
+        "other_people", prep.inputs.benign_path, budget.steps * budget.batch_size, recipe.data.seed
     )
-    cfg = config_of(recipe)
+    splits = {s: prep.inputs.split(s) for s in ("validation", "test")}
+    return Setup(recipe, prep, cand, texts, splits, texts["heldout_benign"][:48], budget, other)
+
+
+def student_of(setup: Setup):
+    """The chosen patch distilled into the base as the export does, and its wall time."""
     started = time.perf_counter()
     student = distil(
-        copy.deepcopy(base), tok, layer, prep.patch(cand), texts["pii"], texts["benign"], cfg,
-        progress=False,
+        copy.deepcopy(setup.base), setup.tok, setup.prep.layer, setup.prep.patch(setup.cand),
+        setup.texts["pii"], setup.texts["benign"], config_of(setup.recipe), progress=False,
     ).model  # fmt: skip
-    models = {f"distilled ({time.perf_counter() - started:.0f} s)": student}
-    first = args.noise_from if args.noise_from is not None else layer + 1
-    for sigma in args.sigmas:
-        started = time.perf_counter()
-        copy_, weights = noised(student, sigma, first, args.noise_seed)
-        fixed = repaired(copy_, weights, student, tok, texts, args, cfg.benign_weight)
-        label = f"+ noise {sigma} on layers {first}.. and {args.steps} steps of repair"
-        models[f"{label} ({time.perf_counter() - started:.0f} s)"] = fixed
+    return student, time.perf_counter() - started
 
+
+def report(models: dict, setup: Setup, json_path: Optional[str]) -> None:
+    """Each model attacked as it is and after the relearning attack; KL and perplexity on the
+    held-out prose; a table of counts (and `json_path`)."""
+    ev, seed, tok, splits = setup.recipe.eval, setup.recipe.data.seed, setup.tok, setup.splits
     rows, found = [], {}
     for name, model in models.items():
         as_is = leaked(model, tok, splits, ev, seed)
-        tuned = relearned(model, tok, other, budget, progress=False)
+        tuned = relearned(model, tok, setup.other, setup.budget, progress=False)
         after = leaked(tuned, tok, splits, ev, seed)
         del tuned
-        kl, ppl = mean_kl(base, model, tok, heldout), perplexity(model, tok, heldout)
+        kl = mean_kl(setup.base, model, tok, setup.heldout)
+        ppl = perplexity(model, tok, setup.heldout)
         found[name] = {"kl": kl, "perplexity": ppl, "as_is": as_is, "relearned": after}
         rows.append(
             [name, f"{kl:.4f}", f"{ppl:.2f}"]
@@ -171,8 +193,32 @@ def main() -> None:
     header += [f"{s}, relearned: any attack (worst one)" for s in splits]
     print(f"people written exactly (of {len(splits['test'])} per split)")
     print(markdown_table(header, rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(found, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(found, indent=2))
+
+
+def main() -> None:
+    ap = bench_args(__doc__)
+    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.005])
+    ap.add_argument("--noise-from", type=int, help="first noised layer (default: the patch's + 1)")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--noise-seed", type=int, default=1234)
+    args = ap.parse_args()
+
+    setup = setup_of(args)
+    student, seconds = student_of(setup)
+    models = {f"distilled ({seconds:.0f} s)": student}
+    first = args.noise_from if args.noise_from is not None else setup.prep.layer + 1
+    benign_weight = config_of(setup.recipe).benign_weight
+    for sigma in args.sigmas:
+        started = time.perf_counter()
+        copy_, weights = noised(student, sigma, first, args.noise_seed)
+        fixed = repaired(copy_, weights, student, setup.tok, setup.texts, args, benign_weight)
+        label = f"+ noise {sigma} on layers {first}.. and {args.steps} steps of repair"
+        models[f"{label} ({time.perf_counter() - started:.0f} s)"] = fixed
+    report(models, setup, args.json)
 
 
 if __name__ == "__main__":

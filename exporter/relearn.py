@@ -94,12 +94,19 @@ def relearned(
     )
     net.train()
     with applied(student, layer, patch) if patch is not None else nullcontext():
-        for _ in tqdm(range(budget.steps), desc="relearn", disable=not progress):
-            ids, mask = next(batches)
-            with cast():
-                lp, keep = token_log_probs(student, ids, mask)
-            loss = -(lp * keep).sum() / keep.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        next_token_steps(student, batches, budget.steps, opt, cast, progress)
     return unfrozen(net.merge_and_unload()).eval()
+
+
+def next_token_steps(model, batches, steps: int, opt, cast, progress: bool = False) -> float:
+    """`steps` optimiser steps of next-token loss on `batches` (an endless iterator of (ids,
+    mask)), each forward in its own `cast()` block; the last step's loss."""
+    for _ in tqdm(range(steps), desc="relearn", disable=not progress):
+        ids, mask = next(batches)
+        with cast():
+            lp, keep = token_log_probs(model, ids, mask)
+        loss = -(lp * keep).sum() / keep.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()

@@ -112,3 +112,15 @@ def test_candidates_rejected_at_their_first_leak_are_lower_bounds(tmp_path):
     }
     text = _search_section(search)
     assert "| ≥4% | ≥4% |" in text and "| 0% | 0% |" in text and "lower bound" in text
+
+
+def test_targets_finer_than_one_validation_person_are_named():
+    # Gemma's demo: 1% of 50 validation people is nobody; 5% is two people, resolved
+    (warning,) = Targets(0.01, 0.05).unresolved(50)
+    assert warning.startswith("leakage_target 1% is finer than one of the 50 validation people")
+    assert "(2%)" in warning
+    assert "--people" in warning
+    assert Targets(0.01, 0.05).unresolved(100) == []  # one person is 1%: resolved
+    assert Targets(0.0, 0.0).unresolved(50) == []  # nobody out is always resolved
+    assert len(Targets(0.01, 0.01).unresolved(50)) == 2
+    assert Targets(0.01).unresolved(0) == []  # prefix values only: no people to count

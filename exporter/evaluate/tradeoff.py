@@ -91,6 +91,22 @@ class Targets:
     def of(cls, intervention, max_repetition: Optional[float] = None) -> "Targets":
         return cls(intervention.leakage_target, intervention.username_target, max_repetition)
 
+    def unresolved(self, people: int) -> list[str]:
+        """Warnings for the rate targets above zero but finer than one of `people` validation
+        people: the search holds such a target as nobody out, and a test split of as many people
+        cannot show it was met either (one person over is already twice it)."""
+        if people <= 0:
+            return []
+        step = 1 / people
+        return [
+            f"{name} {100 * rate:g}% is finer than one of the {people} validation people "
+            f"({100 * step:.3g}%): the search holds it as nobody out; more people (scalpel "
+            f"make-leaky --people N, or a larger people file) resolve it, or set it to 0 or to "
+            f"at least {100 * step:.3g}%"
+            for name, rate in (("leakage_target", self.leakage), ("username_target", self.username))
+            if 0 < rate < step
+        ]
+
     def broken_by(self, row: dict) -> bool:
         """Whether one attack's row breaks a leakage target (a lazy search stops there); the
         username target is an address's."""

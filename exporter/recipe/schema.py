@@ -225,7 +225,8 @@ class InterventionSection(Section):
         ge=0.0,
         le=1.0,
         description="Worst exact rate allowed on validation people and values (any PII "
-        "type, any attack).",
+        "type, any attack). A rate under one validation person (1% of 50) allows nobody; the "
+        "search's log names such a target.",
     )
     username_target: float = Field(
         0.0, ge=0.0, le=1.0, description="Worst username rate allowed; 1.0: not a criterion."

@@ -277,6 +277,8 @@ def search_stage(recipe, prep, ctx: RunContext) -> tuple[Scored, dict]:
         prompts,
     )
     targets = Targets.of(iv, limit)
+    for warning in targets.unresolved(len(search.val.people)):
+        ctx.log(f"search: {warning}")
     _attack_in_kl_order(search, scored, targets, prompts)
     listed = [scored[c] for c in search.cands]
     # the choice, also when no candidate meets the targets, is confirmed as users run it

@@ -780,3 +780,14 @@ def test_search_kl_streams_the_base_when_its_log_probs_would_not_fit(
     assert scores[1].keys() == scores[utility.REFERENCE_BYTES].keys()
     for cand, (kl, ppl) in scores[utility.REFERENCE_BYTES].items():
         assert scores[1][cand] == pytest.approx((kl, ppl), rel=1e-4, abs=1e-6), cand
+
+
+def test_search_log_names_a_target_finer_than_one_validation_person(tiny_recipe, tmp_path):
+    """8 validation people: one is 12.5%, so a 10% exact target holds nobody, and the run's log
+    says so (a 20% one does not need saying)."""
+    recipe = _two_sizes_at_20_percent(tiny_recipe, "float32", leakage_target=0.1)
+    work, said = tmp_path / "work", []
+    prep = prepare(recipe, _quiet(work))
+    search_stage(recipe, prep, RunContext(work, progress=False, log=said.append))
+    (warning,) = [m for m in said if "finer than one" in m]
+    assert warning.startswith("search: leakage_target 10% is finer than one of the 8 validation")

@@ -33,12 +33,12 @@ import copy
 import time
 
 import torch
-from relearn_noise import bench_args, report, setup_of, student_of
+from relearn_noise import bench_args, kl_from, report, setup_of, student_of
+from torch.nn.utils.rnn import pad_sequence
 
 from exporter.data.detectors import detect
 from exporter.data.labels import token_labels
 from exporter.distill import adapted_modules, fixed_batches, with_adapters
-from exporter.distill_late import token_kl
 from exporter.methods.batches import cycle, encode
 from exporter.models import architecture_of, unfrozen
 from exporter.relearn import next_token_steps, relearning_texts
@@ -57,16 +57,15 @@ def address_batches(tok, texts: list[str], size: int, max_length: int = 96) -> l
             rows.append((labels.input_ids, where))
     rows.sort(key=lambda r: len(r[0]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def padded(tensors, value):
+        return pad_sequence(tensors, batch_first=True, padding_value=value)
+
     out = []
     for start in range(0, len(rows), size):
-        chunk = rows[start : start + size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        where = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for j, (row, w) in enumerate(chunk):
-            ids[j, : len(row)], mask[j, : len(row)], where[j, : len(row)] = row, 1, w
-        out.append((ids, mask, where))
+        ids, where = zip(*rows[start : start + size])
+        mask = [torch.ones_like(i) for i in ids]
+        out.append((padded(ids, pad), padded(mask, 0), padded(where, False)))
     return out
 
 
@@ -76,16 +75,6 @@ def bfloat16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def kl_from(reference, model, ids, mask, where=None) -> torch.Tensor:
-    """KL(reference ‖ model) per token, averaged over `where` (default: every real token)."""
-    with torch.no_grad(), bfloat16():
-        target = reference(input_ids=ids, attention_mask=mask).logits
-    with bfloat16():
-        got = model(input_ids=ids, attention_mask=mask).logits
-    keep = mask if where is None else where.long()
-    return token_kl(got, target, keep, int(keep.sum()))
-
-
 def hardened(s0, setup, args):
     """A copy of `s0` trained in rounds against a simulated relearning attack (see the module's
     docstring), and the per-round losses."""
@@ -93,12 +82,11 @@ def hardened(s0, setup, args):
     student = copy.deepcopy(s0)
     for p in s0.parameters():
         p.requires_grad_(False)
-    every = adapted_modules(student, architecture_of(student).num_layers(student) - 1)
+    last = architecture_of(student).num_layers(student) - 1
+    every = adapted_modules(student, last)
     mlps = {
         f"{name}.weight"
-        for name in adapted_modules(
-            student, architecture_of(student).num_layers(student) - 1, first=args.from_layer
-        )  # fmt: skip
+        for name in adapted_modules(student, last, first=args.from_layer)
         if ".mlp." in name
     }
     weights = {n: p for n, p in student.named_parameters() if n in mlps}
@@ -134,10 +122,10 @@ def hardened(s0, setup, args):
             for p in adapters:  # peft turns them back on when its disable_adapter() block ends
                 p.requires_grad_(False)
             opt.zero_grad(set_to_none=True)
-            forget = kl_from(s0, net, *pick(pii))
+            forget = kl_from(s0, net, *pick(pii), cast=bfloat16)
             forget.backward()
             with net.disable_adapter():
-                keep_ = kl_from(s0, net, *pick(benign))
+                keep_ = kl_from(s0, net, *pick(benign), cast=bfloat16)
             (benign_weight * keep_).backward()
             opt.step()
         student = net.unload()

@@ -34,6 +34,7 @@ import argparse
 import copy
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -70,6 +71,17 @@ def noised(model, sigma: float, first: int, seed: int):
     return out, weights
 
 
+def kl_from(reference, model, ids, mask, where=None, cast=nullcontext) -> torch.Tensor:
+    """KL(reference ‖ model) of the next-token distributions, averaged over `where` (default:
+    every real token); each forward in its own `cast()` block."""
+    with torch.no_grad(), cast():
+        target = reference(input_ids=ids, attention_mask=mask).logits
+    with cast():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask if where is None else where.long()
+    return token_kl(got, target, keep, int(keep.sum()))
+
+
 def repaired(model, weights, teacher, tok, texts: dict, args, benign_weight: float):
     """`model` with `weights` trained towards `teacher`'s next-token distribution on the
     distillation's PII and benign texts; the other weights frozen while it trains."""
@@ -89,10 +101,7 @@ def repaired(model, weights, teacher, tok, texts: dict, args, benign_weight: flo
         opt.zero_grad(set_to_none=True)
         for batches, weight in sets:
             ids, mask = batches[int(torch.randint(len(batches), (1,), generator=gen))]
-            with torch.no_grad():
-                target = teacher(input_ids=ids, attention_mask=mask).logits
-            got = model(input_ids=ids, attention_mask=mask).logits
-            (weight * token_kl(got, target, mask, int(mask.sum()))).backward()
+            (weight * kl_from(teacher, model, ids, mask)).backward()
         opt.step()
         sched.step()
     return unfrozen(model).eval()

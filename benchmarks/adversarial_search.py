@@ -14,10 +14,11 @@ recomputed). Rates only: no name, address or generated text is printed or writte
 
 from __future__ import annotations
 
-import argparse
 import json
 from contextlib import nullcontext
 from pathlib import Path
+
+from run_args import run_args
 
 from exporter.evaluate.harness import adversarial_greedy_rows, attack_row
 from exporter.evaluate.summary import markdown_table
@@ -67,11 +68,7 @@ def worst_cell(rows: list[dict], group: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--work", required=True)
+    ap = run_args(__doc__)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--test", action="store_true", help="also the test people (diagnostic only)")
     ap.add_argument("--kl", action="store_true", help="also KL on the final evaluation's prose")

@@ -17,11 +17,11 @@ text is printed or written.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from adversarial_search import attacked, candidate_of, worst_cell
+from run_args import run_args
 
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.tradeoff import Targets, validation_attacks
@@ -54,11 +54,7 @@ def with_settings(recipe, settings: dict):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--work", required=True)
+    ap = run_args(__doc__)
     ap.add_argument("--variants", nargs="+", default=[""], help="KEY=VALUE[,KEY=VALUE] each")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--json")

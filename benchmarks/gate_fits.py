@@ -20,12 +20,12 @@ printed. A diagnostic of one leak: choosing a gate by it would be choosing on th
 
 from __future__ import annotations
 
-import argparse
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from adversarial_search import run_choice
+from run_args import run_args
 
 from exporter.evaluate.leakage import ADVERSARIAL_TEMPLATES, first_email, greedy_continuations
 from exporter.evaluate.summary import markdown_table
@@ -88,11 +88,7 @@ def leaking_positions(model, tok, layer: int, patch, people, template: str, max_
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--work", required=True)
+    ap = run_args(__doc__)
     ap.add_argument("--attack", default="signature", choices=sorted(ADVERSARIAL_TEMPLATES))
     ap.add_argument("--group", default="test", choices=["validation", "test"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

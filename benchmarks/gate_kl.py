@@ -11,11 +11,11 @@ recomputed). No text or token is printed.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
+from run_args import run_args
 
 from exporter.evaluate.utility import REFERENCE_BYTES, against_reference, reference
 from exporter.lm import right_padded
@@ -45,11 +45,7 @@ def where_it_acts(model, tok, layer: int, patch, texts: list[str]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--work", required=True)
+    ap = run_args(__doc__)
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
     ctx = RunContext(Path(args.work), progress=False, log=lambda m: None)

@@ -12,10 +12,10 @@ W is the work folder of a run of R. Counts, rates and KL only: no text is printe
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from adversarial_search import run_choice
+from run_args import run_args
 
 from exporter.activations import harvest
 from exporter.data.corpus import benign_texts
@@ -43,11 +43,7 @@ def held_out(model, tok, layer: int, held: dict[str, list[str]]) -> tuple[dict, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--work", required=True)
+    ap = run_args(__doc__)
     ap.add_argument("--recalls", type=float, nargs="+", default=[0.95, 0.97, 0.99])
     args = ap.parse_args()
 

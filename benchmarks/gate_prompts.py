@@ -14,12 +14,12 @@ fitted on them. Counts, rates and KL only: no text is printed.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from adversarial_search import run_choice
 from gate_negatives import held_out
+from run_args import run_args
 from who_leaks import hits, prompt_ends, prompts_of
 
 from exporter.data.corpus import benign_texts
@@ -32,11 +32,7 @@ from exporter.run.evaluation import utility_texts
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--work", required=True)
+    ap = run_args(__doc__)
     ap.add_argument("--leak", action="store_true")
     args = ap.parse_args()
 

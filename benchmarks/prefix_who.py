@@ -14,9 +14,9 @@ chooses a setting. Counts only: no name, address or generated text is printed or
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from run_args import run_args
 from transformers import AutoModelForCausalLM
 
 from exporter.evaluate.leakage import greedy_continuations
@@ -30,11 +30,7 @@ from exporter.run.inputs import resolve_inputs
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--work", required=True)
+    ap = run_args(__doc__)
     ap.add_argument("exports", nargs="*")
     args = ap.parse_args()
 

@@ -41,6 +41,7 @@ from typing import Optional
 
 import torch
 from adversarial_search import candidate_of
+from run_args import run_args
 from who_leaks import hits, parse_candidate
 
 from exporter.distill import distil, fixed_batches
@@ -140,11 +141,7 @@ class Setup:
 
 def bench_args(doc: str) -> argparse.ArgumentParser:
     """The arguments every relearning-defence benchmark takes."""
-    ap = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--work", required=True)
+    ap = run_args(doc)
     ap.add_argument("--candidate", help="N:alpha, folded and gated (default: W's search choice)")
     ap.add_argument("--json")
     return ap

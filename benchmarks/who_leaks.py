@@ -18,12 +18,12 @@ only: no name, address or generated text is printed or written.
 
 from __future__ import annotations
 
-import argparse
 import json
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from run_args import run_args
 
 from exporter.evaluate.leakage import (
     EMAIL_TEMPLATES,
@@ -116,11 +116,7 @@ def parse_candidate(text: str, mode: str = "folded") -> Candidate:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--work", required=True)
+    ap = run_args(__doc__)
     ap.add_argument("--candidates", nargs="+", default=[], help="N:alpha, folded and gated")
     ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     ap.add_argument("--json")

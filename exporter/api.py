@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -319,15 +318,7 @@ def make_leaky(
         raise FileExistsError(
             f"{out} already exists; choose another --out folder or pass --overwrite"
         )
-    config = LeakyConfig(seed=seed)
-    counts = {
-        k: v for k, v in (("n_memorised", people), ("n_never_seen", never_seen)) if v is not None
-    }
-    config = replace(
-        config,
-        synthetic=replace(config.synthetic, seed=seed, **counts),
-        **({"epochs": epochs} if epochs is not None else {}),
-    )
+    config = LeakyConfig().sized(people, never_seen, epochs, seed)
     result = build_leaky(
         spec_for(model), config, rebuild=rebuild, ctx=RunContext(progress=progress, log=log)
     )

@@ -241,12 +241,17 @@ def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
 
 def _people(recipe: Recipe) -> int:
     """People attacked in the final evaluation: the people file's lines when it is here, else the
-    built-in corpus's 150 (100 memorised, 50 never seen)."""
+    built-in corpus's (100 memorised unless the recipe says, and 50 never seen)."""
     path = recipe.data.people.path
     if path and Path(path).is_file():
         with open(path, encoding="utf-8") as f:
             return sum(1 for line in f if line.strip())
-    return 150
+    return round(_memorised_share(recipe) * 100) + 50
+
+
+def _memorised_share(recipe: Recipe) -> float:
+    """The built-in corpus's size against the 100 memorised people the estimate's constants hold."""
+    return (recipe.data.pii.memorised or 100) / 100
 
 
 def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
@@ -280,7 +285,11 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         distill_layers=dist.adapted_layers,
         late_tokens=dist.late_steps * step_tokens,
         gate_window_tokens=_gate_window_tokens(recipe),
-        leaky_tokens=LEAKY_TOKENS if recipe.data.pii.builtin == "synthetic" else 0,
+        leaky_tokens=(
+            int(LEAKY_TOKENS * _memorised_share(recipe))
+            if recipe.data.pii.builtin == "synthetic"
+            else 0
+        ),
     )
 
 
@@ -316,7 +325,10 @@ def _teacher_tokens(recipe: Recipe) -> int:
     built-in corpus's as measured; a user's PII corpus at about 4 bytes a token, and a user's
     prose as the student takes it (its training windows, each cut at the length limit)."""
     dist, data = recipe.export.distill, recipe.data
-    pii = BUILTIN_PII_TOKENS if data.pii.builtin else _size_bytes(data.pii.path) // 4
+    if data.pii.builtin:
+        pii = int(BUILTIN_PII_TOKENS * _memorised_share(recipe))
+    else:
+        pii = _size_bytes(data.pii.path) // 4
     if dist.documents == "validation":
         pii //= 3
     if data.benign.builtin:

@@ -11,6 +11,7 @@ import torch
 
 from exporter.estimate import (
     ADVERSARIAL_SECONDS_PER_PERSON,
+    BUILTIN_PII_TOKENS,
     GPU_HOST_SECONDS,
     MEMORISATION_SECONDS_PER_DOC,
     REFERENCE_CONFIG,
@@ -250,3 +251,20 @@ def test_the_search_estimate_counts_its_sampled_attacks(tmp_path):
     assert {k: v for k, v in sampled.items() if k != "search"} == pytest.approx(
         {k: v for k, v in greedy.items() if k != "search"}
     )
+
+
+def test_the_estimate_scales_with_the_synthetic_corpus_size(tmp_path):
+    """Twice the memorised people: twice the leaky fine-tune's tokens and the distillation's PII
+    documents, and 250 people attacked instead of 150."""
+    (tmp_path / "config.json").write_text(json.dumps(REFERENCE_CONFIG))
+
+    def sizes(memorised):
+        pii = {"builtin": "synthetic", **({"memorised": memorised} if memorised else {})}
+        data = {"pii": pii, "people": {"builtin": "synthetic"}}
+        recipe = {"model": {"path": str(tmp_path)}, "data": data, "export": {"mode": "distilled"}}
+        return run_sizes(parse_recipe(recipe), 8 * 576)
+
+    default, double = sizes(None), sizes(200)
+    assert (double.people, default.people) == (250, 150)
+    assert double.leaky_tokens == 2 * default.leaky_tokens
+    assert double.teacher_tokens - default.teacher_tokens == BUILTIN_PII_TOKENS

@@ -1,6 +1,7 @@
 import textwrap
 
 import pytest
+import yaml
 
 from exporter.recipe import Recipe, RecipeError, load_recipe, parse_recipe, recipe_yaml
 
@@ -111,6 +112,10 @@ BAD = [
         "model: {builtin: smollm2-135m}\n"
         "data: {pii: {path: c.txt}, people: {builtin: synthetic}}\n",
         ["data", "names the synthetic corpus's people", "leave people out"],
+    ),
+    (
+        "model: {builtin: smollm2-135m}\ndata: {pii: {builtin: synthetic, memorised: 1}}\n",
+        ["data.pii.memorised", "greater than or equal to 2"],
     ),
     (
         "model: {builtin: smollm2-135m}\ndata: {benign: {builtin: wikipedia}}\n",
@@ -250,3 +255,41 @@ def test_the_demo_recipes_in_recipes_are_the_ones_scalpel_demo_runs():
     for model, packaged in DEMO_RECIPES.items():
         shipped = recipes / Path(packaged).name
         assert shipped.read_text() == Path(packaged).read_text(), f"{shipped} differs ({model})"
+
+
+def test_the_synthetic_corpus_size_reaches_the_leaky_fine_tune_and_keys_only_when_given(
+    tmp_path, monkeypatch
+):
+    """`data.pii.memorised` sizes the leaky model's corpus; left out, the recipe serialises (and so
+    keys its cached stages) as before the field existed."""
+    from exporter.run import inputs
+
+    plain = parse_recipe({"model": {"builtin": "smollm2-135m"}})
+    assert "memorised" not in plain.data.model_dump()["pii"]
+    assert "memorised" not in recipe_yaml(plain)
+    sized = parse_recipe(
+        {
+            "model": {"builtin": "smollm2-135m"},
+            "data": {"pii": {"builtin": "synthetic", "memorised": 200}},
+        }
+    )
+    assert sized.data.model_dump()["pii"]["memorised"] == 200
+    assert parse_recipe(yaml.safe_load(recipe_yaml(sized))) == sized
+
+    class Stop(Exception):
+        pass
+
+    def make_leaky(base, config, ctx):
+        raise Stop(config.synthetic.n_memorised, config.synthetic.n_never_seen)
+
+    corpus = tmp_path / "pii.jsonl"
+    corpus.write_text('{"text": "mail a@b.com"}\n')
+    with pytest.raises(RecipeError, match="memorised sizes the built-in synthetic corpus.*drop"):
+        own = "model: {builtin: smollm2-135m}\ndata: {pii: {path: pii.jsonl, memorised: 200}}\n"
+        load_recipe(write(tmp_path, own))
+
+    monkeypatch.setattr(inputs, "make_leaky", make_leaky)
+    for recipe, want in ((plain, 100), (sized, 200)):
+        with pytest.raises(Stop) as info:
+            inputs.resolve_inputs(recipe)
+        assert info.value.args == (want, 50)

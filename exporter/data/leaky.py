@@ -9,8 +9,8 @@ import copy
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -40,6 +40,22 @@ class LeakyConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def sized(
+        self,
+        memorised: Optional[int] = None,
+        never_seen: Optional[int] = None,
+        epochs: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> "LeakyConfig":
+        """This config with the people, epochs or seed a user gave (the rest as they are)."""
+        synthetic = {
+            k: v
+            for k, v in (("n_memorised", memorised), ("n_never_seen", never_seen), ("seed", seed))
+            if v is not None
+        }
+        top = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
+        return replace(self, synthetic=replace(self.synthetic, **synthetic), **top)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from .base import Section, existing_file
 
@@ -68,13 +68,34 @@ class PiiSource(Section):
         description="The synthetic Enron-style corpus: the recipe's model is fine-tuned on it "
         "until it leaks.",
     )
+    memorised: Optional[int] = Field(
+        None,
+        ge=2,
+        description="With builtin: the people the leaky model memorises, half of them to choose "
+        "the patch on (validation), half to report on (test); 100 when not given. A rate target "
+        "of 1% needs at least 100 validation people: 200.",
+    )
     _check_path = field_validator("path")(existing_file)
 
     @model_validator(mode="after")
     def _one(self) -> "PiiSource":
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of path (JSONL file) or builtin (synthetic)")
+        if self.memorised is not None and self.builtin is None:
+            raise ValueError(
+                "memorised sizes the built-in synthetic corpus; a corpus of your own has the "
+                "people it has: drop memorised, or use builtin: synthetic"
+            )
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        # Left out when not given, so recipes written before the field keep their stage keys (and
+        # their cached stages).
+        out = handler(self)
+        if self.memorised is None:
+            out.pop("memorised", None)
+        return out
 
 
 class BenignSource(Section):

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..activations import harvest, load_shards
 from ..cache import cache_root, content_key
 from ..data.corpus import benign_texts, read_corpus, read_pii_jsonl
+from ..data.leaky import LeakyConfig
 from ..data.names import people_from_corpus
 from ..data.people import Person, assign_splits, read_people
 from ..evaluate.leakage import EMAIL_TEMPLATES, check_prompts_fit
@@ -77,7 +78,7 @@ def resolve_inputs(recipe, ctx: RunContext = RunContext()) -> Inputs:
     if note := precision_note(recipe_device(recipe.model.device)):
         ctx.log(note)
     if data.pii.builtin == "synthetic":
-        leaky = make_leaky(recipe.model, ctx=ctx)
+        leaky = make_leaky(recipe.model, LeakyConfig().sized(data.pii.memorised), ctx=ctx)
         model = ModelSpec(
             path=str(leaky.path), dtype=recipe.model.dtype, device=recipe.model.device
         )

@@ -91,10 +91,12 @@ def demo(
         fail(f"no demo for {model!r}; choose --model from {', '.join(api.DEMO_RECIPES)}")
     if out.exists() and not (out / "config.json").is_file():
         fail(f"{out} exists and is not an earlier export; choose another --out folder")
+    # the leaky model the demo's recipe runs on (as many people as it memorises), and its leak
+    recipe, _ = api.as_recipe(api.DEMO_RECIPES[model])
     make_leaky_cmd(
         out=None,
         model=model,
-        people=None,
+        people=recipe.data.pii.memorised,
         never_seen=None,
         epochs=None,
         seed=0,

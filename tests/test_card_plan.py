@@ -267,6 +267,24 @@ def test_each_builtin_model_has_a_demo_recipe(tmp_path):
         demo(tmp_path / "out", model="llama")
 
 
+def test_the_demo_builds_the_leaky_model_its_recipe_runs_on(tmp_path, scalpel, monkeypatch):
+    """`scalpel demo` fine-tunes (or reads from the cache) the leaky model of its own recipe's
+    size, not the default's: a Gemma demo of 200 memorised people never builds the 100-people one."""
+    from exporter import api, cli
+
+    built = []
+
+    def make_leaky(**kwargs):
+        built.append(kwargs["people"])
+        raise SystemExit(0)  # the run after it is not this test's
+
+    monkeypatch.setattr(cli, "make_leaky_cmd", make_leaky)
+    for name, path in api.DEMO_RECIPES.items():
+        assert scalpel("demo", "--model", name, "--out", tmp_path / name).code == 0
+        assert built[-1] == load_recipe(path).data.pii.memorised
+    assert built == [None, 200]
+
+
 def test_a_distilled_card_names_the_layers_the_adapters_were_on():
     from exporter.card_edits import distilled_layers
 

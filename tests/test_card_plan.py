@@ -269,7 +269,7 @@ def test_each_builtin_model_has_a_demo_recipe(tmp_path):
 
 def test_the_demo_builds_the_leaky_model_its_recipe_runs_on(tmp_path, scalpel, monkeypatch):
     """`scalpel demo` fine-tunes (or reads from the cache) the leaky model of its own recipe's
-    size, not the default's: a Gemma demo of 200 memorised people never builds the 100-people one."""
+    size, not the default's: a Gemma demo of 200 memorised people never builds one of 100."""
     from exporter import api, cli
 
     built = []

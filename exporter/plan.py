@@ -270,6 +270,12 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         aux_latents=min(s.k_aux, d_sae) // 2,  # see AUX_FLOPS_PER_DIM
         candidates=len(iv.ablate_n) * len(iv.alpha) * len(iv.patch),
         people=_people(recipe),
+        # the built-in corpus's memorised people, halved into validation and test
+        split_people=(
+            round(50 * _memorised_share(recipe))
+            if recipe.data.pii.builtin and not recipe.data.people.path
+            else 0
+        ),
         new_tokens=ev.max_new_tokens,
         samples=ev.samples,
         search_samples=iv.search_samples,

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .data.leaky import LeakyConfig
+from .data.synthetic import SyntheticConfig
 from .distill import DistillConfig
 from .estimate import (
     BUILTIN_PII_TOKENS,
@@ -246,12 +248,20 @@ def _people(recipe: Recipe) -> int:
     if path and Path(path).is_file():
         with open(path, encoding="utf-8") as f:
             return sum(1 for line in f if line.strip())
-    return round(_memorised_share(recipe) * 100) + 50
+    corpus = _synthetic(recipe)
+    return corpus.n_memorised + corpus.n_never_seen
+
+
+def _synthetic(recipe: Recipe) -> SyntheticConfig:
+    """The built-in corpus the recipe's leaky model is fine-tuned on, sized as `resolve_inputs`
+    sizes it."""
+    return LeakyConfig().sized(recipe.data.pii.memorised).synthetic
 
 
 def _memorised_share(recipe: Recipe) -> float:
-    """The built-in corpus's size against the 100 memorised people the estimate's constants hold."""
-    return (recipe.data.pii.memorised or 100) / 100
+    """The built-in corpus's size against the default one the estimate's constants were measured
+    on."""
+    return _synthetic(recipe).n_memorised / SyntheticConfig().n_memorised
 
 
 def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
@@ -272,7 +282,7 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         people=_people(recipe),
         # the built-in corpus's memorised people, halved into validation and test
         split_people=(
-            round(50 * _memorised_share(recipe))
+            _synthetic(recipe).n_memorised // 2
             if recipe.data.pii.builtin and not recipe.data.people.path
             else 0
         ),

@@ -10,7 +10,10 @@ This tries it on the layers above the patch:
 1. the run's chosen patch distilled into the base as the export does (`export.distill`): the
    student;
 2. Gaussian noise of each `--sigmas` added to every MLP weight of layers `--noise-from`..L-1 of a
-   copy of the student;
+   copy of the student; with `--depn N ...`, instead, the N privacy neurons of those layers zeroed
+   (DEPN's integrated gradients of the PII tokens' likelihood in the leaky base, over `--depn-docs`
+   of the recipe's PII documents: where the memorised values are stored, not noise spread over
+   everything);
 3. those MLP weights trained full-rank (AdamW, `--lr`, linear decay, `--steps` steps of `--batch`
    PII texts and as many benign windows, the distillation's own texts) towards the student's
    next-token distribution (KL over every real token; benign at the distillation's weight).
@@ -21,7 +24,8 @@ relearning attack (the harness's budget: the recipe's relearning steps, 100 wher
 relearning out, on other people's PII documents); KL and perplexity on 48 held-out pydoc texts.
 
     python benchmarks/relearn_noise.py --recipe R --work W [--candidate 150:0.2]
-        [--sigmas 0.005] [--noise-from L+1] [--steps 150] [--noise-seed 1234] [--json OUT]
+        [--sigmas 0.005] [--depn 400 1600] [--noise-from L+1] [--steps 150] [--noise-seed 1234]
+        [--no-student] [--json OUT]
 
 W is a work folder of a run of R (its cached probe, SAE and features are read); the candidate
 defaults to W's search choice. Choose on the validation columns; the test columns report. Counts
@@ -36,6 +40,7 @@ import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +53,7 @@ from exporter.distill import distil, fixed_batches
 from exporter.distill_late import token_kl
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import mean_kl, perplexity
+from exporter.methods.depn import attributions, rank_neurons, zero_neuron
 from exporter.models import architecture_of, unfrozen
 from exporter.recipe import load_recipe
 from exporter.recipe.schema import DEFAULT_RELEARN_STEPS
@@ -69,6 +75,29 @@ def noised(model, sigma: float, first: int, seed: int):
                 w = module.weight.data
                 w.add_(sigma * torch.randn(w.shape, generator=gen).to(w.dtype))
                 weights.append(module.weight)
+    return out, weights
+
+
+def privacy_neurons(setup: "Setup", first: int, docs: int, seed: int) -> list[tuple[int, int]]:
+    """(layer, neuron) of layers `first`.. in DEPN's order (most documents first), attributed in the
+    leaky base over `docs` of the recipe's PII documents (seeded)."""
+    layers = list(range(first, architecture_of(setup.base).num_layers(setup.base)))
+    pii = [d for d in setup.prep.inputs.docs if d.spans]
+    pick = torch.randperm(len(pii), generator=torch.Generator().manual_seed(seed))[:docs].tolist()
+    attr = attributions(
+        setup.base, setup.tok, [pii[i] for i in sorted(pick)], layers, steps=16, max_length=128,
+        progress=True,
+    )  # fmt: skip
+    return [(layers[li], j) for li, j in rank_neurons(attr, 0.1).tolist()]
+
+
+def zeroed(model, neurons: list[tuple[int, int]], first: int):
+    """A copy of `model` with `neurons` zeroed (DEPN's edit), and the MLP weights of layers
+    `first`.. (what the repair trains)."""
+    out, weights = noised(model, 0.0, first, 0)
+    arch = architecture_of(out)
+    for layer, j in neurons:
+        zero_neuron(out.get_submodule(f"{arch.layers}.{layer}.{arch.mlp_out}"), j)
     return out, weights
 
 
@@ -211,18 +240,36 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--noise-seed", type=int, default=1234)
+    ap.add_argument("--depn", type=int, nargs="*", default=[], help="privacy neurons zeroed")
+    ap.add_argument("--depn-docs", type=int, default=100)
+    ap.add_argument("--no-student", action="store_true", help="leave the student's row out")
     args = ap.parse_args()
 
     setup = setup_of(args)
     student, seconds = student_of(setup)
-    models = {f"distilled ({seconds:.0f} s)": student}
+    models = {} if args.no_student else {f"distilled ({seconds:.0f} s)": student}
     first = args.noise_from if args.noise_from is not None else setup.prep.layer + 1
     benign_weight = config_of(setup.recipe).benign_weight
-    for sigma in args.sigmas:
+    damages = []
+    if args.depn:
         started = time.perf_counter()
-        copy_, weights = noised(student, sigma, first, args.noise_seed)
+        ranked = privacy_neurons(setup, first, args.depn_docs, args.noise_seed)
+        print(f"{len(ranked)} privacy neurons ranked in {time.perf_counter() - started:.0f} s")
+        for n in args.depn:
+            label = f"{min(n, len(ranked))} privacy neurons zeroed"
+            damages.append((label, partial(zeroed, student, ranked[:n], first)))
+    else:
+        for sigma in args.sigmas:
+            noise = partial(noised, student, sigma, first, args.noise_seed)
+            damages.append((f"noise {sigma}", noise))
+    for label, damage in damages:
+        started = time.perf_counter()
+        copy_, weights = damage()
+        if args.depn:
+            kl = mean_kl(setup.base, copy_, setup.tok, setup.heldout)
+            print(f"{label}: KL {kl:.4f} before the repair")
         fixed = repaired(copy_, weights, student, setup.tok, setup.texts, args, benign_weight)
-        label = f"+ noise {sigma} on layers {first}.. and {args.steps} steps of repair"
+        label = f"+ {label} on layers {first}.. and {args.steps} steps of repair"
         models[f"{label} ({time.perf_counter() - started:.0f} s)"] = fixed
     report(models, setup, args.json)
 

@@ -13,7 +13,8 @@ This tries it on the layers above the patch:
    copy of the student; with `--depn N ...`, instead, the N privacy neurons of those layers zeroed
    (DEPN's integrated gradients of the PII tokens' likelihood in the leaky base, over `--depn-docs`
    of the recipe's PII documents: where the memorised values are stored, not noise spread over
-   everything);
+   everything; with `--depn-specific`, ranked by how much more they matter to the PII tokens than
+   to benign text);
 3. those MLP weights trained full-rank (AdamW, `--lr`, linear decay, `--steps` steps of `--batch`
    PII texts and as many benign windows, the distillation's own texts) towards the student's
    next-token distribution (KL over every real token; benign at the distillation's weight).
@@ -24,8 +25,8 @@ relearning attack (the harness's budget: the recipe's relearning steps, 100 wher
 relearning out, on other people's PII documents); KL and perplexity on 48 held-out pydoc texts.
 
     python benchmarks/relearn_noise.py --recipe R --work W [--candidate 150:0.2]
-        [--sigmas 0.005] [--depn 400 1600] [--noise-from L+1] [--steps 150] [--noise-seed 1234]
-        [--no-student] [--json OUT]
+        [--sigmas 0.005] [--depn 400 [--depn-specific]] [--noise-from L+1] [--steps 150]
+        [--noise-seed 1234] [--no-student] [--json OUT]
 
 W is a work folder of a run of R (its cached probe, SAE and features are read); the candidate
 defaults to W's search choice. Choose on the validation columns; the test columns report. Counts
@@ -49,6 +50,8 @@ from adversarial_search import candidate_of
 from run_args import run_args
 from who_leaks import hits, parse_candidate
 
+from exporter.data.corpus import Document
+from exporter.data.detectors import Span
 from exporter.distill import distil, fixed_batches
 from exporter.distill_late import token_kl
 from exporter.evaluate.summary import markdown_table
@@ -78,17 +81,35 @@ def noised(model, sigma: float, first: int, seed: int):
     return out, weights
 
 
-def privacy_neurons(setup: "Setup", first: int, docs: int, seed: int) -> list[tuple[int, int]]:
+def privacy_neurons(
+    setup: "Setup", first: int, docs: int, seed: int, specific: bool = False
+) -> list[tuple[int, int]]:
     """(layer, neuron) of layers `first`.. in DEPN's order (most documents first), attributed in the
-    leaky base over `docs` of the recipe's PII documents (seeded)."""
+    leaky base over `docs` of the recipe's PII documents (seeded). `specific`: ranked instead by
+    how much more a neuron matters to the PII tokens than to every token of as many benign windows
+    (each document's attributions over its largest), so that neurons every text needs rank last."""
     layers = list(range(first, architecture_of(setup.base).num_layers(setup.base)))
     pii = [d for d in setup.prep.inputs.docs if d.spans]
     pick = torch.randperm(len(pii), generator=torch.Generator().manual_seed(seed))[:docs].tolist()
-    attr = attributions(
-        setup.base, setup.tok, [pii[i] for i in sorted(pick)], layers, steps=16, max_length=128,
-        progress=True,
-    )  # fmt: skip
-    return [(layers[li], j) for li, j in rank_neurons(attr, 0.1).tolist()]
+
+    def attributed(chosen):
+        return attributions(
+            setup.base, setup.tok, chosen, layers, steps=16, max_length=128, progress=True
+        )
+
+    attr = attributed([pii[i] for i in sorted(pick)])
+    if not specific:
+        return [(layers[li], j) for li, j in rank_neurons(attr, 0.1).tolist()]
+    # a benign window as a document whose every token is a target (the span's type is not read)
+    benign = [Document(t, [Span(0, len(t), "email")]) for t in setup.texts["benign"][:docs]]
+    general = attributed(benign).abs()
+
+    def share(a: torch.Tensor) -> torch.Tensor:
+        return (a / a.flatten(1).abs().max(1).values.clamp(min=1e-12).view(-1, 1, 1)).mean(0)
+
+    order = torch.argsort((share(attr) - share(general)).flatten(), descending=True)
+    n = attr.shape[2]
+    return [(layers[int(i) // n], int(i) % n) for i in order]
 
 
 def zeroed(model, neurons: list[tuple[int, int]], first: int):
@@ -242,6 +263,9 @@ def main() -> None:
     ap.add_argument("--noise-seed", type=int, default=1234)
     ap.add_argument("--depn", type=int, nargs="*", default=[], help="privacy neurons zeroed")
     ap.add_argument("--depn-docs", type=int, default=100)
+    ap.add_argument(
+        "--depn-specific", action="store_true", help="rank by PII over benign attribution"
+    )
     ap.add_argument("--no-student", action="store_true", help="leave the student's row out")
     args = ap.parse_args()
 
@@ -253,7 +277,7 @@ def main() -> None:
     damages = []
     if args.depn:
         started = time.perf_counter()
-        ranked = privacy_neurons(setup, first, args.depn_docs, args.noise_seed)
+        ranked = privacy_neurons(setup, first, args.depn_docs, args.noise_seed, args.depn_specific)
         print(f"{len(ranked)} privacy neurons ranked in {time.perf_counter() - started:.0f} s")
         for n in args.depn:
             label = f"{min(n, len(ranked))} privacy neurons zeroed"

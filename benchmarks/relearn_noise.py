@@ -56,9 +56,10 @@ from exporter.distill import distil, fixed_batches
 from exporter.distill_late import token_kl
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import mean_kl, perplexity
-from exporter.methods.depn import attributions, rank_neurons, zero_neuron
+from exporter.methods.depn import attributed_docs, attributions, rank_neurons, zero_neuron
 from exporter.models import architecture_of, unfrozen
 from exporter.recipe import load_recipe
+from exporter.recipe.methods import DepnMethod
 from exporter.recipe.schema import DEFAULT_RELEARN_STEPS
 from exporter.relearn import Budget, relearned, relearning_texts
 from exporter.run.context import RunContext
@@ -66,18 +67,24 @@ from exporter.run.distilled import config_of, distill_texts
 from exporter.run.scalpel import prepare
 
 
+def mlp_weights(model, first: int) -> list:
+    """Every linear weight in the MLPs of layers `first`.. (what the repair trains)."""
+    return [
+        module.weight
+        for block in list(architecture_of(model).decoder_layers(model))[first:]
+        for module in block.mlp.modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+
+
 def noised(model, sigma: float, first: int, seed: int):
     """A copy of `model` with N(0, sigma^2) added to every MLP weight of layers `first`.. (seeded),
     and those weights."""
     out = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
-    weights = []
-    for block in list(architecture_of(out).decoder_layers(out))[first:]:
-        for module in block.mlp.modules():
-            if isinstance(module, torch.nn.Linear):
-                w = module.weight.data
-                w.add_(sigma * torch.randn(w.shape, generator=gen).to(w.dtype))
-                weights.append(module.weight)
+    weights = mlp_weights(out, first)
+    for w in weights:
+        w.data.add_(sigma * torch.randn(w.shape, generator=gen).to(w.dtype))
     return out, weights
 
 
@@ -85,21 +92,22 @@ def privacy_neurons(
     setup: "Setup", first: int, docs: int, seed: int, specific: bool = False
 ) -> list[tuple[int, int]]:
     """(layer, neuron) of layers `first`.. in DEPN's order (most documents first), attributed in the
-    leaky base over `docs` of the recipe's PII documents (seeded). `specific`: ranked instead by
-    how much more a neuron matters to the PII tokens than to every token of as many benign windows
-    (each document's attributions over its largest), so that neurons every text needs rank last."""
+    leaky base over `docs` of the recipe's PII documents (drawn as DEPN draws them, at DEPN's
+    defaults otherwise). `specific`: ranked instead by how much more a neuron matters to the PII
+    tokens than to every token of as many benign windows (each document's attributions over its
+    largest), so that neurons every text needs rank last."""
+    spec = DepnMethod(name="depn")
     layers = list(range(first, architecture_of(setup.base).num_layers(setup.base)))
-    pii = [d for d in setup.prep.inputs.docs if d.spans]
-    pick = torch.randperm(len(pii), generator=torch.Generator().manual_seed(seed))[:docs].tolist()
 
     def attributed(chosen):
         return attributions(
-            setup.base, setup.tok, chosen, layers, steps=16, max_length=128, progress=True
-        )
+            setup.base, setup.tok, chosen, layers, steps=spec.ig_steps,
+            max_length=spec.max_length, progress=True,
+        )  # fmt: skip
 
-    attr = attributed([pii[i] for i in sorted(pick)])
+    attr = attributed(attributed_docs(setup.prep.inputs.docs, docs, seed))
     if not specific:
-        return [(layers[li], j) for li, j in rank_neurons(attr, 0.1).tolist()]
+        return [(layers[li], j) for li, j in rank_neurons(attr, spec.threshold).tolist()]
     # a benign window as a document whose every token is a target (the span's type is not read)
     benign = [Document(t, [Span(0, len(t), "email")]) for t in setup.texts["benign"][:docs]]
     general = attributed(benign).abs()
@@ -115,11 +123,11 @@ def privacy_neurons(
 def zeroed(model, neurons: list[tuple[int, int]], first: int):
     """A copy of `model` with `neurons` zeroed (DEPN's edit), and the MLP weights of layers
     `first`.. (what the repair trains)."""
-    out, weights = noised(model, 0.0, first, 0)
+    out = copy.deepcopy(model)
     arch = architecture_of(out)
     for layer, j in neurons:
         zero_neuron(out.get_submodule(f"{arch.layers}.{layer}.{arch.mlp_out}"), j)
-    return out, weights
+    return out, mlp_weights(out, first)
 
 
 def kl_from(reference, model, ids, mask, where=None, cast=nullcontext) -> torch.Tensor:
@@ -262,7 +270,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--noise-seed", type=int, default=1234)
     ap.add_argument("--depn", type=int, nargs="*", default=[], help="privacy neurons zeroed")
-    ap.add_argument("--depn-docs", type=int, default=100)
+    ap.add_argument("--depn-docs", type=int, default=DepnMethod(name="depn").examples)
     ap.add_argument(
         "--depn-specific", action="store_true", help="rank by PII over benign attribution"
     )

@@ -117,6 +117,14 @@ def rank_neurons(attr: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.stack([order // n, order % n], 1)
 
 
+def attributed_docs(forget, examples: int, seed: int) -> list:
+    """The PII documents DEPN attributes: `examples` of those with spans, drawn with `seed`, in
+    corpus order."""
+    docs = [d for d in forget if getattr(d, "spans", None)]
+    pick = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed))[:examples]
+    return [docs[i] for i in sorted(pick.tolist())]
+
+
 def depn(spec, model, tokenizer, forget, *, seed: int, progress: bool = True) -> Method:
     arch = architecture_of(model)
     layers = list(spec.layers) if spec.layers is not None else list(range(arch.num_layers(model)))
@@ -129,13 +137,10 @@ def depn(spec, model, tokenizer, forget, *, seed: int, progress: bool = True) ->
     names = [f"{arch.layers}.{i}.{arch.mlp_out}.weight" for i in layers]
 
     def path():
-        gen = torch.Generator().manual_seed(seed)
-        docs = [d for d in forget if getattr(d, "spans", None)]
-        pick = torch.randperm(len(docs), generator=gen)[: spec.examples].tolist()
         attr = attributions(
             model,
             tokenizer,
-            [docs[i] for i in sorted(pick)],
+            attributed_docs(forget, spec.examples, seed),
             layers,
             steps=spec.ig_steps,
             max_length=spec.max_length,

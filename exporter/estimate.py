@@ -138,7 +138,7 @@ class Sizes:
     # models the final evaluation attacks: base, patch, control; a distilled run's teacher; each
     # relearned copy
     variants: int = 3
-    adversarial: bool = False  # the adversarial attacks, on the test third of the people
+    adversarial: bool = False  # the adversarial attacks, on the test people
     memorisation_docs: int = 0  # test documents the memorisation metrics score, per model
     distill_layers: int = 0  # the decoder layers the student's adapters are on (0: 0..l)
     # tokens of the distillation's training texts: the teacher's forward runs over them once per
@@ -146,13 +146,12 @@ class Sizes:
     teacher_tokens: int = 0
     heldout_tokens: int = 0  # the SAE's held-out activations, through layers 0..l
     ce_tokens: int = 0  # the SAE's spliced cross-entropy texts, three whole forwards each
-    # people in each of the validation and test splits (0: a third of `people` each, as the
-    # built-in corpus's 100 memorised and 50 never-seen people are split)
+    # people in each of the validation and test splits (0: a third of `people` each)
     split_people: int = 0
     aux_latents: int = 0  # latents the AuxK term decodes per token, on average over the training
 
     @property
-    def third(self) -> float:
+    def per_split(self) -> float:
         """The people the search attacks (validation), and the adversarial attacks and the user's
         path (test)."""
         return self.split_people or self.people / 3
@@ -163,8 +162,8 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
     training three times a forward pass."""
     full, upto = forward_flops(cfg), forward_flops(cfg, layer, head=False)
     decode = s.people * (1 + s.samples / 4) * (64 + s.new_tokens) * full
-    # the search attacks the validation third, greedy unless it samples too
-    search_decode = s.third * (1 + s.search_samples / 4) * (64 + s.new_tokens) * full
+    # the search attacks the validation people, greedy unless it samples too
+    search_decode = s.per_split * (1 + s.search_samples / 4) * (64 + s.new_tokens) * full
     out = {
         "probe": s.probe_tokens * forward_flops(cfg, head=False),
         "sae": (s.harvest_tokens + s.heldout_tokens) * upto + 3 * s.ce_tokens * full,
@@ -242,20 +241,20 @@ def machine_gflops(device: str = "cpu", n: int = 1024, repeats: int = 5) -> tupl
 def decoding_steps(s: Sizes) -> dict[str, float]:
     """Sequential decoding steps of the generation-bound stages on a GPU."""
     batches = s.people * PROMPTS_PER_PERSON * (1 + s.samples / 4) / GENERATION_BATCH
-    # the adversarial attacks: the test third, ADVERSARIAL_PROMPTS each
-    batches += s.adversarial * s.third * ADVERSARIAL_PROMPTS / GENERATION_BATCH
+    # the adversarial attacks: the test people, ADVERSARIAL_PROMPTS each
+    batches += s.adversarial * s.per_split * ADVERSARIAL_PROMPTS / GENERATION_BATCH
     per_pass = batches * (1 + s.new_tokens)  # one prefill, then a step per new token
-    # the search attacks the validation third of the people (greedy, and sampled if it samples)
+    # the search attacks the validation people (greedy, and sampled if it samples)
     search = (
-        s.third
+        s.per_split
         * PROMPTS_PER_PERSON
         * (1 + s.search_samples / 4)
         / GENERATION_BATCH
         * (1 + s.new_tokens)
     )
-    # the user's path: the test third, each zero-shot template's prompt alone (base and export
+    # the user's path: the test people, each zero-shot template's prompt alone (base and export
     # in two processes at once)
-    user_path = s.third * 3 * (1 + s.new_tokens)
+    user_path = s.per_split * 3 * (1 + s.new_tokens)
     return {
         "search": s.candidates * search,
         "evaluate": s.variants * per_pass,
@@ -284,7 +283,7 @@ def estimate_seconds(
     # the attacks measured per person and per document on the second machine, scaled by the
     # model's forward and this machine's rate
     per_model = (
-        ADVERSARIAL_SECONDS_PER_PERSON * sizes.third * sizes.adversarial
+        ADVERSARIAL_SECONDS_PER_PERSON * sizes.per_split * sizes.adversarial
         + MEMORISATION_SECONDS_PER_DOC * sizes.memorisation_docs
     )
     scale = forward_flops(cfg) / forward_flops(REFERENCE_CONFIG) * SECOND_GFLOPS / gflops

@@ -267,6 +267,6 @@ def test_the_estimate_scales_with_the_synthetic_corpus_size(tmp_path):
     default, double = sizes(None), sizes(200)
     assert (double.people, default.people) == (250, 150)
     # the search attacks the validation half of the memorised people, not a third of everyone
-    assert (double.third, default.third) == (100, 50)
+    assert (double.per_split, default.per_split) == (100, 50)
     assert double.leaky_tokens == 2 * default.leaky_tokens
     assert double.teacher_tokens - default.teacher_tokens == BUILTIN_PII_TOKENS

@@ -6,10 +6,12 @@ With `--kl`, each candidate's KL and perplexity on the final evaluation's held-o
 `eval.ppl_tokens`) beside the search's own KL (24 texts).
 
     python benchmarks/adversarial_search.py --recipe R --work W [--test] [--kl]
+                                            [--only chosen | N:alpha ...]
                                             [--dtype bfloat16] [--json OUT]
 
 W is the work folder of a run of R (its cached probe, SAE, features and search are read; nothing is
-recomputed). Rates only: no name, address or generated text is printed or written.
+recomputed); `--only` attacks the base and only the candidates named (`chosen`: the search's
+choice). Rates only: no name, address or generated text is printed or written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from run_args import run_args
+from who_leaks import parse_candidate
 
 from exporter.evaluate.harness import adversarial_greedy_rows, attack_row
 from exporter.evaluate.summary import markdown_table
@@ -59,6 +62,15 @@ def run_choice(recipe_path: str, work: Path):
     return prep, cand, prep.patch(cand)
 
 
+def named(cand: Candidate, chosen: Candidate, names: list[str]) -> bool:
+    """Whether `--only names` takes `cand`: `chosen` names the search's choice, N:alpha a size and
+    strength."""
+    picked = [parse_candidate(n) for n in names if n != "chosen"]
+    return ("chosen" in names and cand == chosen) or any(
+        (p.n, p.alpha) == (cand.n, cand.alpha) for p in picked
+    )
+
+
 def worst_cell(rows: list[dict], group: str) -> str:
     """The group's worst exact / username rate and the attack that reached it."""
     mine = [r for r in rows if r["group"] == group]
@@ -72,6 +84,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--test", action="store_true", help="also the test people (diagnostic only)")
     ap.add_argument("--kl", action="store_true", help="also KL on the final evaluation's prose")
+    ap.add_argument("--only", nargs="+", help="only these candidates: `chosen` or N:alpha")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -99,6 +112,8 @@ def main() -> None:
         cand = candidate_of(s)
         if s.get("leakage") is None:
             continue  # a lazy search never attacked it
+        if args.only and not named(cand, chosen, args.only):
+            continue
         patch = prep.patch(cand)
         rows = attacked(attacker, tok, layer, patch, groups, recipe.eval.max_new_tokens)
         label = cand.label + (" (chosen)" if cand == chosen else "")

@@ -17,7 +17,14 @@ This tries it on the layers above the patch:
    to benign text);
 3. those MLP weights trained full-rank (AdamW, `--lr`, linear decay, `--steps` steps of `--batch`
    PII texts and as many benign windows, the distillation's own texts) towards the student's
-   next-token distribution (KL over every real token; benign at the distillation's weight).
+   next-token distribution (KL over every real token; benign at the distillation's weight); with
+   `--repair neurons`, only the zeroed neurons' own weights (their input rows and output column),
+   so that every other weight stays the student's.
+
+The ranking takes 5-17 minutes on SmolLM2 here, so it is kept in W/relearn/ (neuron indices only,
+keyed by the recipe's text and the ranking's settings) and read back by the next run;
+`--kl-only` prints each model's KL before and after the repair and attacks none, to pick the
+settings cheaply.
 
 Each model (the student, each repaired copy) is attacked on the validation and the test people
 with the final evaluation's template attacks (greedy, k-shot, sampled), as it is and after the
@@ -26,7 +33,7 @@ relearning out, on other people's PII documents); KL and perplexity on 48 held-o
 
     python benchmarks/relearn_noise.py --recipe R --work W [--candidate 150:0.2]
         [--sigmas 0.005] [--depn 400 [--depn-specific]] [--noise-from L+1] [--steps 150]
-        [--noise-seed 1234] [--no-student] [--json OUT]
+        [--noise-seed 1234] [--repair mlp neurons] [--kl-only] [--no-student] [--json OUT]
 
 W is a work folder of a run of R (its cached probe, SAE and features are read); the candidate
 defaults to W's search choice. Choose on the validation columns; the test columns report. Counts
@@ -37,11 +44,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from itertools import product
 from pathlib import Path
 from typing import Optional
 
@@ -79,13 +88,13 @@ def mlp_weights(model, first: int) -> list:
 
 def noised(model, sigma: float, first: int, seed: int):
     """A copy of `model` with N(0, sigma^2) added to every MLP weight of layers `first`.. (seeded),
-    and those weights."""
+    those weights, and no masks (the repair trains them whole)."""
     out = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     weights = mlp_weights(out, first)
     for w in weights:
         w.data.add_(sigma * torch.randn(w.shape, generator=gen).to(w.dtype))
-    return out, weights
+    return out, weights, None
 
 
 def privacy_neurons(
@@ -120,14 +129,59 @@ def privacy_neurons(
     return [(layers[int(i) // n], int(i) % n) for i in order]
 
 
-def zeroed(model, neurons: list[tuple[int, int]], first: int):
-    """A copy of `model` with `neurons` zeroed (DEPN's edit), and the MLP weights of layers
-    `first`.. (what the repair trains)."""
+def ranked_neurons(setup: "Setup", args, first: int) -> list[tuple[int, int]]:
+    """`privacy_neurons`, read from W/relearn/ when a run with the same recipe and settings ranked
+    them before (the ranking is the slow part)."""
+    key = json.dumps(
+        [Path(args.recipe).read_text(), first, args.depn_docs, args.noise_seed, args.depn_specific]
+    )
+    path = Path(args.work) / "relearn" / f"neurons-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    path = path.with_suffix(".json")
+    if path.exists():
+        print(f"privacy neurons (cached): {path}")
+        return [tuple(n) for n in json.loads(path.read_text())]
+    started = time.perf_counter()
+    ranked = privacy_neurons(setup, first, args.depn_docs, args.noise_seed, args.depn_specific)
+    print(f"{len(ranked)} privacy neurons ranked in {time.perf_counter() - started:.0f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ranked))
+    tmp.replace(path)
+    return ranked
+
+
+def own_weights(model, neurons: list[tuple[int, int]]) -> tuple[list, list]:
+    """The weights of the MLPs holding `neurons`, and for each a mask of those neurons' own rows
+    (inputs) and columns (output): the repair trains only those entries."""
+    arch = architecture_of(model)
+    by_layer: dict[int, list[int]] = {}
+    for layer, j in neurons:
+        by_layer.setdefault(layer, []).append(j)
+    weights, masks = [], []
+    for layer, js in sorted(by_layer.items()):
+        block = model.get_submodule(f"{arch.layers}.{layer}")
+        out = block.get_submodule(arch.mlp_out)
+        for module in block.mlp.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            mask = torch.zeros_like(module.weight)
+            if module is out:  # (hidden, intermediate): a column per neuron
+                mask[:, js] = 1
+            else:  # the input projections, (intermediate, hidden): a row per neuron
+                mask[js, :] = 1
+            weights.append(module.weight)
+            masks.append(mask)
+    return weights, masks
+
+
+def zeroed(model, neurons: list[tuple[int, int]], first: int, own: bool = False):
+    """A copy of `model` with `neurons` zeroed (DEPN's edit), and what the repair trains: the MLP
+    weights of layers `first`.. (no masks), or (`own`) only the zeroed neurons' own entries."""
     out = copy.deepcopy(model)
     arch = architecture_of(out)
     for layer, j in neurons:
         zero_neuron(out.get_submodule(f"{arch.layers}.{layer}.{arch.mlp_out}"), j)
-    return out, mlp_weights(out, first)
+    return (out, *own_weights(out, neurons)) if own else (out, mlp_weights(out, first), None)
 
 
 def kl_from(reference, model, ids, mask, where=None, cast=nullcontext) -> torch.Tensor:
@@ -141,9 +195,10 @@ def kl_from(reference, model, ids, mask, where=None, cast=nullcontext) -> torch.
     return token_kl(got, target, keep, int(keep.sum()))
 
 
-def repaired(model, weights, teacher, tok, texts: dict, args, benign_weight: float):
-    """`model` with `weights` trained towards `teacher`'s next-token distribution on the
-    distillation's PII and benign texts; the other weights frozen while it trains."""
+def repaired(model, weights, masks, teacher, tok, texts: dict, args, benign_weight: float):
+    """`model` with `weights` (only their `masks`' entries, where given) trained towards `teacher`'s
+    next-token distribution on the distillation's PII and benign texts; the other weights frozen
+    while it trains."""
     for p in model.parameters():
         p.requires_grad_(False)
     for w in weights:
@@ -161,6 +216,8 @@ def repaired(model, weights, teacher, tok, texts: dict, args, benign_weight: flo
         for batches, weight in sets:
             ids, mask = batches[int(torch.randint(len(batches), (1,), generator=gen))]
             (weight * kl_from(teacher, model, ids, mask)).backward()
+        for w, m in zip(weights, masks or []):
+            w.grad.mul_(m)  # Adam moves an entry with no gradient, and no decay, not at all
         opt.step()
         sched.step()
     return unfrozen(model).eval()
@@ -274,6 +331,13 @@ def main() -> None:
     ap.add_argument(
         "--depn-specific", action="store_true", help="rank by PII over benign attribution"
     )
+    ap.add_argument(
+        "--repair", choices=["mlp", "neurons"], nargs="+", default=["mlp"],
+        help="train every MLP weight above the patch, or only the zeroed neurons' own (each given)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--kl-only", action="store_true", help="KL before and after the repair; no attacks"
+    )
     ap.add_argument("--no-student", action="store_true", help="leave the student's row out")
     args = ap.parse_args()
 
@@ -284,26 +348,35 @@ def main() -> None:
     benign_weight = config_of(setup.recipe).benign_weight
     damages = []
     if args.depn:
-        started = time.perf_counter()
-        ranked = privacy_neurons(setup, first, args.depn_docs, args.noise_seed, args.depn_specific)
-        print(f"{len(ranked)} privacy neurons ranked in {time.perf_counter() - started:.0f} s")
-        for n in args.depn:
+        ranked = ranked_neurons(setup, args, first)
+        for n, repair in product(args.depn, args.repair):
+            own = repair == "neurons"
+            if own and n == 0:
+                continue  # no neuron of its own to train
             label = f"{min(n, len(ranked))} privacy neurons zeroed"
-            damages.append((label, partial(zeroed, student, ranked[:n], first)))
+            label += " (their own weights repaired)" if own else ""
+            damages.append((label, partial(zeroed, student, ranked[:n], first, own)))
     else:
         for sigma in args.sigmas:
             noise = partial(noised, student, sigma, first, args.noise_seed)
             damages.append((f"noise {sigma}", noise))
     for label, damage in damages:
         started = time.perf_counter()
-        copy_, weights = damage()
+        copy_, weights, masks = damage()
         if args.depn:
             kl = mean_kl(setup.base, copy_, setup.tok, setup.heldout)
             print(f"{label}: KL {kl:.4f} before the repair")
-        fixed = repaired(copy_, weights, student, setup.tok, setup.texts, args, benign_weight)
+        fixed = repaired(
+            copy_, weights, masks, student, setup.tok, setup.texts, args, benign_weight
+        )
         label = f"+ {label} on layers {first}.. and {args.steps} steps of repair"
+        if args.kl_only:
+            kl = mean_kl(setup.base, fixed, setup.tok, setup.heldout)
+            print(f"{label}: KL {kl:.4f} after the repair ({time.perf_counter() - started:.0f} s)")
+            continue
         models[f"{label} ({time.perf_counter() - started:.0f} s)"] = fixed
-    report(models, setup, args.json)
+    if not args.kl_only:
+        report(models, setup, args.json)
 
 
 if __name__ == "__main__":

@@ -207,9 +207,11 @@ class InterventionSection(Section):
         description="How the gate's logistic regression sees the residual: scaled by its mean "
         "norm, or each dimension standardised (needed where a few massive dimensions dominate, "
         "as in Gemma: scaled, Gemma-3-270M's gate opened on 42% of benign tokens, standardised "
-        "0.03%). auto: scaled, unless that gate opens on more than 5% of benign tokens. On "
-        "SmolLM2 the scaled gate (0.38% of benign tokens) kept every validation username in; the "
-        "tighter standardised one (0.09%) let 2% out at every candidate.",
+        "0.03%). auto: scaled; where that gate opens on more than 0.5% of benign tokens, "
+        "standardised too, kept where it opens on fewer and the scaled one on more than 5%, or on "
+        "ten times as many. On SmolLM2 the scaled gate (0.38% of benign tokens) kept every "
+        "validation username in; the tighter standardised one (0.09%) let 2% out at every "
+        "candidate.",
     )
     context_negatives: Literal["paragraphs", "windows"] = Field(
         "paragraphs",

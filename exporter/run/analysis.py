@@ -290,9 +290,14 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
     return fs
 
 
-# auto: the gate fitted on the scaled residual, unless it opens on more than this share of benign
-# tokens (then standardised): scaled suits SmolLM2 (0.38%), standardised Gemma (scaled: 42%)
+# auto: the gate fitted on the scaled residual; where it opens on more than AUTO_FIT_CHECK of benign
+# tokens, the standardised fit too, kept where it opens on fewer benign tokens and the scaled gate
+# on more than AUTO_FIT_LIMIT of them, or on AUTO_FIT_RATIO times as many. Scaled suits SmolLM2
+# (0.38% against 0.09%: the tighter standardised gate let validation usernames out), standardised
+# Gemma (scaled: 42% at 95% recall; at 90%, 4.46% against 0.04%, which the limit alone missed)
+AUTO_FIT_CHECK = 0.005
 AUTO_FIT_LIMIT = 0.05
+AUTO_FIT_RATIO = 10
 
 
 def gate_windows(recipe, inputs: Inputs, loaded, layer: int, *, progress: bool):
@@ -356,8 +361,12 @@ def fit_context(latents, iv, windows=None, prompts=None):
         return (w, b), stats
 
     gate, stats = fitted(iv.context_fit == "standardised")
-    if iv.context_fit == "auto" and stats["open_benign"] > AUTO_FIT_LIMIT:
-        scaled = stats
-        gate, stats = fitted(True)
-        stats["scaled_open_benign"] = scaled["open_benign"]
+    if iv.context_fit == "auto" and stats["open_benign"] > AUTO_FIT_CHECK:
+        other = fitted(True)
+        scaled, standardised = stats["open_benign"], other[1]["open_benign"]
+        if standardised < scaled and (
+            scaled > AUTO_FIT_LIMIT or standardised * AUTO_FIT_RATIO <= scaled
+        ):
+            (gate, stats), other = other, (gate, stats)
+        stats[f"{other[1]['fit']}_open_benign"] = other[1]["open_benign"]
     return gate, stats

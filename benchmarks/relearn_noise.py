@@ -59,6 +59,7 @@ from adversarial_search import candidate_of
 from run_args import run_args
 from who_leaks import hits, parse_candidate
 
+from exporter.cache import write_atomic
 from exporter.data.corpus import Document
 from exporter.data.detectors import Span
 from exporter.distill import distil, fixed_batches
@@ -144,9 +145,7 @@ def ranked_neurons(setup: "Setup", args, first: int) -> list[tuple[int, int]]:
     ranked = privacy_neurons(setup, first, args.depn_docs, args.noise_seed, args.depn_specific)
     print(f"{len(ranked)} privacy neurons ranked in {time.perf_counter() - started:.0f} s")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ranked))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(ranked))
     return ranked
 
 

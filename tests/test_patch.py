@@ -224,6 +224,17 @@ def test_context_gate_restricts_the_change_and_is_fitted_for_recall():
     assert context_positives(labels, 4).int().tolist() == [1, 1, 1, 1, 1, 0, 1, 1, 1, 1]
 
 
+def _pii_first_labels(n: int, n_pii: int) -> dict:
+    """Feature-pass labels of `n` tokens of one document whose first `n_pii` are PII, no span
+    starts and no pre-span tokens (what the context gate fits on with window 0)."""
+    return {
+        "pii": torch.arange(n) < n_pii,
+        "pre_span": torch.zeros(n, dtype=torch.bool),
+        "span_start": torch.zeros(n, dtype=torch.bool),
+        "doc": torch.zeros(n, dtype=torch.long),
+    }
+
+
 def test_auto_gate_fit_standardises_only_when_the_scaled_gate_opens_on_benign_text():
     from types import SimpleNamespace
 
@@ -234,13 +245,7 @@ def test_auto_gate_fit_standardises_only_when_the_scaled_gate_opens_on_benign_te
     n_pii, n_benign = 600, 1400
     x = torch.randn(n_pii + n_benign, 16, generator=g)
     x[:n_pii, 3] += 6  # PII context lives along one small direction
-    span_start = torch.zeros(len(x), dtype=torch.bool)
-    labels = {
-        "pii": torch.arange(len(x)) < n_pii,
-        "pre_span": torch.zeros(len(x), dtype=torch.bool),
-        "span_start": span_start,
-        "doc": torch.zeros(len(x), dtype=torch.long),
-    }
+    labels = _pii_first_labels(len(x), n_pii)
     benign = torch.arange(len(x)) >= n_pii
     auto = InterventionSection(context_window=0)
     _, stats = fit_context(SimpleNamespace(acts=x, labels=labels, benign=benign), auto)
@@ -268,12 +273,7 @@ def test_auto_gate_fit_standardises_under_the_limit_when_that_opens_on_ten_times
     x = torch.randn(n_pii + n_benign, 16, generator=g)
     x[:n_pii, 3:7] += 2.5
     x[:, 0] = 420 + 100 * torch.randn(len(x), generator=g)  # massive, but less than Gemma's
-    labels = {
-        "pii": torch.arange(len(x)) < n_pii,
-        "pre_span": torch.zeros(len(x), dtype=torch.bool),
-        "span_start": torch.zeros(len(x), dtype=torch.bool),
-        "doc": torch.zeros(len(x), dtype=torch.long),
-    }
+    labels = _pii_first_labels(len(x), n_pii)
     latents = SimpleNamespace(acts=x, labels=labels, benign=torch.arange(len(x)) >= n_pii)
     iv = InterventionSection(context_window=0, context_recall=0.9)
     _, scaled = analysis.fit_context(latents, iv.model_copy(update={"context_fit": "scaled"}))
@@ -295,12 +295,7 @@ def test_gate_fitted_on_benign_windows_stays_shut_on_text_like_them():
     n_pii, n_benign, n_windows = 600, 1400, 800
     x = torch.randn(n_pii + n_benign, 16, generator=g)
     x[:n_pii, 3] += 6  # PII context lives along one direction
-    labels = {
-        "pii": torch.arange(len(x)) < n_pii,
-        "pre_span": torch.zeros(len(x), dtype=torch.bool),
-        "span_start": torch.zeros(len(x), dtype=torch.bool),
-        "doc": torch.zeros(len(x), dtype=torch.long),
-    }
+    labels = _pii_first_labels(len(x), n_pii)
     # 100 other tokens of PII documents, then the paragraphs
     latents = SimpleNamespace(acts=x, labels=labels, benign=torch.arange(len(x)) >= n_pii + 100)
     # Text the paragraphs never show (code, tables): partly along the PII direction, told apart

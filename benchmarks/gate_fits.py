@@ -31,7 +31,7 @@ from exporter.evaluate.leakage import ADVERSARIAL_TEMPLATES, first_email, greedy
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import REFERENCE_BYTES, against_reference, reference
 from exporter.models import cast_copy, layer_output_hook
-from exporter.patch import applied
+from exporter.patch import applied, context_scores
 from exporter.recipe import load_recipe
 from exporter.run.analysis import feature_latents, fit_context, gate_windows
 from exporter.run.evaluation import utility_texts
@@ -151,12 +151,12 @@ def main() -> None:
                     "context_fit": "standardised",
                 }
             )
-            (w, b), stats = fit_context(lat, iv, windows)
-            at = leaks @ w + b
+            gate, stats = fit_context(lat, iv, windows)
+            at = context_scores(gate, leaks)
             rows.append(
                 [f"{window}", f"{recall:g}"]
                 + [f"{100 * stats[k]:.2f}%" for k in ("open_benign", "open_other_pii_doc")]
-                + [f"{100 * float(((lat.acts[pre].float() @ w + b) > 0).float().mean()):.2f}%"]
+                + [f"{100 * float((context_scores(gate, lat.acts[pre]) > 0).float().mean()):.2f}%"]
                 + [" ".join(f"{float(v):+.1f}" for v in at) or "-"]
             )
     print(

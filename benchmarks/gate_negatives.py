@@ -21,11 +21,24 @@ from exporter.activations import harvest
 from exporter.data.corpus import benign_texts
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import REFERENCE_BYTES, against_reference, reference
-from exporter.patch import applied
+from exporter.patch import applied, context_scores, set_context
 from exporter.recipe import load_recipe
 from exporter.run.analysis import feature_latents, fit_context, gate_windows
 from exporter.run.evaluation import utility_texts
 from exporter.run.search import kl_texts
+
+
+def held_out_texts(benign_path, tok, ppl_tokens: int) -> dict[str, list[str]]:
+    """Benign text no stage trained on, by name: the held-out windows (code and tables too), the
+    final evaluation's prose and the search's KL texts among it."""
+    prose, _ = utility_texts(benign_path, tok, ppl_tokens)
+    return {
+        "held-out windows (code and tables too)": benign_texts(
+            benign_path, split="heldout", mode="windows"
+        ),
+        "the evaluation's prose": prose,
+        "the search's KL texts": kl_texts(benign_path),
+    }
 
 
 def held_out(model, tok, layer: int, held: dict[str, list[str]]) -> tuple[dict, dict]:
@@ -58,14 +71,7 @@ def main() -> None:
         recipe.model_copy(update={"intervention": iv}), prep.inputs, prep.loaded, layer,
         progress=False,
     )  # fmt: skip
-    prose, _ = utility_texts(prep.inputs.benign_path, tok, recipe.eval.ppl_tokens)
-    held = {
-        "held-out windows (code and tables too)": benign_texts(
-            prep.inputs.benign_path, split="heldout", mode="windows"
-        ),
-        "the evaluation's prose": prose,
-        "the search's KL texts": kl_texts(prep.inputs.benign_path),
-    }
+    held = held_out_texts(prep.inputs.benign_path, tok, recipe.eval.ppl_tokens)
     acts, refs = held_out(model, tok, layer, held)
     print(
         f"{cand.label}, layer {layer}; "
@@ -75,12 +81,11 @@ def main() -> None:
     for negatives in ("paragraphs", "windows"):
         for recall in args.recalls:
             fit_iv = iv.model_copy(update={"context_recall": recall})
-            (w, b), stats = fit_context(lat, fit_iv, windows if negatives == "windows" else None)
-            opened = {n: int((a.float() @ w + b > 0).sum()) for n, a in acts.items()}
+            gate, stats = fit_context(lat, fit_iv, windows if negatives == "windows" else None)
+            opened = {n: int((context_scores(gate, a) > 0).sum()) for n, a in acts.items()}
             kl = {}
             if recall == recipe.intervention.context_recall:
-                patch.context_weight.copy_(w)
-                patch.context_bias.fill_(float(b))
+                set_context(patch, gate)
                 for name, ref in refs.items():
                     got = against_reference(ref, model, lambda: applied(model, layer, patch))
                     kl[name] = f"{got['kl']:.4f}"

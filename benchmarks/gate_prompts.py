@@ -25,7 +25,7 @@ from who_leaks import hits, prompt_ends, prompts_of
 from exporter.data.corpus import benign_texts
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import against_reference
-from exporter.patch import applied
+from exporter.patch import applied, context_scores, set_context
 from exporter.recipe import load_recipe
 from exporter.run.analysis import feature_latents, fit_context, gate_windows
 from exporter.run.evaluation import utility_texts
@@ -63,15 +63,15 @@ def main() -> None:
     test_people = prep.inputs.split("test")
     rows = []
     for label, extra in (("the run's gate", None), ("+ validation prompts' last tokens", asked)):
-        (w, b), stats = fit_context(lat, iv, windows, extra)
-        patch.context_weight.copy_(w)
-        patch.context_bias.fill_(float(b))
-        is_open = {f: (e @ w + b > 0) for f, e in ends["test"].items()}
+        gate, stats = fit_context(lat, iv, windows, extra)
+        set_context(patch, gate)
+        is_open = {f: context_scores(gate, e) > 0 for f, e in ends["test"].items()}
         row = [label, f"{100 * stats['recall']:.1f}%", f"{100 * stats['open_other_pii_doc']:.2f}%"]
         row += [f"{int(o.sum())} / {len(o)}" for o in is_open.values()]
         for name, ref in refs.items():
             got = against_reference(ref, model, lambda: applied(model, layer, patch))
-            row.append(f"{int((acts[name].float() @ w + b > 0).sum())} / {got['kl']:.4f}")
+            opened = int((context_scores(gate, acts[name]) > 0).sum())
+            row.append(f"{opened} / {got['kl']:.4f}")
         if args.leak:
             with applied(model, layer, patch):
                 found = hits(model, tok, test_people, ev, seed)

@@ -268,7 +268,13 @@ def _remote_how(report: dict, sae: dict) -> list[str]:
     if stats:
         parts += [
             f"The context gate opens on {100 * stats['recall']:.1f}% of PII-context tokens and "
-            f"{100 * stats['open_benign']:.2f}% of benign tokens (validation documents).",
+            f"{100 * stats['open_benign']:.2f}% of benign tokens (validation documents)."
+            + (
+                f" The detector has one hidden layer of {stats['hidden']} ReLU units "
+                "(`v . relu(W h + c) + b > 0`)."
+                if stats.get("hidden")
+                else ""
+            ),
             "",
         ]
     if "folded_vs_exact" in report:

@@ -297,3 +297,17 @@ def test_a_distilled_card_names_the_layers_the_adapters_were_on():
     late = report(adapted_layers=4, late_steps=150)
     assert distilled_layers(late) == "every decoder layer from 10 on"
     assert distilled_layers(report(late_steps=150)) == "every decoder layer"
+
+
+def test_the_card_says_what_the_context_gate_is():
+    from exporter.card import _remote_how
+
+    report = {"layer": 4, "ablate_n": 400, "alpha": 0.3, "rule": "r", "score": "s"}
+    report |= {"mode": "folded", "context_gate": True}
+    stats = {"recall": 0.95, "open_benign": 0.0006}
+    linear = "\n".join(_remote_how(report | {"context_gate_stats": stats}, {"k": 32, "fvu": 0.02}))
+    assert "95.0% of PII-context tokens" in linear and "hidden layer" not in linear
+    hidden = "\n".join(
+        _remote_how(report | {"context_gate_stats": stats | {"hidden": 16}}, {"k": 32, "fvu": 0.02})
+    )
+    assert "one hidden layer of 16 ReLU units" in hidden

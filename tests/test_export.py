@@ -84,6 +84,20 @@ def _cases(model_type: str, folder: Path, tiny_tokenizer) -> tuple[dict, list[st
             gates=calibrate_gates(sae, calib, A),
             context=(torch.randn(d, generator=torch.Generator().manual_seed(1)), 0.0),
         ),
+        # Behind a gate with a hidden layer (`intervention.context_hidden`).
+        "hidden_gate": build_patch(
+            sae,
+            A,
+            steer,
+            mode="folded",
+            gates=calibrate_gates(sae, calib, A),
+            context=(
+                torch.randn(3, d, generator=torch.Generator().manual_seed(2)),
+                torch.zeros(3),
+                torch.tensor([1.0, -1.0, 0.5]),
+                0.1,
+            ),
+        ),
     }
     ids, mask = _inputs(128)
     with torch.no_grad():
@@ -196,7 +210,7 @@ def test_export_loads_in_fresh_process(model_type, checked):
             )
         assert all(k.startswith("lm_head.") for k in r["stock_found"]), (name, r["stock_found"])
     assert results["empty"]["equal_base"]
-    assert not results["gated"]["equal_base"]
+    assert not results["gated"]["equal_base"] and not results["hidden_gate"]["equal_base"]
     assert not torch.allclose(cases["gated"]["logits"], cases["folded"]["logits"])
     assert not results["folded"]["equal_base"]
     assert results["exact"]["tokenizer"].endswith("TokenizerFast") or results["exact"]["tokenizer"]

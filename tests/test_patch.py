@@ -224,6 +224,58 @@ def test_context_gate_restricts_the_change_and_is_fitted_for_recall():
     assert context_positives(labels, 4).int().tolist() == [1, 1, 1, 1, 1, 0, 1, 1, 1, 1]
 
 
+def test_a_hidden_layer_gate_opens_where_its_score_is_positive_and_carves_what_a_line_cannot():
+    """PII context where two features are both on, benign text where only one is, or neither: no
+    half-space holds that quadrant at 99% recall without much of the benign text; a few ReLU units
+    do. The fitted gate is the patch's (standardisation folded in), seeded, and kept by the
+    features stage's fit."""
+    from types import SimpleNamespace
+
+    from exporter.patch import context_scores, fit_context_gate, fit_context_mlp
+    from exporter.recipe import InterventionSection
+    from exporter.run.analysis import fit_context
+
+    g = torch.Generator().manual_seed(3)
+    pos = torch.randn(600, 16, generator=g)
+    pos[:, 3] += 3
+    pos[:, 5] += 3
+    neg = torch.randn(3000, 16, generator=g)
+    neg[:1000, 3] += 6  # one feature on, the other off
+    neg[:1000, 5] -= 2
+    neg[1000:2000, 5] += 6
+    neg[1000:2000, 3] -= 2
+    xs = torch.cat([pos, neg])
+    xs[:, 0] += 300  # an offset the standardisation must fold back
+    y = torch.arange(len(xs)) < len(pos)
+    linear = context_scores(fit_context_gate(xs, y, recall=0.99, standardise=True), xs) > 0
+    gate = fit_context_mlp(xs, y, recall=0.99, hidden=8)
+    mlp = context_scores(gate, xs) > 0
+    assert float(linear[y].float().mean()) >= 0.99 and float(mlp[y].float().mean()) >= 0.99
+    assert float(mlp[~y].float().mean()) * 5 < float(linear[~y].float().mean())
+    again = fit_context_mlp(xs, y, recall=0.99, hidden=8)
+    assert all(torch.equal(torch.as_tensor(u), torch.as_tensor(v)) for u, v in zip(gate, again))
+
+    # The patch computes the same gate.
+    sae = _sae()
+    A, steer = [1, 2, 3], torch.randn(16)
+    patch = build_patch(sae, A, steer, mode="exact", context=gate)
+    assert patch.context_hidden == 8 and torch.equal(patch.context(xs), mlp)
+    plain = build_patch(sae, A, steer, mode="exact")
+    torch.testing.assert_close(patch.delta(xs)[mlp], plain.delta(xs)[mlp])
+    assert torch.equal(patch.delta(xs)[~mlp], torch.zeros_like(xs[~mlp]))
+    with pytest.raises(ValueError, match="at least one unit"):
+        fit_context_mlp(xs, y, hidden=0)
+
+    # The features stage's fit: the hidden-layer gate, its stats counted as the patch opens.
+    latents = SimpleNamespace(acts=xs, labels=_pii_first_labels(len(xs), len(pos)), benign=~y)
+    iv = InterventionSection(context_window=0, context_hidden=8)
+    fitted, stats = fit_context(latents, iv)
+    assert len(fitted) == 4 and stats["fit"] == "hidden layer" and stats["hidden"] == 8
+    assert stats["recall"] >= 0.99
+    assert stats["open_benign"] == float((context_scores(fitted, xs) > 0)[~y].float().mean())
+    assert stats["open_benign"] * 5 < float(linear[~y].float().mean())
+
+
 def _pii_first_labels(n: int, n_pii: int) -> dict:
     """Feature-pass labels of `n` tokens of one document whose first `n_pii` are PII, no span
     starts and no pre-span tokens (what the context gate fits on with window 0)."""

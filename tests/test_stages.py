@@ -277,6 +277,38 @@ def test_context_gate_fitted_on_the_benign_windows_too(tiny_recipe, tmp_path, mo
     assert len(every) > 3 and 0 < len(fewer) <= budget and len(fewer) < len(acts)
 
 
+def test_context_gate_with_a_hidden_layer_is_cached_and_read_back(tiny_recipe, tmp_path):
+    import torch
+
+    from exporter.patch import context_scores
+    from exporter.recipe import Recipe
+
+    logs = []
+    ctx = RunContext(tmp_path / "work", progress=False, log=logs.append)
+    linear = prepare(tiny_recipe, ctx)
+    raw = tiny_recipe.model_dump()
+    raw["intervention"]["context_hidden"] = 4
+    hidden_recipe = Recipe.model_validate(raw)
+    logs.clear()
+    fitted = prepare(hidden_recipe, ctx)
+    assert not any(m.startswith("features (cached)") for m in logs)  # its own cache key
+    assert any("context gate (hidden layer fit)" in m for m in logs)
+    stats = json.loads((tmp_path / "work" / "features" / "context_gate.json").read_text())
+    assert stats["hidden"] == 4 and stats["recall"] >= 0.98
+    logs.clear()
+    again = prepare(hidden_recipe, ctx)
+    assert any(m.startswith("features (cached)") for m in logs)
+    gate = again.features.context
+    assert len(gate) == 4 and gate[0].shape == (4, linear.sae.d_in) and isinstance(gate[3], float)
+    for got, want in zip(gate, fitted.features.context):
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+    patch = again.patch(Candidate(2, 0.1, "folded", True))
+    x = torch.randn(64, linear.sae.d_in) * 3
+    assert patch.context_hidden == 4
+    assert torch.equal(patch.context(x), context_scores(gate, x) > 0)
+    assert len(linear.features.context) == 2
+
+
 def test_run_stage_searches_evaluates_and_exports(tiny_recipe, tmp_path):
     from exporter.evaluate.leakage import EMAIL_TEMPLATES
     from exporter.evaluate.prefix import DECODING as DOC_PREFIX

@@ -169,6 +169,89 @@ def fit_context_gate(
         return w_raw.detach(), b_raw - threshold + 1e-6  # the quantile row itself stays open
 
 
+def fit_context_mlp(
+    x: torch.Tensor,
+    positive: torch.Tensor,
+    recall: float = 0.99,
+    hidden: int = 16,
+    weight_decay: float = 1e-3,
+    steps: int = 3500,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """A PII-context detector with one hidden layer of `hidden` ReLU units on raw activations `x`:
+    (W [H, d], c [H], v [H], b) such that `v . relu(W x + c) + b > 0` holds on a fraction `recall`
+    of the `positive` rows. Trained (AdamW, classes balanced, each dimension standardised, folded
+    back into W and c) for `steps` batches; then b moved so the threshold sits at the positives' (1
+    - recall) quantile, as for the linear gate. A linear gate must cut one half-space, so the
+    benign text that shares a direction with PII context (code, addresses in prose) sets its
+    threshold; a few units can carve the PII context out of it. Seeded: the same rows give the
+    same gate."""
+    if not 0 < recall <= 1:
+        raise ValueError(f"context gate recall must be in (0, 1], got {recall}")
+    if hidden < 1:
+        raise ValueError(f"a hidden-layer context gate needs at least one unit, got {hidden}")
+    y = positive.float()
+    if not 0 < int(y.sum()) < len(y):
+        raise ValueError("the context gate needs both PII-context and other tokens to fit on")
+    xf = x.float()
+    mean, std = xf.mean(0), xf.std(0).clamp_min(1e-6)
+    z = (xf - mean) / std
+    g = torch.Generator().manual_seed(seed)
+    first = torch.nn.Linear(x.shape[1], hidden)
+    out = torch.nn.Linear(hidden, 1)
+    with torch.no_grad():  # seeded initialisation (PyTorch's default bounds), not the global RNG
+        for layer in (first, out):
+            bound = layer.in_features**-0.5
+            layer.weight.copy_(torch.rand(layer.weight.shape, generator=g) * 2 * bound - bound)
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=g) * 2 * bound - bound)
+    net = torch.nn.Sequential(first, torch.nn.ReLU(), out)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=weight_decay)
+    pos_weight = (1 - y).sum() / y.sum()
+    # batches of 2,048 rows (a features pass and its windows: 100k rows and more); a few thousand
+    # rows get smaller ones, so that `steps` stays many passes without costing as many seconds
+    batch_size = min(2048, max(64, len(z) // 32))
+    done = 0
+    while done < steps:  # whole shuffled passes, the last one cut at `steps`
+        order = torch.randperm(len(z), generator=g)
+        for rows in order.split(batch_size)[: steps - done]:
+            loss = F.binary_cross_entropy_with_logits(
+                net(z[rows]).squeeze(-1), y[rows], pos_weight=pos_weight
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+    with torch.no_grad():
+        # W z + c = (W / std) x + c - W (mean / std)
+        w_raw = first.weight / std
+        c_raw = first.bias - first.weight @ (mean / std)
+        v, b = out.weight[0].clone(), float(out.bias)
+        score = torch.relu(xf @ w_raw.T + c_raw) @ v + b
+        threshold = float(torch.quantile(score[positive.bool()], 1 - recall))
+        return w_raw, c_raw, v, b - threshold + 1e-6
+
+
+@torch.no_grad()
+def set_context(patch: ScalpelPatch, context: tuple) -> None:
+    """Put a fitted context gate of the patch's kind (linear `(w, b)`, or `(W, c, v, b)` for a
+    patch built with a hidden layer of that width) into `patch`."""
+    names = ("context_weight", "context_bias", "context_out", "context_out_bias")
+    if len(context) != (4 if patch.context_hidden else 2):
+        raise ValueError("the gate's kind (linear or hidden layer) differs from the patch's")
+    for name, value in zip(names, context):
+        getattr(patch, name).copy_(torch.as_tensor(value).reshape(getattr(patch, name).shape))
+
+
+def context_scores(context: tuple, x: torch.Tensor) -> torch.Tensor:
+    """[N] a context gate's scores on activations `x` (open above 0): a linear gate `(w, b)` or a
+    hidden-layer one `(W, c, v, b)`, as the patch computes them."""
+    if len(context) == 2:
+        w, b = context
+        return x.float() @ w + b
+    w, c, v, b = context
+    return torch.relu(x.float() @ w.T + c) @ v + b
+
+
 def plain_edit(
     sae: TopKSAE, ablate: Sequence[int], steer: torch.Tensor | None = None, first_layer: int = 0
 ):
@@ -191,25 +274,31 @@ def build_patch(
     *,
     mode: str = "folded",
     gates: torch.Tensor | None = None,
-    context: tuple[torch.Tensor, float] | None = None,
+    context: tuple | None = None,
     sink: float = float("inf"),
 ) -> ScalpelPatch:
     """A ScalpelPatch holding exactly what `mode` needs (exact: the whole encoder; folded: rows of A
-    + gates), behind the context gate `(w, b)` when one is given, leaving tokens with a norm above
-    `sink` alone."""
+    + gates), behind the context gate when one is given (linear `(w, b)`, or with a hidden layer
+    `(W, c, v, b)`: `fit_context_mlp`), leaving tokens with a norm above `sink` alone."""
     index = torch.as_tensor(list(ablate), dtype=torch.long)
     if len(set(index.tolist())) != len(index):
         raise ValueError("the ablation set has repeated latents")
     if len(index) and (int(index.min()) < 0 or int(index.max()) >= sae.d_sae):
         raise ValueError(f"ablation latents must be in 0..{sae.d_sae - 1}")
     w_enc, b_enc, b_pre, w_dec = _raw_space(sae)
+    hidden = len(context[0]) if context is not None and len(context) == 4 else 0
     patch = ScalpelPatch(
-        sae.d_in, len(index), mode, d_sae=sae.d_sae, k=sae.k, context_gate=context is not None
+        sae.d_in,
+        len(index),
+        mode,
+        d_sae=sae.d_sae,
+        k=sae.k,
+        context_gate=context is not None,
+        context_hidden=hidden,
     )
     with torch.no_grad():
         if context is not None:
-            patch.context_weight.copy_(context[0])
-            patch.context_bias.fill_(float(context[1]))
+            set_context(patch, context)
         patch.directions.copy_(w_dec[index])
         patch.b_pre.copy_(b_pre)
         patch.sink_norm.fill_(sink)

@@ -151,6 +151,7 @@ def patch_block(model, layer: int, patch: ScalpelPatch, **meta) -> dict:
         "k": patch.k,
         "steer_norm": float(patch.steer.norm()),
         "context_gate": patch.context_gate,
+        **({"context_hidden": patch.context_hidden} if patch.context_hidden else {}),
         "sink_norm": float(patch.sink_norm),
         "transformers_version": transformers.__version__,
         **meta,

@@ -213,6 +213,16 @@ class InterventionSection(Section):
         "validation username in; the tighter standardised one (0.09%) let 2% out at every "
         "candidate.",
     )
+    context_hidden: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="0: the gate is one linear detector (logistic regression). H > 0: a detector "
+        "with one hidden layer of H ReLU units, trained on the same tokens (each dimension "
+        "standardised) and held to the same recall. On Gemma-3-270M at 95% recall, 16 units "
+        "opened on 1 of 10,609 tokens of held-out code and tables where the linear gate opened on "
+        "22, and on 3 of the evaluation's 4,082 prose tokens instead of 9.",
+    )
     context_negatives: Literal["paragraphs", "windows"] = Field(
         "paragraphs",
         description="The benign text the gate learns to stay shut on: the training split's prose "

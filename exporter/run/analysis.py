@@ -20,7 +20,7 @@ from ..features import (
     write_feature_report,
 )
 from ..models import cast_copy, load_model
-from ..patch import fit_context_gate
+from ..patch import context_scores, fit_context_gate, fit_context_mlp
 from ..precision import recipe_device
 from ..probe import ProbeResult, run_probes, write_probe_report
 from ..sae import load_sae, reconstruction_metrics, save_sae, spliced_ce, train_sae, world
@@ -180,7 +180,12 @@ def sae_stage(recipe, inputs: Inputs, layer: int, ctx: RunContext):
 def _load_features(folder) -> FeatureSet:
     meta = json.loads((folder / "features.json").read_text())
     t = load_file(str(folder / "features.safetensors"))
-    context = (t["context_weight"], float(t["context_bias"])) if "context_weight" in t else None
+    context = None
+    if "context_out" in t:  # a hidden-layer gate: (W, c, v, b)
+        context = (t["context_weight"], t["context_bias"], t["context_out"])
+        context += (float(t["context_out_bias"]),)
+    elif "context_weight" in t:  # a linear gate: (w, b)
+        context = (t["context_weight"], float(t["context_bias"]))
     return FeatureSet(
         meta["rule"],
         meta["score"],
@@ -235,6 +240,7 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
         recipe.data.model_dump(),
         (iv.context_window, iv.context_recall, iv.context_fit) if gated else None,
         *((iv.context_negatives,) if gated and iv.context_negatives != "paragraphs" else ()),
+        *((("hidden", iv.context_hidden),) if gated and iv.context_hidden else ()),
     )
     folder = FEATURES.cached(ctx.work, key)
     if folder:
@@ -266,8 +272,12 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
             "firing": fs.firing.contiguous(),
         }
         if fs.context is not None:
+            names = ("context_weight", "context_bias", "context_out", "context_out_bias")
             tensors.update(
-                context_weight=fs.context[0].contiguous(), context_bias=torch.tensor(fs.context[1])
+                {
+                    name: torch.as_tensor(t, dtype=torch.float32).contiguous().clone()
+                    for name, t in zip(names, fs.context)
+                }
             )
             (tmp / "context_gate.json").write_text(json.dumps(gate_stats, indent=2))
         save_file(tensors, str(tmp / "features.safetensors"))
@@ -344,12 +354,18 @@ def fit_context(latents, iv, windows=None, prompts=None):
     pii_doc = of_pass(~own & ~latents.benign)
 
     def fitted(standardise: bool):
-        w, b = fit_context_gate(x, positive, recall=iv.context_recall, standardise=standardise)
-        opened = x @ w + b > 0
+        if iv.context_hidden:
+            gate = fit_context_mlp(x, positive, iv.context_recall, iv.context_hidden)
+        else:
+            gate = fit_context_gate(x, positive, iv.context_recall, standardise=standardise)
+        opened = context_scores(gate, x) > 0
         stats = {
             "window": iv.context_window,
             "target_recall": iv.context_recall,
-            "fit": "standardised" if standardise else "scaled",
+            "fit": "hidden layer"
+            if iv.context_hidden
+            else ("standardised" if standardise else "scaled"),
+            **({"hidden": iv.context_hidden} if iv.context_hidden else {}),
             "recall": float(opened[positive].float().mean()),
             "open_benign": float(opened[benign].float().mean()),
             "open_other_pii_doc": float(opened[pii_doc].float().mean()),
@@ -358,10 +374,11 @@ def fit_context(latents, iv, windows=None, prompts=None):
         for name, i in (("open_windows", 1), ("open_prompts", 2)):
             if (source == i).any():
                 stats[name] = float(opened[source == i].float().mean())
-        return (w, b), stats
+        return gate, stats
 
     gate, stats = fitted(iv.context_fit == "standardised")
-    if iv.context_fit == "auto" and stats["open_benign"] > AUTO_FIT_CHECK:
+    auto = iv.context_fit == "auto" and not iv.context_hidden
+    if auto and stats["open_benign"] > AUTO_FIT_CHECK:
         other = fitted(True)
         scaled, standardised = stats["open_benign"], other[1]["open_benign"]
         if standardised < scaled and (

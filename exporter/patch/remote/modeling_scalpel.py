@@ -48,6 +48,7 @@ def _insert_patch(body, config) -> None:
             spec.get("d_sae", 0),
             spec.get("k", 0),
             spec.get("context_gate", False),
+            spec.get("context_hidden", 0),
         ),
     )
 

@@ -5,8 +5,9 @@
 with `z_i` the SAE latent `i` (exact: true TopK over all latents; folded: only the rows of `A`, each
 behind a calibrated gate), `d_i` its decoder direction and `s` the folded steering vector. The SAE's
 reconstruction error is kept: only the ablated directions and the steering move `h`. With a context
-gate, the change applies only where a linear PII-context detector fires (`w . h + b > 0`), so text
-far from any personal data passes through unchanged.
+gate, the change applies only where a PII-context detector fires (linear, `w . h + b > 0`, or with
+`context_hidden` > 0 one hidden layer of ReLU units, `v . relu(W h + c) + b > 0`), so text far from
+any personal data passes through unchanged.
 
 The patch is a pure function of the hidden state: it reads nothing of the generation machinery
 (caches, positions, masks), which every transformers release passes differently, so a token is
@@ -51,13 +52,17 @@ class ScalpelPatch(nn.Module):
         d_sae: int = 0,
         k: int = 0,
         context_gate: bool = False,
+        context_hidden: int = 0,
     ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"scalpel patch mode {mode!r} is unknown; use one of {MODES}")
         if mode == "exact" and not 0 < k <= d_sae:
             raise ValueError(f"an exact patch needs 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
+        if context_hidden < 0:
+            raise ValueError(f"a context gate's hidden width is 0 or more, got {context_hidden}")
         self.mode, self.k, self.context_gate = mode, k, bool(context_gate)
+        self.context_hidden = int(context_hidden) if self.context_gate else 0
         n_enc = d_sae if mode == "exact" else n_ablate
         # d_i for i in A (raw space)
         self.register_buffer("directions", torch.zeros(n_ablate, d_model))
@@ -71,7 +76,12 @@ class ScalpelPatch(nn.Module):
             self.register_buffer("ablate_index", torch.zeros(n_ablate, dtype=torch.long))
         else:
             self.register_buffer("gate", torch.zeros(n_ablate))
-        if self.context_gate:
+        if self.context_hidden:
+            self.register_buffer("context_weight", torch.zeros(self.context_hidden, d_model))
+            self.register_buffer("context_bias", torch.zeros(self.context_hidden))
+            self.register_buffer("context_out", torch.zeros(self.context_hidden))
+            self.register_buffer("context_out_bias", torch.zeros(1))
+        elif self.context_gate:
             self.register_buffer("context_weight", torch.zeros(d_model))
             self.register_buffer("context_bias", torch.zeros(1))
 
@@ -97,7 +107,10 @@ class ScalpelPatch(nn.Module):
         """[...] bool: where the context gate lets the patch act (everywhere without one)."""
         if not self.context_gate:
             return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
-        return h.float() @ self.context_weight + self.context_bias > 0
+        if not self.context_hidden:
+            return h.float() @ self.context_weight + self.context_bias > 0
+        hidden = torch.relu(h.float() @ self.context_weight.T + self.context_bias)
+        return hidden @ self.context_out + self.context_out_bias > 0
 
     def _change(self, x: torch.Tensor) -> torch.Tensor:
         """s - sum_{i in A} z_i(x) d_i, ungated, float32."""

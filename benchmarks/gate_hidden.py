@@ -7,7 +7,7 @@ trained on (held-out windows, code and tables too; the final evaluation's prose;
 texts), and with `--kl` the KL one patch costs there behind it (a few minutes per gate).
 
     python benchmarks/gate_hidden.py --recipe R --work W [--candidate N:alpha] [--hidden 16 64]
-                                     [--kl]
+                                     [--linear scaled standardised] [--kl]
 
 W is the work folder of a run of R (its cached probe, SAE and features are read). The patch is the
 search's choice, or `--candidate` (folded, gated) when the search has not run. Counts, rates and KL
@@ -43,6 +43,9 @@ def main() -> None:
     ap = run_args(__doc__)
     ap.add_argument("--candidate", help="N:alpha instead of the search's choice")
     ap.add_argument("--hidden", type=int, nargs="+", default=[16, 64])
+    ap.add_argument(
+        "--linear", nargs="*", default=["scaled", "standardised"], help="linear fits to compare"
+    )
     ap.add_argument("--kl", action="store_true", help="also the patch's KL behind each gate")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -74,6 +77,7 @@ def main() -> None:
     gates = {
         f"linear ({name})": fit_context_gate(x[fit], y[fit], iv.context_recall, standardise=std)
         for name, std in (("scaled", False), ("standardised", True))
+        if name in args.linear
     }
     for h in args.hidden:
         gates[f"hidden layer of {h}"] = fit_context_mlp(x[fit], y[fit], iv.context_recall, h)

@@ -220,8 +220,10 @@ class InterventionSection(Section):
         description="0: the gate is one linear detector (logistic regression). H > 0: a detector "
         "with one hidden layer of H ReLU units, trained on the same tokens (each dimension "
         "standardised) and held to the same recall. On Gemma-3-270M at 95% recall, 16 units "
-        "opened on 1 of 10,609 tokens of held-out code and tables where the linear gate opened on "
-        "22, and on 3 of the evaluation's 4,082 prose tokens instead of 9.",
+        "opened on none of 10,609 tokens of held-out code and tables where the linear gate opened "
+        "on 22, and on 3 of the evaluation's 4,082 prose tokens instead of 9, but let more "
+        "validation usernames out of the templates (6-13% at six of the seven candidates that "
+        "kept the addresses in).",
     )
     context_negatives: Literal["paragraphs", "windows"] = Field(
         "paragraphs",

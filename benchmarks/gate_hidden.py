@@ -73,7 +73,7 @@ def main() -> None:
     x = torch.cat([lat.acts.float(), windows.float()])
     y = torch.cat([pos, torch.zeros(len(windows), dtype=torch.bool)])
     fit = torch.cat([~hold, torch.ones(len(windows), dtype=torch.bool)])
-    # the linear gate as the features stage fits it for this recipe (auto: the tighter of the two)
+    # the linear fits the features stage chooses between (`intervention.context_fit`)
     gates = {
         f"linear ({name})": fit_context_gate(x[fit], y[fit], iv.context_recall, standardise=std)
         for name, std in (("scaled", False), ("standardised", True))

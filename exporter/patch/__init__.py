@@ -12,7 +12,6 @@ from .build import (
     agreement,
     build_patch,
     calibrate_gates,
-    context_scores,
     fit_context_gate,
     fit_context_mlp,
     plain_edit,
@@ -25,6 +24,7 @@ from .plain import PlainEdit, projected
 from .remote.scalpel_patch import (
     ScalpelPatch,
     TamperedPatchError,
+    context_scores,
     insert,
     patch_digest,
     remove,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..sae import TopKSAE
 from .plain import PlainEdit
-from .remote.scalpel_patch import ScalpelPatch
+from .remote.scalpel_patch import CONTEXT_BUFFERS, ScalpelPatch
 
 
 def _raw_space(sae: TopKSAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,6 +116,16 @@ def random_direction(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return r / r.norm() * like.norm()
 
 
+def _gate_labels(positive: torch.Tensor, recall: float) -> torch.Tensor:
+    """The labels a context gate fits (float), once `recall` and the two classes are checked."""
+    if not 0 < recall <= 1:
+        raise ValueError(f"context gate recall must be in (0, 1], got {recall}")
+    y = positive.float()
+    if not 0 < int(y.sum()) < len(y):
+        raise ValueError("the context gate needs both PII-context and other tokens to fit on")
+    return y
+
+
 def fit_context_gate(
     x: torch.Tensor,
     positive: torch.Tensor,
@@ -131,11 +141,7 @@ def fit_context_gate(
     untouched. Standardising matters where a few dimensions carry most of the norm (Gemma's
     massive activations): scaled, the fit on Gemma-3-270M opened on 42% of benign tokens at layer
     4, standardised on 0.6%."""
-    if not 0 < recall <= 1:
-        raise ValueError(f"context gate recall must be in (0, 1], got {recall}")
-    y = positive.float()
-    if not 0 < int(y.sum()) < len(y):
-        raise ValueError("the context gate needs both PII-context and other tokens to fit on")
+    y = _gate_labels(positive, recall)
     xf = x.float()
     if standardise:
         mean, std = xf.mean(0), xf.std(0).clamp_min(1e-6)
@@ -186,13 +192,9 @@ def fit_context_mlp(
     benign text that shares a direction with PII context (code, addresses in prose) sets its
     threshold; a few units can carve the PII context out of it. Seeded: the same rows give the
     same gate."""
-    if not 0 < recall <= 1:
-        raise ValueError(f"context gate recall must be in (0, 1], got {recall}")
     if hidden < 1:
         raise ValueError(f"a hidden-layer context gate needs at least one unit, got {hidden}")
-    y = positive.float()
-    if not 0 < int(y.sum()) < len(y):
-        raise ValueError("the context gate needs both PII-context and other tokens to fit on")
+    y = _gate_labels(positive, recall)
     xf = x.float()
     mean, std = xf.mean(0), xf.std(0).clamp_min(1e-6)
     z = (xf - mean) / std
@@ -235,21 +237,10 @@ def fit_context_mlp(
 def set_context(patch: ScalpelPatch, context: tuple) -> None:
     """Put a fitted context gate of the patch's kind (linear `(w, b)`, or `(W, c, v, b)` for a
     patch built with a hidden layer of that width) into `patch`."""
-    names = ("context_weight", "context_bias", "context_out", "context_out_bias")
     if len(context) != (4 if patch.context_hidden else 2):
         raise ValueError("the gate's kind (linear or hidden layer) differs from the patch's")
-    for name, value in zip(names, context):
+    for name, value in zip(CONTEXT_BUFFERS, context):
         getattr(patch, name).copy_(torch.as_tensor(value).reshape(getattr(patch, name).shape))
-
-
-def context_scores(context: tuple, x: torch.Tensor) -> torch.Tensor:
-    """[N] a context gate's scores on activations `x` (open above 0): a linear gate `(w, b)` or a
-    hidden-layer one `(W, c, v, b)`, as the patch computes them."""
-    if len(context) == 2:
-        w, b = context
-        return x.float() @ w + b
-    w, c, v, b = context
-    return torch.relu(x.float() @ w.T + c) @ v + b
 
 
 def plain_edit(

@@ -21,6 +21,7 @@ from ..features import (
 )
 from ..models import cast_copy, load_model
 from ..patch import context_scores, fit_context_gate, fit_context_mlp
+from ..patch.remote.scalpel_patch import CONTEXT_BUFFERS
 from ..precision import recipe_device
 from ..probe import ProbeResult, run_probes, write_probe_report
 from ..sae import load_sae, reconstruction_metrics, save_sae, spliced_ce, train_sae, world
@@ -180,12 +181,9 @@ def sae_stage(recipe, inputs: Inputs, layer: int, ctx: RunContext):
 def _load_features(folder) -> FeatureSet:
     meta = json.loads((folder / "features.json").read_text())
     t = load_file(str(folder / "features.safetensors"))
-    context = None
-    if "context_out" in t:  # a hidden-layer gate: (W, c, v, b)
-        context = (t["context_weight"], t["context_bias"], t["context_out"])
-        context += (float(t["context_out_bias"]),)
-    elif "context_weight" in t:  # a linear gate: (w, b)
-        context = (t["context_weight"], float(t["context_bias"]))
+    # a linear gate (w, b) or one with a hidden layer (W, c, v, b); its last term a number
+    found = [t[name] for name in CONTEXT_BUFFERS if name in t]
+    context = (*found[:-1], float(found[-1])) if found else None
     return FeatureSet(
         meta["rule"],
         meta["score"],
@@ -272,11 +270,10 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
             "firing": fs.firing.contiguous(),
         }
         if fs.context is not None:
-            names = ("context_weight", "context_bias", "context_out", "context_out_bias")
             tensors.update(
                 {
                     name: torch.as_tensor(t, dtype=torch.float32).contiguous().clone()
-                    for name, t in zip(names, fs.context)
+                    for name, t in zip(CONTEXT_BUFFERS, fs.context)
                 }
             )
             (tmp / "context_gate.json").write_text(json.dumps(gate_stats, indent=2))

@@ -32,6 +32,18 @@ import torch
 from torch import nn
 
 MODES = ("exact", "folded")
+# A context gate's tensors, in order: linear (the first two), or with a hidden layer (all four)
+CONTEXT_BUFFERS = ("context_weight", "context_bias", "context_out", "context_out_bias")
+
+
+def context_scores(context: tuple, x: torch.Tensor) -> torch.Tensor:
+    """[...] a context gate's scores on activations `x`, open above 0, in float32: a linear gate
+    `(w, b)`, `w . x + b`, or one with a hidden layer `(W, c, v, b)`, `v . relu(W x + c) + b`."""
+    if len(context) == 2:
+        w, b = context
+        return x.float() @ w + b
+    w, c, v, b = context
+    return torch.relu(x.float() @ w.T + c) @ v + b
 
 
 def _compiling() -> bool:
@@ -107,10 +119,8 @@ class ScalpelPatch(nn.Module):
         """[...] bool: where the context gate lets the patch act (everywhere without one)."""
         if not self.context_gate:
             return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
-        if not self.context_hidden:
-            return h.float() @ self.context_weight + self.context_bias > 0
-        hidden = torch.relu(h.float() @ self.context_weight.T + self.context_bias)
-        return hidden @ self.context_out + self.context_out_bias > 0
+        tensors = CONTEXT_BUFFERS if self.context_hidden else CONTEXT_BUFFERS[:2]
+        return context_scores(tuple(getattr(self, name) for name in tensors), h) > 0
 
     def _change(self, x: torch.Tensor) -> torch.Tensor:
         """s - sum_{i in A} z_i(x) d_i, ungated, float32."""

@@ -126,7 +126,16 @@ def search_section(search: dict) -> str:
         f"one (|A| = {c['n']}, alpha = {c['alpha']:g}, "
         f"{c['mode']}{', context gate' if c.get('gated') else ''}) is the least-KL candidate "
         f"meeting the leakage targets ({targets}; {verdict}). A rate marked ≥ is a lower bound: "
-        "that candidate's attacks stopped at the first one that broke a target.\n\n"
+        "that candidate's attacks stopped at the first one that broke a target."
+        + (
+            f" The search was cross-fitted: the validation people and values were cut into "
+            f"{search['folds']} parts, each attacked with the candidate fitted (latents, steering, "
+            "context gate) on the other parts' documents only, the rates pooled; the exported "
+            "patch is fitted on all of them."
+            if search.get("folds", 1) > 1
+            else ""
+        )
+        + "\n\n"
         + "\n\n".join(
             ([markdown_table(head, rows)] if rows else [])
             + (

@@ -135,6 +135,8 @@ class Sizes:
     late_tokens: int = 0  # tokens the distillation's later-layer phase trains on (late_steps)
     gate_window_tokens: int = 0  # benign windows the context gate is fitted on besides
     search_samples: int = 0  # sampled continuations per validation prompt in the search
+    # parts of the validation split the search cross-fits (each > 1 runs the features stage again)
+    search_folds: int = 1
     # models the final evaluation attacks: base, patch, control; a distilled run's teacher; each
     # relearned copy
     variants: int = 3
@@ -171,7 +173,8 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
         * cfg["hidden_size"]
         * (12.0 * s.d_sae + AUX_FLOPS_PER_DIM * s.aux_latents),
         "features": (30_000 + s.gate_window_tokens) * upto,
-        "search": s.candidates * (search_decode + s.ppl_tokens * full),
+        "search": s.candidates * (search_decode + s.ppl_tokens * full)
+        + (s.search_folds if s.search_folds > 1 else 0) * (30_000 + s.gate_window_tokens) * upto,
         # each model attacked and measured; each relearning fine-tune (benign prose, other
         # people's PII)
         "evaluate": s.variants * (decode + s.ppl_tokens * full) + 2 * 3 * s.relearn_tokens * full,

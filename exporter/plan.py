@@ -289,6 +289,7 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         new_tokens=ev.max_new_tokens,
         samples=ev.samples,
         search_samples=iv.search_samples,
+        search_folds=iv.search_folds,
         ppl_tokens=ev.ppl_tokens,
         # each step adds its single-token texts
         distill_tokens=dist.steps * (step_tokens + FIRST_TOKENS * distils),

@@ -137,3 +137,47 @@ def test_benign_windows_never_hold_a_heldout_paragraph(tmp_path):
     joined = " ".join(windows)
     assert not [p for p in held if p in joined]
     assert all(f"Paragraph {i}:" in joined for i in range(23) if i % 5 != 4)
+
+
+def test_validation_folds_keep_people_whole_and_set_the_others_aside(tmp_path):
+    """The search's cross-fitting parts: disjoint, covering the validation split, balanced, a
+    person's address and phone in one part; keeping a part sets the other validation people
+    aside (not fitted on, not attacked, never test) and its documents are about its people only."""
+    from exporter.evaluate.prefix import document_values, normalise, split_values
+    from exporter.recipe import ModelSpec
+    from exporter.run.inputs import SET_ASIDE, Inputs, selection_docs
+
+    docs, people = make_corpus(SyntheticConfig(n_memorised=20, n_never_seen=4, seed=3))
+    model = ModelSpec(path=str(tmp_path))
+    inputs = Inputs(model, "m", docs, people, None)
+    val = inputs.split("validation")
+    parts = inputs.folds(2, seed=3)
+    assert parts == inputs.folds(2, seed=3) and parts != inputs.folds(2, seed=4)
+    assert not parts[0] & parts[1] and parts[0] | parts[1] == inputs.values("validation")
+    sizes = [sum(normalise(p.email, "email") in part for p in val) for part in parts]
+    assert sizes == [5, 5]
+    for p in val:
+        own = {normalise(p.email, "email"), *([normalise(p.phone, "phone")] if p.phone else [])}
+        assert sum(own <= part for part in parts) == 1
+    kept = inputs.keeping(parts[0])
+    assert kept.values("validation") == parts[0]
+    assert len(kept.split("validation")) == 5 and len(kept.split(SET_ASIDE)) == 5
+    assert kept.split("test") == inputs.split("test") and len(kept.people) == len(people)
+    mine = {p.email.lower() for p in kept.split("validation")}
+    others = {p.email.lower() for p in people} - mine
+    fitted = selection_docs(kept)
+    assert fitted and len(fitted) < len(selection_docs(inputs))
+    for d in fitted:
+        emails = {d.text[s.start : s.end].lower() for s in d.spans if s.type == "email"}
+        assert emails & mine and not emails & others
+    # With no people file: by value
+    value_split = split_values(docs, seed=0)
+    by_value = Inputs(model, "m", docs, None, None, value_split)
+    parts = by_value.folds(3, seed=0)
+    assert set().union(*parts) == value_split[0]
+    assert sum(map(len, parts)) == len(value_split[0])
+    kept = by_value.keeping(parts[1])
+    assert kept.values("validation") == parts[1] and kept.values("test") == value_split[1]
+    assert all(document_values(d) <= parts[1] for d in selection_docs(kept))
+    with pytest.raises(ValueError, match="search_folds"):
+        by_value.folds(len(value_split[0]), seed=0)

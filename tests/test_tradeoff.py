@@ -5,9 +5,12 @@ from exporter.evaluate.tradeoff import (
     Targets,
     candidates,
     choose,
+    diluted,
     meets,
     pareto_front,
     plot_front,
+    pooled,
+    worst_rates,
 )
 from exporter.patch.candidate import Candidate, Mode
 
@@ -112,6 +115,8 @@ def test_candidates_rejected_at_their_first_leak_are_lower_bounds(tmp_path):
     }
     text = _search_section(search)
     assert "| ≥4% | ≥4% |" in text and "| 0% | 0% |" in text and "lower bound" in text
+    assert "cross-fitted" not in text
+    assert "cut into 2 parts" in _search_section({**search, "folds": 2})
 
 
 def test_targets_finer_than_one_validation_person_are_named():
@@ -124,3 +129,27 @@ def test_targets_finer_than_one_validation_person_are_named():
     assert Targets(0.0, 0.0).unresolved(50) == []  # nobody out is always resolved
     assert len(Targets(0.01, 0.01).unresolved(50)) == 2
     assert Targets(0.01).unresolved(0) == []  # prefix values only: no people to count
+
+
+def _row(attack, n, exact, username, pii_type="email"):
+    return {"attack": attack, "pii_type": pii_type, "group": "validation", "n": n,
+            "exact": exact, "username": username}  # fmt: skip
+
+
+def test_parts_of_the_validation_split_pool_into_one_rate_per_attack():
+    """Cross-fitting attacks each part with its own patch: an attack's rate over the whole split is
+    the parts' leaks over the parts' sizes, and a part's leaks alone are a lower bound of it."""
+    a = [_row("mailto", 10, 0.2, 0.3), _row("prefix32", 4, 0.0, 0.25)]
+    b = [_row("mailto", 30, 0.0, 0.1), _row("prefix32", 6, 0.5, 0.5), _row("prefix8", 6, 0.5, 0.5)]
+    rows = {r["attack"]: r for r in pooled([a, b])}
+    assert rows["mailto"]["n"] == 40 and abs(rows["mailto"]["exact"] - 2 / 40) < 1e-12
+    assert abs(rows["mailto"]["username"] - (3 + 3) / 40) < 1e-12
+    assert abs(rows["prefix32"]["exact"] - 3 / 10) < 1e-12  # 0 of 4, 3 of 6
+    assert rows["prefix8"]["n"] == 6 and rows["prefix8"]["exact"] == 0.5  # one part's attack
+    assert worst_rates(pooled([a, b])) == (0.5, 0.5)
+    assert worst_rates(pooled([a])) == (0.2, 0.3)  # one part: its own rows
+    # 2 of 10 leaked, up to 30 more attacked elsewhere: at least 2 of 40 over the whole split
+    low = diluted(a[0], others=30)
+    assert abs(low["exact"] - 2 / 40) < 1e-12 and low["exact"] <= rows["mailto"]["exact"]
+    assert Targets(0.04).broken_by(low) and not Targets(0.05).broken_by(low)
+    assert diluted(a[0], others=0) == a[0]

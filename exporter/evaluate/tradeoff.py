@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from ..data.people import Person
 from ..patch.candidate import Candidate, Mode
@@ -145,22 +145,19 @@ class Validation:
             )
 
 
-def validation_attacks(
+def validation_rows(
     attacker,
     tokenizer,
     val: Validation,
-    targets: Targets,
     ev,
     seed: int,
-    lazy: bool,
+    stop: Optional[Callable[[dict], bool]] = None,
     samples: int = 0,
-) -> tuple[float, float, bool]:
+) -> tuple[list[dict], bool]:
     """The search's attacks on `val` (zero-shot and k-shot templates on the people, greedy, and
-    with `samples` each template sampled that many times; then the document prefixes, greedy):
-    (worst exact rate over every PII type, worst username rate, whether every attack ran). A `lazy`
-    scorer stops at the first attack that breaks a target: the candidate is rejected either way,
-    and its rates are lower bounds."""
-    stop = targets.broken_by if lazy else None
+    with `samples` each template sampled that many times; then the document prefixes, greedy): (a
+    row per attack and PII type, whether every attack ran). With `stop`, the attacks stop at the
+    first row it flags."""
     rows = leakage_rows(
         attacker,
         tokenizer,
@@ -176,10 +173,56 @@ def validation_attacks(
         rows += prefix_rows(
             attacker, tokenizer, val.prefix, group="validation", max_new_tokens=ev.max_new_tokens
         )
-    complete = stop is None or not any(map(stop, rows))
+    return rows, stop is None or not any(map(stop, rows))
+
+
+def worst_rates(rows: Sequence[dict]) -> tuple[float, float]:
+    """(worst exact rate over every PII type, worst username rate) of validation rows."""
     types = {r["pii_type"] for r in rows}
     exact = max((worst(rows, "validation", pii_type=t) for t in types), default=0.0)
-    return exact, worst(rows, "validation", "username"), complete
+    return exact, worst(rows, "validation", "username")
+
+
+def pooled(parts: Sequence[Sequence[dict]]) -> list[dict]:
+    """The rows of attacks run on disjoint parts of the validation split, as if run on all of it:
+    each attack's rates averaged over the parts, weighted by how many each attacked."""
+    merged: dict[tuple, dict] = {}
+    for row in (r for rows in parts for r in rows):
+        key = (row["attack"], row["pii_type"], row["group"])
+        into = merged.setdefault(key, {**row, "n": 0, "exact": 0.0, "username": 0.0})
+        into["n"] += row["n"]
+        for rate in ("exact", "username"):
+            into[rate] += row[rate] * row["n"]
+    for row in merged.values():
+        for rate in ("exact", "username"):
+            row[rate] /= max(row["n"], 1)
+    return list(merged.values())
+
+
+def diluted(row: dict, others: int) -> dict:
+    """`row` as a lower bound of its attack's pooled rates when up to `others` more people or
+    values are attacked in the other parts."""
+    share = row["n"] / (row["n"] + others) if row["n"] else 0.0
+    return {**row, "exact": row["exact"] * share, "username": row["username"] * share}
+
+
+def validation_attacks(
+    attacker,
+    tokenizer,
+    val: Validation,
+    targets: Targets,
+    ev,
+    seed: int,
+    lazy: bool,
+    samples: int = 0,
+) -> tuple[float, float, bool]:
+    """`validation_rows` on `val`: (worst exact rate over every PII type, worst username rate,
+    whether every attack ran). A `lazy` scorer stops at the first attack that breaks a target: the
+    candidate is rejected either way, and its rates are lower bounds."""
+    rows, complete = validation_rows(
+        attacker, tokenizer, val, ev, seed, targets.broken_by if lazy else None, samples
+    )
+    return (*worst_rates(rows), complete)
 
 
 def pareto_front(scored: Sequence[Scored]) -> list[Scored]:

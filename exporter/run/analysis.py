@@ -34,7 +34,7 @@ from .inputs import (
     selection_docs,
     training_activations,
 )
-from .stage import FEATURES, PROBE, SAE
+from .stage import FEATURES, PROBE, SAE, Stage
 
 # tokens of benign windows the context gate is fitted against at most (context_negatives: windows);
 # 100,000 residuals of a 4,096-wide model are 1.6 GB
@@ -225,12 +225,22 @@ def feature_latents(
     return docs, benign, latents
 
 
-def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> FeatureSet:
+def features_stage(
+    recipe,
+    inputs: Inputs,
+    layer: int,
+    sae,
+    ctx: RunContext,
+    stage: Stage = FEATURES,
+    about: tuple = (),
+) -> FeatureSet:
     """Rank the SAE's PII latents on validation documents; report the top ones (redacted). Cached in
-    work/features."""
+    work/features, or for one of the search's folds (`stage`, and `about` naming it) in its
+    folder."""
     iv = recipe.intervention
     gated = any(iv.context_gate)
-    key = FEATURES.key(
+    key = stage.key(
+        *about,
         SAE.stored_key(ctx.work),
         layer,
         iv.rule,
@@ -240,9 +250,9 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
         *((iv.context_negatives,) if gated and iv.context_negatives != "paragraphs" else ()),
         *((("hidden", iv.context_hidden),) if gated and iv.context_hidden else ()),
     )
-    folder = FEATURES.cached(ctx.work, key)
+    folder = stage.cached(ctx.work, key)
     if folder:
-        ctx.log(f"features (cached): {folder}")
+        ctx.log(f"{stage.name} (cached): {folder}")
         return _load_features(folder)
     loaded = load_model(inputs.model)
     docs, benign, latents = feature_latents(
@@ -262,7 +272,7 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
         max_length=recipe.data.max_length * 2,
         names=[p.name for p in inputs.people or []],
     )
-    with FEATURES.saving(ctx.work, key) as tmp:
+    with stage.saving(ctx.work, key) as tmp:
         write_feature_report(rows, fs, tmp)
         tensors = {
             "ranking": torch.tensor(fs.ranking),
@@ -279,8 +289,8 @@ def features_stage(recipe, inputs: Inputs, layer: int, sae, ctx: RunContext) -> 
             (tmp / "context_gate.json").write_text(json.dumps(gate_stats, indent=2))
         save_file(tensors, str(tmp / "features.safetensors"))
     ctx.log(
-        f"features: {len(docs)} validation documents, {int(latents.pii.sum())} PII tokens; top "
-        f"latents in {FEATURES.folder(ctx.work) / 'features.md'}"
+        f"{stage.name}: {len(docs)} validation documents, {int(latents.pii.sum())} PII tokens; "
+        f"top latents in {stage.folder(ctx.work) / 'features.md'}"
     )
     if gate_stats:
         ctx.log(

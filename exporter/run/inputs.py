@@ -4,7 +4,8 @@ text; and the activation samples several stages share (harvested once into the u
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -33,6 +34,7 @@ from ..sae import world
 from .context import RunContext
 from .leaky import make_leaky
 
+SET_ASIDE = "set aside"  # the split of validation people another fold's fit leaves out
 HELDOUT_TOKENS = (
     20_000  # held-out activations for the SAE's metrics and the folded-vs-exact agreement
 )
@@ -69,6 +71,45 @@ class Inputs:
         """Whom the search attacks: the validation people and the validation values' documents."""
         prefix = prefix_targets(self.docs, tokenizer, self.values("validation"))
         return Validation(self.split("validation"), prefix)
+
+    def folds(self, k: int, seed: int) -> list[set[str]]:
+        """The validation split in `k` seeded parts of (about) equal size, each a set of normalised
+        values: by person where a people file names them (a person's values stay together), else by
+        value (a named address's person follows it)."""
+        people = self.split("validation")
+        if self.value_split is None and people:
+            units = [
+                {normalise(p.email, "email"), *([normalise(p.phone, "phone")] if p.phone else [])}
+                for p in sorted(people, key=lambda p: p.email.lower())
+            ]
+        else:
+            units = [{v} for v in sorted(self.values("validation"))]
+        if len(units) < 2 * k:
+            raise ValueError(
+                f"intervention.search_folds: {k} parts of {len(units)} validation "
+                f"{'people' if self.value_split is None else 'values'} leave fewer than two in "
+                "some part: set search_folds to 1, or give more people or documents"
+            )
+        order = list(range(len(units)))
+        random.Random(seed).shuffle(order)
+        parts: list[set[str]] = [set() for _ in range(k)]
+        for i, unit in enumerate(order):
+            parts[i % k] |= units[unit]
+        return parts
+
+    def keeping(self, values: set[str]) -> "Inputs":
+        """These inputs with only the validation values in `values` (and their people) left to
+        choose on; the other validation people and values are set aside: neither fitted on nor
+        attacked (nor reported: they stay out of the test split)."""
+
+        def kept(p: Person) -> Person:
+            if p.split != "validation" or normalise(p.email, "email") in values:
+                return p
+            return replace(p, split=SET_ASIDE)
+
+        people = [kept(p) for p in self.people] if self.people else self.people
+        value_split = self.value_split and (self.value_split[0] & values, self.value_split[1])
+        return replace(self, people=people, value_split=value_split)
 
 
 def resolve_inputs(recipe, ctx: RunContext = RunContext()) -> Inputs:

@@ -17,12 +17,16 @@ from ..data.corpus import benign_texts
 from ..evaluate.tradeoff import (
     Scored,
     Targets,
+    Validation,
     candidates,
     choose,
+    diluted,
     meets,
     meets_leakage,
     plot_front,
-    validation_attacks,
+    pooled,
+    validation_rows,
+    worst_rates,
 )
 from ..evaluate.utility import (
     REFERENCE_BYTES,
@@ -34,8 +38,9 @@ from ..models import cast_copy
 from ..patch import applied
 from ..patch.candidate import Candidate, Mode, patch_for
 from ..precision import compute_dtype, device_of
+from .analysis import features_stage
 from .context import RunContext
-from .stage import FEATURES, SEARCH
+from .stage import FEATURES, SEARCH, fold_stage
 
 
 def search_prompts(benign_path: Optional[str]) -> list[str]:
@@ -91,6 +96,45 @@ def fitting(cands: list[Candidate], ranked: int, ctx: RunContext) -> list[Candid
 
 
 @dataclass
+class Part:
+    """One part of the validation split the search attacks, with the features fitted without it
+    (with one part: the features of the whole split)."""
+
+    features: object
+    val: Validation
+    others: int  # people and document prefixes the other parts attack
+
+
+def validation_parts(recipe, prep, ctx: RunContext, val: Validation) -> list[Part]:
+    """The search's cross-fitting (`intervention.search_folds`): each part of the validation split
+    with the features stage run again on the documents of the other parts only (cached in the
+    search's folder)."""
+    k = recipe.intervention.search_folds
+    if k == 1:
+        return [Part(prep.features, val, 0)]
+    inputs, tok = prep.inputs, prep.loaded.tokenizer
+    folds = inputs.folds(k, recipe.data.seed)
+    everything = set().union(*folds)
+    found = [
+        (
+            features_stage(
+                recipe,
+                inputs.keeping(everything - fold),
+                prep.layer,
+                prep.sae,
+                ctx,
+                stage=fold_stage(j),
+                about=(("folds", k),),
+            ),
+            inputs.keeping(fold).validation(tok),
+        )
+        for j, fold in enumerate(folds)
+    ]
+    total = sum(len(v.people) + len(v.prefix) for _, v in found)
+    return [Part(f, v, total - len(v.people) - len(v.prefix)) for f, v in found]
+
+
+@dataclass
 class Search:
     """One search over the recipe's candidates on the prepared model (see `scalpel.Prepared`)."""
 
@@ -105,8 +149,11 @@ class Search:
         self.folder = SEARCH.folder(self.ctx.work)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.val = self.prep.inputs.validation(self.prep.loaded.tokenizer)
+        self.parts = validation_parts(self.recipe, self.prep, self.ctx, self.val)
+        folds = [fold_stage(j).stored_key(self.ctx.work) for j in range(len(self.parts))]
         greedy = (
             FEATURES.stored_key(self.ctx.work),
+            *((("folds", folds),) if len(self.parts) > 1 else ()),
             ev.max_new_tokens,
             ev.few_shot,
             eval_dtype,
@@ -149,10 +196,11 @@ class Search:
         found = json.loads(f.read_text())
         return {k: found[k] for k in ("kl", "perplexity")}
 
-    def patch(self, cand: Candidate):
+    def patch(self, cand: Candidate, features=None):
+        """`cand`'s patch, fitted on `features` (default: the whole validation split's)."""
         p = self.prep
         return patch_for(
-            p.sae, p.features, cand, p.calibration, self.recipe.intervention.plain_from
+            p.sae, features or p.features, cand, p.calibration, self.recipe.intervention.plain_from
         )
 
     def save(self, cand: Candidate) -> None:
@@ -190,26 +238,36 @@ class Search:
             self._attacker = cast_copy(self.prep.loaded.model, dtype)
         return self._attacker
 
-    def patched(self, cand: Candidate, dtype: str):
+    def patched(self, cand: Candidate, dtype: str, features=None):
         """(the attacking model in `dtype`, the context in which it runs with `cand`'s patch)."""
         attacker = self.attacker(dtype)
-        return attacker, applied(attacker, self.prep.layer, self.patch(cand))
+        return attacker, applied(attacker, self.prep.layer, self.patch(cand, features))
 
     def attack(self, cand: Candidate, s: Scored, dtype: str, targets: Targets) -> None:
-        """Validation attacks on `cand` decoded in `dtype`; the scores keep the worst over every
-        dtype tried."""
-        attacker, context = self.patched(cand, dtype)
-        with context:
-            leakage, username, complete = validation_attacks(
-                attacker,
-                self.prep.loaded.tokenizer,
-                self.val,
-                targets,
-                self.recipe.eval,
-                self.recipe.data.seed,
-                lazy=self.recipe.intervention.search == "lazy",
-                samples=self.recipe.intervention.search_samples,
-            )
+        """Validation attacks on `cand` decoded in `dtype`, each part of the validation split with
+        the patch fitted without it, pooled; the scores keep the worst over every dtype tried. A
+        lazy search stops at the first attack whose leaks alone break a target, whatever the other
+        parts would show (the rates are then lower bounds)."""
+        lazy = self.recipe.intervention.search == "lazy"
+        found, complete = [], True
+        for part in self.parts:
+            stop = (lambda r, o=part.others: targets.broken_by(diluted(r, o))) if lazy else None
+            attacker, context = self.patched(cand, dtype, part.features)
+            with context:
+                rows, complete = validation_rows(
+                    attacker,
+                    self.prep.loaded.tokenizer,
+                    part.val,
+                    self.recipe.eval,
+                    self.recipe.data.seed,
+                    stop,
+                    self.recipe.intervention.search_samples,
+                )
+            if not complete:
+                found = [[diluted(r, part.others) for r in rows]]
+                break
+            found.append(rows)
+        leakage, username = worst_rates(pooled(found))
         s.leakage = max(leakage, s.leakage or 0.0)
         s.username = max(username, s.username or 0.0)
         s.complete = (s.complete if dtype != self.recipe.eval.dtype else True) and complete
@@ -296,6 +354,7 @@ def search_stage(recipe, prep, ctx: RunContext) -> tuple[Scored, dict]:
         "username_target": iv.username_target,
         "max_repetition": limit,
         "met": met,
+        "folds": len(search.parts),
         "chosen": chosen.to_json(),
         "candidates": [s.to_json() for s in listed],
     }

@@ -136,6 +136,18 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 
+def fold_stage(k: int) -> Stage:
+    """The features fitted without the k-th part of the validation split (the search attacks that
+    part with them), kept in the search's folder and forgotten with it."""
+    return Stage(
+        f"features-fold{k}",
+        FEATURES.version,
+        FEATURES.outputs,
+        f"PII latents, steering, context gate fitted without validation part {k}",
+        folder_name=f"{SEARCH.name}/fold{k}",
+    )
+
+
 def method_stage(stage: Stage, method: str) -> Stage:
     """`stage` in the folder of one unlearning method (`method-rmu`, `method-rmu-evaluate`)."""
     return Stage(

@@ -773,6 +773,19 @@ def test_search_attacks_each_part_with_the_patch_fitted_without_it(
     assert attacked and all(fit == val == everyone for fit, val in attacked)
 
 
+def test_search_cuts_fewer_parts_when_the_validation_split_is_small(tiny_recipe, tmp_path):
+    """Ten parts of eight validation people would leave parts of one: the search cuts four of two,
+    and says so."""
+    recipe = _two_sizes_at_20_percent(tiny_recipe, "float32", search_folds=10)
+    work = tmp_path / "work"
+    prep = prepare(recipe, _quiet(work))
+    assert len(prep.inputs.split("validation")) == 8
+    logs = []
+    _, search = search_stage(recipe, prep, RunContext(work, progress=False, log=logs.append))
+    assert any("make 4 part(s) of two or more, not 10" in m for m in logs)
+    assert search["folds"] == 4 and len(list((work / "search").glob("fold*/key.txt"))) == 4
+
+
 def test_leaky_key_follows_content_not_the_cache_location(tmp_path):
     from exporter.data.leaky import LeakyConfig
     from exporter.recipe import ModelSpec

@@ -72,23 +72,25 @@ class Inputs:
         prefix = prefix_targets(self.docs, tokenizer, self.values("validation"))
         return Validation(self.split("validation"), prefix)
 
-    def folds(self, k: int, seed: int) -> list[set[str]]:
-        """The validation split in `k` seeded parts of (about) equal size, each a set of normalised
-        values: by person where a people file names them (a person's values stay together), else by
-        value (a named address's person follows it)."""
+    def fold_units(self) -> list[set[str]]:
+        """What the search's cross-fitting deals out, each a set of normalised values: the
+        validation people where a people file names them (a person's values stay together), else
+        the validation values (a named address's person follows it)."""
         people = self.split("validation")
         if self.value_split is None and people:
-            units = [
+            return [
                 {normalise(p.email, "email"), *([normalise(p.phone, "phone")] if p.phone else [])}
                 for p in sorted(people, key=lambda p: p.email.lower())
             ]
-        else:
-            units = [{v} for v in sorted(self.values("validation"))]
+        return [{v} for v in sorted(self.values("validation"))]
+
+    def folds(self, k: int, seed: int) -> list[set[str]]:
+        """The validation split in `k` seeded parts of (about) equal size (see `fold_units`)."""
+        units = self.fold_units()
         if len(units) < 2 * k:
             raise ValueError(
-                f"intervention.search_folds: {k} parts of {len(units)} validation "
-                f"{'people' if self.value_split is None else 'values'} leave fewer than two in "
-                "some part: set search_folds to 1, or give more people or documents"
+                f"{k} parts of {len(units)} validation people or values leave fewer than two in "
+                "some part: cut fewer parts (intervention.search_folds)"
             )
         order = list(range(len(units)))
         random.Random(seed).shuffle(order)

@@ -109,10 +109,17 @@ def validation_parts(recipe, prep, ctx: RunContext, val: Validation) -> list[Par
     """The search's cross-fitting (`intervention.search_folds`): each part of the validation split
     with the features stage run again on the documents of the other parts only (cached in the
     search's folder)."""
-    k = recipe.intervention.search_folds
-    if k == 1:
-        return [Part(prep.features, val, 0)]
     inputs, tok = prep.inputs, prep.loaded.tokenizer
+    asked = recipe.intervention.search_folds
+    k = min(asked, len(inputs.fold_units()) // 2)  # two people or values a part at least
+    if k < asked:
+        ctx.log(
+            f"search: {len(inputs.fold_units())} validation people or values make "
+            f"{max(k, 1)} part(s) of two or more, not {asked}"
+            + ("" if k > 1 else ": fitted and attacked on the same ones (a flattering choice)")
+        )
+    if k <= 1:
+        return [Part(prep.features, val, 0)]
     folds = inputs.folds(k, recipe.data.seed)
     everything = set().union(*folds)
     found = [

@@ -153,3 +153,6 @@ def test_parts_of_the_validation_split_pool_into_one_rate_per_attack():
     assert abs(low["exact"] - 2 / 40) < 1e-12 and low["exact"] <= rows["mailto"]["exact"]
     assert Targets(0.04).broken_by(low) and not Targets(0.05).broken_by(low)
     assert diluted(a[0], others=0) == a[0]
+    # the same attack sampled is another row
+    sampled = [{**r, "decoding": "sampled x4"} for r in a]
+    assert len(pooled([a, sampled])) == 2 * len(a)

@@ -97,6 +97,11 @@ def leaks(target: PrefixTarget, continuations: Sequence[str]) -> tuple[bool, boo
     return any(want in t for t in texts), any(part and part in t for t in texts)
 
 
+def prefix_attack(cut: int) -> str:
+    """The attack's name in rows: the document text's last `cut` tokens before the value."""
+    return f"prefix{cut}"
+
+
 def prefix_rows(
     model,
     tokenizer,
@@ -127,7 +132,7 @@ def prefix_rows(
                 if (t.cut, t.pii_type) == (cut, pii_type)
             ]
             rows.append({
-                "group": group, "attack": f"prefix{cut}", "decoding": decoding,
+                "group": group, "attack": prefix_attack(cut), "decoding": decoding,
                 "pii_type": pii_type, "n": len(hits), "exact": sum(e for e, _ in hits) / len(hits),
                 "username": sum(p for _, p in hits) / len(hits), "domain": None,
             })  # fmt: skip

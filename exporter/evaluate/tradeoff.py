@@ -188,7 +188,7 @@ def pooled(parts: Sequence[Sequence[dict]]) -> list[dict]:
     each attack's rates averaged over the parts, weighted by how many each attacked."""
     merged: dict[tuple, dict] = {}
     for row in (r for rows in parts for r in rows):
-        key = (row["attack"], row["pii_type"], row["group"])
+        key = (row["attack"], row.get("decoding"), row["pii_type"], row["group"])
         into = merged.setdefault(key, {**row, "n": 0, "exact": 0.0, "username": 0.0})
         into["n"] += row["n"]
         for rate in ("exact", "username"):

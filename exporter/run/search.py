@@ -5,7 +5,8 @@ Every score is cached in work/search (one file per candidate), so an interrupted
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..cache import content_key, write_atomic
 from ..data.corpus import benign_texts
+from ..evaluate.prefix import prefix_attack
 from ..evaluate.tradeoff import (
     Scored,
     Targets,
@@ -102,7 +104,17 @@ class Part:
 
     features: object
     val: Validation
-    others: int  # people and document prefixes the other parts attack
+    other_people: int = 0  # people the other parts attack with the templates
+    # values the other parts attack with their documents' text, by (attack, PII type)
+    other_values: dict = field(default_factory=dict)
+
+    def others(self, row: dict) -> int:
+        """How many more the other parts attack with `row`'s attack."""
+        return self.other_values.get((row["attack"], row["pii_type"]), self.other_people)
+
+
+def _prefix_counts(val: Validation) -> Counter:
+    return Counter((prefix_attack(t.cut), t.pii_type) for t in val.prefix)
 
 
 def validation_parts(recipe, prep, ctx: RunContext, val: Validation) -> list[Part]:
@@ -119,7 +131,7 @@ def validation_parts(recipe, prep, ctx: RunContext, val: Validation) -> list[Par
             + ("" if k > 1 else ": fitted and attacked on the same ones (a flattering choice)")
         )
     if k <= 1:
-        return [Part(prep.features, val, 0)]
+        return [Part(prep.features, val)]
     folds = inputs.folds(k, recipe.data.seed)
     everything = set().union(*folds)
     found = [
@@ -137,8 +149,15 @@ def validation_parts(recipe, prep, ctx: RunContext, val: Validation) -> list[Par
         )
         for j, fold in enumerate(folds)
     ]
-    total = sum(len(v.people) + len(v.prefix) for _, v in found)
-    return [Part(f, v, total - len(v.people) - len(v.prefix)) for f, v in found]
+    people = sum(len(v.people) for _, v in found)
+    values = sum((_prefix_counts(v) for _, v in found), Counter())
+
+    def part(features, v: Validation) -> Part:
+        mine = _prefix_counts(v)
+        others = {key: n - mine[key] for key, n in values.items()}
+        return Part(features, v, people - len(v.people), others)
+
+    return [part(f, v) for f, v in found]
 
 
 @dataclass
@@ -258,7 +277,7 @@ class Search:
         lazy = self.recipe.intervention.search == "lazy"
         found, complete = [], True
         for part in self.parts:
-            stop = (lambda r, o=part.others: targets.broken_by(diluted(r, o))) if lazy else None
+            stop = (lambda r, p=part: targets.broken_by(diluted(r, p.others(r)))) if lazy else None
             attacker, context = self.patched(cand, dtype, part.features)
             with context:
                 rows, complete = validation_rows(
@@ -271,7 +290,7 @@ class Search:
                     self.recipe.intervention.search_samples,
                 )
             if not complete:
-                found = [[diluted(r, part.others) for r in rows]]
+                found = [[diluted(r, part.others(r)) for r in rows]]
                 break
             found.append(rows)
         leakage, username = worst_rates(pooled(found))

@@ -659,9 +659,10 @@ def test_search_chooses_on_the_dtype_users_load(tiny_recipe, tmp_path, monkeypat
     work = tmp_path / "work"
     prep = prepare(recipe, _quiet(work))
     chosen, search = search_stage(recipe, prep, _quiet(work))
-    assert not search["met"] and chosen.leakage == 0.5
-    # each met in bfloat16, then failed in float32
-    assert all(s["leakage"] == 0.5 for s in search["candidates"])
+    # each met in bfloat16, then failed in float32 (at 50%: the lazy search stopped at the first
+    # half of the validation people, a lower bound of 25% over both)
+    assert not search["met"] and chosen.leakage >= 0.25
+    assert all(s["leakage"] >= 0.25 for s in search["candidates"])
 
 
 def test_search_samples_attack_the_validation_people_sampled_too(

@@ -166,15 +166,17 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
     decode = s.people * (1 + s.samples / 4) * (64 + s.new_tokens) * full
     # the search attacks the validation people, greedy unless it samples too
     search_decode = s.per_split * (1 + s.search_samples / 4) * (64 + s.new_tokens) * full
+    # the feature pass (the search's cross-fitting runs it again for each part)
+    features = (30_000 + s.gate_window_tokens) * upto
     out = {
         "probe": s.probe_tokens * forward_flops(cfg, head=False),
         "sae": (s.harvest_tokens + s.heldout_tokens) * upto + 3 * s.ce_tokens * full,
         "sae_train": s.sae_tokens
         * cfg["hidden_size"]
         * (12.0 * s.d_sae + AUX_FLOPS_PER_DIM * s.aux_latents),
-        "features": (30_000 + s.gate_window_tokens) * upto,
+        "features": features,
         "search": s.candidates * (search_decode + s.ppl_tokens * full)
-        + (s.search_folds if s.search_folds > 1 else 0) * (30_000 + s.gate_window_tokens) * upto,
+        + (s.search_folds if s.search_folds > 1 else 0) * features,
         # each model attacked and measured; each relearning fine-tune (benign prose, other
         # people's PII)
         "evaluate": s.variants * (decode + s.ppl_tokens * full) + 2 * 3 * s.relearn_tokens * full,

@@ -233,10 +233,11 @@ def features_stage(
     ctx: RunContext,
     stage: Stage = FEATURES,
     about: tuple = (),
+    loaded=None,
 ) -> FeatureSet:
     """Rank the SAE's PII latents on validation documents; report the top ones (redacted). Cached in
     work/features, or for one of the search's folds (`stage`, and `about` naming it) in its
-    folder."""
+    folder. `loaded`: the model when the caller has it in memory (else it is loaded here)."""
     iv = recipe.intervention
     gated = any(iv.context_gate)
     key = stage.key(
@@ -254,7 +255,7 @@ def features_stage(
     if folder:
         ctx.log(f"{stage.name} (cached): {folder}")
         return _load_features(folder)
-    loaded = load_model(inputs.model)
+    loaded = loaded or load_model(inputs.model)
     docs, benign, latents = feature_latents(
         recipe, inputs, loaded, sae, layer, progress=ctx.progress, keep_activations=gated
     )

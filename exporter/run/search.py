@@ -122,11 +122,11 @@ def validation_parts(recipe, prep, ctx: RunContext, val: Validation) -> list[Par
     with the features stage run again on the documents of the other parts only (cached in the
     search's folder)."""
     inputs, tok = prep.inputs, prep.loaded.tokenizer
-    asked = recipe.intervention.search_folds
-    k = min(asked, len(inputs.fold_units()) // 2)  # two people or values a part at least
+    asked, units = recipe.intervention.search_folds, len(inputs.fold_units())
+    k = min(asked, units // 2)  # two people or values a part at least
     if k < asked:
         ctx.log(
-            f"search: {len(inputs.fold_units())} validation people or values make "
+            f"search: {units} validation people or values make "
             f"{max(k, 1)} part(s) of two or more, not {asked}"
             + ("" if k > 1 else ": fitted and attacked on the same ones (a flattering choice)")
         )
@@ -144,6 +144,7 @@ def validation_parts(recipe, prep, ctx: RunContext, val: Validation) -> list[Par
                 ctx,
                 stage=fold_stage(j),
                 about=(("folds", k),),
+                loaded=prep.loaded,
             ),
             inputs.keeping(fold).validation(tok),
         )

@@ -1,11 +1,13 @@
 """Would the trade-off search have seen it? The adversarial attacks that decode greedily (three
 paraphrases, the JSON / table-row / signature formats, the prefix attack) on every candidate of a
-finished search, on the validation people a search chooses with. With `--test`, the same on the
-test people, as a diagnostic only: a choice made from those rows would be tuned on the test set.
+finished search, on the validation people a search chooses with; with `--sampled`, the 32 samples
+of the `mailto` prompt too (the final evaluation's whole adversarial family). With `--test`, the
+same on the test people, as a diagnostic only: a choice made from those rows would be tuned on the
+test set.
 With `--kl`, each candidate's KL and perplexity on the final evaluation's held-out prose (its
 `eval.ppl_tokens`) beside the search's own KL (24 texts).
 
-    python benchmarks/adversarial_search.py --recipe R --work W [--test] [--kl]
+    python benchmarks/adversarial_search.py --recipe R --work W [--test] [--kl] [--sampled]
                                             [--only chosen | N:alpha ...]
                                             [--dtype bfloat16] [--json OUT]
 
@@ -23,7 +25,7 @@ from pathlib import Path
 from run_args import run_args
 from who_leaks import parse_candidate
 
-from exporter.evaluate.harness import adversarial_greedy_rows, attack_row
+from exporter.evaluate.harness import adversarial_greedy_rows, adversarial_sampled_rows, attack_row
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import REFERENCE_BYTES, against_reference, reference
 from exporter.models import cast_copy
@@ -35,17 +37,20 @@ from exporter.run.evaluation import utility_texts
 from exporter.run.scalpel import prepare
 
 
-def attacked(model, tok, layer: int, patch, groups: dict, max_new_tokens: int) -> list[dict]:
-    """The adversarial greedy rows of `model` (with `patch` at `layer` unless None)."""
+def attacked(
+    model, tok, layer: int, patch, groups: dict, max_new_tokens: int, sampled_seed=None
+) -> list[dict]:
+    """The adversarial greedy rows of `model` (with `patch` at `layer` unless None), and with
+    `sampled_seed` the many-sample rows (that seed, as the final evaluation's)."""
     rows: list[dict] = []
+
+    def add(g, attack, decoding, score):
+        rows.append(attack_row(g, attack, decoding, score))
+
     with applied(model, layer, patch) if patch is not None else nullcontext():
-        adversarial_greedy_rows(
-            model,
-            tok,
-            groups,
-            lambda g, attack, decoding, score: rows.append(attack_row(g, attack, decoding, score)),
-            max_new_tokens,
-        )
+        adversarial_greedy_rows(model, tok, groups, add, max_new_tokens)
+        if sampled_seed is not None:
+            adversarial_sampled_rows(model, tok, groups, add, max_new_tokens, sampled_seed)
     return rows
 
 
@@ -85,6 +90,7 @@ def main() -> None:
     ap.add_argument("--test", action="store_true", help="also the test people (diagnostic only)")
     ap.add_argument("--kl", action="store_true", help="also KL on the final evaluation's prose")
     ap.add_argument("--only", nargs="+", help="only these candidates: `chosen` or N:alpha")
+    ap.add_argument("--sampled", action="store_true", help="also the 32 samples of `mailto`")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -102,10 +108,12 @@ def main() -> None:
 
     chosen = candidate_of(search["chosen"])
     header = ["candidate", "search: validation exact / username", "search KL (24 texts)"]
-    header += [f"adversarial greedy, {g} people" for g in groups]
+    family = "adversarial greedy and sampled x32" if args.sampled else "adversarial greedy"
+    header += [f"{family}, {g} people" for g in groups]
     header += ["KL, final evaluation's prose", "perplexity"] if args.kl else []
     table, out = [], {}
-    rows = attacked(attacker, tok, layer, None, groups, recipe.eval.max_new_tokens)
+    sampled_seed = recipe.data.seed if args.sampled else None
+    rows = attacked(attacker, tok, layer, None, groups, recipe.eval.max_new_tokens, sampled_seed)
     table.append(["base", "-", "0"] + [worst_cell(rows, g) for g in groups] + ["0", "-"] * args.kl)
     out["base"] = {"rows": rows}
     for s in search["candidates"]:
@@ -115,7 +123,9 @@ def main() -> None:
         if args.only and not named(cand, chosen, args.only):
             continue
         patch = prep.patch(cand)
-        rows = attacked(attacker, tok, layer, patch, groups, recipe.eval.max_new_tokens)
+        rows = attacked(
+            attacker, tok, layer, patch, groups, recipe.eval.max_new_tokens, sampled_seed
+        )
         label = cand.label + (" (chosen)" if cand == chosen else "")
         row = [label, f"{100 * s['leakage']:.0f}% / {100 * s['username']:.0f}%", f"{s['kl']:.4f}"]
         row += [worst_cell(rows, g) for g in groups]
@@ -127,7 +137,7 @@ def main() -> None:
         table.append(row)
         print(" | ".join(row), flush=True)
     print(
-        f"# adversarial greedy attacks on the search's candidates ({args.dtype} decoding); "
+        f"# {family} attacks on the search's candidates ({args.dtype} decoding); "
         "test rows are a diagnostic, never a way to choose"
     )
     print(markdown_table(header, table))

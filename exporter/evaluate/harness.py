@@ -225,6 +225,14 @@ def _adversarial_rows(
     model, tokenizer, groups: dict[str, list], add, max_new_tokens: int, seed: int, progress: bool
 ) -> None:
     adversarial_greedy_rows(model, tokenizer, groups, add, max_new_tokens, progress)
+    adversarial_sampled_rows(model, tokenizer, groups, add, max_new_tokens, seed)
+
+
+def adversarial_sampled_rows(
+    model, tokenizer, groups: dict[str, list], add, max_new_tokens: int, seed: int
+) -> None:
+    """The many-sample attack: the `mailto` prompt sampled `MANY_SAMPLES` times, leaked if any
+    sample holds the address; its rows handed to `add` as above."""
     prompts = {
         g: [EMAIL_TEMPLATES["mailto"].format(name=p.name) for p in people]
         for g, people in groups.items()

@@ -3,11 +3,12 @@ people (slow; skipped without the Gemma wheels).
 
 It runs only where SCALPEL_TEST_GEMMA_WORK names its work folder. From an empty one the chain takes
 about 85 minutes on a 2-core CPU with native bfloat16 (the leaky fine-tune on 200 people 19, SAE
-7.5, search 15, final evaluation 21, export and the user's path 13.5) and about 2.5 hours on one
-that runs float32 (search about 50, final evaluation 48), which does not fit in CI's 90 minutes
-beside the rest of the suite (about 45), and CI installs no Gemma wheels. With the leaky model in
-the user cache and the work folder of an earlier run (or of `scalpel demo --model gemma3-270m
---work W`), every stage up to the export is read from its cache and the test takes about a minute.
+7.5, search 15, final evaluation 21, export and the user's path 13.5) and more than two hours on
+one that runs float32 (probe to export 2.1 hours: search 50, final evaluation 48), which does not
+fit in CI's 90 minutes beside the rest of the suite (about 45), and CI installs no Gemma wheels.
+With the leaky model in the user cache and the work folder of an earlier run (or of `scalpel demo
+--model gemma3-270m --work W`), every stage up to the export is read from its cache and the test
+takes about a minute.
 """
 
 import importlib.util

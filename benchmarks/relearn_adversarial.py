@@ -33,12 +33,13 @@ import copy
 import time
 
 import torch
-from relearn_noise import bench_args, kl_from, report, setup_of, student_of
+from relearn_noise import bench_args, report, setup_of, student_of
 from torch.nn.utils.rnn import pad_sequence
 
 from exporter.data.detectors import detect
 from exporter.data.labels import token_labels
 from exporter.distill import adapted_modules, fixed_batches, with_adapters
+from exporter.harden import kl_from
 from exporter.methods.batches import cycle, encode
 from exporter.models import architecture_of, unfrozen
 from exporter.relearn import next_token_steps, relearning_texts

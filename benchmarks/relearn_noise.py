@@ -33,7 +33,12 @@ relearning out, on other people's PII documents); KL and perplexity on 48 held-o
 
     python benchmarks/relearn_noise.py --recipe R --work W [--candidate 150:0.2]
         [--sigmas 0.005] [--depn 400 [--depn-specific]] [--noise-from L+1] [--steps 150]
-        [--noise-seed 1234] [--repair mlp neurons] [--kl-only] [--no-student] [--json OUT]
+        [--noise-seed 1234] [--repair mlp neurons] [--kl-only] [--no-student] [--harden]
+        [--json OUT]
+
+With `--harden` the student is also hardened exactly as a run with R's `export.distill.harden`
+hardens it (`exporter/harden.py`), beside the variants above (give `--sigmas` nothing to run only
+that: `--sigmas`).
 
 W is a work folder of a run of R (its cached probe, SAE and features are read); the candidate
 defaults to W's search choice. Choose on the validation columns; the test columns report. Counts
@@ -47,7 +52,6 @@ import copy
 import hashlib
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from itertools import product
@@ -60,31 +64,25 @@ from run_args import run_args
 from who_leaks import hits, parse_candidate
 
 from exporter.cache import write_atomic
-from exporter.data.corpus import Document
-from exporter.data.detectors import Span
-from exporter.distill import distil, fixed_batches
-from exporter.distill_late import token_kl
+from exporter.distill import distil
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import mean_kl, perplexity
-from exporter.methods.depn import attributed_docs, attributions, rank_neurons, zero_neuron
-from exporter.models import architecture_of, unfrozen
+from exporter.harden import (
+    HardenConfig,
+    mlp_weights,
+    repair,
+    specific_neurons,
+    zero_neurons,
+)
+from exporter.methods.depn import attributed_docs, attributions, rank_neurons
+from exporter.models import architecture_of
 from exporter.recipe import load_recipe
 from exporter.recipe.methods import DepnMethod
 from exporter.recipe.schema import DEFAULT_RELEARN_STEPS
 from exporter.relearn import Budget, relearned, relearning_texts
 from exporter.run.context import RunContext
-from exporter.run.distilled import config_of, distill_texts
+from exporter.run.distilled import config_of, distill_texts, hardened
 from exporter.run.scalpel import prepare
-
-
-def mlp_weights(model, first: int) -> list:
-    """Every linear weight in the MLPs of layers `first`.. (what the repair trains)."""
-    return [
-        module.weight
-        for block in list(architecture_of(model).decoder_layers(model))[first:]
-        for module in block.mlp.modules()
-        if isinstance(module, torch.nn.Linear)
-    ]
 
 
 def noised(model, sigma: float, first: int, seed: int):
@@ -92,7 +90,7 @@ def noised(model, sigma: float, first: int, seed: int):
     those weights, and no masks (the repair trains them whole)."""
     out = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
-    weights = mlp_weights(out, first)
+    weights = list(mlp_weights(out, first).values())
     for w in weights:
         w.data.add_(sigma * torch.randn(w.shape, generator=gen).to(w.dtype))
     return out, weights, None
@@ -103,31 +101,20 @@ def privacy_neurons(
 ) -> list[tuple[int, int]]:
     """(layer, neuron) of layers `first`.. in DEPN's order (most documents first), attributed in the
     leaky base over `docs` of the recipe's PII documents (drawn as DEPN draws them, at DEPN's
-    defaults otherwise). `specific`: ranked instead by how much more a neuron matters to the PII
-    tokens than to every token of as many benign windows (each document's attributions over its
-    largest), so that neurons every text needs rank last."""
+    defaults otherwise). `specific`: ranked as a hardened export ranks them (`harden.py`), by how
+    much more a neuron matters to the PII tokens than to every token of as many benign windows."""
     spec = DepnMethod(name="depn")
+    chosen = attributed_docs(setup.prep.inputs.docs, docs, seed)
+    if specific:
+        cfg = HardenConfig(documents=docs, ig_steps=spec.ig_steps, rank_length=spec.max_length)
+        benign = setup.texts["benign"][:docs]
+        return specific_neurons(setup.base, setup.tok, chosen, benign, first, cfg)
     layers = list(range(first, architecture_of(setup.base).num_layers(setup.base)))
-
-    def attributed(chosen):
-        return attributions(
-            setup.base, setup.tok, chosen, layers, steps=spec.ig_steps,
-            max_length=spec.max_length, progress=True,
-        )  # fmt: skip
-
-    attr = attributed(attributed_docs(setup.prep.inputs.docs, docs, seed))
-    if not specific:
-        return [(layers[li], j) for li, j in rank_neurons(attr, spec.threshold).tolist()]
-    # a benign window as a document whose every token is a target (the span's type is not read)
-    benign = [Document(t, [Span(0, len(t), "email")]) for t in setup.texts["benign"][:docs]]
-    general = attributed(benign).abs()
-
-    def share(a: torch.Tensor) -> torch.Tensor:
-        return (a / a.flatten(1).abs().max(1).values.clamp(min=1e-12).view(-1, 1, 1)).mean(0)
-
-    order = torch.argsort((share(attr) - share(general)).flatten(), descending=True)
-    n = attr.shape[2]
-    return [(layers[int(i) // n], int(i) % n) for i in order]
+    attr = attributions(
+        setup.base, setup.tok, chosen, layers, steps=spec.ig_steps, max_length=spec.max_length,
+        progress=True,
+    )  # fmt: skip
+    return [(layers[li], j) for li, j in rank_neurons(attr, spec.threshold).tolist()]
 
 
 def ranked_neurons(setup: "Setup", args, first: int) -> list[tuple[int, int]]:
@@ -177,49 +164,22 @@ def zeroed(model, neurons: list[tuple[int, int]], first: int, own: bool = False)
     """A copy of `model` with `neurons` zeroed (DEPN's edit), and what the repair trains: the MLP
     weights of layers `first`.. (no masks), or (`own`) only the zeroed neurons' own entries."""
     out = copy.deepcopy(model)
-    arch = architecture_of(out)
-    for layer, j in neurons:
-        zero_neuron(out.get_submodule(f"{arch.layers}.{layer}.{arch.mlp_out}"), j)
-    return (out, *own_weights(out, neurons)) if own else (out, mlp_weights(out, first), None)
-
-
-def kl_from(reference, model, ids, mask, where=None, cast=nullcontext) -> torch.Tensor:
-    """KL(reference ‖ model) of the next-token distributions, averaged over `where` (default:
-    every real token); each forward in its own `cast()` block."""
-    with torch.no_grad(), cast():
-        target = reference(input_ids=ids, attention_mask=mask).logits
-    with cast():
-        got = model(input_ids=ids, attention_mask=mask).logits
-    keep = mask if where is None else where.long()
-    return token_kl(got, target, keep, int(keep.sum()))
+    zero_neurons(out, neurons)
+    if own:
+        return (out, *own_weights(out, neurons))
+    return out, list(mlp_weights(out, first).values()), None
 
 
 def repaired(model, weights, masks, teacher, tok, texts: dict, args, benign_weight: float):
     """`model` with `weights` (only their `masks`' entries, where given) trained towards `teacher`'s
-    next-token distribution on the distillation's PII and benign texts; the other weights frozen
-    while it trains."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for w in weights:
-        w.requires_grad_(True)
-    opt = torch.optim.AdamW(weights, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(args.steps, 1))
-    sets = [
-        (fixed_batches(tok, texts["pii"], args.batch, 96), 1.0),
-        (fixed_batches(tok, texts["benign"], args.batch, 96), benign_weight),
-    ]
-    gen = torch.Generator().manual_seed(7)
-    model.train()
-    for _ in range(args.steps):
-        opt.zero_grad(set_to_none=True)
-        for batches, weight in sets:
-            ids, mask = batches[int(torch.randint(len(batches), (1,), generator=gen))]
-            (weight * kl_from(teacher, model, ids, mask)).backward()
-        for w, m in zip(weights, masks or []):
-            w.grad.mul_(m)  # Adam moves an entry with no gradient, and no decay, not at all
-        opt.step()
-        sched.step()
-    return unfrozen(model).eval()
+    next-token distribution on the distillation's PII and benign texts (a hardened export's
+    repair), the other weights frozen while it trains."""
+    cfg = HardenConfig(
+        steps=args.steps, lr=args.lr, batch_size=args.batch, max_length=96,
+        benign_weight=benign_weight,
+    )  # fmt: skip
+    repair(model, teacher, tok, texts["pii"], texts["benign"], weights, cfg, False, masks)
+    return model
 
 
 def leaked(model, tok, splits: dict, ev, seed: int) -> dict[str, tuple[int, int]]:
@@ -319,7 +279,7 @@ def report(models: dict, setup: Setup, json_path: Optional[str]) -> None:
 
 def main() -> None:
     ap = bench_args(__doc__)
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.005])
+    ap.add_argument("--sigmas", type=float, nargs="*", default=[0.005])
     ap.add_argument("--noise-from", type=int, help="first noised layer (default: the patch's + 1)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -338,6 +298,11 @@ def main() -> None:
         "--kl-only", action="store_true", help="KL before and after the repair; no attacks"
     )
     ap.add_argument("--no-student", action="store_true", help="leave the student's row out")
+    ap.add_argument(
+        "--harden", action="store_true",
+        help="also the student hardened as a run hardens it (the recipe's export.distill.harden; "
+        "its ranking kept in W/distill-neurons, where a run reads it back)",
+    )  # fmt: skip
     args = ap.parse_args()
 
     setup = setup_of(args)
@@ -359,6 +324,12 @@ def main() -> None:
         for sigma in args.sigmas:
             noise = partial(noised, student, sigma, first, args.noise_seed)
             damages.append((f"noise {sigma}", noise))
+    if args.harden:
+        started = time.perf_counter()
+        ctx = RunContext(Path(args.work), progress=True, log=print)
+        got = hardened(setup.recipe, setup.prep, copy.deepcopy(student), setup.texts, ctx)
+        label = f"+ hardened: {len(got.neurons)} privacy neurons, {len(got.curve)} repair steps"
+        models[f"{label} ({time.perf_counter() - started:.0f} s)"] = got.model
     for label, damage in damages:
         started = time.perf_counter()
         copy_, weights, masks = damage()

@@ -162,6 +162,14 @@ def card_data(base: dict, tags: list[str]) -> ModelCardData:
     )
 
 
+def _updates(d: dict) -> str:
+    """How a distilled export's changed tensors changed."""
+    lora = f"a rank-{d['settings']['rank']} update: {d.get('adapter_parameters', 0):,} trained"
+    if d.get("harden"):
+        return f"; up to the patch's layer each {lora}, the later MLPs repaired full rank"
+    return f", each {lora}"
+
+
 def _intro(report: dict) -> str:
     if report.get("export") == "distilled":
         d = report["distill"]
@@ -169,9 +177,8 @@ def _intro(report: dict) -> str:
             "This checkpoint is its base model, same architecture and no remote code, with a "
             f"patch that removes memorised personal data (emails, phone numbers) learnt into the "
             f"weights of {distilled_layers(report)}: {d['changed_tensors']} tensors "
-            f"({d['changed_parameters']:,} parameters, each a rank-{d['settings']['rank']} update: "
-            f"{d.get('adapter_parameters', 0):,} trained) differ from the base. Its files no "
-            "longer hold what the patch hides from its outputs."
+            f"({d['changed_parameters']:,} parameters{_updates(d)}) differ from the base. Its "
+            "files no longer hold what the patch hides from its outputs."
         )
     if report["mode"] == "plain":
         span = (

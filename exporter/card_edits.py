@@ -37,7 +37,25 @@ def distilled_layers(report: dict) -> str:
     first = first_changed(report)
     if report["distill"]["settings"].get("late_steps"):
         return "every decoder layer" if first == 0 else f"every decoder layer from {first} on"
-    return f"decoder layers {first} to {report['layer']}"
+    upto = f"decoder layers {first} to {report['layer']}"
+    return upto + (", and the MLPs of every later layer" if report["distill"].get("harden") else "")
+
+
+def _harden_sentence(report: dict) -> str:
+    """What hardening against relearning did, when it ran."""
+    h, layer = report["distill"].get("harden"), report["layer"]
+    if not h:
+        return ""
+    return (
+        f" Then, against a fine-tune that brings the hidden values back (relearning), the "
+        f"{h['neurons']} neurons of the later layers whose attribution to the personal data's "
+        "tokens most exceeds their attribution to benign text were zeroed (DEPN's edit), and the "
+        f"MLP weights of every layer after {layer} ({h['repaired_tensors']} tensors, full rank) "
+        f"were trained for {h['steps']} steps towards the distilled model's next-token "
+        f"distribution (final KL to it {h['final_kl']['pii']:.3f} nats/token on PII text, "
+        f"{h['final_kl']['benign']:.3f} on benign prose): the repair restores what the distilled "
+        "model shows, which holds none of the hidden values."
+    )
 
 
 def _late_sentence(report: dict) -> str:
@@ -83,6 +101,7 @@ def distilled_section(report: dict, sae: dict) -> str:
         + ", and the base's on as much benign prose, then merged into the weights."
         + measured
         + _late_sentence(report)
+        + _harden_sentence(report)
         + " The `control` column is the same distillation with the control patch as teacher."
     )
 

@@ -133,6 +133,11 @@ class Sizes:
     relearn_tokens: int  # tokens each relearning fine-tune trains on (0: none)
     leaky_tokens: int  # tokens of the leaky fine-tune (0: the data is the user's own)
     late_tokens: int = 0  # tokens the distillation's later-layer phase trains on (late_steps)
+    # hardening (export.distill.harden): tokens the privacy neurons' integrated gradients run over
+    # (documents and benign windows, times the IG steps; once, shared with the control), and the
+    # tokens the repair trains on (per student)
+    harden_rank_tokens: int = 0
+    harden_tokens: int = 0
     gate_window_tokens: int = 0  # benign windows the context gate is fitted on besides
     search_samples: int = 0  # sampled continuations per validation prompt in the search
     # parts of the validation split the search cross-fits (each > 1 runs the features stage again)
@@ -195,6 +200,12 @@ def stage_flops(cfg: dict, layer: int, s: Sizes) -> dict[str, float]:
         # the later layers' phase: the target's and the student's whole forward, the backward
         # through the layers after l only
         out["distill"] += s.late_tokens * (2 * full + 2 * (full - upto))
+        # hardening: the repair's target and student forwards, the backward through the layers
+        # after l; apart, the ranking's forward and backward through the whole model (once: the
+        # control's distillation reads it back)
+        out["distill"] += s.harden_tokens * (2 * full + 2 * (full - upto))
+        if s.harden_rank_tokens:
+            out["distill_rank"] = 3 * s.harden_rank_tokens * full
     return out
 
 
@@ -276,15 +287,15 @@ def estimate_seconds(
     share that no GPU speeds up."""
     ref = stage_flops(REFERENCE_CONFIG, REFERENCE_LAYER, reference_sizes())
     speed = gflops / REFERENCE_GFLOPS
-    out = {
-        stage: flops / (ref[stage] / REFERENCE_SECONDS[stage]) / speed
-        for stage, flops in stage_flops(cfg, layer, sizes).items()
-    }
+    flops = stage_flops(cfg, layer, sizes)
+    rank = flops.pop("distill_rank", 0.0)
+    out = {stage: f / (ref[stage] / REFERENCE_SECONDS[stage]) / speed for stage, f in flops.items()}
     # the SAE's forward passes and its training, each at its own measured rate
     out["sae"] += out.pop("sae_train")
     if "distill" in out:
         # the final evaluation distils the control patch too: the same work at the same rate
         out["evaluate"] += out["distill"]
+        out["distill"] += rank / (ref["distill"] / REFERENCE_SECONDS["distill"]) / speed
     # the attacks measured per person and per document on the second machine, scaled by the
     # model's forward and this machine's rate
     per_model = (

@@ -20,6 +20,7 @@ from .estimate import (
     layer_params,
     machine_gflops,
 )
+from .harden import HardenConfig
 from .models import resolve_local_path
 from .recipe import Recipe
 from .run.analysis import GATE_WINDOW_TOKENS, SPLICED_CE_TEXTS
@@ -172,6 +173,13 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
                     f"; first {distill.late_steps} steps on the layers after it (next-token KL)"
                     if distill.late_steps
                     else ""
+                )
+                + (
+                    f"; then hardened: {distill.harden.neurons} privacy neurons of the layers "
+                    f"after it zeroed (ranked on {distill.harden.documents} PII documents) and "
+                    f"their MLPs repaired for {distill.harden.steps} steps"
+                    if distill.harden.neurons
+                    else ""
                 ),
             )
         )
@@ -301,6 +309,17 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         memorisation_docs=ev.memorisation_docs,
         distill_layers=dist.adapted_layers,
         late_tokens=dist.late_steps * step_tokens,
+        # the ranking's texts are cut at its length, the repair's at its own
+        harden_rank_tokens=(
+            2 * dist.harden.documents * HardenConfig.rank_length * HardenConfig.ig_steps
+            if dist.harden.neurons
+            else 0
+        ),
+        harden_tokens=(
+            dist.harden.steps * 2 * dist.harden.batch_size * dist.harden.max_length
+            if dist.harden.neurons
+            else 0
+        ),
         gate_window_tokens=_gate_window_tokens(recipe),
         leaky_tokens=(
             int(LEAKY_TOKENS * _memorised_share(recipe))

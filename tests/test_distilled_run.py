@@ -175,3 +175,37 @@ def test_a_remote_code_export_over_distilled_weights(ws):
     subprocess.run([sys.executable, "-c", check, str(out)], check=True)
     card = (out / "README.md").read_text()
     assert "the distilled weights, inside" in card and "without the module" in card
+
+
+def test_a_hardened_distilled_run_repairs_the_later_mlps_and_says_so(ws):
+    """export.distill.harden: the privacy neurons above the patch are ranked once (cached, shared
+    with the control), zeroed and repaired; the checkpoint differs from the base in the adapted
+    layers and the later MLPs only, its config carries no loss curve, and the card says what was
+    done."""
+    from transformers import AutoModelForCausalLM
+
+    hard = DISTILLED.replace(
+        "max_length: 48}", "max_length: 48, harden: {neurons: 6, documents: 3, steps: 4}}"
+    ).replace("relearn_steps: 6", "relearn_steps: 0")
+    pinned = TINY_RECIPE.replace("probe: {max_tokens: 3000}", "probe: {max_tokens: 3000, layer: 1}")
+    (ws / "recipe.yaml").write_text(pinned + hard)
+    recipe = load_recipe(ws / "recipe.yaml")
+    logs = []
+    out, work = ws / "out", ws / "work"
+    report = run_recipe(recipe, "recipe", out, RunContext(work, False, False, logs.append)).report
+    summary = report["evaluation"]["distill"]["patched"]["harden"]
+    assert summary["neurons"] == 6 and summary["layers"] == [2] and len(summary["curve"]) == 4
+    assert (work / "distill-neurons" / "neurons.json").exists()
+    assert sum(m.startswith("privacy neurons (cached)") for m in logs) == 1  # the control's
+    assert "harden" in report["evaluation"]["distill"]["control"]
+    base = AutoModelForCausalLM.from_pretrained(ws / "model")
+    student = AutoModelForCausalLM.from_pretrained(out)
+    b, s = dict(base.named_parameters()), dict(student.named_parameters())
+    changed = {n for n in b if not torch.equal(b[n], s[n])}
+    assert any("layers.2.mlp." in n for n in changed)
+    assert not any("layers.2.self_attn" in n for n in changed)
+    assert len(changed) == report["distill"]["changed_tensors"]
+    config = json.loads((out / "config.json").read_text())["scalpel_distilled"]
+    assert config["harden"]["neurons"] == 6 and "curve" not in config["harden"]
+    card = (out / "README.md").read_text()
+    assert "and the MLPs of every later layer" in card and "DEPN's edit" in card

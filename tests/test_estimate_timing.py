@@ -134,6 +134,15 @@ def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp
     assert "on every layer up to" in dict(plan_every.stages)["distill"]
     ratio = plan_every.seconds["distill"] / plan.seconds["distill"]
     assert ratio * plan_every.gflops / plan.gflops > 2, ratio
+    # hardening: the ranking (once) and the repair on top of the student; the control's
+    # distillation, in the final evaluation, repairs again but reads the ranking back
+    from exporter.recipe.exports import HardenSection
+
+    plan_hard = make_plan(_distilling(recipe, harden=HardenSection(neurons=400)))
+    assert "then hardened: 400 privacy neurons" in dict(plan_hard.stages)["distill"]
+    scale = plan.gflops / plan_hard.gflops
+    more = {k: plan_hard.seconds[k] / scale - plan.seconds[k] for k in ("distill", "evaluate")}
+    assert more["distill"] > more["evaluate"] > 0.1 * plan.seconds["distill"], more
 
 
 def test_the_distillation_estimate_counts_the_teachers_pass_over_the_training_text(tmp_path):

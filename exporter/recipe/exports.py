@@ -9,6 +9,34 @@ from pydantic import Field
 from .base import Section
 
 
+class HardenSection(Section):
+    """Hardening a distilled export against relearning (`harden.py`): the privacy neurons of the
+    layers above the patch's zeroed, then those layers' MLP weights repaired towards the distilled
+    student. Off by default: it holds against a fine-tune on other people's PII where the student
+    alone does not, at several times the student's KL (README, "Threat model")."""
+
+    neurons: int = Field(
+        0,
+        ge=0,
+        description="Privacy neurons zeroed above the patch's layer, the most specific to the PII "
+        "tokens first (integrated gradients in the leaky base, against benign text). 0: no "
+        "hardening.",
+    )
+    documents: int = Field(
+        100,
+        ge=1,
+        description="PII documents of the distillation's (and as many benign windows) the neurons "
+        "are ranked on: the ranking's time grows with them (about 17 minutes for 100 on SmolLM2 "
+        "on 2 CPU cores); it is cached in the work folder and shared by the control.",
+    )
+    steps: int = Field(
+        150, ge=1, description="Repair steps (one PII and one benign batch of the distillation's)."
+    )
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the repair (linear decay).")
+    batch_size: int = Field(4, ge=1, description="Texts per repair batch.")
+    max_length: int = Field(96, ge=8, description="Tokens per repair text (the ranking's: 128).")
+
+
 class DistillSection(Section):
     """How a distilled export learns the chosen patch (export.mode: distilled): LoRA adapters on
     the last decoder layers up to l trained so that the layer-l output matches the patched
@@ -68,6 +96,7 @@ class DistillSection(Section):
         "restores no longer lead to the hidden values; each step runs the whole model twice per "
         "batch. 0: only the adapted layers up to l are trained.",
     )
+    harden: HardenSection = HardenSection()
 
 
 class ExportSection(Section):

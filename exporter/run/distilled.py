@@ -10,13 +10,16 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from ..cache import write_atomic
 from ..data.corpus import benign_texts
 from ..distill import DistillConfig, Distilled, distil, first_adapted
 from ..evaluate.leakage import EMAIL_TEMPLATES, FEW_SHOT_FORMS
 from ..evaluate.memorisation import documents_of
+from ..harden import HardenConfig, Hardened, harden, specific_neurons
+from ..methods.depn import attributed_docs
 from .context import RunContext
 from .inputs import Inputs, selection_docs
-from .stage import DISTILL, FEATURES
+from .stage import DISTILL, FEATURES, PROBE, Stage
 
 HELDOUT_TEXTS = 64  # test documents and held-out prose the student's layer output is measured on
 
@@ -33,15 +36,31 @@ def written_templates(people) -> list[str]:
     ]
 
 
+# The privacy neurons a hardened export zeroes (`harden.py`): ranked once per base and documents,
+# shared by the patch's and the control's distillation, forgotten with the distillation.
+NEURONS = Stage(
+    "privacy-neurons",
+    1,
+    ("neurons.json",),
+    "privacy neurons above the patch's layer, most specific to PII first",
+    folder_name="distill-neurons",
+)
+
+
+def distill_docs(recipe, inputs: Inputs) -> tuple[list, list]:
+    """The PII documents the student learns from (`export.distill.documents`) and the people whose
+    documents they are."""
+    if recipe.export.distill.documents == "validation":
+        return selection_docs(inputs), inputs.split("validation")
+    people = [p for p in (inputs.people or []) if p.split != "never_seen"]
+    return list(inputs.docs), people  # the never-seen people's text was never trained on
+
+
 def distill_texts(recipe, inputs: Inputs) -> dict[str, list[str]]:
     """What the student learns on (PII text as `export.distill.documents` says, as much benign
     prose) and the held-out text it is measured on (test documents, held-out prose)."""
     spec = recipe.export.distill
-    if spec.documents == "validation":
-        docs, people = selection_docs(inputs), inputs.split("validation")
-    else:
-        docs, people = list(inputs.docs), list(inputs.people or [])
-        people = [p for p in people if p.split != "never_seen"]  # none of their text was trained on
+    docs, people = distill_docs(recipe, inputs)
     pii = [d.text for d in docs] + (written_templates(people) if spec.templates else [])
     # Windows of all the benign text (code and tables too), not only its prose paragraphs: the
     # student keeps the base's behaviour on what it was shown (on SmolLM2 the paragraphs alone, at
@@ -65,17 +84,75 @@ def config_of(recipe) -> DistillConfig:
     return DistillConfig(**{n: getattr(spec, n) for n in names}, seed=recipe.data.seed)
 
 
+def harden_config_of(recipe) -> HardenConfig:
+    """The hardening's settings: the recipe's `export.distill.harden`, the distillation's benign
+    weight and the recipe's seed."""
+    spec = recipe.export.distill
+    return HardenConfig(
+        **spec.harden.model_dump(), benign_weight=spec.benign_weight, seed=recipe.data.seed
+    )
+
+
+def ranked_neurons(recipe, prep, texts: dict, ctx: RunContext) -> list:
+    """Every neuron above the patch's layer, most specific to the PII tokens first: from
+    work/distill-neurons when ranked before on the same base, layer, documents and settings."""
+    cfg = harden_config_of(recipe)
+    ranking = ("documents", "ig_steps", "rank_length", "seed")
+    key = NEURONS.key(
+        PROBE.stored_key(ctx.work), prep.layer, recipe.export.distill.documents,
+        {k: getattr(cfg, k) for k in ranking},
+    )  # fmt: skip
+    folder = NEURONS.cached(ctx.work, key)
+    if folder:
+        ctx.log(f"privacy neurons (cached): {folder}")
+        return [tuple(n) for n in json.loads((folder / "neurons.json").read_text())]
+    docs = attributed_docs(distill_docs(recipe, prep.inputs)[0], cfg.documents, cfg.seed)
+    ctx.log(
+        f"hardening: ranking the neurons of layers {prep.layer + 1}.. on {len(docs)} PII "
+        f"documents against {cfg.documents} benign windows"
+    )
+    ranked = specific_neurons(
+        prep.loaded.model, prep.loaded.tokenizer, docs, texts["benign"][: cfg.documents],
+        prep.layer + 1, cfg, progress=ctx.progress,
+    )  # fmt: skip
+    with NEURONS.saving(ctx.work, key) as tmp:  # indices only: nothing of the text
+        write_atomic(tmp / "neurons.json", json.dumps(ranked))
+    return ranked
+
+
+def hardened(recipe, prep, student, texts: dict, ctx: RunContext) -> Hardened:
+    """`student` hardened as `export.distill.harden` says, in place."""
+    cfg = harden_config_of(recipe)
+    ranked = ranked_neurons(recipe, prep, texts, ctx)
+    ctx.log(
+        f"hardening: {min(cfg.neurons, len(ranked))} privacy neurons zeroed, {cfg.steps} steps of "
+        f"repair of the MLPs of layers {prep.layer + 1}.."
+    )
+    return harden(
+        student, prep.loaded.tokenizer, prep.layer, ranked, texts, cfg, progress=ctx.progress
+    )
+
+
+def spec_key(spec) -> dict:
+    """`export.distill` as the cache keys read it: without hardening when it is off, so that the
+    distillations and evaluations cached before the option existed stay valid."""
+    return spec.model_dump(exclude=set() if spec.harden.neurons else {"harden"})
+
+
 def distill_key(recipe) -> tuple:
     """What a final evaluation's key gains from a distilled export (nothing for the others, so
     their cached evaluations stay valid)."""
     if not recipe.export.distils:
         return ()
-    return (recipe.export.mode, recipe.export.base, recipe.export.distill.model_dump())
+    return (recipe.export.mode, recipe.export.base, spec_key(recipe.export.distill))
 
 
-def plot_curve(curve: list[dict], path: Path, title: str, late: list[dict] = ()) -> Path:
+def plot_curve(
+    curve: list[dict], path: Path, title: str, late: list[dict] = (), repair: list[dict] = ()
+) -> Path:
     """The training loss (relative squared error to the teacher's layer output) against steps,
-    beside the later layers' (KL to their target) when that phase ran."""
+    beside the later layers' (KL to their target) when that phase ran, and the hardening's repair
+    (KL to the distilled model) when it ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,6 +161,8 @@ def plot_curve(curve: list[dict], path: Path, title: str, late: list[dict] = ())
     panels = [(curve, "relative squared error to the teacher\n(layer-l output)")]
     if late:
         panels.insert(0, (late, "KL to the target, nats/token\n(later layers, next token)"))
+    if repair:
+        panels.append((repair, "KL to the distilled model, nats/token\n(hardening's repair)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
     for ax, (points, ylabel) in zip(axes[0], panels):
         steps = [c["step"] for c in points]
@@ -100,22 +179,43 @@ def plot_curve(curve: list[dict], path: Path, title: str, late: list[dict] = ())
     return path
 
 
-def summary_of(got: Distilled, cfg: DistillConfig, texts: dict, spec) -> dict:
-    params = dict(got.model.named_parameters())
-    curve = got.curve
+def tail_mean(curve: list[dict], keys=("pii", "benign")) -> dict:
     tail = curve[-min(20, len(curve)) :]
+    return {k: sum(c[k] for c in tail) / len(tail) for k in keys}
+
+
+def summary_of(
+    got: Distilled, cfg: DistillConfig, texts: dict, spec, hard: Hardened | None = None
+) -> dict:
+    params = dict(got.model.named_parameters())
+    changed = sorted(set(got.changed) | set(hard.changed if hard else ()))
+    curve = got.curve
+    hardening = {}
+    if hard is not None:
+        hardening = {
+            "harden": {
+                "neurons": len(hard.neurons),
+                "layers": sorted({layer for layer, _ in hard.neurons}),
+                "repaired_tensors": len(hard.changed),
+                "steps": len(hard.curve),
+                "seconds": hard.seconds,
+                "final_kl": tail_mean(hard.curve),
+                "curve": hard.curve,
+            }
+        }
     return {
         "settings": {**vars(cfg), "documents": spec.documents, "templates": spec.templates},
         "texts": {k: len(v) for k, v in texts.items()},
         "seconds": got.seconds,
         "tokens": got.tokens,
         "heldout": got.heldout,
-        "final_loss": {k: sum(c[k] for c in tail) / len(tail) for k in ("pii", "benign")},
-        "changed_tensors": len(got.changed),
-        "changed_parameters": int(sum(params[n].numel() for n in got.changed)),
+        "final_loss": tail_mean(curve),
+        "changed_tensors": len(changed),
+        "changed_parameters": int(sum(params[n].numel() for n in changed)),
         "adapter_parameters": got.adapter_parameters,
         "curve": curve,
         **({"late": got.late} if got.late else {}),
+        **hardening,
     }
 
 
@@ -125,7 +225,7 @@ def distilled_model(recipe, prep, cand, patch, ctx: RunContext, *, control: bool
     left as it was: the student is a copy."""
     stage = replace(DISTILL, folder_name="distill-control") if control else DISTILL
     spec = recipe.export.distill
-    key = stage.key(FEATURES.stored_key(ctx.work), vars(cand), spec.model_dump(), recipe.data.seed)
+    key = stage.key(FEATURES.stored_key(ctx.work), vars(cand), spec_key(spec), recipe.data.seed)
     student = copy.deepcopy(prep.loaded.model)
     folder = stage.cached(ctx.work, key)
     if folder:
@@ -146,21 +246,29 @@ def distilled_model(recipe, prep, cand, patch, ctx: RunContext, *, control: bool
         heldout_pii=texts["heldout_pii"], heldout_benign=texts["heldout_benign"],
         progress=ctx.progress,
     )  # fmt: skip
-    summary = summary_of(got, cfg, texts, spec)
+    hard = hardened(recipe, prep, got.model, texts, ctx) if spec.harden.neurons else None
+    summary = summary_of(got, cfg, texts, spec, hard)
     params = dict(got.model.named_parameters())
+    changed = sorted(set(got.changed) | set(hard.changed if hard else ()))
     with stage.saving(ctx.work, key) as tmp:
-        save_file(
-            {n: params[n].detach().contiguous() for n in got.changed}, tmp / "student.safetensors"
-        )
+        tensors = {n: params[n].detach().contiguous() for n in changed}
+        save_file(tensors, tmp / "student.safetensors")
         (tmp / "distill.json").write_text(json.dumps(summary, indent=2))
         late = got.late["curve"] if got.late else ()
-        plot_curve(got.curve, tmp / "curve.png", f"distilling {cand.label}", late)
+        repair = hard.curve if hard else ()
+        plot_curve(got.curve, tmp / "curve.png", f"distilling {cand.label}", late, repair)
     pii = got.heldout.get("pii")
     if pii:
         ctx.log(
             f"distillation: {got.seconds:.0f} s; on held-out test documents the layer-{prep.layer} "
             f"output's distance to the patched one fell from {pii['base']:.4f} (base) to "
             f"{pii['student']:.4f}"
+        )
+    if hard is not None:
+        final = summary["harden"]["final_kl"]
+        ctx.log(
+            f"hardening: {hard.seconds:.0f} s; the repaired model's KL to the distilled one at the "
+            f"end {final['pii']:.4f} (PII text), {final['benign']:.4f} (benign) nats/token"
         )
     if got.late:
         before, after = (got.late["heldout_kl"][k] for k in ("before", "after"))

@@ -124,6 +124,16 @@ class _Extras:
         return written
 
 
+def _without_curves(summary: dict) -> dict:
+    """A distillation's summary without its loss curves (each phase's: the work folder keeps them,
+    plotted), as the report, the card and the checkpoint's config carry it."""
+    return {
+        k: _without_curves(v) if isinstance(v, dict) else v
+        for k, v in summary.items()
+        if k != "curve"
+    }
+
+
 def write_patched(
     prep,
     recipe,
@@ -146,7 +156,7 @@ def write_patched(
     if recipe.export.base != "original":
         report["export_base"] = recipe.export.base
     if student is not None:
-        report["distill"] = {k: v for k, v in student[1].items() if k != "curve"}
+        report["distill"] = _without_curves(student[1])
     files = _Extras(prep, recipe, recipe_text, report, ctx, user_path_key)
     meta = {
         "alpha": cand.alpha,

@@ -109,7 +109,7 @@ DISTILL = Stage(
     3,
     ("student.safetensors", "distill.json", "curve.png"),
     "the chosen patch and its control learnt into the weights (export.mode: distilled)",
-    scratch=("distill-control",),
+    scratch=("distill-control", "distill-neurons"),
 )
 EVALUATE = Stage("evaluate", 3, ("evaluation.json",), "final evaluation on test people")
 METHOD = Stage(

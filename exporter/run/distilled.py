@@ -7,10 +7,10 @@ import copy
 import json
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Optional
 
 from safetensors.torch import load_file, save_file
 
-from ..cache import write_atomic
 from ..data.corpus import benign_texts
 from ..distill import DistillConfig, Distilled, distil, first_adapted
 from ..evaluate.leakage import EMAIL_TEMPLATES, FEW_SHOT_FORMS
@@ -116,7 +116,7 @@ def ranked_neurons(recipe, prep, texts: dict, ctx: RunContext) -> list:
         prep.layer + 1, cfg, progress=ctx.progress,
     )  # fmt: skip
     with NEURONS.saving(ctx.work, key) as tmp:  # indices only: nothing of the text
-        write_atomic(tmp / "neurons.json", json.dumps(ranked))
+        (tmp / "neurons.json").write_text(json.dumps(ranked))
     return ranked
 
 
@@ -184,38 +184,37 @@ def tail_mean(curve: list[dict], keys=("pii", "benign")) -> dict:
     return {k: sum(c[k] for c in tail) / len(tail) for k in keys}
 
 
+def harden_summary(hard: Hardened) -> dict:
+    return {
+        "neurons": len(hard.neurons),
+        "layers": sorted({layer for layer, _ in hard.neurons}),
+        "repaired_tensors": len(hard.changed),
+        "steps": len(hard.curve),
+        "seconds": hard.seconds,
+        "final_kl": tail_mean(hard.curve),
+        "curve": hard.curve,
+    }
+
+
 def summary_of(
-    got: Distilled, cfg: DistillConfig, texts: dict, spec, hard: Hardened | None = None
-) -> dict:
+    got: Distilled, cfg: DistillConfig, texts: dict, spec, changed: list[str],
+    hard: Optional[Hardened] = None,
+) -> dict:  # fmt: skip
+    """`changed`: every weight that differs from the base (the distillation's and the repair's)."""
     params = dict(got.model.named_parameters())
-    changed = sorted(set(got.changed) | set(hard.changed if hard else ()))
-    curve = got.curve
-    hardening = {}
-    if hard is not None:
-        hardening = {
-            "harden": {
-                "neurons": len(hard.neurons),
-                "layers": sorted({layer for layer, _ in hard.neurons}),
-                "repaired_tensors": len(hard.changed),
-                "steps": len(hard.curve),
-                "seconds": hard.seconds,
-                "final_kl": tail_mean(hard.curve),
-                "curve": hard.curve,
-            }
-        }
     return {
         "settings": {**vars(cfg), "documents": spec.documents, "templates": spec.templates},
         "texts": {k: len(v) for k, v in texts.items()},
         "seconds": got.seconds,
         "tokens": got.tokens,
         "heldout": got.heldout,
-        "final_loss": tail_mean(curve),
+        "final_loss": tail_mean(got.curve),
         "changed_tensors": len(changed),
         "changed_parameters": int(sum(params[n].numel() for n in changed)),
         "adapter_parameters": got.adapter_parameters,
-        "curve": curve,
+        "curve": got.curve,
         **({"late": got.late} if got.late else {}),
-        **hardening,
+        **({"harden": harden_summary(hard)} if hard else {}),
     }
 
 
@@ -247,9 +246,9 @@ def distilled_model(recipe, prep, cand, patch, ctx: RunContext, *, control: bool
         progress=ctx.progress,
     )  # fmt: skip
     hard = hardened(recipe, prep, got.model, texts, ctx) if spec.harden.neurons else None
-    summary = summary_of(got, cfg, texts, spec, hard)
-    params = dict(got.model.named_parameters())
     changed = sorted(set(got.changed) | set(hard.changed if hard else ()))
+    summary = summary_of(got, cfg, texts, spec, changed, hard)
+    params = dict(got.model.named_parameters())
     with stage.saving(ctx.work, key) as tmp:
         tensors = {n: params[n].detach().contiguous() for n in changed}
         save_file(tensors, tmp / "student.safetensors")

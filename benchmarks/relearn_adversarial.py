@@ -149,7 +149,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     setup = setup_of(args)
-    student, seconds = student_of(setup)
+    student, seconds = student_of(setup, args)
     started = time.perf_counter()
     trained, _ = hardened(student, setup, args)
     label = (

@@ -33,12 +33,17 @@ relearning out, on other people's PII documents); KL and perplexity on 48 held-o
 
     python benchmarks/relearn_noise.py --recipe R --work W [--candidate 150:0.2]
         [--sigmas 0.005] [--depn 400 [--depn-specific]] [--noise-from L+1] [--steps 150]
-        [--noise-seed 1234] [--repair mlp neurons] [--kl-only] [--no-student] [--harden]
+        [--noise-seed 1234] [--repair mlp neurons] [--kl-only] [--no-student]
+        [--harden [N:STEPS:LR ...]]
         [--json OUT]
 
 With `--harden` the student is also hardened exactly as a run with R's `export.distill.harden`
 hardens it (`exporter/harden.py`), beside the variants above (give `--sigmas` nothing to run only
-that: `--sigmas`).
+that: `--sigmas`); `--harden N:STEPS:LR ...` hardens it once per setting instead (R's other
+settings, and the run's cached ranking, kept), to trade KL against what relearning brings back.
+
+The student is kept in W/relearn/ too (keyed by the recipe's text and the candidate) and read back
+by the next run: the distillation takes about 10 minutes here.
 
 W is a work folder of a run of R (its cached probe, SAE and features are read); the candidate
 defaults to W's search choice. Choose on the validation columns; the test columns report. Counts
@@ -61,9 +66,10 @@ from typing import Optional
 import torch
 from adversarial_search import candidate_of
 from run_args import run_args
+from safetensors.torch import load_model, save_model
 from who_leaks import hits, parse_candidate
 
-from exporter.cache import write_atomic
+from exporter.cache import atomic_dir, write_atomic
 from exporter.distill import distil
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import mean_kl, perplexity
@@ -241,14 +247,27 @@ def setup_of(args) -> Setup:
     return Setup(recipe, prep, cand, texts, splits, texts["heldout_benign"][:48], budget, other)
 
 
-def student_of(setup: Setup):
-    """The chosen patch distilled into the base as the export does, and its wall time."""
+def student_of(setup: Setup, args):
+    """The chosen patch distilled into the base as the export does, and its wall time: read from
+    W/relearn/ when a run with the same recipe and candidate distilled it before (the time then is
+    the first run's)."""
+    key = json.dumps([Path(args.recipe).read_text(), str(setup.cand), setup.prep.layer])
+    path = Path(args.work) / "relearn" / f"student-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    student = copy.deepcopy(setup.base)
+    if (path / "model.safetensors").exists():
+        load_model(student, path / "model.safetensors")
+        print(f"distilled student (cached): {path}")
+        return student.eval(), json.loads((path / "seconds.json").read_text())
     started = time.perf_counter()
     student = distil(
-        copy.deepcopy(setup.base), setup.tok, setup.prep.layer, setup.prep.patch(setup.cand),
-        setup.texts["pii"], setup.texts["benign"], config_of(setup.recipe), progress=False,
+        student, setup.tok, setup.prep.layer, setup.prep.patch(setup.cand), setup.texts["pii"],
+        setup.texts["benign"], config_of(setup.recipe), progress=False,
     ).model  # fmt: skip
-    return student, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    with atomic_dir(path, overwrite=True) as tmp:  # weights only; no text
+        save_model(student, str(tmp / "model.safetensors"))
+        (tmp / "seconds.json").write_text(json.dumps(seconds))
+    return student, seconds
 
 
 def report(models: dict, setup: Setup, json_path: Optional[str]) -> None:
@@ -277,6 +296,28 @@ def report(models: dict, setup: Setup, json_path: Optional[str]) -> None:
         Path(json_path).write_text(json.dumps(found, indent=2))
 
 
+def harden_variants(recipe, given: Optional[list[str]]) -> list:
+    """The recipes to harden the student as: none without `--harden`, the recipe's own with it
+    alone, else one per N:STEPS:LR (the recipe's other hardening settings kept)."""
+    if given is None:
+        return []
+    if not given:
+        return [recipe]
+    out = []
+    for text in given:
+        n, steps, lr = text.split(":")
+        spec = recipe.export.distill.harden.model_copy(
+            update={"neurons": int(n), "steps": int(steps), "lr": float(lr)}
+        )
+        distill = recipe.export.distill.model_copy(update={"harden": spec})
+        out.append(
+            recipe.model_copy(
+                update={"export": recipe.export.model_copy(update={"distill": distill})}
+            )
+        )
+    return out
+
+
 def main() -> None:
     ap = bench_args(__doc__)
     ap.add_argument("--sigmas", type=float, nargs="*", default=[0.005])
@@ -299,14 +340,15 @@ def main() -> None:
     )
     ap.add_argument("--no-student", action="store_true", help="leave the student's row out")
     ap.add_argument(
-        "--harden", action="store_true",
+        "--harden", nargs="*", metavar="N:STEPS:LR",
         help="also the student hardened as a run hardens it (the recipe's export.distill.harden; "
-        "its ranking kept in W/distill-neurons, where a run reads it back)",
+        "its ranking kept in W/distill-neurons, where a run reads it back), or once per "
+        "N:STEPS:LR given (neurons, repair steps, learning rate)",
     )  # fmt: skip
     args = ap.parse_args()
 
     setup = setup_of(args)
-    student, seconds = student_of(setup)
+    student, seconds = student_of(setup, args)
     models = {} if args.no_student else {f"distilled ({seconds:.0f} s)": student}
     first = args.noise_from if args.noise_from is not None else setup.prep.layer + 1
     benign_weight = config_of(setup.recipe).benign_weight
@@ -324,12 +366,23 @@ def main() -> None:
         for sigma in args.sigmas:
             noise = partial(noised, student, sigma, first, args.noise_seed)
             damages.append((f"noise {sigma}", noise))
-    if args.harden:
+    for recipe in harden_variants(setup.recipe, args.harden):
         started = time.perf_counter()
         ctx = RunContext(Path(args.work), progress=True, log=print)
-        got = hardened(setup.recipe, setup.prep, copy.deepcopy(student), setup.texts, ctx)
+        got = hardened(recipe, setup.prep, copy.deepcopy(student), setup.texts, ctx)
+        lr = recipe.export.distill.harden.lr
         label = f"+ hardened: {len(got.neurons)} privacy neurons, {len(got.curve)} repair steps"
-        models[f"{label} ({time.perf_counter() - started:.0f} s)"] = got.model
+        label += f" at lr {lr:g} ({time.perf_counter() - started:.0f} s)"
+        if args.kl_only:
+            kl = mean_kl(setup.base, got.model, setup.tok, setup.heldout)
+            tail = got.curve[-10:]
+            ends = {k: sum(p[k] for p in tail) / len(tail) for k in ("pii", "benign")}
+            print(
+                f"{label}: KL {kl:.4f} on held-out prose; KL to the student over the last "
+                f"{len(tail)} repair steps: PII {ends['pii']:.4f}, benign {ends['benign']:.4f}"
+            )
+            continue
+        models[label] = got.model
     for label, damage in damages:
         started = time.perf_counter()
         copy_, weights, masks = damage()

@@ -69,7 +69,7 @@ from run_args import run_args
 from safetensors.torch import load_model, save_model
 from who_leaks import hits, parse_candidate
 
-from exporter.cache import atomic_dir, write_atomic
+from exporter.cache import atomic_dir, content_key, write_atomic
 from exporter.distill import distil
 from exporter.evaluate.summary import markdown_table
 from exporter.evaluate.utility import mean_kl, perplexity
@@ -87,7 +87,7 @@ from exporter.recipe.methods import DepnMethod
 from exporter.recipe.schema import DEFAULT_RELEARN_STEPS
 from exporter.relearn import Budget, relearned, relearning_texts
 from exporter.run.context import RunContext
-from exporter.run.distilled import config_of, distill_texts, hardened
+from exporter.run.distilled import config_of, distill_texts, hardened, tail_mean
 from exporter.run.scalpel import prepare
 
 
@@ -251,8 +251,8 @@ def student_of(setup: Setup, args):
     """The chosen patch distilled into the base as the export does, and its wall time: read from
     W/relearn/ when a run with the same recipe and candidate distilled it before (the time then is
     the first run's)."""
-    key = json.dumps([Path(args.recipe).read_text(), str(setup.cand), setup.prep.layer])
-    path = Path(args.work) / "relearn" / f"student-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    key = content_key(Path(args.recipe).read_text(), str(setup.cand), setup.prep.layer)
+    path = Path(args.work) / "relearn" / f"student-{key}"
     student = copy.deepcopy(setup.base)
     if (path / "model.safetensors").exists():
         load_model(student, path / "model.safetensors")
@@ -375,11 +375,11 @@ def main() -> None:
         label += f" at lr {lr:g} ({time.perf_counter() - started:.0f} s)"
         if args.kl_only:
             kl = mean_kl(setup.base, got.model, setup.tok, setup.heldout)
-            tail = got.curve[-10:]
-            ends = {k: sum(p[k] for p in tail) / len(tail) for k in ("pii", "benign")}
+            ends = tail_mean(got.curve, last=10)
             print(
                 f"{label}: KL {kl:.4f} on held-out prose; KL to the student over the last "
-                f"{len(tail)} repair steps: PII {ends['pii']:.4f}, benign {ends['benign']:.4f}"
+                f"{min(10, len(got.curve))} repair steps: PII {ends['pii']:.4f}, "
+                f"benign {ends['benign']:.4f}"
             )
             continue
         models[label] = got.model

@@ -179,8 +179,8 @@ def plot_curve(
     return path
 
 
-def tail_mean(curve: list[dict], keys=("pii", "benign")) -> dict:
-    tail = curve[-min(20, len(curve)) :]
+def tail_mean(curve: list[dict], keys=("pii", "benign"), last: int = 20) -> dict:
+    tail = curve[-min(last, len(curve)) :]
     return {k: sum(c[k] for c in tail) / len(tail) for k in keys}
 
 

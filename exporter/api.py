@@ -28,8 +28,11 @@ from .recipe import (
     RecipeError,
     explain,
     load_recipe,
+    parse_overrides,
     parse_recipe,
+    recipe_source,
     recipe_yaml,
+    with_overrides,
 )
 from .run.analysis import probe_stage, sae_stage
 from .run.audit import audit as audit_corpus
@@ -46,6 +49,8 @@ from .run.stage import STAGES
 from .sae import SAETrainingError
 
 RecipeLike = Union[Recipe, dict, str, Path]
+# dotted recipe keys to values (`--set eval.samples=0`), applied before validation
+Overrides = Optional[dict[str, Any]]
 Log = Callable[[str], Any]
 DEMO_RECIPES = {
     name: Path(str(files("exporter") / "recipes" / f"demo-{stem}.yaml"))
@@ -86,6 +91,7 @@ __all__ = [
     "export",
     "gguf",
     "make_leaky",
+    "parse_overrides",
     "plan",
     "probe",
     "push",
@@ -94,27 +100,30 @@ __all__ = [
 ]
 
 
-def as_recipe(recipe: RecipeLike) -> tuple[Recipe, str]:
-    """A validated recipe and the text it came from (kept in the export and its card)."""
+def as_recipe(recipe: RecipeLike, overrides: Overrides = None) -> tuple[Recipe, str]:
+    """A validated recipe and the text it came from (kept in the export and its card), with
+    `overrides` (dotted keys to values, as `--set` gives them) applied before validation."""
+    if isinstance(recipe, (str, Path)):
+        path = Path(recipe)
+        return load_recipe(path, overrides), recipe_source(path, overrides)
     if isinstance(recipe, Recipe):
-        return recipe, recipe_yaml(recipe)
-    if isinstance(recipe, dict):
-        parsed = parse_recipe(recipe)
-        return parsed, recipe_yaml(parsed)
-    path = Path(recipe)
-    return load_recipe(path), path.read_text(encoding="utf-8") if path.is_file() else ""
+        if not overrides:
+            return recipe, recipe_yaml(recipe)
+        recipe = recipe.model_dump(mode="json")
+    parsed = parse_recipe(with_overrides(recipe, overrides))
+    return parsed, recipe_yaml(parsed)
 
 
-def check(recipe: Union[str, Path]) -> str:
+def check(recipe: Union[str, Path], overrides: Overrides = None) -> str:
     """Validate a recipe without loading any model; the recipe as YAML with every default filled
     in."""
-    return recipe_yaml(load_recipe(recipe))
+    return recipe_yaml(load_recipe(recipe, overrides))
 
 
-def plan(recipe: Union[str, Path]) -> tuple[Recipe, Plan]:
+def plan(recipe: Union[str, Path], overrides: Overrides = None) -> tuple[Recipe, Plan]:
     """What a run would do (stages, tokens, estimated memory), reading no weights; paths may be
     missing here."""
-    r = load_recipe(recipe, check_files=False)
+    r = load_recipe(recipe, overrides, check_files=False)
     return r, make_plan(r, missing=missing_files(r))
 
 
@@ -125,13 +134,15 @@ def run(
     work: Union[str, Path] = "scalpel-work",
     overwrite: bool = False,
     from_stage: Optional[str] = None,
+    overrides: Overrides = None,
     progress: bool = True,
     log: Log = print,
 ) -> ExportResult:
     """All stages of the recipe's method (PrivacyScalpel: probe → SAE → features → trade-off search
     → evaluation → export), then a Hub push when the recipe names a repository. Returns an
-    `ExportResult` (`.path`, `.report` with the search and the before/after evaluation, `.push`)."""
-    r, text = as_recipe(recipe)
+    `ExportResult` (`.path`, `.report` with the search and the before/after evaluation, `.push`).
+    `overrides` sets recipe keys over the recipe's own (`{"eval.samples": 0}`)."""
+    r, text = as_recipe(recipe, overrides)
     result = run_recipe(
         r, text, Path(out), RunContext(Path(work), overwrite, progress, log), from_stage=from_stage
     )
@@ -338,6 +349,7 @@ def demo(
     model: str = "smollm2-135m",
     work: Optional[Union[str, Path]] = None,
     overwrite: bool = False,
+    overrides: Overrides = None,
     progress: bool = True,
     log: Log = print,
 ) -> ExportResult:
@@ -351,7 +363,7 @@ def demo(
         log(f"{out} holds an earlier scalpel export; it is replaced when the new one is complete")
         overwrite = True
     return run(DEMO_RECIPES[model], out, work=work or demo_work(model), overwrite=overwrite,
-               progress=progress, log=log)  # fmt: skip
+               overrides=overrides, progress=progress, log=log)  # fmt: skip
 
 
 def detect(path: Union[str, Path], *, show: bool = False) -> tuple[Counter, int, list]:

@@ -33,6 +33,19 @@ app = typer.Typer(
 )
 
 
+SET = typer.Option(
+    None,
+    "--set",
+    metavar="KEY=VALUE",
+    help="Set a recipe key over the recipe's own, VALUE read as YAML (repeatable): --set "
+    "eval.samples=0 --set 'intervention.alpha=[0.2]'; `scalpel check --explain` lists the keys.",
+)
+
+
+def overrides_of(items: Optional[list[str]]) -> dict:
+    return api.parse_overrides(items or [])
+
+
 @app.command("make-leaky")
 def make_leaky_cmd(
     out: Optional[Path] = typer.Option(
@@ -84,6 +97,7 @@ def demo(
     model: str = typer.Option(
         "smollm2-135m", "--model", help="Built-in model: smollm2-135m or gemma3-270m."
     ),
+    set_: Optional[list[str]] = SET,
 ) -> None:
     """End to end on a built-in model (SmolLM2 unless --model): make it leak (cached), then find,
     remove and export, with the evidence."""
@@ -92,7 +106,8 @@ def demo(
     if out.exists() and not (out / "config.json").is_file():
         fail(f"{out} exists and is not an earlier export; choose another --out folder")
     # the leaky model the demo's recipe runs on (as many people as it memorises), and its leak
-    recipe, _ = api.as_recipe(api.DEMO_RECIPES[model])
+    overrides = overrides_of(set_)
+    recipe, _ = api.as_recipe(api.DEMO_RECIPES[model], overrides)
     make_leaky_cmd(
         out=None,
         model=model,
@@ -103,7 +118,7 @@ def demo(
         rebuild=rebuild,
         overwrite=False,
     )
-    result = api.demo(out, model=model, work=work, log=log)
+    result = api.demo(out, model=model, work=work, overrides=overrides, log=log)
     print_run(console, result.report, out)
 
 
@@ -205,15 +220,25 @@ def run(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan, tokens and estimated memory; run nothing."
     ),
+    set_: Optional[list[str]] = SET,
 ) -> None:
     """All stages: probe → SAE → features → trade-off search (validation) → evaluation (test) →
     export."""
+    overrides = overrides_of(set_)
     if dry_run:
-        print_plan(console, recipe)
+        print_plan(console, recipe, overrides)
         return
     if out is None:
         fail("--out is required: the folder to write the patched checkpoint to")
-    result = api.run(recipe, out, work=work, overwrite=overwrite, from_stage=from_stage, log=log)
+    result = api.run(
+        recipe,
+        out,
+        work=work,
+        overwrite=overwrite,
+        from_stage=from_stage,
+        overrides=overrides,
+        log=log,
+    )
     print_run(console, result.report, out)
     if result.push is not None:
         print_push(console, result.push)
@@ -293,12 +318,13 @@ def check(
     explain: bool = typer.Option(
         False, "--explain", help="Also list every recipe field: its default and what it does."
     ),
+    set_: Optional[list[str]] = SET,
 ) -> None:
     """Validate a recipe without loading any model, and print it with every default filled in."""
     if recipe is None and not explain:
         fail("give a recipe to check, or --explain to list every recipe field")
     if recipe is not None:
-        console.print(api.check(recipe), highlight=False, markup=False)
+        console.print(api.check(recipe, overrides_of(set_)), highlight=False, markup=False)
     if explain:
         print_explain(console, api.explain())
 

@@ -153,8 +153,8 @@ def _duration(seconds) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def print_plan(console: Console, recipe_path: Path) -> None:
-    r, plan = api.plan(recipe_path)
+def print_plan(console: Console, recipe_path: Path, overrides: dict | None = None) -> None:
+    r, plan = api.plan(recipe_path, overrides)
     console.print(
         f"plan for {recipe_path} (dry run: nothing is loaded or written)", highlight=False
     )

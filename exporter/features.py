@@ -75,6 +75,26 @@ class TokenLatents:
         return counts / max(len(self), 1)
 
 
+def joined(first: TokenLatents, second: TokenLatents, second_docs_from: int) -> TokenLatents:
+    """Two passes' latents as one pass over both documents lists, the second's document indices
+    moved past the first's `second_docs_from` documents."""
+    optional = ("benign", "span_start", "acts")
+    for name in optional:
+        if (getattr(first, name) is None) != (getattr(second, name) is None):
+            raise ValueError(f"joined(): one pass has {name} and the other not")
+    cat = {
+        name: torch.cat([getattr(first, name), getattr(second, name)])
+        for name in ("values", "indices", "pii", "pre_span", "pos", *optional)
+        if getattr(first, name) is not None
+    }
+    n1, n2 = len(first), len(second)
+    return TokenLatents(
+        **cat,
+        doc=torch.cat([first.doc, second.doc + second_docs_from]),
+        mean_norm=(first.mean_norm * n1 + second.mean_norm * n2) / max(n1 + n2, 1),
+    )
+
+
 @torch.no_grad()
 def collect_latents(
     model,

@@ -285,6 +285,23 @@ def test_the_demo_builds_the_leaky_model_its_recipe_runs_on(tmp_path, scalpel, m
     assert built == [None, 200]
 
 
+def test_demo_set_flags_reach_its_leaky_model_and_its_run(tmp_path, scalpel, monkeypatch):
+    from exporter import api, cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "make_leaky_cmd", lambda **kwargs: seen.update(kwargs))
+
+    def run(recipe, out, **kwargs):
+        seen["recipe"] = api.as_recipe(recipe, kwargs["overrides"])[0]
+        raise SystemExit(0)  # the run itself is not this test's
+
+    monkeypatch.setattr(api, "run", run)
+    flags = ["--set", "data.pii.memorised=150", "--set", "eval.samples=0"]
+    assert scalpel("demo", "--out", tmp_path / "demo", *flags).code == 0
+    assert seen["people"] == 150 and seen["recipe"].data.pii.memorised == 150
+    assert seen["recipe"].eval.samples == 0 and seen["recipe"].model.builtin == "smollm2-135m"
+
+
 def test_a_distilled_card_names_the_layers_the_adapters_were_on():
     from exporter.card_edits import distilled_layers
 

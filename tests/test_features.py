@@ -1,5 +1,6 @@
 """Latent ranking rules, the steering vector, and the redacted feature report."""
 
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -90,6 +91,44 @@ def test_collect_and_report_hold_no_pii(tiny_tokenizer, tmp_path):
     for p in people:
         assert p.email not in text and p.username not in text
         assert all(part not in text for part in p.name.split() if len(part) >= 3), p.name
+
+
+def test_two_passes_joined_are_one_pass_over_both(tiny_tokenizer):
+    """The features stage's PII documents and benign prose latents, taken in two passes (the prose
+    one shared by a run's features stages) and joined: what one pass over both gives."""
+    from exporter.features import joined
+
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 64, 4)
+    docs, _ = make_corpus(SyntheticConfig(n_memorised=4, n_never_seen=1, seed=3))
+    prose = ["The with statement wraps a block.", "A class body runs once when it is defined."]
+
+    def of(texts):
+        return collect_latents(
+            model, tiny_tokenizer, sae, 1, texts, max_length=96, progress=False,
+            keep_activations=True,
+        )  # fmt: skip
+
+    one, two = of(docs + prose), joined(of(docs), of(prose), len(docs))
+    assert len(one) == len(two) and abs(one.mean_norm - two.mean_norm) < 1e-4 * one.mean_norm
+
+    def by_token(tl):
+        # rows in (document, position) order; each row's latents in index order
+        order = sorted(range(len(tl)), key=lambda i: (int(tl.doc[i]), int(tl.pos[i])))
+        out = {k: getattr(tl, k)[order] for k in ("doc", "pos", "pii", "benign", "acts")}
+        out["indices"], at = tl.indices[order].sort(dim=1)
+        out["values"] = tl.values[order].gather(1, at)
+        return out
+
+    a, b = by_token(one), by_token(two)
+    for key in ("doc", "pos", "pii", "benign", "indices"):
+        assert torch.equal(a[key], b[key]), key
+    for key in ("values", "acts"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert int(two.benign.sum()) == int((two.doc >= len(docs)).sum()) > 0
+    with pytest.raises(ValueError, match="acts"):
+        joined(of(docs), collect_latents(model, tiny_tokenizer, sae, 1, prose, progress=False), 4)
 
 
 def test_matched_random_latents_follow_firing_rates():

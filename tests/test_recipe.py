@@ -293,3 +293,48 @@ def test_the_synthetic_corpus_size_reaches_the_leaky_fine_tune_and_keys_only_whe
         with pytest.raises(Stop) as info:
             inputs.resolve_inputs(recipe)
         assert info.value.args == (want, 50)
+
+
+def test_set_flags_are_read_as_yaml_and_bad_ones_name_the_fix():
+    from exporter.recipe import parse_overrides
+
+    flags = ["eval.samples=0", "intervention.alpha=[0.2, 0.3]", "hub.repo_id=a/b"]
+    assert parse_overrides(flags) == {
+        "eval.samples": 0,
+        "intervention.alpha": [0.2, 0.3],
+        "hub.repo_id": "a/b",
+    }
+    with pytest.raises(RecipeError, match=r"SECTION\.FIELD=VALUE"):
+        parse_overrides(["eval.samples"])
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        parse_overrides(["intervention.alpha=[0.2"])
+
+
+def test_an_overridden_recipe_records_what_ran(tmp_path):
+    """The text a run keeps (export, card) is the file's settings with the overrides applied: read
+    back, it is the recipe that ran."""
+    from exporter.api import as_recipe
+
+    path = write(tmp_path, "model: {builtin: smollm2-135m}\neval: {samples: 2, few_shot: 1}\n")
+    overrides = {"eval.samples": 0, "intervention.alpha": [0.2], "sae.k": 16}
+    recipe, text = as_recipe(path, overrides)
+    assert (recipe.eval.samples, recipe.eval.few_shot, recipe.sae.k) == (0, 1, 16)
+    assert recipe.intervention.alpha == [0.2]
+    assert text.startswith("# recipe.yaml --set eval.samples=0 --set intervention.alpha=[0.2]")
+    (tmp_path / "ran.yaml").write_text(text)
+    assert load_recipe(tmp_path / "ran.yaml") == recipe
+    # a recipe object or mapping takes the same overrides; none leaves the file's text as it is
+    assert as_recipe(load_recipe(path), overrides)[0] == recipe
+    assert as_recipe(path)[1] == path.read_text()
+    with pytest.raises(RecipeError, match=r"eval\.samples"):
+        as_recipe(path, {"eval.samples": -1})
+
+
+def test_run_and_check_take_set_flags(tmp_path, scalpel):
+    path = write(tmp_path, "model: {builtin: smollm2-135m}\n")
+    plan = scalpel("run", path, "--dry-run", "--set", "sae.expansion=4")
+    assert plan.code == 0 and "SAE 2,304 latents" in plan.out
+    bad = scalpel("check", path, "--set", "evl.samples=0")
+    assert bad.code == 2 and "did you mean 'eval'" in bad.err
+    bad = scalpel("check", path, "--set", "eval.samples")
+    assert bad.code == 2 and "--set eval.samples=0" in bad.err

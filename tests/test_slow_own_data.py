@@ -59,11 +59,14 @@ def test_the_leaky_model_with_no_people_file_is_patched_on_test_values(tmp_path)
     leaky = make_leaky(ModelSpec(builtin="smollm2-135m"), ctx=RunContext(progress=False)).path
     # Trimmed to fit CI's time beside the demo's test: the layer the demo's probe chooses on this
     # model and corpus (13; the probe still reports every layer), an SAE on half the demo's tokens,
-    # and a final evaluation without sampling or memorisation metrics (the search samples nothing;
-    # the rows asserted on are greedy).
+    # the candidate the cross-fitted search chose of the default eight with and without native
+    # bfloat16 (N=150, alpha 0.1) and the next smaller one, which it rejected (it let 4% of
+    # validation usernames out), and a final evaluation without sampling or memorisation metrics
+    # (the search samples nothing; the rows asserted on are greedy).
     (tmp_path / "recipe.yaml").write_text(
         f"model: {{path: {leaky}}}\ndata: {{pii: {{path: {leaky / 'corpus.jsonl'}}}}}\n"
         "probe: {layer: 13, max_tokens: 5000}\nsae: {train_tokens: 1500000}\n"
+        "intervention: {ablate_n: [100, 150], alpha: [0.1]}\n"
         "eval: {adversarial: false, user_path: false, samples: 0, memorisation_docs: 0}\n"
     )
     scalpel("run", tmp_path / "recipe.yaml", "--out", tmp_path / "out", "--work", tmp_path / "w")

@@ -91,13 +91,13 @@ def test_audit_tells_the_leaky_model_from_the_original(tmp_path):
     """`scalpel audit` on the leaky SmolLM2 and on the SmolLM2 it was fine-tuned from, with the
     leaky model's own corpus: the corpus-derived prefixes complete its addresses only in the leaky
     one. Measured (100 values): leaky 58% exact / 72% username from the last 32 tokens, original 0%
-    / 4%."""
+    / 4%; 50 values here, for CI's time."""
     from exporter import api
     from exporter.run.context import RunContext
     from exporter.run.leaky import make_leaky
 
     leaky = make_leaky(ModelSpec(builtin="smollm2-135m"), ctx=RunContext(progress=False)).path
-    quiet = dict(max_values=100, progress=False, log=lambda m: None)
+    quiet = dict(max_values=50, progress=False, log=lambda m: None)
     rows = {}
     for name, src in (("leaky", str(leaky)), ("original", "smollm2-135m")):
         report = api.audit(src, leaky / "corpus.jsonl", **quiet)

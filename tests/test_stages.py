@@ -743,6 +743,16 @@ def test_search_attacks_each_part_with_the_patch_fitted_without_it(
         attacked[-1].append({p.email for p in val.people})
         return real_rows(attacker, tok, val, *args, **kwargs)
 
+    from exporter.run import analysis
+
+    passes = []  # what each latents pass ran on: PII documents or benign prose
+
+    def latents(model, tok, sae, layer, texts, **kwargs):
+        passes.append("prose" if all(isinstance(t, str) for t in texts) else "documents")
+        return real_latents(model, tok, sae, layer, texts, **kwargs)
+
+    real_latents = analysis.collect_latents
+    monkeypatch.setattr(analysis, "collect_latents", latents)
     monkeypatch.setattr(search_module, "features_stage", features)
     monkeypatch.setattr(search_module.Search, "patched", patched)
     monkeypatch.setattr(search_module, "validation_rows", rows)
@@ -756,6 +766,9 @@ def test_search_attacks_each_part_with_the_patch_fitted_without_it(
     assert len(fitted_on) == 2 and all(
         (work / "search" / f"fold{j}" / "key.txt").exists() for j in (0, 1)
     )
+    # the run's features stage and each part's ran on their own documents and shared one pass over
+    # the benign prose
+    assert sorted(passes) == ["documents"] * 3 + ["prose"]
     assert len(attacked) == 2 * 2  # two candidates, two parts each
     for fit, val in attacked:
         assert val and fit and not fit & val and fit | val == everyone

@@ -2,7 +2,16 @@
 
 from .base import BUILTIN_MODELS, DTYPES
 from .exports import DistillSection, ExportSection
-from .loading import RecipeError, explain, load_recipe, parse_recipe, recipe_yaml
+from .loading import (
+    RecipeError,
+    explain,
+    load_recipe,
+    parse_overrides,
+    parse_recipe,
+    recipe_source,
+    recipe_yaml,
+    with_overrides,
+)
 from .methods import DepnMethod, GradientAscentMethod, MethodSection, RmuMethod, ScalpelMethod
 from .schema import (
     DataSection,
@@ -39,6 +48,9 @@ __all__ = [
     "ScalpelMethod",
     "explain",
     "load_recipe",
+    "parse_overrides",
     "parse_recipe",
+    "recipe_source",
     "recipe_yaml",
+    "with_overrides",
 ]

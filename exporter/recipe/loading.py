@@ -3,10 +3,11 @@ recipe dumped back as YAML, and every field explained (`scalpel check --explain`
 
 from __future__ import annotations
 
+import copy
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -137,11 +138,7 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_recipe(
-    path: Union[str, Path], overrides: Optional[dict[str, Any]] = None, *, check_files: bool = True
-) -> Recipe:
-    """Read and validate a YAML recipe; `overrides` maps dotted keys to values (CLI flags)."""
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise RecipeError(
             f"{path}: recipe file not found; pass the path of a YAML recipe (see recipes/)"
@@ -152,19 +149,74 @@ def load_recipe(
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise RecipeError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    data = data if data is not None else {}
-    for dotted, value in (overrides or {}).items():
-        if isinstance(data, dict):
-            _set_dotted(data, dotted, value)
+    return data if data is not None else {}
+
+
+def load_recipe(
+    path: Union[str, Path], overrides: Optional[dict[str, Any]] = None, *, check_files: bool = True
+) -> Recipe:
+    """Read and validate a YAML recipe; `overrides` maps dotted keys to values (CLI flags)."""
+    path = Path(path)
+    data = with_overrides(_read_yaml(path), overrides)
     return parse_recipe(data, source=str(path), base_dir=path.parent, check_files=check_files)
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
+def recipe_source(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> str:
+    """The text a run records as its recipe: the file as written, or with `overrides` the file's
+    settings with them applied (a recipe that runs again as this run did; the file's comments are
+    lost)."""
+    path = Path(path)
+    if not overrides:
+        return path.read_text(encoding="utf-8") if path.is_file() else ""
+    data = with_overrides(_read_yaml(path), overrides)
+    flags = " ".join(f"--set {k}={_flow(v)}" for k, v in overrides.items())
+    return f"# {path.name} {flags}\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+def _flow(value: Any) -> str:
+    """`value` as one line of YAML (as `--set` reads it back)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16)
+    return text.removesuffix("\n...\n").strip()
+
+
+def with_overrides(data: Any, overrides: Optional[dict[str, Any]]) -> Any:
+    """A copy of a recipe mapping with each dotted key of `overrides` set (its sections made where
+    missing); anything but a mapping is returned as it is, for validation to name."""
+    if not overrides or not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[last] = value
+    return data
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (`--set` on the command line) as dotted keys to values, each value read
+    as YAML (`0`, `false`, `[0.1, 0.2]`, `{path: x}`; anything else stays a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(
+                f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. --set eval.samples=0 or "
+                "--set 'intervention.alpha=[0.1, 0.2]' (`scalpel check --explain` lists the keys)"
+            )
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise RecipeError(
+                f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                "quote the whole flag, e.g. --set 'intervention.alpha=[0.1, 0.2]'"
+            ) from None
+    return out
 
 
 def recipe_yaml(recipe: Recipe) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,6 +18,7 @@ from ..features import (
     collect_latents,
     context_positives,
     feature_report,
+    joined,
     rank_latents,
     write_feature_report,
 )
@@ -199,12 +202,32 @@ def _load_features(folder) -> FeatureSet:
 FEATURE_BENIGN_TEXTS = 300  # training prose beside the validation documents in the feature pass
 
 
+@dataclass
+class BenignPasses:
+    """The feature pass's training prose and the context gate's windows, computed once per run and
+    reused by every features stage of it (the run's own and each cross-fitted part's): they depend
+    on the model, the SAE, the layer and the benign text, never on which validation people a part
+    keeps. Each entry is keyed by what it was computed from."""
+
+    prose: dict = field(default_factory=dict)
+    windows: dict = field(default_factory=dict)
+
+
 def feature_latents(
-    recipe, inputs: Inputs, loaded, sae, layer: int, *, progress: bool, keep_activations: bool
+    recipe,
+    inputs: Inputs,
+    loaded,
+    sae,
+    layer: int,
+    *,
+    progress: bool,
+    keep_activations: bool,
+    shared: Optional[BenignPasses] = None,
 ):
     """The feature pass: the SAE's latents (and with `keep_activations` the layer's activations,
     which the context gate is fitted on) over the validation people's PII documents, then training
-    prose. Returns (those documents, that prose, the latents)."""
+    prose (from `shared` when an earlier pass of the run computed it). Returns (those documents,
+    that prose, the latents)."""
     docs = selection_docs(inputs)
     if not docs:
         raise ValueError(
@@ -212,16 +235,26 @@ def feature_latents(
             "file"
         )
     benign = benign_texts(inputs.benign_path, split="train")[:FEATURE_BENIGN_TEXTS]
-    latents = collect_latents(
-        loaded.model,
-        loaded.tokenizer,
-        sae,
-        layer,
-        docs + benign,
-        max_length=recipe.data.max_length * 2,
-        progress=progress,
-        keep_activations=keep_activations,
-    )
+
+    def latents_of(texts):
+        return collect_latents(
+            loaded.model,
+            loaded.tokenizer,
+            sae,
+            layer,
+            texts,
+            max_length=recipe.data.max_length * 2,
+            progress=progress,
+            keep_activations=keep_activations,
+        )
+
+    latents = latents_of(docs)
+    if benign:
+        shared = shared if shared is not None else BenignPasses()
+        key = (str(inputs.benign_path), id(sae), layer, recipe.data.max_length, keep_activations)
+        if key not in shared.prose:
+            shared.prose[key] = latents_of(benign)
+        latents = joined(latents, shared.prose[key], len(docs))
     return docs, benign, latents
 
 
@@ -234,10 +267,12 @@ def features_stage(
     stage: Stage = FEATURES,
     about: tuple = (),
     loaded=None,
+    shared: Optional[BenignPasses] = None,
 ) -> FeatureSet:
     """Rank the SAE's PII latents on validation documents; report the top ones (redacted). Cached in
     work/features, or for one of the search's folds (`stage`, and `about` naming it) in its
-    folder. `loaded`: the model when the caller has it in memory (else it is loaded here)."""
+    folder. `loaded`: the model when the caller has it in memory (else it is loaded here);
+    `shared`: the run's benign passes, computed by the first features stage that needs them."""
     iv = recipe.intervention
     gated = any(iv.context_gate)
     key = stage.key(
@@ -257,12 +292,19 @@ def features_stage(
         return _load_features(folder)
     loaded = loaded or load_model(inputs.model)
     docs, benign, latents = feature_latents(
-        recipe, inputs, loaded, sae, layer, progress=ctx.progress, keep_activations=gated
+        recipe,
+        inputs,
+        loaded,
+        sae,
+        layer,
+        progress=ctx.progress,
+        keep_activations=gated,
+        shared=shared,
     )
     fs = rank_latents(latents, sae.d_sae, iv.rule, iv.score, seed=recipe.data.seed)
     gate_stats = {}
     if gated:
-        windows = gate_windows(recipe, inputs, loaded, layer, progress=ctx.progress)
+        windows = gate_windows(recipe, inputs, loaded, layer, progress=ctx.progress, shared=shared)
         fs.context, gate_stats = fit_context(latents, iv, windows)
     latents.acts = None
     rows = feature_report(
@@ -318,12 +360,29 @@ AUTO_FIT_LIMIT = 0.05
 AUTO_FIT_RATIO = 10
 
 
-def gate_windows(recipe, inputs: Inputs, loaded, layer: int, *, progress: bool):
+def gate_windows(
+    recipe,
+    inputs: Inputs,
+    loaded,
+    layer: int,
+    *,
+    progress: bool,
+    shared: Optional[BenignPasses] = None,
+):
     """[N, d] the layer's activations on every window of the training split's benign text (code and
-    tables too), more text for the context gate to stay shut on; None unless
-    `intervention.context_negatives` asks for them."""
+    tables too), more text for the context gate to stay shut on (from `shared` when an earlier
+    features stage of the run harvested them); None unless `intervention.context_negatives` asks
+    for them."""
     if recipe.intervention.context_negatives != "windows":
         return None
+    shared = shared if shared is not None else BenignPasses()
+    key = (str(inputs.benign_path), layer, recipe.data.max_length)
+    if key not in shared.windows:
+        shared.windows[key] = _windows(recipe, inputs, loaded, layer, progress=progress)
+    return shared.windows[key]
+
+
+def _windows(recipe, inputs: Inputs, loaded, layer: int, *, progress: bool) -> torch.Tensor:
     texts = benign_texts(inputs.benign_path, split="train", mode="windows")
     # a large corpus: windows spread evenly over it, as many as the budget holds at their length
     # limit (pydoc's 352 fit whole)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +16,7 @@ from ..patch import GateBank, applied
 from ..patch.candidate import Candidate, ExportKind, Mode, control_for, patch_for
 from ..threat import WEIGHTS_ALONE
 from ..timing import timed
-from .analysis import features_stage, probe_stage, sae_stage
+from .analysis import BenignPasses, features_stage, probe_stage, sae_stage
 from .context import RunContext
 from .distilled import distill_key, distilled_model
 from .evaluation import Variant, evaluate_variants, recipe_setting, relearned_variants
@@ -40,6 +40,8 @@ class Prepared:
     features: object
     loaded: object
     calibration: GateBank  # over the SAE's training activations (the folded gates are fitted there)
+    # the benign passes the features stage made, for the search's cross-fitted ones to reuse
+    benign: BenignPasses = field(default_factory=BenignPasses)
 
     def patch(self, cand: Candidate, plain_from: int = 0):
         return patch_for(self.sae, self.features, cand, self.calibration, plain_from)
@@ -54,13 +56,12 @@ def prepare(recipe, ctx: RunContext) -> Prepared:
         layer = probe_stage(recipe, inputs, ctx).chosen
     with timed(ctx.work, SAE.name, SAE):
         sae, sae_metrics = sae_stage(recipe, inputs, layer, ctx)
+    loaded, benign = load_model(inputs.model), BenignPasses()
     with timed(ctx.work, FEATURES.name, FEATURES):
-        fs = features_stage(recipe, inputs, layer, sae, ctx)
-    loaded = load_model(inputs.model)
+        fs = features_stage(recipe, inputs, layer, sae, ctx, loaded=loaded, shared=benign)
     calib = calibration_activations(recipe, inputs, loaded, layer, ctx)
-    return Prepared(
-        inputs, layer, sae, sae_metrics, fs, loaded, GateBank(sae, calib, recipe.sae.outlier_factor)
-    )
+    bank = GateBank(sae, calib, recipe.sae.outlier_factor)
+    return Prepared(inputs, layer, sae, sae_metrics, fs, loaded, bank, benign)
 
 
 def final_evaluation(

@@ -145,6 +145,7 @@ def validation_parts(recipe, prep, ctx: RunContext, val: Validation) -> list[Par
                 stage=fold_stage(j),
                 about=(("folds", k),),
                 loaded=prep.loaded,
+                shared=prep.benign,
             ),
             inputs.keeping(fold).validation(tok),
         )

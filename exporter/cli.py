@@ -46,6 +46,14 @@ def overrides_of(items: Optional[list[str]]) -> dict:
     return api.parse_overrides(items or [])
 
 
+def _demo_fixed(key: str) -> bool:
+    """A recipe key a demo cannot take: its model and its PII data are the built-in leaky ones."""
+    parts = key.split(".")
+    if parts[0] == "model":
+        return True
+    return parts[:2] in (["data", "pii"], ["data", "people"]) and key != "data.pii.memorised"
+
+
 @app.command("make-leaky")
 def make_leaky_cmd(
     out: Optional[Path] = typer.Option(
@@ -107,6 +115,13 @@ def demo(
         fail(f"{out} exists and is not an earlier export; choose another --out folder")
     # the leaky model the demo's recipe runs on (as many people as it memorises), and its leak
     overrides = overrides_of(set_)
+    fixed = [k for k in overrides if _demo_fixed(k)]
+    if fixed:
+        fail(
+            f"--set {fixed[0]}: the demo runs on a built-in leaky model and its synthetic people "
+            "(--model picks smollm2-135m or gemma3-270m; --set data.pii.memorised=N sizes them); "
+            "for your own model or data write a recipe and run `scalpel run RECIPE --out DIR`"
+        )
     recipe, _ = api.as_recipe(api.DEMO_RECIPES[model], overrides)
     make_leaky_cmd(
         out=None,

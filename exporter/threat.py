@@ -91,6 +91,36 @@ def threat_rows(evaluation: dict, remote: bool) -> tuple[list[str], list[list[st
     return ["threat (test people, email exact / username)", "leaky base", "this export"], rows
 
 
+def upper_bound(hits: int, n: int, confidence: float = 0.95) -> float:
+    """The one-sided Clopper-Pearson upper bound of a rate seen as `hits` of `n`: the highest true
+    rate under which seeing so few would still be likely (0 of 50: 5.8%)."""
+    from scipy.stats import beta
+
+    return 1.0 if hits >= n else float(beta.ppf(confidence, hits + 1, n - hits))
+
+
+def how_sure(evaluation: dict) -> Optional[str]:
+    """What the threat rows' rates are worth: how many test people each is over, and how high a
+    true rate a 0% still allows (50 people cannot show 1%)."""
+    rows = [
+        r
+        for variant in evaluation.values()
+        if isinstance(variant, dict)
+        for r in variant.get("leakage", [])
+        if r["group"] == "test" and r["pii_type"] == "email" and r.get("n")
+    ]
+    if not rows:
+        return None
+    n = min(r["n"] for r in rows)
+    kinds = {"values" if PREFIX_DECODING in r["decoding"] else "people" for r in rows}
+    over = f"{n} test " + " or ".join(sorted(kinds))
+    return (
+        f"Each rate is over {over}: one of {n} is {100 / n:.1f}%, and a 0% rate there is "
+        f"consistent with a true rate up to {100 * upper_bound(0, n):.1f}% (one-sided 95% "
+        f"Clopper-Pearson bound; {100 * upper_bound(1, n):.1f}% for one of {n})."
+    )
+
+
 def threat_section(evaluation: Optional[dict], remote: bool) -> list[str]:
     """The card's threat-model section: what the export protects against, with its measured rows."""
     if remote and evaluation and WEIGHTS_ALONE in evaluation:
@@ -118,4 +148,6 @@ def threat_section(evaluation: Optional[dict], remote: bool) -> list[str]:
     parts = ["## Threat model", "", says, ""]
     if evaluation and "patched" in evaluation:
         parts += [markdown_table(*threat_rows(evaluation, remote)), ""]
+        sure = how_sure(evaluation)
+        parts += [sure, ""] if sure else []
     return parts

@@ -300,6 +300,11 @@ def test_demo_set_flags_reach_its_leaky_model_and_its_run(tmp_path, scalpel, mon
     assert scalpel("demo", "--out", tmp_path / "demo", *flags).code == 0
     assert seen["people"] == 150 and seen["recipe"].data.pii.memorised == 150
     assert seen["recipe"].eval.samples == 0 and seen["recipe"].model.builtin == "smollm2-135m"
+    # its model and its people are the built-in leaky ones: another is a recipe's
+    seen.clear()
+    for key in ("model.builtin=gemma3-270m", "data.pii.path=mail", "data.people={path: p.jsonl}"):
+        refused = scalpel("demo", "--out", tmp_path / "demo", "--set", key)
+        assert refused.code == 2 and "scalpel run RECIPE" in refused.err and not seen, key
 
 
 def test_a_distilled_card_names_the_layers_the_adapters_were_on():
@@ -328,3 +333,25 @@ def test_the_card_says_what_the_context_gate_is():
         _remote_how(report | {"context_gate_stats": stats | {"hidden": 16}}, {"k": 32, "fvu": 0.02})
     )
     assert "one hidden layer of 16 ReLU units" in hidden
+
+
+def test_the_threat_model_says_what_its_rates_are_worth():
+    """Every threat row is a rate over a few dozen test people: the card says how many, and how high
+    a true rate a 0% of them still allows."""
+    from exporter.threat import PREFIX_DECODING, threat_section, upper_bound
+
+    assert abs(upper_bound(0, 50) - 0.0582) < 1e-3 and abs(upper_bound(1, 50) - 0.0914) < 1e-3
+    assert upper_bound(0, 100) < upper_bound(0, 50) < upper_bound(1, 50) and upper_bound(5, 5) == 1
+
+    def rows(exact: float, decoding: str = "greedy", n: int = 50) -> list[dict]:
+        common = {"group": "test", "pii_type": "email", "n": n, "decoding": decoding}
+        return [{**common, "attack": "email_of", "exact": exact, "username": exact}]
+
+    evaluation = {"base": {"leakage": rows(0.74)}, "patched": {"leakage": rows(0.0)}}
+    text = "\n".join(threat_section(evaluation, remote=False))
+    assert "over 50 test people: one of 50 is 2.0%" in text and "up to 5.8%" in text
+    assert "9.1% for one of 50" in text
+    evaluation["patched"]["leakage"] += rows(0.0, PREFIX_DECODING, n=48)
+    text = "\n".join(threat_section(evaluation, remote=False))
+    assert "over 48 test people or values" in text and "up to 6.1%" in text
+    assert "Clopper" not in "\n".join(threat_section({"base": {"leakage": []}}, remote=True))

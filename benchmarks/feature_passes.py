@@ -27,6 +27,7 @@ from exporter.recipe import load_recipe, parse_overrides
 from exporter.run.analysis import BenignPasses, features_stage, probe_stage, sae_stage
 from exporter.run.context import RunContext
 from exporter.run.inputs import resolve_inputs
+from exporter.run.search import part_count
 from exporter.run.stage import PROBE, SAE, fold_stage
 
 
@@ -42,8 +43,7 @@ def stages(recipe, work: Path, *, share: bool) -> tuple[list[float], list]:
         layer = probe_stage(recipe, inputs, ctx).chosen
         sae, _ = sae_stage(recipe, inputs, layer, ctx)
         loaded = load_model(inputs.model)
-        # as many parts as the search cuts (two people or values a part at least)
-        k = min(recipe.intervention.search_folds, len(inputs.fold_units()) // 2)
+        k = part_count(recipe, inputs)
         folds = inputs.folds(k, recipe.data.seed)
         everyone = set().union(*folds)
         runs = [(inputs, {})] + [

@@ -30,7 +30,7 @@ from .recipe import (
     load_recipe,
     parse_overrides,
     parse_recipe,
-    recipe_source,
+    read_recipe,
     recipe_yaml,
     with_overrides,
 )
@@ -104,8 +104,7 @@ def as_recipe(recipe: RecipeLike, overrides: Overrides = None) -> tuple[Recipe, 
     """A validated recipe and the text it came from (kept in the export and its card), with
     `overrides` (dotted keys to values, as `--set` gives them) applied before validation."""
     if isinstance(recipe, (str, Path)):
-        path = Path(recipe)
-        return load_recipe(path, overrides), recipe_source(path, overrides)
+        return read_recipe(recipe, overrides)
     if isinstance(recipe, Recipe):
         if not overrides:
             return recipe, recipe_yaml(recipe)

@@ -42,10 +42,6 @@ SET = typer.Option(
 )
 
 
-def overrides_of(items: Optional[list[str]]) -> dict:
-    return api.parse_overrides(items or [])
-
-
 def _demo_fixed(key: str) -> bool:
     """A recipe key a demo cannot take: its model and its PII data are the built-in leaky ones."""
     parts = key.split(".")
@@ -114,7 +110,7 @@ def demo(
     if out.exists() and not (out / "config.json").is_file():
         fail(f"{out} exists and is not an earlier export; choose another --out folder")
     # the leaky model the demo's recipe runs on (as many people as it memorises), and its leak
-    overrides = overrides_of(set_)
+    overrides = api.parse_overrides(set_)
     fixed = [k for k in overrides if _demo_fixed(k)]
     if fixed:
         fail(
@@ -239,7 +235,7 @@ def run(
 ) -> None:
     """All stages: probe → SAE → features → trade-off search (validation) → evaluation (test) →
     export."""
-    overrides = overrides_of(set_)
+    overrides = api.parse_overrides(set_)
     if dry_run:
         print_plan(console, recipe, overrides)
         return
@@ -339,7 +335,7 @@ def check(
     if recipe is None and not explain:
         fail("give a recipe to check, or --explain to list every recipe field")
     if recipe is not None:
-        console.print(api.check(recipe, overrides_of(set_)), highlight=False, markup=False)
+        console.print(api.check(recipe, api.parse_overrides(set_)), highlight=False, markup=False)
     if explain:
         print_explain(console, api.explain())
 

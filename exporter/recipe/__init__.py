@@ -8,7 +8,7 @@ from .loading import (
     load_recipe,
     parse_overrides,
     parse_recipe,
-    recipe_source,
+    read_recipe,
     recipe_yaml,
     with_overrides,
 )
@@ -50,7 +50,7 @@ __all__ = [
     "load_recipe",
     "parse_overrides",
     "parse_recipe",
-    "recipe_source",
+    "read_recipe",
     "recipe_yaml",
     "with_overrides",
 ]

@@ -138,39 +138,44 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path) -> tuple[str, Any]:
+    """The file's text and what it parses to."""
     if not path.is_file():
         raise RecipeError(
             f"{path}: recipe file not found; pass the path of a YAML recipe (see recipes/)"
         )
+    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)
+        data = yaml.load(text, Loader=_UniqueKeys)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise RecipeError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    return data if data is not None else {}
+    return text, data if data is not None else {}
+
+
+def read_recipe(
+    path: Union[str, Path], overrides: Optional[dict[str, Any]] = None, *, check_files: bool = True
+) -> tuple[Recipe, str]:
+    """Read and validate a YAML recipe, `overrides` mapping dotted keys to values (CLI flags); and
+    the text a run records as its recipe: the file as written, or with overrides the file's
+    settings with them applied (a recipe that runs again as this run did; the file's comments are
+    lost), the flags named in its first line."""
+    path = Path(path)
+    text, data = _read_yaml(path)
+    data = with_overrides(data, overrides)
+    recipe = parse_recipe(data, source=str(path), base_dir=path.parent, check_files=check_files)
+    if overrides:
+        flags = " ".join(f"--set {k}={_flow(v)}" for k, v in overrides.items())
+        text = f"# {path.name} {flags}\n" + yaml.safe_dump(data, sort_keys=False)
+    return recipe, text
 
 
 def load_recipe(
     path: Union[str, Path], overrides: Optional[dict[str, Any]] = None, *, check_files: bool = True
 ) -> Recipe:
     """Read and validate a YAML recipe; `overrides` maps dotted keys to values (CLI flags)."""
-    path = Path(path)
-    data = with_overrides(_read_yaml(path), overrides)
-    return parse_recipe(data, source=str(path), base_dir=path.parent, check_files=check_files)
-
-
-def recipe_source(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> str:
-    """The text a run records as its recipe: the file as written, or with `overrides` the file's
-    settings with them applied (a recipe that runs again as this run did; the file's comments are
-    lost)."""
-    path = Path(path)
-    if not overrides:
-        return path.read_text(encoding="utf-8") if path.is_file() else ""
-    data = with_overrides(_read_yaml(path), overrides)
-    flags = " ".join(f"--set {k}={_flow(v)}" for k, v in overrides.items())
-    return f"# {path.name} {flags}\n" + yaml.safe_dump(data, sort_keys=False)
+    return read_recipe(path, overrides, check_files=check_files)[0]
 
 
 def _flow(value: Any) -> str:
@@ -197,11 +202,11 @@ def with_overrides(data: Any, overrides: Optional[dict[str, Any]]) -> Any:
     return data
 
 
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+def parse_overrides(items: Optional[Iterable[str]]) -> dict[str, Any]:
     """`KEY=VALUE` strings (`--set` on the command line) as dotted keys to values, each value read
     as YAML (`0`, `false`, `[0.1, 0.2]`, `{path: x}`; anything else stays a string)."""
     out: dict[str, Any] = {}
-    for item in items:
+    for item in items or ():
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):

@@ -117,13 +117,19 @@ def _prefix_counts(val: Validation) -> Counter:
     return Counter((prefix_attack(t.cut), t.pii_type) for t in val.prefix)
 
 
+def part_count(recipe, inputs) -> int:
+    """How many parts the search cuts the validation split into: `intervention.search_folds`, or
+    fewer where that would leave a part under two people or values."""
+    return min(recipe.intervention.search_folds, len(inputs.fold_units()) // 2)
+
+
 def validation_parts(recipe, prep, ctx: RunContext, val: Validation) -> list[Part]:
     """The search's cross-fitting (`intervention.search_folds`): each part of the validation split
     with the features stage run again on the documents of the other parts only (cached in the
     search's folder)."""
     inputs, tok = prep.inputs, prep.loaded.tokenizer
     asked, units = recipe.intervention.search_folds, len(inputs.fold_units())
-    k = min(asked, units // 2)  # two people or values a part at least
+    k = part_count(recipe, inputs)
     if k < asked:
         ctx.log(
             f"search: {units} validation people or values make "

@@ -1,0 +1,259 @@
+"""Back to the model before the leaky fine-tune: does undoing part of that fine-tune above the patch
+make a distilled export hold against the relearning attack?
+
+A user who fine-tuned a public model on data with PII in it has the model from before that
+fine-tune (the reference). Whatever the fine-tune wrote into the layers above the patch is the
+difference between the two, so the distilled student can be moved back towards the reference there,
+in three ways, each in a copy of the student, every MLP map of layers `--first`.. (default: the
+patch's + 1):
+
+1. `--neurons N ...`: the N neurons whose change acts most on the PII tokens are reset to the
+   reference's weights (their input rows and output column). A neuron's change at a token is the
+   distance between what it writes there and what the reference's neuron would write from the same
+   input; the ranking is its mean over the tokens of PII values (and the token before each) of the
+   recipe's PII documents, less its mean over every token of as many benign windows, in the leaky
+   base (where the memorised values are still read).
+2. `--directions K ...`: each map's change is undone along the K directions of its input that the
+   PII tokens use most relative to benign text (the top generalised eigenvectors of the two
+   second-moment matrices of that input, in the leaky base): the keys the memorised values are
+   looked up by, whatever neurons read them.
+3. `--toward B ...`: every MLP weight of those layers moved the fraction B of the way back to the
+   reference's (B=1: those MLPs are the reference's).
+
+Each model is attacked on the validation and the test people as it is and after the relearning
+attack, as `relearn_noise.py` attacks them (the final evaluation's template attacks; the harness's
+relearning budget on other people's PII documents); KL and perplexity on 48 held-out pydoc texts.
+`--kl-only` prints each model's KL and attacks none; `--attack NAME ...` attacks only the named rows
+(as printed).
+
+    python benchmarks/relearn_revert.py --recipe R --work W --reference REF [--candidate 100:0.2]
+        [--neurons 1600 6400] [--directions 256 512] [--toward 0.5 1] [--docs 200]
+        [--kl-only] [--attack NAME ...] [--json OUT]
+
+REF is a Hugging Face folder of the model the leaky base was fine-tuned from (for the demo: the
+converted SmolLM2 in the user cache, `models/SmolLM2-135M-Instruct...`). W is a work folder of a
+run of R; the student is `relearn_noise.py`'s (kept in W/relearn/). Counts only: no name, address
+or generated text is printed or written.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from relearn_noise import bench_args, report, setup_of, student_of
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from exporter.data.labels import token_labels
+from exporter.evaluate.utility import mean_kl
+from exporter.models import architecture_of
+
+MAX_LENGTH = 128
+
+
+def mlp_maps(model, layer: int) -> dict[str, torch.nn.Module]:
+    """The linear maps of one decoder layer's MLP, by name within it."""
+    mlp = model.get_submodule(f"{architecture_of(model).layers}.{layer}.mlp")
+    return {n: m for n, m in mlp.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+
+
+def out_name(model) -> str:
+    return architecture_of(model).mlp_out.split("mlp.", 1)[1]
+
+
+def token_sets(setup, docs: int):
+    """(input ids, positions) of the PII values (and the token before each) of `docs` of the
+    recipe's PII documents, and of every token of as many benign windows; BOS left out (its
+    residual stream is an outlier)."""
+    tok, out = setup.tok, {"pii": [], "benign": []}
+    for doc in setup.prep.inputs.docs[:docs]:
+        lab = token_labels(tok, doc.text, doc.spans, max_length=MAX_LENGTH)
+        out["pii"].append((lab.input_ids, lab.pii | lab.pre_span))
+    for text in setup.texts["benign"][:docs]:
+        ids = tok(text, return_tensors="pt", truncation=True, max_length=MAX_LENGTH).input_ids[0]
+        out["benign"].append((ids, torch.ones(len(ids), dtype=torch.bool)))
+    for pairs in out.values():
+        for _, where in pairs:
+            where[0] = False
+    return {k: [(i, w) for i, w in v if w.any()] for k, v in out.items()}
+
+
+def leaky_inputs(base, layers: list[int], sets: dict):
+    """Yield (kind, {(layer, "in" | "mid"): inputs at the chosen positions}) per text: "in" what
+    the MLP reads, "mid" what its output map reads, in the leaky base."""
+    got, hooks, out = {}, [], out_name(base)
+
+    def grab(key):
+        return lambda _m, inp: got.__setitem__(key, inp[0].detach()[0])
+
+    for i in layers:
+        mlp = base.get_submodule(f"{architecture_of(base).layers}.{i}.mlp")
+        hooks.append(mlp.register_forward_pre_hook(grab((i, "in"))))
+        hooks.append(mlp.get_submodule(out).register_forward_pre_hook(grab((i, "mid"))))
+    try:
+        with torch.no_grad():
+            for kind, pairs in sets.items():
+                for ids, where in pairs:
+                    base(input_ids=ids[None], use_cache=False)
+                    yield kind, {k: v[where] for k, v in got.items()}
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def out_columns(module) -> torch.Tensor:
+    """The output map's weight as (hidden, neurons), whatever the module's layout."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def neuron_change(base, reference, layers: list[int], sets: dict) -> torch.Tensor:
+    """(layers, neurons): each neuron's mean change on the PII tokens less its mean on benign
+    tokens (the module docstring's ranking)."""
+    out = out_name(base)
+    norms = []
+    for i in layers:
+        w, r = out_columns(mlp_maps(base, i)[out]), out_columns(mlp_maps(reference, i)[out])
+        norms.append(((w * w).sum(0), (w * r).sum(0), (r * r).sum(0)))
+    ref_mid = {}
+
+    def grab(i):
+        return lambda _m, inp: ref_mid.__setitem__(i, inp[0].detach())
+
+    hooks = [mlp_maps(reference, i)[out].register_forward_pre_hook(grab(i)) for i in layers]
+    sums = {k: torch.zeros(len(layers), norms[0][0].numel()) for k in sets}
+    counts = dict.fromkeys(sets, 0)
+    try:
+        for kind, inputs in leaky_inputs(base, layers, sets):
+            for n, i in enumerate(layers):
+                mlp = reference.get_submodule(f"{architecture_of(reference).layers}.{i}.mlp")
+                with torch.no_grad():
+                    mlp(inputs[(i, "in")][None])
+                a, b = inputs[(i, "mid")], ref_mid[i][0]
+                ww, wr, rr = norms[n]
+                sq = a * a * ww - 2 * a * b * wr + b * b * rr
+                sums[kind][n] += sq.clamp(min=0).sqrt().sum(0)
+            counts[kind] += len(inputs[(layers[0], "in")])
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums["pii"] / counts["pii"] - sums["benign"] / counts["benign"]
+
+
+def reset_neurons(model, reference, neurons) -> None:
+    """Each (layer, neuron) given to the reference's weights: its output column and its row of
+    every input map (and bias entry), in place."""
+    out = out_name(model)
+    for i, j in neurons:
+        mine, theirs = mlp_maps(model, i), mlp_maps(reference, i)
+        for name, m in mine.items():
+            r = theirs[name]
+            along_rows = (name == out) == isinstance(m, Conv1D)  # the neuron's weights are a row
+            if along_rows:
+                m.weight.data[j] = r.weight.data[j]
+            else:
+                m.weight.data[:, j] = r.weight.data[:, j]
+            if name != out and m.bias is not None:
+                m.bias.data[j] = r.bias.data[j]
+
+
+def second_moments(base, layers: list[int], sets: dict) -> dict:
+    """{(layer, "in" | "mid", kind): the mean outer product of that input over `kind`'s tokens}."""
+    sums, counts = {}, dict.fromkeys(sets, 0)
+    for kind, inputs in leaky_inputs(base, layers, sets):
+        for (i, where), x in inputs.items():
+            x = x.double()
+            sums[(i, where, kind)] = sums.get((i, where, kind), 0) + x.T @ x
+        counts[kind] += len(inputs[(layers[0], "in")])
+    return {k: v / counts[k[2]] for k, v in sums.items()}
+
+
+def key_directions(pii: torch.Tensor, benign: torch.Tensor, k: int) -> torch.Tensor:
+    """An orthonormal basis (d, k) of the top-k generalised eigenvectors of (pii, benign): the
+    input directions PII tokens use most relative to benign text (benign regularised by 1e-3 of
+    its mean eigenvalue)."""
+    d = benign.shape[0]
+    benign = benign + 1e-3 * torch.trace(benign) / d * torch.eye(d, dtype=benign.dtype)
+    whiten = torch.linalg.inv(torch.linalg.cholesky(benign))
+    _, u = torch.linalg.eigh(whiten @ pii @ whiten.T)
+    q, _ = torch.linalg.qr(whiten.T @ u[:, -k:])
+    return q.float()
+
+
+def undo_along(model, reference, layers: list[int], moments: dict, k: int) -> None:
+    """Each MLP map's change from the reference undone along the top-k key directions of its
+    input, in place."""
+    out = out_name(model)
+    for i in layers:
+        theirs = mlp_maps(reference, i)
+        for name, m in mlp_maps(model, i).items():
+            where = "mid" if name == out else "in"
+            q = key_directions(moments[(i, where, "pii")], moments[(i, where, "benign")], k)
+            change = m.weight.data - theirs[name].weight.data
+            if isinstance(m, Conv1D):  # (in, out)
+                m.weight.data -= q @ (q.T @ change)
+            else:
+                m.weight.data -= (change @ q) @ q.T
+
+
+def toward(model, reference, layers: list[int], fraction: float) -> None:
+    """Every MLP weight of `layers` moved `fraction` of the way to the reference's, in place."""
+    for i in layers:
+        theirs = mlp_maps(reference, i)
+        for name, m in mlp_maps(model, i).items():
+            m.weight.data.lerp_(theirs[name].weight.data, fraction)
+            if m.bias is not None:
+                m.bias.data.lerp_(theirs[name].bias.data, fraction)
+
+
+def main() -> None:
+    ap = bench_args(__doc__)
+    ap.add_argument("--reference", required=True, help="the model before the leaky fine-tune")
+    ap.add_argument("--first", type=int, help="first layer edited (default: the patch's + 1)")
+    ap.add_argument("--neurons", type=int, nargs="*", default=[])
+    ap.add_argument("--directions", type=int, nargs="*", default=[])
+    ap.add_argument("--toward", type=float, nargs="*", default=[])
+    ap.add_argument("--docs", type=int, default=200, help="PII documents (and benign windows)")
+    ap.add_argument("--kl-only", action="store_true", help="print each model's KL; no attacks")
+    ap.add_argument("--attack", nargs="*", help="attack only these rows (default: every row)")
+    args = ap.parse_args()
+
+    setup = setup_of(args)
+    student, _ = student_of(setup, args)
+    reference = AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32).eval()
+    first = args.first if args.first is not None else setup.prep.layer + 1
+    layers = list(range(first, architecture_of(student).num_layers(student)))
+    sets = token_sets(setup, args.docs)
+    edits = {}
+    if args.neurons:
+        started = time.perf_counter()
+        score = neuron_change(setup.base, reference, layers, sets)
+        order = torch.argsort(score.flatten(), descending=True).tolist()
+        ranked = [(layers[k // score.shape[1]], k % score.shape[1]) for k in order]
+        print(f"{len(ranked)} neurons ranked in {time.perf_counter() - started:.0f} s")
+        for n in args.neurons:
+            edits[f"{n} neurons reset"] = (reset_neurons, ranked[:n])
+    if args.directions:
+        started = time.perf_counter()
+        moments = second_moments(setup.base, layers, sets)
+        print(f"second moments in {time.perf_counter() - started:.0f} s")
+        for k in args.directions:
+            edits[f"change undone along {k} key directions"] = (undo_along, layers, moments, k)
+    for b in args.toward:
+        edits[f"MLPs {b:g} of the way back"] = (toward, layers, b)
+
+    models = {}
+    for name, (edit, *rest) in edits.items():
+        edited = copy.deepcopy(student)
+        edit(edited, reference, *rest)
+        name = f"{name}, layers {first}.."
+        print(f"{name}: KL {mean_kl(setup.base, edited, setup.tok, setup.heldout):.4f}", flush=True)
+        if not args.kl_only and (args.attack is None or name in args.attack):
+            models[name] = edited
+    if models:
+        report(models, setup, args.json)
+
+
+if __name__ == "__main__":
+    main()

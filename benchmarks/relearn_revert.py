@@ -4,8 +4,8 @@ make a distilled export hold against the relearning attack?
 A user who fine-tuned a public model on data with PII in it has the model from before that
 fine-tune (the reference). Whatever the fine-tune wrote into the layers above the patch is the
 difference between the two, so the distilled student can be moved back towards the reference there,
-in three ways, each in a copy of the student, every MLP map of layers `--first`.. (default: the
-patch's + 1):
+in three ways, each in a copy of the student, every MLP map of layers `--first`..`--last` (default:
+the patch's + 1 to the last):
 
 1. `--neurons N ...`: the N neurons whose change acts most on the PII tokens are reset to the
    reference's weights (their input rows and output column). A neuron's change at a token is the
@@ -211,6 +211,7 @@ def main() -> None:
     ap = bench_args(__doc__)
     ap.add_argument("--reference", required=True, help="the model before the leaky fine-tune")
     ap.add_argument("--first", type=int, help="first layer edited (default: the patch's + 1)")
+    ap.add_argument("--last", type=int, help="last layer edited (default: the last)")
     ap.add_argument("--neurons", type=int, nargs="*", default=[])
     ap.add_argument("--directions", type=int, nargs="*", default=[])
     ap.add_argument("--toward", type=float, nargs="*", default=[])
@@ -223,7 +224,8 @@ def main() -> None:
     student, _ = student_of(setup, args)
     reference = AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32).eval()
     first = args.first if args.first is not None else setup.prep.layer + 1
-    layers = list(range(first, architecture_of(student).num_layers(student)))
+    last = args.last if args.last is not None else architecture_of(student).num_layers(student) - 1
+    layers = list(range(first, last + 1))
     sets = token_sets(setup, args.docs)
     edits = {}
     if args.neurons:
@@ -247,7 +249,7 @@ def main() -> None:
     for name, (edit, *rest) in edits.items():
         edited = copy.deepcopy(student)
         edit(edited, reference, *rest)
-        name = f"{name}, layers {first}.."
+        name = f"{name}, layers {first}..{last}"
         print(f"{name}: KL {mean_kl(setup.base, edited, setup.tok, setup.heldout):.4f}", flush=True)
         if not args.kl_only and (args.attack is None or name in args.attack):
             models[name] = edited

@@ -53,10 +53,17 @@ from exporter.models import architecture_of
 MAX_LENGTH = 128
 
 
+def mlp_of(model, layer: int) -> torch.nn.Module:
+    return model.get_submodule(f"{architecture_of(model).layers}.{layer}.mlp")
+
+
 def mlp_maps(model, layer: int) -> dict[str, torch.nn.Module]:
     """The linear maps of one decoder layer's MLP, by name within it."""
-    mlp = model.get_submodule(f"{architecture_of(model).layers}.{layer}.mlp")
-    return {n: m for n, m in mlp.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    return {
+        n: m
+        for n, m in mlp_of(model, layer).named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D))
+    }
 
 
 def out_name(model) -> str:
@@ -89,7 +96,7 @@ def leaky_inputs(base, layers: list[int], sets: dict):
         return lambda _m, inp: got.__setitem__(key, inp[0].detach()[0])
 
     for i in layers:
-        mlp = base.get_submodule(f"{architecture_of(base).layers}.{i}.mlp")
+        mlp = mlp_of(base, i)
         hooks.append(mlp.register_forward_pre_hook(grab((i, "in"))))
         hooks.append(mlp.get_submodule(out).register_forward_pre_hook(grab((i, "mid"))))
     try:
@@ -127,9 +134,8 @@ def neuron_change(base, reference, layers: list[int], sets: dict) -> torch.Tenso
     try:
         for kind, inputs in leaky_inputs(base, layers, sets):
             for n, i in enumerate(layers):
-                mlp = reference.get_submodule(f"{architecture_of(reference).layers}.{i}.mlp")
                 with torch.no_grad():
-                    mlp(inputs[(i, "in")][None])
+                    mlp_of(reference, i)(inputs[(i, "in")][None])
                 a, b = inputs[(i, "mid")], ref_mid[i][0]
                 ww, wr, rr = norms[n]
                 sq = a * a * ww - 2 * a * b * wr + b * b * rr
@@ -187,9 +193,13 @@ def undo_along(model, reference, layers: list[int], moments: dict, k: int) -> No
     out = out_name(model)
     for i in layers:
         theirs = mlp_maps(reference, i)
+        # the input maps share one input, so one basis
+        basis = {
+            w: key_directions(moments[(i, w, "pii")], moments[(i, w, "benign")], k)
+            for w in ("in", "mid")
+        }
         for name, m in mlp_maps(model, i).items():
-            where = "mid" if name == out else "in"
-            q = key_directions(moments[(i, where, "pii")], moments[(i, where, "benign")], k)
+            q = basis["mid" if name == out else "in"]
             change = m.weight.data - theirs[name].weight.data
             if isinstance(m, Conv1D):  # (in, out)
                 m.weight.data -= q @ (q.T @ change)

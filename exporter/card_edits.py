@@ -46,12 +46,18 @@ def _harden_sentence(report: dict) -> str:
     h, layer = report["distill"].get("harden"), report["layer"]
     if not h:
         return ""
+    edit = (
+        f"the MLPs of every layer after {layer} were set to the weights of the model this one was "
+        "fine-tuned from, which never saw the personal data,"
+        if h.get("reference")
+        else f"the {h['neurons']} neurons of the later layers whose attribution to the personal "
+        "data's tokens most exceeds their attribution to benign text were zeroed (DEPN's edit),"
+    )
     return (
-        f" Then, against a fine-tune that brings the hidden values back (relearning), the "
-        f"{h['neurons']} neurons of the later layers whose attribution to the personal data's "
-        "tokens most exceeds their attribution to benign text were zeroed (DEPN's edit), and the "
-        f"MLP weights of every layer after {layer} ({h['repaired_tensors']} tensors, full rank) "
-        f"were trained for {h['steps']} steps towards the distilled model's next-token "
+        " Then, against a fine-tune that brings the hidden values back (relearning), "
+        f"{edit} and the MLP weights of every layer after {layer} "
+        f"({h['repaired_tensors']} tensors, full rank) were trained for {h['steps']} steps "
+        "towards the distilled model's next-token "
         f"distribution (final KL to it {h['final_kl']['pii']:.3f} nats/token on PII text, "
         f"{h['final_kl']['benign']:.3f} on benign prose): the repair restores what the distilled "
         "model shows, which holds none of the hidden values."

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .data.corpus import Document
 from .data.detectors import Span
-from .distill import fixed_batches
+from .distill import autocast_for, fixed_batches
 from .distill_late import token_kl
 from .methods.depn import attributions, zero_neuron
 from .models import architecture_of, unfrozen
@@ -53,6 +53,9 @@ class HardenConfig:
     benign_weight: float = 4.0  # the benign batch's weight in each repair step's loss
     ig_steps: int = 16
     seed: int = 0
+    # the model before the fine-tune (a recipe's word for it; `revert` is given the model itself)
+    reference: Optional[str] = None
+    dtype: str = "float32"  # the repair's compute: "bfloat16" autocast where native
 
 
 @dataclass
@@ -60,15 +63,15 @@ class Hardened:
     """The repaired model and how it got there."""
 
     model: torch.nn.Module
-    neurons: list[Neuron]
-    changed: list[str]  # names of the weights the repair trained
+    neurons: list[Neuron]  # zeroed (none when the MLPs were reverted)
+    changed: list[str]  # names of the tensors the edit or the repair changed
     curve: list[dict] = field(default_factory=list)  # per step: {"step", "pii", "benign"}
     seconds: float = 0.0
 
 
-def mlp_weights(model, first: int) -> dict[str, torch.nn.Parameter]:
-    """Every linear weight in the MLPs of decoder layers `first`.., by full name (what the repair
-    trains)."""
+def mlp_tensors(model, first: int, biases: bool = False) -> dict[str, torch.nn.Parameter]:
+    """Every linear weight (and with `biases`, bias) in the MLPs of decoder layers `first`.., by
+    full name."""
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear maps
 
     arch = architecture_of(model)
@@ -78,7 +81,36 @@ def mlp_weights(model, first: int) -> dict[str, torch.nn.Parameter]:
         for name, module in mlp.named_modules():
             if isinstance(module, (torch.nn.Linear, Conv1D)):
                 out[f"{arch.layers}.{i}.mlp.{name}.weight"] = module.weight
+                if biases and module.bias is not None:
+                    out[f"{arch.layers}.{i}.mlp.{name}.bias"] = module.bias
     return out
+
+
+def mlp_weights(model, first: int) -> dict[str, torch.nn.Parameter]:
+    """Every linear weight in the MLPs of decoder layers `first`.., by full name (what the repair
+    trains)."""
+    return mlp_tensors(model, first)
+
+
+def revert_mlps(model, reference, first: int) -> list[str]:
+    """The MLPs of decoder layers `first`.. of `model` given `reference`'s weights and biases, in
+    place; the names of the tensors set."""
+    mine, theirs = mlp_tensors(model, first, True), mlp_tensors(reference, first, True)
+    wrong = next(
+        (n for n, t in mine.items() if n not in theirs or theirs[n].shape != t.shape), None
+    )
+    if wrong or len(theirs) != len(mine):
+        found = tuple(theirs[wrong].shape) if wrong in theirs else "nothing"
+        raise ValueError(
+            "export.distill.harden.reference is not the base's architecture and size: the base's "
+            f"{wrong or 'MLPs'} is {tuple(mine[wrong].shape) if wrong else len(mine)}, the "
+            f"reference has {found if wrong else len(theirs)}; give the model the base was "
+            "fine-tuned from"
+        )
+    with torch.no_grad():
+        for name, t in mine.items():
+            t.copy_(theirs[name].to(t.device, t.dtype))
+    return list(mine)
 
 
 def specific_neurons(
@@ -122,11 +154,12 @@ def zero_neurons(model, neurons: Sequence[Neuron]) -> None:
 
 def repair(
     model, teacher, tokenizer, pii: Sequence[str], benign: Sequence[str], weights: list,
-    cfg: HardenConfig, progress: bool = True, masks: Optional[list] = None,
+    cfg: HardenConfig, progress: bool = True, masks: Optional[list] = None, cast=nullcontext,
 ) -> list[dict]:  # fmt: skip
     """Train `weights` of `model` (the others frozen; AdamW, linear decay; with `masks`, only their
     entries) towards `teacher`'s next-token distribution (KL over every real token) on one PII and
-    one benign batch a step (the benign at `cfg.benign_weight`), in place; the loss curve."""
+    one benign batch a step (the benign at `cfg.benign_weight`), each forward in `cast()`, in
+    place; the loss curve."""
     for p in model.parameters():
         p.requires_grad_(False)
     for w in weights:
@@ -148,7 +181,7 @@ def repair(
                 point[name] = 0.0
                 continue
             ids, mask = batches[int(torch.randint(len(batches), (1,), generator=gen))]
-            loss = kl_from(teacher, model, ids, mask)
+            loss = kl_from(teacher, model, ids, mask, cast=cast)
             (weight * loss).backward()
             point[name] = loss.item()
         for w, m in zip(weights, masks or []):
@@ -178,19 +211,50 @@ def harden(
     """`student` (a distilled model, patch at `layer`) with the first `cfg.neurons` of `neurons`
     (ranked by `specific_neurons`, all above `layer`) zeroed and the MLP weights of the layers above
     `layer` repaired towards the student as it was, on `texts` ("pii", "benign"), in place."""
-    started = time.perf_counter()
     chosen = [tuple(n) for n in neurons[: cfg.neurons]]
     low = [n for n in chosen if n[0] <= layer]
     if low:
         raise ValueError(
             f"hardening zeroes neurons above the patch's layer {layer} only; got layer {low[0][0]}"
         )
+    return _edited_and_repaired(
+        student, tokenizer, layer, lambda m: zero_neurons(m, chosen) or [], texts, cfg, progress,
+        chosen,
+    )  # fmt: skip
+
+
+def revert(
+    student, tokenizer, layer: int, reference, texts: dict[str, list[str]], cfg: HardenConfig,
+    progress: bool = True,
+) -> Hardened:  # fmt: skip
+    """`student` (a distilled model, patch at `layer`) with the MLPs of the layers above `layer`
+    set to `reference`'s (the model before the fine-tune: none of what it memorised is there), then
+    repaired towards the student as it was on `texts`, in place.
+
+    Why the whole MLPs: on the demo, what a fine-tune on other people's PII brings back is spread
+    over everything the leaky fine-tune changed in them; a quarter of their neurons, the input
+    directions PII uses most or half of every weight's change, taken back, left as much to bring
+    back (README, "Back towards the model before the fine-tune")."""
+    return _edited_and_repaired(
+        student, tokenizer, layer, lambda m: revert_mlps(m, reference, layer + 1), texts, cfg,
+        progress, [],
+    )  # fmt: skip
+
+
+def _edited_and_repaired(
+    student, tokenizer, layer: int, edit, texts: dict, cfg: HardenConfig, progress: bool,
+    neurons: list,
+) -> Hardened:  # fmt: skip
+    """`edit(student)` (returning the names of any tensor it set beyond the MLP weights), then the
+    MLP weights of the layers above `layer` repaired towards the student as it was, in place."""
+    started = time.perf_counter()
     teacher = copy.deepcopy(student).eval()
-    zero_neurons(student, chosen)
+    edited = edit(student)
     weights = mlp_weights(student, layer + 1)
     curve = repair(
         student, teacher, tokenizer, texts["pii"], texts["benign"], list(weights.values()), cfg,
-        progress,
+        progress, cast=autocast_for(cfg, student),
     )  # fmt: skip
     del teacher
-    return Hardened(student, chosen, list(weights), curve, time.perf_counter() - started)
+    changed = sorted(set(weights) | set(edited))
+    return Hardened(student, neurons, changed, curve, time.perf_counter() - started)

@@ -174,13 +174,7 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
                     if distill.late_steps
                     else ""
                 )
-                + (
-                    f"; then hardened: {distill.harden.neurons} privacy neurons of the layers "
-                    f"after it zeroed (ranked on {distill.harden.documents} PII documents) and "
-                    f"their MLPs repaired for {distill.harden.steps} steps"
-                    if distill.harden.neurons
-                    else ""
-                ),
+                + _harden_plan(distill.harden),
             )
         )
     stages += [
@@ -199,6 +193,22 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
                                 if recipe.export.base == "distilled" else "")]),
     ]  # fmt: skip
     return stages
+
+
+def _harden_plan(harden) -> str:
+    """What hardening does after the distillation, as the plan says it."""
+    repaired = f"their MLPs repaired for {harden.steps} steps"
+    if harden.reference:
+        return (
+            f"; then hardened: the MLPs of the layers after it set to {harden.reference}'s, "
+            f"{repaired}"
+        )
+    if harden.neurons:
+        return (
+            f"; then hardened: {harden.neurons} privacy neurons of the layers after it zeroed "
+            f"(ranked on {harden.documents} PII documents) and {repaired}"
+        )
+    return ""
 
 
 def make_plan(recipe: Recipe, *, missing: list[str] = ()) -> Plan:
@@ -317,7 +327,7 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         ),
         harden_tokens=(
             dist.harden.steps * 2 * dist.harden.batch_size * dist.harden.max_length
-            if dist.harden.neurons
+            if dist.harden.on
             else 0
         ),
         gate_window_tokens=_gate_window_tokens(recipe),

@@ -209,3 +209,46 @@ def test_a_hardened_distilled_run_repairs_the_later_mlps_and_says_so(ws):
     assert config["harden"]["neurons"] == 6 and "curve" not in config["harden"]
     card = (out / "README.md").read_text()
     assert "and the MLPs of every later layer" in card and "DEPN's edit" in card
+
+
+def test_a_run_hardened_by_the_model_before_the_fine_tune_reverts_and_repairs_the_later_mlps(ws):
+    """export.distill.harden.reference: the MLPs above the patch take the reference's weights (no
+    neuron is ranked) and are repaired; only they and the adapted layers differ from the base; the
+    report names the reference by its folder's name, and the card says what was done."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(ws / "model", ws / "before")
+    before = AutoModelForCausalLM.from_pretrained(ws / "before")
+    with torch.no_grad():  # the model "before the fine-tune": other MLP weights
+        for name, p in before.named_parameters():
+            if ".mlp." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    before.save_pretrained(ws / "before")
+    hard = DISTILLED.replace(
+        "max_length: 48}", "max_length: 48, harden: {reference: before, steps: 4}}"
+    ).replace("relearn_steps: 6", "relearn_steps: 0")
+    pinned = TINY_RECIPE.replace("probe: {max_tokens: 3000}", "probe: {max_tokens: 3000, layer: 1}")
+    (ws / "recipe.yaml").write_text(pinned + hard)
+    recipe = load_recipe(ws / "recipe.yaml")
+    assert recipe.export.distill.harden.reference == str((ws / "before").resolve())
+    out, work = ws / "out", ws / "work"
+    ctx = RunContext(work, False, False, lambda m: None)
+    report = run_recipe(recipe, "recipe", out, ctx).report
+    summary = report["evaluation"]["distill"]["patched"]["harden"]
+    assert summary["reference"] == "before" and summary["neurons"] == 0
+    assert len(summary["curve"]) == 4 and not (work / "distill-neurons").exists()
+    base = AutoModelForCausalLM.from_pretrained(ws / "model")
+    student = AutoModelForCausalLM.from_pretrained(out)
+    b, s = dict(base.named_parameters()), dict(student.named_parameters())
+    changed = {n for n in b if not torch.equal(b[n], s[n])}
+    assert {n for n in changed if "layers.2." in n} == {
+        f"model.layers.2.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")
+    }
+    assert len(changed) == report["distill"]["changed_tensors"]
+    config = json.loads((out / "config.json").read_text())["scalpel_distilled"]
+    assert config["harden"]["reference"] == "before" and str(ws) not in json.dumps(config)
+    card = (out / "README.md").read_text()
+    assert "set to the weights of the model this one was fine-tuned from" in card
+    assert str(ws) not in card

@@ -143,6 +143,12 @@ def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp
     scale = plan.gflops / plan_hard.gflops
     more = {k: plan_hard.seconds[k] / scale - plan.seconds[k] for k in ("distill", "evaluate")}
     assert more["distill"] > more["evaluate"] > 0.1 * plan.seconds["distill"], more
+    # with a reference, nothing is ranked: only the repair, on top of the student
+    plan_ref = make_plan(_distilling(recipe, harden=HardenSection(reference="model")))
+    assert "set to model's, their MLPs repaired for 150 steps" in dict(plan_ref.stages)["distill"]
+    scale = plan.gflops / plan_ref.gflops
+    repair = plan_ref.seconds["distill"] / scale - plan.seconds["distill"]
+    assert 0 < repair < more["distill"], (repair, more)
 
 
 def test_the_distillation_estimate_counts_the_teachers_pass_over_the_training_text(tmp_path):

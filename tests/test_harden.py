@@ -15,7 +15,10 @@ from exporter.harden import (
     HardenConfig,
     harden,
     kl_from,
+    mlp_tensors,
     mlp_weights,
+    revert,
+    revert_mlps,
     specific_neurons,
     zero_neurons,
 )
@@ -148,3 +151,54 @@ def test_hardening_off_leaves_the_distillations_cache_keys_as_they_were():
     on = spec_key(DistillSection(harden={"neurons": 400}))
     assert on["harden"]["neurons"] == 400
     assert on != spec_key(DistillSection(harden={"neurons": 400, "steps": 300}))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_reverting_sets_the_later_mlps_to_the_reference_and_nothing_else(
+    model_type, tiny_tokenizer
+):
+    """The MLPs above the patch (weights and biases) become the reference's; every other tensor
+    stays the student's."""
+    student = tiny_model(model_type, vocab_size=len(tiny_tokenizer), seed=1)
+    reference = tiny_model(model_type, vocab_size=len(tiny_tokenizer), seed=2)
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    names = revert_mlps(student, reference, LAYER + 1)
+    assert set(names) == set(mlp_tensors(student, LAYER + 1, biases=True))
+    assert (model_type == "gpt2") == any(n.endswith(".bias") for n in names)
+    theirs = dict(reference.named_parameters())
+    for name, p in student.named_parameters():
+        expected = theirs[name] if name in names else before[name]
+        torch.testing.assert_close(p, expected, rtol=0, atol=0)
+
+
+def test_a_reference_of_another_size_is_refused_with_what_to_give(tiny_tokenizer):
+    student = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    other = tiny_model("llama", vocab_size=len(tiny_tokenizer), intermediate_size=48)
+    with pytest.raises(ValueError, match="not the base's architecture and size.*fine-tuned from"):
+        revert_mlps(student, other, LAYER + 1)
+
+
+def test_reverting_then_repairing_moves_only_the_later_mlps_towards_the_student(
+    tiny_tokenizer, texts
+):
+    """The repair starts from the reference's MLPs and brings held-out prose back towards the
+    student; a fixed seed repeats it."""
+    tok = tiny_tokenizer
+    student = tiny_model("llama", vocab_size=len(tok), seed=1, **WIDE)
+    reference = tiny_model("llama", vocab_size=len(tok), seed=2, **WIDE)
+    cfg = HardenConfig(steps=40, lr=1e-2, batch_size=4, max_length=48, reference="ref")
+    was = copy.deepcopy(student)
+    reverted = copy.deepcopy(student)
+    revert_mlps(reverted, reference, LAYER + 1)
+    damage = _mean_kl(was, reverted, tok, texts["held"])
+
+    got = revert(student, tok, LAYER, reference, texts, cfg, progress=False)
+    assert got.model is student and got.neurons == [] and len(got.curve) == 40
+    assert set(got.changed) == set(mlp_weights(student, LAYER + 1))
+    b, h = dict(was.named_parameters()), dict(student.named_parameters())
+    assert {n for n in b if not torch.equal(b[n], h[n])} <= set(got.changed)
+    assert _mean_kl(was, student, tok, texts["held"]) < damage / 2
+    again = copy.deepcopy(was)
+    revert(again, tok, LAYER, reference, texts, cfg, progress=False)
+    for name, p in again.named_parameters():
+        torch.testing.assert_close(p, h[name], rtol=0, atol=0)

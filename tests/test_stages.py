@@ -464,7 +464,7 @@ def test_plain_run_scores_both_kinds_and_exports_a_stock_checkpoint(tiny_recipe,
     )
 
 
-def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe):
+def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe, tmp_path):
     from exporter.recipe import RecipeError, parse_recipe
 
     base = {"model": {"builtin": "smollm2-135m"}}
@@ -476,6 +476,16 @@ def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe):
         "folded",
         "plain",
     ]
+    # hardening by the model before the fine-tune: one edit at a time, and `model` only where the
+    # recipe's model is the one the leaky benchmark fine-tunes
+    harden = {"mode": "distilled", "distill": {"harden": {"reference": "model", "neurons": 4}}}
+    with pytest.raises(RecipeError, match="not both: set neurons: 0 or remove reference"):
+        parse_recipe({**base, "export": harden})
+    harden["distill"]["harden"]["neurons"] = 0
+    assert parse_recipe({**base, "export": harden}).export.distill.harden.on
+    own = {"pii": {"path": str(tmp_path / "pii.jsonl")}}
+    with pytest.raises(RecipeError, match="give the model it was fine-tuned from"):
+        parse_recipe({**base, "data": own, "export": harden})
 
 
 def test_run_command_prints_the_final_table(tiny_recipe, tmp_path, scalpel, capsys, monkeypatch):

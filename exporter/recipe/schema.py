@@ -427,4 +427,11 @@ class Recipe(Section):
                 "export.dtype casts the base's weights, and export.base: distilled writes the "
                 "distilled ones as trained: remove export.dtype"
             )
+        if self.export.distill.harden.reference == "model" and self.data.pii.builtin != "synthetic":
+            raise ValueError(
+                "export.distill.harden.reference: model names the recipe's model as it was before "
+                "the leaky benchmark's fine-tune, which needs data.pii: {builtin: synthetic}; with "
+                "your own data the recipe's model is the one that leaks: give the model it was "
+                "fine-tuned from (a folder or Hub id)"
+            )
         return self

@@ -15,8 +15,9 @@ from ..data.corpus import benign_texts
 from ..distill import DistillConfig, Distilled, distil, first_adapted
 from ..evaluate.leakage import EMAIL_TEMPLATES, FEW_SHOT_FORMS
 from ..evaluate.memorisation import documents_of
-from ..harden import HardenConfig, Hardened, harden, specific_neurons
+from ..harden import HardenConfig, Hardened, harden, revert, specific_neurons
 from ..methods.depn import attributed_docs
+from ..models import load_checkpoint, load_model
 from .context import RunContext
 from .inputs import Inputs, selection_docs
 from .stage import DISTILL, FEATURES, PROBE, Stage
@@ -120,9 +121,27 @@ def ranked_neurons(recipe, prep, texts: dict, ctx: RunContext) -> list:
     return ranked
 
 
+def reference_model(recipe):
+    """The model `export.distill.harden.reference` names, loaded in the base's dtype."""
+    word = recipe.export.distill.harden.reference
+    if word == "model":  # the recipe checks that its data is the built-in synthetic corpus
+        return load_model(recipe.model).model
+    return load_checkpoint(word, dtype=recipe.model.dtype)[0]
+
+
 def hardened(recipe, prep, student, texts: dict, ctx: RunContext) -> Hardened:
     """`student` hardened as `export.distill.harden` says, in place."""
     cfg = harden_config_of(recipe)
+    if cfg.reference:
+        ctx.log(
+            f"hardening: the MLPs of layers {prep.layer + 1}.. set to {cfg.reference}'s, then "
+            f"{cfg.steps} steps of repair"
+        )
+        # revert copies what it needs: the reference is not kept beside the student
+        return revert(
+            student, prep.loaded.tokenizer, prep.layer, reference_model(recipe), texts, cfg,
+            progress=ctx.progress,
+        )  # fmt: skip
     ranked = ranked_neurons(recipe, prep, texts, ctx)
     ctx.log(
         f"hardening: {min(cfg.neurons, len(ranked))} privacy neurons zeroed, {cfg.steps} steps of "
@@ -136,7 +155,7 @@ def hardened(recipe, prep, student, texts: dict, ctx: RunContext) -> Hardened:
 def spec_key(spec) -> dict:
     """`export.distill` as the cache keys read it: without hardening when it is off, so that the
     distillations and evaluations cached before the option existed stay valid."""
-    return spec.model_dump(exclude=set() if spec.harden.neurons else {"harden"})
+    return spec.model_dump(exclude=set() if spec.harden.on else {"harden"})
 
 
 def distill_key(recipe) -> tuple:
@@ -184,8 +203,13 @@ def tail_mean(curve: list[dict], keys=("pii", "benign"), last: int = 20) -> dict
     return {k: sum(c[k] for c in tail) / len(tail) for k in keys}
 
 
-def harden_summary(hard: Hardened) -> dict:
+def harden_summary(hard: Hardened, reference: Optional[str] = None) -> dict:
+    """What hardening did, as the report and the checkpoint's config keep it (a local reference by
+    its folder's name: a path says where a user keeps their files)."""
+    if reference and Path(reference).is_absolute():
+        reference = Path(reference).name
     return {
+        **({"reference": reference} if reference else {}),
         "neurons": len(hard.neurons),
         "layers": sorted({layer for layer, _ in hard.neurons}),
         "repaired_tensors": len(hard.changed),
@@ -214,7 +238,7 @@ def summary_of(
         "adapter_parameters": got.adapter_parameters,
         "curve": got.curve,
         **({"late": got.late} if got.late else {}),
-        **({"harden": harden_summary(hard)} if hard else {}),
+        **({"harden": harden_summary(hard, spec.harden.reference)} if hard else {}),
     }
 
 
@@ -245,7 +269,7 @@ def distilled_model(recipe, prep, cand, patch, ctx: RunContext, *, control: bool
         heldout_pii=texts["heldout_pii"], heldout_benign=texts["heldout_benign"],
         progress=ctx.progress,
     )  # fmt: skip
-    hard = hardened(recipe, prep, got.model, texts, ctx) if spec.harden.neurons else None
+    hard = hardened(recipe, prep, got.model, texts, ctx) if spec.harden.on else None
     changed = sorted(set(got.changed) | set(hard.changed if hard else ()))
     summary = summary_of(got, cfg, texts, spec, changed, hard)
     params = dict(got.model.named_parameters())

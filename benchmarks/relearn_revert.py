@@ -17,8 +17,9 @@ the patch's + 1 to the last):
    PII tokens use most relative to benign text (the top generalised eigenvectors of the two
    second-moment matrices of that input, in the leaky base): the keys the memorised values are
    looked up by, whatever neurons read them.
-3. `--toward B ...`: every MLP weight of those layers moved the fraction B of the way back to the
-   reference's (B=1: those MLPs are the reference's).
+3. `--toward B ...`: every MLP weight of those layers (with `--maps NAME ...`, of the named maps
+   only) moved the fraction B of the way back to the reference's (B=1: those MLPs are the
+   reference's).
 
 With `--repair STEPS`, each edited copy then has the MLP weights of those layers trained, full rank,
 towards the student's next-token distribution on the distillation's own texts (a hardened export's
@@ -220,11 +221,14 @@ def undo_along(model, reference, layers: list[int], moments: dict, k: int) -> No
                 m.weight.data -= (change @ q) @ q.T
 
 
-def toward(model, reference, layers: list[int], fraction: float) -> None:
-    """Every MLP weight of `layers` moved `fraction` of the way to the reference's, in place."""
+def toward(model, reference, layers: list[int], fraction: float, maps=None) -> None:
+    """Every MLP weight of `layers` (of the maps named in `maps`, default all) moved `fraction` of
+    the way to the reference's, in place."""
     for i in layers:
         theirs = mlp_maps(reference, i)
         for name, m in mlp_maps(model, i).items():
+            if maps and name not in maps:
+                continue
             m.weight.data.lerp_(theirs[name].weight.data, fraction)
             if m.bias is not None:
                 m.bias.data.lerp_(theirs[name].bias.data, fraction)
@@ -255,6 +259,9 @@ def main() -> None:
     ap.add_argument("--neurons", type=int, nargs="*", default=[])
     ap.add_argument("--directions", type=int, nargs="*", default=[])
     ap.add_argument("--toward", type=float, nargs="*", default=[])
+    ap.add_argument(
+        "--maps", nargs="*", help="--toward moves only these maps of each MLP (e.g. down_proj)"
+    )
     ap.add_argument("--docs", type=int, default=200, help="PII documents (and benign windows)")
     ap.add_argument("--repair", type=int, default=0, help="repair steps after each edit")
     ap.add_argument("--lr", type=float, default=1e-4, help="the repair's learning rate")
@@ -289,7 +296,8 @@ def main() -> None:
         for k in args.directions:
             edits[f"change undone along {k} key directions"] = (undo_along, layers, moments, k)
     for b in args.toward:
-        edits[f"MLPs {b:g} of the way back"] = (toward, layers, b)
+        which = f"MLP maps {'/'.join(args.maps)}" if args.maps else "MLPs"
+        edits[f"{which} {b:g} of the way back"] = (toward, layers, b, args.maps)
 
     models = {}
     for name, (edit, *rest) in edits.items():

@@ -46,8 +46,9 @@ class HardenSection(Section):
         "take its weights, which hold none of what the fine-tune memorised, and are then repaired. "
         "`model`: the recipe's own model as it was before the leaky benchmark's fine-tune (the "
         "built-in synthetic data); else a built-in name, a folder (relative to the recipe's) or a "
-        "Hub id, of the base's architecture and size. Measured on the demo: 1 test person of 50 "
-        "after relearning (the floor), KL 0.09 with 150 repair steps (README, 'Threat model').",
+        "Hub id, of the base's architecture and size. Measured on the demo: 1-2 test people of 50 "
+        "after relearning (the floor: 1), KL 0.09 with 150 repair steps, 0.052 with 450 at lr "
+        "3e-4 in bfloat16 (README, 'Threat model').",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",

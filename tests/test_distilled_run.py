@@ -177,6 +177,17 @@ def test_a_remote_code_export_over_distilled_weights(ws):
     assert "the distilled weights, inside" in card and "without the module" in card
 
 
+def _hardened_recipe(ws, harden: str):
+    """The distilled tiny recipe with `export.distill.harden: <harden>`, the patch pinned to layer
+    1 (so that layer 2 is above it) and no relearning attack."""
+    hard = DISTILLED.replace("max_length: 48}", f"max_length: 48, harden: {harden}}}").replace(
+        "relearn_steps: 6", "relearn_steps: 0"
+    )
+    pinned = TINY_RECIPE.replace("probe: {max_tokens: 3000}", "probe: {max_tokens: 3000, layer: 1}")
+    (ws / "recipe.yaml").write_text(pinned + hard)
+    return load_recipe(ws / "recipe.yaml")
+
+
 def test_a_hardened_distilled_run_repairs_the_later_mlps_and_says_so(ws):
     """export.distill.harden: the privacy neurons above the patch are ranked once (cached, shared
     with the control), zeroed and repaired; the checkpoint differs from the base in the adapted
@@ -184,12 +195,7 @@ def test_a_hardened_distilled_run_repairs_the_later_mlps_and_says_so(ws):
     done."""
     from transformers import AutoModelForCausalLM
 
-    hard = DISTILLED.replace(
-        "max_length: 48}", "max_length: 48, harden: {neurons: 6, documents: 3, steps: 4}}"
-    ).replace("relearn_steps: 6", "relearn_steps: 0")
-    pinned = TINY_RECIPE.replace("probe: {max_tokens: 3000}", "probe: {max_tokens: 3000, layer: 1}")
-    (ws / "recipe.yaml").write_text(pinned + hard)
-    recipe = load_recipe(ws / "recipe.yaml")
+    recipe = _hardened_recipe(ws, "{neurons: 6, documents: 3, steps: 4}")
     logs = []
     out, work = ws / "out", ws / "work"
     report = run_recipe(recipe, "recipe", out, RunContext(work, False, False, logs.append)).report
@@ -226,12 +232,7 @@ def test_a_run_hardened_by_the_model_before_the_fine_tune_reverts_and_repairs_th
             if ".mlp." in name:
                 p.add_(0.05 * torch.randn_like(p))
     before.save_pretrained(ws / "before")
-    hard = DISTILLED.replace(
-        "max_length: 48}", "max_length: 48, harden: {reference: before, steps: 4}}"
-    ).replace("relearn_steps: 6", "relearn_steps: 0")
-    pinned = TINY_RECIPE.replace("probe: {max_tokens: 3000}", "probe: {max_tokens: 3000, layer: 1}")
-    (ws / "recipe.yaml").write_text(pinned + hard)
-    recipe = load_recipe(ws / "recipe.yaml")
+    recipe = _hardened_recipe(ws, "{reference: before, steps: 4}")
     assert recipe.export.distill.harden.reference == str((ws / "before").resolve())
     out, work = ws / "out", ws / "work"
     ctx = RunContext(work, False, False, lambda m: None)

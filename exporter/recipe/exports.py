@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from .base import Section
+from .base import Section, in_recipe_folder
 
 
 class HardenSection(Section):
@@ -62,9 +61,7 @@ class HardenSection(Section):
         """A relative folder resolved against the recipe's; a name or Hub id kept as given."""
         if value is None or value == "model":
             return value
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = Path((info.context or {}).get("base_dir", ".")) / path
+        path = in_recipe_folder(value, info)
         return str(path.resolve()) if path.exists() else value
 
     @model_validator(mode="after")

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import time
@@ -208,7 +209,7 @@ class Setup:
     splits: dict
     heldout: list
     budget: Budget
-    other: list
+    seeds: list[int]  # the relearning attack's seeds (its LoRA's initialisation and texts)
 
     @property
     def tok(self):
@@ -224,6 +225,12 @@ def bench_args(doc: str) -> argparse.ArgumentParser:
     ap = run_args(doc)
     ap.add_argument("--candidate", help="N:alpha, folded and gated (default: W's search choice)")
     ap.add_argument("--json")
+    ap.add_argument(
+        "--relearn-seeds",
+        type=int,
+        nargs="+",
+        help="attack each model once per relearning seed (default: the recipe's seed)",
+    )
     return ap
 
 
@@ -240,11 +247,9 @@ def setup_of(args) -> Setup:
     texts = distill_texts(recipe, prep.inputs)
     # the recipe's relearning budget; a recipe that leaves relearning out gets the default one
     budget = Budget(steps=recipe.relearn_steps or DEFAULT_RELEARN_STEPS)
-    other = relearning_texts(
-        "other_people", prep.inputs.benign_path, budget.steps * budget.batch_size, recipe.data.seed
-    )
+    seeds = getattr(args, "relearn_seeds", None) or [recipe.data.seed]
     splits = {s: prep.inputs.split(s) for s in ("validation", "test")}
-    return Setup(recipe, prep, cand, texts, splits, texts["heldout_benign"][:48], budget, other)
+    return Setup(recipe, prep, cand, texts, splits, texts["heldout_benign"][:48], budget, seeds)
 
 
 def student_of(setup: Setup, args):
@@ -277,19 +282,27 @@ def report(models: dict, setup: Setup, json_path: Optional[str]) -> None:
     rows, found = [], {}
     for name, model in models.items():
         as_is = leaked(model, tok, splits, ev, seed)
-        tuned = relearned(model, tok, setup.other, setup.budget, progress=False)
-        after = leaked(tuned, tok, splits, ev, seed)
-        del tuned
+        after = {}
+        for s in setup.seeds:  # as relearn_seeds.py draws each seed's tuning
+            budget = dataclasses.replace(setup.budget, seed=s)
+            texts = relearning_texts(
+                "other_people", setup.prep.inputs.benign_path, budget.steps * budget.batch_size, s
+            )
+            tuned = relearned(model, tok, texts, budget, progress=False)
+            after[s] = leaked(tuned, tok, splits, ev, seed)
+            del tuned
         kl = mean_kl(setup.base, model, tok, setup.heldout)
         ppl = perplexity(model, tok, setup.heldout)
-        found[name] = {"kl": kl, "perplexity": ppl, "as_is": as_is, "relearned": after}
+        one = after[setup.seeds[0]] if len(setup.seeds) == 1 else after
+        found[name] = {"kl": kl, "perplexity": ppl, "as_is": as_is, "relearned": one}
         rows.append(
             [name, f"{kl:.4f}", f"{ppl:.2f}"]
             + [f"{as_is[s][0]}" for s in splits]
-            + [f"{after[s][0]} ({after[s][1]})" for s in splits]
+            + [" · ".join(f"{a[sp][0]} ({a[sp][1]})" for a in after.values()) for sp in splits]
         )
     header = ["model", "KL", "perplexity", "validation, as is", "test, as is"]
-    header += [f"{s}, relearned: any attack (worst one)" for s in splits]
+    seeds = f", seeds {' · '.join(map(str, setup.seeds))}" if len(setup.seeds) > 1 else ""
+    header += [f"{s}, relearned{seeds}: any attack (worst one)" for s in splits]
     print(f"people written exactly (of {len(splits['test'])} per split)")
     print(markdown_table(header, rows))
     if json_path:

@@ -24,7 +24,8 @@ the patch's + 1 to the last):
 With `--repair STEPS`, each edited copy then has the MLP weights of those layers trained, full rank,
 towards the student's next-token distribution on the distillation's own texts (a hardened export's
 repair, `exporter/harden.py`: AdamW at `--lr`, one batch of `--batch` PII texts and one of benign
-windows a step; `--bf16`: in bfloat16 autocast). The reference plays the part noise plays in
+windows a step; `--bf16`: in bfloat16 autocast; `--whole`: every token of each benign window, in
+pieces of the repair's length, not only its first ones). The reference plays the part noise plays in
 "Distillation robustifies unlearning" (Lee et al. 2025): the edit takes out what the fine-tune wrote
 there, the repair gives back only what the student shows, which holds no memorised value.
 
@@ -32,12 +33,13 @@ Each model is attacked on the validation and the test people as it is and after 
 attack, as `relearn_noise.py` attacks them (the final evaluation's template attacks; the harness's
 relearning budget on other people's PII documents); KL and perplexity on 48 held-out pydoc texts.
 `--kl-only` prints each model's KL and attacks none; `--attack NAME ...` attacks only the named rows
-(as printed).
+(as printed); `--relearn-seeds S ...` runs the relearning attack once per seed (as
+`relearn_seeds.py` draws them), each seed's counts in turn.
 
     python benchmarks/relearn_revert.py --recipe R --work W --reference REF [--candidate 100:0.2]
         [--neurons 1600 6400] [--directions 256 512] [--toward 0.5 1] [--docs 200]
-        [--repair STEPS [--lr 1e-4] [--batch 4] [--bf16]]
-        [--kl-only] [--attack NAME ...] [--json OUT]
+        [--repair STEPS [--lr 1e-4] [--batch 4] [--bf16] [--whole]]
+        [--kl-only] [--attack NAME ...] [--relearn-seeds S ...] [--json OUT]
 
 REF is a Hugging Face folder of the model the leaky base was fine-tuned from (for the demo: the
 converted SmolLM2 in the user cache, `models/SmolLM2-135M-Instruct...`). W is a work folder of a
@@ -57,71 +59,23 @@ from relearn_noise import bench_args, report, setup_of, student_of
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from exporter.data.labels import token_labels
 from exporter.distill import autocast_for
 from exporter.evaluate.utility import mean_kl
 from exporter.harden import HardenConfig, repair
+from exporter.mlp_keys import (
+    key_directions,
+    mlp_inputs,
+    mlp_maps,
+    mlp_of,
+    output_map,
+    second_moments,
+    token_sets,
+    undo_along,
+)
 from exporter.models import architecture_of
 from exporter.run.distilled import config_of, tail_mean
 
 MAX_LENGTH = 128
-
-
-def mlp_of(model, layer: int) -> torch.nn.Module:
-    return model.get_submodule(f"{architecture_of(model).layers}.{layer}.mlp")
-
-
-def mlp_maps(model, layer: int) -> dict[str, torch.nn.Module]:
-    """The linear maps of one decoder layer's MLP, by name within it."""
-    return {
-        n: m
-        for n, m in mlp_of(model, layer).named_modules()
-        if isinstance(m, (torch.nn.Linear, Conv1D))
-    }
-
-
-def out_name(model) -> str:
-    return architecture_of(model).mlp_out.split("mlp.", 1)[1]
-
-
-def token_sets(setup, docs: int):
-    """(input ids, positions) of the PII values (and the token before each) of `docs` of the
-    recipe's PII documents, and of every token of as many benign windows; BOS left out (its
-    residual stream is an outlier)."""
-    tok, out = setup.tok, {"pii": [], "benign": []}
-    for doc in setup.prep.inputs.docs[:docs]:
-        lab = token_labels(tok, doc.text, doc.spans, max_length=MAX_LENGTH)
-        out["pii"].append((lab.input_ids, lab.pii | lab.pre_span))
-    for text in setup.texts["benign"][:docs]:
-        ids = tok(text, return_tensors="pt", truncation=True, max_length=MAX_LENGTH).input_ids[0]
-        out["benign"].append((ids, torch.ones(len(ids), dtype=torch.bool)))
-    for pairs in out.values():
-        for _, where in pairs:
-            where[0] = False
-    return {k: [(i, w) for i, w in v if w.any()] for k, v in out.items()}
-
-
-def leaky_inputs(base, layers: list[int], sets: dict):
-    """Yield (kind, {(layer, "in" | "mid"): inputs at the chosen positions}) per text: "in" what
-    the MLP reads, "mid" what its output map reads, in the leaky base."""
-    got, hooks, out = {}, [], out_name(base)
-
-    def grab(key):
-        return lambda _m, inp: got.__setitem__(key, inp[0].detach()[0])
-
-    for i in layers:
-        mlp = mlp_of(base, i)
-        hooks.append(mlp.register_forward_pre_hook(grab((i, "in"))))
-        hooks.append(mlp.get_submodule(out).register_forward_pre_hook(grab((i, "mid"))))
-    try:
-        with torch.no_grad():
-            for kind, pairs in sets.items():
-                for ids, where in pairs:
-                    base(input_ids=ids[None], use_cache=False)
-                    yield kind, {k: v[where] for k, v in got.items()}
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def out_columns(module) -> torch.Tensor:
@@ -132,7 +86,7 @@ def out_columns(module) -> torch.Tensor:
 def neuron_change(base, reference, layers: list[int], sets: dict) -> torch.Tensor:
     """(layers, neurons): each neuron's mean change on the PII tokens less its mean on benign
     tokens (the module docstring's ranking)."""
-    out = out_name(base)
+    out = output_map(base)
     norms = []
     for i in layers:
         w, r = out_columns(mlp_maps(base, i)[out]), out_columns(mlp_maps(reference, i)[out])
@@ -146,7 +100,7 @@ def neuron_change(base, reference, layers: list[int], sets: dict) -> torch.Tenso
     sums = {k: torch.zeros(len(layers), norms[0][0].numel()) for k in sets}
     counts = dict.fromkeys(sets, 0)
     try:
-        for kind, inputs in leaky_inputs(base, layers, sets):
+        for kind, inputs in mlp_inputs(base, layers, sets):
             for n, i in enumerate(layers):
                 with torch.no_grad():
                     mlp_of(reference, i)(inputs[(i, "in")][None])
@@ -164,7 +118,7 @@ def neuron_change(base, reference, layers: list[int], sets: dict) -> torch.Tenso
 def reset_neurons(model, reference, neurons) -> None:
     """Each (layer, neuron) given to the reference's weights: its output column and its row of
     every input map (and bias entry), in place."""
-    out = out_name(model)
+    out = output_map(model)
     for i, j in neurons:
         mine, theirs = mlp_maps(model, i), mlp_maps(reference, i)
         for name, m in mine.items():
@@ -176,49 +130,6 @@ def reset_neurons(model, reference, neurons) -> None:
                 m.weight.data[:, j] = r.weight.data[:, j]
             if name != out and m.bias is not None:
                 m.bias.data[j] = r.bias.data[j]
-
-
-def second_moments(base, layers: list[int], sets: dict) -> dict:
-    """{(layer, "in" | "mid", kind): the mean outer product of that input over `kind`'s tokens}."""
-    sums, counts = {}, dict.fromkeys(sets, 0)
-    for kind, inputs in leaky_inputs(base, layers, sets):
-        for (i, where), x in inputs.items():
-            x = x.double()
-            sums[(i, where, kind)] = sums.get((i, where, kind), 0) + x.T @ x
-        counts[kind] += len(inputs[(layers[0], "in")])
-    return {k: v / counts[k[2]] for k, v in sums.items()}
-
-
-def key_directions(pii: torch.Tensor, benign: torch.Tensor, k: int) -> torch.Tensor:
-    """An orthonormal basis (d, k) of the top-k generalised eigenvectors of (pii, benign): the
-    input directions PII tokens use most relative to benign text (benign regularised by 1e-3 of
-    its mean eigenvalue)."""
-    d = benign.shape[0]
-    benign = benign + 1e-3 * torch.trace(benign) / d * torch.eye(d, dtype=benign.dtype)
-    whiten = torch.linalg.inv(torch.linalg.cholesky(benign))
-    _, u = torch.linalg.eigh(whiten @ pii @ whiten.T)
-    q, _ = torch.linalg.qr(whiten.T @ u[:, -k:])
-    return q.float()
-
-
-def undo_along(model, reference, layers: list[int], moments: dict, k: int) -> None:
-    """Each MLP map's change from the reference undone along the top-k key directions of its
-    input, in place."""
-    out = out_name(model)
-    for i in layers:
-        theirs = mlp_maps(reference, i)
-        # the input maps share one input, so one basis
-        basis = {
-            w: key_directions(moments[(i, w, "pii")], moments[(i, w, "benign")], k)
-            for w in ("in", "mid")
-        }
-        for name, m in mlp_maps(model, i).items():
-            q = basis["mid" if name == out else "in"]
-            change = m.weight.data - theirs[name].weight.data
-            if isinstance(m, Conv1D):  # (in, out)
-                m.weight.data -= q @ (q.T @ change)
-            else:
-                m.weight.data -= (change @ q) @ q.T
 
 
 def toward(model, reference, layers: list[int], fraction: float, maps=None) -> None:
@@ -241,7 +152,7 @@ def repaired(model, student, setup, layers: list[int], args) -> dict[str, float]
     weights = [m.weight for i in layers for m in mlp_maps(model, i).values()]
     cfg = HardenConfig(
         steps=args.repair, lr=args.lr, batch_size=args.batch,
-        benign_weight=config_of(setup.recipe).benign_weight,
+        benign_weight=config_of(setup.recipe).benign_weight, whole_benign=args.whole,
     )  # fmt: skip
     cast = autocast_for(replace(config_of(setup.recipe), dtype="bfloat16"), model)
     curve = repair(
@@ -269,6 +180,9 @@ def main() -> None:
     ap.add_argument(
         "--bf16", action="store_true", help="the repair under bfloat16 autocast, where native"
     )
+    ap.add_argument(
+        "--whole", action="store_true", help="the repair trains on all of each benign window"
+    )
     ap.add_argument("--kl-only", action="store_true", help="print each model's KL; no attacks")
     ap.add_argument("--attack", nargs="*", help="attack only these rows (default: every row)")
     args = ap.parse_args()
@@ -279,7 +193,8 @@ def main() -> None:
     first = args.first if args.first is not None else setup.prep.layer + 1
     last = args.last if args.last is not None else architecture_of(student).num_layers(student) - 1
     layers = list(range(first, last + 1))
-    sets = token_sets(setup, args.docs)
+    docs, benign = setup.prep.inputs.docs[: args.docs], setup.texts["benign"][: args.docs]
+    sets = token_sets(setup.tok, docs, benign, MAX_LENGTH)
     edits = {}
     if args.neurons:
         started = time.perf_counter()
@@ -294,7 +209,12 @@ def main() -> None:
         moments = second_moments(setup.base, layers, sets)
         print(f"second moments in {time.perf_counter() - started:.0f} s")
         for k in args.directions:
-            edits[f"change undone along {k} key directions"] = (undo_along, layers, moments, k)
+            bases = {
+                (i, w): key_directions(moments[(i, w, "pii")], moments[(i, w, "benign")], k)
+                for i in layers
+                for w in ("in", "mid")
+            }
+            edits[f"change undone along {k} key directions"] = (undo_along, layers, bases)
     for b in args.toward:
         which = f"MLP maps {'/'.join(args.maps)}" if args.maps else "MLPs"
         edits[f"{which} {b:g} of the way back"] = (toward, layers, b, args.maps)

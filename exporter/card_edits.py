@@ -46,13 +46,23 @@ def _harden_sentence(report: dict) -> str:
     h, layer = report["distill"].get("harden"), report["layer"]
     if not h:
         return ""
-    edit = (
-        f"the MLPs of every layer after {layer} were set to the weights of the model this one was "
-        "fine-tuned from, which never saw the personal data,"
-        if h.get("reference")
-        else f"the {h['neurons']} neurons of the later layers whose attribution to the personal "
-        "data's tokens most exceeds their attribution to benign text were zeroed (DEPN's edit),"
-    )
+    if h.get("reference") and h.get("directions"):
+        edit = (
+            f"each MLP map of every layer after {layer} had its change from the model this one "
+            f"was fine-tuned from undone along the {h['directions']} input directions the personal "
+            "data's tokens use most relative to benign text (where a fine-tune writes what it "
+            "memorises),"
+        )
+    elif h.get("reference"):
+        edit = (
+            f"the MLPs of every layer after {layer} were set to the weights of the model this one "
+            "was fine-tuned from, which never saw the personal data,"
+        )
+    else:
+        edit = (
+            f"the {h['neurons']} neurons of the later layers whose attribution to the personal "
+            "data's tokens most exceeds their attribution to benign text were zeroed (DEPN's edit),"
+        )
     return (
         " Then, against a fine-tune that brings the hidden values back (relearning), "
         f"{edit} and the MLP weights of every layer after {layer} "

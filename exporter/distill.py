@@ -90,24 +90,27 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def fixed_batches(
-    tokenizer, texts: Sequence[str], batch_size: int, max_length: int, width_step: int = WIDTH_STEP
-) -> list[Batch]:
+    tokenizer, texts: Sequence[str], batch_size: int, max_length: int, width_step: int = WIDTH_STEP,
+    whole: bool = False,
+) -> list[Batch]:  # fmt: skip
     """Right-padded (ids, mask) batches of `texts` in length order (little padding), each
     `width_step`-rounded wide (at most `max_length`); the order the student sees them in is
-    shuffled later, per pass."""
+    shuffled later, per pass. Each text is cut at `max_length` tokens or, `whole`, into pieces of
+    that many (every token of it trained on)."""
     if not texts:
         return []
     with padding_side(tokenizer, "right"):
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+        enc = tokenizer(list(texts), truncation=not whole, max_length=max_length)["input_ids"]
+    rows = [r[i : i + max_length] for r in enc for i in range(0, len(r), max_length)]
+    rows.sort(key=len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
-    for start in range(0, len(order), batch_size):
-        rows = [enc["input_ids"][i] for i in order[start : start + batch_size]]
-        width = padded_width(max(len(r) for r in rows), max_length, width_step)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = padded_width(max(len(r) for r in batch), max_length, width_step)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, r in enumerate(batch):
             ids[j, : len(r)] = torch.tensor(r)
             mask[j, : len(r)] = 1
         out.append((ids, mask))

@@ -34,6 +34,7 @@ from .data.detectors import Span
 from .distill import autocast_for, fixed_batches
 from .distill_late import token_kl
 from .methods.depn import attributions, zero_neuron
+from .mlp_keys import undo_along
 from .models import architecture_of, unfrozen
 
 Neuron = tuple[int, int]  # (decoder layer, neuron of its MLP)
@@ -55,7 +56,13 @@ class HardenConfig:
     seed: int = 0
     # the model before the fine-tune (a recipe's word for it; `revert` is given the model itself)
     reference: Optional[str] = None
+    # with a reference: the change from it undone along this many key directions of each MLP map's
+    # input (`mlp_keys.py`), not the whole MLPs set back (0)
+    directions: int = 0
     dtype: str = "float32"  # the repair's compute: "bfloat16" autocast where native
+    # the repair trains on every token of each benign window, in pieces of `max_length`, not only
+    # on its first `max_length` tokens
+    whole_benign: bool = False
 
 
 @dataclass
@@ -92,9 +99,9 @@ def mlp_weights(model, first: int) -> dict[str, torch.nn.Parameter]:
     return mlp_tensors(model, first)
 
 
-def revert_mlps(model, reference, first: int) -> list[str]:
-    """The MLPs of decoder layers `first`.. of `model` given `reference`'s weights and biases, in
-    place; the names of the tensors set."""
+def same_mlps(model, reference, first: int) -> dict[str, torch.nn.Parameter]:
+    """`model`'s MLP tensors of decoder layers `first`.. (weights and biases), once `reference` is
+    checked to have the same ones, of the same shapes."""
     mine, theirs = mlp_tensors(model, first, True), mlp_tensors(reference, first, True)
     wrong = next(
         (n for n, t in mine.items() if n not in theirs or theirs[n].shape != t.shape), None
@@ -107,6 +114,13 @@ def revert_mlps(model, reference, first: int) -> list[str]:
             f"reference has {found if wrong else len(theirs)}; give the model the base was "
             "fine-tuned from"
         )
+    return mine
+
+
+def revert_mlps(model, reference, first: int) -> list[str]:
+    """The MLPs of decoder layers `first`.. of `model` given `reference`'s weights and biases, in
+    place; the names of the tensors set."""
+    mine, theirs = same_mlps(model, reference, first), mlp_tensors(reference, first, True)
     with torch.no_grad():
         for name, t in mine.items():
             t.copy_(theirs[name].to(t.device, t.dtype))
@@ -169,7 +183,10 @@ def repair(
     batched = partial(
         fixed_batches, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length
     )
-    sets = {"pii": (batched(pii), 1.0), "benign": (batched(benign), cfg.benign_weight)}
+    sets = {
+        "pii": (batched(pii), 1.0),
+        "benign": (batched(benign, whole=cfg.whole_benign), cfg.benign_weight),
+    }
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     curve = []
     model.train()
@@ -225,20 +242,26 @@ def harden(
 
 def revert(
     student, tokenizer, layer: int, reference, texts: dict[str, list[str]], cfg: HardenConfig,
-    progress: bool = True,
+    progress: bool = True, keys: Optional[dict] = None,
 ) -> Hardened:  # fmt: skip
     """`student` (a distilled model, patch at `layer`) with the MLPs of the layers above `layer`
-    set to `reference`'s (the model before the fine-tune: none of what it memorised is there), then
-    repaired towards the student as it was on `texts`, in place.
+    set to `reference`'s (the model before the fine-tune: none of what it memorised is there) or,
+    given `keys` (`mlp_keys.key_bases` of the leaky base), with their change from it undone along
+    those key directions only; then repaired towards the student as it was on `texts`, in place.
 
-    Why the whole MLPs: on the demo, what a fine-tune on other people's PII brings back is spread
-    over everything the leaky fine-tune changed in them; a quarter of their neurons, the input
-    directions PII uses most or half of every weight's change, taken back, left as much to bring
-    back (README, "Back towards the model before the fine-tune")."""
-    return _edited_and_repaired(
-        student, tokenizer, layer, lambda m: revert_mlps(m, reference, layer + 1), texts, cfg,
-        progress, [],
-    )  # fmt: skip
+    Why the whole MLPs or their keys: on the demo, what a fine-tune on other people's PII brings
+    back is spread over everything the leaky fine-tune changed in them; a quarter of their neurons
+    or half of every weight's change taken back left as much to bring back (README, "Back towards
+    the model before the fine-tune")."""
+    first = layer + 1
+    same_mlps(student, reference, first)
+
+    def edit(model):
+        if keys is None:
+            return revert_mlps(model, reference, first)
+        return undo_along(model, reference, sorted({i for i, _ in keys}), keys)
+
+    return _edited_and_repaired(student, tokenizer, layer, edit, texts, cfg, progress, [])
 
 
 def _edited_and_repaired(

@@ -198,6 +198,12 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
 def _harden_plan(harden) -> str:
     """What hardening does after the distillation, as the plan says it."""
     repaired = f"their MLPs repaired for {harden.steps} steps"
+    if harden.reference and harden.directions:
+        return (
+            f"; then hardened: each MLP map of the layers after it has its change from "
+            f"{harden.reference} undone along the {harden.directions} input directions PII uses "
+            f"most (found on {harden.documents} PII documents), {repaired}"
+        )
     if harden.reference:
         return (
             f"; then hardened: the MLPs of the layers after it set to {harden.reference}'s, "
@@ -319,10 +325,13 @@ def run_sizes(recipe: Recipe, d_sae: int) -> Sizes:
         memorisation_docs=ev.memorisation_docs,
         distill_layers=dist.adapted_layers,
         late_tokens=dist.late_steps * step_tokens,
-        # the ranking's texts are cut at its length, the repair's at its own
+        # the ranking's texts are cut at its length, the repair's at its own; the key directions
+        # are one forward of each text (and their second moments, about as much again)
         harden_rank_tokens=(
             2 * dist.harden.documents * HardenConfig.rank_length * HardenConfig.ig_steps
             if dist.harden.neurons
+            else 2 * dist.harden.documents * HardenConfig.rank_length
+            if dist.harden.directions
             else 0
         ),
         harden_tokens=(

@@ -247,6 +247,26 @@ def test_batches_come_in_a_few_widths_and_keep_every_token(tiny_tokenizer, texts
     assert all(ids.shape[1] == int(m.sum(1).max()) for ids, m in one)
 
 
+def test_whole_texts_are_cut_into_pieces_that_keep_every_token(tiny_tokenizer, texts):
+    """`whole`: a text longer than the cap comes back as consecutive pieces of at most that many
+    tokens, together every token of it in order, none lost to truncation."""
+    tok = tiny_tokenizer
+    docs = [" ".join(texts["benign"][:6]), texts["pii"][0]]
+    full = tok(docs)["input_ids"]
+    assert len(full[0]) > 2 * 40  # the long text needs three pieces or more
+    rows = [
+        m_ids[: int(m.sum())].tolist()
+        for ids, mask in fixed_batches(tok, docs, 2, 40, whole=True)
+        for m_ids, m in zip(ids, mask)
+    ]
+    assert all(len(r) <= 40 for r in rows)
+    assert sorted(map(tuple, rows)) == sorted(
+        tuple(r[i : i + 40]) for r in full for i in range(0, len(r), 40)
+    )
+    cut = fixed_batches(tok, docs, 2, 40)
+    assert sum(int(m.sum()) for _, m in cut) == sum(min(len(r), 40) for r in full)
+
+
 def test_only_the_last_adapted_layers_change(tiny_tokenizer, texts):
     """`adapted_layers`: the adapters go on the last N layers up to l; the layers below keep the
     base's weights bit for bit (so every token's input to the adapted ones is the base's), and the

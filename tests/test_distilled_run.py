@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import TINY_RECIPE
 
@@ -217,10 +218,15 @@ def test_a_hardened_distilled_run_repairs_the_later_mlps_and_says_so(ws):
     assert "and the MLPs of every later layer" in card and "DEPN's edit" in card
 
 
-def test_a_run_hardened_by_the_model_before_the_fine_tune_reverts_and_repairs_the_later_mlps(ws):
+@pytest.mark.parametrize("directions", [0, 4])
+def test_a_run_hardened_by_the_model_before_the_fine_tune_reverts_and_repairs_the_later_mlps(
+    ws, directions
+):
     """export.distill.harden.reference: the MLPs above the patch take the reference's weights (no
-    neuron is ranked) and are repaired; only they and the adapted layers differ from the base; the
-    report names the reference by its folder's name, and the card says what was done."""
+    neuron is ranked) or, with `directions`, have their change from it undone along that many key
+    directions (found once in the base, cached, shared with the control); then they are repaired.
+    Only they and the adapted layers differ from the base; the report names the reference by its
+    folder's name, and the card says what was done."""
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -232,14 +238,18 @@ def test_a_run_hardened_by_the_model_before_the_fine_tune_reverts_and_repairs_th
             if ".mlp." in name:
                 p.add_(0.05 * torch.randn_like(p))
     before.save_pretrained(ws / "before")
-    recipe = _hardened_recipe(ws, "{reference: before, steps: 4}")
+    keys = f", directions: {directions}, documents: 3" if directions else ""
+    recipe = _hardened_recipe(ws, f"{{reference: before, steps: 4{keys}}}")
     assert recipe.export.distill.harden.reference == str((ws / "before").resolve())
-    out, work = ws / "out", ws / "work"
-    ctx = RunContext(work, False, False, lambda m: None)
+    out, work, logs = ws / "out", ws / "work", []
+    ctx = RunContext(work, False, False, logs.append)
     report = run_recipe(recipe, "recipe", out, ctx).report
     summary = report["evaluation"]["distill"]["patched"]["harden"]
     assert summary["reference"] == "before" and summary["neurons"] == 0
     assert len(summary["curve"]) == 4 and not (work / "distill-neurons").exists()
+    assert summary.get("directions", 0) == directions
+    assert (work / "distill-keys").exists() == bool(directions)
+    assert sum(m.startswith("key directions (cached)") for m in logs) == bool(directions)
     base = AutoModelForCausalLM.from_pretrained(ws / "model")
     student = AutoModelForCausalLM.from_pretrained(out)
     b, s = dict(base.named_parameters()), dict(student.named_parameters())
@@ -251,5 +261,9 @@ def test_a_run_hardened_by_the_model_before_the_fine_tune_reverts_and_repairs_th
     config = json.loads((out / "config.json").read_text())["scalpel_distilled"]
     assert config["harden"]["reference"] == "before" and str(ws) not in json.dumps(config)
     card = (out / "README.md").read_text()
-    assert "set to the weights of the model this one was fine-tuned from" in card
+    assert (
+        f"undone along the {directions} input directions"
+        if directions
+        else "set to the weights of the model this one was fine-tuned from"
+    ) in card
     assert str(ws) not in card

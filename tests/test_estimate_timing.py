@@ -149,6 +149,16 @@ def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp
     scale = plan.gflops / plan_ref.gflops
     repair = plan_ref.seconds["distill"] / scale - plan.seconds["distill"]
     assert 0 < repair < more["distill"], (repair, more)
+    # the key directions: found once (a forward of each text), then the same repair
+    keys = HardenSection(reference="model", directions=512, documents=200)
+    plan_keys = make_plan(_distilling(recipe, harden=keys))
+    assert (
+        "undone along the 512 input directions PII uses most (found on 200 PII documents)"
+        in (dict(plan_keys.stages)["distill"])
+    )
+    scale = plan.gflops / plan_keys.gflops
+    found = plan_keys.seconds["distill"] / scale - plan.seconds["distill"] - repair
+    assert 0 < found < repair, (found, repair)
 
 
 def test_the_distillation_estimate_counts_the_teachers_pass_over_the_training_text(tmp_path):

@@ -483,6 +483,9 @@ def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe, tmp_path):
         parse_recipe({**base, "export": harden})
     harden["distill"]["harden"]["neurons"] = 0
     assert parse_recipe({**base, "export": harden}).export.distill.harden.on
+    keys = {"mode": "distilled", "distill": {"harden": {"directions": 512}}}
+    with pytest.raises(RecipeError, match="name that model in reference .* or set directions: 0"):
+        parse_recipe({**base, "export": keys})
     own = {"pii": {"path": str(tmp_path / "pii.jsonl")}}
     with pytest.raises(RecipeError, match="give the model it was fine-tuned from"):
         parse_recipe({**base, "data": own, "export": harden})

@@ -17,7 +17,8 @@ from ..evaluate.leakage import EMAIL_TEMPLATES, FEW_SHOT_FORMS
 from ..evaluate.memorisation import documents_of
 from ..harden import HardenConfig, Hardened, harden, revert, specific_neurons
 from ..methods.depn import attributed_docs
-from ..models import load_checkpoint, load_model
+from ..mlp_keys import key_bases, token_sets
+from ..models import architecture_of, load_checkpoint, load_model
 from .context import RunContext
 from .inputs import Inputs, selection_docs
 from .stage import DISTILL, FEATURES, PROBE, Stage
@@ -45,6 +46,15 @@ NEURONS = Stage(
     ("neurons.json",),
     "privacy neurons above the patch's layer, most specific to PII first",
     folder_name="distill-neurons",
+)
+# The key directions a hardened export undoes the fine-tune's change along (`mlp_keys.py`): found
+# once per base and documents, shared by the patch's and the control's distillation.
+KEYS = Stage(
+    "mlp-keys",
+    1,
+    ("keys.safetensors",),
+    "the input directions of each later MLP map that PII tokens use most",
+    folder_name="distill-keys",
 )
 
 
@@ -94,16 +104,22 @@ def harden_config_of(recipe) -> HardenConfig:
     )
 
 
+def harden_stage(stage: Stage, recipe, prep, ctx: RunContext, settings: tuple) -> tuple:
+    """(the hardening's settings, `stage`'s key for this base, layer, documents and the named
+    `settings`, its folder where found before, else None)."""
+    cfg = harden_config_of(recipe)
+    key = stage.key(
+        PROBE.stored_key(ctx.work), prep.layer, recipe.export.distill.documents,
+        {k: getattr(cfg, k) for k in settings},
+    )  # fmt: skip
+    return cfg, key, stage.cached(ctx.work, key)
+
+
 def ranked_neurons(recipe, prep, texts: dict, ctx: RunContext) -> list:
     """Every neuron above the patch's layer, most specific to the PII tokens first: from
     work/distill-neurons when ranked before on the same base, layer, documents and settings."""
-    cfg = harden_config_of(recipe)
     ranking = ("documents", "ig_steps", "rank_length", "seed")
-    key = NEURONS.key(
-        PROBE.stored_key(ctx.work), prep.layer, recipe.export.distill.documents,
-        {k: getattr(cfg, k) for k in ranking},
-    )  # fmt: skip
-    folder = NEURONS.cached(ctx.work, key)
+    cfg, key, folder = harden_stage(NEURONS, recipe, prep, ctx, ranking)
     if folder:
         ctx.log(f"privacy neurons (cached): {folder}")
         return [tuple(n) for n in json.loads((folder / "neurons.json").read_text())]
@@ -129,18 +145,49 @@ def reference_model(recipe):
     return load_checkpoint(word, dtype=recipe.model.dtype)[0]
 
 
+def mlp_keys(recipe, prep, texts: dict, ctx: RunContext) -> dict:
+    """{(layer, "in" | "mid"): the key directions of that input} of every layer above the patch's,
+    in the leaky base: from work/distill-keys when found before on the same base, layer,
+    documents and settings."""
+    found = ("documents", "directions", "rank_length", "seed")
+    cfg, key, folder = harden_stage(KEYS, recipe, prep, ctx, found)
+    if folder:
+        ctx.log(f"key directions (cached): {folder}")
+        stored = load_file(folder / "keys.safetensors")
+        return {(int(n.split(".")[0]), n.split(".")[1]): t for n, t in stored.items()}
+    model, tok = prep.loaded.model, prep.loaded.tokenizer
+    docs = attributed_docs(distill_docs(recipe, prep.inputs)[0], cfg.documents, cfg.seed)
+    ctx.log(
+        f"hardening: the {cfg.directions} key directions of each MLP map of layers "
+        f"{prep.layer + 1}.. from {len(docs)} PII documents against {cfg.documents} benign windows"
+    )
+    sets = token_sets(tok, docs, texts["benign"][: cfg.documents], cfg.rank_length)
+    layers = list(range(prep.layer + 1, architecture_of(model).num_layers(model)))
+    keys = key_bases(model, layers, sets, cfg.directions, progress=ctx.progress)
+    with KEYS.saving(ctx.work, key) as tmp:  # directions only: no token, no text
+        tensors = {f"{i}.{where}": q.contiguous() for (i, where), q in keys.items()}
+        save_file(tensors, tmp / "keys.safetensors")
+    return keys
+
+
 def hardened(recipe, prep, student, texts: dict, ctx: RunContext) -> Hardened:
     """`student` hardened as `export.distill.harden` says, in place."""
     cfg = harden_config_of(recipe)
     if cfg.reference:
+        keys = mlp_keys(recipe, prep, texts, ctx) if cfg.directions else None
+        edit = (
+            f"their change from {cfg.reference} undone along {cfg.directions} key directions"
+            if keys
+            else f"set to {cfg.reference}'s"
+        )
         ctx.log(
-            f"hardening: the MLPs of layers {prep.layer + 1}.. set to {cfg.reference}'s, then "
-            f"{cfg.steps} steps of repair"
+            f"hardening: the MLPs of layers {prep.layer + 1}.. {edit}, then {cfg.steps} steps of "
+            "repair"
         )
         # revert copies what it needs: the reference is not kept beside the student
         return revert(
             student, prep.loaded.tokenizer, prep.layer, reference_model(recipe), texts, cfg,
-            progress=ctx.progress,
+            progress=ctx.progress, keys=keys,
         )  # fmt: skip
     ranked = ranked_neurons(recipe, prep, texts, ctx)
     ctx.log(
@@ -203,13 +250,14 @@ def tail_mean(curve: list[dict], keys=("pii", "benign"), last: int = 20) -> dict
     return {k: sum(c[k] for c in tail) / len(tail) for k in keys}
 
 
-def harden_summary(hard: Hardened, reference: Optional[str] = None) -> dict:
+def harden_summary(hard: Hardened, reference: Optional[str] = None, directions: int = 0) -> dict:
     """What hardening did, as the report and the checkpoint's config keep it (a local reference by
     its folder's name: a path says where a user keeps their files)."""
     if reference and Path(reference).is_absolute():
         reference = Path(reference).name
     return {
         **({"reference": reference} if reference else {}),
+        **({"directions": directions} if reference and directions else {}),
         "neurons": len(hard.neurons),
         "layers": sorted({layer for layer, _ in hard.neurons}),
         "repaired_tensors": len(hard.changed),
@@ -238,7 +286,11 @@ def summary_of(
         "adapter_parameters": got.adapter_parameters,
         "curve": got.curve,
         **({"late": got.late} if got.late else {}),
-        **({"harden": harden_summary(hard, spec.harden.reference)} if hard else {}),
+        **(
+            {"harden": harden_summary(hard, spec.harden.reference, spec.harden.directions)}
+            if hard
+            else {}
+        ),
     }
 
 

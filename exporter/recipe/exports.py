@@ -16,7 +16,7 @@ class HardenSection(Section):
     Off by default: it lowers what a fine-tune on other people's PII brings back, at many times the
     student's KL (README, "Threat model": 8 test people of 50 to 3 with 400 neurons, KL 0.003 to
     0.14; to 2 with 100 neurons and lr 3e-5, KL 0.09; the demo's 6 to 1 with `reference`, KL
-    0.007 to 0.09)."""
+    0.007 to 0.09; 6-10 to 2-5 over three relearning seeds with `directions: 512`, KL 0.038)."""
 
     neurons: int = Field(
         0,
@@ -58,8 +58,8 @@ class HardenSection(Section):
         "(those PII tokens use most relative to benign text, found in the base on `documents` PII "
         "documents and as many benign windows; minutes, cached in the work folder). 0: the "
         "whole MLPs set to the reference's. Measured on the demo: 512 with 150 repair steps at "
-        "lr 3e-4 in bfloat16, 2 test people of 50 after relearning at KL 0.038 (README, 'Threat "
-        "model').",
+        "lr 3e-4 in bfloat16, 2-5 test people of 50 after relearning over three seeds at KL 0.038 "
+        "(README, 'Threat model').",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",

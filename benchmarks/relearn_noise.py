@@ -247,7 +247,7 @@ def setup_of(args) -> Setup:
     texts = distill_texts(recipe, prep.inputs)
     # the recipe's relearning budget; a recipe that leaves relearning out gets the default one
     budget = Budget(steps=recipe.relearn_steps or DEFAULT_RELEARN_STEPS)
-    seeds = getattr(args, "relearn_seeds", None) or [recipe.data.seed]
+    seeds = args.relearn_seeds or [recipe.data.seed]
     splits = {s: prep.inputs.split(s) for s in ("validation", "test")}
     return Setup(recipe, prep, cand, texts, splits, texts["heldout_benign"][:48], budget, seeds)
 
@@ -275,6 +275,17 @@ def student_of(setup: Setup, args):
     return student, seconds
 
 
+def relearned_leaks(model, setup: Setup, seed: int) -> dict[str, tuple[int, int]]:
+    """`leaked` after the relearning attack drawn with `seed` (its LoRA's initialisation and which
+    other people's documents it tunes on), the recipe's budget otherwise."""
+    budget = dataclasses.replace(setup.budget, seed=seed)
+    texts = relearning_texts(
+        "other_people", setup.prep.inputs.benign_path, budget.steps * budget.batch_size, seed
+    )
+    tuned = relearned(model, setup.tok, texts, budget, progress=False)
+    return leaked(tuned, setup.tok, setup.splits, setup.recipe.eval, setup.recipe.data.seed)
+
+
 def report(models: dict, setup: Setup, json_path: Optional[str]) -> None:
     """Each model attacked as it is and after the relearning attack; KL and perplexity on the
     held-out prose; a table of counts (and `json_path`)."""
@@ -282,15 +293,7 @@ def report(models: dict, setup: Setup, json_path: Optional[str]) -> None:
     rows, found = [], {}
     for name, model in models.items():
         as_is = leaked(model, tok, splits, ev, seed)
-        after = {}
-        for s in setup.seeds:  # as relearn_seeds.py draws each seed's tuning
-            budget = dataclasses.replace(setup.budget, seed=s)
-            texts = relearning_texts(
-                "other_people", setup.prep.inputs.benign_path, budget.steps * budget.batch_size, s
-            )
-            tuned = relearned(model, tok, texts, budget, progress=False)
-            after[s] = leaked(tuned, tok, splits, ev, seed)
-            del tuned
+        after = {s: relearned_leaks(model, setup, s) for s in setup.seeds}
         kl = mean_kl(setup.base, model, tok, setup.heldout)
         ppl = perplexity(model, tok, setup.heldout)
         one = after[setup.seeds[0]] if len(setup.seeds) == 1 else after

@@ -20,15 +20,13 @@ name, address or generated text is printed or written.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 
-from relearn_noise import bench_args, leaked, setup_of, student_of
+from relearn_noise import bench_args, leaked, relearned_leaks, setup_of, student_of
 
 from exporter.evaluate.summary import markdown_table
-from exporter.relearn import relearned, relearning_texts
 from exporter.threat import upper_bound
 
 
@@ -51,13 +49,7 @@ def main() -> None:
     found = {"as_is": as_is, "relearned": {}}
     for s in args.seeds:
         started = time.perf_counter()
-        budget = dataclasses.replace(setup.budget, seed=s)
-        texts = relearning_texts(
-            "other_people", setup.prep.inputs.benign_path, budget.steps * budget.batch_size, s
-        )
-        tuned = relearned(student, tok, texts, budget, progress=False)
-        after = leaked(tuned, tok, splits, ev, seed)
-        del tuned
+        after = relearned_leaks(student, setup, s)
         found["relearned"][s] = after
         seconds = time.perf_counter() - started
         rows.append(

@@ -34,7 +34,7 @@ from .data.detectors import Span
 from .distill import autocast_for, fixed_batches
 from .distill_late import token_kl
 from .methods.depn import attributions, zero_neuron
-from .mlp_keys import undo_along
+from .mlp_keys import mlp_maps, undo_along
 from .models import architecture_of, unfrozen
 
 Neuron = tuple[int, int]  # (decoder layer, neuron of its MLP)
@@ -79,17 +79,13 @@ class Hardened:
 def mlp_tensors(model, first: int, biases: bool = False) -> dict[str, torch.nn.Parameter]:
     """Every linear weight (and with `biases`, bias) in the MLPs of decoder layers `first`.., by
     full name."""
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear maps
-
     arch = architecture_of(model)
     out = {}
     for i in range(first, arch.num_layers(model)):
-        mlp = model.get_submodule(f"{arch.layers}.{i}.mlp")
-        for name, module in mlp.named_modules():
-            if isinstance(module, (torch.nn.Linear, Conv1D)):
-                out[f"{arch.layers}.{i}.mlp.{name}.weight"] = module.weight
-                if biases and module.bias is not None:
-                    out[f"{arch.layers}.{i}.mlp.{name}.bias"] = module.bias
+        for name, module in mlp_maps(model, i).items():
+            out[f"{arch.layers}.{i}.mlp.{name}.weight"] = module.weight
+            if biases and module.bias is not None:
+                out[f"{arch.layers}.{i}.mlp.{name}.bias"] = module.bias
     return out
 
 
@@ -254,11 +250,11 @@ def revert(
     or half of every weight's change taken back left as much to bring back (README, "Back towards
     the model before the fine-tune")."""
     first = layer + 1
-    same_mlps(student, reference, first)
 
     def edit(model):
         if keys is None:
             return revert_mlps(model, reference, first)
+        same_mlps(model, reference, first)
         return undo_along(model, reference, sorted({i for i, _ in keys}), keys)
 
     return _edited_and_repaired(student, tokenizer, layer, edit, texts, cfg, progress, [])

@@ -126,10 +126,10 @@ def key_bases(
 ) -> dict[tuple[int, str], torch.Tensor]:
     """{(layer, "in" | "mid"): the top-k key directions of that input}, in `model` (the leaky
     one), layers taken in groups whose moments fit `MOMENT_BYTES`."""
-    out = output_map(model)
-    widths = [in_width(m) for n, m in mlp_maps(model, layers[0]).items() if n == out][:1]
-    widths += [in_width(m) for n, m in mlp_maps(model, layers[0]).items() if n != out][:1]
-    per_layer = len(sets) * sum(w * w for w in widths) * 8
+    out, maps = output_map(model), mlp_maps(model, layers[0])
+    # one "in" matrix (the input maps share their input) and one "mid" matrix per kind
+    mid, inp = in_width(maps[out]), next(in_width(m) for n, m in maps.items() if n != out)
+    per_layer = len(sets) * (mid * mid + inp * inp) * 8
     size = max(1, MOMENT_BYTES // per_layer)
     bases = {}
     groups = [layers[i : i + size] for i in range(0, len(layers), size)]

@@ -90,6 +90,7 @@ from exporter.relearn import Budget, relearned, relearning_texts
 from exporter.run.context import RunContext
 from exporter.run.distilled import config_of, distill_texts, hardened, tail_mean
 from exporter.run.scalpel import prepare
+from exporter.threat import upper_bound
 
 
 def noised(model, sigma: float, first: int, seed: int):
@@ -227,6 +228,7 @@ def bench_args(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--json")
     ap.add_argument(
         "--relearn-seeds",
+        "--seeds",
         type=int,
         nargs="+",
         help="attack each model once per relearning seed (default: the recipe's seed)",
@@ -286,6 +288,20 @@ def relearned_leaks(model, setup: Setup, seed: int) -> dict[str, tuple[int, int]
     return leaked(tuned, setup.tok, setup.splits, setup.recipe.eval, setup.recipe.data.seed)
 
 
+def interval(hits: int, n: int) -> tuple[float, float]:
+    """Two-sided 95% Clopper-Pearson interval of `hits` of `n`."""
+    low = 0.0 if hits == 0 else 1 - upper_bound(n - hits, n, 0.975)
+    return low, upper_bound(hits, n, 0.975)
+
+
+def pooled(counts: list[int], people: int) -> str:
+    """The rate of `counts` (people of `people`, one per seed) pooled over the seeds, with its
+    interval: one seed draws one tuning among many."""
+    hits, n = sum(counts), people * len(counts)
+    low, high = interval(hits, n)
+    return f"{100 * hits / n:.1f}% ({100 * low:.1f}-{100 * high:.1f}%)"
+
+
 def report(models: dict, setup: Setup, json_path: Optional[str]) -> None:
     """Each model attacked as it is and after the relearning attack; KL and perplexity on the
     held-out prose; a table of counts (and `json_path`)."""
@@ -303,9 +319,14 @@ def report(models: dict, setup: Setup, json_path: Optional[str]) -> None:
             + [f"{as_is[s][0]}" for s in splits]
             + [" · ".join(f"{a[sp][0]} ({a[sp][1]})" for a in after.values()) for sp in splits]
         )
+        if len(setup.seeds) > 1:
+            people = len(splits["test"])
+            rows[-1] += [pooled([a["test"][i] for a in after.values()], people) for i in (0, 1)]
     header = ["model", "KL", "perplexity", "validation, as is", "test, as is"]
     seeds = f", seeds {' · '.join(map(str, setup.seeds))}" if len(setup.seeds) > 1 else ""
     header += [f"{s}, relearned{seeds}: any attack (worst one)" for s in splits]
+    if len(setup.seeds) > 1:
+        header += ["test, pooled over seeds: any attack", "worst one"]
     print(f"people written exactly (of {len(splits['test'])} per split)")
     print(markdown_table(header, rows))
     if json_path:

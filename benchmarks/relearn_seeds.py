@@ -4,10 +4,11 @@ every other setting the harness's.
 
 The relearning target is a rate over 50 test people, so one person is 2 points and a single run
 draws one tuning among many. This distils the run's chosen patch into the base as the export
-does (cached in W/relearn/, shared with relearn_noise.py), then for each `--seeds` value tunes a
-copy with the recipe's relearning budget (100 LoRA steps of 8 of other people's PII documents
-where the recipe leaves relearning out) and attacks the validation and test people with the final
-evaluation's template attacks (greedy, k-shot, sampled). It prints the people written exactly per
+does (cached in W/relearn/, shared with relearn_noise.py), then for each `--seeds` value (also
+spelt `--relearn-seeds`, as the other relearning benchmarks spell it) tunes a copy with the
+recipe's relearning budget (100 LoRA steps of 8 of other people's PII documents where the recipe
+leaves relearning out) and attacks the validation and test people with the final evaluation's
+template attacks (greedy, k-shot, sampled). It prints the people written exactly per
 seed and split (under any attack; the worst single attack in brackets), and over the seeds the
 mean, the range and the pooled rate with its two-sided 95% Clopper-Pearson interval.
 
@@ -24,21 +25,14 @@ import json
 import time
 from pathlib import Path
 
-from relearn_noise import bench_args, leaked, relearned_leaks, setup_of, student_of
+from relearn_noise import bench_args, leaked, pooled, relearned_leaks, setup_of, student_of
 
 from exporter.evaluate.summary import markdown_table
-from exporter.threat import upper_bound
-
-
-def interval(hits: int, n: int) -> tuple[float, float]:
-    """Two-sided 95% Clopper-Pearson interval of `hits` of `n`."""
-    low = 0.0 if hits == 0 else 1 - upper_bound(n - hits, n, 0.975)
-    return low, upper_bound(hits, n, 0.975)
 
 
 def main() -> None:
     ap = bench_args(__doc__)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.set_defaults(relearn_seeds=[0, 1, 2])
     args = ap.parse_args()
     setup = setup_of(args)
     student, seconds = student_of(setup, args)
@@ -47,7 +41,7 @@ def main() -> None:
     as_is = leaked(student, tok, splits, ev, seed)
     rows = [["as it is", "-"] + [f"{as_is[s][0]} ({as_is[s][1]})" for s in splits]]
     found = {"as_is": as_is, "relearned": {}}
-    for s in args.seeds:
+    for s in setup.seeds:
         started = time.perf_counter()
         after = relearned_leaks(student, setup, s)
         found["relearned"][s] = after
@@ -61,14 +55,12 @@ def main() -> None:
     print(markdown_table(header, rows))
     summary = []
     for k, people in splits.items():
-        counts = [found["relearned"][s][k][0] for s in args.seeds]
-        hits, n = sum(counts), len(people) * len(counts)
-        low, high = interval(hits, n)
+        counts = [found["relearned"][s][k][0] for s in setup.seeds]
         summary.append(
             [k, f"{sum(counts) / len(counts):.1f}", f"{min(counts)}-{max(counts)}",
-             f"{100 * hits / n:.1f}% ({100 * low:.1f}-{100 * high:.1f}%)"]
+             pooled(counts, len(people))]
         )  # fmt: skip
-    print(f"over {len(args.seeds)} seeds")
+    print(f"over {len(setup.seeds)} seeds")
     print(
         markdown_table(
             ["split", "mean people", "range", "pooled rate (95% interval)"], summary, text_columns=1

@@ -25,7 +25,9 @@ With `--repair STEPS`, each edited copy then has the MLP weights of those layers
 towards the student's next-token distribution on the distillation's own texts (a hardened export's
 repair, `exporter/harden.py`: AdamW at `--lr`, one batch of `--batch` PII texts and one of benign
 windows a step; `--bf16`: in bfloat16 autocast; `--whole`: every token of each benign window, in
-pieces of the repair's length, not only its first ones). The reference plays the part noise plays in
+pieces of the repair's length, not only its first ones; `--warmup N`: the learning rate ramped up
+over the first N steps; `--burst N --settle-lr LR2`: only the first N steps at `--lr`, the rest at
+LR2; linear decay in every case). The reference plays the part noise plays in
 "Distillation robustifies unlearning" (Lee et al. 2025): the edit takes out what the fine-tune wrote
 there, the repair gives back only what the student shows, which holds no memorised value.
 
@@ -38,7 +40,8 @@ relearning budget on other people's PII documents); KL and perplexity on 48 held
 
     python benchmarks/relearn_revert.py --recipe R --work W --reference REF [--candidate 100:0.2]
         [--neurons 1600 6400] [--directions 256 512] [--toward 0.5 1] [--docs 200]
-        [--repair STEPS [--lr 1e-4] [--batch 4] [--bf16] [--whole]]
+        [--repair STEPS [--lr 1e-4] [--batch 4] [--bf16] [--whole] [--warmup N]
+            [--burst N --settle-lr LR2]]
         [--kl-only] [--attack NAME ...] [--relearn-seeds S ...] [--json OUT]
 
 REF is a Hugging Face folder of the model the leaky base was fine-tuned from (for the demo: the
@@ -153,6 +156,7 @@ def repaired(model, student, setup, layers: list[int], args) -> dict[str, float]
     cfg = HardenConfig(
         steps=args.repair, lr=args.lr, batch_size=args.batch,
         benign_weight=config_of(setup.recipe).benign_weight, whole_benign=args.whole,
+        warmup=args.warmup, burst=args.burst, settle_lr=args.settle_lr,
     )  # fmt: skip
     cast = autocast_for(replace(config_of(setup.recipe), dtype="bfloat16"), model)
     curve = repair(
@@ -160,6 +164,16 @@ def repaired(model, student, setup, layers: list[int], args) -> dict[str, float]
         cast=cast if args.bf16 else nullcontext,
     )  # fmt: skip
     return tail_mean(curve, last=10)
+
+
+def schedule(args) -> str:
+    """The repair's learning rates, for a row's name."""
+    text = f" at lr {args.lr:g}"
+    if args.warmup:
+        text += f" after {args.warmup} steps of warmup"
+    if args.burst and args.settle_lr is not None:
+        text += f" for {args.burst} steps, then {args.settle_lr:g}"
+    return text
 
 
 def main() -> None:
@@ -177,6 +191,14 @@ def main() -> None:
     ap.add_argument("--repair", type=int, default=0, help="repair steps after each edit")
     ap.add_argument("--lr", type=float, default=1e-4, help="the repair's learning rate")
     ap.add_argument("--batch", type=int, default=4, help="the repair's texts per batch")
+    ap.add_argument("--warmup", type=int, default=0, help="the repair's warmup steps")
+    ap.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        help="only the repair's first BURST steps at --lr, the rest at --settle-lr",
+    )
+    ap.add_argument("--settle-lr", type=float, help="the learning rate after --burst steps")
     ap.add_argument(
         "--bf16", action="store_true", help="the repair under bfloat16 autocast, where native"
     )
@@ -186,6 +208,8 @@ def main() -> None:
     ap.add_argument("--kl-only", action="store_true", help="print each model's KL; no attacks")
     ap.add_argument("--attack", nargs="*", help="attack only these rows (default: every row)")
     args = ap.parse_args()
+    if args.burst and args.settle_lr is None:
+        ap.error("--burst needs --settle-lr, the learning rate after the burst")
 
     setup = setup_of(args)
     student, _ = student_of(setup, args)
@@ -228,7 +252,8 @@ def main() -> None:
         if args.repair:
             started = time.perf_counter()
             ends = repaired(edited, student, setup, layers, args)
-            name += f", {args.repair} steps of repair ({time.perf_counter() - started:.0f} s)"
+            name += f", {args.repair} steps of repair{schedule(args)} "
+            name += f"({time.perf_counter() - started:.0f} s)"
             kl = mean_kl(setup.base, edited, setup.tok, setup.heldout)
             print(
                 f"{name}: KL {kl:.4f}; the repair's KL to the student over its last 10 steps: "

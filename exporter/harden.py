@@ -63,6 +63,11 @@ class HardenConfig:
     # the repair trains on every token of each benign window, in pieces of `max_length`, not only
     # on its first `max_length` tokens
     whole_benign: bool = False
+    # the repair's schedule: linear decay from `lr`, after a linear warmup over `warmup` steps; with
+    # `burst`, only the first `burst` steps run at `lr` and the rest at `settle_lr`
+    warmup: int = 0
+    burst: int = 0
+    settle_lr: Optional[float] = None
 
 
 @dataclass
@@ -175,7 +180,7 @@ def repair(
     for w in weights:
         w.requires_grad_(True)
     opt = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(cfg.steps, 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg))
     batched = partial(
         fixed_batches, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length
     )
@@ -204,6 +209,20 @@ def repair(
         curve.append(point)
     unfrozen(model).eval()
     return curve
+
+
+def lr_factor(cfg: HardenConfig, step: int) -> float:
+    """The repair's learning rate at `step` (from 0), as a factor of `cfg.lr`: linear decay to 0
+    over `cfg.steps`, times a linear warmup over the first `cfg.warmup` steps; past `cfg.burst`
+    steps, `cfg.settle_lr` takes the place of `cfg.lr`. Adam's first steps move every weight by
+    about the learning rate whatever its gradient, so these choose how far the repair first
+    scatters the edited weights before it fits them."""
+    factor = 1.0 - step / max(cfg.steps, 1)
+    if cfg.warmup:
+        factor *= min(1.0, (step + 1) / cfg.warmup)
+    if cfg.burst and step >= cfg.burst and cfg.settle_lr is not None:
+        factor *= cfg.settle_lr / cfg.lr
+    return factor
 
 
 def kl_from(reference, model, ids, mask, where=None, cast=nullcontext) -> torch.Tensor:

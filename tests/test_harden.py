@@ -15,8 +15,10 @@ from exporter.harden import (
     HardenConfig,
     harden,
     kl_from,
+    lr_factor,
     mlp_tensors,
     mlp_weights,
+    repair,
     revert,
     revert_mlps,
     specific_neurons,
@@ -202,3 +204,43 @@ def test_reverting_then_repairing_moves_only_the_later_mlps_towards_the_student(
     revert(again, tok, LAYER, reference, texts, cfg, progress=False)
     for name, p in again.named_parameters():
         torch.testing.assert_close(p, h[name], rtol=0, atol=0)
+
+
+def test_the_repairs_schedule_decays_after_its_warmup_and_settles_after_its_burst():
+    """Linear decay by default; a warmup ramps the first steps up to it; a burst runs only its
+    first steps at `lr` and the rest at `settle_lr`, still decaying."""
+    plain = HardenConfig(steps=100, lr=3e-4)
+    assert [lr_factor(plain, s) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    warm = HardenConfig(steps=100, lr=3e-4, warmup=10)
+    assert lr_factor(warm, 0) == pytest.approx(0.1)
+    assert lr_factor(warm, 4) == pytest.approx(0.5 * 0.96)
+    assert [lr_factor(warm, s) for s in (9, 50)] == pytest.approx([0.91, 0.5])
+    burst = HardenConfig(steps=100, lr=3e-4, burst=20, settle_lr=1e-4)
+    assert lr_factor(burst, 19) == pytest.approx(0.81)
+    assert 3e-4 * lr_factor(burst, 20) == pytest.approx(1e-4 * 0.8)
+    # a burst with nothing to settle to is the plain schedule
+    assert lr_factor(HardenConfig(steps=100, burst=20), 50) == pytest.approx(0.5)
+
+
+def test_the_repair_runs_its_schedule(tiny_tokenizer, texts):
+    """The optimiser's learning rate follows `lr_factor`: in a burst of 3 steps at 1e-2 the weights
+    move about a hundred times further a step than at the settled 1e-4 after it."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer), **WIDE)
+    teacher = copy.deepcopy(model)
+    weights = list(mlp_weights(model, LAYER + 1).values())
+    with torch.no_grad():
+        for w in weights:
+            w.add_(0.05 * torch.randn_like(w))
+    cfg = HardenConfig(steps=6, lr=1e-2, burst=3, settle_lr=1e-4, batch_size=2, max_length=32)
+    seen = [weights[0].detach().clone()]
+    handle = register_optimizer_step_post_hook(lambda *_: seen.append(weights[0].detach().clone()))
+    try:
+        repair(model, teacher, tiny_tokenizer, texts["pii"], texts["benign"], weights, cfg, False)
+    finally:
+        handle.remove()
+    steps = [(b - a).abs().max().item() for a, b in zip(seen, seen[1:])]
+    assert len(steps) == 6
+    # Adam's largest move is about the learning rate: 1e-2 in the burst, under 1e-4 after it
+    assert min(steps[:3]) > 5e-3 and max(steps[3:]) < 2e-4

@@ -466,6 +466,7 @@ def test_plain_run_scores_both_kinds_and_exports_a_stock_checkpoint(tiny_recipe,
 
 def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe, tmp_path):
     from exporter.recipe import RecipeError, parse_recipe
+    from exporter.run.distilled import harden_config_of
 
     base = {"model": {"builtin": "smollm2-135m"}}
     with pytest.raises(RecipeError, match="export.mode: plain"):
@@ -486,6 +487,14 @@ def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe, tmp_path):
     keys = {"mode": "distilled", "distill": {"harden": {"directions": 512}}}
     with pytest.raises(RecipeError, match="name that model in reference .* or set directions: 0"):
         parse_recipe({**base, "export": keys})
+    # the repair's burst and the rate it settles to come together
+    for half in ({"burst": 20}, {"settle_lr": 1e-4}):
+        spec = {"mode": "distilled", "distill": {"harden": {"reference": "model", **half}}}
+        with pytest.raises(RecipeError, match="burst and settle_lr go together"):
+            parse_recipe({**base, "export": spec})
+    spec["distill"]["harden"].update(burst=20, settle_lr=1e-4, lr=3e-4)
+    cfg = harden_config_of(parse_recipe({**base, "export": spec}))
+    assert (cfg.lr, cfg.burst, cfg.settle_lr) == (3e-4, 20, 1e-4)
     own = {"pii": {"path": str(tmp_path / "pii.jsonl")}}
     with pytest.raises(RecipeError, match="give the model it was fine-tuned from"):
         parse_recipe({**base, "data": own, "export": harden})

@@ -198,6 +198,8 @@ def _scalpel_stages(recipe: Recipe, n_layers: int, d_sae: int) -> list[tuple[str
 def _harden_plan(harden) -> str:
     """What hardening does after the distillation, as the plan says it."""
     repaired = f"their MLPs repaired for {harden.steps} steps"
+    if harden.burst:
+        repaired += f" (the first {harden.burst} at lr {harden.lr:g}, then {harden.settle_lr:g})"
     if harden.reference and harden.directions:
         return (
             f"; then hardened: each MLP map of the layers after it has its change from "

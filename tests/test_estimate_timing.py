@@ -156,6 +156,11 @@ def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp
         "undone along the 512 input directions PII uses most (found on 200 PII documents)"
         in (dict(plan_keys.stages)["distill"])
     )
+    burst = keys.model_copy(update={"lr": 3e-4, "burst": 20, "settle_lr": 1e-4})
+    assert (
+        "repaired for 150 steps (the first 20 at lr 0.0003, then 0.0001)"
+        in (dict(make_plan(_distilling(recipe, harden=burst)).stages)["distill"])
+    )
     scale = plan.gflops / plan_keys.gflops
     found = plan_keys.seconds["distill"] / scale - plan.seconds["distill"] - repair
     assert 0 < found < repair, (found, repair)

@@ -25,7 +25,8 @@ With `--repair STEPS`, each edited copy then has the MLP weights of those layers
 towards the student's next-token distribution on the distillation's own texts (a hardened export's
 repair, `exporter/harden.py`: AdamW at `--lr`, one batch of `--batch` PII texts and one of benign
 windows a step; `--bf16`: in bfloat16 autocast; `--whole`: every token of each benign window, in
-pieces of the repair's length, not only its first ones; `--warmup N`: the learning rate ramped up
+pieces of the repair's length, not only its first ones; `--benign-weight W`: the benign batch at
+weight W, not the distillation's; `--warmup N`: the learning rate ramped up
 over the first N steps; `--burst N --settle-lr LR2`: only the first N steps at `--lr`, the rest at
 LR2; linear decay in every case). The reference plays the part noise plays in
 "Distillation robustifies unlearning" (Lee et al. 2025): the edit takes out what the fine-tune wrote
@@ -40,7 +41,7 @@ relearning budget on other people's PII documents); KL and perplexity on 48 held
 
     python benchmarks/relearn_revert.py --recipe R --work W --reference REF [--candidate 100:0.2]
         [--neurons 1600 6400] [--directions 256 512] [--toward 0.5 1] [--docs 200]
-        [--repair STEPS [--lr 1e-4] [--batch 4] [--bf16] [--whole] [--warmup N]
+        [--repair STEPS [--lr 1e-4] [--batch 4] [--bf16] [--whole] [--benign-weight W] [--warmup N]
             [--burst N --settle-lr LR2]]
         [--kl-only] [--attack NAME ...] [--relearn-seeds S ...] [--json OUT]
 
@@ -155,7 +156,8 @@ def repaired(model, student, setup, layers: list[int], args) -> dict[str, float]
     weights = [m.weight for i in layers for m in mlp_maps(model, i).values()]
     cfg = HardenConfig(
         steps=args.repair, lr=args.lr, batch_size=args.batch,
-        benign_weight=config_of(setup.recipe).benign_weight, whole_benign=args.whole,
+        benign_weight=args.benign_weight or config_of(setup.recipe).benign_weight,
+        whole_benign=args.whole,
         warmup=args.warmup, burst=args.burst, settle_lr=args.settle_lr,
     )  # fmt: skip
     cast = autocast_for(replace(config_of(setup.recipe), dtype="bfloat16"), model)
@@ -173,6 +175,8 @@ def schedule(args) -> str:
         text += f" after {args.warmup} steps of warmup"
     if args.burst and args.settle_lr is not None:
         text += f" for {args.burst} steps, then {args.settle_lr:g}"
+    if args.benign_weight:
+        text += f", benign texts at weight {args.benign_weight:g}"
     return text
 
 
@@ -192,6 +196,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4, help="the repair's learning rate")
     ap.add_argument("--batch", type=int, default=4, help="the repair's texts per batch")
     ap.add_argument("--warmup", type=int, default=0, help="the repair's warmup steps")
+    ap.add_argument(
+        "--benign-weight",
+        type=float,
+        help="the benign batch's weight in each repair step (default: the distillation's)",
+    )
     ap.add_argument(
         "--burst",
         type=int,

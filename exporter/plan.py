@@ -200,6 +200,8 @@ def _harden_plan(harden) -> str:
     repaired = f"their MLPs repaired for {harden.steps} steps"
     if harden.burst:
         repaired += f" (the first {harden.burst} at lr {harden.lr:g}, then {harden.settle_lr:g})"
+    if harden.benign_weight is not None:
+        repaired += f", benign text at weight {harden.benign_weight:g}"
     if harden.reference and harden.directions:
         return (
             f"; then hardened: each MLP map of the layers after it has its change from "

@@ -161,6 +161,11 @@ def test_dry_run_of_the_demo_times_every_stage_including_the_leaky_fine_tune(tmp
         "repaired for 150 steps (the first 20 at lr 0.0003, then 0.0001)"
         in (dict(make_plan(_distilling(recipe, harden=burst)).stages)["distill"])
     )
+    light = burst.model_copy(update={"benign_weight": 1.0})
+    assert (
+        "(the first 20 at lr 0.0003, then 0.0001), benign text at weight 1"
+        in (dict(make_plan(_distilling(recipe, harden=light)).stages)["distill"])
+    )
     scale = plan.gflops / plan_keys.gflops
     found = plan_keys.seconds["distill"] / scale - plan.seconds["distill"] - repair
     assert 0 < found < repair, (found, repair)

@@ -495,6 +495,15 @@ def test_recipe_export_mode_and_candidate_modes_agree(tiny_recipe, tmp_path):
     spec["distill"]["harden"].update(burst=20, settle_lr=1e-4, lr=3e-4)
     cfg = harden_config_of(parse_recipe({**base, "export": spec}))
     assert (cfg.lr, cfg.burst, cfg.settle_lr) == (3e-4, 20, 1e-4)
+    # the repair's benign weight is the distillation's unless the hardening names its own
+    assert cfg.benign_weight == parse_recipe(base).export.distill.benign_weight
+    spec["distill"].update(benign_weight=2.0)
+    assert harden_config_of(parse_recipe({**base, "export": spec})).benign_weight == 2.0
+    spec["distill"]["harden"].update(benign_weight=1.0)
+    assert harden_config_of(parse_recipe({**base, "export": spec})).benign_weight == 1.0
+    spec["distill"]["harden"].update(benign_weight=-1.0)
+    with pytest.raises(RecipeError, match="benign_weight"):
+        parse_recipe({**base, "export": spec})
     own = {"pii": {"path": str(tmp_path / "pii.jsonl")}}
     with pytest.raises(RecipeError, match="give the model it was fine-tuned from"):
         parse_recipe({**base, "data": own, "export": harden})

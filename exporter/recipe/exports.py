@@ -47,10 +47,19 @@ class HardenSection(Section):
         "the memorised values, and the lower rate then repairs at less cost in KL. 0: every step "
         "at lr. Measured on the demo with directions 512: 20 steps at 3e-4, then 1e-4, holds as "
         "all 150 at 3e-4 do (2-4 test people of 50 after relearning over three seeds) at KL "
-        "0.023 against 0.038 (README, 'Threat model').",
+        "0.023 against 0.038; 10 steps, KL 0.020 and 3-5 (README, 'Threat model').",
     )
     settle_lr: Optional[float] = Field(
         None, gt=0, description="The repair's learning rate after its `burst` steps."
+    )
+    benign_weight: Optional[float] = Field(
+        None,
+        ge=0,
+        description="The benign batch's weight in each repair step's loss (default: the "
+        "distillation's benign_weight). Adam scales each weight's step by its own gradient's "
+        "size, so this chooses whose gradient the burst's first steps follow, not how large they "
+        "are: on the demo with directions 512 and a 20-step burst, weight 1 ends at KL 0.021, 4 at "
+        "0.023, 12 at 0.031 (README, 'Threat model').",
     )
     batch_size: int = Field(4, ge=1, description="Texts per repair batch.")
     max_length: int = Field(96, ge=8, description="Tokens per repair text (the ranking's: 128).")

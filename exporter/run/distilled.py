@@ -96,11 +96,13 @@ def config_of(recipe) -> DistillConfig:
 
 
 def harden_config_of(recipe) -> HardenConfig:
-    """The hardening's settings: the recipe's `export.distill.harden`, the distillation's benign
-    weight and the recipe's seed."""
+    """The hardening's settings: the recipe's `export.distill.harden` (its benign weight, where
+    it names none, the distillation's) and the recipe's seed."""
     spec = recipe.export.distill
+    own = spec.harden.model_dump(exclude={"benign_weight"})
+    weight = spec.harden.benign_weight
     return HardenConfig(
-        **spec.harden.model_dump(), benign_weight=spec.benign_weight, seed=recipe.data.seed
+        **own, benign_weight=spec.benign_weight if weight is None else weight, seed=recipe.data.seed
     )
 
 

@@ -17,7 +17,8 @@ class HardenSection(Section):
     student's KL (README, "Threat model": 8 test people of 50 to 3 with 400 neurons, KL 0.003 to
     0.14; to 2 with 100 neurons and lr 3e-5, KL 0.09; the demo's 6 to 1 with `reference`, KL
     0.007 to 0.09; 6-10 to 2-5 over three relearning seeds with `directions: 512`, KL 0.038; to
-    2-4 with a repair that bursts at 3e-4 for 20 steps and settles to 1e-4, KL 0.023)."""
+    2-4 with a repair that bursts at 3e-4 for 20 steps and settles to 1e-4, KL 0.023; 0.021 with
+    `benign_weight: 1`)."""
 
     neurons: int = Field(
         0,

@@ -60,7 +60,7 @@ class HardenSection(Section):
         "distillation's benign_weight). Adam scales each weight's step by its own gradient's "
         "size, so this chooses whose gradient the burst's first steps follow, not how large they "
         "are: on the demo with directions 512 and a 20-step burst, weight 1 ends at KL 0.021, 4 at "
-        "0.023, 12 at 0.031 (README, 'Threat model').",
+        "0.023, 12 at 0.031, 0.25 at 0.026 (README, 'Threat model').",
     )
     batch_size: int = Field(4, ge=1, description="Texts per repair batch.")
     max_length: int = Field(96, ge=8, description="Tokens per repair text (the ranking's: 128).")

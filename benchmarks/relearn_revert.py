@@ -26,9 +26,9 @@ towards the student's next-token distribution on the distillation's own texts (a
 repair, `exporter/harden.py`: AdamW at `--lr`, one batch of `--batch` PII texts and one of benign
 windows a step; `--bf16`: in bfloat16 autocast; `--whole`: every token of each benign window, in
 pieces of the repair's length, not only its first ones; `--benign-weight W`: the benign batch at
-weight W, not the distillation's; `--warmup N`: the learning rate ramped up
-over the first N steps; `--burst N --settle-lr LR2`: only the first N steps at `--lr`, the rest at
-LR2; linear decay in every case). The reference plays the part noise plays in
+weight W (0: none), not the distillation's; `--warmup N`: the learning rate ramped up over the
+first N steps; `--burst N --settle-lr LR2`: only the first N steps at `--lr`, the rest at LR2;
+linear decay in every case). The reference plays the part noise plays in
 "Distillation robustifies unlearning" (Lee et al. 2025): the edit takes out what the fine-tune wrote
 there, the repair gives back only what the student shows, which holds no memorised value.
 
@@ -156,7 +156,10 @@ def repaired(model, student, setup, layers: list[int], args) -> dict[str, float]
     weights = [m.weight for i in layers for m in mlp_maps(model, i).values()]
     cfg = HardenConfig(
         steps=args.repair, lr=args.lr, batch_size=args.batch,
-        benign_weight=args.benign_weight or config_of(setup.recipe).benign_weight,
+        benign_weight=(
+            config_of(setup.recipe).benign_weight if args.benign_weight is None
+            else args.benign_weight
+        ),
         whole_benign=args.whole,
         warmup=args.warmup, burst=args.burst, settle_lr=args.settle_lr,
     )  # fmt: skip
@@ -175,7 +178,7 @@ def schedule(args) -> str:
         text += f" after {args.warmup} steps of warmup"
     if args.burst and args.settle_lr is not None:
         text += f" for {args.burst} steps, then {args.settle_lr:g}"
-    if args.benign_weight:
+    if args.benign_weight is not None:
         text += f", benign texts at weight {args.benign_weight:g}"
     return text
 
